@@ -1,0 +1,1 @@
+"""The ``llmlb`` command line."""

@@ -1,0 +1,101 @@
+"""Every environment variable and config-file setting llmlb reads, in one place.
+
+Precedence for the node's model store:
+``--models-dir`` > ``XLLM_MODELS_DIR`` > ``LLM_MODELS_DIR`` (deprecated) >
+``models_dir`` in ``$LLMLB_HOME/config.json`` > ``$LLMLB_HOME/models``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import orjson
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROUTER_PORT = 8080
+DEFAULT_NODE_PORT = 32769
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_ROUTER_URL = f"http://127.0.0.1:{DEFAULT_ROUTER_PORT}"
+# Hosts a node may download from (and send HF_TOKEN to) besides HF_ENDPOINT's own host.
+DEFAULT_ALLOWED_HOSTS = ("huggingface.co", "*.huggingface.co", "*.hf.co")
+
+
+def llmlb_home() -> Path:
+    """Return ``$LLMLB_HOME`` (default ``~/.llmlb``), without creating it."""
+    return Path(os.environ.get("LLMLB_HOME") or Path.home() / ".llmlb").expanduser()
+
+
+def load_config_file(home: Path | None = None) -> dict:
+    """Return ``$LLMLB_HOME/config.json`` as a dict; ``{}`` when absent.
+
+    Raises:
+        ValueError: the file exists but is not a JSON object.
+    """
+    path = (home or llmlb_home()) / "config.json"
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def models_dir(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the node's model store root by the documented precedence.
+
+    Args:
+        cli_value: the ``--models-dir`` flag, when given.
+
+    Returns:
+        An absolute path (not created).
+    """
+    if cli_value:
+        return Path(cli_value).expanduser().absolute()
+    if value := os.environ.get("XLLM_MODELS_DIR"):
+        return Path(value).expanduser().absolute()
+    if value := os.environ.get("LLM_MODELS_DIR"):
+        logger.warning("LLM_MODELS_DIR is deprecated; set XLLM_MODELS_DIR instead")
+        return Path(value).expanduser().absolute()
+    home = llmlb_home()
+    if value := load_config_file(home).get("models_dir"):
+        return Path(value).expanduser().absolute()
+    return (home / "models").absolute()
+
+
+def hf_endpoint() -> str:
+    """Hub base URL (``HF_ENDPOINT``), without a trailing slash."""
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def hf_token() -> str | None:
+    """Hub token (``HF_TOKEN``); only ever sent to allowlisted hub hosts."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def default_allowed_hosts() -> list[str]:
+    """Download allowlist: the host of ``HF_ENDPOINT`` plus the public hub's hosts."""
+    hosts = [urlparse(hf_endpoint()).hostname or ""]
+    hosts.extend(DEFAULT_ALLOWED_HOSTS)
+    return [h for h in dict.fromkeys(hosts) if h]
+
+
+def admin_key() -> str | None:
+    """``LLMLB_ADMIN_KEY``: fixes the router's admin key, and is the CLI's default key."""
+    return os.environ.get("LLMLB_ADMIN_KEY") or None
+
+
+def router_url() -> str:
+    """``LLMLB_ROUTER_URL`` or the local default."""
+    return (os.environ.get("LLMLB_ROUTER_URL") or DEFAULT_ROUTER_URL).rstrip("/")
+
+
+def node_key() -> str | None:
+    """``LLMLB_NODE_KEY``: the node-scope key a node presents to the router."""
+    return os.environ.get("LLMLB_NODE_KEY") or None

