@@ -99,3 +99,96 @@ def router_url() -> str:
 def node_key() -> str | None:
     """``LLMLB_NODE_KEY``: the node-scope key a node presents to the router."""
     return os.environ.get("LLMLB_NODE_KEY") or None
+
+
+# --- router ---------------------------------------------------------------------------------
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_HEARTBEAT_INTERVAL_S = 5.0
+DEFAULT_SYNC_BACKOFF_BASE_S = 1.0
+DEFAULT_SYNC_BACKOFF_MAX_S = 60.0
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    """A positive number from the environment variable ``name``.
+
+    Raises:
+        ValueError: the variable is set but is not a number ``>= minimum``.
+    """
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
+    return value
+
+
+def router_db_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """The router's SQLite file: ``--db`` > ``LLMLB_ROUTER_DB`` > ``$LLMLB_HOME/lb.db``."""
+    value = cli_value or os.environ.get("LLMLB_ROUTER_DB")
+    if value:
+        return Path(value).expanduser().absolute()
+    return (llmlb_home() / "lb.db").absolute()
+
+
+def router_max_body_bytes() -> int:
+    """``LLMLB_MAX_BODY_BYTES``: largest request body the router accepts (default 1 MiB)."""
+    return int(_env_number("LLMLB_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 1))
+
+
+def heartbeat_interval_s() -> float:
+    """``LLMLB_HEARTBEAT_INTERVAL_S``: heartbeat period the router asks of nodes (default 5)."""
+    return _env_number("LLMLB_HEARTBEAT_INTERVAL_S", DEFAULT_HEARTBEAT_INTERVAL_S, 0.1)
+
+
+def sync_backoff_base_s() -> float:
+    """``LLMLB_SYNC_BACKOFF_BASE_S``: first retry delay of a failed sync notification (1 s)."""
+    return _env_number("LLMLB_SYNC_BACKOFF_BASE_S", DEFAULT_SYNC_BACKOFF_BASE_S, 0.001)
+
+
+def sync_backoff_max_s() -> float:
+    """``LLMLB_SYNC_BACKOFF_MAX_S``: cap of the sync notification retry delay (60 s)."""
+    return _env_number("LLMLB_SYNC_BACKOFF_MAX_S", DEFAULT_SYNC_BACKOFF_MAX_S, 0.001)
+
+
+def prometheus_multiproc_dir() -> Path | None:
+    """``PROMETHEUS_MULTIPROC_DIR``: set when several router workers share their metrics."""
+    value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(value) if value else None
+
+
+def proxy_overrides(names: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """Inference-proxy tuning: ``LLMLB_PROXY_<NAME>`` env vars over ``config.json``'s ``proxy``.
+
+    Args:
+        names: the setting names (e.g. ``cooldown_s``) the caller understands.
+
+    Returns:
+        ``{name: raw value}`` for each name set somewhere (env values are strings).
+
+    Raises:
+        ValueError: ``config.json`` is invalid, or its ``proxy`` entry is not an object.
+    """
+    section = load_config_file().get("proxy") or {}
+    if not isinstance(section, dict):
+        raise ValueError("config.json: 'proxy' must be an object")
+    found: dict[str, object] = {}
+    for name in names:
+        env = os.environ.get(f"LLMLB_PROXY_{name.upper()}")
+        if env:
+            found[name] = env
+        elif name in section:
+            found[name] = section[name]
+    return found
+
+
+# --- node -----------------------------------------------------------------------------------
+
+
+def node_settings_json() -> str | None:
+    """``LLMLB_NODE_SETTINGS``: the settings ``llmlb node`` hands to its server process."""
+    return os.environ.get("LLMLB_NODE_SETTINGS") or None

@@ -1,0 +1,81 @@
+// The node's on-disk model store: <root>/<model-id>/ holding a model's original files.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace llmlb {
+
+struct ModelDescriptor {
+  std::string id;            // normalised, with ":quant" when one was given
+  std::string format;        // "gguf" | "safetensors" | "metal"
+  std::string primary_path;  // the .gguf, first split, index or single .safetensors
+  std::vector<std::string> files;
+  std::optional<std::string> quantization;
+  std::uint64_t size_bytes = 0;
+  std::optional<std::string> architecture;
+  std::optional<std::uint64_t> context_length;
+};
+
+struct Inspection {
+  std::optional<ModelDescriptor> descriptor;  // set only when problems is empty
+  std::vector<std::string> problems;
+};
+
+struct GgufSummary {
+  std::vector<std::string> problems;
+  std::uint32_t version = 0;
+  std::uint64_t tensor_count = 0;
+  std::uint64_t kv_count = 0;
+  std::uint32_t alignment = 0;
+  std::uint64_t data_offset = 0;
+  std::string architecture;
+  std::string name;
+  std::optional<std::uint32_t> file_type;
+  std::string quantization;
+  std::optional<std::uint32_t> split_no;
+  std::optional<std::uint32_t> split_count;
+  std::optional<std::uint64_t> context_length;
+};
+
+class ModelStore {
+ public:
+  explicit ModelStore(std::string root);
+
+  const std::string& root() const { return root_; }
+
+  // <root>/<base id> (lexically; the id is validated so it cannot leave the root).
+  std::string model_dir(const std::string& model_id) const;
+
+  // Sorted ids of complete, valid models. A directory holding several GGUF variants
+  // contributes one "id:quant" entry per variant.
+  std::vector<std::string> list_available() const;
+
+  // Full check of one model: its descriptor when valid, else the problems found.
+  Inspection inspect(const std::string& model_id) const;
+
+  // "gguf" | "safetensors" | "metal" | "unknown" from the files present.
+  std::string detect_format(const std::string& model_id) const;
+
+  // Remove a model (or, with ":quant", that GGUF variant); removes parents left empty.
+  bool delete_model(const std::string& model_id) const;
+
+  // Schedule page-cache readahead for every file of the model; returns bytes scheduled.
+  std::uint64_t prefetch(const std::string& model_id) const;
+
+ private:
+  std::string root_;
+};
+
+// Check one file alone by its kind (.gguf, .safetensors, .json); problems name the file.
+std::vector<std::string> validate_file(const std::string& path);
+
+// GGUF header facts for one file.
+GgufSummary inspect_gguf(const std::string& path);
+
+// Schedule page-cache readahead for `paths`; returns bytes scheduled.
+std::uint64_t prefetch_files(const std::vector<std::string>& paths);
+
+}  // namespace llmlb

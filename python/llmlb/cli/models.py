@@ -1,0 +1,374 @@
+"""``llmlb models …``, ``llmlb nodes ls``, ``llmlb pull`` and ``llmlb chat``.
+
+``models`` and ``nodes`` talk to a router's admin API (``--router``/``--api-key``, defaults
+``LLMLB_ROUTER_URL``/``LLMLB_ADMIN_KEY``). ``pull`` runs on a node machine and downloads a
+registered model into the local store with the node's own downloader. ``chat`` streams one
+answer through the router. Every list command takes ``--json``; errors are one line on
+stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import sys
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from llmlb import config
+from llmlb.cli.api_client import (
+    ApiClientError,
+    add_client_arguments,
+    client_from_args,
+    report_error,
+)
+from llmlb.cli.progress import ModelProgress, PullDisplay, human_bytes, progress_from_nodes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``models``, ``nodes``, ``pull`` and ``chat``."""
+    models = subparsers.add_parser("models", help="register, list and remove models")
+    sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    reg = sub.add_parser("register", help="register a hub model; nodes then download it")
+    reg.add_argument("repo", help="hub repo (Org/Name) or its URL")
+    reg.add_argument("--filename", help="which artifact when the repo has several")
+    reg.add_argument("--revision", help="branch, tag or commit (default main)")
+    reg.add_argument("--id", dest="model_id", help="model id (default: the repo, lowercased)")
+    reg.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="Jinja chat template file, for models whose GGUF has none",
+    )
+    reg.add_argument("--json", action="store_true", help="print the stored model as JSON")
+    add_client_arguments(reg)
+    reg.set_defaults(func=register_model)
+
+    ls = sub.add_parser("ls", help="list models with their ready nodes and download progress")
+    ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_client_arguments(ls)
+    ls.set_defaults(func=list_models)
+
+    rm = sub.add_parser("rm", help="unregister a model (nodes delete their downloaded copy)")
+    rm.add_argument("model_id", metavar="ID")
+    add_client_arguments(rm)
+    rm.set_defaults(func=remove_model)
+
+    nodes = subparsers.add_parser("nodes", help="list the router's nodes")
+    nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION", required=True)
+    nodes_ls = nodes_sub.add_parser("ls", help="list nodes with their state and models")
+    nodes_ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_client_arguments(nodes_ls)
+    nodes_ls.set_defaults(func=list_nodes)
+
+    pull = subparsers.add_parser(
+        "pull", help="download a registered model into this machine's store (node side)"
+    )
+    pull.add_argument("model_id", metavar="MODEL_ID")
+    pull.add_argument("--models-dir", help="store root (default: XLLM_MODELS_DIR, …)")
+    pull.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="also download from this host (repeatable)",
+    )
+    pull.add_argument(
+        "--router",
+        default=None,
+        help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
+    )
+    pull.add_argument(
+        "--api-key",
+        default=None,
+        help="node or admin key (default $LLMLB_NODE_KEY, else $LLMLB_ADMIN_KEY)",
+    )
+    pull.set_defaults(func=pull_model)
+
+    chat = subparsers.add_parser("chat", help="stream one chat answer through the router")
+    chat.add_argument("model_id", metavar="MODEL_ID")
+    chat.add_argument("prompt")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument(
+        "--router",
+        default=None,
+        help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
+    )
+    chat.add_argument(
+        "--api-key",
+        default=None,
+        help="api key (default $LLMLB_ADMIN_KEY, else $LLMLB_HOME/api.key written by `llmlb up`)",
+    )
+    chat.set_defaults(func=chat_once)
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def register_model(args: argparse.Namespace) -> int:
+    """``POST /v1/models/register`` and print what the router stored."""
+    body: dict[str, Any] = {"repo": args.repo}
+    for name, value in (
+        ("filename", args.filename),
+        ("revision", args.revision),
+        ("id", args.model_id),
+    ):
+        if value:
+            body[name] = value
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as fh:
+                body["chat_template"] = fh.read()
+        except OSError as exc:
+            return _fail(f"cannot read {args.chat_template}: {exc.strerror or exc}")
+    try:
+        model = client_from_args(args).post("/v1/models/register", body)
+    except ApiClientError as exc:
+        return report_error(exc)
+    if args.json:
+        _print_json(model)
+        return 0
+    revision = str(model.get("revision") or "")[:12]
+    print(
+        f"registered {model.get('id')} ({model.get('format')}, "
+        f"{human_bytes(model.get('size_bytes'))}, revision {revision}); "
+        "nodes download it now — watch with `llmlb models ls`"
+    )
+    return 0
+
+
+def list_models(args: argparse.Namespace) -> int:
+    """Table of models: id, format, size, ready nodes, download progress."""
+    client = client_from_args(args)
+    try:
+        entries = client.get("/v1/models").get("data", [])
+        nodes = client.get("/v0/nodes").get("nodes", [])
+    except ApiClientError as exc:
+        return report_error(exc)
+    rows = []
+    for entry in entries:
+        progress = progress_from_nodes(nodes, entry["id"])
+        rows.append((entry, progress))
+    if args.json:
+        _print_json([{**entry, "progress": _progress_dict(p)} for entry, p in rows])
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("ID", "FORMAT", "SIZE", "READY NODES", "PROGRESS"):
+        table.add_column(column, justify="right" if column in ("SIZE", "READY NODES") else "left")
+    for entry, progress in rows:
+        table.add_row(
+            entry["id"],
+            entry.get("format") or "-",
+            human_bytes(entry.get("size_bytes")),
+            str(entry.get("nodes_ready", progress.nodes_ready)),
+            progress.describe(),
+        )
+    _console().print(table)
+    return 0
+
+
+def _progress_dict(progress: ModelProgress) -> dict[str, Any]:
+    return {
+        "state": progress.state,
+        "bytes": progress.bytes,
+        "total": progress.total,
+        "error": progress.error,
+    }
+
+
+def remove_model(args: argparse.Namespace) -> int:
+    """``DELETE /v1/models/{id}``."""
+    try:
+        client_from_args(args).delete(f"/v1/models/{_quote_id(args.model_id)}")
+    except ApiClientError as exc:
+        return report_error(exc)
+    print(f"removed {args.model_id}")
+    return 0
+
+
+# --- nodes -------------------------------------------------------------------------------
+
+
+def list_nodes(args: argparse.Namespace) -> int:
+    """Table of nodes: id, url, status, backend, slots, active requests, models, last seen."""
+    try:
+        nodes = client_from_args(args).get("/v0/nodes").get("nodes", [])
+    except ApiClientError as exc:
+        return report_error(exc)
+    if args.json:
+        _print_json(nodes)
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NODE", "URL", "STATUS", "GPU", "SLOTS", "ACTIVE", "MODELS", "LAST SEEN"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            str(node.get("node_id")),
+            str(node.get("url")),
+            str(node.get("status")),
+            str((node.get("gpu") or {}).get("backend") or "-"),
+            str(node.get("slots")),
+            str(node.get("active_requests", 0)),
+            _node_models(node.get("models") or []),
+            str(node.get("last_seen") or "-"),
+        )
+    _console().print(table)
+    return 0
+
+
+def _node_models(models: list[dict[str, Any]]) -> str:
+    parts = []
+    for model in models:
+        state = model.get("state")
+        parts.append(model["id"] if state == "ready" else f"{model['id']} ({state})")
+    return ", ".join(parts) or "-"
+
+
+# --- pull --------------------------------------------------------------------------------
+
+
+def pull_model(args: argparse.Namespace) -> int:
+    """Download a model into the local store; exit 0 only when it validates."""
+    from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
+    from llmlb.node import downloader
+
+    try:
+        model_id = normalize_model_id(args.model_id)
+    except InvalidModelId as exc:
+        return _fail(f"{exc} (invalid_model_id)")
+    try:
+        root = config.models_dir(args.models_dir)
+    except ValueError as exc:
+        return _fail(str(exc))
+    key = args.api_key or config.node_key() or config.admin_key()
+    hosts = config.default_allowed_hosts() + list(args.allow_host)
+    try:
+        with PullDisplay(model_id) as display:
+            descriptor = downloader.pull_model(
+                model_id,
+                router_url=args.router or config.router_url(),
+                api_key=key,
+                models_dir=root,
+                allowed_hosts=hosts,
+                progress=display,
+            )
+    except downloader.DownloadError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{model_id}: {exc}")
+    problems = ModelStorage(str(root)).validate(model_id)
+    if problems:
+        return _fail(f"{model_id} does not validate: {'; '.join(problems)}")
+    print(
+        f"{model_id} is ready in {root / model_id} ({descriptor.format}, "
+        f"{human_bytes(descriptor.size_bytes)})"
+    )
+    return 0
+
+
+# --- chat --------------------------------------------------------------------------------
+
+
+def chat_once(args: argparse.Namespace) -> int:
+    """Stream the answer to one user message to stdout."""
+    key = args.api_key or config.admin_key() or _saved_api_key()
+    body = {
+        "model": args.model_id,
+        "messages": [{"role": "user", "content": args.prompt}],
+        "max_tokens": args.max_tokens,
+        "stream": True,
+    }
+    try:
+        for piece in stream_chat(args.router or config.router_url(), key, body):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ApiClientError as exc:
+        print(file=sys.stdout)
+        return report_error(exc)
+    print()
+    return 0
+
+
+def _saved_api_key() -> str | None:
+    try:
+        return (config.llmlb_home() / "api.key").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def stream_chat(
+    router: str, api_key: str | None, body: dict[str, Any], timeout: float = 300.0
+) -> Iterator[str]:
+    """POST a streaming chat completion; yield the content of each delta.
+
+    Raises:
+        ApiClientError: the router refused the request, or could not be reached.
+    """
+    url = urllib.parse.urlsplit(router)
+    conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn = conn_cls(url.hostname or "127.0.0.1", url.port, timeout=timeout)
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    path = url.path.rstrip("/") + "/v1/chat/completions"
+    try:
+        conn.request("POST", path, body=orjson.dumps(body), headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise _error_from(response.status, response.read())
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            event = orjson.loads(data)
+            if "error" in event:
+                raise _error_from(None, data)
+            for choice in event.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield text
+    except OSError as exc:
+        raise ApiClientError(
+            None, "unreachable", f"cannot reach the router at {router}: {exc}"
+        ) from None
+    finally:
+        conn.close()
+
+
+def _error_from(status: int | None, raw: bytes) -> ApiClientError:
+    try:
+        error = orjson.loads(raw)["error"]
+        return ApiClientError(status, str(error.get("code")), str(error.get("message")))
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return ApiClientError(status, "http_error", raw.decode(errors="replace")[:200])
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _quote_id(model_id: str) -> str:
+    """A model id for a path: hierarchical ids keep their ``/``."""
+    return urllib.parse.quote(model_id, safe="/:")
+
+
+def _console() -> Console:
+    """Console for tables: the terminal's width, or wide enough not to cut ids in a pipe."""
+    console = Console()
+    return console if console.is_terminal else Console(width=240)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1

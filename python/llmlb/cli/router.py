@@ -1,0 +1,87 @@
+"""``llmlb router``: serve the router (Granian, ASGI) on the app factory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+
+from llmlb import config
+
+APP_FACTORY = "llmlb.router.app:create_app"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``router`` subcommand."""
+    parser = subparsers.add_parser(
+        "router",
+        help="run the router (registry, keys, load-balancing proxy)",
+        description="Run the router under $LLMLB_HOME (LLMLB_ADMIN_KEY fixes the admin key).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=config.DEFAULT_ROUTER_PORT,
+        help=f"port to bind ({config.DEFAULT_ROUTER_PORT})",
+    )
+    parser.add_argument("--db", help="SQLite file (default $LLMLB_HOME/lb.db)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prepare the database and admin key, then serve until SIGINT/SIGTERM."""
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    # Workers read their settings from the environment; set it before anything imports
+    # prometheus_client, which picks its multi-process mode at import time.
+    os.environ["LLMLB_ROUTER_DB"] = str(config.router_db_path(args.db))
+    metrics_dir = None
+    if args.workers > 1:
+        metrics_dir = tempfile.mkdtemp(prefix="llmlb-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    from llmlb.router.app import configure_logging
+    from llmlb.router.db import open_database
+    from llmlb.router.keys import bootstrap_admin_key
+    from llmlb.router.settings import RouterSettings
+
+    configure_logging()
+    log = logging.getLogger("llmlb.router")
+    try:
+        settings = RouterSettings.from_env()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    conn = open_database(settings.db_path)
+    try:
+        bootstrap_admin_key(conn, settings.home, settings.admin_key)
+    finally:
+        conn.close()
+    log.info(
+        "router on http://%s:%d (db %s, %d worker(s))",
+        args.host,
+        args.port,
+        settings.db_path,
+        args.workers,
+    )
+    try:
+        Granian(
+            APP_FACTORY,
+            address=args.host,
+            port=args.port,
+            interface=Interfaces.ASGI,
+            workers=args.workers,
+            factory=True,
+            log_access=False,
+        ).serve()
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0

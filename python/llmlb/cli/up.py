@@ -1,0 +1,423 @@
+"""``llmlb up``: a router and one node on loopback, keys, a model, ready to chat.
+
+The router and the node run as child processes (``python -m llmlb.cli.main router|node``),
+each leading its own process group and logging to ``$LLMLB_HOME/logs/``. Ctrl-C or SIGTERM
+stops both groups. Keys and the demo model persist in ``$LLMLB_HOME``, so a second
+``llmlb up`` reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmlb import config
+from llmlb.cli import demo
+from llmlb.cli.api_client import ApiClient, ApiClientError
+from llmlb.cli.children import Child
+from llmlb.cli.progress import ModelProgress, byte_bar, progress_from_nodes
+
+HOST = "127.0.0.1"
+API_KEY_FILE = "api.key"
+NODE_KEY_FILE = "node.key"
+ADMIN_KEY_FILE = "admin.key"
+START_TIMEOUT_S = 60.0
+DEMO_READY_TIMEOUT_S = 180.0
+POLL_S = 0.25
+
+
+class UpError(Exception):
+    """A failure ``llmlb up`` reports as one line, without a traceback."""
+
+
+class _Stopped(Exception):
+    """SIGINT/SIGTERM arrived; shut down."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``llmlb up``."""
+    parser = subparsers.add_parser(
+        "up",
+        help="start a router and one node on loopback, serving a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        metavar="ORG/REPO",
+        help="register this hub model (and download it) instead of the bundled demo model",
+    )
+    parser.add_argument("--filename", help="with --model: which GGUF of the repo to use")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=config.DEFAULT_ROUTER_PORT,
+        help=f"router port (default {config.DEFAULT_ROUTER_PORT})",
+    )
+    parser.add_argument(
+        "--node-port",
+        type=int,
+        default=config.DEFAULT_NODE_PORT,
+        help=f"node port (default {config.DEFAULT_NODE_PORT})",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start everything, print how to use it, and supervise until a signal."""
+    if args.filename and not args.model:
+        return _fail("--filename needs --model")
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    children: list[Child] = []
+    try:
+        cluster = _Cluster(args, stop, children)
+        cluster.start()
+        cluster.supervise()
+        return 0
+    except UpError as exc:
+        return _fail(str(exc))
+    except _Stopped:
+        return 0
+    finally:
+        if children:
+            print("llmlb up: stopping…", file=sys.stderr, flush=True)
+        for child in reversed(children):
+            child.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _fail(message: str) -> int:
+    print(f"llmlb up: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+class _Cluster:
+    """One ``llmlb up`` session: checks, children, keys, model, banner."""
+
+    def __init__(self, args: argparse.Namespace, stop: threading.Event, children: list[Child]):
+        self.args = args
+        self.stop = stop
+        self.children = children
+        self.home = config.llmlb_home().absolute()
+        self.router_url = f"http://{HOST}:{args.port}"
+        self.node_url = f"http://{HOST}:{args.node_port}"
+        self.models_dir = Path()
+        self.api_key = ""
+        self.model_id = ""
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check the machine, start router and node, and wait for a ready model."""
+        args = self.args
+        _ensure_writable(self.home, "LLMLB_HOME")
+        try:
+            self.models_dir = config.models_dir(None)
+        except ValueError as exc:
+            raise UpError(str(exc)) from None
+        _ensure_writable(self.models_dir, "the model store (XLLM_MODELS_DIR)")
+        if args.port == args.node_port:
+            raise UpError("--port and --node-port must differ")
+        _ensure_port_free(args.port, "--port")
+        _ensure_port_free(args.node_port, "--node-port")
+        if not args.model:
+            self._place_demo_model()
+        env = self._child_env()
+        self._spawn("router", ["router", "--host", HOST, "--port", str(args.port)], env)
+        self._wait(
+            lambda: _http_ok(f"{self.router_url}/health"),
+            START_TIMEOUT_S,
+            "the router to answer /health",
+        )
+        admin = ApiClient(self.router_url, self._admin_key())
+        self.api_key = _ensure_key(admin, self.home / API_KEY_FILE, "api", "/v1/models")
+        node_key = _ensure_key(admin, self.home / NODE_KEY_FILE, "node", "/v0/models")
+        if args.model:
+            self.model_id = self._register(admin)
+        else:
+            self.model_id = demo.DEMO_MODEL_ID
+        node_env = dict(env, LLMLB_NODE_KEY=node_key, LLMLB_ROUTER_URL=self.router_url)
+        self._spawn(
+            "node",
+            [
+                "node",
+                "--router",
+                self.router_url,
+                "--host",
+                HOST,
+                "--port",
+                str(args.node_port),
+                "--models-dir",
+                str(self.models_dir),
+            ],
+            node_env,
+        )
+        self._wait_model_ready(admin)
+        self._print_banner(ApiClient(self.router_url, self.api_key))
+
+    def _place_demo_model(self) -> None:
+        print(
+            f"llmlb up: placing the demo model in {self.models_dir / demo.DEMO_MODEL_ID}…",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            demo.place_demo_model(self.models_dir)
+        except demo.DemoModelMissing as exc:
+            raise UpError(str(exc)) from None
+        except OSError as exc:
+            raise UpError(f"cannot place the demo model in {self.models_dir}: {exc}") from None
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LLMLB_HOME"] = str(self.home)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, name: str, cli_args: list[str], env: dict[str, str]) -> Child:
+        argv = [sys.executable, "-m", "llmlb.cli.main", *cli_args]
+        child = Child(name, argv, self.home / "logs" / f"{name}.log", env)
+        self.children.append(child)
+        return child
+
+    def _admin_key(self) -> str:
+        key = config.admin_key()
+        if key:
+            return key
+        path = self.home / ADMIN_KEY_FILE
+        with contextlib.suppress(TimeoutError):
+            self._wait(path.is_file, 5.0, f"{path}")
+        try:
+            return path.read_text().strip()
+        except OSError:
+            raise UpError(
+                f"the router keeps an admin key but {path} is missing; set LLMLB_ADMIN_KEY"
+            ) from None
+
+    def _register(self, admin: ApiClient) -> str:
+        body: dict[str, Any] = {"repo": self.args.model}
+        if self.args.filename:
+            body["filename"] = self.args.filename
+        try:
+            model = admin.post("/v1/models/register", body)
+        except ApiClientError as exc:
+            if exc.code != "model_exists":
+                raise UpError(f"cannot register {self.args.model}: {exc}") from None
+            model = {"id": _default_model_id(self.args.model)}
+        return str(model["id"])
+
+    def _wait_model_ready(self, admin: ApiClient) -> None:
+        """Wait until the router lists the model ready; show download progress meanwhile."""
+        deadline = None if self.args.model else time.monotonic() + DEMO_READY_TIMEOUT_S
+        reporter = _ProgressReporter(self.model_id)
+        try:
+            while True:
+                self._check_children()
+                if _model_ready(admin, self.model_id):
+                    return
+                progress = _model_progress(admin, self.model_id)
+                if progress.failed:
+                    raise UpError(f"model {self.model_id} failed on the node: {progress.error}")
+                reporter.update(progress)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UpError(
+                        f"model {self.model_id} was not ready after {DEMO_READY_TIMEOUT_S:.0f}s;"
+                        f" see {self.home / 'logs'}"
+                    )
+                if self.stop.wait(POLL_S):
+                    raise _Stopped
+        finally:
+            reporter.close()
+
+    def _print_banner(self, client: ApiClient) -> None:
+        ready = [m["id"] for m in client.get("/v1/models").get("data", []) if m.get("ready")]
+        base = f"{self.router_url}/v1"
+        key = self.api_key
+        model = self.model_id
+        lines = [
+            "",
+            f"llmlb is up: router {self.router_url}, node {self.node_url}",
+            f"  Base URL:  {base}",
+            f"  API key:   {key}",
+            f"  Models:    {', '.join(ready) or '(none ready)'}",
+            f"  Home:      {self.home} (logs in {self.home / 'logs'})",
+            "",
+            "Try it with curl:",
+            f"  curl {base}/chat/completions \\",
+            f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
+            f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": '
+            f'"Write a haiku about load balancers."}}]}}\'',
+            "",
+            "or with Python (pip install openai):",
+            "  from openai import OpenAI",
+            f'  client = OpenAI(base_url="{base}", api_key="{key}")',
+            "  reply = client.chat.completions.create(",
+            f'      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])',
+            "  print(reply.choices[0].message.content)",
+            "",
+            "Press Ctrl-C to stop.",
+        ]
+        print("\n".join(lines), flush=True)
+
+    # -- supervision --------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Block until a signal (then return) or a child's death (then raise)."""
+        while not self.stop.wait(POLL_S):
+            self._check_children()
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                tail = child.log_tail()
+                raise UpError(
+                    f"the {child.name} exited with code {child.popen.returncode}"
+                    f" (log: {child.log_path})" + (f"\n{tail}" if tail else "")
+                )
+
+    def _wait(self, predicate: Callable[[], object], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise UpError(f"timed out after {timeout:.0f}s waiting for {what}")
+            if self.stop.wait(POLL_S):
+                raise _Stopped
+
+
+class _ProgressReporter:
+    """Download progress for ``up --model``: a live bar on a terminal, else log lines."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self._bar = None
+        self._last_line = ""
+
+    def update(self, progress: ModelProgress) -> None:
+        if progress.state is None:
+            return
+        if sys.stderr.isatty():
+            self._update_bar(progress)
+            return
+        line = f"llmlb up: {self.model_id}: {progress.describe()}"
+        if line != self._last_line:
+            print(line, file=sys.stderr, flush=True)
+            self._last_line = line
+
+    def _update_bar(self, progress: ModelProgress) -> None:
+        if self._bar is None:
+            self._bar = byte_bar()
+            self._bar.start()
+            self._task = self._bar.add_task(self.model_id, total=progress.total or None)
+        self._bar.update(
+            self._task,
+            completed=progress.bytes,
+            total=progress.total or None,
+            description=f"{self.model_id} ({progress.state})",
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _ensure_writable(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UpError(
+            f"{path} is not writable ({reason}); set {what} to a writable directory"
+            if what == "LLMLB_HOME"
+            else f"{what} {path} is not writable ({reason})"
+        ) from None
+
+
+def _ensure_port_free(port: int, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise UpError(
+                f"port {port} on {HOST} is already in use; choose another with {flag}"
+            ) from None
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _ensure_key(admin: ApiClient, path: Path, scope: str, probe: str) -> str:
+    """Reuse the key saved in ``path`` when the router still accepts it, else create one."""
+    with contextlib.suppress(OSError):
+        key = path.read_text().strip()
+        if key:
+            try:
+                ApiClient(admin.base_url, key).get(probe)
+                return key
+            except ApiClientError as exc:
+                if exc.status != 401:
+                    raise UpError(f"checking the saved {scope} key: {exc}") from None
+    try:
+        created = admin.post("/v0/keys", {"scope": scope, "name": f"llmlb-up-{scope}"})
+    except ApiClientError as exc:
+        raise UpError(f"cannot create the {scope} key: {exc}") from None
+    key = created["key"]
+    _write_secret(path, key + "\n")
+    return key
+
+
+def _write_secret(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _model_ready(admin: ApiClient, model_id: str) -> bool:
+    try:
+        return bool(admin.get(f"/v1/models/{model_id}").get("ready"))
+    except ApiClientError as exc:
+        if exc.status == 404:
+            return False
+        raise UpError(str(exc)) from None
+
+
+def _model_progress(admin: ApiClient, model_id: str) -> ModelProgress:
+    try:
+        return progress_from_nodes(admin.get("/v0/nodes").get("nodes", []), model_id)
+    except ApiClientError as exc:
+        raise UpError(str(exc)) from None
+
+
+def _default_model_id(repo: str) -> str:
+    """The id the router gives ``repo`` when registered without an explicit id."""
+    from llmlb.router.registry import RegisterRequest
+
+    return RegisterRequest.parse({"repo": repo}).model_id

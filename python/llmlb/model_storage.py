@@ -1,0 +1,192 @@
+"""The node's on-disk model store: model ids, validation, listing, deletion and prefetch.
+
+A thin facade over the C++ core ``llmlb._model_storage``; every call that touches the disk
+runs in C++ with the GIL released.
+
+Layout: each model lives in ``<models_dir>/<model-id>/`` under its original file names: a
+single ``*.gguf``, a split GGUF (``<name>-00001-of-0000N.gguf`` ...), or ``config.json`` +
+``tokenizer.json`` + ``model.safetensors`` (or ``model.safetensors.index.json`` + shards),
+with an optional ``model.metal.bin``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from llmlb import _model_storage as _native
+
+__all__ = [
+    "InvalidModelId",
+    "ModelDescriptor",
+    "ModelStorage",
+    "inspect_gguf",
+    "normalize_model_id",
+    "prefetch_files",
+    "split_quant",
+    "validate_file",
+]
+
+
+class InvalidModelId(ValueError):
+    """A model id breaks the id rules; the message names the rule."""
+
+
+_native._set_invalid_model_id_type(InvalidModelId)
+
+
+def normalize_model_id(model_id: str) -> str:
+    """Lowercase and validate a model id such as ``OpenAI/GPT-OSS-20B`` or ``llama:Q4_K_M``.
+
+    Rules: ``[a-z0-9._-]`` segments joined by ``/``, at most 256 characters, no empty, ``.``
+    or ``..`` segment, no leading or trailing ``/``, no backslash, NUL or other character;
+    an optional ``:QUANT`` suffix (exactly one colon, text on both sides).
+
+    Raises:
+        InvalidModelId: the id breaks a rule (it is never silently rewritten).
+    """
+    return _native.normalize_model_id(model_id)
+
+
+def split_quant(model_id: str) -> tuple[str, str | None]:
+    """Normalise ``model_id`` and split off its ``:QUANT`` suffix: ``(base_id, quant or None)``.
+
+    Raises:
+        InvalidModelId: the id breaks a rule.
+    """
+    return _native.split_quant(model_id)
+
+
+def validate_file(path: str | os.PathLike[str]) -> list[str]:
+    """Check one ``.gguf``, ``.safetensors`` or ``.json`` file on its own.
+
+    Returns:
+        Human-readable problems, each prefixed with the file name; ``[]`` when valid.
+    """
+    return _native.validate_file(os.fspath(path))
+
+
+def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Header facts of one GGUF file: ``version, tensor_count, kv_count, alignment,
+    data_offset, architecture, name, file_type, quantization, split_no, split_count,
+    context_length`` and ``problems`` (``[]`` when valid)."""
+    return _native.inspect_gguf(os.fspath(path))
+
+
+def prefetch_files(paths: list[str | os.PathLike[str]]) -> int:
+    """Schedule page-cache readahead for ``paths`` in parallel; returns the bytes scheduled."""
+    return _native.prefetch_files([os.fspath(p) for p in paths])
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """A complete, valid model in the store.
+
+    Attributes:
+        id: the normalised id asked for (with ``:quant`` when one was given).
+        format: ``"gguf"``, ``"safetensors"`` or ``"metal"``.
+        primary_path: the file a loader opens (the ``.gguf``, first split, index or single
+            ``.safetensors``).
+        files: every artifact of the model.
+        quantization: e.g. ``"Q4_K_M"`` from the GGUF header or file name; ``None`` if unknown.
+        size_bytes: total size of ``files``.
+        architecture: ``general.architecture`` (GGUF) or ``model_type`` (config.json).
+        context_length: the model's trained context length when the metadata says.
+    """
+
+    id: str
+    format: str
+    primary_path: Path
+    files: tuple[Path, ...]
+    quantization: str | None
+    size_bytes: int
+    architecture: str | None = None
+    context_length: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        data = asdict(self)
+        data["primary_path"] = str(self.primary_path)
+        data["files"] = [str(p) for p in self.files]
+        return data
+
+
+def _descriptor(raw: dict[str, Any]) -> ModelDescriptor:
+    return ModelDescriptor(
+        id=raw["id"],
+        format=raw["format"],
+        primary_path=Path(raw["primary_path"]),
+        files=tuple(Path(p) for p in raw["files"]),
+        quantization=raw["quantization"],
+        size_bytes=raw["size_bytes"],
+        architecture=raw["architecture"],
+        context_length=raw["context_length"],
+    )
+
+
+class ModelStorage:
+    """The model store rooted at ``models_dir`` (which need not exist yet).
+
+    Every method taking a model id normalises it first and raises :class:`InvalidModelId`
+    for a malformed one.
+    """
+
+    def __init__(self, models_dir: str | os.PathLike[str]):
+        self.models_dir = Path(models_dir).expanduser().absolute()
+        self._store = _native.ModelStore(str(self.models_dir))
+
+    def __repr__(self) -> str:
+        return f"ModelStorage({str(self.models_dir)!r})"
+
+    def model_dir(self, model_id: str) -> Path:
+        """``<models_dir>/<base id>``; always inside ``models_dir`` (a ``:QUANT`` suffix is dropped)."""
+        return Path(self._store.model_dir(model_id))
+
+    def list_available(self) -> list[str]:
+        """Sorted ids of complete, valid models, found recursively.
+
+        Dot-directories (``.staging``) and a model's own subdirectories are skipped. A
+        directory holding several GGUF variants lists one ``id:quant`` entry per variant.
+        """
+        return self._store.list_available()
+
+    def resolve(self, model_id: str) -> ModelDescriptor | None:
+        """The model's descriptor, or ``None`` when absent, incomplete, invalid or ambiguous."""
+        raw, _problems = self._store.inspect(model_id)
+        return None if raw is None else _descriptor(raw)
+
+    def inspect(self, model_id: str) -> tuple[ModelDescriptor | None, list[str]]:
+        """``(descriptor or None, problems)`` in one pass over the files."""
+        raw, problems = self._store.inspect(model_id)
+        return (None if raw is None else _descriptor(raw)), problems
+
+    def validate(self, model_id: str) -> list[str]:
+        """Human-readable problems; ``[]`` means complete and valid."""
+        return self._store.validate(model_id)
+
+    def delete_model(self, model_id: str) -> bool:
+        """Remove the model (with ``:QUANT``, only that GGUF variant) and any parent
+        directories left empty, never leaving ``models_dir``.
+
+        Returns:
+            ``True`` when something was removed; ``False`` when there was nothing to remove
+            (idempotent) or the id names a namespace of other models rather than a model.
+
+        Raises:
+            RuntimeError: the model directory resolves outside ``models_dir``.
+        """
+        return self._store.delete_model(model_id)
+
+    def detect_format(self, model_id: str) -> str:
+        """``"gguf"``, ``"safetensors"``, ``"metal"`` or ``"unknown"`` from the files present."""
+        return self._store.detect_format(model_id)
+
+    def prefetch(self, model_id: str) -> int:
+        """Warm the page cache for every file of a valid model, in parallel.
+
+        Returns:
+            Bytes scheduled for readahead (0 when the model does not resolve).
+        """
+        return self._store.prefetch(model_id)

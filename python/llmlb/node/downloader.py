@@ -1,0 +1,834 @@
+"""Verified, resumable, atomic model downloads from the hub into the node's store.
+
+One model at a time per store (a file lock), files fetched straight from the hub URLs of the
+router's manifest with ``hf_transfer`` parallel range requests (run in a worker process, see
+:mod:`llmlb.node.transfer_worker`), hashed while the bytes arrive, staged under
+``<models_dir>/.staging/<id>/`` and renamed into ``<models_dir>/<id>/`` only once every
+required file passed its size and SHA-256 check. Verified files survive a crash or a kill
+(``verified.json`` in the staging directory) and are not fetched again.
+
+Standalone use (``llmlb pull``)::
+
+    desc = pull_model("org/name", router_url=..., api_key=..., models_dir=...,
+                      progress=lambda p: print(p.bytes_done, p.bytes_total))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import orjson
+from filelock import FileLock
+
+from llmlb import config
+from llmlb.errors import LlmlbError
+from llmlb.node.hashing import FollowingHasher, sha256_file
+from llmlb.node.templates import CHAT_TEMPLATE_FILENAME
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIRNAME = ".staging"
+LOCKS_DIRNAME = ".locks"
+DOWNLOADED_DIRNAME = ".downloaded"
+VERIFIED_FILENAME = "verified.json"
+# Files smaller than this are fetched with one plain GET (parallel ranges do not pay off).
+PARALLEL_MIN_BYTES = 8 << 20
+MIB = 1 << 20
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class DownloadError(LlmlbError):
+    """A model could not be downloaded; ``str(exc)`` names the model and the reason."""
+
+
+class HostNotAllowed(DownloadError):
+    """A file URL (or a redirect) points at a host that is not on the download allowlist."""
+
+
+class InsufficientDiskSpace(DownloadError):
+    """The store's file system has less free space than the files still to fetch."""
+
+
+class IntegrityError(DownloadError):
+    """A file failed its size or SHA-256 check twice."""
+
+
+class ModelNotRegistered(DownloadError):
+    """The router has no model with this id (its manifest answered 404)."""
+
+
+class RouterUnavailable(DownloadError):
+    """The router could not be asked for the manifest."""
+
+
+class DownloadCancelled(DownloadError):
+    """The download was cancelled (node shutting down)."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (5xx, dropped connection, timeout)."""
+
+
+class _Corrupt(Exception):
+    """A file arrived with the wrong size or digest."""
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """One file of a manifest (see the router's ``manifest.json``)."""
+
+    filename: str
+    size_bytes: int
+    sha256: str | None
+    url: str
+    priority: int = 0
+    optional: bool = False
+    backends: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FileSpec:
+        """Build from one entry of a manifest's ``files``."""
+        return cls(
+            filename=str(data["filename"]),
+            size_bytes=int(data["size_bytes"]),
+            sha256=(str(data["sha256"]).lower() if data.get("sha256") else None),
+            url=str(data["url"]),
+            priority=int(data.get("priority") or 0),
+            optional=bool(data.get("optional", False)),
+            backends=tuple(data.get("backends") or ()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The router's manifest of one model, as far as the node needs it."""
+
+    model_id: str
+    files: tuple[FileSpec, ...]
+    repo: str | None = None
+    revision: str | None = None
+    format: str | None = None
+    chat_template: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Build from the JSON of ``/v0/models/registry/{id}/manifest.json``."""
+        return cls(
+            model_id=str(data["model_id"]),
+            files=tuple(FileSpec.from_dict(f) for f in data.get("files") or ()),
+            repo=data.get("repo"),
+            revision=data.get("revision"),
+            format=data.get("format"),
+            chat_template=data.get("chat_template") or None,
+        )
+
+
+def local_backends() -> frozenset[str]:
+    """Backend tags of backend-specific files this node can use (``metal`` on Apple)."""
+    tags = {"cpu"}
+    if sys.platform == "darwin":
+        tags.add("metal")
+    return frozenset(tags)
+
+
+def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> list[FileSpec]:
+    """Files this node needs, primary first: drops files for other backends.
+
+    Raises:
+        DownloadError: a filename is not a safe relative path.
+    """
+    have = frozenset(backends) if backends is not None else local_backends()
+    chosen = [f for f in manifest.files if not f.backends or have.intersection(f.backends)]
+    for spec in chosen:
+        path = PurePosixPath(spec.filename)
+        if (
+            not spec.filename
+            or path.is_absolute()
+            or any(part in ("", ".", "..") for part in spec.filename.split("/"))
+            or "\\" in spec.filename
+        ):
+            raise DownloadError(f"{manifest.model_id}: unsafe filename {spec.filename!r}")
+    return sorted(chosen, key=lambda f: (f.priority, f.filename))
+
+
+def fetch_manifest(router_url: str, api_key: str | None, model_id: str,
+                   timeout: float = 10.0) -> Manifest:
+    """Ask the router for ``model_id``'s manifest (blocking).
+
+    Raises:
+        ModelNotRegistered: the router answered 404.
+        RouterUnavailable: the router is unreachable or answered another error.
+    """
+    quoted = urllib.parse.quote(model_id, safe="")
+    url = f"{router_url.rstrip('/')}/v0/models/registry/{quoted}/manifest.json"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=timeout) as resp:
+            return Manifest.from_dict(orjson.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise ModelNotRegistered(f"model {model_id!r} is not registered with the router") \
+                from None
+        raise RouterUnavailable(
+            f"router answered {exc.code} for the manifest of {model_id!r}: {_error_text(exc)}"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise RouterUnavailable(f"cannot fetch the manifest of {model_id!r}: {exc}") from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        return orjson.loads(exc.read())["error"]["message"]
+    except Exception:  # noqa: BLE001 - best effort
+        return exc.reason if isinstance(exc.reason, str) else ""
+
+
+# --- allowlist ---------------------------------------------------------------------------
+
+
+def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
+    """Whether ``url`` is http(s) on an allowlisted host (``*.example.com`` = subdomains)."""
+    parsed = urllib.parse.urlparse(url)
+    host = (parsed.hostname or "").lower().rstrip(".")
+    if parsed.scheme not in ("http", "https") or not host:
+        return False
+    for pattern in allowed_hosts:
+        pattern = pattern.lower().strip().rstrip(".")
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
+# --- progress and options ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadProgress:
+    """A snapshot of one model's download, passed to progress callbacks."""
+
+    model_id: str
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    filename: str | None = None
+    file_bytes_done: int = 0
+    file_bytes_total: int = 0
+    phase: str = "downloading"  # downloading | verifying | done
+
+
+ProgressCallback = Callable[[DownloadProgress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadOptions:
+    """Tuning of the downloader.
+
+    Attributes:
+        connections: parallel range connections per file (``hf_transfer`` ``max_files``).
+        max_attempts: attempts per file on transient failures (5xx, dropped connections).
+        backoff_base_s: first retry delay; doubles up to ``backoff_max_s``.
+        timeout_s: socket timeout of probes and single-stream GETs.
+        disk_margin_bytes: free space kept beyond the bytes still to download.
+    """
+
+    connections: int = 32
+    max_attempts: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 8.0
+    timeout_s: float = 30.0
+    disk_margin_bytes: int = 64 * MIB
+
+
+def chunk_size_for(size: int, connections: int) -> int:
+    """Range size for a file: about eight chunks per connection, 1–16 MiB, whole MiB.
+
+    Small chunks keep the window of ranges in flight small, so the hasher that follows the
+    written prefix is never far behind when the last range lands.
+    """
+    target = size // max(1, connections * 8)
+    return max(1, min(16, target // MIB)) * MIB
+
+
+# --- store paths -------------------------------------------------------------------------
+
+
+def staging_dir(models_dir: Path, model_id: str) -> Path:
+    """``<models_dir>/.staging/<id>/``."""
+    return models_dir / STAGING_DIRNAME / model_id
+
+
+def downloaded_marker(models_dir: Path, model_id: str) -> Path:
+    """Record that this node downloaded ``model_id`` from the router (not placed by hand)."""
+    return models_dir / DOWNLOADED_DIRNAME / f"{model_id}.json"
+
+
+def was_downloaded(models_dir: Path, model_id: str) -> bool:
+    """Whether ``model_id`` was downloaded from the router by a node on this store."""
+    return downloaded_marker(models_dir, model_id).is_file()
+
+
+def forget_downloaded(models_dir: Path, model_id: str) -> None:
+    """Drop the downloaded-from-router record of ``model_id``."""
+    downloaded_marker(models_dir, model_id).unlink(missing_ok=True)
+
+
+def model_lock(models_dir: Path, model_id: str) -> FileLock:
+    """The cross-process lock guarding ``model_id``'s download and promotion."""
+    path = models_dir / LOCKS_DIRNAME / f"{model_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(orjson.dumps(data))
+    os.replace(tmp, path)
+
+
+# --- HTTP --------------------------------------------------------------------------------
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102, ANN001
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    url: str  # after redirects
+    size: int | None
+    ranges: bool
+
+
+class _Http:
+    """Blocking HTTP for probes and single-stream GETs, enforcing the allowlist."""
+
+    def __init__(self, allowed_hosts: list[str], token: str | None, timeout: float):
+        self.allowed_hosts = allowed_hosts
+        self.token = token
+        self.timeout = timeout
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        """Auth headers for ``url``: the hub token only ever goes to allowlisted hosts."""
+        if self.token and host_allowed(url, self.allowed_hosts):
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def check(self, url: str, model_id: str) -> None:
+        if not host_allowed(url, self.allowed_hosts):
+            host = urllib.parse.urlparse(url).hostname
+            raise HostNotAllowed(
+                f"{model_id}: refusing to download {url}: host {host!r} is not on the "
+                f"download allowlist ({', '.join(self.allowed_hosts)}; add it with --allow-host)"
+            )
+
+    def open(self, url: str, model_id: str, range_header: str | None):
+        """GET ``url`` following redirects by hand (each hop checked); returns the response."""
+        for _ in range(8):
+            self.check(url, model_id)
+            headers = self.headers_for(url)
+            if range_header:
+                headers["Range"] = range_header
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                return url, _OPENER.open(request, timeout=self.timeout)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code in (301, 302, 303, 307, 308) and exc.headers.get("Location"):
+                    url = urllib.parse.urljoin(url, exc.headers["Location"])
+                    continue
+                if exc.code >= 500 or exc.code == 429:
+                    raise _Transient(f"HTTP {exc.code} from {url}") from None
+                raise DownloadError(f"{model_id}: HTTP {exc.code} fetching {url}") from None
+            except (OSError, urllib.error.URLError) as exc:
+                raise _Transient(f"{url}: {exc}") from None
+        raise DownloadError(f"{model_id}: too many redirects fetching {url}")
+
+    def probe(self, url: str, model_id: str) -> _Probe:
+        """One-byte range GET: final URL, total size, whether ranges are honoured."""
+        final, resp = self.open(url, model_id, "bytes=0-0")
+        with resp:
+            if resp.status == 206:
+                total = (resp.headers.get("Content-Range") or "").rpartition("/")[2]
+                return _Probe(final, int(total) if total.isdigit() else None, True)
+            length = resp.headers.get("Content-Length")
+            return _Probe(final, int(length) if length and length.isdigit() else None, False)
+
+
+# --- the worker process ------------------------------------------------------------------
+
+
+class _TransferWorker:
+    """A ``python -m llmlb.node.transfer_worker`` child, started on first use."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def run(self, job: dict, on_bytes: Callable[[int], None]) -> None:
+        """Run one job; raises ``_Transient`` when it fails."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "llmlb.node.transfer_worker"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                )
+            proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(orjson.dumps(job) + b"\n")
+            proc.stdin.flush()
+        except OSError as exc:
+            raise _Transient(f"transfer worker: {exc}") from None
+        for line in proc.stdout:
+            msg = orjson.loads(line)
+            if "n" in msg:
+                on_bytes(int(msg["n"]))
+            elif msg.get("ok"):
+                return
+            else:
+                raise _Transient(str(msg.get("error")))
+        raise _Transient("transfer worker exited")
+
+    def close(self) -> None:
+        """Stop the child (kills it if a transfer is still running)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+# --- one model ---------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    bytes_done: int = 0
+    files_done: int = 0
+    filename: str | None = None
+    file_done: int = 0
+    file_total: int = 0
+    last_report: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class ModelFetch:
+    """Download one model's files into the store; :meth:`run` blocks, :meth:`cancel` stops.
+
+    Args:
+        store: a ``llmlb.model_storage.ModelStorage`` over ``models_dir``.
+        models_dir: the store root.
+        manifest: the router's manifest of the model.
+        allowed_hosts: download allowlist (hosts; ``*.`` prefix for subdomains).
+        token: hub token, sent only to allowlisted hosts.
+        progress: called (from this thread) with :class:`DownloadProgress` snapshots.
+        options: tuning.
+    """
+
+    def __init__(self, store: Any, models_dir: Path, manifest: Manifest, *,
+                 allowed_hosts: list[str], token: str | None = None,
+                 progress: ProgressCallback | None = None,
+                 options: DownloadOptions | None = None):
+        self.store = store
+        self.models_dir = Path(models_dir)
+        self.manifest = manifest
+        self.model_id = manifest.model_id
+        self.options = options or DownloadOptions()
+        self.progress = progress
+        self._http = _Http(list(allowed_hosts), token, self.options.timeout_s)
+        self._worker = _TransferWorker()
+        self._cancelled = threading.Event()
+        self._files = select_files(manifest)
+        self._total = sum(f.size_bytes for f in self._files)
+        self._state = _State()
+
+    def cancel(self) -> None:
+        """Abort the download from another thread."""
+        self._cancelled.set()
+        self._worker.close()
+
+    def run(self) -> Any:
+        """Download, verify and promote the model; returns its ``ModelDescriptor``.
+
+        Raises:
+            DownloadError: (or a subclass) naming the model and the reason.
+        """
+        for spec in self._files:
+            self._http.check(spec.url, self.model_id)
+        if not any(not f.optional for f in self._files):
+            raise DownloadError(f"{self.model_id}: the manifest lists no file for this node")
+        lock = model_lock(self.models_dir, self.model_id)
+        try:
+            self._acquire(lock)
+            existing = self.store.resolve(self.model_id)
+            if existing is not None:
+                return existing
+            self._check_target()
+            return self._download_locked()
+        finally:
+            if lock.is_locked:
+                lock.release()
+            self._worker.close()
+
+    def _acquire(self, lock: FileLock) -> None:
+        from filelock import Timeout
+
+        while True:
+            self._raise_if_cancelled()
+            try:
+                lock.acquire(timeout=0.5)
+                return
+            except Timeout:
+                continue
+
+    def _raise_if_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise DownloadCancelled(f"{self.model_id}: download cancelled")
+
+    def _check_target(self) -> None:
+        target = self.models_dir / self.model_id
+        if target.exists() and not was_downloaded(self.models_dir, self.model_id):
+            reasons = "; ".join(self.store.validate(self.model_id)) or "not a valid model"
+            raise DownloadError(
+                f"{self.model_id}: {target} exists but is not a usable model ({reasons}); "
+                "it was placed by hand, so the node leaves it alone — fix or remove it"
+            )
+
+    def _download_locked(self) -> Any:
+        staging = staging_dir(self.models_dir, self.model_id)
+        files_dir = staging / "files"
+        files_dir.mkdir(parents=True, exist_ok=True)
+        verified = self._load_verified(staging, files_dir)
+        todo = [f for f in self._files if f.filename not in verified]
+        self._state.bytes_done = sum(f.size_bytes for f in self._files if f.filename in verified)
+        self._state.files_done = len(self._files) - len(todo)
+        self._check_disk(files_dir, sum(f.size_bytes for f in todo))
+        self._report(force=True)
+        for spec in todo:
+            self._raise_if_cancelled()
+            try:
+                digest = self._fetch_verified(spec, files_dir / spec.filename)
+            except DownloadError:
+                if not spec.optional:
+                    raise
+                logger.warning("%s: optional file %s skipped", self.model_id, spec.filename)
+                continue
+            verified[spec.filename] = {"size": spec.size_bytes, "sha256": digest}
+            _write_json(staging / VERIFIED_FILENAME, verified)
+            self._state.files_done += 1
+            self._report(force=True)
+        return self._promote(staging, files_dir)
+
+    def _load_verified(self, staging: Path, files_dir: Path) -> dict[str, dict]:
+        """Verified files kept from an earlier attempt; anything else in staging is removed."""
+        try:
+            recorded = orjson.loads((staging / VERIFIED_FILENAME).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            recorded = {}
+        wanted = {f.filename: f for f in self._files}
+        verified: dict[str, dict] = {}
+        for name, info in recorded.items() if isinstance(recorded, dict) else ():
+            spec = wanted.get(name)
+            path = files_dir / name
+            if (spec is not None and isinstance(info, dict) and path.is_file()
+                    and path.stat().st_size == spec.size_bytes == info.get("size")
+                    and (spec.sha256 is None or info.get("sha256") == spec.sha256)):
+                verified[name] = info
+        for path in sorted(files_dir.rglob("*"), reverse=True):
+            rel = path.relative_to(files_dir).as_posix()
+            if path.is_file() and rel not in verified:
+                path.unlink()
+        _write_json(staging / VERIFIED_FILENAME, verified)
+        if verified:
+            logger.info("%s: resuming, %d file(s) already verified", self.model_id, len(verified))
+        return verified
+
+    def _check_disk(self, where: Path, needed: int) -> None:
+        free = shutil.disk_usage(where).free
+        if needed + self.options.disk_margin_bytes > free:
+            raise InsufficientDiskSpace(
+                f"{self.model_id}: not enough disk space in {self.models_dir}: need "
+                f"{needed / MIB:.1f} MiB (+{self.options.disk_margin_bytes / MIB:.0f} MiB margin), "
+                f"{free / MIB:.1f} MiB free"
+            )
+
+    # -- one file --
+
+    def _fetch_verified(self, spec: FileSpec, dest: Path) -> str:
+        """Fetch ``spec`` to ``dest``; a corrupt file is refetched once, then fails."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for corrupt_try in range(2):
+            part = dest.with_name(f"{dest.name}.part-{os.getpid()}-{corrupt_try}")
+            try:
+                digest = self._fetch_with_retries(spec, part)
+                self._verify(spec, part, digest)
+            except _Corrupt as exc:
+                part.unlink(missing_ok=True)
+                self._state.bytes_done -= self._state.file_done
+                self._state.file_done = 0
+                if corrupt_try == 1:
+                    raise IntegrityError(f"{self.model_id}: {exc} (after one refetch)") from None
+                logger.warning("%s: %s; fetching it again", self.model_id, exc)
+                continue
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+            os.replace(part, dest)
+            return digest
+        raise AssertionError("unreachable")
+
+    def _verify(self, spec: FileSpec, path: Path, streamed: str | None) -> str:
+        size = path.stat().st_size
+        if size != spec.size_bytes:
+            raise _Corrupt(f"{spec.filename}: size {size} != expected {spec.size_bytes}")
+        if spec.sha256 is None:
+            return streamed or ""
+        if streamed != spec.sha256:
+            # The streamed digest may have raced the writer: confirm with a serial pass.
+            logger.info("%s: %s: streamed digest differs; re-hashing", self.model_id,
+                        spec.filename)
+            self._report(force=True, phase="verifying")
+            streamed = sha256_file(path)
+            if streamed != spec.sha256:
+                raise _Corrupt(
+                    f"{spec.filename}: sha256 {streamed} != expected {spec.sha256}"
+                )
+        return streamed
+
+    def _fetch_with_retries(self, spec: FileSpec, part: Path) -> str:
+        delay = self.options.backoff_base_s
+        for attempt in range(1, self.options.max_attempts + 1):
+            self._raise_if_cancelled()
+            self._state.filename = spec.filename
+            self._state.bytes_done -= self._state.file_done
+            self._state.file_done = 0
+            self._state.file_total = spec.size_bytes
+            try:
+                return self._fetch_once(spec, part)
+            except _Transient as exc:
+                part.unlink(missing_ok=True)
+                self._raise_if_cancelled()
+                if attempt == self.options.max_attempts:
+                    raise DownloadError(
+                        f"{self.model_id}: {spec.filename}: giving up after {attempt} attempts: "
+                        f"{exc}"
+                    ) from None
+                logger.warning("%s: %s: %s; retrying in %.1fs", self.model_id, spec.filename,
+                               exc, delay)
+                if self._cancelled.wait(delay):
+                    self._raise_if_cancelled()
+                delay = min(delay * 2, self.options.backoff_max_s)
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, spec: FileSpec, part: Path) -> str:
+        probe = self._http.probe(spec.url, self.model_id)
+        if probe.size is not None and probe.size != spec.size_bytes:
+            raise _Corrupt(
+                f"{spec.filename}: the hub serves {probe.size} bytes, the manifest says "
+                f"{spec.size_bytes}"
+            )
+        if probe.ranges and spec.size_bytes >= PARALLEL_MIN_BYTES:
+            return self._fetch_parallel(spec, probe.url, part)
+        return self._fetch_stream(spec, probe.url, part)
+
+    def _fetch_parallel(self, spec: FileSpec, url: str, part: Path) -> str:
+        hasher = FollowingHasher(part, spec.size_bytes)
+        hasher.start()
+
+        def on_bytes(n: int) -> None:
+            self._advance(n)
+            hasher.poke()
+
+        job = {
+            "url": url,
+            "path": str(part),
+            "connections": self.options.connections,
+            "chunk_size": chunk_size_for(spec.size_bytes, self.options.connections),
+            "headers": self._http.headers_for(url),
+        }
+        started = time.monotonic()
+        try:
+            self._worker.run(job, on_bytes)
+        except BaseException:
+            hasher.abort()
+            hasher.join()
+            raise
+        if part.stat().st_size != spec.size_bytes:
+            hasher.abort()
+            hasher.join()
+            raise _Corrupt(
+                f"{spec.filename}: size {part.stat().st_size} != expected {spec.size_bytes}"
+            )
+        transferred = time.monotonic()
+        digest = hasher.finish()
+        logger.info("%s: %s: %.1f MiB in %.3fs, hash tail %.3fs", self.model_id, spec.filename,
+                    spec.size_bytes / MIB, transferred - started, time.monotonic() - transferred)
+        self._set_file_done(spec.size_bytes)
+        return digest
+
+    def _fetch_stream(self, spec: FileSpec, url: str, part: Path) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        _, resp = self._http.open(url, self.model_id, None)
+        try:
+            with resp, open(part, "wb") as out:
+                while True:
+                    if self._cancelled.is_set():
+                        raise DownloadCancelled(f"{self.model_id}: download cancelled")
+                    block = resp.read(MIB)
+                    if not block:
+                        break
+                    out.write(block)
+                    digest.update(block)
+                    self._advance(len(block))
+        except (OSError, ValueError) as exc:  # dropped connection, IncompleteRead, timeout
+            raise _Transient(f"{url}: {exc}") from None
+        return digest.hexdigest()
+
+    # -- progress --
+
+    def _advance(self, n: int) -> None:
+        n = max(0, min(n, self._state.file_total - self._state.file_done))
+        self._state.file_done += n
+        self._state.bytes_done += n
+        self._report()
+
+    def _set_file_done(self, size: int) -> None:
+        self._advance(size - self._state.file_done)
+
+    def _report(self, force: bool = False, phase: str = "downloading") -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._state.last_report < 0.1:
+            return
+        self._state.last_report = now
+        self.progress(DownloadProgress(
+            model_id=self.model_id,
+            bytes_done=max(0, self._state.bytes_done),
+            bytes_total=self._total,
+            files_done=self._state.files_done,
+            files_total=len(self._files),
+            filename=self._state.filename,
+            file_bytes_done=self._state.file_done,
+            file_bytes_total=self._state.file_total,
+            phase=phase,
+        ))
+
+    # -- promotion --
+
+    def _promote(self, staging: Path, files_dir: Path) -> Any:
+        """Check the staged files with the store's rules, then rename them into place."""
+        problems: list[str] = []
+        for path in sorted(files_dir.rglob("*")):
+            if path.suffix in (".gguf", ".safetensors") and path.is_file():
+                problems += [f"{path.name}: {p}" for p in self.store.validate_file(str(path))]
+        if problems:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DownloadError(f"{self.model_id}: downloaded files are invalid: "
+                                + "; ".join(problems))
+        template = self.manifest.chat_template
+        if template and not (files_dir / CHAT_TEMPLATE_FILENAME).exists():
+            (files_dir / CHAT_TEMPLATE_FILENAME).write_text(template)
+        target = self.models_dir / self.model_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if target.exists():  # an earlier download of ours that no longer validates
+            old = staging / "old"
+            os.replace(target, old)
+        os.replace(files_dir, target)
+        marker = downloaded_marker(self.models_dir, self.model_id)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(marker, {"repo": self.manifest.repo, "revision": self.manifest.revision,
+                             "files": [f.filename for f in self._files],
+                             "downloaded_at": time.time()})
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        descriptor = self.store.resolve(self.model_id)
+        if descriptor is None:
+            reasons = "; ".join(self.store.validate(self.model_id)) or "rejected by the store"
+            raise DownloadError(f"{self.model_id}: downloaded model does not validate: {reasons}")
+        self._report(force=True, phase="done")
+        return descriptor
+
+
+# --- standalone entry point --------------------------------------------------------------
+
+
+def pull_model(model_id: str, *, router_url: str | None = None, api_key: str | None = None,
+               models_dir: Path | None = None, allowed_hosts: Iterable[str] | None = None,
+               token: str | None = None, progress: ProgressCallback | None = None,
+               options: DownloadOptions | None = None) -> Any:
+    """Resolve ``model_id`` into the local store, node-first (blocking; used by ``llmlb pull``).
+
+    Args:
+        model_id: the model id (normalized with ``normalize_model_id``).
+        router_url: router base URL (default ``llmlb.config.router_url()``).
+        api_key: a node-scope key for the router (default ``llmlb.config.node_key()``).
+        models_dir: store root (default ``llmlb.config.models_dir()``).
+        allowed_hosts: download allowlist (default ``llmlb.config.default_allowed_hosts()``).
+        token: hub token (default ``llmlb.config.hf_token()``).
+        progress: receives :class:`DownloadProgress` snapshots.
+        options: downloader tuning.
+
+    Returns:
+        The store's ``ModelDescriptor`` of the model.
+
+    Raises:
+        DownloadError: (or a subclass) naming the model and the reason.
+        llmlb.model_storage.InvalidModelId: the id is malformed.
+    """
+    from llmlb.model_storage import ModelStorage, normalize_model_id
+
+    model_id = normalize_model_id(model_id)
+    root = Path(models_dir) if models_dir is not None else config.models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    store = ModelStorage(str(root))
+    existing = store.resolve(model_id)
+    if existing is not None:
+        return existing
+    manifest = fetch_manifest(router_url or config.router_url(),
+                              api_key if api_key is not None else config.node_key(), model_id)
+    manifest = replace(manifest, model_id=model_id)
+    hosts = list(allowed_hosts) if allowed_hosts is not None else config.default_allowed_hosts()
+    fetch = ModelFetch(store, root, manifest, allowed_hosts=hosts,
+                       token=token if token is not None else config.hf_token(),
+                       progress=progress, options=options)
+    return fetch.run()

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one node process (its own registry, exposed at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
+
+
+class NodeMetrics:
+    """Counters and histograms for downloads, loads, requests and tokens."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.downloads = Counter(
+            "llmlb_node_downloads", "Model downloads finished, by result", ["result"], registry=r
+        )
+        self.download_bytes = Counter(
+            "llmlb_node_download_bytes", "Bytes downloaded and verified", registry=r
+        )
+        self.download_seconds = Histogram(
+            "llmlb_node_download_seconds",
+            "Time to download and verify one model",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "llmlb_node_model_load_seconds",
+            "Time to load a model into llama.cpp",
+            ["kind"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.requests = Counter(
+            "llmlb_node_requests", "Inference requests, by route and status", ["route", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llmlb_node_tokens", "Tokens processed, by kind (prompt|completion)", ["kind"],
+            registry=r,
+        )
+        self.active_requests = Gauge(
+            "llmlb_node_active_requests", "Inference requests in progress", registry=r
+        )
+        self.loaded_models = Gauge(
+            "llmlb_node_loaded_models", "Models resident in memory", registry=r
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""Node settings: one immutable object, built by ``llmlb node`` and handed to the app.
+
+Granian imports the ASGI app in its worker process, so the CLI passes the settings to it as
+JSON in the environment (``llmlb.config.node_settings_json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import orjson
+
+from llmlb import config
+
+SETTINGS_ENV = "LLMLB_NODE_SETTINGS"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """Everything a node is configured with.
+
+    Attributes:
+        router_url: router base URL, or ``""`` to serve local models only.
+        api_key: node-scope key presented to the router.
+        host, port: where the node listens.
+        advertise_url: URL the router uses to reach the node (default from host/port).
+        models_dir: the model store root.
+        max_loaded: models resident at once.
+        concurrency: slots per model, advertised to the router.
+        allowed_hosts: download allowlist.
+        hf_token: hub token, sent only to allowlisted hosts.
+        queue_timeout_s: wait for a busy model's slot before 429.
+        n_ctx: context length of generation contexts.
+        connections: parallel range connections per downloaded file.
+        heartbeat_interval_s: used until the router tells its own.
+    """
+
+    router_url: str
+    api_key: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = config.DEFAULT_NODE_PORT
+    advertise_url: str = ""
+    models_dir: Path = Path(".")
+    max_loaded: int = 2
+    concurrency: int = 1
+    allowed_hosts: tuple[str, ...] = ()
+    hf_token: str | None = field(default=None, repr=False)
+    queue_timeout_s: float = 10.0
+    n_ctx: int = 4096
+    connections: int = 32
+    heartbeat_interval_s: float = 5.0
+
+    @property
+    def url(self) -> str:
+        """The URL registered with the router."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def to_json(self) -> str:
+        """Serialise for the hand-off to the server process."""
+        data = asdict(self)
+        data["models_dir"] = str(self.models_dir)
+        data["allowed_hosts"] = list(self.allowed_hosts)
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeSettings:
+        """Inverse of :meth:`to_json`."""
+        data = orjson.loads(text)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["models_dir"] = Path(data["models_dir"])
+        data["allowed_hosts"] = tuple(data.get("allowed_hosts") or ())
+        return cls(**data)
+
+    @classmethod
+    def from_env(cls) -> NodeSettings:
+        """The settings the CLI left in the environment.
+
+        Raises:
+            RuntimeError: the app was started without ``llmlb node``.
+        """
+        text = config.node_settings_json()
+        if not text:
+            raise RuntimeError(f"{SETTINGS_ENV} is not set: start the node with `llmlb node`")
+        return cls.from_json(text)

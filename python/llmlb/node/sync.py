@@ -1,0 +1,265 @@
+"""The node's side of the router protocol: register, pull the model list, heartbeat, sync.
+
+At start the node registers (``POST /v0/nodes``) with the models already in its store,
+fetches ``/v0/models`` and resolves each model in the background, then heartbeats every
+``heartbeat_interval_s`` with per-model state. If the router is unreachable, the node keeps
+serving its local models and retries with backoff. ``POST /api/models/sync`` from the router
+triggers the same reconciliation for the models it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import random
+from typing import Any
+
+import aiohttp
+import orjson
+
+from llmlb.model_storage import InvalidModelId, normalize_model_id
+from llmlb.node import downloader as dl
+from llmlb.node.engine import Engine
+from llmlb.node.resolver import FAILED, READY, Resolver
+from llmlb.node.settings import NodeSettings
+
+logger = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 5.0
+BACKOFF_MAX_S = 30.0
+
+
+class RouterSync:
+    """Keep the router informed and the store in line with the router's registry.
+
+    Args:
+        settings: node settings (router URL, key, slots …).
+        node_id: this node's stable id.
+        resolver: model resolution and state.
+        engine: loaded models (for active requests, unloading on delete).
+        gpu: the ``gpu`` object of the registration.
+    """
+
+    def __init__(self, settings: NodeSettings, node_id: str, resolver: Resolver, engine: Engine,
+                 gpu: dict[str, Any]):
+        self.settings = settings
+        self.node_id = node_id
+        self.resolver = resolver
+        self.engine = engine
+        self.gpu = gpu
+        self.ready = asyncio.Event()
+        self.registered = False
+        self.sync_token: str | None = None
+        self.interval = settings.heartbeat_interval_s
+        self.local_ids: set[str] = set()
+        self._kick = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._main: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Scan the store and start the background loop (returns at once)."""
+        self._session = aiohttp.ClientSession(
+            base_url=None,
+            headers={"Authorization": f"Bearer {self.settings.api_key}"}
+            if self.settings.api_key else {},
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            timeout=aiohttp.ClientTimeout(total=REGISTER_TIMEOUT_S),
+        )
+        self._main = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop heartbeating and background work."""
+        for task in [self._main, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        for task in [self._main, *self._tasks]:
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._session is not None:
+            await self._session.close()
+
+    def kick(self) -> None:
+        """Send a heartbeat soon (a model changed state)."""
+        self._kick.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reports ------------------------------------------------------------------------
+
+    def model_reports(self) -> list[dict[str, Any]]:
+        """Per-model state of every model this node has or is working on."""
+        reports: dict[str, dict[str, Any]] = {
+            model_id: {"id": model_id, "state": READY} for model_id in self.local_ids
+        }
+        for model_id, state in list(self.resolver.states.items()):
+            reports[model_id] = state.to_dict(model_id)
+        return list(reports.values())
+
+    def _registration(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "url": self.settings.url,
+            "runtimes": ["llama_cpp"],
+            "gpu": self.gpu,
+            "slots": self.settings.concurrency,
+            "models": self.model_reports(),
+        }
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.local_ids = set(await loop.run_in_executor(None, self.resolver.scan))
+        if not self.settings.router_url:
+            self.ready.set()
+            return
+        if not await self._register_and_pull():
+            self.ready.set()
+            logger.warning("router %s unreachable; serving local models, retrying",
+                           self.settings.router_url)
+            delay = 0.5
+            while not await self._register_and_pull():
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+        self.ready.set()
+        await self._heartbeat_loop()
+
+    async def _register_and_pull(self) -> bool:
+        """Register and start resolving the router's models; ``False`` if unreachable."""
+        try:
+            answer = await self._post("/v0/nodes", self._registration())
+        except (aiohttp.ClientError, TimeoutError, RouterError) as exc:
+            logger.info("registration failed: %s", exc)
+            return False
+        self.sync_token = answer.get("sync_token")
+        self.interval = float(answer.get("heartbeat_interval_s") or self.interval)
+        self.node_id = answer.get("node_id") or self.node_id
+        self.registered = True
+        logger.info("registered with %s as %s", self.settings.router_url, self.node_id)
+        await self.pull_registry()
+        return True
+
+    async def pull_registry(self, only: list[str] | None = None) -> None:
+        """Fetch ``/v0/models`` and start resolving each (or each of ``only``)."""
+        try:
+            body = await self._get("/v0/models")
+        except (aiohttp.ClientError, TimeoutError, RouterError) as exc:
+            logger.warning("cannot list the router's models: %s", exc)
+            return
+        registered = [m["id"] for m in body.get("models", []) if isinstance(m, dict)]
+        for model_id in registered:
+            if only is not None and model_id not in only:
+                continue
+            if model_id in self.local_ids or self.resolver.busy(model_id):
+                continue
+            self.resolver.ensure(model_id, retry_failed=only is not None)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+            self._kick.clear()
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep heartbeating
+                logger.warning("heartbeat failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.local_ids = set(await loop.run_in_executor(None, self.resolver.scan))
+        body = {"models": self.model_reports(),
+                "active_requests": self.engine.active_requests(),
+                "slots": self.settings.concurrency}
+        try:
+            await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
+        except RouterError as exc:
+            if exc.status == 404:  # the router forgot us: register again
+                logger.info("router does not know this node; registering again")
+                await self._register_and_pull()
+            else:
+                raise
+
+    # -- sync notifications -------------------------------------------------------------
+
+    def check_sync_token(self, authorization: str | None) -> bool:
+        """Whether ``authorization`` carries the sync token the router gave this node."""
+        if not self.sync_token or not authorization:
+            return False
+        scheme, _, token = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(),
+                                                                   self.sync_token)
+
+    def handle_sync(self, action: str, model_ids: list[str]) -> None:
+        """Reconcile the named models in the background (``register`` or ``delete``)."""
+        ids = []
+        for raw in model_ids:
+            with contextlib.suppress(InvalidModelId):
+                ids.append(normalize_model_id(raw))
+        if action == "delete":
+            self._spawn(self._delete(ids))
+        else:
+            self._spawn(self.pull_registry(only=ids))
+
+    async def _delete(self, model_ids: list[str]) -> None:
+        models_dir = self.resolver.models_dir
+        loop = asyncio.get_running_loop()
+        for model_id in model_ids:
+            await self.resolver.cancel(model_id)
+            if not dl.was_downloaded(models_dir, model_id):
+                state = self.resolver.state_of(model_id)
+                if state is not None and state.state == FAILED:
+                    self.resolver.forget_local(model_id)
+                logger.info("%s: deleted on the router; kept (placed by hand)", model_id)
+                continue
+            await self.engine.unload(model_id)
+            await loop.run_in_executor(None, self.resolver.store.delete_model, model_id)
+            dl.forget_downloaded(models_dir, model_id)
+            self.resolver.forget_local(model_id)
+            self.local_ids.discard(model_id)
+            logger.info("%s: deleted on the router; removed from the store", model_id)
+        self.kick()
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: dict) -> dict:
+        assert self._session is not None
+        url = self.settings.router_url.rstrip("/") + path
+        async with self._session.post(url, data=orjson.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as resp:
+            return await _answer(resp)
+
+    async def _get(self, path: str) -> dict:
+        assert self._session is not None
+        url = self.settings.router_url.rstrip("/") + path
+        async with self._session.get(url) as resp:
+            return await _answer(resp)
+
+
+class RouterError(Exception):
+    """The router answered with an error status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"router answered {status}: {message}")
+        self.status = status
+
+
+async def _answer(resp: aiohttp.ClientResponse) -> dict:
+    raw = await resp.read()
+    if resp.status >= 400:
+        try:
+            message = orjson.loads(raw)["error"]["message"]
+        except Exception:  # noqa: BLE001 - best effort
+            message = raw[:200].decode(errors="replace")
+        raise RouterError(resp.status, message)
+    return orjson.loads(raw) if raw else {}

@@ -1,0 +1,154 @@
+"""The router's ASGI application: raw-ASGI inference dispatch, Starlette for the rest.
+
+``create_app`` is the factory Granian runs in each worker (``--factory``). The three
+inference routes are matched on ``scope["path"]`` before any framework routing; their
+auth is one in-memory lookup of the key's hash, then the request goes to the
+``InferenceProxy`` untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from llmlb.errors import ApiError
+from llmlb.router.metrics import HttpMetricsMiddleware
+from llmlb.router.proxy import InferenceProxy
+from llmlb.router.responses import (
+    api_error_handler,
+    http_error_handler,
+    server_error_handler,
+    too_large,
+    unauthorized,
+)
+from llmlb.router.routes import ROUTES
+from llmlb.router.runtime import Runtime
+from llmlb.router.settings import RouterSettings
+
+logger = logging.getLogger("llmlb.router")
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+Scope = dict[str, Any]
+
+
+def _error_responder(exc: ApiError, extra_headers: dict[str, str] | None = None):
+    """Pre-render an error response as its two ASGI messages."""
+    headers = [(b"content-type", b"application/json")]
+    more = {**exc.headers(), **(extra_headers or {})}
+    headers += [(k.encode(), v.encode()) for k, v in more.items()]
+    start = {"type": "http.response.start", "status": exc.status, "headers": headers}
+    body = {"type": "http.response.body", "body": exc.body()}
+
+    async def respond(send) -> None:
+        await send(start)
+        await send(body)
+
+    return respond
+
+
+_UNAUTHENTICATED = _error_responder(unauthorized(401))
+_FORBIDDEN = _error_responder(unauthorized(403))
+_METHOD_NOT_ALLOWED = _error_responder(
+    ApiError(405, "method_not_allowed", "use POST for this route"), {"allow": "POST"}
+)
+
+
+class RouterApp:
+    """The whole router as one ASGI callable.
+
+    Args:
+        settings: router settings; the ``InferenceProxy`` receives the same object.
+    """
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings)
+        self.fleet = self.runtime.fleet
+        self.proxy = InferenceProxy(self.fleet, settings)
+        self._keys = self.runtime.keys
+        self._max_body = settings.max_body_bytes
+        self._too_large = _error_responder(too_large(settings.max_body_bytes))
+        starlette = Starlette(
+            routes=ROUTES,
+            exception_handlers={
+                ApiError: api_error_handler,
+                HTTPException: http_error_handler,
+                Exception: server_error_handler,
+            },
+        )
+        starlette.state.runtime = self.runtime
+        self._http = HttpMetricsMiddleware(starlette)
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] == "http":
+            if scope["path"] in INFERENCE_PATHS:
+                if scope["method"] == "POST":
+                    await self._inference(scope, receive, send)
+                else:
+                    await _METHOD_NOT_ALLOWED(send)
+            else:
+                await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self._http(scope, receive, send)
+
+    async def _inference(self, scope: Scope, receive, send) -> None:
+        authorization = length = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value
+        denied = self._keys.check(authorization, "api")
+        if denied is not None:
+            await (_FORBIDDEN if denied == 403 else _UNAUTHENTICATED)(send)
+            return
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            await self._too_large(send)
+            return
+        await self.proxy(scope, receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.runtime.start()
+                    await self.proxy.start()
+                except Exception as exc:
+                    logger.exception("router failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.proxy.close()
+                finally:
+                    await self.runtime.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def configure_logging() -> None:
+    """Send ``llmlb`` logs to stderr at INFO unless logging was configured already."""
+    root = logging.getLogger("llmlb")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def create_app() -> RouterApp:
+    """Granian's factory: settings from the environment (``llmlb.config``)."""
+    configure_logging()
+    return RouterApp(RouterSettings.from_env())
+
+
+__all__ = ["INFERENCE_PATHS", "RouterApp", "create_app"]

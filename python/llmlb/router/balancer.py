@@ -1,0 +1,284 @@
+"""Choosing a node for one request: least outstanding per slot, two random choices, affinity.
+
+The balancer keeps, per node, the requests this router process has in flight there and the
+node's recent failures. It knows nothing about HTTP: the proxy asks it for a node among the
+ones the fleet reports ready, tells it how each attempt ended, and probes cooled-down nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class NodeLike(Protocol):
+    """What the balancer needs from the fleet's view of a node."""
+
+    node_id: str
+    url: str
+    slots: int
+
+
+@dataclass(slots=True, eq=False)
+class NodeState:
+    """This router process's bookkeeping for one node."""
+
+    node_id: str
+    url: str
+    slots: int
+    outstanding: int = 0
+    failures: int = 0  # consecutive failed attempts
+    healthy: bool = True  # False from cool-down until a health probe succeeds
+    cooldown_until: float = 0.0
+    probing: bool = False
+
+
+class NoPick(enum.Enum):
+    """Why :meth:`Balancer.pick` found no node."""
+
+    NONE = "none"  # no candidate left (none ready, or all already tried)
+    SATURATED = "saturated"  # every usable node is at its slot count
+    COOLING = "cooling"  # every remaining node is cooling down after failures
+
+
+class Balancer:
+    """Least-outstanding-per-slot, power-of-two-choices node picker with affinity.
+
+    Args:
+        failure_threshold: consecutive failures that put a node into cool-down.
+        cooldown_s: seconds a failing node gets no traffic before it is health-probed.
+        affinity_max_keys: bound of the affinity table (oldest entries are dropped).
+        on_probe_due: called with a node whose cool-down ended and that needs a health probe.
+        clock: monotonic clock (tests inject one).
+        rng: random source (tests inject a seeded one).
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 3,
+        cooldown_s: float = 10.0,
+        affinity_max_keys: int = 100_000,
+        on_probe_due: Callable[[NodeState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        self.failure_threshold = max(1, failure_threshold)
+        self.cooldown_s = cooldown_s
+        self.affinity_max_keys = affinity_max_keys
+        self.on_probe_due = on_probe_due
+        self._clock = clock
+        self._random = (rng or random.Random()).random
+        self._nodes: dict[str, NodeState] = {}
+        self._affinity: dict[str, str] = {}
+
+    @property
+    def nodes(self) -> dict[str, NodeState]:
+        """Every node seen so far, by id."""
+        return self._nodes
+
+    def state(self, view: NodeLike) -> NodeState:
+        """The state of ``view``'s node, created (or reset when its URL changed) on demand."""
+        state = self._nodes.get(view.node_id)
+        if state is None or state.url != view.url:
+            state = NodeState(view.node_id, view.url, max(1, view.slots))
+            self._nodes[view.node_id] = state
+        elif state.slots != view.slots:
+            state.slots = max(1, view.slots)
+        return state
+
+    def pick(
+        self,
+        views: Iterable[NodeLike],
+        affinity_key: str | None = None,
+        exclude: Collection[str] = (),
+    ) -> NodeState | NoPick:
+        """Choose a node among ``views`` (nodes ready for the model), skipping ``exclude``.
+
+        A node is usable when it is healthy and has fewer outstanding requests than slots. The
+        node that last served ``affinity_key`` wins while usable; otherwise two usable nodes are
+        drawn at random and the one with fewer outstanding requests per slot is chosen.
+
+        Returns:
+            The chosen node's state, or a :class:`NoPick` saying why there is none.
+        """
+        usable: list[NodeState] = []
+        saturated = cooling = False
+        now = 0.0
+        for view in views:
+            state = self._nodes.get(view.node_id)
+            if state is None or state.url != view.url or state.slots != view.slots:
+                state = self.state(view)
+            if state.node_id in exclude:
+                continue
+            if not state.healthy:
+                cooling = True
+                if not state.probing:
+                    now = now or self._clock()
+                    if now >= state.cooldown_until and self.on_probe_due is not None:
+                        state.probing = True
+                        self.on_probe_due(state)
+                continue
+            if state.outstanding >= state.slots:
+                saturated = True
+                continue
+            usable.append(state)
+        count = len(usable)
+        if count == 0:
+            if saturated:
+                return NoPick.SATURATED
+            return NoPick.COOLING if cooling else NoPick.NONE
+        if count == 1:
+            return usable[0]
+        if affinity_key is not None:
+            node_id = self._affinity.get(affinity_key)
+            if node_id is not None:
+                for state in usable:
+                    if state.node_id == node_id:
+                        return state
+        rand = self._random
+        first = int(rand() * count)
+        second = int(rand() * (count - 1))
+        if second >= first:
+            second += 1
+        a, b = usable[first], usable[second]
+        # Compare outstanding/slots without dividing.
+        return b if b.outstanding * a.slots < a.outstanding * b.slots else a
+
+    def remember(self, affinity_key: str, node_id: str) -> None:
+        """Record that ``node_id`` served ``affinity_key`` (bounded; oldest entries go first)."""
+        table = self._affinity
+        if table.get(affinity_key) == node_id:
+            return
+        table.pop(affinity_key, None)
+        table[affinity_key] = node_id
+        if len(table) > self.affinity_max_keys:
+            del table[next(iter(table))]
+
+    def affinity(self, affinity_key: str) -> str | None:
+        """The node that last served ``affinity_key``, if remembered."""
+        return self._affinity.get(affinity_key)
+
+    def record_success(self, state: NodeState) -> None:
+        """An attempt on ``state`` got a usable answer: reset its failure count."""
+        state.failures = 0
+
+    def record_failure(self, state: NodeState, *, immediate: bool = False) -> bool:
+        """Count a failed attempt; start a cool-down at the threshold (or at once if ``immediate``).
+
+        Returns:
+            True when this failure put the node into cool-down.
+        """
+        state.failures += 1
+        if state.healthy and (immediate or state.failures >= self.failure_threshold):
+            state.healthy = False
+            state.cooldown_until = self._clock() + self.cooldown_s
+            return True
+        return False
+
+    def probe_finished(self, state: NodeState, ok: bool) -> None:
+        """Apply a health probe's result: back into service, or another cool-down."""
+        state.probing = False
+        if ok:
+            state.healthy = True
+            state.failures = 0
+        else:
+            state.cooldown_until = self._clock() + self.cooldown_s
+
+    def cooldown_left(self, views: Iterable[NodeLike]) -> float:
+        """Seconds until the first of ``views``' cooling nodes may be probed (0 if none cools)."""
+        now = self._clock()
+        left = [
+            max(0.0, state.cooldown_until - now)
+            for view in views
+            if (state := self._nodes.get(view.node_id)) is not None and not state.healthy
+        ]
+        return min(left, default=0.0)
+
+
+class WaitQueue:
+    """FIFO of requests waiting for a free slot, per model, with a global bound.
+
+    Args:
+        max_waiters: requests allowed to wait at once (across models); more are refused.
+    """
+
+    def __init__(self, max_waiters: int = 1024):
+        self.max_waiters = max_waiters
+        self._waiters: dict[str, deque[asyncio.Future[bool]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def has_waiters(self, model_id: str) -> bool:
+        """True when some request for ``model_id`` is already waiting."""
+        return bool(self._waiters.get(model_id))
+
+    def full(self) -> bool:
+        """True when no more requests may wait."""
+        return self._count >= self.max_waiters
+
+    async def wait(self, model_id: str, timeout: float, *, front: bool = False) -> bool:
+        """Wait until woken or ``timeout``; ``front`` re-queues a woken request at the head.
+
+        Returns:
+            True when woken, False on timeout.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        queue = self._waiters.setdefault(model_id, deque())
+        if front:
+            queue.appendleft(future)
+        else:
+            queue.append(future)
+        self._count += 1
+        timer = loop.call_later(timeout, _resolve, future, False)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+            if future in queue:  # timed out or cancelled: still queued
+                queue.remove(future)
+                self._count -= 1
+            if not queue and self._waiters.get(model_id) is queue:
+                del self._waiters[model_id]
+
+    def wake(self, model_id: str | None = None) -> bool:
+        """Wake the oldest waiter for ``model_id``, else the oldest waiter of some other model.
+
+        Returns:
+            True when a waiter was woken.
+        """
+        if not self._count:
+            return False
+        if model_id is not None and self._wake_from(model_id):
+            return True
+        return any(self._wake_from(other) for other in list(self._waiters))
+
+    def wake_all(self) -> None:
+        """Wake every waiter (the fleet changed: capacity may have appeared)."""
+        for model_id in list(self._waiters):
+            while self._wake_from(model_id):
+                pass
+
+    def _wake_from(self, model_id: str) -> bool:
+        queue = self._waiters.get(model_id)
+        while queue:
+            future = queue.popleft()
+            self._count -= 1
+            if not future.done():
+                future.set_result(True)
+                return True
+        return False
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -1,0 +1,198 @@
+"""FleetView: one worker's in-memory picture of nodes and models, read by the proxy.
+
+Nothing here touches the database. The app reloads the view (``load``) whenever the
+``fleet`` state version moves; lookups on the hot path are single dict reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+READY = "ready"
+DOWNLOADING = "downloading"
+LOADING = "loading"
+FAILED = "failed"
+MODEL_STATES = (READY, DOWNLOADING, LOADING, FAILED)
+_PENDING_STATES = (DOWNLOADING, LOADING)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the balancer needs of a node."""
+
+    node_id: str
+    url: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReport:
+    """One model as a node reports it."""
+
+    state: str
+    format: str | None = None
+    size_bytes: int | None = None
+
+
+@dataclass(slots=True)
+class NodeState:
+    """A registered node as the cache holds it."""
+
+    view: NodeView
+    online: bool
+    models: dict[str, ModelReport] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredModel:
+    """A model registered with the router (metadata only)."""
+
+    id: str
+    repo: str
+    format: str
+    size_bytes: int
+    created: int
+
+
+class FleetView:
+    """Nodes and models of the fleet, held in memory by each worker process.
+
+    Args:
+        on_offline: called with a node id after :meth:`mark_node_offline`, so the app can
+            persist it in the background.
+    """
+
+    def __init__(self, on_offline: Callable[[str], None] | None = None) -> None:
+        self._on_offline = on_offline
+        self._nodes: dict[str, NodeState] = {}
+        self._models: dict[str, RegisteredModel] = {}
+        self._ready: dict[str, list[NodeView]] = {}
+        self._pending: set[str] = set()
+        self._changed = asyncio.Event()
+
+    # -- hot path ---------------------------------------------------------------------
+
+    def ready_nodes(self, model_id: str) -> list[NodeView]:
+        """Online nodes reporting ``model_id`` ready (treat the list as read-only)."""
+        nodes = self._ready.get(model_id)
+        return nodes if nodes is not None else []
+
+    def model_status(self, model_id: str) -> str:
+        """``ready``, ``pending`` (some online node downloading/loading it), ``registered``,
+        or ``unknown``."""
+        if model_id in self._ready:
+            return "ready"
+        if model_id in self._pending:
+            return "pending"
+        if model_id in self._models:
+            return "registered"
+        return "unknown"
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return when node or model state changes, or after ``timeout`` seconds."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def mark_node_offline(self, node_id: str) -> None:
+        """Take a node out of rotation now (the proxy found it dead); persisted in background."""
+        node = self._nodes.get(node_id)
+        if node is None or not node.online:
+            return
+        node.online = False
+        self._reindex()
+        if self._on_offline is not None:
+            self._on_offline(node_id)
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def load(self, nodes: Iterable[NodeState], models: Iterable[RegisteredModel]) -> None:
+        """Replace the whole picture (after a change in the database)."""
+        self._nodes = {node.view.node_id: node for node in nodes}
+        self._models = {model.id: model for model in models}
+        self._reindex()
+
+    def _reindex(self) -> None:
+        ready: dict[str, list[NodeView]] = {}
+        pending: set[str] = set()
+        for node in self._nodes.values():
+            if not node.online:
+                continue
+            for model_id, report in node.models.items():
+                if report.state == READY:
+                    ready.setdefault(model_id, []).append(node.view)
+                elif report.state in _PENDING_STATES:
+                    pending.add(model_id)
+        self._ready = ready
+        self._pending = pending
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def has_node(self, node_id: str) -> bool:
+        """Whether ``node_id`` is registered (online or not)."""
+        return node_id in self._nodes
+
+    def online_nodes(self) -> list[NodeView]:
+        """Every online node."""
+        return [node.view for node in self._nodes.values() if node.online]
+
+    def node_counts(self) -> dict[str, int]:
+        """``{"online": n, "offline": m}``."""
+        online = sum(1 for node in self._nodes.values() if node.online)
+        return {"online": online, "offline": len(self._nodes) - online}
+
+    def registered(self, model_id: str) -> RegisteredModel | None:
+        """A registered model, or ``None``."""
+        return self._models.get(model_id)
+
+    def model_entries(self) -> list[dict]:
+        """``GET /v1/models`` data: registered models plus those online nodes hold on disk."""
+        entries: dict[str, dict] = {}
+        for model in self._models.values():
+            entries[model.id] = {
+                "id": model.id,
+                "object": "model",
+                "created": model.created,
+                "owned_by": "llmlb",
+                "ready": False,
+                "nodes_ready": 0,
+                "format": model.format,
+                "size_bytes": model.size_bytes,
+                "repo": model.repo,
+            }
+        for node in self._nodes.values():
+            if not node.online:
+                continue
+            for model_id, report in node.models.items():
+                if report.state == FAILED and model_id not in entries:
+                    continue
+                entry = entries.get(model_id)
+                if entry is None:
+                    entry = entries[model_id] = {
+                        "id": model_id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "llmlb",
+                        "ready": False,
+                        "nodes_ready": 0,
+                        "format": report.format,
+                        "size_bytes": report.size_bytes,
+                        "repo": None,
+                    }
+                if report.state == READY:
+                    entry["ready"] = True
+                    entry["nodes_ready"] += 1
+                    entry["format"] = entry["format"] or report.format
+                    if entry["size_bytes"] is None:
+                        entry["size_bytes"] = report.size_bytes
+        return sorted(entries.values(), key=lambda entry: entry["id"])
+
+    def model_entry(self, model_id: str) -> dict | None:
+        """One ``GET /v1/models/{id}`` entry, or ``None``."""
+        for entry in self.model_entries():
+            if entry["id"] == model_id:
+                return entry
+        return None

@@ -1,0 +1,219 @@
+"""API keys: generation, hashing, storage, admin bootstrap and the in-memory auth cache.
+
+Keys look like ``sk-<43 url-safe chars>``; only their sha256 is stored. A key has one
+scope: ``api`` (inference, ``GET /v1/models``), ``node`` (the ``/v0`` node routes) or
+``admin`` (everything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmlb.router import db
+
+logger = logging.getLogger("llmlb.router")
+
+SCOPES = ("api", "node", "admin")
+KEY_PREFIX = "sk-"
+ADMIN_KEY_FILE = "admin.key"
+# Row id of the admin key fixed by LLMLB_ADMIN_KEY (its hash is replaced at each start).
+ENV_ADMIN_KEY_ID = "key_admin_env"
+
+# Outcomes of KeyCache.check: None means allowed.
+UNAUTHENTICATED = 401
+FORBIDDEN = 403
+
+
+def generate_key() -> str:
+    """A fresh random key, ``sk-`` followed by 256 bits of url-safe base64."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str | bytes) -> str:
+    """Hex sha256 of a key, the only form stored."""
+    raw = key.encode() if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _display_prefix(key: str) -> str:
+    return key[:7] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A stored key, without the secret."""
+
+    id: str
+    name: str | None
+    scope: str
+    prefix: str
+    created_at: str
+
+    def to_dict(self) -> dict:
+        """JSON form for the admin API."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scope": self.scope,
+            "prefix": self.prefix,
+            "created_at": self.created_at,
+        }
+
+
+def _row_to_info(row: sqlite3.Row) -> KeyInfo:
+    return KeyInfo(row["id"], row["name"], row["scope"], row["prefix"], row["created_at"])
+
+
+def create_key(
+    conn: sqlite3.Connection, scope: str, name: str | None = None
+) -> tuple[KeyInfo, str]:
+    """Store a new key of ``scope``; returns its info and the key itself (shown once).
+
+    Raises:
+        ValueError: unknown scope.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+    key = generate_key()
+    info = KeyInfo("key_" + secrets.token_hex(8), name, scope, _display_prefix(key), db.now_iso())
+    with db.transaction(conn):
+        _insert(conn, info, hash_key(key))
+    return info, key
+
+
+def _insert(conn: sqlite3.Connection, info: KeyInfo, key_hash: str) -> None:
+    conn.execute(
+        "INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (info.id, info.name, info.scope, key_hash, info.prefix, info.created_at),
+    )
+    db.bump(conn, db.KEYS)
+
+
+def list_keys(conn: sqlite3.Connection) -> list[KeyInfo]:
+    """Every stored key, oldest first."""
+    rows = conn.execute("SELECT * FROM api_keys ORDER BY created_at, id").fetchall()
+    return [_row_to_info(row) for row in rows]
+
+
+def delete_key(conn: sqlite3.Connection, key_id: str) -> bool:
+    """Revoke (delete) a key; ``False`` when no such key."""
+    with db.transaction(conn):
+        deleted = conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount
+        if deleted:
+            db.bump(conn, db.KEYS)
+    return bool(deleted)
+
+
+def load_hashes(conn: sqlite3.Connection) -> dict[str, str]:
+    """``{key_hash: scope}`` of every key, for the auth cache."""
+    return {row[0]: row[1] for row in conn.execute("SELECT key_hash, scope FROM api_keys")}
+
+
+def bootstrap_admin_key(conn: sqlite3.Connection, home: Path, fixed_key: str | None) -> Path | None:
+    """Make sure an admin key exists.
+
+    With ``fixed_key`` (``LLMLB_ADMIN_KEY``) that key becomes the admin key. Otherwise, if no
+    admin key is stored, one is generated and written to ``home/admin.key`` (mode 0600); its
+    path (never the key) is logged.
+
+    Returns:
+        The path of a newly written key file, else ``None``.
+    """
+    with db.transaction(conn):
+        if fixed_key:
+            digest = hash_key(fixed_key)
+            row = conn.execute("SELECT id FROM api_keys WHERE key_hash = ?", (digest,)).fetchone()
+            if row is None or row[0] != ENV_ADMIN_KEY_ID:
+                conn.execute("DELETE FROM api_keys WHERE id = ?", (ENV_ADMIN_KEY_ID,))
+                if row is not None:  # the same key stored under another id: keep one row
+                    conn.execute("DELETE FROM api_keys WHERE id = ?", (row[0],))
+                info = KeyInfo(
+                    ENV_ADMIN_KEY_ID,
+                    "LLMLB_ADMIN_KEY",
+                    "admin",
+                    _display_prefix(fixed_key),
+                    db.now_iso(),
+                )
+                _insert(conn, info, digest)
+            return None
+        if conn.execute("SELECT 1 FROM api_keys WHERE scope = 'admin' LIMIT 1").fetchone():
+            return None
+        key = generate_key()
+        path = home / ADMIN_KEY_FILE
+        _write_secret(path, key + "\n")
+        info = KeyInfo(
+            "key_" + secrets.token_hex(8), "admin", "admin", _display_prefix(key), db.now_iso()
+        )
+        _insert(conn, info, hash_key(key))
+    logger.warning("generated an admin key; it is in %s (mode 0600)", path)
+    return path
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` with mode 0600, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class KeyCache:
+    """Every key's hash and scope, in memory; the only thing auth ever reads.
+
+    Lookup is by the first 16 hex digits of the presented key's sha256; the full digest is
+    then compared with :func:`hmac.compare_digest`.
+    """
+
+    __slots__ = ("_index",)
+
+    def __init__(self) -> None:
+        self._index: dict[str, tuple[str, str]] = {}
+
+    def replace(self, scopes: dict[str, str]) -> None:
+        """Swap in a fresh ``{hash: scope}`` map."""
+        self._index = {digest[:16]: (digest, scope) for digest, scope in scopes.items()}
+
+    def scope_of(self, key: bytes | str) -> str | None:
+        """Scope of a presented key, or ``None`` if it is unknown."""
+        digest = hash_key(key)
+        entry = self._index.get(digest[:16])
+        if entry is None or not hmac.compare_digest(entry[0], digest):
+            return None
+        return entry[1]
+
+    def check(self, authorization: bytes | str | None, required: str | None) -> int | None:
+        """Authorise a raw ``Authorization`` header value against ``required`` scope.
+
+        Args:
+            authorization: the header value (``Bearer <key>``), or ``None`` when absent.
+            required: ``api``, ``node``, ``admin``, or ``None`` for any valid key.
+
+        Returns:
+            ``None`` when allowed, else :data:`UNAUTHENTICATED` (401) or :data:`FORBIDDEN` (403).
+        """
+        if not authorization:
+            return UNAUTHENTICATED
+        if isinstance(authorization, str):
+            authorization = authorization.encode("latin-1", "replace")
+        scheme, _, key = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not key:
+            return UNAUTHENTICATED
+        scope = self.scope_of(key.strip())
+        if scope is None:
+            return UNAUTHENTICATED
+        if required is None or scope == required or scope == "admin":
+            return None
+        return FORBIDDEN

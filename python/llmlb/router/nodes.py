@@ -1,0 +1,290 @@
+"""Node registry: registration and heartbeat payloads, their storage, and offline detection."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from llmlb.errors import ApiError
+from llmlb.model_storage import InvalidModelId, normalize_model_id
+from llmlb.router import db
+from llmlb.router.fleet import MODEL_STATES, ModelReport, NodeState, NodeView
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _bad(message: str, code: str = "invalid_request_error") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def validate_node_id(value: Any) -> str:
+    """A node id: 1-128 characters of ``[A-Za-z0-9._:-]``, starting alphanumeric."""
+    if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
+        raise _bad("node_id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_node_id")
+    return value
+
+
+def validate_url(value: Any) -> str:
+    """An ``http(s)://host[:port][/path]`` URL, without a trailing slash."""
+    if not isinstance(value, str):
+        raise _bad("url must be a string")
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise _bad("url has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise _bad("url must look like http://host:port")
+    return value.rstrip("/")
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(f"{name} must be an integer >= {minimum}")
+    return value
+
+
+def parse_model_reports(value: Any) -> list[dict]:
+    """Validate a node's ``models`` list into stored form.
+
+    Each item is ``{"id", "state": ready|downloading|loading|failed, "progress"?:
+    {"bytes", "total"}, "error"?, "format"?, "size_bytes"?}`` (``status`` is accepted for
+    ``state``; a bare string means a ready model).
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("models must be a list")
+    reports: dict[str, dict] = {}
+    for item in value:
+        if isinstance(item, str):
+            item = {"id": item, "state": "ready"}
+        if not isinstance(item, dict):
+            raise _bad("each entry of models must be an object")
+        raw_id = item.get("id")
+        if not isinstance(raw_id, str):
+            raise _bad("each model needs a string id")
+        try:
+            model_id = normalize_model_id(raw_id)
+        except InvalidModelId as exc:
+            raise _bad(str(exc), "invalid_model_id") from None
+        state = item.get("state", item.get("status", "ready"))
+        if state not in MODEL_STATES:
+            raise _bad(f"model state must be one of {', '.join(MODEL_STATES)}")
+        report: dict[str, Any] = {"id": model_id, "state": state}
+        progress = item.get("progress")
+        if isinstance(progress, dict):
+            report["progress"] = {"bytes": progress.get("bytes"), "total": progress.get("total")}
+        if isinstance(item.get("error"), str):
+            report["error"] = item["error"]
+        if isinstance(item.get("format"), str):
+            report["format"] = item["format"]
+        size = item.get("size_bytes")
+        if isinstance(size, int) and not isinstance(size, bool):
+            report["size_bytes"] = size
+        reports[model_id] = report
+    return list(reports.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A validated ``POST /v0/nodes`` body."""
+
+    node_id: str
+    url: str
+    runtimes: list[str]
+    gpu: dict
+    slots: int
+    models: list[dict]
+
+    @classmethod
+    def parse(cls, body: dict) -> Registration:
+        """Validate a registration body.
+
+        Raises:
+            ApiError: 400 naming the bad field.
+        """
+        node_id = body.get("node_id")
+        node_id = validate_node_id(node_id) if node_id is not None else _generated_id()
+        runtimes = body.get("runtimes", [])
+        if not isinstance(runtimes, list) or not all(isinstance(r, str) for r in runtimes):
+            raise _bad("runtimes must be a list of strings")
+        gpu = body.get("gpu", {})
+        if gpu is None:
+            gpu = {}
+        if not isinstance(gpu, dict):
+            raise _bad("gpu must be an object")
+        return cls(
+            node_id=node_id,
+            url=validate_url(body.get("url")),
+            runtimes=runtimes,
+            gpu=gpu,
+            slots=_int(body.get("slots", 1), "slots", 1),
+            models=parse_model_reports(body.get("models")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A validated heartbeat body; ``None`` fields keep their stored value."""
+
+    models: list[dict] | None
+    active_requests: int
+    slots: int | None
+
+    @classmethod
+    def parse(cls, body: dict) -> Heartbeat:
+        """Validate a heartbeat body.
+
+        Raises:
+            ApiError: 400 naming the bad field.
+        """
+        models = body.get("models")
+        slots = body.get("slots")
+        return cls(
+            models=parse_model_reports(models) if models is not None else None,
+            active_requests=_int(body.get("active_requests", 0), "active_requests", 0),
+            slots=_int(slots, "slots", 1) if slots is not None else None,
+        )
+
+
+def _generated_id() -> str:
+    return "node-" + secrets.token_hex(6)
+
+
+def _state_key(models: list[dict]) -> list[tuple[str, str]]:
+    """What of a model list the fleet cache cares about."""
+    return sorted((m["id"], m["state"]) for m in models)
+
+
+def register(conn: sqlite3.Connection, reg: Registration) -> str:
+    """Insert or replace a node with a fresh sync token; returns the token."""
+    token = secrets.token_urlsafe(32)
+    with db.transaction(conn):
+        conn.execute(
+            "INSERT INTO nodes (id, url, runtimes, gpu, slots, sync_token, status, models, "
+            "active_requests, registered_at, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'online', ?, 0, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET url=excluded.url, runtimes=excluded.runtimes, "
+            "gpu=excluded.gpu, slots=excluded.slots, sync_token=excluded.sync_token, "
+            "status='online', models=excluded.models, active_requests=0, "
+            "registered_at=excluded.registered_at, last_seen=excluded.last_seen",
+            (
+                reg.node_id,
+                reg.url,
+                orjson.dumps(reg.runtimes).decode(),
+                orjson.dumps(reg.gpu).decode(),
+                reg.slots,
+                token,
+                orjson.dumps(reg.models).decode(),
+                db.now_iso(),
+                db.unix_now(),
+            ),
+        )
+        db.bump(conn, db.FLEET)
+    return token
+
+
+def heartbeat(conn: sqlite3.Connection, node_id: str, beat: Heartbeat) -> bool:
+    """Record a heartbeat; ``False`` when the node is not registered."""
+    with db.transaction(conn):
+        row = conn.execute(
+            "SELECT status, models, slots FROM nodes WHERE id = ?", (node_id,)
+        ).fetchone()
+        if row is None:
+            return False
+        old_models = orjson.loads(row["models"])
+        models = beat.models if beat.models is not None else old_models
+        slots = beat.slots if beat.slots is not None else row["slots"]
+        conn.execute(
+            "UPDATE nodes SET status='online', models=?, slots=?, active_requests=?, "
+            "last_seen=? WHERE id = ?",
+            (orjson.dumps(models).decode(), slots, beat.active_requests, db.unix_now(), node_id),
+        )
+        if (
+            row["status"] != "online"
+            or slots != row["slots"]
+            or _state_key(models) != _state_key(old_models)
+        ):
+            db.bump(conn, db.FLEET)
+    return True
+
+
+def unregister(conn: sqlite3.Connection, node_id: str) -> bool:
+    """Forget a node; ``False`` when it was not registered."""
+    with db.transaction(conn):
+        deleted = conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,)).rowcount
+        if deleted:
+            db.bump(conn, db.FLEET)
+    return bool(deleted)
+
+
+def mark_offline(conn: sqlite3.Connection, node_id: str) -> None:
+    """Mark one node offline (until its next heartbeat)."""
+    with db.transaction(conn):
+        changed = conn.execute(
+            "UPDATE nodes SET status='offline' WHERE id = ? AND status='online'", (node_id,)
+        ).rowcount
+        if changed:
+            db.bump(conn, db.FLEET)
+
+
+def reap(conn: sqlite3.Connection, offline_after_s: float) -> int:
+    """Mark offline every online node silent for longer than ``offline_after_s``."""
+    cutoff = db.unix_now() - offline_after_s
+    with db.transaction(conn):
+        changed = conn.execute(
+            "UPDATE nodes SET status='offline' WHERE status='online' AND last_seen < ?",
+            (cutoff,),
+        ).rowcount
+        if changed:
+            db.bump(conn, db.FLEET)
+    return changed
+
+
+def sync_target(conn: sqlite3.Connection, node_id: str) -> tuple[str, str] | None:
+    """``(url, sync_token)`` of a registered node, or ``None``."""
+    row = conn.execute("SELECT url, sync_token FROM nodes WHERE id = ?", (node_id,)).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def load_states(conn: sqlite3.Connection) -> list[NodeState]:
+    """Every node in the form the fleet cache holds."""
+    states = []
+    for row in conn.execute("SELECT id, url, slots, status, models FROM nodes"):
+        models = {
+            m["id"]: ModelReport(m["state"], m.get("format"), m.get("size_bytes"))
+            for m in orjson.loads(row["models"])
+        }
+        view = NodeView(row["id"], row["url"], row["slots"])
+        states.append(NodeState(view, row["status"] == "online", models))
+    return states
+
+
+def list_nodes(conn: sqlite3.Connection, offline_after_s: float) -> list[dict]:
+    """Every node for ``GET /v0/nodes`` (never the sync token)."""
+    cutoff = db.unix_now() - offline_after_s
+    nodes = []
+    for row in conn.execute("SELECT * FROM nodes ORDER BY id"):
+        online = row["status"] == "online" and row["last_seen"] >= cutoff
+        nodes.append(
+            {
+                "node_id": row["id"],
+                "url": row["url"],
+                "status": "online" if online else "offline",
+                "runtimes": orjson.loads(row["runtimes"]),
+                "gpu": orjson.loads(row["gpu"]),
+                "slots": row["slots"],
+                "active_requests": row["active_requests"],
+                "models": orjson.loads(row["models"]),
+                "registered_at": row["registered_at"],
+                "last_seen": db.iso_from_unix(row["last_seen"]),
+            }
+        )
+    return nodes

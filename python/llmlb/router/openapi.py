@@ -1,0 +1,468 @@
+"""The router's OpenAPI 3.1 document, written by hand next to the routes it describes."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from llmlb import __version__
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict:
+    texts = {
+        400: "Invalid request",
+        401: "Missing or invalid API key (invalid_api_key)",
+        403: "Key scope insufficient (insufficient_scope)",
+        404: "Not found",
+        409: "Conflict",
+        413: "Request body too large",
+        429: "Too many requests",
+        502: "Upstream (hub or node) failure",
+        503: "Not available yet",
+    }
+    return {str(s): _json(_ref("Error"), texts[s]) for s in statuses}
+
+
+_AUTH = [401, 403]
+_MODEL_ID_PARAM = {
+    "name": "model_id",
+    "in": "path",
+    "required": True,
+    "description": "Model id; hierarchical ids may use `/` or `%2F`.",
+    "schema": {"type": "string"},
+}
+_NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "code": {"type": "string"},
+                    "choices": {"type": "array", "items": {"type": "string"}},
+                },
+            }
+        },
+    },
+    "Key": {
+        "type": "object",
+        "required": ["id", "scope", "prefix", "created_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": ["string", "null"]},
+            "scope": {"enum": ["api", "node", "admin"]},
+            "prefix": {"type": "string"},
+            "created_at": {"type": "string"},
+        },
+    },
+    "NewKey": {
+        "allOf": [
+            _ref("Key"),
+            {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
+        ]
+    },
+    "KeyCreate": {
+        "type": "object",
+        "required": ["scope"],
+        "properties": {
+            "scope": {"enum": ["api", "node", "admin"]},
+            "name": {"type": "string", "maxLength": 200},
+        },
+    },
+    "RegisterModel": {
+        "type": "object",
+        "required": ["repo"],
+        "properties": {
+            "repo": {"type": "string", "description": "`Org/Name` or a hub URL"},
+            "filename": {"type": "string"},
+            "revision": {"type": "string", "default": "main"},
+            "id": {"type": "string"},
+            "chat_template": {"type": "string"},
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by", "ready", "nodes_ready"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "ready": {"type": "boolean"},
+            "nodes_ready": {"type": "integer"},
+            "format": {"type": ["string", "null"]},
+            "size_bytes": {"type": ["integer", "null"]},
+            "repo": {"type": ["string", "null"]},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+    },
+    "NodeModel": {
+        "type": "object",
+        "required": ["id", "repo", "revision", "format", "filename", "size_bytes", "updated_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "repo": {"type": "string"},
+            "revision": {"type": "string"},
+            "format": {"type": "string"},
+            "filename": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+            "quantization": {"type": ["string", "null"]},
+            "updated_at": {"type": "string"},
+        },
+    },
+    "ManifestFile": {
+        "type": "object",
+        "required": [
+            "filename",
+            "format",
+            "size_bytes",
+            "sha256",
+            "url",
+            "priority",
+            "optional",
+            "backends",
+        ],
+        "properties": {
+            "filename": {"type": "string"},
+            "format": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+            "sha256": {"type": ["string", "null"]},
+            "url": {"type": "string"},
+            "priority": {"type": "integer"},
+            "optional": {"type": "boolean"},
+            "backends": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "Manifest": {
+        "type": "object",
+        "required": [
+            "model_id",
+            "repo",
+            "revision",
+            "format",
+            "files",
+            "total_size_bytes",
+            "created_at",
+        ],
+        "properties": {
+            "model_id": {"type": "string"},
+            "repo": {"type": "string"},
+            "revision": {"type": "string"},
+            "format": {"type": "string"},
+            "quantization": {"type": ["string", "null"]},
+            "chat_template": {"type": ["string", "null"]},
+            "files": {"type": "array", "items": _ref("ManifestFile")},
+            "total_size_bytes": {"type": "integer"},
+            "created_at": {"type": "string"},
+        },
+    },
+    "ModelReport": {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"enum": ["ready", "downloading", "loading", "failed"]},
+            "progress": {
+                "type": "object",
+                "properties": {
+                    "bytes": {"type": "integer"},
+                    "total": {"type": ["integer", "null"]},
+                },
+            },
+            "error": {"type": "string"},
+            "format": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+        },
+    },
+    "NodeRegistration": {
+        "type": "object",
+        "required": ["url"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "url": {"type": "string", "format": "uri"},
+            "runtimes": {"type": "array", "items": {"type": "string"}},
+            "gpu": {"type": "object", "description": "`backend`: metal|cuda|cpu, and details"},
+            "slots": {"type": "integer", "minimum": 1},
+            "models": {"type": "array", "items": _ref("ModelReport")},
+        },
+    },
+    "NodeRegistered": {
+        "type": "object",
+        "required": ["node_id", "heartbeat_interval_s", "sync_token"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "heartbeat_interval_s": {"type": "number"},
+            "sync_token": {"type": "string"},
+        },
+    },
+    "Heartbeat": {
+        "type": "object",
+        "properties": {
+            "models": {"type": "array", "items": _ref("ModelReport")},
+            "active_requests": {"type": "integer", "minimum": 0},
+            "slots": {"type": "integer", "minimum": 1},
+        },
+    },
+    "HeartbeatAck": {
+        "type": "object",
+        "required": ["node_id", "heartbeat_interval_s"],
+        "properties": {"node_id": {"type": "string"}, "heartbeat_interval_s": {"type": "number"}},
+    },
+    "Node": {
+        "type": "object",
+        "required": ["node_id", "url", "status", "slots", "models"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "url": {"type": "string"},
+            "status": {"enum": ["online", "offline"]},
+            "runtimes": {"type": "array", "items": {"type": "string"}},
+            "gpu": {"type": "object"},
+            "slots": {"type": "integer"},
+            "active_requests": {"type": "integer"},
+            "models": {"type": "array", "items": {"type": "object"}},
+            "registered_at": {"type": "string"},
+            "last_seen": {"type": "string"},
+        },
+    },
+    "InferenceRequest": {
+        "type": "object",
+        "required": ["model"],
+        "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+        "description": "An OpenAI request; forwarded to a node unchanged.",
+    },
+}
+
+
+def _inference(summary: str) -> dict:
+    return {
+        "post": {
+            "summary": summary,
+            "tags": ["inference"],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("InferenceRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The node's answer, relayed unchanged (JSON or SSE)",
+                    "content": {"application/json": {}, "text/event-stream": {}},
+                },
+                **_errors(400, *_AUTH, 404, 413, 429, 502, 503),
+            },
+        }
+    }
+
+
+def _paths() -> dict:
+    return {
+        "/health": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "Alive")},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document (any valid key)",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI"), **_errors(*_AUTH)},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (admin)",
+                "responses": {
+                    "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
+                    **_errors(*_AUTH),
+                },
+            }
+        },
+        "/v0/keys": {
+            "post": {
+                "summary": "Create a key (admin); the key is returned once",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("KeyCreate")}},
+                },
+                "responses": {"201": _json(_ref("NewKey"), "Created"), **_errors(400, *_AUTH, 413)},
+            },
+            "get": {
+                "summary": "List keys (admin), never the keys themselves",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["keys"],
+                            "properties": {"keys": {"type": "array", "items": _ref("Key")}},
+                        },
+                        "Keys",
+                    ),
+                    **_errors(*_AUTH),
+                },
+            },
+        },
+        "/v0/keys/{key_id}": {
+            "delete": {
+                "summary": "Revoke a key (admin)",
+                "parameters": [
+                    {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"204": {"description": "Revoked"}, **_errors(*_AUTH, 404)},
+            }
+        },
+        "/v1/models/register": {
+            "post": {
+                "summary": "Register a hub model (admin)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RegisterModel")}},
+                },
+                "responses": {
+                    "201": _json({"type": "object"}, "Registered"),
+                    **_errors(400, *_AUTH, 404, 409, 413, 502),
+                },
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "List models (api)",
+                "responses": {"200": _json(_ref("ModelList"), "Models"), **_errors(*_AUTH)},
+            }
+        },
+        "/v1/models/{model_id}": {
+            "parameters": [_MODEL_ID_PARAM],
+            "get": {
+                "summary": "One model (api)",
+                "responses": {"200": _json(_ref("Model"), "Model"), **_errors(400, *_AUTH, 404)},
+            },
+            "delete": {
+                "summary": "Delete a model (admin)",
+                "responses": {"204": {"description": "Deleted"}, **_errors(400, *_AUTH, 404)},
+            },
+        },
+        "/v0/models": {
+            "get": {
+                "summary": "Registered models, for nodes (node)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["models"],
+                            "properties": {"models": {"type": "array", "items": _ref("NodeModel")}},
+                        },
+                        "Models",
+                    ),
+                    **_errors(*_AUTH),
+                },
+            }
+        },
+        "/v0/models/registry/{model_id}/manifest.json": {
+            "get": {
+                "summary": "A model's manifest (node)",
+                "parameters": [_MODEL_ID_PARAM],
+                "responses": {
+                    "200": _json(_ref("Manifest"), "Manifest"),
+                    **_errors(400, *_AUTH, 404),
+                },
+            }
+        },
+        "/v0/nodes": {
+            "post": {
+                "summary": "Register a node (node)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("NodeRegistration")}},
+                },
+                "responses": {
+                    "201": _json(_ref("NodeRegistered"), "Registered"),
+                    **_errors(400, *_AUTH, 413),
+                },
+            },
+            "get": {
+                "summary": "List nodes (admin)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["nodes"],
+                            "properties": {"nodes": {"type": "array", "items": _ref("Node")}},
+                        },
+                        "Nodes",
+                    ),
+                    **_errors(*_AUTH),
+                },
+            },
+        },
+        "/v0/nodes/{node_id}/heartbeat": {
+            "post": {
+                "summary": "Heartbeat with per-model state (node)",
+                "parameters": [_NODE_ID_PARAM],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Heartbeat")}},
+                },
+                "responses": {
+                    "200": _json(_ref("HeartbeatAck"), "Recorded"),
+                    **_errors(400, *_AUTH, 404, 413),
+                },
+            }
+        },
+        "/v0/nodes/{node_id}": {
+            "delete": {
+                "summary": "Unregister a node (node)",
+                "parameters": [_NODE_ID_PARAM],
+                "responses": {"204": {"description": "Unregistered"}, **_errors(400, *_AUTH, 404)},
+            }
+        },
+        "/v1/chat/completions": _inference("Chat completion, proxied to a node (api)"),
+        "/v1/completions": _inference("Completion, proxied to a node (api)"),
+        "/v1/embeddings": _inference("Embeddings, proxied to a node (api)"),
+    }
+
+
+@cache
+def openapi_schema() -> dict:
+    """The OpenAPI 3.1 document served at ``/openapi.json``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "llmlb router",
+            "version": __version__,
+            "description": "OpenAI-compatible load balancer: model registry, node registry, "
+            'keys, and the inference proxy. Errors are `{"error": {message, type, code}}`.',
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`sk-…` key; scopes api, node, admin",
+                }
+            },
+        },
+    }

@@ -1,0 +1,259 @@
+"""Handlers of the router's admin, node and model routes (everything but inference)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
+
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from llmlb.errors import ApiError
+from llmlb.router import keys, metrics, nodes, registry
+from llmlb.router.openapi import openapi_schema
+from llmlb.router.responses import JSONResponse, authorize, read_json
+from llmlb.router.runtime import Runtime
+
+logger = logging.getLogger("llmlb.router")
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+REGISTRATIONS = Counter(
+    "llmlb_router_model_registrations_total", "Model registrations by result code.", ["result"]
+)
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _guard(request: Request, scope: str | None) -> Runtime:
+    runtime = _runtime(request)
+    authorize(request, runtime.keys, scope)
+    return runtime
+
+
+def _path_model_id(request: Request) -> str:
+    # Accept ``org/name`` and ``org%2Fname`` alike, whether or not the server decoded the path.
+    return registry.model_id_or_400(unquote(request.path_params["model_id"]))
+
+
+def _model_not_found(model_id: str) -> ApiError:
+    return ApiError(404, "model_not_found", f"model {model_id} is not known")
+
+
+# -- public -------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: liveness, no auth."""
+    return JSONResponse({"status": "ok"})
+
+
+async def openapi(request: Request) -> Response:
+    """``GET /openapi.json`` (any valid key)."""
+    _guard(request, None)
+    return JSONResponse(openapi_schema())
+
+
+async def metrics_route(request: Request) -> Response:
+    """``GET /metrics`` (admin): Prometheus text."""
+    _guard(request, "admin")
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+async def create_key(request: Request) -> Response:
+    """``POST /v0/keys`` (admin): returns the new key once."""
+    runtime = _guard(request, "admin")
+    body = await read_json(request, runtime.settings.max_body_bytes)
+    scope, name = body.get("scope"), body.get("name")
+    if scope not in keys.SCOPES:
+        raise ApiError(400, "invalid_request_error", "scope must be one of api, node, admin")
+    if name is not None and (not isinstance(name, str) or len(name) > 200):
+        raise ApiError(400, "invalid_request_error", "name must be a string (<= 200 chars)")
+    info, key = await runtime.db.run(keys.create_key, scope, name)
+    await runtime.refresh()
+    return JSONResponse({**info.to_dict(), "key": key}, status_code=201)
+
+
+async def list_keys(request: Request) -> Response:
+    """``GET /v0/keys`` (admin): never the keys themselves."""
+    runtime = _guard(request, "admin")
+    infos = await runtime.db.run(keys.list_keys)
+    return JSONResponse({"keys": [info.to_dict() for info in infos]})
+
+
+async def delete_key(request: Request) -> Response:
+    """``DELETE /v0/keys/{key_id}`` (admin)."""
+    runtime = _guard(request, "admin")
+    key_id = request.path_params["key_id"]
+    if not await runtime.db.run(keys.delete_key, key_id):
+        raise ApiError(404, "key_not_found", f"no key with id {key_id}")
+    await runtime.refresh()
+    return Response(status_code=204)
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+async def register_model(request: Request) -> Response:
+    """``POST /v1/models/register`` (admin): hub lookup, then model + manifest in one go."""
+    runtime = _guard(request, "admin")
+    try:
+        req = registry.RegisterRequest.parse(
+            await read_json(request, runtime.settings.max_body_bytes)
+        )
+        if await runtime.db.run(registry.model_exists, req.model_id):
+            raise ApiError(409, "model_exists", f"model {req.model_id} is already registered")
+        manifest = await registry.fetch_manifest(runtime.settings, req)
+        row = await runtime.db.run(registry.store_model, req.model_id, manifest, req.chat_template)
+    except ApiError as exc:
+        REGISTRATIONS.labels(result=exc.code).inc()
+        raise
+    REGISTRATIONS.labels(result="ok").inc()
+    logger.info("registered model %s from %s@%s", req.model_id, manifest.repo, manifest.revision)
+    await runtime.refresh()
+    runtime.notifier.notify(
+        [node.node_id for node in runtime.fleet.online_nodes()], [req.model_id], "register"
+    )
+    entry = runtime.fleet.model_entry(req.model_id) or {}
+    return JSONResponse({**entry, **row}, status_code=201)
+
+
+async def delete_model(request: Request) -> Response:
+    """``DELETE /v1/models/{id}`` (admin)."""
+    runtime = _guard(request, "admin")
+    model_id = _path_model_id(request)
+    if not await runtime.db.run(registry.delete_model, model_id):
+        raise _model_not_found(model_id)
+    logger.info("deleted model %s", model_id)
+    await runtime.refresh()
+    runtime.notifier.notify(
+        [node.node_id for node in runtime.fleet.online_nodes()], [model_id], "delete"
+    )
+    return Response(status_code=204)
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models`` (api): registered models and those online nodes hold."""
+    runtime = _guard(request, "api")
+    return JSONResponse({"object": "list", "data": runtime.fleet.model_entries()})
+
+
+async def get_model(request: Request) -> Response:
+    """``GET /v1/models/{id}`` (api)."""
+    runtime = _guard(request, "api")
+    model_id = _path_model_id(request)
+    entry = runtime.fleet.model_entry(model_id)
+    if entry is None:
+        raise _model_not_found(model_id)
+    return JSONResponse(entry)
+
+
+async def node_models(request: Request) -> Response:
+    """``GET /v0/models`` (node): what nodes should hold."""
+    runtime = _guard(request, "node")
+    return JSONResponse({"models": await runtime.db.run(registry.list_models)})
+
+
+async def manifest(request: Request) -> Response:
+    """``GET /v0/models/registry/{id}/manifest.json`` (node), served from the database."""
+    runtime = _guard(request, "node")
+    model_id = _path_model_id(request)
+    found = await runtime.db.run(registry.get_manifest, model_id)
+    if found is None:
+        raise _model_not_found(model_id)
+    return JSONResponse(found)
+
+
+# -- nodes ---------------------------------------------------------------------------------
+
+
+async def register_node(request: Request) -> Response:
+    """``POST /v0/nodes`` (node): register (or re-register) a node."""
+    runtime = _guard(request, "node")
+    reg = nodes.Registration.parse(await read_json(request, runtime.settings.max_body_bytes))
+    token = await runtime.db.run(nodes.register, reg)
+    logger.info("node %s registered at %s", reg.node_id, reg.url)
+    await runtime.refresh()
+    return JSONResponse(
+        {
+            "node_id": reg.node_id,
+            "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
+            "sync_token": token,
+        },
+        status_code=201,
+    )
+
+
+async def node_heartbeat(request: Request) -> Response:
+    """``POST /v0/nodes/{node_id}/heartbeat`` (node)."""
+    runtime = _guard(request, "node")
+    node_id = nodes.validate_node_id(request.path_params["node_id"])
+    beat = nodes.Heartbeat.parse(await read_json(request, runtime.settings.max_body_bytes))
+    if not await runtime.db.run(nodes.heartbeat, node_id, beat):
+        raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
+    await runtime.refresh()
+    return JSONResponse(
+        {"node_id": node_id, "heartbeat_interval_s": runtime.settings.heartbeat_interval_s}
+    )
+
+
+async def unregister_node(request: Request) -> Response:
+    """``DELETE /v0/nodes/{node_id}`` (node): a node leaving; pending notifications stop."""
+    runtime = _guard(request, "node")
+    node_id = nodes.validate_node_id(request.path_params["node_id"])
+    if not await runtime.db.run(nodes.unregister, node_id):
+        raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
+    runtime.notifier.cancel(node_id)
+    logger.info("node %s unregistered", node_id)
+    await runtime.refresh()
+    return Response(status_code=204)
+
+
+async def list_nodes(request: Request) -> Response:
+    """``GET /v0/nodes`` (admin): nodes with their state and models."""
+    runtime = _guard(request, "admin")
+    found = await runtime.db.run(nodes.list_nodes, runtime.settings.offline_after_s)
+    return JSONResponse({"nodes": found})
+
+
+def _by_method(**handlers: Endpoint) -> tuple[Endpoint, list[str]]:
+    """One endpoint serving several methods, so a wrong method gets 405 with a full ``Allow``."""
+
+    async def dispatch(request: Request) -> Response:
+        method = request.method.lower()
+        handler = handlers["get"] if method == "head" else handlers[method]
+        request.scope["llmlb.handler"] = handler.__name__
+        return await handler(request)
+
+    return dispatch, [method.upper() for method in handlers]
+
+
+def _route(path: str, **handlers: Endpoint) -> Route:
+    endpoint, methods = _by_method(**handlers)
+    return Route(path, endpoint, methods=methods)
+
+
+ROUTES = [
+    _route("/health", get=health),
+    _route("/openapi.json", get=openapi),
+    _route("/metrics", get=metrics_route),
+    _route("/v0/keys", get=list_keys, post=create_key),
+    _route("/v0/keys/{key_id}", delete=delete_key),
+    _route("/v1/models/register", post=register_model),
+    _route("/v1/models", get=list_models),
+    _route("/v1/models/{model_id:path}", get=get_model, delete=delete_model),
+    _route("/v0/models", get=node_models),
+    _route("/v0/models/registry/{model_id:path}/manifest.json", get=manifest),
+    _route("/v0/nodes", get=list_nodes, post=register_node),
+    _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
+    _route("/v0/nodes/{node_id}", delete=unregister_node),
+]

@@ -1,0 +1,66 @@
+"""Router settings: one immutable object built from ``llmlb.config`` at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmlb import config
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """Everything the router app (and the inference proxy it hosts) is configured with.
+
+    Attributes:
+        home: ``$LLMLB_HOME``; the generated admin key lives here.
+        db_path: the SQLite file (``lb.db``).
+        max_body_bytes: requests with a larger body get 413.
+        heartbeat_interval_s: heartbeat period asked of nodes.
+        missed_heartbeats: a node silent for this many periods is offline.
+        sync_backoff_base_s: first retry delay of a failed sync notification.
+        sync_backoff_max_s: cap of that delay.
+        sync_timeout_s: timeout of one sync notification request.
+        change_poll_interval_s: how often a worker checks the database for changes made
+            by other workers (keys, nodes, models).
+        hf_endpoint: hub base URL for registrations.
+        hf_token: hub token; used for hub calls only, never stored or sent to nodes.
+        admin_key: the fixed admin key (``LLMLB_ADMIN_KEY``), if any.
+    """
+
+    home: Path
+    db_path: Path
+    max_body_bytes: int = config.DEFAULT_MAX_BODY_BYTES
+    heartbeat_interval_s: float = config.DEFAULT_HEARTBEAT_INTERVAL_S
+    missed_heartbeats: int = 3
+    sync_backoff_base_s: float = config.DEFAULT_SYNC_BACKOFF_BASE_S
+    sync_backoff_max_s: float = config.DEFAULT_SYNC_BACKOFF_MAX_S
+    sync_timeout_s: float = 10.0
+    change_poll_interval_s: float = 0.25
+    hf_endpoint: str = config.DEFAULT_HF_ENDPOINT
+    hf_token: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, db: str | Path | None = None) -> RouterSettings:
+        """Build settings from the environment (through ``llmlb.config``).
+
+        Args:
+            db: the ``--db`` flag, when given.
+        """
+        return cls(
+            home=config.llmlb_home().absolute(),
+            db_path=config.router_db_path(db),
+            max_body_bytes=config.router_max_body_bytes(),
+            heartbeat_interval_s=config.heartbeat_interval_s(),
+            sync_backoff_base_s=config.sync_backoff_base_s(),
+            sync_backoff_max_s=config.sync_backoff_max_s(),
+            hf_endpoint=config.hf_endpoint(),
+            hf_token=config.hf_token(),
+            admin_key=config.admin_key(),
+        )
+
+    @property
+    def offline_after_s(self) -> float:
+        """Silence after which a node counts as offline."""
+        return self.heartbeat_interval_s * self.missed_heartbeats
