@@ -81,8 +81,9 @@ PYBIND11_MODULE(_model_storage, m) {
       py::arg("path"));
 
   py::class_<llmlb::ModelStore>(m, "ModelStore")
-      .def(py::init<std::string>(), py::arg("models_dir"))
+      .def(py::init<std::string, std::size_t>(), py::arg("models_dir"), py::arg("threads") = 0)
       .def_property_readonly("root", &llmlb::ModelStore::root)
+      .def_property_readonly("threads", &llmlb::ModelStore::threads)
       .def("model_dir", &llmlb::ModelStore::model_dir, py::arg("model_id"), release_gil())
       .def("list_available", &llmlb::ModelStore::list_available, release_gil())
       .def(

@@ -287,30 +287,27 @@ Inspection inspect_safetensors(const std::string& dir, const DirScan& scan, cons
       out.problems.push_back(index_name + ": " + error);
       return out;
     }
-    safetensors::Index index = safetensors::parse_index(text);
+    safetensors::Index index;
+    safetensors::parse_index(text, index);
     for (const auto& p : index.problems) out.problems.push_back(index_name + ": " + p);
     std::vector<std::vector<std::string>> shard_problems(index.shards.size());
     fs::parallel_for(index.shards.size(), threads, [&](std::size_t i) {
       const auto& shard = index.shards[i];
       auto& problems = shard_problems[i];
-      const std::string path = fs::join(dir, shard.name);
-      if (fs::stat_path(path).kind != fs::Kind::File) {
+      const safetensors::FileCheck check = safetensors::check_file(fs::join(dir, shard.name), shard.tensors);
+      if (check.not_found) {
         problems.push_back("missing shard " + shard.name + " (named in " + index_name + ")");
         return;
       }
-      safetensors::FileCheck check = safetensors::check_file(path);
       for (const auto& p : check.problems) problems.push_back(shard.name + ": " + p);
       if (!check.problems.empty()) return;
-      std::size_t missing = 0;
-      for (const auto& t : shard.tensors) {
-        if (check.tensors.count(t)) continue;
-        if (++missing <= 5) {
-          problems.push_back("tensor " + t + " named in weight_map missing from shard " + shard.name);
-        }
+      const std::size_t shown = std::min<std::size_t>(check.missing.size(), 5);
+      for (std::size_t k = 0; k < shown; ++k) {
+        problems.push_back("tensor " + check.missing[k] + " named in weight_map missing from shard " + shard.name);
       }
-      if (missing > 5) {
-        problems.push_back(std::to_string(missing - 5) + " more tensors named in weight_map missing from shard " +
-                           shard.name);
+      if (check.missing.size() > shown) {
+        problems.push_back(std::to_string(check.missing.size() - shown) +
+                           " more tensors named in weight_map missing from shard " + shard.name);
       }
     });
     for (auto& ps : shard_problems) {
@@ -467,9 +464,12 @@ std::string strip_trailing_slashes(std::string p) {
 
 }  // namespace
 
-ModelStore::ModelStore(std::string root) : root_(strip_trailing_slashes(std::move(root))) {
+ModelStore::ModelStore(std::string root, std::size_t threads)
+    : root_(strip_trailing_slashes(std::move(root))), threads_(threads) {
   if (root_.empty()) throw std::invalid_argument("models_dir must not be empty");
 }
+
+std::size_t ModelStore::threads() const { return threads_ ? threads_ : fs::io_threads(); }
 
 std::string ModelStore::model_dir(const std::string& model_id) const {
   return fs::join(root_, split_quant(model_id).first);
@@ -479,7 +479,7 @@ Inspection ModelStore::inspect(const std::string& model_id) const {
   const std::string id = normalize_model_id(model_id);
   const auto [base, quant] = split_quant(id);
   const std::string dir = fs::join(root_, base);
-  return inspect_scanned(dir, scan_dir(dir), id, quant, fs::io_threads());
+  return inspect_scanned(dir, scan_dir(dir), id, quant, threads());
 }
 
 std::string ModelStore::detect_format(const std::string& model_id) const {
@@ -529,7 +529,7 @@ std::vector<std::string> ModelStore::list_available() const {
   walk(root_, "", 0);
 
   std::vector<std::vector<std::string>> found(candidates.size());
-  fs::parallel_for(candidates.size(), fs::io_threads(), [&](std::size_t i) {
+  fs::parallel_for(candidates.size(), threads(), [&](std::size_t i) {
     const Candidate& c = candidates[i];
     if (inspect_scanned(c.dir, c.scan, c.id, std::nullopt, 1).descriptor) {
       found[i].push_back(c.id);
@@ -617,7 +617,9 @@ std::vector<std::string> validate_file(const std::string& path) {
     if (!fs::read_file(path, text, kMaxJsonFileBytes, error) || !json::check(text, error)) {
       problems.push_back(name + ": " + error);
     } else if (ends_with(l, ".safetensors.index.json")) {
-      add(safetensors::parse_index(text).problems);
+      safetensors::Index index;
+      safetensors::parse_index(text, index);
+      add(index.problems);
     }
   } else {
     fs::File f;

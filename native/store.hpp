@@ -42,9 +42,11 @@ struct GgufSummary {
 
 class ModelStore {
  public:
-  explicit ModelStore(std::string root);
+  // `threads`: workers for validating shards and listing models (0: chosen from the CPU count).
+  explicit ModelStore(std::string root, std::size_t threads = 0);
 
   const std::string& root() const { return root_; }
+  std::size_t threads() const;
 
   // <root>/<base id> (lexically; the id is validated so it cannot leave the root).
   std::string model_dir(const std::string& model_id) const;
@@ -67,6 +69,7 @@ class ModelStore {
 
  private:
   std::string root_;
+  std::size_t threads_;
 };
 
 // Check one file alone by its kind (.gguf, .safetensors, .json); problems name the file.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from llmlb.cli.progress import PullDisplay
+from llmlb.cli.progress import PullDisplay, progress_from_nodes
 from llmlb.model_storage import ModelStorage
 from llmlb.node.downloader import DownloadProgress
 
@@ -102,6 +102,7 @@ def test_models_register_ls_rm_and_nodes_ls(fleet) -> None:
         "bytes": 50,
         "total": 200,
         "error": None,
+        "nodes_downloading": 1,
     }
     assert listed["org/tiny"]["format"] == "gguf" and listed["org/tiny"]["size_bytes"] > 0
 
@@ -164,3 +165,32 @@ def test_pull_live_display_shows_bytes_and_files() -> None:
     assert "org/m [1/2 files]" in text
     assert "a.gguf" in text and "b.gguf" in text
     assert "2.4/2.9 KiB" in text  # total bytes column
+
+
+def test_progress_aggregates_online_nodes_only() -> None:
+    def node(status: str, *models: dict) -> dict:
+        return {"status": status, "models": list(models)}
+
+    def report(state: str, done: int = 0, total: int = 0, error: str | None = None) -> dict:
+        return {
+            "id": "m",
+            "state": state,
+            "progress": {"bytes": done, "total": total},
+            "error": error,
+        }
+
+    nodes = [
+        node("online", report("ready")),
+        node("online", report("downloading", 30, 100)),
+        node("online", report("downloading", 10, 100)),
+        node("offline", report("downloading", 99, 100)),
+    ]
+    progress = progress_from_nodes(nodes, "m")
+    assert (progress.state, progress.nodes_ready, progress.downloading) == ("ready", 1, 2)
+    assert progress.describe() == "downloading 40 B / 200 B (20%)"
+    assert not progress.failed
+
+    failed = progress_from_nodes([node("online", report("failed", error="disk full"))], "m")
+    assert failed.failed and failed.describe() == "failed: disk full"
+    assert progress_from_nodes([node("offline", report("ready"))], "m").state is None
+    assert progress_from_nodes(nodes, "other").describe() == "-"

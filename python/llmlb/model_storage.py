@@ -131,11 +131,16 @@ class ModelStorage:
 
     Every method taking a model id normalises it first and raises :class:`InvalidModelId`
     for a malformed one.
+
+    Args:
+        models_dir: the store root.
+        threads: worker threads for validating shards and listing (``None``: from the CPU
+            count).
     """
 
-    def __init__(self, models_dir: str | os.PathLike[str]):
+    def __init__(self, models_dir: str | os.PathLike[str], *, threads: int | None = None):
         self.models_dir = Path(models_dir).expanduser().absolute()
-        self._store = _native.ModelStore(str(self.models_dir))
+        self._store = _native.ModelStore(str(self.models_dir), threads or 0)
 
     def __repr__(self) -> str:
         return f"ModelStorage({str(self.models_dir)!r})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+
 import pytest
 
 from tests.hub_fixtures import make_repo, start_hub
@@ -105,8 +106,11 @@ def test_health_needs_no_key(router):
 def test_every_route_checks_key_and_scope(router, keys, method, path, body, scope):
     _error(call(router, method, path, None, body), 401, "invalid_api_key")
     _error(call(router, method, path, "sk-not-a-real-key", body), 401, "invalid_api_key")
-    _error(call(router, method, path, body=body, headers={"Authorization": ADMIN}), 401,
-           "invalid_api_key")  # no "Bearer"
+    _error(
+        call(router, method, path, body=body, headers={"Authorization": ADMIN}),
+        401,
+        "invalid_api_key",
+    )  # no "Bearer"
     for other in ("api", "node", "admin"):
         reply = call(router, method, path, keys[other], body)
         if other == scope or other == "admin":
@@ -119,8 +123,9 @@ def test_openapi_needs_a_key_and_lists_every_route(router, keys):
     _error(call(router, "GET", "/openapi.json"), 401, "invalid_api_key")
     doc = call(router, "GET", "/openapi.json", keys["api"]).json
     assert doc["openapi"].startswith("3.")
-    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops
-                  if m != "parameters"}
+    documented = {
+        (m.upper(), p) for p, ops in doc["paths"].items() for m in ops if m != "parameters"
+    }
     expected = {(m, re.sub(r"/acme/x|/n1|/key_nope", "/{}", p)) for m, p, _, _ in SCOPED_ROUTES}
     normalised = {(m, re.sub(r"\{[a-z_]+\}", "{}", p)) for m, p in documented}
     assert expected | {("GET", "/health"), ("GET", "/openapi.json")} <= normalised
@@ -170,8 +175,16 @@ def test_register_model_stores_pinned_manifest(router, hub, keys):
 
     listed = call(router, "GET", "/v0/models", keys["node"]).json["models"]
     row = next(m for m in listed if m["id"] == "acme/tiny-gguf")
-    assert set(row) == {"id", "repo", "revision", "format", "filename", "size_bytes",
-                        "quantization", "updated_at"}
+    assert set(row) == {
+        "id",
+        "repo",
+        "revision",
+        "format",
+        "filename",
+        "size_bytes",
+        "quantization",
+        "updated_at",
+    }
     assert row["revision"] == model["revision"]
 
     for path in ("acme/tiny-gguf", "acme%2Ftiny-gguf", "Acme%2FTiny-GGUF"):
@@ -197,8 +210,11 @@ def test_register_model_stores_pinned_manifest(router, hub, keys):
     assert entry["ready"] is False and entry["nodes_ready"] == 0
     assert entry["repo"] == "Acme/Tiny-GGUF" and entry["size_bytes"] == len(GGUF)
 
-    _error(call(router, "POST", "/v1/models/register", ADMIN, {"repo": "Acme/Tiny-GGUF"}),
-           409, "model_exists")
+    _error(
+        call(router, "POST", "/v1/models/register", ADMIN, {"repo": "Acme/Tiny-GGUF"}),
+        409,
+        "model_exists",
+    )
 
 
 def test_register_with_id_url_template_and_delete(router, hub, keys):
@@ -213,11 +229,15 @@ def test_register_with_id_url_template_and_delete(router, hub, keys):
 
     assert call(router, "DELETE", "/v1/models/team/other", ADMIN).status == 204
     _error(call(router, "GET", "/v1/models/team/other", keys["api"]), 404, "model_not_found")
-    _error(call(router, "GET", "/v0/models/registry/team/other/manifest.json", keys["node"]),
-           404, "model_not_found")
+    _error(
+        call(router, "GET", "/v0/models/registry/team/other/manifest.json", keys["node"]),
+        404,
+        "model_not_found",
+    )
     _error(call(router, "DELETE", "/v1/models/team%2Fother", ADMIN), 404, "model_not_found")
-    assert "team/other" not in [m["id"] for m in call(router, "GET", "/v0/models",
-                                                       keys["node"]).json["models"]]
+    assert "team/other" not in [
+        m["id"] for m in call(router, "GET", "/v0/models", keys["node"]).json["models"]
+    ]
 
 
 def test_register_errors_store_nothing(router):
@@ -240,15 +260,23 @@ def test_register_errors_store_nothing(router):
             assert set(reply.json["error"]["choices"]) == {"two-Q4_K_M.gguf", "two-Q8_0.gguf"}
     assert call(router, "GET", "/v0/models", ADMIN).json["models"] == before
 
-    hinted = call(router, "POST", "/v1/models/register", ADMIN,
-                  {"repo": "acme/two", "filename": "two-Q8_0.gguf"})
+    hinted = call(
+        router,
+        "POST",
+        "/v1/models/register",
+        ADMIN,
+        {"repo": "acme/two", "filename": "two-Q8_0.gguf"},
+    )
     assert hinted.status == 201 and hinted.json["filename"] == "two-Q8_0.gguf"
 
 
 def test_model_lookups_reject_bad_ids(router, keys):
     _error(call(router, "GET", "/v1/models/Bad%20Id", keys["api"]), 400, "invalid_model_id")
-    _error(call(router, "GET", "/v0/models/registry/a/../b/manifest.json", keys["node"]), 400,
-           "invalid_model_id")
+    _error(
+        call(router, "GET", "/v0/models/registry/a/../b/manifest.json", keys["node"]),
+        400,
+        "invalid_model_id",
+    )
     _error(call(router, "GET", "/v1/models/acme/unknown", keys["api"]), 404, "model_not_found")
 
 
@@ -262,8 +290,9 @@ def test_node_registration_heartbeat_and_listing(router, keys):
         "runtimes": ["llama_cpp"],
         "gpu": {"backend": "cpu"},
         "slots": 4,
-        "models": [{"id": "Local/Hand-Placed", "state": "ready", "format": "gguf",
-                    "size_bytes": 123}],
+        "models": [
+            {"id": "Local/Hand-Placed", "state": "ready", "format": "gguf", "size_bytes": 123}
+        ],
     }
     reply = call(router, "POST", "/v0/nodes", keys["node"], node)
     assert reply.status == 201, reply.json
@@ -273,13 +302,19 @@ def test_node_registration_heartbeat_and_listing(router, keys):
 
     models = {m["id"]: m for m in call(router, "GET", "/v1/models", keys["api"]).json["data"]}
     assert models["local/hand-placed"]["ready"] is True  # placed by hand on the node
-    assert models["local/hand-placed"]["nodes_ready"] == 1 and models["local/hand-placed"]["repo"] is None
+    assert (
+        models["local/hand-placed"]["nodes_ready"] == 1
+        and models["local/hand-placed"]["repo"] is None
+    )
 
-    beat = {"active_requests": 2, "models": [
-        {"id": "acme/tiny-gguf", "state": "ready"},
-        {"id": "acme/two", "state": "downloading", "progress": {"bytes": 5, "total": 10}},
-        {"id": "local/broken", "state": "failed", "error": "bad file"},
-    ]}
+    beat = {
+        "active_requests": 2,
+        "models": [
+            {"id": "acme/tiny-gguf", "state": "ready"},
+            {"id": "acme/two", "state": "downloading", "progress": {"bytes": 5, "total": 10}},
+            {"id": "local/broken", "state": "failed", "error": "bad file"},
+        ],
+    }
     assert call(router, "POST", "/v0/nodes/gpu-1/heartbeat", keys["node"], beat).status == 200
     models = {m["id"]: m for m in call(router, "GET", "/v1/models", keys["api"]).json["data"]}
     assert models["acme/tiny-gguf"]["ready"] is True
@@ -295,26 +330,32 @@ def test_node_registration_heartbeat_and_listing(router, keys):
     assert states["acme/two"]["progress"] == {"bytes": 5, "total": 10}
     assert states["local/broken"]["error"] == "bad file"
 
-    _error(call(router, "POST", "/v0/nodes/ghost/heartbeat", keys["node"], {}), 404,
-           "node_not_found")
+    _error(
+        call(router, "POST", "/v0/nodes/ghost/heartbeat", keys["node"], {}), 404, "node_not_found"
+    )
     assert call(router, "DELETE", "/v0/nodes/gpu-1", keys["node"]).status == 204
     _error(call(router, "DELETE", "/v0/nodes/gpu-1", keys["node"]), 404, "node_not_found")
     models = {m["id"]: m for m in call(router, "GET", "/v1/models", keys["api"]).json["data"]}
     assert models["acme/tiny-gguf"]["ready"] is False
 
 
-@pytest.mark.parametrize("body", [
-    {},
-    {"url": "ftp://x"},
-    {"url": "http://127.0.0.1:9", "node_id": "bad id"},
-    {"url": "http://127.0.0.1:9", "slots": 0},
-    {"url": "http://127.0.0.1:9", "models": [{"id": "x", "state": "weird"}]},
-    {"url": "http://127.0.0.1:9", "models": "nope"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"url": "ftp://x"},
+        {"url": "http://127.0.0.1:9", "node_id": "bad id"},
+        {"url": "http://127.0.0.1:9", "slots": 0},
+        {"url": "http://127.0.0.1:9", "models": [{"id": "x", "state": "weird"}]},
+        {"url": "http://127.0.0.1:9", "models": "nope"},
+    ],
+)
 def test_node_registration_validates(router, keys, body):
     reply = call(router, "POST", "/v0/nodes", keys["node"], body)
     assert reply.status == 400 and reply.json["error"]["code"] in (
-        "invalid_request_error", "invalid_node_id"), reply.json
+        "invalid_request_error",
+        "invalid_node_id",
+    ), reply.json
 
 
 # -- bad input -----------------------------------------------------------------------------
@@ -322,14 +363,18 @@ def test_node_registration_validates(router, keys, body):
 
 def test_bad_bodies_and_unknown_routes(router, keys):
     for raw in (b"{not json", b"", b"[1, 2]"):
-        reply = call(router, "POST", "/v0/keys", ADMIN, raw=raw,
-                     headers={"Content-Type": "application/json"})
+        reply = call(
+            router, "POST", "/v0/keys", ADMIN, raw=raw, headers={"Content-Type": "application/json"}
+        )
         _error(reply, 400, "invalid_request_error")
     big = {"scope": "api", "name": "x" * 70000}
     _error(call(router, "POST", "/v0/keys", ADMIN, big), 413, "request_too_large")
     big_chat = {"model": "acme/x", "messages": [{"role": "user", "content": "x" * 70000}]}
-    _error(call(router, "POST", "/v1/chat/completions", keys["api"], big_chat), 413,
-           "request_too_large")
+    _error(
+        call(router, "POST", "/v1/chat/completions", keys["api"], big_chat),
+        413,
+        "request_too_large",
+    )
     _error(call(router, "GET", "/no/such/route", ADMIN), 404, "not_found")
     _error(call(router, "GET", "/v1/chat/completions", keys["api"]), 405, "method_not_allowed")
     reply = call(router, "PUT", "/v0/keys", ADMIN, {})
@@ -351,8 +396,11 @@ def test_metrics_are_prometheus_text(router):
 def test_unreachable_hub_gives_502_and_stores_nothing(spawn, tmp_path):
     env = {"HF_ENDPOINT": free_url(), "LLMLB_HEARTBEAT_INTERVAL_S": "0.5"}
     url = start_router(spawn, tmp_path / "home", ADMIN, env=env)
-    _error(call(url, "POST", "/v1/models/register", ADMIN, {"repo": "acme/other"}), 502,
-           "upstream_error")
+    _error(
+        call(url, "POST", "/v1/models/register", ADMIN, {"repo": "acme/other"}),
+        502,
+        "upstream_error",
+    )
     assert call(url, "GET", "/v0/models", ADMIN).json == {"models": []}
     assert call(url, "GET", "/v1/models", ADMIN).json == {"object": "list", "data": []}
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -64,15 +65,27 @@ class Child:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the whole group, SIGKILL it after ``timeout``; returns the exit code."""
-        self._signal_group(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=timeout)
-        # Whatever is left in the group (workers outliving their leader) is killed too.
-        self._signal_group(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=5)
+        stop_all([self], timeout)
         return self.popen.returncode
 
-    def _signal_group(self, sig: int) -> None:
+    def signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every process of the child's group."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
+
+
+def stop_all(children: list[Child], timeout: float = 10.0) -> None:
+    """Stop several children at once: SIGTERM every group, wait, then SIGKILL what is left.
+
+    The final SIGKILL also reaches processes that outlived their group leader (workers).
+    """
+    for child in children:
+        child.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for child in children:
+        child.signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(timeout=5)

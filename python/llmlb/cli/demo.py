@@ -34,14 +34,13 @@ def _demo_package():
     return package
 
 
-def _model_is_placed(model_dir: Path, filename: str) -> bool:
-    """Whether ``model_dir`` already holds the complete GGUF (checked by the store's rules)."""
-    gguf = model_dir / filename
-    if not gguf.is_file():
-        return False
+def is_placed(models_dir: Path) -> bool:
+    """Whether the store already holds a complete demo GGUF (checked by the store's rules)."""
     from llmlb.model_storage import validate_file
 
-    return not validate_file(str(gguf))
+    target = models_dir / DEMO_MODEL_ID
+    ggufs = sorted(target.glob("*.gguf")) if target.is_dir() else []
+    return len(ggufs) == 1 and not validate_file(str(ggufs[0]))
 
 
 def place_demo_model(models_dir: Path) -> Path:
@@ -62,8 +61,7 @@ def place_demo_model(models_dir: Path) -> Path:
         OSError: the store cannot be written.
     """
     target = models_dir / DEMO_MODEL_ID
-    existing = sorted(target.glob("*.gguf")) if target.is_dir() else []
-    if existing and _model_is_placed(target, existing[0].name):
+    if is_placed(models_dir):
         _write_template(target)
         return target
     package = _demo_package()

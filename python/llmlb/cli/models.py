@@ -178,6 +178,7 @@ def _progress_dict(progress: ModelProgress) -> dict[str, Any]:
         "bytes": progress.bytes,
         "total": progress.total,
         "error": progress.error,
+        "nodes_downloading": progress.downloading,
     }
 
 
@@ -246,7 +247,7 @@ def pull_model(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     key = args.api_key or config.node_key() or config.admin_key()
-    hosts = config.default_allowed_hosts() + list(args.allow_host)
+    hosts = list(dict.fromkeys([*config.default_allowed_hosts(), *args.allow_host]))
     try:
         with PullDisplay(model_id) as display:
             descriptor = downloader.pull_model(

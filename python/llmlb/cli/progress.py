@@ -44,6 +44,7 @@ class ModelProgress:
             ``failed`` as reported, else ``None`` (no online node reports it).
         bytes: bytes downloaded, summed over the nodes downloading it.
         total: bytes to download, summed over the same nodes.
+        downloading: nodes downloading it (possibly while others serve it).
         nodes_ready: online nodes reporting it ready.
         error: a failing node's reason.
     """
@@ -51,26 +52,22 @@ class ModelProgress:
     state: str | None = None
     bytes: int = 0
     total: int = 0
+    downloading: int = 0
     nodes_ready: int = 0
     error: str | None = None
 
     @property
     def failed(self) -> bool:
-        """Every node that reports the model failed it."""
+        """No node has the model or is getting it, and some node failed it."""
         return self.state == "failed"
 
     def describe(self) -> str:
-        """One short phrase: ``downloading 12.0 MiB / 253.0 MiB (5%)``, ``ready on 2 nodes``."""
-        if self.state == "downloading":
-            if self.total:
-                pct = 100 * self.bytes / self.total
-                return (
-                    f"downloading {human_bytes(self.bytes)} / {human_bytes(self.total)}"
-                    f" ({pct:.0f}%)"
-                )
-            return "downloading"
-        if self.state == "ready":
-            return f"ready on {self.nodes_ready} node{'s' if self.nodes_ready != 1 else ''}"
+        """One short phrase: ``downloading 12.0 MiB / 253.0 MiB (5%)``, ``ready``, ``-``."""
+        if self.downloading:
+            if not self.total:
+                return "downloading"
+            pct = 100 * self.bytes / self.total
+            return f"downloading {human_bytes(self.bytes)} / {human_bytes(self.total)} ({pct:.0f}%)"
         if self.state == "failed":
             return f"failed: {self.error or 'unknown error'}"
         return self.state or "-"
@@ -83,20 +80,22 @@ def progress_from_nodes(nodes: list[dict[str, Any]], model_id: str) -> ModelProg
         if node.get("status", "online") != "online":
             continue
         states += [m for m in node.get("models") or () if m.get("id") == model_id]
-    ready = sum(1 for m in states if m.get("state") == "ready")
-    if ready:
-        return ModelProgress("ready", nodes_ready=ready)
-    moving = [m for m in states if m.get("state") == "downloading"]
-    if moving:
-        done = sum(int((m.get("progress") or {}).get("bytes") or 0) for m in moving)
-        total = sum(int((m.get("progress") or {}).get("total") or 0) for m in moving)
-        return ModelProgress("downloading", bytes=done, total=total)
-    if any(m.get("state") == "loading" for m in states):
-        return ModelProgress("loading")
-    failed = [m for m in states if m.get("state") == "failed"]
-    if failed:
-        return ModelProgress("failed", error=failed[0].get("error"))
-    return ModelProgress()
+    by_state: dict[str, list[dict[str, Any]]] = {}
+    for report in states:
+        by_state.setdefault(str(report.get("state")), []).append(report)
+    moving = by_state.get("downloading", [])
+    done = sum(int((m.get("progress") or {}).get("bytes") or 0) for m in moving)
+    total = sum(int((m.get("progress") or {}).get("total") or 0) for m in moving)
+    failed = by_state.get("failed", [])
+    state = next((s for s in ("ready", "downloading", "loading", "failed") if s in by_state), None)
+    return ModelProgress(
+        state=state,
+        bytes=done,
+        total=total,
+        downloading=len(moving),
+        nodes_ready=len(by_state.get("ready", [])),
+        error=failed[0].get("error") if failed else None,
+    )
 
 
 def byte_bar(console: Console | None = None) -> Progress:
@@ -190,8 +189,11 @@ class PullDisplay:
             f"{self.model_id}: {human_bytes(p.bytes_done)} / {human_bytes(p.bytes_total)}",
             f"({pct:.0f}%)",
             f"{human_bytes(int(rate))}/s",
-            f"files {p.files_done}/{p.files_total}",
         ]
+        if not finished and rate > 0 and p.bytes_total > p.bytes_done:
+            eta = int((p.bytes_total - p.bytes_done) / rate)
+            parts.append(f"ETA {eta // 60}:{eta % 60:02d}")
+        parts.append(f"files {p.files_done}/{p.files_total}")
         if p.filename and not finished:
             parts.append(
                 f"{p.filename} {human_bytes(p.file_bytes_done)}/{human_bytes(p.file_bytes_total)}"

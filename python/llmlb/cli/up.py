@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -18,13 +19,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from llmlb import config
 from llmlb.cli import demo
 from llmlb.cli.api_client import ApiClient, ApiClientError
-from llmlb.cli.children import Child
+from llmlb.cli.children import Child, stop_all
 from llmlb.cli.progress import ModelProgress, byte_bar, progress_from_nodes
 
 HOST = "127.0.0.1"
@@ -49,8 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "up",
         help="start a router and one node on loopback, serving a model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start a router and one node on 127.0.0.1 under $LLMLB_HOME, create the "
+        "keys they need, serve the bundled Gemma 3 270M demo model (or --model ORG/REPO from "
+        "the hub), and print how to call it. Ctrl-C stops everything; a second run reuses the "
+        "same home, keys and model. Logs go to $LLMLB_HOME/logs/.",
     )
     parser.add_argument(
         "--model",
@@ -94,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if children:
             print("llmlb up: stopping…", file=sys.stderr, flush=True)
-        for child in reversed(children):
-            child.stop()
+        stop_all(children)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -118,6 +121,7 @@ class _Cluster:
         self.models_dir = Path()
         self.api_key = ""
         self.model_id = ""
+        self.node_started_at = 0.0
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -136,6 +140,7 @@ class _Cluster:
         _ensure_port_free(args.node_port, "--node-port")
         if not args.model:
             self._place_demo_model()
+        self._check_stop()
         env = self._child_env()
         self._spawn("router", ["router", "--host", HOST, "--port", str(args.port)], env)
         self._wait(
@@ -151,6 +156,7 @@ class _Cluster:
         else:
             self.model_id = demo.DEMO_MODEL_ID
         node_env = dict(env, LLMLB_NODE_KEY=node_key, LLMLB_ROUTER_URL=self.router_url)
+        self.node_started_at = time.time()
         self._spawn(
             "node",
             [
@@ -170,11 +176,12 @@ class _Cluster:
         self._print_banner(ApiClient(self.router_url, self.api_key))
 
     def _place_demo_model(self) -> None:
-        print(
-            f"llmlb up: placing the demo model in {self.models_dir / demo.DEMO_MODEL_ID}…",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not demo.is_placed(self.models_dir):  # else only the template is refreshed
+            print(
+                f"llmlb up: placing the demo model in {self.models_dir / demo.DEMO_MODEL_ID}…",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             demo.place_demo_model(self.models_dir)
         except demo.DemoModelMissing as exc:
@@ -221,15 +228,19 @@ class _Cluster:
         return str(model["id"])
 
     def _wait_model_ready(self, admin: ApiClient) -> None:
-        """Wait until the router lists the model ready; show download progress meanwhile."""
+        """Wait until our node reports the model ready and the router lists it ready.
+
+        Only nodes registered since this ``llmlb up`` started its node count: the router's
+        database still holds what the previous run's node reported.
+        """
         deadline = None if self.args.model else time.monotonic() + DEMO_READY_TIMEOUT_S
         reporter = _ProgressReporter(self.model_id)
         try:
             while True:
                 self._check_children()
-                if _model_ready(admin, self.model_id):
+                progress = _model_progress(admin, self.model_id, self.node_started_at)
+                if progress.nodes_ready and _model_ready(admin, self.model_id):
                     return
-                progress = _model_progress(admin, self.model_id)
                 if progress.failed:
                     raise UpError(f"model {self.model_id} failed on the node: {progress.error}")
                 reporter.update(progress)
@@ -244,7 +255,14 @@ class _Cluster:
             reporter.close()
 
     def _print_banner(self, client: ApiClient) -> None:
-        ready = [m["id"] for m in client.get("/v1/models").get("data", []) if m.get("ready")]
+        try:
+            listed = client.get("/v1/models").get("data", [])
+        except ApiClientError as exc:
+            raise UpError(str(exc)) from None
+        ready = [m["id"] for m in listed if m.get("ready")]
+        export = f"export LLMLB_ROUTER_URL={self.router_url}"
+        if not config.admin_key():  # else LLMLB_ADMIN_KEY is already the admin key
+            export += f" LLMLB_ADMIN_KEY=$(cat {shlex.quote(str(self.home / ADMIN_KEY_FILE))})"
         base = f"{self.router_url}/v1"
         key = self.api_key
         model = self.model_id
@@ -255,6 +273,9 @@ class _Cluster:
             f"  API key:   {key}",
             f"  Models:    {', '.join(ready) or '(none ready)'}",
             f"  Home:      {self.home} (logs in {self.home / 'logs'})",
+            "",
+            "Manage it (llmlb models ls, llmlb nodes ls, llmlb keys ls) after:",
+            f"  {export}",
             "",
             "Try it with curl:",
             f"  curl {base}/chat/completions \\",
@@ -279,6 +300,10 @@ class _Cluster:
         """Block until a signal (then return) or a child's death (then raise)."""
         while not self.stop.wait(POLL_S):
             self._check_children()
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
 
     def _check_children(self) -> None:
         for child in self.children:
@@ -351,8 +376,11 @@ def _ensure_writable(path: Path, what: str) -> None:
 
 def _ensure_port_free(port: int, flag: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: connections in TIME_WAIT do not make a port taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
+            sock.listen(1)
         except OSError:
             raise UpError(
                 f"port {port} on {HOST} is already in use; choose another with {flag}"
@@ -409,11 +437,21 @@ def _model_ready(admin: ApiClient, model_id: str) -> bool:
         raise UpError(str(exc)) from None
 
 
-def _model_progress(admin: ApiClient, model_id: str) -> ModelProgress:
+def _model_progress(admin: ApiClient, model_id: str, since: float) -> ModelProgress:
+    """The model's progress on the nodes that registered at or after ``since`` (epoch s)."""
     try:
-        return progress_from_nodes(admin.get("/v0/nodes").get("nodes", []), model_id)
+        nodes = admin.get("/v0/nodes").get("nodes", [])
     except ApiClientError as exc:
         raise UpError(str(exc)) from None
+    return progress_from_nodes([n for n in nodes if _registered_since(n, since)], model_id)
+
+
+def _registered_since(node: dict[str, Any], since: float) -> bool:
+    try:
+        registered = datetime.fromisoformat(str(node.get("registered_at"))).timestamp()
+    except ValueError:
+        return True  # no usable timestamp: trust the node's own report
+    return registered >= since - 1.0  # the router rounds to milliseconds
 
 
 def _default_model_id(repo: str) -> str:

@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print=None,
         access_log=None,
         handler_cancellation=False,
-        shutdown_timeout=1.0,
+        shutdown_timeout=0.25,
     )
     return 0
 

@@ -15,6 +15,7 @@ Standalone use (``llmlb pull``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -26,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -169,8 +170,9 @@ def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> l
     return sorted(chosen, key=lambda f: (f.priority, f.filename))
 
 
-def fetch_manifest(router_url: str, api_key: str | None, model_id: str,
-                   timeout: float = 10.0) -> Manifest:
+def fetch_manifest(
+    router_url: str, api_key: str | None, model_id: str, timeout: float = 10.0
+) -> Manifest:
     """Ask the router for ``model_id``'s manifest (blocking).
 
     Raises:
@@ -181,13 +183,15 @@ def fetch_manifest(router_url: str, api_key: str | None, model_id: str,
     url = f"{router_url.rstrip('/')}/v0/models/registry/{quoted}/manifest.json"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                    timeout=timeout) as resp:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as resp:
             return Manifest.from_dict(orjson.loads(resp.read()))
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            raise ModelNotRegistered(f"model {model_id!r} is not registered with the router") \
-                from None
+            raise ModelNotRegistered(
+                f"model {model_id!r} is not registered with the router"
+            ) from None
         raise RouterUnavailable(
             f"router answered {exc.code} for the manifest of {model_id!r}: {_error_text(exc)}"
         ) from None
@@ -397,7 +401,9 @@ class _TransferWorker:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "llmlb.node.transfer_worker"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=None,
                 )
             proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
@@ -427,10 +433,8 @@ class _TransferWorker:
         proc.wait()
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
 
 
 # --- one model ---------------------------------------------------------------------------
@@ -444,7 +448,6 @@ class _State:
     file_done: int = 0
     file_total: int = 0
     last_report: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class ModelFetch:
@@ -460,10 +463,17 @@ class ModelFetch:
         options: tuning.
     """
 
-    def __init__(self, store: Any, models_dir: Path, manifest: Manifest, *,
-                 allowed_hosts: list[str], token: str | None = None,
-                 progress: ProgressCallback | None = None,
-                 options: DownloadOptions | None = None):
+    def __init__(
+        self,
+        store: Any,
+        models_dir: Path,
+        manifest: Manifest,
+        *,
+        allowed_hosts: list[str],
+        token: str | None = None,
+        progress: ProgressCallback | None = None,
+        options: DownloadOptions | None = None,
+    ):
         self.store = store
         self.models_dir = Path(models_dir)
         self.manifest = manifest
@@ -565,9 +575,13 @@ class ModelFetch:
         for name, info in recorded.items() if isinstance(recorded, dict) else ():
             spec = wanted.get(name)
             path = files_dir / name
-            if (spec is not None and isinstance(info, dict) and path.is_file()
-                    and path.stat().st_size == spec.size_bytes == info.get("size")
-                    and (spec.sha256 is None or info.get("sha256") == spec.sha256)):
+            if (
+                spec is not None
+                and isinstance(info, dict)
+                and path.is_file()
+                and path.stat().st_size == spec.size_bytes == info.get("size")
+                and (spec.sha256 is None or info.get("sha256") == spec.sha256)
+            ):
                 verified[name] = info
         for path in sorted(files_dir.rglob("*"), reverse=True):
             rel = path.relative_to(files_dir).as_posix()
@@ -620,14 +634,11 @@ class ModelFetch:
             return streamed or ""
         if streamed != spec.sha256:
             # The streamed digest may have raced the writer: confirm with a serial pass.
-            logger.info("%s: %s: streamed digest differs; re-hashing", self.model_id,
-                        spec.filename)
+            logger.info("%s: %s: streamed digest differs; re-hashing", self.model_id, spec.filename)
             self._report(force=True, phase="verifying")
             streamed = sha256_file(path)
             if streamed != spec.sha256:
-                raise _Corrupt(
-                    f"{spec.filename}: sha256 {streamed} != expected {spec.sha256}"
-                )
+                raise _Corrupt(f"{spec.filename}: sha256 {streamed} != expected {spec.sha256}")
         return streamed
 
     def _fetch_with_retries(self, spec: FileSpec, part: Path) -> str:
@@ -648,8 +659,9 @@ class ModelFetch:
                         f"{self.model_id}: {spec.filename}: giving up after {attempt} attempts: "
                         f"{exc}"
                     ) from None
-                logger.warning("%s: %s: %s; retrying in %.1fs", self.model_id, spec.filename,
-                               exc, delay)
+                logger.warning(
+                    "%s: %s: %s; retrying in %.1fs", self.model_id, spec.filename, exc, delay
+                )
                 if self._cancelled.wait(delay):
                     self._raise_if_cancelled()
                 delay = min(delay * 2, self.options.backoff_max_s)
@@ -696,8 +708,14 @@ class ModelFetch:
             )
         transferred = time.monotonic()
         digest = hasher.finish()
-        logger.info("%s: %s: %.1f MiB in %.3fs, hash tail %.3fs", self.model_id, spec.filename,
-                    spec.size_bytes / MIB, transferred - started, time.monotonic() - transferred)
+        logger.info(
+            "%s: %s: %.1f MiB in %.3fs, hash tail %.3fs",
+            self.model_id,
+            spec.filename,
+            spec.size_bytes / MIB,
+            transferred - started,
+            time.monotonic() - transferred,
+        )
         self._set_file_done(spec.size_bytes)
         return digest
 
@@ -739,30 +757,35 @@ class ModelFetch:
         if not force and now - self._state.last_report < 0.1:
             return
         self._state.last_report = now
-        self.progress(DownloadProgress(
-            model_id=self.model_id,
-            bytes_done=max(0, self._state.bytes_done),
-            bytes_total=self._total,
-            files_done=self._state.files_done,
-            files_total=len(self._files),
-            filename=self._state.filename,
-            file_bytes_done=self._state.file_done,
-            file_bytes_total=self._state.file_total,
-            phase=phase,
-        ))
+        self.progress(
+            DownloadProgress(
+                model_id=self.model_id,
+                bytes_done=max(0, self._state.bytes_done),
+                bytes_total=self._total,
+                files_done=self._state.files_done,
+                files_total=len(self._files),
+                filename=self._state.filename,
+                file_bytes_done=self._state.file_done,
+                file_bytes_total=self._state.file_total,
+                phase=phase,
+            )
+        )
 
     # -- promotion --
 
     def _promote(self, staging: Path, files_dir: Path) -> Any:
         """Check the staged files with the store's rules, then rename them into place."""
+        from llmlb.model_storage import validate_file
+
         problems: list[str] = []
         for path in sorted(files_dir.rglob("*")):
             if path.suffix in (".gguf", ".safetensors") and path.is_file():
-                problems += [f"{path.name}: {p}" for p in self.store.validate_file(str(path))]
+                problems += [f"{path.name}: {p}" for p in validate_file(path)]
         if problems:
             shutil.rmtree(staging, ignore_errors=True)
-            raise DownloadError(f"{self.model_id}: downloaded files are invalid: "
-                                + "; ".join(problems))
+            raise DownloadError(
+                f"{self.model_id}: downloaded files are invalid: " + "; ".join(problems)
+            )
         template = self.manifest.chat_template
         if template and not (files_dir / CHAT_TEMPLATE_FILENAME).exists():
             (files_dir / CHAT_TEMPLATE_FILENAME).write_text(template)
@@ -775,15 +798,23 @@ class ModelFetch:
         os.replace(files_dir, target)
         marker = downloaded_marker(self.models_dir, self.model_id)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(marker, {"repo": self.manifest.repo, "revision": self.manifest.revision,
-                             "files": [f.filename for f in self._files],
-                             "downloaded_at": time.time()})
+        _write_json(
+            marker,
+            {
+                "repo": self.manifest.repo,
+                "revision": self.manifest.revision,
+                "files": [f.filename for f in self._files],
+                "downloaded_at": time.time(),
+            },
+        )
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         descriptor = self.store.resolve(self.model_id)
         if descriptor is None:
             reasons = "; ".join(self.store.validate(self.model_id)) or "rejected by the store"
+            shutil.rmtree(target, ignore_errors=True)
+            forget_downloaded(self.models_dir, self.model_id)
             raise DownloadError(f"{self.model_id}: downloaded model does not validate: {reasons}")
         self._report(force=True, phase="done")
         return descriptor
@@ -792,10 +823,17 @@ class ModelFetch:
 # --- standalone entry point --------------------------------------------------------------
 
 
-def pull_model(model_id: str, *, router_url: str | None = None, api_key: str | None = None,
-               models_dir: Path | None = None, allowed_hosts: Iterable[str] | None = None,
-               token: str | None = None, progress: ProgressCallback | None = None,
-               options: DownloadOptions | None = None) -> Any:
+def pull_model(
+    model_id: str,
+    *,
+    router_url: str | None = None,
+    api_key: str | None = None,
+    models_dir: Path | None = None,
+    allowed_hosts: Iterable[str] | None = None,
+    token: str | None = None,
+    progress: ProgressCallback | None = None,
+    options: DownloadOptions | None = None,
+) -> Any:
     """Resolve ``model_id`` into the local store, node-first (blocking; used by ``llmlb pull``).
 
     Args:
@@ -824,11 +862,20 @@ def pull_model(model_id: str, *, router_url: str | None = None, api_key: str | N
     existing = store.resolve(model_id)
     if existing is not None:
         return existing
-    manifest = fetch_manifest(router_url or config.router_url(),
-                              api_key if api_key is not None else config.node_key(), model_id)
+    manifest = fetch_manifest(
+        router_url or config.router_url(),
+        api_key if api_key is not None else config.node_key(),
+        model_id,
+    )
     manifest = replace(manifest, model_id=model_id)
     hosts = list(allowed_hosts) if allowed_hosts is not None else config.default_allowed_hosts()
-    fetch = ModelFetch(store, root, manifest, allowed_hosts=hosts,
-                       token=token if token is not None else config.hf_token(),
-                       progress=progress, options=options)
+    fetch = ModelFetch(
+        store,
+        root,
+        manifest,
+        allowed_hosts=hosts,
+        token=token if token is not None else config.hf_token(),
+        progress=progress,
+        options=options,
+    )
     return fetch.run()

@@ -34,11 +34,15 @@ class NodeMetrics:
             registry=r,
         )
         self.requests = Counter(
-            "llmlb_node_requests", "Inference requests, by route and status", ["route", "status"],
+            "llmlb_node_requests",
+            "Inference requests, by route and status",
+            ["route", "status"],
             registry=r,
         )
         self.tokens = Counter(
-            "llmlb_node_tokens", "Tokens processed, by kind (prompt|completion)", ["kind"],
+            "llmlb_node_tokens",
+            "Tokens processed, by kind (prompt|completion)",
+            ["kind"],
             registry=r,
         )
         self.active_requests = Gauge(

@@ -65,11 +65,19 @@ class Resolver:
         after_download: awaited once a model was downloaded (the node loads it).
     """
 
-    def __init__(self, store: Any, models_dir: Path, router: RouterAccess | None,
-                 metrics: NodeMetrics, *, allowed_hosts: list[str], token: str | None,
-                 options: dl.DownloadOptions | None = None,
-                 on_change: Callable[[], None] | None = None,
-                 after_download: Callable[[str, str], Awaitable[None]] | None = None):
+    def __init__(
+        self,
+        store: Any,
+        models_dir: Path,
+        router: RouterAccess | None,
+        metrics: NodeMetrics,
+        *,
+        allowed_hosts: list[str],
+        token: str | None,
+        options: dl.DownloadOptions | None = None,
+        on_change: Callable[[], None] | None = None,
+        after_download: Callable[[str, str], Awaitable[None]] | None = None,
+    ):
         self.store = store
         self.models_dir = Path(models_dir)
         self.router = router
@@ -149,7 +157,8 @@ class Resolver:
         if pending is None:
             loop = asyncio.get_running_loop()
             pending = loop.run_in_executor(
-                None, dl.fetch_manifest, self.router.url, self.router.api_key, model_id)
+                None, dl.fetch_manifest, self.router.url, self.router.api_key, model_id
+            )
             self._manifest_calls[model_id] = pending
             pending.add_done_callback(lambda _f: self._manifest_calls.pop(model_id, None))
         manifest = replace(await asyncio.shield(pending), model_id=model_id)
@@ -190,9 +199,15 @@ class Resolver:
         def progress(p: dl.DownloadProgress) -> None:
             state.bytes, state.total = p.bytes_done, p.bytes_total
 
-        fetch = dl.ModelFetch(self.store, self.models_dir, manifest,
-                              allowed_hosts=self.allowed_hosts, token=self.token,
-                              progress=progress, options=self.options)
+        fetch = dl.ModelFetch(
+            self.store,
+            self.models_dir,
+            manifest,
+            allowed_hosts=self.allowed_hosts,
+            token=self.token,
+            progress=progress,
+            options=self.options,
+        )
         self._fetches[model_id] = fetch
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -257,15 +272,19 @@ class Resolver:
         if path is not None:
             return path
         if state is not None and state.state == FAILED and not self.busy(model_id):
-            raise ApiError(503, "model_failed", state.error or f"model {model_id!r} failed",
-                           retry_after=5)
+            raise ApiError(
+                503, "model_failed", state.error or f"model {model_id!r} failed", retry_after=5
+            )
         if not self.busy(model_id):
             try:
                 await self.manifest(model_id)
             except dl.ModelNotRegistered:
-                raise ApiError(404, "model_not_found",
-                               f"model {model_id!r} is neither in this node's store nor "
-                               "registered with the router") from None
+                raise ApiError(
+                    404,
+                    "model_not_found",
+                    f"model {model_id!r} is neither in this node's store nor "
+                    "registered with the router",
+                ) from None
             except dl.RouterUnavailable as exc:
                 raise ApiError(503, "model_not_ready", str(exc), retry_after=5) from None
             self.ensure(model_id)
@@ -276,6 +295,9 @@ def _not_ready(model_id: str, state: ModelState | None) -> ApiError:
     detail = ""
     if state is not None and state.total:
         detail = f" ({state.bytes}/{state.total} bytes)"
-    return ApiError(503, "model_not_ready",
-                    f"model {model_id!r} is being downloaded{detail}; retry shortly",
-                    retry_after=2)
+    return ApiError(
+        503,
+        "model_not_ready",
+        f"model {model_id!r} is being downloaded{detail}; retry shortly",
+        retry_after=2,
+    )

@@ -42,8 +42,14 @@ class RouterSync:
         gpu: the ``gpu`` object of the registration.
     """
 
-    def __init__(self, settings: NodeSettings, node_id: str, resolver: Resolver, engine: Engine,
-                 gpu: dict[str, Any]):
+    def __init__(
+        self,
+        settings: NodeSettings,
+        node_id: str,
+        resolver: Resolver,
+        engine: Engine,
+        gpu: dict[str, Any],
+    ):
         self.settings = settings
         self.node_id = node_id
         self.resolver = resolver
@@ -66,7 +72,8 @@ class RouterSync:
         self._session = aiohttp.ClientSession(
             base_url=None,
             headers={"Authorization": f"Bearer {self.settings.api_key}"}
-            if self.settings.api_key else {},
+            if self.settings.api_key
+            else {},
             json_serialize=lambda o: orjson.dumps(o).decode(),
             timeout=aiohttp.ClientTimeout(total=REGISTER_TIMEOUT_S),
         )
@@ -124,8 +131,9 @@ class RouterSync:
             return
         if not await self._register_and_pull():
             self.ready.set()
-            logger.warning("router %s unreachable; serving local models, retrying",
-                           self.settings.router_url)
+            logger.warning(
+                "router %s unreachable; serving local models, retrying", self.settings.router_url
+            )
             delay = 0.5
             while not await self._register_and_pull():
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
@@ -178,9 +186,11 @@ class RouterSync:
     async def _heartbeat(self) -> None:
         loop = asyncio.get_running_loop()
         self.local_ids = set(await loop.run_in_executor(None, self.resolver.scan))
-        body = {"models": self.model_reports(),
-                "active_requests": self.engine.active_requests(),
-                "slots": self.settings.concurrency}
+        body = {
+            "models": self.model_reports(),
+            "active_requests": self.engine.active_requests(),
+            "slots": self.settings.concurrency,
+        }
         try:
             await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
         except RouterError as exc:
@@ -197,8 +207,7 @@ class RouterSync:
         if not self.sync_token or not authorization:
             return False
         scheme, _, token = authorization.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(),
-                                                                   self.sync_token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.sync_token)
 
     def handle_sync(self, action: str, model_ids: list[str]) -> None:
         """Reconcile the named models in the background (``register`` or ``delete``)."""
@@ -235,8 +244,9 @@ class RouterSync:
     async def _post(self, path: str, body: dict) -> dict:
         assert self._session is not None
         url = self.settings.router_url.rstrip("/") + path
-        async with self._session.post(url, data=orjson.dumps(body),
-                                      headers={"Content-Type": "application/json"}) as resp:
+        async with self._session.post(
+            url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        ) as resp:
             return await _answer(resp)
 
     async def _get(self, path: str) -> dict:

@@ -16,6 +16,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmlb.errors import ApiError
 from llmlb.router import db
 
 logger = logging.getLogger("llmlb.router")
@@ -104,12 +105,25 @@ def list_keys(conn: sqlite3.Connection) -> list[KeyInfo]:
 
 
 def delete_key(conn: sqlite3.Connection, key_id: str) -> bool:
-    """Revoke (delete) a key; ``False`` when no such key."""
+    """Revoke (delete) a key; ``False`` when no such key.
+
+    Raises:
+        ApiError: 409 ``key_protected`` for the ``LLMLB_ADMIN_KEY`` key (it comes back at every
+            start) and for the last admin key (nobody could manage the router any more).
+    """
     with db.transaction(conn):
-        deleted = conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,)).rowcount
-        if deleted:
-            db.bump(conn, db.KEYS)
-    return bool(deleted)
+        row = conn.execute("SELECT scope FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        if row is None:
+            return False
+        if key_id == ENV_ADMIN_KEY_ID:
+            raise ApiError(409, "key_protected", "this admin key is set by LLMLB_ADMIN_KEY")
+        if row[0] == "admin":
+            admins = conn.execute("SELECT COUNT(*) FROM api_keys WHERE scope = 'admin'").fetchone()
+            if admins[0] <= 1:
+                raise ApiError(409, "key_protected", "cannot revoke the last admin key")
+        conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
+        db.bump(conn, db.KEYS)
+    return True
 
 
 def load_hashes(conn: sqlite3.Connection) -> dict[str, str]:

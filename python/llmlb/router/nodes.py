@@ -17,6 +17,8 @@ from llmlb.router import db
 from llmlb.router.fleet import MODEL_STATES, ModelReport, NodeState, NodeView
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_COUNT = 1_000_000  # bound on slots and active requests
+MAX_BYTES = 1 << 60  # bound on sizes and progress
 
 
 def _bad(message: str, code: str = "invalid_request_error") -> ApiError:
@@ -44,9 +46,22 @@ def validate_url(value: Any) -> str:
     return value.rstrip("/")
 
 
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(f"{name} must be an integer >= {minimum}")
+def _int(value: Any, name: str, minimum: int, maximum: int = MAX_COUNT) -> int:
+    """An integer in ``[minimum, maximum]``; integral floats such as ``4.0`` count as integers."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise _bad(f"{name} must be an integer in [{minimum}, {maximum}]")
+    return value
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else _int(value, name, 0, MAX_BYTES)
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"{name} must be a string")
     return value
 
 
@@ -79,14 +94,17 @@ def parse_model_reports(value: Any) -> list[dict]:
             raise _bad(f"model state must be one of {', '.join(MODEL_STATES)}")
         report: dict[str, Any] = {"id": model_id, "state": state}
         progress = item.get("progress")
-        if isinstance(progress, dict):
-            report["progress"] = {"bytes": progress.get("bytes"), "total": progress.get("total")}
-        if isinstance(item.get("error"), str):
-            report["error"] = item["error"]
-        if isinstance(item.get("format"), str):
-            report["format"] = item["format"]
-        size = item.get("size_bytes")
-        if isinstance(size, int) and not isinstance(size, bool):
+        if progress is not None:
+            if not isinstance(progress, dict):
+                raise _bad("progress must be an object {bytes, total}")
+            report["progress"] = {
+                "bytes": _optional_int(progress.get("bytes"), "progress.bytes"),
+                "total": _optional_int(progress.get("total"), "progress.total"),
+            }
+        for name in ("error", "format"):
+            if (text := _optional_str(item.get(name), name)) is not None:
+                report[name] = text
+        if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
             report["size_bytes"] = size
         reports[model_id] = report
     return list(reports.values())
@@ -147,9 +165,10 @@ class Heartbeat:
         """
         models = body.get("models")
         slots = body.get("slots")
+        active = body.get("active_requests")
         return cls(
             models=parse_model_reports(models) if models is not None else None,
-            active_requests=_int(body.get("active_requests", 0), "active_requests", 0),
+            active_requests=_int(active, "active_requests", 0) if active is not None else 0,
             slots=_int(slots, "slots", 1) if slots is not None else None,
         )
 

@@ -6,6 +6,8 @@ from functools import cache
 from typing import Any
 
 from llmlb import __version__
+from llmlb.router.nodes import MAX_BYTES as _MAX_BYTES
+from llmlb.router.nodes import MAX_COUNT as _MAX_COUNT
 
 
 def _ref(name: str) -> dict:
@@ -29,6 +31,15 @@ def _errors(*statuses: int) -> dict:
         503: "Not available yet",
     }
     return {str(s): _json(_ref("Error"), texts[s]) for s in statuses}
+
+
+def _linked(response: dict, links: dict[str, tuple[str, str]]) -> dict:
+    """Add OpenAPI links: ``{operationId: (path parameter, response body field)}``."""
+    response["links"] = {
+        op: {"operationId": op, "parameters": {param: f"$response.body#/{field}"}}
+        for op, (param, field) in links.items()
+    }
+    return response
 
 
 _AUTH = [401, 403]
@@ -80,19 +91,20 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["scope"],
         "properties": {
             "scope": {"enum": ["api", "node", "admin"]},
-            "name": {"type": "string", "maxLength": 200},
+            "name": {"type": ["string", "null"], "maxLength": 200},
         },
     },
     "RegisterModel": {
         "type": "object",
         "required": ["repo"],
         "properties": {
-            "repo": {"type": "string", "description": "`Org/Name` or a hub URL"},
-            "filename": {"type": "string"},
-            "revision": {"type": "string", "default": "main"},
-            "id": {"type": "string"},
-            "chat_template": {"type": "string"},
+            "repo": {"type": "string", "minLength": 1, "description": "`Org/Name` or a hub URL"},
+            "filename": {"type": ["string", "null"]},
+            "revision": {"type": ["string", "null"], "default": "main"},
+            "id": {"type": ["string", "null"], "description": "default: the repo, lowercased"},
+            "chat_template": {"type": ["string", "null"]},
         },
+        "examples": [{"repo": "unsloth/gemma-3-270m-it-GGUF"}],
     },
     "Model": {
         "type": "object",
@@ -183,28 +195,40 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "state": {"enum": ["ready", "downloading", "loading", "failed"]},
+            "status": {
+                "enum": ["ready", "downloading", "loading", "failed"],
+                "description": "alias of state",
+            },
             "progress": {
-                "type": "object",
+                "type": ["object", "null"],
                 "properties": {
-                    "bytes": {"type": "integer"},
-                    "total": {"type": ["integer", "null"]},
+                    "bytes": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
+                    "total": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
                 },
             },
-            "error": {"type": "string"},
-            "format": {"type": "string"},
-            "size_bytes": {"type": "integer"},
+            "error": {"type": ["string", "null"]},
+            "format": {"type": ["string", "null"]},
+            "size_bytes": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
         },
+    },
+    "ModelReports": {
+        "type": ["array", "null"],
+        "description": "A node's models; a bare string is a ready model",
+        "items": {"anyOf": [{"type": "string"}, _ref("ModelReport")]},
     },
     "NodeRegistration": {
         "type": "object",
         "required": ["url"],
         "properties": {
-            "node_id": {"type": "string"},
-            "url": {"type": "string", "format": "uri"},
+            "node_id": {"type": ["string", "null"], "description": "[A-Za-z0-9._:-], <= 128"},
+            "url": {"type": "string", "description": "http(s)://host:port the router can reach"},
             "runtimes": {"type": "array", "items": {"type": "string"}},
-            "gpu": {"type": "object", "description": "`backend`: metal|cuda|cpu, and details"},
-            "slots": {"type": "integer", "minimum": 1},
-            "models": {"type": "array", "items": _ref("ModelReport")},
+            "gpu": {
+                "type": ["object", "null"],
+                "description": "`backend`: metal|cuda|cpu, and details",
+            },
+            "slots": {"type": "integer", "minimum": 1, "maximum": _MAX_COUNT},
+            "models": _ref("ModelReports"),
         },
     },
     "NodeRegistered": {
@@ -219,9 +243,9 @@ _SCHEMAS: dict[str, Any] = {
     "Heartbeat": {
         "type": "object",
         "properties": {
-            "models": {"type": "array", "items": _ref("ModelReport")},
-            "active_requests": {"type": "integer", "minimum": 0},
-            "slots": {"type": "integer", "minimum": 1},
+            "models": _ref("ModelReports"),
+            "active_requests": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_COUNT},
+            "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_COUNT},
         },
     },
     "HeartbeatAck": {
@@ -248,15 +272,16 @@ _SCHEMAS: dict[str, Any] = {
     "InferenceRequest": {
         "type": "object",
         "required": ["model"],
-        "properties": {"model": {"type": "string"}, "stream": {"type": "boolean"}},
+        "properties": {"model": {"type": "string", "minLength": 1}},
         "description": "An OpenAI request; forwarded to a node unchanged.",
     },
 }
 
 
-def _inference(summary: str) -> dict:
+def _inference(operation_id: str, summary: str) -> dict:
     return {
         "post": {
+            "operationId": operation_id,
             "summary": summary,
             "tags": ["inference"],
             "requestBody": {
@@ -278,6 +303,7 @@ def _paths() -> dict:
     return {
         "/health": {
             "get": {
+                "operationId": "health",
                 "summary": "Liveness",
                 "security": [],
                 "responses": {"200": _json({"type": "object"}, "Alive")},
@@ -285,12 +311,14 @@ def _paths() -> dict:
         },
         "/openapi.json": {
             "get": {
+                "operationId": "openapi",
                 "summary": "This document (any valid key)",
                 "responses": {"200": _json({"type": "object"}, "OpenAPI"), **_errors(*_AUTH)},
             }
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
                 "summary": "Prometheus metrics (admin)",
                 "responses": {
                     "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
@@ -300,14 +328,21 @@ def _paths() -> dict:
         },
         "/v0/keys": {
             "post": {
+                "operationId": "createKey",
                 "summary": "Create a key (admin); the key is returned once",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("KeyCreate")}},
                 },
-                "responses": {"201": _json(_ref("NewKey"), "Created"), **_errors(400, *_AUTH, 413)},
+                "responses": {
+                    "201": _linked(
+                        _json(_ref("NewKey"), "Created"), {"revokeKey": ("key_id", "id")}
+                    ),
+                    **_errors(400, *_AUTH, 413),
+                },
             },
             "get": {
+                "operationId": "listKeys",
                 "summary": "List keys (admin), never the keys themselves",
                 "responses": {
                     "200": _json(
@@ -324,28 +359,41 @@ def _paths() -> dict:
         },
         "/v0/keys/{key_id}": {
             "delete": {
+                "operationId": "revokeKey",
                 "summary": "Revoke a key (admin)",
                 "parameters": [
                     {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
                 ],
-                "responses": {"204": {"description": "Revoked"}, **_errors(*_AUTH, 404)},
+                "responses": {
+                    "204": {"description": "Revoked"},
+                    **_errors(*_AUTH, 404, 409),
+                },
             }
         },
         "/v1/models/register": {
             "post": {
+                "operationId": "registerModel",
                 "summary": "Register a hub model (admin)",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("RegisterModel")}},
                 },
                 "responses": {
-                    "201": _json({"type": "object"}, "Registered"),
+                    "201": _linked(
+                        _json({"type": "object"}, "Registered"),
+                        {
+                            "getModel": ("model_id", "id"),
+                            "getManifest": ("model_id", "id"),
+                            "deleteModel": ("model_id", "id"),
+                        },
+                    ),
                     **_errors(400, *_AUTH, 404, 409, 413, 502),
                 },
             }
         },
         "/v1/models": {
             "get": {
+                "operationId": "listModels",
                 "summary": "List models (api)",
                 "responses": {"200": _json(_ref("ModelList"), "Models"), **_errors(*_AUTH)},
             }
@@ -353,16 +401,19 @@ def _paths() -> dict:
         "/v1/models/{model_id}": {
             "parameters": [_MODEL_ID_PARAM],
             "get": {
+                "operationId": "getModel",
                 "summary": "One model (api)",
                 "responses": {"200": _json(_ref("Model"), "Model"), **_errors(400, *_AUTH, 404)},
             },
             "delete": {
+                "operationId": "deleteModel",
                 "summary": "Delete a model (admin)",
                 "responses": {"204": {"description": "Deleted"}, **_errors(400, *_AUTH, 404)},
             },
         },
         "/v0/models": {
             "get": {
+                "operationId": "nodeModels",
                 "summary": "Registered models, for nodes (node)",
                 "responses": {
                     "200": _json(
@@ -379,6 +430,7 @@ def _paths() -> dict:
         },
         "/v0/models/registry/{model_id}/manifest.json": {
             "get": {
+                "operationId": "getManifest",
                 "summary": "A model's manifest (node)",
                 "parameters": [_MODEL_ID_PARAM],
                 "responses": {
@@ -389,17 +441,25 @@ def _paths() -> dict:
         },
         "/v0/nodes": {
             "post": {
+                "operationId": "registerNode",
                 "summary": "Register a node (node)",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("NodeRegistration")}},
                 },
                 "responses": {
-                    "201": _json(_ref("NodeRegistered"), "Registered"),
+                    "201": _linked(
+                        _json(_ref("NodeRegistered"), "Registered"),
+                        {
+                            "nodeHeartbeat": ("node_id", "node_id"),
+                            "unregisterNode": ("node_id", "node_id"),
+                        },
+                    ),
                     **_errors(400, *_AUTH, 413),
                 },
             },
             "get": {
+                "operationId": "listNodes",
                 "summary": "List nodes (admin)",
                 "responses": {
                     "200": _json(
@@ -416,6 +476,7 @@ def _paths() -> dict:
         },
         "/v0/nodes/{node_id}/heartbeat": {
             "post": {
+                "operationId": "nodeHeartbeat",
                 "summary": "Heartbeat with per-model state (node)",
                 "parameters": [_NODE_ID_PARAM],
                 "requestBody": {
@@ -430,14 +491,17 @@ def _paths() -> dict:
         },
         "/v0/nodes/{node_id}": {
             "delete": {
+                "operationId": "unregisterNode",
                 "summary": "Unregister a node (node)",
                 "parameters": [_NODE_ID_PARAM],
                 "responses": {"204": {"description": "Unregistered"}, **_errors(400, *_AUTH, 404)},
             }
         },
-        "/v1/chat/completions": _inference("Chat completion, proxied to a node (api)"),
-        "/v1/completions": _inference("Completion, proxied to a node (api)"),
-        "/v1/embeddings": _inference("Embeddings, proxied to a node (api)"),
+        "/v1/chat/completions": _inference(
+            "createChatCompletion", "Chat completion, proxied to a node (api)"
+        ),
+        "/v1/completions": _inference("createCompletion", "Completion, proxied to a node (api)"),
+        "/v1/embeddings": _inference("createEmbedding", "Embeddings, proxied to a node (api)"),
     }
 
 

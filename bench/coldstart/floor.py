@@ -1,0 +1,83 @@
+"""The floor: a bare ``llama_cpp.Llama(path)`` load plus one streamed token, in a fresh process.
+
+Usage: ``python bench/coldstart/floor.py PATH [--n-ctx N] [--prefetch] [--evict]``
+
+Prints one JSON line: ``load_s`` (``Llama(...)``), ``token_s`` (first streamed token after
+the load), ``total_s`` (both, plus ``prefetch_s`` when asked), ``resident`` (page-cache share
+of the file right before loading). The clock starts after ``import llama_cpp``, as the node's
+does (it is already running when the request arrives).
+
+The one deviation from a bare ``Llama(path)``: ``use_extra_bufts`` is off, as in the node
+(``llmlb.node.engine``), because ggml's AMX/repack buffers die with SIGILL on CPUs (VMs) that
+report AMX without enabling it — this machine is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+
+def _no_extra_bufts() -> None:
+    import llama_cpp.llama_cpp as capi
+
+    original = capi.llama_model_default_params
+
+    def params():  # noqa: ANN202 - a ctypes struct
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = params
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load, generate one token, print the timings."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--n-ctx", type=int, default=None,
+                        help="context length (default: Llama's own, 512)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="call llmlb.model_storage.prefetch_files before loading")
+    parser.add_argument("--evict", action="store_true",
+                        help="drop the file from the page cache first")
+    parser.add_argument("--prompt", default="Hello")
+    args = parser.parse_args(argv)
+
+    import llama_cpp
+
+    _no_extra_bufts()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.coldstart.common import evict, resident_fraction
+
+    if args.evict:
+        evict([args.path])
+    resident = resident_fraction(args.path)
+    kwargs = {"verbose": False}
+    if args.n_ctx:
+        kwargs["n_ctx"] = args.n_ctx
+    started = time.monotonic()
+    prefetch_s = 0.0
+    if args.prefetch:
+        from llmlb.model_storage import prefetch_files
+
+        prefetch_files([args.path])
+        prefetch_s = time.monotonic() - started
+    llm = llama_cpp.Llama(str(args.path), **kwargs)
+    loaded = time.monotonic()
+    stream = llm.create_completion(args.prompt, max_tokens=1, stream=True, temperature=0)
+    for _chunk in stream:
+        break
+    done = time.monotonic()
+    print(orjson.dumps({"load_s": loaded - started - prefetch_s, "token_s": done - loaded,
+                        "prefetch_s": prefetch_s, "total_s": done - started,
+                        "resident": resident}).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Scenarios 1 and 2: first token from a model already in the store, warm and cold page cache.
+
+Each run starts a fresh node (``--router ''``, local models only), waits for ``/ready``, then
+times one streamed ``/v1/completions`` request (one token) from the moment it is sent until
+the first token event arrives; the node loads the model on that first request. The floor is
+``bench/coldstart/floor.py`` in a fresh process. Node and floor runs alternate so that load
+on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.coldstart.common import (
+    GEMMA_NAME,
+    PY,
+    ProcTree,
+    evict,
+    first_token,
+    gemma_path,
+    link_or_copy,
+    resident_fraction,
+    stats,
+    warm,
+)
+from bench.coldstart.nodes import run_json, start_node
+
+MODEL_ID = "bench/gemma"
+FLOOR = [PY, str(Path(__file__).with_name("floor.py"))]
+
+
+def _store(work: Path) -> tuple[Path, Path]:
+    models = work / "models"
+    gguf = link_or_copy(gemma_path(), models / MODEL_ID / GEMMA_NAME)
+    return models, gguf
+
+
+def _node_first_token(tree: ProcTree, models: Path, home: Path, gguf: Path, *, cold: bool,
+                      prefetch: bool) -> dict[str, float]:
+    node = start_node(tree, models, home, prefetch=prefetch)
+    try:
+        if cold:
+            evict([gguf])
+        resident = resident_fraction(gguf)
+        seconds, status = first_token(node.url, MODEL_ID)
+        if status != 200 or math.isnan(seconds):
+            raise RuntimeError(f"first request answered {status}:\n{node.proc.log()[-3000:]}")
+        return {"ttft_s": seconds, "load_s": node.load_seconds(), "resident": resident,
+                "ready_s": node.ready_s}
+    finally:
+        tree.stop(node.proc)
+
+
+def _floor(gguf: Path, *args: str) -> dict[str, float]:
+    return run_json([*FLOOR, str(gguf), *args], timeout=180)
+
+
+def warm_store(work: Path, runs: int) -> dict[str, Any]:
+    """Scenario 1: page cache warm."""
+    models, gguf = _store(work)
+    node, floor, floor_ctx = [], [], []
+    with ProcTree(work / "logs") as tree:
+        for _ in range(runs):
+            warm([gguf])
+            node.append(_node_first_token(tree, models, work / "home", gguf, cold=False,
+                                          prefetch=True))
+            warm([gguf])
+            floor.append(_floor(gguf))
+            floor_ctx.append(_floor(gguf, "--n-ctx", "4096"))
+    node_ttft = stats([r["ttft_s"] for r in node])
+    floor_total = stats([r["total_s"] for r in floor])
+    return {
+        "node_ttft": node_ttft.to_dict(),
+        "node_load": stats([r["load_s"] for r in node]).to_dict(),
+        "floor": floor_total.to_dict(),
+        "floor_load": stats([r["load_s"] for r in floor]).to_dict(),
+        "floor_n_ctx_4096": stats([r["total_s"] for r in floor_ctx]).to_dict(),
+        "overhead": node_ttft.median / floor_total.median - 1,
+        "overhead_vs_n_ctx_4096": node_ttft.median
+        / stats([r["total_s"] for r in floor_ctx]).median - 1,
+        "resident_before": [r["resident"] for r in node],
+    }
+
+
+def cold_cache(work: Path, runs: int) -> dict[str, Any]:
+    """Scenario 2: model files evicted from the page cache, with and without prefetch."""
+    models, gguf = _store(work)
+    with_pf, without_pf, floor, floor_pf = [], [], [], []
+    with ProcTree(work / "logs") as tree:
+        for _ in range(runs):
+            with_pf.append(_node_first_token(tree, models, work / "home", gguf, cold=True,
+                                             prefetch=True))
+            without_pf.append(_node_first_token(tree, models, work / "home", gguf, cold=True,
+                                                prefetch=False))
+            floor.append(_floor(gguf, "--evict"))
+            floor_pf.append(_floor(gguf, "--evict", "--prefetch"))
+    result: dict[str, Any] = {
+        "node_prefetch_ttft": stats([r["ttft_s"] for r in with_pf]).to_dict(),
+        "node_no_prefetch_ttft": stats([r["ttft_s"] for r in without_pf]).to_dict(),
+        "node_prefetch_load": stats([r["load_s"] for r in with_pf]).to_dict(),
+        "node_no_prefetch_load": stats([r["load_s"] for r in without_pf]).to_dict(),
+        "floor": stats([r["total_s"] for r in floor]).to_dict(),
+        "floor_prefetch": stats([r["total_s"] for r in floor_pf]).to_dict(),
+        "resident_after_evict": max(r["resident"] for r in [*with_pf, *without_pf, *floor]),
+    }
+    result["overhead"] = (result["node_prefetch_ttft"]["median"]
+                          / result["floor"]["median"] - 1)
+    return result

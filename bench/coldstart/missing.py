@@ -1,0 +1,240 @@
+"""Scenario 3: a missing model — the node downloads, verifies and loads it.
+
+For each hub condition (capped per connection, uncapped) a hub stand-in, a router and a node
+run together. Each run registers the repo at the router under a fresh model id and times,
+from the register request until the node reports the model ``ready`` (and loaded, for a
+GGUF), polling ``/api/models/status``; the node's own "downloaded in" log line gives the
+download + verification part. The reference is ``bench/coldstart/baseline.py``
+(``snapshot_download`` + the same load) in a fresh process against the same stand-in.
+
+Also measured, per condition: the raw loopback copy rate (one plain ``curl`` GET of the GGUF
+to ``/dev/null``), and verification's share of a download — the node's own
+``ModelFetch`` run in this process with and without its streaming SHA-256 (the hasher
+replaced by a stub that reports the expected digest), plus one serial hash pass for scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.coldstart.common import (
+    ADMIN_KEY,
+    GEMMA_NAME,
+    MIB,
+    PY,
+    ProcTree,
+    gemma_path,
+    http_json,
+    poll,
+    stats,
+)
+from bench.coldstart.nodes import Node, run_json, start_hub, start_node, start_router
+from tests.factories import write_safetensors_model
+from tests.hub_fixtures import make_repo
+
+BASELINE = [PY, str(Path(__file__).with_name("baseline.py"))]
+REPOS = {"gguf": "bench/gemma", "sharded": "bench/sharded"}
+
+
+def build_hub(root: Path, gen: Path, shards: int, shard_mib: int) -> dict[str, int]:
+    """Repos on disk: the real Gemma GGUF and a generated sharded safetensors model."""
+    make_repo(root, REPOS["gguf"], {GEMMA_NAME: gemma_path()})
+    floats = shard_mib * MIB // 4 // 2  # two F32 tensors per shard
+    write_safetensors_model(gen, shards=shards, tensors_per_shard=2, shape=(floats,))
+    make_repo(root, REPOS["sharded"], {p.name: p for p in sorted(gen.iterdir())})
+    return {kind: sum(p.stat().st_size for p in (root / repo).iterdir())
+            for kind, repo in REPOS.items()}
+
+
+def raw_copy(url: str) -> float:
+    """Bytes/s of one plain HTTP GET of ``url`` written to ``/dev/null`` (curl)."""
+    out = subprocess.run(
+        ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
+        capture_output=True, check=True, timeout=300, text=True,
+    ).stdout.split()
+    return float(out[0]) / float(out[1])
+
+
+def _wait_ready(node: Node, model_id: str, need_loaded: bool, started: float,
+                timeout: float) -> dict[str, float]:
+    """Poll the node until ``model_id`` is ready; returns when each state was first seen."""
+    seen: dict[str, float] = {}
+
+    def ready() -> bool:
+        for entry in node.status().get("models", []):
+            if entry.get("id") != model_id:
+                continue
+            state = entry.get("state")
+            seen.setdefault(state, time.monotonic() - started)
+            if state == "failed":
+                raise RuntimeError(f"{model_id} failed: {entry.get('error')}")
+            return state == "ready" and (entry.get("loaded") or not need_loaded)
+        return False
+
+    poll(ready, timeout=timeout, interval=0.02, message=f"{model_id} ready")
+    seen["done"] = time.monotonic() - started
+    return seen
+
+
+def _node_run(router: str, node: Node, models_dir: Path, kind: str, model_id: str,
+              timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    code, body = http_json(f"{router}/v1/models/register", "POST",
+                           {"repo": REPOS[kind], "id": model_id}, key=ADMIN_KEY)
+    registered = time.monotonic() - started
+    if code != 201:
+        raise RuntimeError(f"register {model_id}: {code} {body}")
+    seen = _wait_ready(node, model_id, kind == "gguf", started, timeout)
+    result = {"ready_s": seen["done"], "register_s": registered,
+              "downloaded_s": node.downloaded_s(model_id), "seen": seen,
+              "hash_tails": node.hash_tails(model_id)}
+    http_json(f"{router}/v1/models/{model_id}", "DELETE", key=ADMIN_KEY)
+    try:  # the node removes what it downloaded; bounded wait, then clean up ourselves
+        poll(lambda: not (models_dir / model_id).exists(), timeout=30, interval=0.05)
+    except TimeoutError:
+        shutil.rmtree(models_dir / model_id, ignore_errors=True)
+    return result
+
+
+def _baseline_run(hub: str, kind: str, cache: Path) -> dict[str, float]:
+    try:
+        return run_json([*BASELINE, hub, REPOS[kind], str(cache),
+                         "--load", "gguf" if kind == "gguf" else "none"], timeout=300)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+class _LogTimes(logging.Handler):
+    """Collect the downloader's "MiB in Ts, hash tail Hs" lines."""
+
+    pattern = re.compile(r"([0-9.]+) MiB in ([0-9.]+)s, hash tail ([0-9.]+)s")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[float, float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if m := self.pattern.search(record.getMessage()):
+            self.lines.append((float(m[1]), float(m[2]), float(m[3])))
+
+
+def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> dict[str, Any]:
+    """The node's ``ModelFetch`` with and without streaming SHA-256, alternating runs."""
+    from llmlb.hub.repo import fetch_repo_manifest
+    from llmlb.model_storage import ModelStorage
+    from llmlb.node import downloader as dl
+    from llmlb.node.hashing import sha256_file
+
+    repo_manifest = fetch_repo_manifest(REPOS[kind], endpoint=hub)
+    expected = {f.filename: f.sha256 for f in repo_manifest.files}
+
+    class NoHash:
+        """Stands in for ``FollowingHasher``: reports the expected digest, reads nothing."""
+
+        def __init__(self, path: Path, size: int, block: int = 0):
+            self.digest = expected[Path(path).name.split(".part-")[0]]
+
+        def start(self) -> None: ...
+        def poke(self) -> None: ...
+        def abort(self) -> None: ...
+        def join(self) -> None: ...
+
+        def finish(self) -> str:
+            return self.digest
+
+    handler = _LogTimes()
+    log = logging.getLogger("llmlb.node.downloader")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    hashed, plain, tails = [], [], []
+    real = dl.FollowingHasher
+    try:
+        for i in range(runs):
+            for hashing in (True, False):
+                store_dir = work / f"verify-{i}-{int(hashing)}"
+                model_id = f"bench/verify-{i}"
+                manifest = dl.Manifest.from_dict({**repo_manifest.to_dict(),
+                                                  "model_id": model_id})
+                dl.FollowingHasher = real if hashing else NoHash
+                fetch = dl.ModelFetch(ModelStorage(store_dir), store_dir, manifest,
+                                      allowed_hosts=["127.0.0.1"])
+                handler.lines.clear()
+                started = time.monotonic()
+                desc = fetch.run()
+                (hashed if hashing else plain).append(time.monotonic() - started)
+                if hashing:
+                    tails.append(sum(t for _, _, t in handler.lines))
+                    primary = Path(desc.primary_path)
+                    serial_started = time.monotonic()
+                    sha256_file(primary)
+                    serial = time.monotonic() - serial_started
+                shutil.rmtree(store_dir, ignore_errors=True)
+    finally:
+        dl.FollowingHasher = real
+        log.removeHandler(handler)
+    with_hash, without = stats(hashed), stats(plain)
+    return {"with_hash": with_hash.to_dict(), "without_hash": without.to_dict(),
+            "hash_tail": stats(tails).to_dict(), "serial_sha256_last": serial,
+            "added": with_hash.median / without.median - 1}
+
+
+def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str],
+                  shards: int = 8, shard_mib: int = 32, timeout: float = 300.0,
+                  verify: bool = True) -> dict[str, Any]:
+    """Scenario 3 for every hub condition in ``caps`` (``None`` = uncapped)."""
+    sizes = build_hub(work / "hub", work / "gen" / "sharded", shards, shard_mib)
+    out: dict[str, Any] = {"sizes": sizes, "shards": shards, "conditions": {}}
+    for cap in caps:
+        name = f"cap_{cap}" if cap else "uncapped"
+        cond: dict[str, Any] = {"bandwidth": cap}
+        with ProcTree(work / "logs" / name) as tree:
+            hub = start_hub(tree, work / "hub", cap)
+            from llmlb.hub.repo import fetch_repo_manifest
+
+            for repo in REPOS.values():  # the stand-in hashes new files once, here
+                fetch_repo_manifest(repo, endpoint=hub)
+            router, key = start_router(tree, work / f"router-{name}", hub)
+            models_dir = work / f"store-{name}"
+            node = start_node(tree, models_dir, work / "node-home", router=router, api_key=key,
+                              env={"HF_ENDPOINT": hub})
+            gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"
+            cond["raw_copy_Bps"] = stats([raw_copy(gguf_url) for _ in range(runs)],
+                                         "B/s").to_dict()
+            for kind in kinds:
+                node_runs, base_runs = [], []
+                for i in range(runs):
+                    node_runs.append(_node_run(router, node, models_dir, kind,
+                                               f"bench/{kind}-{name}-r{i}", timeout))
+                    base_runs.append(_baseline_run(hub, kind, work / "hf-cache" / f"{i}"))
+                cond[kind] = _summarise(node_runs, base_runs, sizes[kind],
+                                        cond["raw_copy_Bps"]["median"])
+            if verify:
+                cond["verification"] = verification_share(hub, work, runs)
+        out["conditions"][name] = cond
+    return out
+
+
+def _summarise(node_runs: list[dict], base_runs: list[dict], size: int,
+               raw_bps: float) -> dict[str, Any]:
+    ready = stats([r["ready_s"] for r in node_runs])
+    downloaded = stats([r["downloaded_s"] for r in node_runs])
+    base = stats([r["total_s"] for r in base_runs])
+    return {
+        "node_ready": ready.to_dict(),
+        "node_download": downloaded.to_dict(),
+        "node_register": stats([r["register_s"] for r in node_runs]).to_dict(),
+        "node_states_seen": [r["seen"] for r in node_runs],
+        "node_hash_tails": [r["hash_tails"] for r in node_runs],
+        "baseline_total": base.to_dict(),
+        "baseline_download": stats([r["download_s"] for r in base_runs]).to_dict(),
+        "baseline_load": stats([r["load_s"] for r in base_runs]).to_dict(),
+        "speedup": base.median / ready.median,
+        "raw_copy_s": size / raw_bps,
+        "download_vs_raw": downloaded.median / (size / raw_bps),
+    }

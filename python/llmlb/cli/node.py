@@ -1,0 +1,140 @@
+"""``llmlb node``: serve an inference node (Granian, ASGI, one worker)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from llmlb import config
+
+APP_FACTORY = "llmlb.node.app:app_from_env"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``node`` subcommand."""
+    parser = subparsers.add_parser(
+        "node",
+        help="run an inference node (llama.cpp) that syncs models with a router",
+        description="Run an inference node. Router and key default to LLMLB_ROUTER_URL and "
+        "LLMLB_NODE_KEY; the model store follows --models-dir > XLLM_MODELS_DIR > "
+        "LLM_MODELS_DIR > config.json > $LLMLB_HOME/models.",
+    )
+    parser.add_argument(
+        "--router",
+        default=None,
+        help="router base URL (default LLMLB_ROUTER_URL or "
+        f"{config.DEFAULT_ROUTER_URL}); '' serves local models only",
+    )
+    parser.add_argument("--api-key", default=None, help="node-scope key (LLMLB_NODE_KEY)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=config.DEFAULT_NODE_PORT,
+        help=f"port to bind ({config.DEFAULT_NODE_PORT})",
+    )
+    parser.add_argument(
+        "--advertise-url",
+        default="",
+        help="URL the router uses to reach this node (default http://host:port)",
+    )
+    parser.add_argument("--models-dir", default=None, help="model store root")
+    parser.add_argument(
+        "--max-loaded", type=int, default=2, help="models resident in memory at once (2)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="parallel requests per model, advertised as slots (1)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="extra download host (repeatable; '*.example.com' = subdomains)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a request waits for a busy model before 429 (10)",
+    )
+    parser.add_argument(
+        "--ctx-size", type=int, default=4096, help="context length per request slot (4096)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=32,
+        help="parallel range connections per downloaded file (32)",
+    )
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Build :class:`llmlb.node.settings.NodeSettings` from parsed arguments.
+
+    Raises:
+        ValueError: an argument is out of range.
+    """
+    from llmlb.node.settings import NodeSettings
+
+    for name in ("max_loaded", "concurrency", "ctx_size", "connections"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    router = config.router_url() if args.router is None else args.router.rstrip("/")
+    return NodeSettings(
+        router_url=router,
+        api_key=args.api_key if args.api_key is not None else config.node_key(),
+        host=args.host,
+        port=args.port,
+        advertise_url=args.advertise_url,
+        models_dir=config.models_dir(args.models_dir),
+        max_loaded=args.max_loaded,
+        concurrency=args.concurrency,
+        allowed_hosts=tuple(dict.fromkeys([*config.default_allowed_hosts(), *args.allow_host])),
+        hf_token=config.hf_token(),
+        queue_timeout_s=args.queue_timeout,
+        n_ctx=args.ctx_size,
+        connections=args.connections,
+        heartbeat_interval_s=config.DEFAULT_HEARTBEAT_INTERVAL_S,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve the node until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("llmlb.node")
+    try:
+        settings = settings_from_args(args)
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    from llmlb.node.settings import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    log.info(
+        "node on %s (store %s, router %s)",
+        settings.url,
+        settings.models_dir,
+        settings.router_url or "none",
+    )
+    Granian(
+        APP_FACTORY,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        factory=True,
+        log_access=False,
+    ).serve()
+    return 0

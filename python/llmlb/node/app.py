@@ -1,0 +1,280 @@
+"""The node's ASGI application: OpenAI routes, health, readiness, metrics and model sync.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models`` (ready models), ``GET /health``, ``GET /ready`` (200 once the first sync
+pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token),
+``GET /api/models/status``. Errors are OpenAI-shaped (``llmlb.errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from llmlb.errors import ApiError, error_body
+from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
+from llmlb.node import downloader as dl
+from llmlb.node.engine import Engine, EngineOptions
+from llmlb.node.identity import node_id as persistent_node_id
+from llmlb.node.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from llmlb.node.resolver import READY, Resolver, RouterAccess
+from llmlb.node.settings import NodeSettings
+from llmlb.node.sync import RouterSync
+
+logger = logging.getLogger(__name__)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
+    )
+
+
+def _error(exc: ApiError) -> Response:
+    return Response(
+        exc.body(), status_code=exc.status, headers=exc.headers(), media_type="application/json"
+    )
+
+
+class Node:
+    """The node's components wired together (one per server process)."""
+
+    def __init__(self, settings: NodeSettings):
+        self.settings = settings
+        self.metrics = NodeMetrics()
+        models_dir = settings.models_dir
+        models_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ModelStorage(str(models_dir))
+        router = (
+            RouterAccess(settings.router_url, settings.api_key) if settings.router_url else None
+        )
+        self.engine = Engine(
+            self.store,
+            self.metrics,
+            EngineOptions(
+                max_loaded=settings.max_loaded,
+                concurrency=settings.concurrency,
+                queue_timeout_s=settings.queue_timeout_s,
+                n_ctx=settings.n_ctx,
+            ),
+            template_lookup=lambda model_id: self.resolver.template_for(model_id),
+        )
+        self.resolver = Resolver(
+            self.store,
+            models_dir,
+            router,
+            self.metrics,
+            allowed_hosts=list(settings.allowed_hosts),
+            token=settings.hf_token,
+            options=dl.DownloadOptions(connections=settings.connections),
+            on_change=lambda: self.sync.kick(),
+            after_download=self.engine.load,
+        )
+        self.node_id = persistent_node_id(models_dir, settings.url)
+        self.sync = RouterSync(settings, self.node_id, self.resolver, self.engine, gpu=_gpu_info())
+
+    async def start(self) -> None:
+        """Start syncing with the router (in the background)."""
+        await self.sync.start()
+
+    async def stop(self) -> None:
+        """Stop syncing, cancel downloads, unload models."""
+        await self.sync.close()
+        await self.resolver.close()
+        await self.engine.close()
+
+
+def _gpu_info() -> dict[str, Any]:
+    import sys
+
+    from llmlb.node.engine import gpu_offload_supported
+
+    if not gpu_offload_supported():
+        return {"backend": "cpu"}
+    return {"backend": "metal" if sys.platform == "darwin" else "cuda"}
+
+
+# --- handlers ----------------------------------------------------------------------------
+
+
+async def _body(request: Request) -> dict:
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
+    return body
+
+
+def _model_id(body: dict) -> str:
+    raw = body.get("model")
+    if not isinstance(raw, str) or not raw:
+        raise ApiError(400, "invalid_request_error", "'model' is required")
+    try:
+        return normalize_model_id(raw)
+    except InvalidModelId as exc:
+        raise ApiError(400, "invalid_model_id", str(exc)) from None
+
+
+def _inference(route: str, method: str):
+    async def handler(request: Request) -> Response:
+        node: Node = request.app.state.node
+        status = 200
+        try:
+            body = await _body(request)
+            model_id = _model_id(body)
+            path = await node.resolver.serving_path(model_id)
+            result = await getattr(node.engine, method)(model_id, path, body)
+        except ApiError as exc:
+            status = exc.status
+            return _error(exc)
+        finally:
+            node.metrics.requests.labels(route, str(status)).inc()
+        if isinstance(result, dict):
+            return _json(result)
+        return StreamingResponse(
+            _guard(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    return handler
+
+
+async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        with contextlib.suppress(Exception):
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models``: the models this node can serve now."""
+    node: Node = request.app.state.node
+    now = int(time.time())
+    ids = sorted(r["id"] for r in node.sync.model_reports() if r["state"] == READY)
+    data = [{"id": i, "object": "model", "created": now, "owned_by": "llmlb"} for i in ids]
+    return _json({"object": "list", "data": data})
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: the process is up."""
+    return _json({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    """``GET /ready``: 200 once the first sync pass finished."""
+    node: Node = request.app.state.node
+    if node.sync.ready.is_set():
+        return _json(
+            {"status": "ready", "node_id": node.sync.node_id, "registered": node.sync.registered}
+        )
+    return _error(ApiError(503, "not_ready", "initial model sync still running", retry_after=1))
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text."""
+    node: Node = request.app.state.node
+    return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models_sync(request: Request) -> Response:
+    """``POST /api/models/sync``: the router names changed models; reconcile in background."""
+    node: Node = request.app.state.node
+    if not node.sync.check_sync_token(request.headers.get("authorization")):
+        return _error(ApiError(401, "invalid_api_key", "missing or invalid sync token"))
+    try:
+        body = await _body(request)
+        models = body.get("models")
+        action = body.get("action", "register")
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ApiError(400, "invalid_request_error", "'models' must be a list of ids")
+        if action not in ("register", "delete"):
+            raise ApiError(400, "invalid_request_error", "'action' must be 'register' or 'delete'")
+    except ApiError as exc:
+        return _error(exc)
+    node.sync.handle_sync(action, models)
+    return _json({"accepted": models, "action": action}, status=202)
+
+
+async def models_status(request: Request) -> Response:
+    """``GET /api/models/status``: per-model state and progress."""
+    node: Node = request.app.state.node
+    reports = node.sync.model_reports()
+    loaded = set(node.engine.loaded())
+    for report in reports:
+        report["loaded"] = report["id"] in loaded
+    return _json(
+        {
+            "node_id": node.sync.node_id,
+            "models": reports,
+            "active_requests": node.engine.active_requests(),
+        }
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return Response(
+        error_body(str(exc.detail), code, exc.status_code),
+        status_code=exc.status_code,
+        media_type="application/json",
+    )
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return _error(exc)
+
+
+def create_app(settings: NodeSettings) -> Starlette:
+    """Build the node's ASGI app for ``settings``."""
+    node = Node(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await node.start()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await node.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", _inference("chat", "chat"), methods=["POST"]),
+            Route("/v1/completions", _inference("completions", "complete"), methods=["POST"]),
+            Route("/v1/embeddings", _inference("embeddings", "embed"), methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/api/models/sync", models_sync, methods=["POST"]),
+            Route("/api/models/status", models_status, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_error, ApiError: _api_error},
+        lifespan=lifespan,
+    )
+    app.state.node = node
+    return app
+
+
+def app_from_env() -> Starlette:
+    """Granian factory: the app for the settings ``llmlb node`` put in the environment."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return create_app(NodeSettings.from_env())

@@ -1,0 +1,131 @@
+"""Starting a real node (``llmlb node``) for tests, and small helpers to talk to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from tests.procs import LLMLB, Proc, free_port
+from tests.router_fixtures import call
+
+
+class NodeUrl(str):
+    """The node's base URL (a ``str``), carrying its process, port and store."""
+
+    proc: Proc
+    port: int
+    models_dir: Path
+
+
+def start_node(
+    spawn: Callable[..., Proc],
+    router_url: str,
+    node_key: str | None,
+    models_dir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    wait_ready: bool = True,
+) -> NodeUrl:
+    """Start ``llmlb node`` on a loopback port; return its base URL once ``/ready`` is 200.
+
+    Args:
+        spawn: the ``spawn`` fixture (the process is stopped when the test ends).
+        router_url: the router's base URL ('' for none).
+        node_key: a node-scope key.
+        models_dir: the store (``--models-dir``).
+        extra: more flags, e.g. ``"--allow-host", "localhost"``.
+        env: more environment (e.g. ``HF_ENDPOINT``, ``HF_TOKEN``).
+        port: a fixed port (to restart a node on the same address); default a free one.
+        wait_ready: wait for ``/ready`` (else only for ``/health``).
+    """
+    port = port or free_port()
+    argv = [
+        *LLMLB,
+        "node",
+        "--router",
+        router_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--models-dir",
+        str(models_dir),
+        "--ctx-size",
+        "1024",
+        *extra,
+    ]
+    if node_key:
+        argv += ["--api-key", node_key]
+    proc = spawn(argv, env=env or {}, name="node")
+    url = NodeUrl(f"http://127.0.0.1:{port}")
+    proc.wait_http(f"{url}/ready" if wait_ready else f"{url}/health", timeout=60)
+    url.proc = proc
+    url.port = port
+    url.models_dir = models_dir
+    return url
+
+
+def create_key(router_url: str, admin_key: str, scope: str) -> str:
+    """A new router key of ``scope``."""
+    reply = call(router_url, "POST", "/v0/keys", admin_key, {"scope": scope})
+    assert reply.status == 201, reply.body
+    return reply.json["key"]
+
+
+def model_status(node_url: str, model_id: str) -> dict | None:
+    """The node's ``/api/models/status`` entry for ``model_id`` (``None`` if absent)."""
+    reply = call(node_url, "GET", "/api/models/status")
+    for entry in reply.json["models"]:
+        if entry["id"] == model_id:
+            return entry
+    return None
+
+
+def sse_events(body: bytes) -> list[dict]:
+    """Decode an SSE body into its JSON events (``[DONE]`` dropped)."""
+    events = []
+    for line in body.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(orjson.loads(line[6:]))
+    return events
+
+
+def module_spawner(directory: Path):
+    """A ``spawn`` for module-scoped fixtures: returns ``(spawn, stop_all)``."""
+    procs: list[Proc] = []
+
+    def spawn(
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        name: str = "proc",
+        cwd: Path | None = None,
+    ) -> Proc:
+        proc = Proc(argv, directory / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
+        procs.append(proc)
+        return proc
+
+    def stop_all() -> None:
+        for proc in reversed(procs):
+            proc.stop()
+
+    return spawn, stop_all
+
+
+def place_model(models_dir: Path, model_id: str, gguf: Path, template: str | None = None) -> Path:
+    """Hand-place ``gguf`` as ``model_id`` in a store (hard link), with a template sidecar."""
+    import os
+    import shutil
+
+    target = models_dir / model_id
+    target.mkdir(parents=True, exist_ok=True)
+    dest = target / gguf.name
+    try:
+        os.link(gguf, dest)
+    except OSError:
+        shutil.copyfile(gguf, dest)
+    if template is not None:
+        (target / "chat_template.jinja").write_text(template)
+    return target

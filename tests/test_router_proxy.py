@@ -1,0 +1,471 @@
+"""Tests of llmlb.router.proxy: the InferenceProxy driven in-process over ASGI, forwarding to
+real mock backend processes (``bench/router/mock_backend.py``) on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llmlb.router.fleet import FleetView, ModelReport, NodeView, RegisteredModel
+from llmlb.router.fleet import NodeState as FleetNode
+from llmlb.router.proxy import InferenceProxy, ProxySettings
+from llmlb.router.proxy_metrics import ProxyMetrics
+from tests.procs import Proc, free_port
+
+MOCK = Path(__file__).resolve().parents[1] / "bench" / "router" / "mock_backend.py"
+MODEL = "org/model"
+
+
+def start_mock(log: Path, port: int | None = None) -> tuple[Proc, str]:
+    """Start the mock backend; returns it and its base URL."""
+    port = port or free_port()
+    proc = Proc([sys.executable, str(MOCK), "--port", str(port)], log)
+    base = f"http://127.0.0.1:{port}"
+    proc.wait_http(base + "/health", timeout=30)
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory) -> str:
+    """Base URL of a mock backend shared by the module's tests."""
+    proc, base = start_mock(tmp_path_factory.mktemp("mock") / "mock.log")
+    yield base
+    proc.stop()
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def node(node_id: str, url: str, slots: int = 4, state: str = "ready") -> FleetNode:
+    return FleetNode(NodeView(node_id, url, slots), True, {MODEL: ModelReport(state)})
+
+
+def load(fleet: FleetView, *nodes: FleetNode, registered: tuple[str, ...] = (MODEL,)) -> None:
+    models = [RegisteredModel(m, m, "gguf", 1, 0) for m in registered]
+    fleet.load(list(nodes), models)
+
+
+@dataclass
+class Result:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    chunks: list[tuple[float, bytes]] = field(default_factory=list)
+
+    def json(self) -> dict:
+        return orjson.loads(self.body)
+
+    def events(self) -> list[bytes]:
+        return [line[6:] for line in self.body.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def call(
+    proxy: InferenceProxy,
+    payload: dict | bytes,
+    path: str = "/v1/chat/completions",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> Result:
+    """One request through the proxy's ASGI interface."""
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-type", b"application/json"), *headers],
+    }
+    delivered = False
+    result = Result(0, {}, b"")
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if delivered:
+            await asyncio.Event().wait()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            result.status = message["status"]
+            result.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+        else:
+            result.chunks.append((time.monotonic(), message.get("body", b"")))
+
+    await proxy(scope, receive, send)
+    result.body = b"".join(chunk for _, chunk in result.chunks)
+    return result
+
+
+@contextlib.asynccontextmanager
+async def running(fleet: FleetView, **settings):
+    registry = CollectorRegistry()
+    proxy = InferenceProxy(fleet, ProxySettings(**settings), metrics=ProxyMetrics(registry))
+    proxy.registry = registry
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def sample(proxy: InferenceProxy, name: str, **labels: str) -> float:
+    return proxy.registry.get_sample_value(name, labels) or 0.0
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_forwards_original_bytes_and_relays_the_answer(mock):
+    raw = (
+        b'{ "messages" : [{"role":"user","content":"h\\u00e9llo  \xc3\xa9"}],'
+        b' "model" : "Org/Model", "temperature": 1.50, "z": null }'
+    )
+
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/e1/echo"))
+        async with running(fleet) as proxy:
+            auth = ((b"authorization", b"Bearer sk-client"),)
+            for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+                res = await call(proxy, raw, path=path, headers=auth)
+                assert res.status == 200
+                echo = res.json()
+                assert echo["body"].encode() == raw  # byte for byte, never re-serialised
+                assert echo["path"] == path
+                assert echo["headers"]["content-type"] == "application/json"
+                assert "authorization" not in echo["headers"]
+                assert res.headers["x-llmlb-node"] == "n1"
+                assert res.headers["x-mock-node"] == "e1"
+
+    asyncio.run(scenario())
+
+
+def test_non_streaming_answer_and_metrics(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", mock))
+        async with running(fleet) as proxy:
+            res = await call(proxy, CHAT)
+            assert res.status == 200
+            assert res.json()["object"] == "chat.completion"
+            assert int(res.headers["content-length"]) == len(res.body)
+            assert len(res.chunks) == 1  # whole small answers go out in one message
+            labels = {"node": "n1", "model": MODEL}
+            assert sample(proxy, "llmlb_proxy_requests_total", code="200", **labels) == 1
+            assert sample(proxy, "llmlb_proxy_ttfb_seconds_count", **labels) == 1
+            assert sample(proxy, "llmlb_proxy_overhead_seconds_count") == 1
+            assert sample(proxy, "llmlb_proxy_outstanding", node="n1") == 0
+            res = await call(proxy, {**CHAT, "stream": True})
+            assert res.status == 200 and res.headers["content-type"] == "text/event-stream"
+            events = res.events()
+            assert len(events) == 21 and events[-1] == b"[DONE]"
+
+    asyncio.run(scenario())
+
+
+def test_stream_is_relayed_as_it_arrives(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/d1/drip100"))
+        async with running(fleet) as proxy:
+            res = await call(proxy, {**CHAT, "stream": True})
+            assert res.status == 200 and len(res.events()) == 6  # 5 events, [DONE]
+            data = [(t, c) for t, c in res.chunks if c]
+            assert len(data) >= 5  # one message per event as they came, not one buffer
+            assert data[-1][0] - data[0][0] >= 0.35
+
+    asyncio.run(scenario())
+
+
+def test_bad_requests_are_answered_by_the_router(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", mock))
+        async with running(fleet, max_body_bytes=1000) as proxy:
+            cases = [
+                (b"{not json", 400, "invalid_request_error"),
+                (b"[1, 2]", 400, "invalid_request_error"),
+                (b'{"messages": []}', 400, "invalid_request_error"),
+                (b'{"model": 7}', 400, "invalid_request_error"),
+                (b'{"model": "bad//id"}', 400, "invalid_model_id"),
+                (b'{"model": "nobody/has-this"}', 404, "model_not_found"),
+                (orjson.dumps({"model": MODEL, "pad": "x" * 2000}), 413, "request_too_large"),
+            ]
+            for body, status, code in cases:
+                res = await call(proxy, body)
+                assert res.status == status, body
+                error = res.json()["error"]
+                assert error["code"] == code and error["message"] and error["type"]
+            assert sample(proxy, "llmlb_proxy_rejected_total", code="404") == 1
+
+    asyncio.run(scenario())
+
+
+def test_model_being_downloaded_is_waited_for(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", mock, state="downloading"))
+        async with running(fleet, ready_wait_s=10) as proxy:
+            task = asyncio.create_task(call(proxy, CHAT))
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            load(fleet, node("n1", mock))  # the node reports it ready
+            res = await asyncio.wait_for(task, 5)
+            assert res.status == 200
+
+    asyncio.run(scenario())
+
+
+def test_model_not_ready_in_time_gets_503_with_retry_after(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", mock, state="loading"))
+        async with running(fleet, ready_wait_s=0.3) as proxy:
+            started = time.monotonic()
+            res = await call(proxy, CHAT)
+            assert 0.25 <= time.monotonic() - started < 3
+            assert res.status == 503 and res.json()["error"]["code"] == "model_not_ready"
+            assert int(res.headers["retry-after"]) >= 1
+            load(fleet)  # registered, no node has it: same answer after the bound
+            res = await call(proxy, CHAT)
+            assert res.status == 503 and res.json()["error"]["code"] == "model_not_ready"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("mode", ["fail500", "dead", "slow", "drop"])
+def test_failover_before_any_byte(mock, mode):
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)  # a request arrived: hang up without answering
+        writer.close()
+
+    async def scenario() -> None:
+        fleet = FleetView()
+        dropper = await asyncio.start_server(drop, "127.0.0.1", 0)
+        bad_url = {
+            "fail500": f"{mock}/_mock/bad-{mode}/fail500",
+            "dead": dead_url(),
+            "slow": f"{mock}/_mock/bad-{mode}/sleep3000",
+            "drop": f"http://127.0.0.1:{dropper.sockets[0].getsockname()[1]}",
+        }[mode]
+        load(fleet, node("bad", bad_url), node("good", f"{mock}/_mock/good-{mode}/ok"))
+        settings = {"first_byte_timeout_s": 0.3, "failure_threshold": 2, "cooldown_s": 60}
+        async with running(fleet, **settings) as proxy:
+            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(6)))
+            results += [await call(proxy, CHAT) for _ in range(6)]
+            assert [r.status for r in results] == [200] * 12
+            assert {r.headers["x-llmlb-node"] for r in results} == {"good"}
+            retries = sample(proxy, "llmlb_proxy_retries_total", node="bad", model=MODEL)
+            assert retries >= 1
+            kind = {"fail500": "status", "dead": "connect", "slow": "timeout", "drop": "disconnect"}
+            errors = sample(
+                proxy, "llmlb_proxy_errors_total", node="bad", model=MODEL, kind=kind[mode]
+            )
+            assert errors == retries
+            assert not proxy.balancer.nodes["bad"].healthy  # cooled down: no more traffic
+            assert errors <= 6  # the cool-down stopped the attempts on the bad node
+            if mode == "dead":  # a refused connection takes the node offline in the fleet
+                assert [v.node_id for v in fleet.ready_nodes(MODEL)] == ["good"]
+        dropper.close()
+
+    asyncio.run(scenario())
+
+
+def test_every_node_failing(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("f1", f"{mock}/_mock/f1/fail500"), node("f2", f"{mock}/_mock/f2/fail500"))
+        async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
+            res = await call(proxy, CHAT)
+            assert res.status == 500  # the last node's own error, relayed
+            assert res.json()["error"]["code"] == "mock_failure"
+            res = await call(proxy, CHAT)
+            assert res.status == 500
+            res = await call(proxy, CHAT)  # both cooled down now
+            assert res.status == 503 and res.json()["error"]["code"] == "nodes_unavailable"
+            assert 1 <= int(res.headers["retry-after"]) <= 30
+        load(fleet, node("d1", dead_url()))
+        async with running(fleet) as proxy:
+            res = await call(proxy, CHAT)
+            assert res.status == 502 and res.json()["error"]["code"] == "upstream_error"
+
+    asyncio.run(scenario())
+
+
+def test_failure_mid_stream_ends_with_an_sse_error_event(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("b1", f"{mock}/_mock/b1/break"))
+        async with running(fleet) as proxy:
+            res = await call(proxy, {**CHAT, "stream": True})
+            assert res.status == 200
+            events = res.events()
+            assert len(events) == 4
+            assert b"tok2" in events[2]
+            error = orjson.loads(events[3])["error"]
+            assert error["code"] == "upstream_error" and "b1" in error["message"]
+            labels = {"node": "b1", "model": MODEL}
+            assert sample(proxy, "llmlb_proxy_errors_total", kind="stream", **labels) == 1
+
+    asyncio.run(scenario())
+
+
+def test_cooled_down_node_is_health_probed_back(tmp_path):
+    port = free_port()
+    proc, base = start_mock(tmp_path / "m1.log", port)
+    other, other_base = start_mock(tmp_path / "m2.log")
+
+    async def scenario() -> None:
+        nonlocal proc
+        fleet = FleetView()
+        nodes = (node("x", f"{base}/_mock/x/ok"), node("y", f"{other_base}/_mock/y/ok"))
+        load(fleet, *nodes)
+        async with running(fleet, cooldown_s=0.3) as proxy:
+            await asyncio.gather(*(call(proxy, CHAT) for _ in range(4)))
+            proc.kill()
+            results = [await call(proxy, CHAT) for _ in range(4)]
+            assert all(r.status == 200 and r.headers["x-llmlb-node"] == "y" for r in results)
+            assert not proxy.balancer.nodes["x"].healthy
+            proc = Proc(proc.argv, tmp_path / "m1b.log")
+            proc.wait_http(base + "/health")
+            load(fleet, *nodes)  # the node's next heartbeat brings it back into the fleet
+            seen: Counter = Counter()
+
+            def back() -> bool:
+                return seen["x"] > 0
+
+            async def poll() -> None:
+                while not back():
+                    res = await call(proxy, CHAT)
+                    assert res.status == 200
+                    seen[res.headers["x-llmlb-node"]] += 1
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(poll(), 10)
+            assert proxy.balancer.nodes["x"].healthy
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proc.stop()
+        other.stop()
+
+
+def test_affinity_by_user_and_session_header(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("a", f"{mock}/_mock/aff-a/ok"), node("b", f"{mock}/_mock/aff-b/ok"))
+        async with running(fleet) as proxy:
+            for user in ("alice", "bob", "carol"):
+                served = {
+                    (await call(proxy, {**CHAT, "user": user})).headers["x-llmlb-node"]
+                    for _ in range(8)
+                }
+                assert len(served) == 1
+            session = ((b"x-session-id", b"s-42"),)
+            served = {
+                (await call(proxy, CHAT, headers=session)).headers["x-llmlb-node"]
+                for _ in range(8)
+            }
+            assert len(served) == 1
+            users = [(await call(proxy, {**CHAT, "user": f"u{i}"})) for i in range(16)]
+            assert {r.headers["x-llmlb-node"] for r in users} == {"a", "b"}
+
+    asyncio.run(scenario())
+
+
+def test_affinity_yields_when_its_node_is_saturated(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(
+            fleet,
+            node("a", f"{mock}/_mock/sat-a/sleep300", slots=1),
+            node("b", f"{mock}/_mock/sat-b/sleep300", slots=1),
+        )
+        async with running(fleet) as proxy:
+            first = await call(proxy, {**CHAT, "user": "dora"})
+            home = first.headers["x-llmlb-node"]
+            results = await asyncio.gather(*(call(proxy, {**CHAT, "user": "dora"}) for _ in range(2)))
+            assert sorted(r.headers["x-llmlb-node"] for r in results) == ["a", "b"]
+            assert home in {r.headers["x-llmlb-node"] for r in results}
+
+    asyncio.run(scenario())
+
+
+def test_least_outstanding_spreads_concurrent_requests(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(
+            fleet,
+            node("a", f"{mock}/_mock/lo-a/sleep200", slots=4),
+            node("b", f"{mock}/_mock/lo-b/sleep200", slots=4),
+        )
+        async with running(fleet) as proxy:
+            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(8)))
+            served = Counter(r.headers["x-llmlb-node"] for r in results)
+            assert served == {"a": 4, "b": 4}
+
+    asyncio.run(scenario())
+
+
+def test_requests_queue_when_every_node_is_at_capacity(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("q", f"{mock}/_mock/q/sleep150", slots=1))
+        async with running(fleet, queue_timeout_s=10) as proxy:
+            started = time.monotonic()
+            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(3)))
+            assert [r.status for r in results] == [200, 200, 200]
+            assert time.monotonic() - started >= 0.4  # one at a time on the single slot
+            assert sample(proxy, "llmlb_proxy_queue_wait_seconds_count", model=MODEL) == 2
+            assert len(proxy.queue) == 0
+
+    asyncio.run(scenario())
+
+
+def test_queue_bounds_answer_429_with_retry_after(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("q", f"{mock}/_mock/qb/sleep400", slots=1))
+        async with running(fleet, queue_max=1, queue_timeout_s=10, retry_after_s=2) as proxy:
+            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(3)))
+            statuses = sorted(r.status for r in results)
+            assert statuses == [200, 200, 429]  # one served, one queued, one refused
+            refused = next(r for r in results if r.status == 429)
+            assert refused.json()["error"]["code"] == "too_many_requests"
+            assert refused.headers["retry-after"] == "2"
+        async with running(fleet, queue_timeout_s=0.1) as proxy:
+            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(2)))
+            assert sorted(r.status for r in results) == [200, 429]
+
+    asyncio.run(scenario())
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMLB_HOME", str(tmp_path))
+    (tmp_path / "config.json").write_bytes(b'{"proxy": {"ready_wait_s": 4}}')
+    monkeypatch.setenv("LLMLB_PROXY_COOLDOWN_S", "2.5")
+    monkeypatch.setenv("LLMLB_PROXY_QUEUE_MAX", "7")
+    settings = ProxySettings.from_config()
+    assert settings.cooldown_s == 2.5 and settings.queue_max == 7
+    assert settings.ready_wait_s == 4.0 and settings.connect_timeout_s == 3.0
+    monkeypatch.setenv("LLMLB_PROXY_MAX_RETRIES", "many")
+    with pytest.raises(ValueError, match="max_retries"):
+        ProxySettings.from_config()
