@@ -2,6 +2,10 @@
 
 #include <cstdlib>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace llmlb::json {
 namespace {
 
@@ -16,6 +20,26 @@ struct SpecialTable {
   constexpr bool operator[](unsigned char c) const { return v[c]; }
 };
 constexpr SpecialTable kSpecial;
+
+// End of the run of plain string bytes starting at `pos` (16 bytes at a time with SSE2).
+inline std::size_t plain_run_end(const char* data, std::size_t pos, std::size_t size) {
+#if defined(__SSE2__)
+  const __m128i quote = _mm_set1_epi8('"');
+  const __m128i backslash = _mm_set1_epi8('\\');
+  const __m128i space = _mm_set1_epi8(0x20);
+  while (pos + 16 <= size) {
+    const __m128i chunk = _mm_loadu_si128(reinterpret_cast<const __m128i*>(data + pos));
+    // Signed compare: bytes >= 0x80 are negative, so "< 0x20" also catches non-ASCII.
+    const __m128i special = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(chunk, quote), _mm_cmpeq_epi8(chunk, backslash)),
+                                         _mm_cmplt_epi8(chunk, space));
+    const int mask = _mm_movemask_epi8(special);
+    if (mask != 0) return pos + static_cast<std::size_t>(__builtin_ctz(static_cast<unsigned>(mask)));
+    pos += 16;
+  }
+#endif
+  while (pos < size && !kSpecial[static_cast<unsigned char>(data[pos])]) ++pos;
+  return pos;
+}
 
 int hex_digit(char c) {
   if (c >= '0' && c <= '9') return c - '0';
@@ -49,24 +73,6 @@ bool Cursor::fail(const char* why) {
   return false;
 }
 
-Type Cursor::peek() {
-  skip_ws();
-  if (pos_ >= s_.size()) {
-    fail("unexpected end of input");
-    return Type::Null;
-  }
-  switch (s_[pos_]) {
-    case '{': return Type::Object;
-    case '[': return Type::Array;
-    case '"': return Type::String;
-    case 't': case 'f': return Type::Bool;
-    case 'n': return Type::Null;
-    default:
-      if (s_[pos_] == '-' || (s_[pos_] >= '0' && s_[pos_] <= '9')) return Type::Number;
-      fail("unexpected character");
-      return Type::Null;
-  }
-}
 
 bool Cursor::begin_object() {
   skip_ws();
@@ -107,22 +113,6 @@ bool Cursor::begin_array() {
   return true;
 }
 
-bool Cursor::next_element(std::size_t& count) {
-  if (!ok()) return false;
-  skip_ws();
-  if (pos_ >= s_.size()) return fail("unexpected end of input in array");
-  if (s_[pos_] == ']') {
-    ++pos_;
-    --depth_;
-    return false;
-  }
-  if (count > 0) {
-    if (s_[pos_] != ',') return fail("expected ',' or ']'");
-    ++pos_;
-  }
-  ++count;
-  return true;
-}
 
 bool Cursor::hex4(unsigned& cp) {
   if (pos_ + 4 > s_.size()) return fail("truncated \\u escape");
@@ -176,10 +166,7 @@ bool Cursor::string_impl(std::string* out, std::string_view* view, std::deque<st
   bool escaped = false;
   std::string* decoded = nullptr;
   while (true) {
-    std::size_t run = pos_;
-    const std::size_t size = s_.size();
-    const char* data = s_.data();
-    while (run < size && !kSpecial[static_cast<unsigned char>(data[run])]) ++run;
+    const std::size_t run = plain_run_end(s_.data(), pos_, s_.size());
     if (decoded && run > pos_) decoded->append(s_.data() + pos_, run - pos_);
     pos_ = run;
     if (pos_ >= s_.size()) return fail("unterminated string");

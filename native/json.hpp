@@ -26,7 +26,24 @@ class Cursor {
   const std::string& error() const { return error_; }
 
   // Type of the next value (skipping whitespace); sets an error on an invalid start.
-  Type peek();
+  Type peek() {
+    skip_ws();
+    if (pos_ >= s_.size()) {
+      fail("unexpected end of input");
+      return Type::Null;
+    }
+    switch (s_[pos_]) {
+      case '{': return Type::Object;
+      case '[': return Type::Array;
+      case '"': return Type::String;
+      case 't': case 'f': return Type::Bool;
+      case 'n': return Type::Null;
+      default:
+        if (s_[pos_] == '-' || (s_[pos_] >= '0' && s_[pos_] <= '9')) return Type::Number;
+        fail("unexpected character");
+        return Type::Null;
+    }
+  }
 
   // Consume '{'. Then call next_member until it returns false ('}' reached, or an error:
   // check ok()). `count` starts at 0 and is maintained by the cursor.
@@ -35,7 +52,22 @@ class Cursor {
 
   // Consume '['. Then call next_element until it returns false.
   bool begin_array();
-  bool next_element(std::size_t& count);
+  bool next_element(std::size_t& count) {
+    if (!ok()) return false;
+    skip_ws();
+    if (pos_ >= s_.size()) return fail("unexpected end of input in array");
+    if (s_[pos_] == ']') {
+      ++pos_;
+      --depth_;
+      return false;
+    }
+    if (count > 0) {
+      if (s_[pos_] != ',') return fail("expected ',' or ']'");
+      ++pos_;
+    }
+    ++count;
+    return true;
+  }
 
   // Read a string. The view points into the text, or (when it held escapes) into `keep`
   // if given, else into a scratch buffer valid until the next read.

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from prometheus_client import CollectorRegistry
-
 from llmlb.router.fleet import FleetView, ModelReport, NodeView, RegisteredModel
 from llmlb.router.fleet import NodeState as FleetNode
 from llmlb.router.proxy import InferenceProxy, ProxySettings
 from llmlb.router.proxy_metrics import ProxyMetrics
+from prometheus_client import CollectorRegistry
+
 from tests.procs import Proc, free_port
 
 MOCK = Path(__file__).resolve().parents[1] / "bench" / "router" / "mock_backend.py"
@@ -335,17 +335,22 @@ def test_cooled_down_node_is_health_probed_back(tmp_path):
     async def scenario() -> None:
         nonlocal proc
         fleet = FleetView()
-        nodes = (node("x", f"{base}/_mock/x/ok"), node("y", f"{other_base}/_mock/y/ok"))
-        load(fleet, *nodes)
+        urls = {"x": f"{base}/_mock/x/ok", "y": f"{other_base}/_mock/y/ok"}
+        load(fleet, *(node(n, url) for n, url in urls.items()))
         async with running(fleet, cooldown_s=0.3) as proxy:
             await asyncio.gather(*(call(proxy, CHAT) for _ in range(4)))
             proc.kill()
-            results = [await call(proxy, CHAT) for _ in range(4)]
-            assert all(r.status == 200 and r.headers["x-llmlb-node"] == "y" for r in results)
+            for _ in range(100):  # until a request finds x dead (each one still succeeds)
+                res = await call(proxy, CHAT)
+                assert res.status == 200 and res.headers["x-llmlb-node"] == "y"
+                if not proxy.balancer.nodes["x"].healthy:
+                    break
             assert not proxy.balancer.nodes["x"].healthy
+            assert [v.node_id for v in fleet.ready_nodes(MODEL)] == ["y"]  # taken offline
             proc = Proc(proc.argv, tmp_path / "m1b.log")
             proc.wait_http(base + "/health")
-            load(fleet, *nodes)  # the node's next heartbeat brings it back into the fleet
+            # The node's next heartbeat brings it back into the fleet.
+            load(fleet, *(node(n, url) for n, url in urls.items()))
             seen: Counter = Counter()
 
             def back() -> bool:
@@ -381,8 +386,7 @@ def test_affinity_by_user_and_session_header(mock):
                 assert len(served) == 1
             session = ((b"x-session-id", b"s-42"),)
             served = {
-                (await call(proxy, CHAT, headers=session)).headers["x-llmlb-node"]
-                for _ in range(8)
+                (await call(proxy, CHAT, headers=session)).headers["x-llmlb-node"] for _ in range(8)
             }
             assert len(served) == 1
             users = [(await call(proxy, {**CHAT, "user": f"u{i}"})) for i in range(16)]
@@ -402,7 +406,9 @@ def test_affinity_yields_when_its_node_is_saturated(mock):
         async with running(fleet) as proxy:
             first = await call(proxy, {**CHAT, "user": "dora"})
             home = first.headers["x-llmlb-node"]
-            results = await asyncio.gather(*(call(proxy, {**CHAT, "user": "dora"}) for _ in range(2)))
+            results = await asyncio.gather(
+                *(call(proxy, {**CHAT, "user": "dora"}) for _ in range(2))
+            )
             assert sorted(r.headers["x-llmlb-node"] for r in results) == ["a", "b"]
             assert home in {r.headers["x-llmlb-node"] for r in results}
 

@@ -7,8 +7,8 @@ GGUF), polling ``/api/models/status``; the node's own "downloaded in" log line g
 download + verification part. The reference is ``bench/coldstart/baseline.py``
 (``snapshot_download`` + the same load) in a fresh process against the same stand-in.
 
-Also measured, per condition: the raw loopback copy rate (one plain ``curl`` GET of the GGUF
-to ``/dev/null``), and verification's share of a download — the node's own
+Also measured: the raw loopback copy rate (one plain ``curl`` GET of the GGUF to
+``/dev/null``, uncapped stand-in), and, per condition, verification's share of a download — the node's own
 ``ModelFetch`` run in this process with and without its streaming SHA-256 (the hasher
 replaced by a stub that reports the expected digest), plus one serial hash pass for scale.
 """
@@ -84,6 +84,9 @@ def _wait_ready(node: Node, model_id: str, need_loaded: bool, started: float,
 
 def _node_run(router: str, node: Node, models_dir: Path, kind: str, model_id: str,
               timeout: float) -> dict[str, Any]:
+    from llmlb.model_storage import normalize_model_id
+
+    model_id = normalize_model_id(model_id)
     started = time.monotonic()
     code, body = http_json(f"{router}/v1/models/register", "POST",
                            {"repo": REPOS[kind], "id": model_id}, key=ADMIN_KEY)
@@ -185,13 +188,13 @@ def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> d
 
 
 def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str],
-                  shards: int = 8, shard_mib: int = 32, timeout: float = 300.0,
+                  shards: int = 8, shard_mib: int = 32, timeout: float = 180.0,
                   verify: bool = True) -> dict[str, Any]:
     """Scenario 3 for every hub condition in ``caps`` (``None`` = uncapped)."""
     sizes = build_hub(work / "hub", work / "gen" / "sharded", shards, shard_mib)
     out: dict[str, Any] = {"sizes": sizes, "shards": shards, "conditions": {}}
     for cap in caps:
-        name = f"cap_{cap}" if cap else "uncapped"
+        name = f"cap_{cap}".lower() if cap else "uncapped"
         cond: dict[str, Any] = {"bandwidth": cap}
         with ProcTree(work / "logs" / name) as tree:
             hub = start_hub(tree, work / "hub", cap)
@@ -203,17 +206,18 @@ def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str
             models_dir = work / f"store-{name}"
             node = start_node(tree, models_dir, work / "node-home", router=router, api_key=key,
                               env={"HF_ENDPOINT": hub})
-            gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"
-            cond["raw_copy_Bps"] = stats([raw_copy(gguf_url) for _ in range(runs)],
-                                         "B/s").to_dict()
+            if cap is None:  # capped, one GET runs at the cap by construction
+                gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"
+                cond["raw_copy_Bps"] = stats([raw_copy(gguf_url) for _ in range(runs)],
+                                             "B/s").to_dict()
             for kind in kinds:
                 node_runs, base_runs = [], []
                 for i in range(runs):
                     node_runs.append(_node_run(router, node, models_dir, kind,
                                                f"bench/{kind}-{name}-r{i}", timeout))
                     base_runs.append(_baseline_run(hub, kind, work / "hf-cache" / f"{i}"))
-                cond[kind] = _summarise(node_runs, base_runs, sizes[kind],
-                                        cond["raw_copy_Bps"]["median"])
+                raw = cond["raw_copy_Bps"]["median"] if cap is None else float("nan")
+                cond[kind] = _summarise(node_runs, base_runs, sizes[kind], raw)
             if verify:
                 cond["verification"] = verification_share(hub, work, runs)
         out["conditions"][name] = cond

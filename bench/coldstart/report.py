@@ -62,7 +62,7 @@ def table(results: dict[str, Any]) -> str:
     if s3 := sc.get("3"):
         for name, cond in s3["conditions"].items():
             label = f"3 {name.replace('cap_', 'cap ')}"
-            _row(rows, label, "raw loopback copy (1 GET → /dev/null)", cond["raw_copy_Bps"])
+            _row(rows, label, "raw loopback copy (1 GET → /dev/null)", cond.get("raw_copy_Bps"))
             for kind in ("gguf", "sharded"):
                 if kind not in cond:
                     continue

@@ -98,11 +98,12 @@ def test_up_chat_stop_and_restart(spawn, tmp_path: Path) -> None:
     client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
     reply = client.chat.completions.create(
         model="gemma-3-270m",
-        messages=[{"role": "user", "content": "Name three colours."}],
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=16,
+        temperature=0,
     )
     text = reply.choices[0].message.content or ""
-    assert sum(ch.isalpha() for ch in text) >= 3, text
+    assert "paris" in text.lower(), text  # real generated text, through the template
     assert reply.usage.completion_tokens > 0
 
     chat = subprocess.run(

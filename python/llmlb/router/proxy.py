@@ -139,7 +139,7 @@ class _NodeClient:
             sock_read=settings.idle_timeout_s or None,
         )
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
             timeout=timeout,
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
@@ -206,10 +206,11 @@ class InferenceProxy:
     async def close(self) -> None:
         """Stop background work and close every node connection pool."""
         self._started = False
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=1.0)
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.session.close()
@@ -516,7 +517,9 @@ class InferenceProxy:
 
     async def _watch_fleet(self) -> None:
         """Wake queued requests whenever the fleet changes (a node may have capacity now)."""
-        while True:
+        # The flag ends the loop even if a cancellation is swallowed (3.11's wait_for may
+        # return the result instead of raising when both happen at once).
+        while self._started:
             try:
                 await self.fleet.wait_for_change(60.0)
             except Exception:  # a broken fleet view must not end the watcher

@@ -1,0 +1,107 @@
+"""Model registry: request parsing, hub error mapping, one-transaction storage."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import orjson
+import pytest
+from llmlb.errors import (
+    AmbiguousArtifacts,
+    ApiError,
+    HubRepoNotFound,
+    HubUnavailable,
+    NoSupportedArtifacts,
+)
+from llmlb.hub.repo import ManifestFile, RepoManifest
+from llmlb.model_storage import InvalidModelId
+from llmlb.router import db, registry
+
+SHA = "a" * 40
+
+
+def _manifest(*names: str) -> RepoManifest:
+    files = [
+        ManifestFile(
+            name,
+            "gguf",
+            100,
+            "f" * 64,
+            f"http://hub/Org/Name/resolve/{SHA}/{name}",
+            i,
+            backends=["metal"] if name.endswith(".metal.bin") else [],
+        )
+        for i, name in enumerate(names)
+    ]
+    return RepoManifest("Org/Name", SHA, "gguf", names[0], "Q4_K_M", None, files, 100 * len(names))
+
+
+@pytest.fixture
+def conn(tmp_path):
+    connection = db.open_database(tmp_path / "lb.db")
+    yield connection
+    connection.close()
+
+
+def test_request_defaults_and_validation():
+    req = registry.RegisterRequest.parse({"repo": "Org/Name-GGUF"})
+    assert (req.model_id, req.revision, req.filename) == ("org/name-gguf", "main", None)
+    url = registry.RegisterRequest.parse({"repo": "https://huggingface.co/Org/X/blob/main/a.gguf"})
+    assert url.model_id == "org/x"
+    assert (
+        registry.RegisterRequest.parse({"repo": "a/b", "id": "Team/M:Q8_0"}).model_id
+        == "team/m:q8_0"
+    )
+    for body, code in [
+        ({}, "invalid_request_error"),
+        ({"repo": "a/b", "filename": 1}, "invalid_request_error"),
+        ({"repo": "nope"}, "invalid_model_id"),
+        ({"repo": "a/b", "id": "a/../b"}, "invalid_model_id"),
+    ]:
+        with pytest.raises(ApiError) as err:
+            registry.RegisterRequest.parse(body)
+        assert (err.value.status, err.value.code) == (400, code)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (InvalidModelId("bad"), 400, "invalid_model_id"),
+        (AmbiguousArtifacts("several", ["a.gguf", "b.gguf"]), 400, "ambiguous_artifacts"),
+        (NoSupportedArtifacts("none"), 400, "no_supported_artifacts"),
+        (HubRepoNotFound("missing"), 404, "hub_repo_not_found"),
+        (HubUnavailable("down"), 502, "upstream_error"),
+        (RuntimeError("surprise"), 502, "upstream_error"),
+    ],
+)
+def test_hub_errors_map_to_http(exc, status, code):
+    error = registry.hub_error_to_api(exc)
+    assert (error.status, error.code) == (status, code)
+    if code == "ambiguous_artifacts":
+        assert orjson.loads(error.body())["error"]["choices"] == ["a.gguf", "b.gguf"]
+
+
+def test_store_and_read_back(conn):
+    row = registry.store_model(conn, "org/name", _manifest("m.gguf", "m.metal.bin"), "{{ t }}")
+    assert row["revision"] == SHA and row["size_bytes"] == 200 and row["quantization"] == "Q4_K_M"
+    doc = registry.get_manifest(conn, "org/name")
+    assert doc["chat_template"] == "{{ t }}" and doc["total_size_bytes"] == 200
+    assert [f["filename"] for f in doc["files"]] == ["m.gguf", "m.metal.bin"]
+    assert doc["files"][1]["backends"] == ["metal"] and doc["files"][0]["optional"] is False
+    assert [m.id for m in registry.load_registered(conn)] == ["org/name"]
+    with pytest.raises(ApiError) as err:
+        registry.store_model(conn, "org/name", _manifest("m.gguf"), None)
+    assert (err.value.status, err.value.code) == (409, "model_exists")
+    assert registry.delete_model(conn, "org/name") is True
+    assert registry.get_manifest(conn, "org/name") is None
+    assert conn.execute("SELECT COUNT(*) FROM model_files").fetchone()[0] == 0  # cascaded
+    assert registry.delete_model(conn, "org/name") is False
+
+
+def test_a_failed_store_leaves_nothing(conn):
+    before = db.versions(conn)
+    with pytest.raises(sqlite3.IntegrityError):  # the same file twice breaks the file table
+        registry.store_model(conn, "org/name", _manifest("m.gguf", "m.gguf"), None)
+    assert registry.list_models(conn) == []
+    assert conn.execute("SELECT COUNT(*) FROM model_files").fetchone()[0] == 0
+    assert db.versions(conn) == before
