@@ -121,7 +121,10 @@ bool read_file(const std::string& path, std::string& out, std::uint64_t limit, s
 }
 
 void parallel_for(std::size_t n, std::size_t max_threads, const std::function<void(std::size_t)>& fn) {
-  const std::size_t threads = std::min(n, std::max<std::size_t>(1, max_threads));
+  // A thread only pays for itself with a few items to work on.
+  constexpr std::size_t kMinItemsPerThread = 4;
+  const std::size_t threads = std::min((n + kMinItemsPerThread - 1) / kMinItemsPerThread,
+                                       std::max<std::size_t>(1, max_threads));
   if (threads <= 1) {
     for (std::size_t i = 0; i < n; ++i) fn(i);
     return;
@@ -145,6 +148,11 @@ void parallel_for(std::size_t n, std::size_t max_threads, const std::function<vo
   worker();
   for (auto& t : pool) t.join();
   if (error) std::rethrow_exception(error);
+}
+
+std::size_t cpu_threads() {
+  const unsigned hw = std::thread::hardware_concurrency();
+  return std::clamp<std::size_t>(hw == 0 ? 2 : hw, 1, 16);
 }
 
 std::size_t io_threads() {

@@ -58,7 +58,10 @@ class File {
 // Run fn(i) for i in [0, n) on up to `max_threads` threads (the calling thread included).
 void parallel_for(std::size_t n, std::size_t max_threads, const std::function<void(std::size_t)>& fn);
 
-// A sensible worker count for I/O-bound work on this machine.
+// A sensible worker count for I/O-bound work (readahead) on this machine.
 std::size_t io_threads();
+
+// A sensible worker count for CPU-bound work (parsing headers from the page cache).
+std::size_t cpu_threads();
 
 }  // namespace llmlb::fs

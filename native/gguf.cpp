@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <unordered_set>
 
 #include "fs_util.hpp"
@@ -70,7 +71,11 @@ struct Corrupt {
 // Sequential reader over a file with a large buffer; throws Truncated at end of file.
 class Reader {
  public:
-  explicit Reader(const fs::File& file) : file_(file), buf_(1 << 20) {}
+  // The buffer holds at most 1 MiB and never more than the file (left uninitialised).
+  explicit Reader(const fs::File& file)
+      : file_(file),
+        cap_(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), 1 << 20))),
+        buf_(new char[cap_]) {}
 
   std::uint64_t pos() const { return pos_; }
   std::uint64_t remaining() const { return file_.size() - pos_; }
@@ -81,7 +86,7 @@ class Reader {
       if (pos_ < buf_start_ || pos_ >= buf_start_ + buf_len_) fill();
       const std::size_t off = static_cast<std::size_t>(pos_ - buf_start_);
       const std::size_t take = std::min(n, buf_len_ - off);
-      std::memcpy(out, buf_.data() + off, take);
+      std::memcpy(out, buf_.get() + off, take);
       out += take;
       n -= take;
       pos_ += take;
@@ -119,12 +124,13 @@ class Reader {
   void fill() {
     if (pos_ >= file_.size()) throw Truncated{};
     buf_start_ = pos_;
-    buf_len_ = static_cast<std::size_t>(std::min<std::uint64_t>(buf_.size(), file_.size() - pos_));
-    if (!file_.read_at(buf_start_, buf_.data(), buf_len_)) throw Corrupt{"read error"};
+    buf_len_ = static_cast<std::size_t>(std::min<std::uint64_t>(cap_, file_.size() - pos_));
+    if (!file_.read_at(buf_start_, buf_.get(), buf_len_)) throw Corrupt{"read error"};
   }
 
   const fs::File& file_;
-  std::vector<char> buf_;
+  std::size_t cap_;
+  std::unique_ptr<char[]> buf_;
   std::uint64_t buf_start_ = 0;
   std::size_t buf_len_ = 0;
   std::uint64_t pos_ = 0;

@@ -118,11 +118,15 @@ FileCheck check_file(const std::string& path, const std::vector<std::string_view
     out.problems.push_back("file too small for a safetensors header (" + std::to_string(file.size()) + " bytes)");
     return out;
   }
-  std::uint64_t n = 0;
-  if (!file.read_at(0, &n, 8)) {
+  // One read covers the length prefix and, almost always, the whole header.
+  constexpr std::uint64_t kFirstRead = 64 << 10;
+  std::string head(static_cast<std::size_t>(std::min<std::uint64_t>(file.size(), kFirstRead)), '\0');
+  if (!file.read_at(0, head.data(), head.size())) {
     out.problems.push_back("read error");
     return out;
   }
+  std::uint64_t n = 0;
+  std::memcpy(&n, head.data(), 8);
   if (n > kMaxHeaderBytes) {
     out.problems.push_back("header too large: " + std::to_string(n) + " bytes (limit " +
                            std::to_string(kMaxHeaderBytes) + ")");
@@ -133,10 +137,17 @@ FileCheck check_file(const std::string& path, const std::vector<std::string_view
                            std::to_string(file.size()));
     return out;
   }
-  std::string text(static_cast<std::size_t>(n), '\0');
-  if (n > 0 && !file.read_at(8, text.data(), text.size())) {
-    out.problems.push_back("read error");
-    return out;
+  std::string text;
+  if (8 + n <= head.size()) {
+    head.resize(static_cast<std::size_t>(8 + n));
+    head.erase(0, 8);
+    text = std::move(head);
+  } else {
+    text.assign(static_cast<std::size_t>(n), '\0');
+    if (!file.read_at(8, text.data(), text.size())) {
+      out.problems.push_back("read error");
+      return out;
+    }
   }
 
   json::Cursor c(text);

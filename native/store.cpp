@@ -117,7 +117,7 @@ DirScan scan_dir(const std::string& dir) {
         continue;
       }
       std::string prefix;
-      std::uint32_t no, count;
+      std::uint32_t no = 0, count = 0;
       if (parse_split_name(e.name, prefix, no, count)) {
         const std::string key = prefix + "\n" + std::to_string(count);
         auto it = split_slots.find(key);
@@ -469,7 +469,7 @@ ModelStore::ModelStore(std::string root, std::size_t threads)
   if (root_.empty()) throw std::invalid_argument("models_dir must not be empty");
 }
 
-std::size_t ModelStore::threads() const { return threads_ ? threads_ : fs::io_threads(); }
+std::size_t ModelStore::threads() const { return threads_ ? threads_ : fs::cpu_threads(); }
 
 std::string ModelStore::model_dir(const std::string& model_id) const {
   return fs::join(root_, split_quant(model_id).first);

@@ -221,7 +221,9 @@ def write_split_gguf(
         else:
             options.setdefault("split_tensors_count", count * len(list(options["tensors"])))
         paths.append(
-            write_gguf(directory / split_name(prefix, no, count), split=(no, header_count), **options)
+            write_gguf(
+                directory / split_name(prefix, no, count), split=(no, header_count), **options
+            )
         )
     return paths
 
@@ -254,8 +256,13 @@ def safetensors_bytes(
     return struct.pack("<Q", length) + text + bytes(position + extra_bytes)
 
 
-def write_safetensors(path: Path, tensors: dict[str, tuple[str, Sequence[int]]] | None = None,
-                      *, truncate: int = 0, **kwargs: Any) -> Path:
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, tuple[str, Sequence[int]]] | None = None,
+    *,
+    truncate: int = 0,
+    **kwargs: Any,
+) -> Path:
     """Write a ``.safetensors`` file (zero-filled data) and return its path.
 
     Args:
@@ -280,8 +287,12 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[str, Sequence[int]]] 
 def write_config(directory: Path, model_type: str = "llama", **fields: Any) -> Path:
     """Write a minimal ``config.json`` (``model_type``, ``architectures`` and ``fields``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": model_type, "architectures": ["LlamaForCausalLM"],
-              "max_position_embeddings": 2048, **fields}
+    config = {
+        "model_type": model_type,
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 2048,
+        **fields,
+    }
     path = directory / "config.json"
     path.write_text(json.dumps(config))
     return path
@@ -292,8 +303,11 @@ def write_tokenizer(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = {
         "version": "1.0",
-        "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "world": 2},
-                  "unk_token": "<unk>"},
+        "model": {
+            "type": "WordLevel",
+            "vocab": {"<unk>": 0, "hello": 1, "world": 2},
+            "unk_token": "<unk>",
+        },
         "added_tokens": [],
     }
     path = directory / "tokenizer.json"
@@ -341,8 +355,9 @@ def write_safetensors_model(
     weight_map: dict[str, str] = {}
     for no in range(1, shards + 1):
         file_name = shard_name(no, shards) if use_index else "model.safetensors"
-        names = {f"layers.{no - 1}.{i}.weight": ("F32", tuple(shape))
-                 for i in range(tensors_per_shard)}
+        names = {
+            f"layers.{no - 1}.{i}.weight": ("F32", tuple(shape)) for i in range(tensors_per_shard)
+        }
         write_safetensors(directory / file_name, names)
         weight_map.update(dict.fromkeys(names, file_name))
     if not use_index:
@@ -353,8 +368,9 @@ def write_safetensors_model(
     return index_path
 
 
-def write_gguf_model(models_dir: Path, model_id: str, file_name: str | None = None,
-                     **kwargs: Any) -> Path:
+def write_gguf_model(
+    models_dir: Path, model_id: str, file_name: str | None = None, **kwargs: Any
+) -> Path:
     """Place a single-file GGUF model at ``<models_dir>/<model_id>/<file_name>``.
 
     ``file_name`` defaults to ``<last id segment>-<file_type>.gguf``; ``kwargs`` go to

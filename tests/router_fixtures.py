@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from tests.procs import LLMLB, Proc, free_port
+from tests.procs import LLMLB, Proc, free_port, wait_until
 
 
 class RouterUrl(str):
@@ -46,6 +46,13 @@ def start_router(
     proc = spawn(argv, env=full_env, name="router")
     url = RouterUrl(f"http://127.0.0.1:{port}")
     proc.wait_http(f"{url}/health", timeout=60)
+    if "--workers" in extra_args:  # every worker up, not just the first to answer
+        workers = int(extra_args[extra_args.index("--workers") + 1])
+        wait_until(
+            lambda: f"Started worker-{workers}" in proc.log(),
+            timeout=60,
+            message=f"{workers} router workers",
+        )
     url.proc = proc
     url.home = home
     return url

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llmlb import _model_storage as native
 from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id, split_quant
 
@@ -89,8 +88,9 @@ def test_split_quant() -> None:
         ("f16", "model-bf16.gguf", False),
     ],
 )
-def test_quant_token_matches_file_names_case_insensitively(quant: str, file_name: str,
-                                                           matches: bool) -> None:
+def test_quant_token_matches_file_names_case_insensitively(
+    quant: str, file_name: str, matches: bool
+) -> None:
     assert native.quant_matches_file_name(quant, file_name) is matches
 
 
@@ -103,8 +103,28 @@ def test_model_dir_is_inside_models_dir(tmp_path: Path) -> None:
 
 
 _PIECES = st.sampled_from(
-    ["a", "B", "z9", "x.y", "-", "_", ".", "..", "", "...", "\\", "\x00", ":", "q4_K_M", "\u00e9",
-     " ", "/", "%2e%2e", "~", "$HOME"]
+    [
+        "a",
+        "B",
+        "z9",
+        "x.y",
+        "-",
+        "_",
+        ".",
+        "..",
+        "",
+        "...",
+        "\\",
+        "\x00",
+        ":",
+        "q4_K_M",
+        "\u00e9",
+        " ",
+        "/",
+        "%2e%2e",
+        "~",
+        "$HOME",
+    ]
 )
 _CANDIDATES = st.one_of(
     st.lists(_PIECES, max_size=8).map("/".join),
@@ -116,8 +136,9 @@ _CANDIDATES = st.one_of(
 
 @settings(max_examples=400, deadline=None)
 @given(raw=_CANDIDATES)
-def test_no_accepted_id_maps_outside_models_dir(tmp_path_factory: pytest.TempPathFactory,
-                                                raw: str) -> None:
+def test_no_accepted_id_maps_outside_models_dir(
+    tmp_path_factory: pytest.TempPathFactory, raw: str
+) -> None:
     root = tmp_path_factory.getbasetemp() / "store"
     store = ModelStorage(root)
     try:
@@ -139,10 +160,13 @@ def test_no_accepted_id_maps_outside_models_dir(tmp_path_factory: pytest.TempPat
 
 @settings(max_examples=200, deadline=None)
 @given(
-    segments=st.lists(st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1,
-                              max_size=12), min_size=1, max_size=5),
-    quant=st.none() | st.text(alphabet=string.ascii_letters + string.digits + "_", min_size=1,
-                              max_size=8),
+    segments=st.lists(
+        st.text(alphabet=string.ascii_letters + string.digits + "._-", min_size=1, max_size=12),
+        min_size=1,
+        max_size=5,
+    ),
+    quant=st.none()
+    | st.text(alphabet=string.ascii_letters + string.digits + "_", min_size=1, max_size=8),
 )
 def test_well_formed_ids_are_accepted(segments: list[str], quant: str | None) -> None:
     if any(s in (".", "..") for s in segments):

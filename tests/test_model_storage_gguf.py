@@ -5,10 +5,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-
 from llmlb.model_storage import ModelStorage, inspect_gguf, validate_file
+
 from tests.factories import split_name, write_gguf, write_gguf_model, write_split_gguf
 
 
@@ -23,8 +24,14 @@ def _only(problems: list[str]) -> str:
 
 
 def test_valid_gguf_resolves_with_header_metadata(store: ModelStorage) -> None:
-    path = write_gguf_model(store.models_dir, "org/tiny", "tiny.gguf", arch="qwen2",
-                            file_type="Q5_K_M", context_length=4096)
+    path = write_gguf_model(
+        store.models_dir,
+        "org/tiny",
+        "tiny.gguf",
+        arch="qwen2",
+        file_type="Q5_K_M",
+        context_length=4096,
+    )
     assert store.validate("org/tiny") == []
     d = store.resolve("Org/Tiny")
     assert d is not None
@@ -34,11 +41,22 @@ def test_valid_gguf_resolves_with_header_metadata(store: ModelStorage) -> None:
     assert store.detect_format("org/tiny") == "gguf"
 
 
-@pytest.mark.parametrize(("file_type", "name"),
-                         [(0, "F32"), (1, "F16"), (7, "Q8_0"), (15, "Q4_K_M"), (18, "Q6_K"),
-                          (30, "IQ4_XS"), (32, "BF16"), (38, "MXFP4_MOE")])
-def test_quantisation_comes_from_general_file_type(tmp_path: Path, file_type: int,
-                                                   name: str) -> None:
+@pytest.mark.parametrize(
+    ("file_type", "name"),
+    [
+        (0, "F32"),
+        (1, "F16"),
+        (7, "Q8_0"),
+        (15, "Q4_K_M"),
+        (18, "Q6_K"),
+        (30, "IQ4_XS"),
+        (32, "BF16"),
+        (38, "MXFP4_MOE"),
+    ],
+)
+def test_quantisation_comes_from_general_file_type(
+    tmp_path: Path, file_type: int, name: str
+) -> None:
     path = write_gguf(tmp_path / "model.gguf", file_type=file_type)
     assert inspect_gguf(path)["quantization"] == name
 
@@ -50,7 +68,6 @@ def test_quantisation_falls_back_to_the_file_name(store: ModelStorage) -> None:
 
 
 def test_gguf_written_by_the_gguf_package_validates(store: ModelStorage) -> None:
-    gguf = pytest.importorskip("gguf")
     directory = store.models_dir / "pkg"
     directory.mkdir(parents=True)
     writer = gguf.GGUFWriter(str(directory / "pkg.gguf"), "gemma3")
@@ -94,8 +111,10 @@ def test_real_gemma_gguf(store: ModelStorage, gemma_gguf: Path) -> None:
         ({"version": 4}, "unsupported GGUF version 4"),
         ({"alignment": 48}, "general.alignment 48 is not a power of two"),
         ({"extra_kv": {"general.alignment": "32"}}, "general.alignment has type string"),
-        ({"misalign": True, "tensors": [("a", (3,), "F32"), ("b", (3,), "F32")]},
-         "tensor data not aligned for mmap: tensor 'b' at offset 12"),
+        (
+            {"misalign": True, "tensors": [("a", (3,), "F32"), ("b", (3,), "F32")]},
+            "tensor data not aligned for mmap: tensor 'b' at offset 12",
+        ),
         ({"truncate": True}, "truncated tensor data: tensor 'output_norm.weight' ends at byte"),
         ({"extra_kv": {"general.architecture": 7}}, "general.architecture has type uint32"),
     ],
@@ -108,7 +127,7 @@ def test_corrupt_gguf_is_named_precisely(tmp_path: Path, kwargs: dict, expected:
 
 
 def test_truncated_header_and_tiny_files(tmp_path: Path) -> None:
-    raw = (tmp_path / "ok.gguf")
+    raw = tmp_path / "ok.gguf"
     write_gguf(raw)
     data = raw.read_bytes()
     (tmp_path / "tiny.gguf").write_bytes(b"GG")
@@ -122,7 +141,9 @@ def test_truncated_header_and_tiny_files(tmp_path: Path) -> None:
     bad = bytearray(data)
     bad[8:16] = struct.pack("<Q", 10**12)
     (tmp_path / "count.gguf").write_bytes(bytes(bad))
-    assert "tensor count 1000000000000 is impossible" in _only(validate_file(tmp_path / "count.gguf"))
+    assert "tensor count 1000000000000 is impossible" in _only(
+        validate_file(tmp_path / "count.gguf")
+    )
     # A string length running past the end of the file.
     bad = bytearray(data)
     bad[24:32] = struct.pack("<Q", 1 << 40)
@@ -158,8 +179,9 @@ def test_split_gguf_missing_split(store: ModelStorage) -> None:
 def test_split_gguf_count_mismatch(store: ModelStorage) -> None:
     write_split_gguf(store.models_dir / "big", "big", 3, header_counts={2: 4})
     problem = _only(store.validate("big"))
-    assert problem == ("big-00002-of-00003.gguf: split count mismatch: header says "
-                       "split.count=4, file name says 3")
+    assert problem == (
+        "big-00002-of-00003.gguf: split count mismatch: header says split.count=4, file name says 3"
+    )
 
 
 def test_split_gguf_number_and_tensor_count_mismatch(store: ModelStorage) -> None:
@@ -169,14 +191,21 @@ def test_split_gguf_number_and_tensor_count_mismatch(store: ModelStorage) -> Non
     assert "split number mismatch: header says split.no=0" in _only(store.validate("big"))
     write_split_gguf(directory, "big", 2, split_tensors_count=5)
     assert "split.tensors.count says 5 but the splits hold 2 tensors" in _only(
-        store.validate("big"))
+        store.validate("big")
+    )
 
 
 def test_split_gguf_truncated_later_split(store: ModelStorage) -> None:
     directory = store.models_dir / "big"
     write_split_gguf(directory, "big", 2)
-    write_gguf(directory / split_name("big", 2, 2), split=(2, 2), arch=None, file_type=None,
-               tensors=[("blk.1.weight", (32,), "F32")], truncate=8)
+    write_gguf(
+        directory / split_name("big", 2, 2),
+        split=(2, 2),
+        arch=None,
+        file_type=None,
+        tensors=[("blk.1.weight", (32,), "F32")],
+        truncate=8,
+    )
     assert "big-00002-of-00002.gguf: truncated tensor data" in _only(store.validate("big"))
 
 

@@ -74,8 +74,9 @@ async def call(
     payload: dict | bytes,
     path: str = "/v1/chat/completions",
     headers: tuple[tuple[bytes, bytes], ...] = (),
+    disconnect_after: float | None = None,
 ) -> Result:
-    """One request through the proxy's ASGI interface."""
+    """One request through the proxy's ASGI interface (the client may hang up after a while)."""
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     scope = {
         "type": "http",
@@ -89,7 +90,10 @@ async def call(
     async def receive() -> dict:
         nonlocal delivered
         if delivered:
-            await asyncio.Event().wait()
+            if disconnect_after is None:
+                await asyncio.Event().wait()
+            await asyncio.sleep(disconnect_after)
+            return {"type": "http.disconnect"}
         delivered = True
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -190,6 +194,23 @@ def test_stream_is_relayed_as_it_arrives(mock):
             data = [(t, c) for t, c in res.chunks if c]
             assert len(data) >= 5  # one message per event as they came, not one buffer
             assert data[-1][0] - data[0][0] >= 0.35
+
+    asyncio.run(scenario())
+
+
+def test_client_disconnect_stops_the_relay(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/gone/drip1000"))
+        async with running(fleet) as proxy:
+            started = time.monotonic()
+            res = await call(proxy, {**CHAT, "stream": True}, disconnect_after=0.3)
+            assert time.monotonic() - started < 2.0  # not the node's 5 s stream
+            assert len(res.events()) == 1
+            labels = {"node": "n1", "model": MODEL}
+            assert sample(proxy, "llmlb_proxy_errors_total", kind="client_gone", **labels) == 1
+            assert proxy.balancer.nodes["n1"].outstanding == 0
+            assert proxy.balancer.nodes["n1"].healthy and proxy.balancer.nodes["n1"].failures == 0
 
     asyncio.run(scenario())
 

@@ -41,17 +41,25 @@ def main(argv: list[str] | None = None) -> int:
 
         _no_extra_bufts()
     started = time.monotonic()
-    local = Path(snapshot_download(args.repo, cache_dir=args.cache_dir, endpoint=args.endpoint,
-                                   token=False))
+    local = Path(
+        snapshot_download(args.repo, cache_dir=args.cache_dir, endpoint=args.endpoint, token=False)
+    )
     downloaded = time.monotonic()
     if llama_cpp is not None:
         (gguf,) = sorted(local.rglob("*.gguf"))
         gpu = -1 if llama_cpp.llama_supports_gpu_offload() else 0
-        llama_cpp.Llama(str(gguf), n_ctx=args.n_ctx, n_gpu_layers=gpu, use_mmap=True,
-                        verbose=False)
+        llama_cpp.Llama(str(gguf), n_ctx=args.n_ctx, n_gpu_layers=gpu, use_mmap=True, verbose=False)
     done = time.monotonic()
-    print(orjson.dumps({"download_s": downloaded - started, "load_s": done - downloaded,
-                        "total_s": done - started}).decode(), flush=True)
+    print(
+        orjson.dumps(
+            {
+                "download_s": downloaded - started,
+                "load_s": done - downloaded,
+                "total_s": done - started,
+            }
+        ).decode(),
+        flush=True,
+    )
     return 0
 
 

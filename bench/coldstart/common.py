@@ -42,9 +42,28 @@ MB = 1_000_000
 MIB = 1 << 20
 
 __all__ = [
-    "ADMIN_KEY", "GEMMA_NAME", "LLMLB", "MB", "MIB", "NODE_LAUNCH", "PY", "REPO_ROOT",
-    "ProcTree", "Stats", "evict", "first_token", "free_port", "gemma_path", "http_json",
-    "http_status", "resident_fraction", "stats", "wait_until", "warm", "workdir",
+    "ADMIN_KEY",
+    "GEMMA_NAME",
+    "LLMLB",
+    "MB",
+    "MIB",
+    "NODE_LAUNCH",
+    "PY",
+    "REPO_ROOT",
+    "ProcTree",
+    "Stats",
+    "evict",
+    "first_token",
+    "free_port",
+    "group_cpu_seconds",
+    "gemma_path",
+    "http_json",
+    "http_status",
+    "resident_fraction",
+    "stats",
+    "wait_until",
+    "warm",
+    "workdir",
 ]
 
 
@@ -63,12 +82,10 @@ class ProcTree:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
 
-    def spawn(self, argv: list[str], env: dict[str, str] | None = None,
-              name: str = "proc") -> Proc:
+    def spawn(self, argv: list[str], env: dict[str, str] | None = None, name: str = "proc") -> Proc:
         """Start ``argv`` (cwd = repo root, repo root on ``PYTHONPATH``)."""
         full_env = {"PYTHONPATH": str(REPO_ROOT), **(env or {})}
-        proc = Proc(argv, self.logs / f"{name}-{len(self.procs)}.log", env=full_env,
-                    cwd=REPO_ROOT)
+        proc = Proc(argv, self.logs / f"{name}-{len(self.procs)}.log", env=full_env, cwd=REPO_ROOT)
         self.procs.append(proc)
         return proc
 
@@ -135,8 +152,14 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
-        return {"unit": self.unit, "n": len(self.values), "median": self.median,
-                "min": self.min, "max": self.max, "values": self.values}
+        return {
+            "unit": self.unit,
+            "n": len(self.values),
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "values": self.values,
+        }
 
 
 def stats(values: Sequence[float], unit: str = "s") -> Stats:
@@ -196,8 +219,14 @@ def warm(paths: Sequence[Path]) -> None:
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
@@ -224,11 +253,29 @@ def resident_fraction(path: Path) -> float:
         os.close(fd)
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(entry.path, "stat").read_bytes()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        if int(fields[2]) == pgid:  # fields[0] is field 3 (state): pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 # --- HTTP --------------------------------------------------------------------------------
 
 
-def http_json(url: str, method: str = "GET", body: Any = None, key: str | None = None,
-              timeout: float = 30.0) -> tuple[int, Any]:
+def http_json(
+    url: str, method: str = "GET", body: Any = None, key: str | None = None, timeout: float = 30.0
+) -> tuple[int, Any]:
     """One request; returns ``(status, decoded JSON or None)`` (never raises on 4xx/5xx)."""
     parts = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
@@ -248,8 +295,9 @@ def http_json(url: str, method: str = "GET", body: Any = None, key: str | None =
         return resp.status, None
 
 
-def first_token(base_url: str, model: str, prompt: str = "Hello",
-                timeout: float = 120.0) -> tuple[float, int]:
+def first_token(
+    base_url: str, model: str, prompt: str = "Hello", timeout: float = 120.0
+) -> tuple[float, int]:
     """Stream ``/v1/completions`` (one token); seconds until the first token event arrives.
 
     Returns:
@@ -258,8 +306,9 @@ def first_token(base_url: str, model: str, prompt: str = "Hello",
     parts = urllib.parse.urlsplit(base_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     conn.connect()
-    body = orjson.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "stream": True,
-                         "temperature": 0})
+    body = orjson.dumps(
+        {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "temperature": 0}
+    )
     started = time.monotonic()
     try:
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -279,7 +328,11 @@ def first_token(base_url: str, model: str, prompt: str = "Hello",
         conn.close()
 
 
-def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.005,
-         message: str = "condition") -> Any:
+def poll(
+    predicate: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.005,
+    message: str = "condition",
+) -> Any:
     """Like ``wait_until`` with a finer default interval (timings depend on it)."""
     return wait_until(predicate, timeout=timeout, interval=interval, message=message)

@@ -2,7 +2,8 @@
 
 Each run starts a fresh node (``--router ''``, local models only), waits for ``/ready``, then
 times one streamed ``/v1/completions`` request (one token) from the moment it is sent until
-the first token event arrives; the node loads the model on that first request. The floor is
+the first token event arrives; the node loads the model on that first request; the CPU time
+of the node's process group over that request is recorded too. The floor is
 ``bench/coldstart/floor.py`` in a fresh process. Node and floor runs alternate so that load
 on the machine hits both alike.
 """
@@ -20,6 +21,7 @@ from bench.coldstart.common import (
     evict,
     first_token,
     gemma_path,
+    group_cpu_seconds,
     link_or_copy,
     resident_fraction,
     stats,
@@ -37,18 +39,26 @@ def _store(work: Path) -> tuple[Path, Path]:
     return models, gguf
 
 
-def _node_first_token(tree: ProcTree, models: Path, home: Path, gguf: Path, *, cold: bool,
-                      prefetch: bool) -> dict[str, float]:
+def _node_first_token(
+    tree: ProcTree, models: Path, home: Path, gguf: Path, *, cold: bool, prefetch: bool
+) -> dict[str, float]:
     node = start_node(tree, models, home, prefetch=prefetch)
     try:
         if cold:
             evict([gguf])
         resident = resident_fraction(gguf)
+        cpu_before = group_cpu_seconds(node.proc.pid)
         seconds, status = first_token(node.url, MODEL_ID)
+        cpu = group_cpu_seconds(node.proc.pid) - cpu_before
         if status != 200 or math.isnan(seconds):
             raise RuntimeError(f"first request answered {status}:\n{node.proc.log()[-3000:]}")
-        return {"ttft_s": seconds, "load_s": node.load_seconds(), "resident": resident,
-                "ready_s": node.ready_s}
+        return {
+            "ttft_s": seconds,
+            "load_s": node.load_seconds(),
+            "resident": resident,
+            "ready_s": node.ready_s,
+            "cpu_s": cpu,
+        }
     finally:
         tree.stop(node.proc)
 
@@ -64,8 +74,9 @@ def warm_store(work: Path, runs: int) -> dict[str, Any]:
     with ProcTree(work / "logs") as tree:
         for _ in range(runs):
             warm([gguf])
-            node.append(_node_first_token(tree, models, work / "home", gguf, cold=False,
-                                          prefetch=True))
+            node.append(
+                _node_first_token(tree, models, work / "home", gguf, cold=False, prefetch=True)
+            )
             warm([gguf])
             floor.append(_floor(gguf))
             floor_ctx.append(_floor(gguf, "--n-ctx", "4096"))
@@ -78,9 +89,12 @@ def warm_store(work: Path, runs: int) -> dict[str, Any]:
         "floor_load": stats([r["load_s"] for r in floor]).to_dict(),
         "floor_n_ctx_4096": stats([r["total_s"] for r in floor_ctx]).to_dict(),
         "overhead": node_ttft.median / floor_total.median - 1,
-        "overhead_vs_n_ctx_4096": node_ttft.median
-        / stats([r["total_s"] for r in floor_ctx]).median - 1,
+        "overhead_vs_n_ctx_4096": node_ttft.median / stats([r["total_s"] for r in floor_ctx]).median
+        - 1,
         "resident_before": [r["resident"] for r in node],
+        "node_cpu": stats([r["cpu_s"] for r in node]).to_dict(),
+        "floor_cpu": stats([r["cpu_s"] for r in floor]).to_dict(),
+        "floor_n_ctx_4096_cpu": stats([r["cpu_s"] for r in floor_ctx]).to_dict(),
     }
 
 
@@ -90,10 +104,12 @@ def cold_cache(work: Path, runs: int) -> dict[str, Any]:
     with_pf, without_pf, floor, floor_pf = [], [], [], []
     with ProcTree(work / "logs") as tree:
         for _ in range(runs):
-            with_pf.append(_node_first_token(tree, models, work / "home", gguf, cold=True,
-                                             prefetch=True))
-            without_pf.append(_node_first_token(tree, models, work / "home", gguf, cold=True,
-                                                prefetch=False))
+            with_pf.append(
+                _node_first_token(tree, models, work / "home", gguf, cold=True, prefetch=True)
+            )
+            without_pf.append(
+                _node_first_token(tree, models, work / "home", gguf, cold=True, prefetch=False)
+            )
             floor.append(_floor(gguf, "--evict"))
             floor_pf.append(_floor(gguf, "--evict", "--prefetch"))
     result: dict[str, Any] = {
@@ -104,7 +120,8 @@ def cold_cache(work: Path, runs: int) -> dict[str, Any]:
         "floor": stats([r["total_s"] for r in floor]).to_dict(),
         "floor_prefetch": stats([r["total_s"] for r in floor_pf]).to_dict(),
         "resident_after_evict": max(r["resident"] for r in [*with_pf, *without_pf, *floor]),
+        "node_prefetch_cpu": stats([r["cpu_s"] for r in with_pf]).to_dict(),
+        "floor_cpu": stats([r["cpu_s"] for r in floor]).to_dict(),
     }
-    result["overhead"] = (result["node_prefetch_ttft"]["median"]
-                          / result["floor"]["median"] - 1)
+    result["overhead"] = result["node_prefetch_ttft"]["median"] / result["floor"]["median"] - 1
     return result

@@ -8,18 +8,21 @@ download + verification part. The reference is ``bench/coldstart/baseline.py``
 (``snapshot_download`` + the same load) in a fresh process against the same stand-in.
 
 Also measured: the raw loopback copy rate (one plain ``curl`` GET of the GGUF to
-``/dev/null``, uncapped stand-in), and, per condition, verification's share of a download — the node's own
-``ModelFetch`` run in this process with and without its streaming SHA-256 (the hasher
-replaced by a stub that reports the expected digest), plus one serial hash pass for scale.
+``/dev/null``, uncapped stand-in), and, per condition, verification's share of a download:
+the node's own ``ModelFetch`` run in this process with and without its streaming SHA-256
+(the hasher replaced by a stub that reports the expected digest), with a breakdown of where
+the time goes, plus one serial hash pass for scale.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +38,12 @@ from bench.coldstart.common import (
     stats,
 )
 from bench.coldstart.nodes import Node, run_json, start_hub, start_node, start_router
-from tests.factories import write_safetensors_model
+from tests.factories import write_gguf, write_safetensors_model
 from tests.hub_fixtures import make_repo
 
 BASELINE = [PY, str(Path(__file__).with_name("baseline.py"))]
 REPOS = {"gguf": "bench/gemma", "sharded": "bench/sharded"}
+WARMUP_REPO = "bench/tiny"
 
 
 def build_hub(root: Path, gen: Path, shards: int, shard_mib: int) -> dict[str, int]:
@@ -48,21 +52,28 @@ def build_hub(root: Path, gen: Path, shards: int, shard_mib: int) -> dict[str, i
     floats = shard_mib * MIB // 4 // 2  # two F32 tensors per shard
     write_safetensors_model(gen, shards=shards, tensors_per_shard=2, shape=(floats,))
     make_repo(root, REPOS["sharded"], {p.name: p for p in sorted(gen.iterdir())})
-    return {kind: sum(p.stat().st_size for p in (root / repo).iterdir())
-            for kind, repo in REPOS.items()}
+    tiny = write_gguf(gen.parent / "tiny-Q4_K_M.gguf")
+    make_repo(root, WARMUP_REPO, {tiny.name: tiny})
+    return {
+        kind: sum(p.stat().st_size for p in (root / repo).iterdir()) for kind, repo in REPOS.items()
+    }
 
 
 def raw_copy(url: str) -> float:
     """Bytes/s of one plain HTTP GET of ``url`` written to ``/dev/null`` (curl)."""
     out = subprocess.run(
         ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url],
-        capture_output=True, check=True, timeout=300, text=True,
+        capture_output=True,
+        check=True,
+        timeout=300,
+        text=True,
     ).stdout.split()
     return float(out[0]) / float(out[1])
 
 
-def _wait_ready(node: Node, model_id: str, need_loaded: bool, started: float,
-                timeout: float) -> dict[str, float]:
+def _wait_ready(
+    node: Node, model_id: str, need_loaded: bool, started: float, timeout: float
+) -> dict[str, float]:
     """Poll the node until ``model_id`` is ready; returns when each state was first seen."""
     seen: dict[str, float] = {}
 
@@ -82,21 +93,33 @@ def _wait_ready(node: Node, model_id: str, need_loaded: bool, started: float,
     return seen
 
 
-def _node_run(router: str, node: Node, models_dir: Path, kind: str, model_id: str,
-              timeout: float) -> dict[str, Any]:
+def _node_run(
+    router: str,
+    node: Node,
+    models_dir: Path,
+    repo: str,
+    model_id: str,
+    need_loaded: bool,
+    timeout: float,
+) -> dict[str, Any]:
     from llmlb.model_storage import normalize_model_id
 
     model_id = normalize_model_id(model_id)
     started = time.monotonic()
-    code, body = http_json(f"{router}/v1/models/register", "POST",
-                           {"repo": REPOS[kind], "id": model_id}, key=ADMIN_KEY)
+    code, body = http_json(
+        f"{router}/v1/models/register", "POST", {"repo": repo, "id": model_id}, key=ADMIN_KEY
+    )
     registered = time.monotonic() - started
     if code != 201:
         raise RuntimeError(f"register {model_id}: {code} {body}")
-    seen = _wait_ready(node, model_id, kind == "gguf", started, timeout)
-    result = {"ready_s": seen["done"], "register_s": registered,
-              "downloaded_s": node.downloaded_s(model_id), "seen": seen,
-              "hash_tails": node.hash_tails(model_id)}
+    seen = _wait_ready(node, model_id, need_loaded, started, timeout)
+    result = {
+        "ready_s": seen["done"],
+        "register_s": registered,
+        "downloaded_s": node.downloaded_s(model_id),
+        "seen": seen,
+        "hash_tails": node.hash_tails(model_id),
+    }
     http_json(f"{router}/v1/models/{model_id}", "DELETE", key=ADMIN_KEY)
     try:  # the node removes what it downloaded; bounded wait, then clean up ourselves
         poll(lambda: not (models_dir / model_id).exists(), timeout=30, interval=0.05)
@@ -107,8 +130,17 @@ def _node_run(router: str, node: Node, models_dir: Path, kind: str, model_id: st
 
 def _baseline_run(hub: str, kind: str, cache: Path) -> dict[str, float]:
     try:
-        return run_json([*BASELINE, hub, REPOS[kind], str(cache),
-                         "--load", "gguf" if kind == "gguf" else "none"], timeout=300)
+        return run_json(
+            [
+                *BASELINE,
+                hub,
+                REPOS[kind],
+                str(cache),
+                "--load",
+                "gguf" if kind == "gguf" else "none",
+            ],
+            timeout=300,
+        )
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -127,8 +159,52 @@ class _LogTimes(logging.Handler):
             self.lines.append((float(m[1]), float(m[2]), float(m[3])))
 
 
+@contextlib.contextmanager
+def _phase_timers(dl: Any) -> Iterator[dict[str, float]]:
+    """Time the downloader's phases by wrapping its methods (restored afterwards)."""
+    phases: dict[str, float] = {}
+    originals = {
+        "probe": (dl._Http, "probe"),  # noqa: SLF001 - measuring the node's own code
+        "transfer": (dl._TransferWorker, "run"),  # noqa: SLF001
+        "promote": (dl.ModelFetch, "_promote"),
+    }
+    saved = {name: getattr(cls, attr) for name, (cls, attr) in originals.items()}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if name == "transfer":  # also: call → first progress line (worker start-up)
+                called, on_bytes = time.monotonic(), args[2]
+
+                def first(n: int) -> None:
+                    phases.setdefault("first_bytes", time.monotonic() - called)
+                    on_bytes(n)
+
+                args = (*args[:2], first, *args[3:])
+            started = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[name] = phases.get(name, 0.0) + time.monotonic() - started
+
+        return wrapper
+
+    for name, (cls, attr) in originals.items():
+        setattr(cls, attr, timed(name, saved[name]))
+    try:
+        yield phases
+    finally:
+        for name, (cls, attr) in originals.items():
+            setattr(cls, attr, saved[name])
+
+
 def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> dict[str, Any]:
-    """The node's ``ModelFetch`` with and without streaming SHA-256, alternating runs."""
+    """The node's ``ModelFetch`` with and without streaming SHA-256, alternating runs.
+
+    Hashed runs also record where the time goes: ``probe`` (range probe), ``transfer`` (the
+    transfer worker's job, ``first_bytes`` = until its first progress line, which includes
+    starting the worker process), ``hash_tail`` (hashing left after the last byte landed),
+    ``promote`` (validation, rename, resolve).
+    """
     from llmlb.hub.repo import fetch_repo_manifest
     from llmlb.model_storage import ModelStorage
     from llmlb.node import downloader as dl
@@ -155,41 +231,58 @@ def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> d
     log = logging.getLogger("llmlb.node.downloader")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    hashed, plain, tails = [], [], []
+    hashed, plain, phases_list, serial = [], [], [], []
     real = dl.FollowingHasher
     try:
         for i in range(runs):
             for hashing in (True, False):
                 store_dir = work / f"verify-{i}-{int(hashing)}"
                 model_id = f"bench/verify-{i}"
-                manifest = dl.Manifest.from_dict({**repo_manifest.to_dict(),
-                                                  "model_id": model_id})
+                manifest = dl.Manifest.from_dict({**repo_manifest.to_dict(), "model_id": model_id})
                 dl.FollowingHasher = real if hashing else NoHash
-                fetch = dl.ModelFetch(ModelStorage(store_dir), store_dir, manifest,
-                                      allowed_hosts=["127.0.0.1"])
+                fetch = dl.ModelFetch(
+                    ModelStorage(store_dir), store_dir, manifest, allowed_hosts=["127.0.0.1"]
+                )
                 handler.lines.clear()
-                started = time.monotonic()
-                desc = fetch.run()
-                (hashed if hashing else plain).append(time.monotonic() - started)
+                with _phase_timers(dl) as phases:
+                    started = time.monotonic()
+                    desc = fetch.run()
+                    total = time.monotonic() - started
                 if hashing:
-                    tails.append(sum(t for _, _, t in handler.lines))
-                    primary = Path(desc.primary_path)
+                    hashed.append(total)
+                    phases["hash_tail"] = sum(t for _, _, t in handler.lines)
+                    phases["total"] = total
+                    phases_list.append(phases)
                     serial_started = time.monotonic()
-                    sha256_file(primary)
-                    serial = time.monotonic() - serial_started
+                    sha256_file(Path(desc.primary_path))
+                    serial.append(time.monotonic() - serial_started)
+                else:
+                    plain.append(total)
                 shutil.rmtree(store_dir, ignore_errors=True)
     finally:
         dl.FollowingHasher = real
         log.removeHandler(handler)
     with_hash, without = stats(hashed), stats(plain)
-    return {"with_hash": with_hash.to_dict(), "without_hash": without.to_dict(),
-            "hash_tail": stats(tails).to_dict(), "serial_sha256_last": serial,
-            "added": with_hash.median / without.median - 1}
+    names = sorted({k for p in phases_list for k in p})
+    return {
+        "with_hash": with_hash.to_dict(),
+        "without_hash": without.to_dict(),
+        "phases": {k: stats([p.get(k, 0.0) for p in phases_list]).to_dict() for k in names},
+        "serial_sha256": stats(serial).to_dict(),
+        "added": with_hash.median / without.median - 1,
+    }
 
 
-def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str],
-                  shards: int = 8, shard_mib: int = 32, timeout: float = 180.0,
-                  verify: bool = True) -> dict[str, Any]:
+def missing_model(
+    work: Path,
+    runs: int,
+    caps: list[str | None],
+    kinds: list[str],
+    shards: int = 8,
+    shard_mib: int = 32,
+    timeout: float = 180.0,
+    verify: bool = True,
+) -> dict[str, Any]:
     """Scenario 3 for every hub condition in ``caps`` (``None`` = uncapped)."""
     sizes = build_hub(work / "hub", work / "gen" / "sharded", shards, shard_mib)
     out: dict[str, Any] = {"sizes": sizes, "shards": shards, "conditions": {}}
@@ -204,17 +297,35 @@ def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str
                 fetch_repo_manifest(repo, endpoint=hub)
             router, key = start_router(tree, work / f"router-{name}", hub)
             models_dir = work / f"store-{name}"
-            node = start_node(tree, models_dir, work / "node-home", router=router, api_key=key,
-                              env={"HF_ENDPOINT": hub})
+            node = start_node(
+                tree,
+                models_dir,
+                work / "node-home",
+                router=router,
+                api_key=key,
+                env={"HF_ENDPOINT": hub},
+            )
             if cap is None:  # capped, one GET runs at the cap by construction
                 gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"
-                cond["raw_copy_Bps"] = stats([raw_copy(gguf_url) for _ in range(runs)],
-                                             "B/s").to_dict()
+                cond["raw_copy_Bps"] = stats(
+                    [raw_copy(gguf_url) for _ in range(runs)], "B/s"
+                ).to_dict()
+            # warm-up: the router's first hub lookup and the node's first download path
+            _node_run(router, node, models_dir, WARMUP_REPO, f"bench/warmup-{name}", False, timeout)
             for kind in kinds:
                 node_runs, base_runs = [], []
                 for i in range(runs):
-                    node_runs.append(_node_run(router, node, models_dir, kind,
-                                               f"bench/{kind}-{name}-r{i}", timeout))
+                    node_runs.append(
+                        _node_run(
+                            router,
+                            node,
+                            models_dir,
+                            REPOS[kind],
+                            f"bench/{kind}-{name}-r{i}",
+                            kind == "gguf",
+                            timeout,
+                        )
+                    )
                     base_runs.append(_baseline_run(hub, kind, work / "hf-cache" / f"{i}"))
                 raw = cond["raw_copy_Bps"]["median"] if cap is None else float("nan")
                 cond[kind] = _summarise(node_runs, base_runs, sizes[kind], raw)
@@ -224,8 +335,9 @@ def missing_model(work: Path, runs: int, caps: list[str | None], kinds: list[str
     return out
 
 
-def _summarise(node_runs: list[dict], base_runs: list[dict], size: int,
-               raw_bps: float) -> dict[str, Any]:
+def _summarise(
+    node_runs: list[dict], base_runs: list[dict], size: int, raw_bps: float
+) -> dict[str, Any]:
     ready = stats([r["ready_s"] for r in node_runs])
     downloaded = stats([r["downloaded_s"] for r in node_runs])
     base = stats([r["total_s"] for r in base_runs])

@@ -59,8 +59,11 @@ class Node:
 
     def hash_tails(self, model_id: str) -> list[tuple[str, float, float, float]]:
         """``(file, MiB, transfer s, hash tail s)`` per parallel-fetched file of ``model_id``."""
-        return [(f, float(mib), float(t), float(tail))
-                for mid, f, mib, t, tail in _HASH_TAIL.findall(self.proc.log()) if mid == model_id]
+        return [
+            (f, float(mib), float(t), float(tail))
+            for mid, f, mib, t, tail in _HASH_TAIL.findall(self.proc.log())
+            if mid == model_id
+        ]
 
 
 def _get_text(url: str) -> bytes:
@@ -70,15 +73,34 @@ def _get_text(url: str) -> bytes:
         return resp.read()
 
 
-def start_node(tree: ProcTree, models_dir: Path, home: Path, *, router: str = "",
-               api_key: str | None = None, prefetch: bool = True,
-               env: dict[str, str] | None = None, timeout: float = 120.0,
-               extra: tuple[str, ...] = ()) -> Node:
+def start_node(
+    tree: ProcTree,
+    models_dir: Path,
+    home: Path,
+    *,
+    router: str = "",
+    api_key: str | None = None,
+    prefetch: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+    extra: tuple[str, ...] = (),
+) -> Node:
     """Spawn ``llmlb node`` and wait for ``/ready``; times spawn → ``/health`` and ``/ready``."""
     port = free_port()
-    argv = [*NODE_LAUNCH, *(() if prefetch else ("--no-prefetch",)), "node",
-            "--router", router, "--models-dir", str(models_dir), "--port", str(port),
-            "--max-loaded", "1", *extra]
+    argv = [
+        *NODE_LAUNCH,
+        *(() if prefetch else ("--no-prefetch",)),
+        "node",
+        "--router",
+        router,
+        "--models-dir",
+        str(models_dir),
+        "--port",
+        str(port),
+        "--max-loaded",
+        "1",
+        *extra,
+    ]
     if api_key:
         argv += ["--api-key", api_key]
     url = f"http://127.0.0.1:{port}"
@@ -105,8 +127,19 @@ def start_node(tree: ProcTree, models_dir: Path, home: Path, *, router: str = ""
 def start_hub(tree: ProcTree, root: Path, bandwidth: str | None) -> str:
     """Spawn the hub stand-in (``--bandwidth`` when given); returns its base URL."""
     port = free_port()
-    argv = [PY, "-m", "llmlb.hub.standin", "--host", "127.0.0.1", "--port", str(port),
-            "--root", str(root), "--hash-cache", str(HASH_CACHE)]
+    argv = [
+        PY,
+        "-m",
+        "llmlb.hub.standin",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--root",
+        str(root),
+        "--hash-cache",
+        str(HASH_CACHE),
+    ]
     if bandwidth:
         argv += ["--bandwidth", bandwidth]
     proc = tree.spawn(argv, name="hub")
@@ -123,8 +156,9 @@ def start_router(tree: ProcTree, home: Path, hub_url: str) -> tuple[str, str]:
     proc = tree.spawn(argv, env=env, name="router")
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{url}/health", timeout=60)
-    code, body = http_json(f"{url}/v0/keys", "POST", {"scope": "node", "name": "bench"},
-                           key=ADMIN_KEY)
+    code, body = http_json(
+        f"{url}/v0/keys", "POST", {"scope": "node", "name": "bench"}, key=ADMIN_KEY
+    )
     if code != 201:
         raise RuntimeError(f"cannot create a node key: {code} {body}")
     return url, body["key"]
@@ -135,10 +169,17 @@ def run_json(argv: list[str], timeout: float, env: dict[str, str] | None = None)
     import os
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    done = subprocess.run(argv, capture_output=True, timeout=timeout, env=full_env,
-                          cwd=REPO_ROOT, start_new_session=True)
+    done = subprocess.run(
+        argv,
+        capture_output=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith(b"{")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{argv} failed ({done.returncode}):\n"
-                           f"{done.stderr.decode(errors='replace')[-3000:]}")
+        raise RuntimeError(
+            f"{argv} failed ({done.returncode}):\n{done.stderr.decode(errors='replace')[-3000:]}"
+        )
     return orjson.loads(lines[-1])

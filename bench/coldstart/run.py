@@ -6,6 +6,7 @@ Usage::
         [--out bench/results/coldstart.json] [--caps 25M,none] [--kinds gguf,sharded]
         [--models 1000] [--shards 8] [--shard-mib 32] [--no-verify] [--no-readme]
         [--workdir DIR] [--keep]
+    .venv/bin/python bench/coldstart/run.py --render bench/results/coldstart.json
 
 Scenarios (see ``bench/README.md``, section "Cold start"):
 
@@ -17,8 +18,9 @@ Scenarios (see ``bench/README.md``, section "Cold start"):
 4. node start-up with many models in the store → ``/ready``.
 
 Writes the results as JSON (``--out``), prints a Markdown table and refreshes the generated
-table in ``bench/README.md`` (only after a full run of all four scenarios). Every process runs in a fresh temporary directory and is
-stopped when its scenario ends (or the run is interrupted).
+table in ``bench/README.md`` (only after a full run of all four scenarios). Every process
+runs in a fresh temporary directory and is stopped when its scenario ends (or the run is
+interrupted).
 """
 
 from __future__ import annotations
@@ -42,24 +44,37 @@ from bench.coldstart.common import REPO_ROOT, install_signal_handlers, workdir  
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="llmlb cold-start benchmark (scenarios 1-4, see bench/README.md)")
+        description="llmlb cold-start benchmark (scenarios 1-4, see bench/README.md)"
+    )
     parser.add_argument("--runs", type=int, default=5, help="runs per measure (5)")
     parser.add_argument("--scenarios", default="1,2,3,4", help="comma-separated (1,2,3,4)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/coldstart.json")
-    parser.add_argument("--caps", default="25M,none",
-                        help="hub per-connection caps for scenario 3; 'none' = uncapped")
+    parser.add_argument(
+        "--caps",
+        default="25M,none",
+        help="hub per-connection caps for scenario 3; 'none' = uncapped",
+    )
     parser.add_argument("--kinds", default="gguf,sharded", help="scenario 3 models")
     parser.add_argument("--models", type=int, default=1000, help="scenario 4 store size")
     parser.add_argument("--shards", type=int, default=8, help="safetensors shards (8)")
     parser.add_argument("--shard-mib", type=int, default=32, help="MiB per shard (32)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the with/without-hashing measurement")
-    parser.add_argument("--no-router", action="store_true",
-                        help="scenario 4: local-only start-up only")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the with/without-hashing measurement"
+    )
+    parser.add_argument(
+        "--no-router", action="store_true", help="scenario 4: local-only start-up only"
+    )
     parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     parser.add_argument("--readme", type=Path, default=REPO_ROOT / "bench/README.md")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temp dirs")
     parser.add_argument("--keep", action="store_true", help="keep temp dirs and logs")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: print the table of an earlier results file and update the README",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
@@ -72,8 +87,13 @@ def _load() -> str:
 
 def _git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
 
@@ -81,10 +101,17 @@ def _git_rev() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen scenarios; returns 1 if any scenario failed."""
     args = _parse(argv)
+    if args.render is not None:
+        results = orjson.loads(args.render.read_bytes())
+        print(report.table(results))
+        if not args.no_readme:
+            report.update_readme(args.readme, results)
+        return 0
     install_signal_handlers()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    caps = [None if c.strip().lower() in ("none", "0", "") else c.strip()
-            for c in args.caps.split(",")]
+    caps = [
+        None if c.strip().lower() in ("none", "0", "") else c.strip() for c in args.caps.split(",")
+    ]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     results: dict = {
         "meta": {
@@ -95,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             "git": _git_rev(),
             "runs": args.runs,
             "load_before": _load(),
-            "command": "bench/coldstart/run.py " + " ".join(argv if argv is not None
-                                                             else sys.argv[1:]),
+            "command": "bench/coldstart/run.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
         },
         "scenarios": {},
         "errors": {},
@@ -112,11 +139,19 @@ def main(argv: list[str] | None = None) -> int:
                 elif scenario == "2":
                     out = local.cold_cache(work, args.runs)
                 elif scenario == "3":
-                    out = missing.missing_model(work, args.runs, caps, kinds, args.shards,
-                                                args.shard_mib, verify=not args.no_verify)
+                    out = missing.missing_model(
+                        work,
+                        args.runs,
+                        caps,
+                        kinds,
+                        args.shards,
+                        args.shard_mib,
+                        verify=not args.no_verify,
+                    )
                 elif scenario == "4":
-                    out = scale.many_models(work, args.runs, args.models,
-                                            with_router=not args.no_router)
+                    out = scale.many_models(
+                        work, args.runs, args.models, with_router=not args.no_router
+                    )
                 else:
                     raise ValueError(f"unknown scenario {scenario!r}")
             results["scenarios"][scenario] = out
@@ -126,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - record it, go on with the next scenario
             traceback.print_exc()
             results["errors"][scenario] = f"{type(exc).__name__}: {exc}"[:2000]
-        print(f"   scenario {scenario}: {time.monotonic() - t0:.1f}s", file=sys.stderr,
-              flush=True)
+        print(f"   scenario {scenario}: {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
     results["meta"]["load_after"] = _load()
     results["meta"]["wall_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)

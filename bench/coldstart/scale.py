@@ -26,8 +26,9 @@ def build_store(models_dir: Path, count: int) -> list[str]:
     return ids
 
 
-def many_models(work: Path, runs: int, count: int = 1000,
-                with_router: bool = True) -> dict[str, Any]:
+def many_models(
+    work: Path, runs: int, count: int = 1000, with_router: bool = True
+) -> dict[str, Any]:
     """Scenario 4: spawn → ``/ready`` with ``count`` models in the store."""
     from llmlb.model_storage import ModelStorage
 
@@ -55,8 +56,14 @@ def many_models(work: Path, runs: int, count: int = 1000,
             hub = start_hub(tree, work / "hub", None)
             router, key = start_router(tree, work / "router", hub)
             for _ in range(runs):
-                node = start_node(tree, models_dir, work / "home", router=router, api_key=key,
-                                  env={"HF_ENDPOINT": hub})
+                node = start_node(
+                    tree,
+                    models_dir,
+                    work / "home",
+                    router=router,
+                    api_key=key,
+                    env={"HF_ENDPOINT": hub},
+                )
                 routed.append(node.ready_s)
                 routed_health.append(node.health_s)
                 tree.stop(node.proc)

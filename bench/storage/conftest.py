@@ -31,11 +31,16 @@ def build_store(root: Path) -> int:
         quant = QUANTS[i % len(QUANTS)]
         corrupt = i % 50 == 49
         if kind <= 5:
-            write_gguf(directory / f"model-{i:04d}-{quant}.gguf", file_type=quant,
-                       extra_kv={"tokenizer.ggml.tokens": VOCAB}, truncate=corrupt)
+            write_gguf(
+                directory / f"model-{i:04d}-{quant}.gguf",
+                file_type=quant,
+                extra_kv={"tokenizer.ggml.tokens": VOCAB},
+                truncate=corrupt,
+            )
         elif kind == 6:
-            write_split_gguf(directory, f"model-{quant}", 3, file_type=quant,
-                             skip=[2] if corrupt else [])
+            write_split_gguf(
+                directory, f"model-{quant}", 3, file_type=quant, skip=[2] if corrupt else []
+            )
         elif kind in (7, 8):
             write_safetensors_model(directory, tensors_per_shard=8, tokenizer=not corrupt)
         else:
@@ -61,6 +66,7 @@ def bench_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store holding ``big/sharded-512``: 512 safetensors shards x 64 tensors, with index."""
     root = tmp_path_factory.mktemp("big")
-    write_safetensors_model(root / "big" / "sharded-512", shards=BIG_SHARDS,
-                            tensors_per_shard=BIG_TENSORS_PER_SHARD)
+    write_safetensors_model(
+        root / "big" / "sharded-512", shards=BIG_SHARDS, tensors_per_shard=BIG_TENSORS_PER_SHARD
+    )
     return root

@@ -94,7 +94,8 @@ class _Reader:
 
     def skip_value(self, kind: int) -> None:
         if kind == 8:
-            self.pos += self.u64()
+            length = self.u64()
+            self.pos += length
         elif kind == 9:
             elem, count = self.u32(), self.u64()
             if elem in _SCALAR:
@@ -148,11 +149,11 @@ def read_gguf(path: str) -> _Gguf:
             name = r.string()
             dims = [r.u64() for _ in range(r.u32())]
             kind, offset = r.u32(), r.u64()
-            block, size = _GGML[kind]
+            block, block_bytes = _GGML[kind]
             count = 1
             for d in dims[1:]:
                 count *= d
-            tensors.append((name, offset, dims[0] // block * size * count))
+            tensors.append((name, offset, dims[0] // block * block_bytes * count))
         data_offset = (r.pos + alignment - 1) // alignment * alignment
         end = 0
         for name, offset, nbytes in tensors:
@@ -230,8 +231,12 @@ def _check_json(directory: str, name: str, problems: list[str]) -> None:
 
 def _contained(name: str) -> bool:
     parts = name.split("/")
-    return bool(name) and not name.startswith("/") and "\\" not in name and all(
-        p not in ("", ".", "..") for p in parts)
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 class ReferenceStorage:
@@ -292,8 +297,15 @@ class ReferenceStorage:
         if problems or first is None:
             return None, problems
         size = sum(os.stat(p).st_size for p in files)
-        return Descriptor(model_id, "gguf", files[0], files, first.quantization or None, size,
-                          first.architecture or None), []
+        return Descriptor(
+            model_id,
+            "gguf",
+            files[0],
+            files,
+            first.quantization or None,
+            size,
+            first.architecture or None,
+        ), []
 
     def _inspect_safetensors(self, directory, model_id, scan):
         problems: list[str] = []
@@ -317,8 +329,11 @@ class ReferenceStorage:
                     continue
                 shard_problems, names = check_safetensors(path)
                 problems += [f"{shard}: {p}" for p in shard_problems]
-                problems += [f"tensor {t} named in weight_map missing from shard {shard}"
-                             for t in tensors if t not in names]
+                problems += [
+                    f"tensor {t} named in weight_map missing from shard {shard}"
+                    for t in tensors
+                    if t not in names
+                ]
                 files.append(path)
         else:
             primary = os.path.join(directory, scan["safetensors"][0])
@@ -367,8 +382,10 @@ class ReferenceStorage:
 
         def walk(directory: str, rel: str) -> None:
             scan = self._scan(directory)
-            if rel and (any(f.lower().endswith(markers) for f in scan["files"])
-                        or "config.json" in scan["files"]):
+            if rel and (
+                any(f.lower().endswith(markers) for f in scan["files"])
+                or "config.json" in scan["files"]
+            ):
                 descriptor, _ = self.inspect(rel)
                 if descriptor:
                     found.append(rel)

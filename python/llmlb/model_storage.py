@@ -146,7 +146,7 @@ class ModelStorage:
         return f"ModelStorage({str(self.models_dir)!r})"
 
     def model_dir(self, model_id: str) -> Path:
-        """``<models_dir>/<base id>``; always inside ``models_dir`` (a ``:QUANT`` suffix is dropped)."""
+        """``<models_dir>/<base id>``, always inside ``models_dir`` (``:QUANT`` is dropped)."""
         return Path(self._store.model_dir(model_id))
 
     def list_available(self) -> list[str]:

@@ -11,6 +11,8 @@ import tempfile
 from llmlb import config
 
 APP_FACTORY = "llmlb.router.app:create_app"
+# Seconds a worker gets to finish in-flight requests at shutdown before it is killed.
+WORKERS_KILL_TIMEOUT_S = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             factory=True,
             log_access=False,
+            # A worker signalled in the instant it starts may miss the signal; never hang on it.
+            workers_kill_timeout=WORKERS_KILL_TIMEOUT_S,
         ).serve()
     finally:
         if metrics_dir:

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(ls)
     ls.set_defaults(func=cmd_ls)
 
-    verify = actions.add_parser("verify", help="check one model's files (exit 0 valid, 1 invalid, 2 bad id)")
+    verify = actions.add_parser(
+        "verify", help="check one model's files (exit 0 valid, 1 invalid, 2 bad id)"
+    )
     verify.add_argument("model_id")
     _common(verify)
     verify.set_defaults(func=cmd_verify)
@@ -80,8 +82,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = _store(args)
     descriptor, problems = store.inspect(model_id)
     if args.json:
-        body = {"id": model_id, "valid": not problems, "problems": problems,
-                "model": descriptor.to_dict() if descriptor else None}
+        body = {
+            "id": model_id,
+            "valid": not problems,
+            "problems": problems,
+            "model": descriptor.to_dict() if descriptor else None,
+        }
         sys.stdout.write(orjson.dumps(body).decode() + "\n")
     elif problems:
         print(f"{model_id}: invalid")
@@ -89,8 +95,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  - {problem}")
     else:
         assert descriptor is not None
-        print(f"{model_id}: ok ({descriptor.format}, {len(descriptor.files)} files, "
-              f"{_human_size(descriptor.size_bytes)})")
+        print(
+            f"{model_id}: ok ({descriptor.format}, {len(descriptor.files)} files, "
+            f"{_human_size(descriptor.size_bytes)})"
+        )
     return 1 if problems else 0
 
 

@@ -9,6 +9,7 @@ auth is one in-memory lookup of the key's hash, then the request goes to the
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from starlette.applications import Starlette
@@ -124,8 +125,10 @@ class RouterApp:
                     logger.exception("router failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                logger.info("worker %d ready", os.getpid())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                logger.info("worker %d stopping", os.getpid())
                 try:
                     await self.proxy.close()
                 finally:

@@ -63,9 +63,8 @@ class ProxySettings:
     Attributes:
         connect_timeout_s: TCP connect to a node.
         first_byte_timeout_s: request sent until the node's first body bytes (a non-streaming
-            answer arrives whole, so this bounds a whole generation).
-        idle_timeout_s: longest silence of a node in the middle of an answer; 0 disables.
-            There is no total time limit.
+            answer arrives whole, so this bounds a whole generation); also the longest silence
+            of a node in the middle of a streamed answer. There is no total time limit.
         max_retries: other nodes tried after a failure before any byte reached the client.
         queue_max: requests that may wait for a free slot at once; beyond it, 429 at once.
         queue_timeout_s: longest wait for a free slot, then 429 with ``Retry-After``.
@@ -82,7 +81,6 @@ class ProxySettings:
 
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 300.0
-    idle_timeout_s: float = 600.0
     max_retries: int = 2
     queue_max: int = 1024
     queue_timeout_s: float = 30.0
@@ -136,7 +134,7 @@ class _NodeClient:
             total=None,
             connect=None,
             sock_connect=settings.connect_timeout_s,
-            sock_read=settings.idle_timeout_s or None,
+            sock_read=settings.first_byte_timeout_s,  # first byte, then each silence
         )
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
@@ -223,7 +221,7 @@ class InferenceProxy:
             if body is None:
                 return  # the client went away
             model, affinity_key = self._parse(body, scope)
-            await self._forward(scope, send, body, model, affinity_key, start)
+            await self._forward(scope, receive, send, body, model, affinity_key, start)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
             await _send_error(send, exc)
@@ -288,6 +286,7 @@ class InferenceProxy:
     async def _forward(
         self,
         scope: Scope,
+        receive: Any,
         send: Any,
         body: bytes,
         model: str,
@@ -303,7 +302,9 @@ class InferenceProxy:
             if failure is not None:
                 self.metrics.retry(tried[-1], model)
             tried.append(state.node_id)
-            failure = await self._attempt(state, scope, send, body, model, affinity_key, start)
+            failure = await self._attempt(
+                state, scope, receive, send, body, model, affinity_key, start
+            )
             if failure is None:
                 return
         assert failure is not None  # the first _acquire returns a node or raises
@@ -384,6 +385,7 @@ class InferenceProxy:
         self,
         state: NodeState,
         scope: Scope,
+        receive: Any,
         send: Any,
         body: bytes,
         model: str,
@@ -404,15 +406,14 @@ class InferenceProxy:
                 client = self._client(state)
             sent = perf_counter()
             try:
-                async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                    resp = await client.session.post(
-                        client.endpoint(scope["path"]), data=body, headers=_UPSTREAM_HEADERS
-                    )
-                    status = resp.status
-                    if status >= 500 or status == 429:
-                        payload = await resp.read()
-                    else:
-                        payload = await resp.content.readany()
+                resp = await client.session.post(
+                    client.endpoint(scope["path"]), data=body, headers=_UPSTREAM_HEADERS
+                )
+                status = resp.status
+                if status >= 500 or status == 429:
+                    payload = await resp.read()
+                else:
+                    payload = await resp.content.readany()
             except aiohttp.ClientConnectorError as exc:
                 return self._failed(state, model, "connect", exc)
             except TimeoutError as exc:
@@ -437,7 +438,7 @@ class InferenceProxy:
             metrics.ttfb(node_id, model, got - sent)
             metrics.overhead.observe((sent - start) + (perf_counter() - got))
             if not done:
-                await self._relay(resp, send, state, model)
+                await self._relay(resp, receive, send, state, model)
             return None
         finally:
             if resp is not None:
@@ -447,19 +448,29 @@ class InferenceProxy:
                 self.queue.wake(model)
 
     async def _relay(
-        self, resp: aiohttp.ClientResponse, send: Any, state: NodeState, model: str
+        self, resp: aiohttp.ClientResponse, receive: Any, send: Any, state: NodeState, model: str
     ) -> None:
-        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure."""
+        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure.
+
+        When the client disconnects, the node connection is closed, which stops the relay and
+        tells the node to stop generating.
+        """
+        watcher = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, resp))
         try:
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if watcher.done() and not watcher.cancelled() and watcher.result():
+                self.metrics.error(state.node_id, model, "client_gone")
+                return
             self._failed(state, model, "stream", exc)
             tail = b""
             if "text/event-stream" in resp.headers.get("Content-Type", ""):
                 tail = _sse_error(f"node {state.node_id} failed mid-answer: {_describe(exc)}")
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
+        finally:
+            watcher.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _failed(
@@ -531,6 +542,15 @@ class InferenceProxy:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _close_on_disconnect(receive: Any, resp: aiohttp.ClientResponse) -> bool:
+    """Close the node's response when the client disconnects; True if it did."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            resp.close()
+            return True
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -27,7 +27,7 @@ class ProxyMetrics:
 
     Metrics (all prefixed ``llmlb_proxy_``): ``requests_total{node,model,code}`` (answers relayed
     from a node), ``errors_total{node,model,kind}`` (kind: connect, timeout, disconnect, status,
-    stream), ``retries_total{node,model}`` (failovers away from ``node``),
+    stream, client_gone), ``retries_total{node,model}`` (failovers away from ``node``),
     ``rejected_total{code}`` (answered by the router itself: 400/404/413/429/502/503),
     ``queue_wait_seconds{model}``, ``ttfb_seconds{node,model}`` (request sent to first body
     bytes from the node), ``overhead_seconds`` (the router's own time on a request, excluding the
