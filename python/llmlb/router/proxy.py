@@ -54,6 +54,7 @@ _JSON_HEADER = (b"content-type", b"application/json")
 _NODE_HEADER = b"x-llmlb-node"
 _SESSION_HEADER = b"x-session-id"
 _MAX_CACHED_IDS = 4096
+_NOT_READY_RETRY_AFTER_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +205,9 @@ class InferenceProxy:
     async def close(self) -> None:
         """Stop background work and close every node connection pool."""
         self._started = False
-        while self._tasks:
+        for _ in range(3):  # cancelled tasks may spawn one last session close
+            if not self._tasks:
+                break
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -309,9 +312,8 @@ class InferenceProxy:
                 return
         assert failure is not None  # the first _acquire returns a node or raises
         self.metrics.rejected(failure.status)
-        start_message = {"type": "http.response.start", "status": failure.status}
-        start_message["headers"] = failure.headers
-        await send(start_message)
+        headers = failure.headers
+        await send({"type": "http.response.start", "status": failure.status, "headers": headers})
         await send({"type": "http.response.body", "body": failure.body})
 
     async def _acquire(
@@ -377,7 +379,7 @@ class InferenceProxy:
                     503,
                     "model_not_ready",
                     f"model '{model}' is not ready on any node yet ({status}); retry later",
-                    retry_after=max(1.0, min(settings.ready_wait_s, 30.0)),
+                    retry_after=_NOT_READY_RETRY_AFTER_S,
                 )
             await self.fleet.wait_for_change(remaining)
 
