@@ -443,4 +443,8 @@ def test_state_survives_restart(spawn, tmp_path):
     assert call(url2, "GET", "/v1/models", api_key).status == 200
     nodes = call(url2, "GET", "/v0/nodes", ADMIN).json["nodes"]
     assert [(n["node_id"], n["slots"]) for n in nodes] == [("n1", 2)]
+    # a node heard only by the previous router process is offline until it heartbeats again
+    assert nodes[0]["status"] == "offline"
+    assert call(url2, "POST", "/v0/nodes/n1/heartbeat", ADMIN, {}).status == 200
+    assert call(url2, "GET", "/v0/nodes", ADMIN).json["nodes"][0]["status"] == "online"
     assert (home / "lb.db").exists()

@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from llmlb.router.app import configure_logging
     from llmlb.router.db import open_database
     from llmlb.router.keys import bootstrap_admin_key
+    from llmlb.router.nodes import mark_all_offline
     from llmlb.router.settings import RouterSettings
 
     configure_logging()
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     conn = open_database(settings.db_path)
     try:
         bootstrap_admin_key(conn, settings.home, settings.admin_key)
+        mark_all_offline(conn)
     finally:
         conn.close()
     log.info(

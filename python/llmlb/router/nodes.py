@@ -254,6 +254,19 @@ def mark_offline(conn: sqlite3.Connection, node_id: str) -> None:
             db.bump(conn, db.FLEET)
 
 
+def mark_all_offline(conn: sqlite3.Connection) -> int:
+    """Mark every node offline; run once at router start-up.
+
+    Nodes heard by an earlier router process may be gone; each live node turns online
+    again with its next heartbeat, so nothing stale is ever routed to.
+    """
+    with db.transaction(conn):
+        changed = conn.execute("UPDATE nodes SET status='offline' WHERE status='online'").rowcount
+        if changed:
+            db.bump(conn, db.FLEET)
+    return changed
+
+
 def reap(conn: sqlite3.Connection, offline_after_s: float) -> int:
     """Mark offline every online node silent for longer than ``offline_after_s``."""
     cutoff = db.unix_now() - offline_after_s
