@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.error
@@ -243,7 +244,8 @@ def run_wrk(setup: Setup, concurrency: int, duration: float, rnd: int, workdir: 
         headers += f'wrk.headers["Authorization"] = "Bearer {setup.key}"\n'
     script = workdir / f"wrk-{setup.name}.lua"
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n{headers}')
-    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "30s", "--latency"]
+    seconds = max(1, round(duration))
+    argv = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "30s", "--latency"]
     cpu0 = tree_cpu_s(setup.pid) if setup.pid else 0.0
     out = subprocess.run(
         [*argv, "-s", str(script), setup.url + "/v1/chat/completions"],
@@ -401,25 +403,34 @@ def table(summary: dict) -> str:
 
 
 def update_readme(markdown: str, meta: dict) -> None:
-    body = (
-        f"{SECTION}\n\n"
+    """Write (or replace) this benchmark's section of ``bench/README.md``, leaving the rest."""
+    intro = (
         "A fast mock OpenAI backend (Granian, raw ASGI, ~300-byte completion, 20-event stream) "
         "measured direct, through llmlb's router (1 worker, api-key auth, balancing and metrics "
-        "on, the mock registered as a ready node) and through LiteLLM's proxy (1 worker, master "
-        "key). Non-streaming with `wrk -t1` at c=1/32/64, streaming with an asyncio client at "
-        "c=32; setups alternate, runs with any non-2xx or socket error are discarded, figures "
-        "are medians over rounds. Proxy CPU is user+system time of the proxy's process tree "
-        "from `/proc/<pid>/stat`, per request (= CPU-seconds per 1,000 requests).\n\n"
-        "```\npython bench/router/run.py --update-readme\n```\n\n"
-        f"{markdown}\n\n"
+        "on, the mock registered as a ready node with a heartbeat) and through LiteLLM's proxy "
+        "(`litellm[proxy]` in `bench/.venv-litellm`, 1 worker, master key). Non-streaming with "
+        "`wrk -t1` at c=1/32/64, streaming with an asyncio client at c=32; setups alternate, "
+        "runs with any non-2xx or socket error are discarded, figures are medians over rounds. "
+        "Proxy CPU is user+system time of the proxy's process tree from `/proc/<pid>/stat` per "
+        "request (= CPU-seconds per 1,000 requests). Targets: llmlb >= 50x LiteLLM's req/s and "
+        "streams/s, <= 0.25 ms router CPU per request, <= 0.5 ms added to the median at c=1."
+    )
+    caveat = (
         f"Measured {meta['date']} on {meta['machine']}; {meta['rounds']} round(s) of "
-        f"{meta['duration']} s per run. Raw runs: `bench/router/results.json`.\n"
+        f"{meta['duration']} s per run. A load average above the core count means other work "
+        "shared the CPUs: such figures are indicative only. Raw runs: "
+        "`bench/router/results.json`."
+    )
+    body = (
+        f"{SECTION}\n\n{textwrap.fill(intro, 95)}\n\n"
+        "```bash\n.venv/bin/python bench/router/run.py --update-readme\n```\n\n"
+        f"{markdown}\n\n{textwrap.fill(caveat, 95)}\n"
     )
     text = README.read_text() if README.exists() else "# Benchmarks\n"
     start = text.find(SECTION + "\n")
     if start >= 0:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + body + (text[end:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
     README.write_text(text)
@@ -442,7 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-litellm", action="store_true", help="only direct and llmlb")
     parser.add_argument("--update-readme", action="store_true", help="rewrite bench/README.md")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render the table from --out, run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        saved = json.loads(args.out.read_text())
+        markdown = table(saved["summary"])
+        print(markdown)
+        if args.update_readme:
+            update_readme(markdown, saved["meta"])
+        return 0
     if not shutil.which("wrk"):
         print("wrk is required: apt-get install wrk", file=sys.stderr)
         return 2
