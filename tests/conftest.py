@@ -22,8 +22,12 @@ def spawn(tmp_path: Path) -> Iterator:
     """
     procs: list[Proc] = []
 
-    def _spawn(argv: list[str], env: dict[str, str] | None = None, name: str = "proc",
-               cwd: Path | None = None) -> Proc:
+    def _spawn(
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        name: str = "proc",
+        cwd: Path | None = None,
+    ) -> Proc:
         proc = Proc(argv, tmp_path / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
         procs.append(proc)
         return proc

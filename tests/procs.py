@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -23,9 +24,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
-               message: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` at the deadline."""
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> object:
+    """Poll ``predicate`` until it returns something truthy; ``TimeoutError`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -36,7 +41,9 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0, interval:
         time.sleep(interval)
 
 
-def http_status(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> int | None:
+def http_status(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 2.0
+) -> int | None:
     """Status of ``GET url``; ``None`` when nothing answers."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -51,8 +58,13 @@ def http_status(url: str, headers: dict[str, str] | None = None, timeout: float 
 class Proc:
     """A child process in its own process group, logging to a file, killed at teardown."""
 
-    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
@@ -60,7 +72,11 @@ class Proc:
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
             start_new_session=True,
         )
 
@@ -82,10 +98,8 @@ class Proc:
 
     def kill(self) -> None:
         """SIGKILL the whole process group and reap it."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.popen.wait(timeout=10)
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -97,10 +111,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.kill()
         else:  # reap any children left in the group
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self._log.close()
         return self.popen.returncode
 
@@ -109,7 +121,9 @@ class Proc:
 
         def ready() -> bool:
             if not self.alive():
-                raise RuntimeError(f"{self.argv} exited with {self.popen.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"{self.argv} exited with {self.popen.returncode}:\n{self.log()}"
+                )
             return http_status(url) in ok
 
         try:

@@ -20,7 +20,9 @@ _ERROR_TYPES = {
 
 def error_body(message: str, code: str, status: int, error_type: str | None = None) -> bytes:
     """Serialise ``{"error": {"message", "type", "code"}}`` for ``status``."""
-    kind = error_type or _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = error_type or _ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
     return orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
 
 

@@ -61,8 +61,9 @@ class EngineOptions:
         queue_depth: requests waiting per model beyond which new ones get 429 at once.
         n_ctx: context length of each generation context.
         extra_buffer_types: let ggml use its extra CPU buffer types (AMX, repacked
-            weights). Off by default: on CPUs that report AMX without the kernel/VM enabling
-            it, ggml's AMX kernels crash with SIGILL.
+            weights), as llama.cpp does by default. Turn off for a llama-cpp-python built
+            with ``GGML_NATIVE=ON`` on a CPU that reports AMX without the kernel/VM enabling
+            it: ggml's AMX kernels crash there with SIGILL.
     """
 
     max_loaded: int = 2
@@ -70,7 +71,7 @@ class EngineOptions:
     queue_timeout_s: float = 10.0
     queue_depth: int = 16
     n_ctx: int = 4096
-    extra_buffer_types: bool = False
+    extra_buffer_types: bool = True
 
 
 def gpu_offload_supported() -> bool:
@@ -108,16 +109,7 @@ def _chat_handler(template: str, llm: Any) -> Any:
     eos = vocab.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else ""
     bos = vocab.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else ""
 
-    class Formatter(Jinja2ChatFormatter):
-        def __call__(self, **kwargs: Any):
-            result = super().__call__(**kwargs)
-            # Let tokenize() add the model's BOS before the rendered prompt, even when the
-            # template starts with one: measured on Gemma 3 270M with this llama.cpp build, a
-            # single leading BOS makes greedy decoding echo the prompt, two answer correctly.
-            result.added_special = False
-            return result
-
-    return Formatter(template, eos_token=eos, bos_token=bos).to_chat_handler()
+    return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos).to_chat_handler()
 
 
 @dataclass
