@@ -28,6 +28,7 @@ from llmlb.cli import demo
 from llmlb.cli.api_client import ApiClient, ApiClientError
 from llmlb.cli.children import Child, stop_all
 from llmlb.cli.progress import ModelProgress, byte_bar, progress_from_nodes
+from llmlb.private_file import write_private_file
 
 HOST = "127.0.0.1"
 API_KEY_FILE = "api.key"
@@ -413,19 +414,8 @@ def _ensure_key(admin: ApiClient, path: Path, scope: str, probe: str) -> str:
     except ApiClientError as exc:
         raise UpError(f"cannot create the {scope} key: {exc}") from None
     key = created["key"]
-    _write_secret(path, key + "\n")
+    write_private_file(path, key + "\n")
     return key
-
-
-def _write_secret(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _model_ready(admin: ApiClient, model_id: str) -> bool:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmlb.errors import ApiError
+from llmlb.private_file import write_private_file
 from llmlb.router import db
 
 logger = logging.getLogger("llmlb.router")
@@ -162,26 +162,13 @@ def bootstrap_admin_key(conn: sqlite3.Connection, home: Path, fixed_key: str | N
             return None
         key = generate_key()
         path = home / ADMIN_KEY_FILE
-        _write_secret(path, key + "\n")
+        write_private_file(path, key + "\n")
         info = KeyInfo(
             "key_" + secrets.token_hex(8), "admin", "admin", _display_prefix(key), db.now_iso()
         )
         _insert(conn, info, hash_key(key))
     logger.warning("generated an admin key; it is in %s (mode 0600)", path)
     return path
-
-
-def _write_secret(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` with mode 0600, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 class KeyCache:
