@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from llmlb.cli.main import COMMAND_MODULES, SUBCOMMAND_MODULES, build_parser
+
 from tests.procs import LLMLB
 
 
