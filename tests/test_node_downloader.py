@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import threading
+from pathlib import Path
 
 import orjson
 import pytest
 from llmlb.model_storage import ModelStorage
 from llmlb.node import downloader as dl
 
-from tests.factories import gguf_bytes, split_name
+from tests.factories import gguf_bytes, split_name, write_safetensors_model
 from tests.hub_fixtures import make_repo, start_hub
+from tests.procs import wait_until
 
 A = gguf_bytes(name="a", split=(1, 2), split_tensors_count=4)
 B = gguf_bytes(name="b", split=(2, 2), split_tensors_count=4)
@@ -137,3 +142,175 @@ def test_short_disk_space_fails_before_any_download(spawn, tmp_path):
             options=options,
         ).run()
     assert not [r for r in _log(log) if "/resolve/" in r["path"]]
+
+
+# --- transfer worker pool, concurrent files ---------------------------------------------
+
+
+def _sharded_repo(tmp_path, shards: int = 3) -> dict[str, bytes]:
+    """A safetensors model whose shards (~9.6 MB) take the parallel-range worker path."""
+    model = tmp_path / "gen"
+    write_safetensors_model(model, shards=shards, shape=(1_200_000,))
+    files = {p.name: p.read_bytes() for p in sorted(model.iterdir())}
+    shard_names = [n for n in files if n.endswith(".safetensors")]
+    assert all(len(files[n]) >= dl.PARALLEL_MIN_BYTES for n in shard_names)
+    make_repo(tmp_path / "hub", "org/split", files)
+    return files
+
+
+def _fetch(store, base, files, model_id, **kwargs):
+    return dl.ModelFetch(
+        ModelStorage(store),
+        store,
+        _manifest(base, files, model_id),
+        allowed_hosts=["127.0.0.1"],
+        **kwargs,
+    )
+
+
+def test_transfer_workers_are_reused_across_models(spawn, tmp_path):
+    files = _sharded_repo(tmp_path, shards=2)
+    hub = start_hub(spawn, tmp_path / "hub")
+    store = tmp_path / "store"
+    store.mkdir()
+    pool = dl.TransferPool(2)
+    try:
+        _fetch(store, hub, files, "org/first", pool=pool).run()
+        first = set(pool.pids())
+        _fetch(store, hub, files, "org/second", pool=pool).run()
+        second = set(pool.pids())
+    finally:
+        pool.close()
+    assert first and first == second  # the same processes served both models
+    assert {"org/first", "org/second"} <= set(ModelStorage(store).list_available())
+    assert not pool.pids()  # close() stops them
+
+
+def test_default_pool_is_shared_by_every_fetch_in_the_process():
+    assert dl.shared_pool() is dl.shared_pool()
+    assert (
+        dl.ModelFetch(None, Path("."), dl.Manifest("org/x", ()), allowed_hosts=[])._pool
+        is dl.shared_pool()
+    )  # noqa: SLF001 - the wiring is what is tested
+
+
+def test_files_download_concurrently_and_each_is_verified(spawn, tmp_path):
+    files = _sharded_repo(tmp_path, shards=3)
+    log = tmp_path / "hub.jsonl"
+    # Capped so that each shard takes a while; one shard is corrupted once (refetched).
+    hub = start_hub(
+        spawn,
+        tmp_path / "hub",
+        "--log-requests",
+        str(log),
+        "--bandwidth",
+        "20M",
+        "--fault",
+        "corrupt:file=model-00002-of-00003.safetensors,times=1",
+    )
+    store = tmp_path / "store"
+    store.mkdir()
+    seen: list[dl.DownloadProgress] = []
+    desc = _fetch(
+        store,
+        hub,
+        files,
+        "org/split",
+        options=dl.DownloadOptions(connections=8),
+        progress=seen.append,
+    ).run()
+    assert desc.id == "org/split"
+    for name, data in files.items():
+        assert (store / "org/split" / name).read_bytes() == data
+    shard_log = [r for r in _log(log) if (r["file"] or "").endswith(".safetensors")]
+    assert sum(1 for r in shard_log if "corrupt" in r["faults"]) == 1
+    # Concurrency: the shards' ranges completed interleaved, not file after file.
+    order = [r["file"] for r in shard_log]
+    switches = sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
+    assert switches > len(files)
+    assert seen[-1].phase == "done" and seen[-1].bytes_done == seen[-1].bytes_total
+    assert all(p.bytes_done <= p.bytes_total for p in seen)
+
+
+def test_a_failing_file_never_promotes_a_partial_model(spawn, tmp_path):
+    files = _sharded_repo(tmp_path, shards=3)
+    hub = start_hub(
+        spawn,
+        tmp_path / "hub",
+        "--fault",
+        "corrupt:file=model-00003-of-00003.safetensors,times=always",
+    )
+    store = tmp_path / "store"
+    store.mkdir()
+    with pytest.raises(dl.IntegrityError, match="model-00003-of-00003.safetensors: sha256"):
+        _fetch(store, hub, files, "org/split").run()
+    assert "org/split" not in ModelStorage(store).list_available()
+    assert not (store / "org/split").exists()
+    staged = dl.staging_dir(store, "org/split")
+    verified = orjson.loads((staged / dl.VERIFIED_FILENAME).read_bytes())
+    assert "model-00003-of-00003.safetensors" not in verified
+    for name, info in verified.items():  # whatever was kept passed its own check
+        assert info["sha256"] == hashlib.sha256(files[name]).hexdigest()
+        assert (staged / "files" / name).read_bytes() == files[name]
+
+
+def test_a_worker_killed_mid_download_is_replaced_and_the_file_completes(spawn, tmp_path):
+    files = _sharded_repo(tmp_path, shards=2)
+    hub = start_hub(spawn, tmp_path / "hub", "--bandwidth", "4M")
+    store = tmp_path / "store"
+    store.mkdir()
+    pool = dl.TransferPool(1)
+    killed: list[int] = []
+
+    def kill_once(progress: dl.DownloadProgress) -> None:
+        mid_shard = (progress.filename or "").endswith(".safetensors") and (
+            0 < progress.file_bytes_done < progress.file_bytes_total
+        )
+        if not killed and mid_shard and (pids := pool.pids()):
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    options = dl.DownloadOptions(connections=8, backoff_base_s=0.05, parallel_files=1)
+    try:
+        desc = _fetch(
+            store, hub, files, "org/split", pool=pool, options=options, progress=kill_once
+        ).run()
+        after = pool.pids()
+    finally:
+        pool.close()
+    assert killed and after and killed[0] not in after  # a fresh worker took over
+    assert desc.id == "org/split"
+    for name, data in files.items():
+        assert (store / "org/split" / name).read_bytes() == data
+
+
+def test_cancel_kills_the_running_transfer(spawn, tmp_path):
+    files = _sharded_repo(tmp_path, shards=2)
+    hub = start_hub(spawn, tmp_path / "hub", "--bandwidth", "1M")
+    store = tmp_path / "store"
+    store.mkdir()
+    pool = dl.TransferPool(2)
+    fetch = _fetch(
+        store, hub, files, "org/split", pool=pool, options=dl.DownloadOptions(connections=2)
+    )
+    result: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fetch.run()
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            result.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_until(lambda: len(pool.pids()) == 2 and fetch._state.bytes_done > 0, timeout=30)  # noqa: SLF001
+        busy = pool.pids()
+        fetch.cancel()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert result and isinstance(result[0], dl.DownloadCancelled)
+        assert not any(pid in pool.pids() for pid in busy)  # both transfers were killed
+    finally:
+        pool.close()
+    assert "org/split" not in ModelStorage(store).list_available()

@@ -34,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llama_cpp = None
     if args.load == "gguf":
-        import llama_cpp
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from floor import _no_extra_bufts  # the node's loader setting, see floor.py
-
-        _no_extra_bufts()
+        import llama_cpp  # llama.cpp's default loader settings, as in the node
     started = time.monotonic()
     local = Path(
         snapshot_download(args.repo, cache_dir=args.cache_dir, endpoint=args.endpoint, token=False)

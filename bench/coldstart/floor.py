@@ -6,11 +6,12 @@ Prints one JSON line: ``load_s`` (``Llama(...)``), ``token_s`` (first streamed t
 the load), ``total_s`` (both, plus ``prefetch_s`` when asked), ``resident`` (page-cache share
 of the file right before loading), ``cpu_s`` / ``cpu_load_s`` (process CPU time, all threads,
 for the whole / the load: less sensitive than wall time to other load on the machine).
-does (it is already running when the request arrives).
+The clock starts after ``import llama_cpp``, which the node has done before the request
+arrives.
 
-The one deviation from a bare ``Llama(path)``: ``use_extra_bufts`` is off, as in the node
-(``llmlb.node.engine``), because ggml's AMX/repack buffers die with SIGILL on CPUs (VMs) that
-report AMX without enabling it — this machine is one.
+Loader settings are llama.cpp's defaults (``Llama(path)``, extra buffer types on), as in the
+node (``llmlb.node.engine`` keeps ``extra_buffer_types=True``); only ``n_ctx`` may be set, to
+compare at the node's context size.
 """
 
 from __future__ import annotations
@@ -21,19 +22,6 @@ import time
 from pathlib import Path
 
 import orjson
-
-
-def _no_extra_bufts() -> None:
-    import llama_cpp.llama_cpp as capi
-
-    original = capi.llama_model_default_params
-
-    def params():  # noqa: ANN202 - a ctypes struct
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    capi.llama_model_default_params = params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import llama_cpp
 
-    _no_extra_bufts()
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from bench.coldstart.common import evict, resident_fraction
 

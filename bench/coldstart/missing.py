@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -197,13 +198,27 @@ def _phase_timers(dl: Any) -> Iterator[dict[str, float]]:
             setattr(cls, attr, saved[name])
 
 
-def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def verification_share(
+    hub: str, work: Path, runs: int, kind: str = "gguf", hub_pid: int | None = None
+) -> dict[str, Any]:
     """The node's ``ModelFetch`` with and without streaming SHA-256, alternating runs.
 
     Hashed runs also record where the time goes: ``probe`` (range probe), ``transfer`` (the
-    transfer worker's job, ``first_bytes`` = until its first progress line, which includes
-    starting the worker process), ``hash_tail`` (hashing left after the last byte landed),
-    ``promote`` (validation, rename, resolve).
+    transfer worker's job, ``first_bytes`` = until its first progress line), ``hash_tail``
+    (hashing left after the last byte landed), ``promote`` (validation, rename, resolve).
+    One untimed fetch first starts the shared transfer worker, as the node's warm-up does.
+    Every run also records the CPU seconds spent by the hub stand-in (``hub_pid``), the
+    transfer worker(s) and this process (the hasher thread runs here): on a 2-vCPU machine
+    the download is CPU-bound, and hashing's CPU has to come from somewhere.
     """
     from llmlb.hub.repo import fetch_repo_manifest
     from llmlb.model_storage import ModelStorage
@@ -232,10 +247,20 @@ def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> d
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     hashed, plain, phases_list, serial = [], [], [], []
+    cpu: dict[str, list[dict[str, float]]] = {"with_hash": [], "without_hash": []}
     real = dl.FollowingHasher
+    pool = dl.shared_pool()
+
+    def cpu_now() -> dict[str, float]:
+        return {
+            "hub": _cpu_s(hub_pid) if hub_pid else 0.0,
+            "worker": sum(_cpu_s(pid) for pid in pool.pids()),
+            "node": time.process_time(),
+        }
+
     try:
-        for i in range(runs):
-            for hashing in (True, False):
+        for i in range(-1, runs):  # run -1: warm-up, not recorded
+            for hashing in (True, False) if i >= 0 else (False,):
                 store_dir = work / f"verify-{i}-{int(hashing)}"
                 model_id = f"bench/verify-{i}"
                 manifest = dl.Manifest.from_dict({**repo_manifest.to_dict(), "model_id": model_id})
@@ -245,9 +270,16 @@ def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> d
                 )
                 handler.lines.clear()
                 with _phase_timers(dl) as phases:
+                    cpu_before = cpu_now()
                     started = time.monotonic()
                     desc = fetch.run()
                     total = time.monotonic() - started
+                    cpu_after = cpu_now()
+                if i < 0:
+                    shutil.rmtree(store_dir, ignore_errors=True)
+                    continue
+                used = {k: cpu_after[k] - cpu_before[k] for k in cpu_before}
+                cpu["with_hash" if hashing else "without_hash"].append(used)
                 if hashing:
                     hashed.append(total)
                     phases["hash_tail"] = sum(t for _, _, t in handler.lines)
@@ -270,6 +302,13 @@ def verification_share(hub: str, work: Path, runs: int, kind: str = "gguf") -> d
         "phases": {k: stats([p.get(k, 0.0) for p in phases_list]).to_dict() for k in names},
         "serial_sha256": stats(serial).to_dict(),
         "added": with_hash.median / without.median - 1,
+        "cpu": {
+            mode: {
+                part: stats([r[part] for r in rows]).to_dict() for part in ("hub", "worker", "node")
+            }
+            | {"total": stats([sum(r.values()) for r in rows]).to_dict()}
+            for mode, rows in cpu.items()
+        },
     }
 
 
@@ -291,6 +330,7 @@ def missing_model(
         cond: dict[str, Any] = {"bandwidth": cap}
         with ProcTree(work / "logs" / name) as tree:
             hub = start_hub(tree, work / "hub", cap)
+            hub_pid = tree.procs[-1].pid
             from llmlb.hub.repo import fetch_repo_manifest
 
             for repo in REPOS.values():  # the stand-in hashes new files once, here
@@ -330,7 +370,7 @@ def missing_model(
                 raw = cond["raw_copy_Bps"]["median"] if cap is None else float("nan")
                 cond[kind] = _summarise(node_runs, base_runs, sizes[kind], raw)
             if verify:
-                cond["verification"] = verification_share(hub, work, runs)
+                cond["verification"] = verification_share(hub, work, runs, hub_pid=hub_pid)
         out["conditions"][name] = cond
     return out
 

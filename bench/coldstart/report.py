@@ -156,6 +156,16 @@ def table(results: dict[str, Any]) -> str:
             if v := cond.get("verification"):
                 _row(rows, label, "ModelFetch (Gemma) with streaming SHA-256", v["with_hash"])
                 _row(rows, label, "ModelFetch (Gemma) without hashing", v["without_hash"])
+                if tail := v.get("phases", {}).get("hash_tail"):
+                    _row(rows, label, "hash tail after the last byte (hashed runs)", tail)
+                if c := v.get("cpu"):
+                    for mode, what in (("with_hash", "with"), ("without_hash", "without")):
+                        _row(
+                            rows,
+                            label,
+                            f"CPU s per fetch {what} hashing (hub + worker + node)",
+                            c[mode]["total"],
+                        )
                 _derived(
                     rows,
                     label,

@@ -150,11 +150,21 @@ class Fleet:
         wait_http(url + "/health", proc)
         return Setup("direct", url, None, MODEL, proc.pid)
 
-    def router(self, backend: str) -> Setup:
+    def router(
+        self, backend: str, name: str = "llmlb", src: str | None = None, granian: str = ""
+    ) -> Setup:
+        """Start a router (1 worker) with the mock as its one ready node; ``src`` and
+        ``granian`` run another source tree or extra Granian options (``serve.py``)."""
         port = free_port()
-        env = {"LLMLB_HOME": str(self.workdir / "llmlb-home"), "LLMLB_ADMIN_KEY": ADMIN_KEY}
-        argv = [sys.executable, "-m", "llmlb.cli.main", "router", "--port", str(port)]
-        proc = self.spawn([*argv, "--workers", "1"], "router", env)
+        home = self.workdir / f"{name}-home"
+        env = {"LLMLB_HOME": str(home), "LLMLB_ADMIN_KEY": ADMIN_KEY}
+        argv = [sys.executable, "-m", "llmlb.cli.main"]
+        if src or granian:
+            argv = [sys.executable, str(HERE / "serve.py"), "--granian", granian or "{}"]
+            argv += ["--src", src] if src else []
+            argv += ["--"]
+        argv += ["router", "--port", str(port), "--workers", "1"]
+        proc = self.spawn(argv, name, env)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc)
         node = {
@@ -182,7 +192,7 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise TimeoutError("router never routed to the mock node")
             time.sleep(0.2)
-        return Setup("llmlb", url, key, MODEL, proc.pid)
+        return Setup(name, url, key, MODEL, proc.pid)
 
     def litellm(self, backend: str) -> Setup:
         exe = LITELLM_VENV / "bin" / "litellm"

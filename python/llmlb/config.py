@@ -189,6 +189,11 @@ def proxy_overrides(names: list[str] | tuple[str, ...]) -> dict[str, object]:
 # --- node -----------------------------------------------------------------------------------
 
 
+def node_require_key() -> str | None:
+    """``LLMLB_NODE_REQUIRE_KEY``: when set, a node's ``/v1/*`` routes require this key."""
+    return os.environ.get("LLMLB_NODE_REQUIRE_KEY") or None
+
+
 def node_settings_json() -> str | None:
     """``LLMLB_NODE_SETTINGS``: the settings ``llmlb node`` hands to its server process."""
     return os.environ.get("LLMLB_NODE_SETTINGS") or None

@@ -71,6 +71,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=32,
         help="parallel range connections per downloaded file (32)",
     )
+    parser.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="re-read the router's whole registry this often, catching missed sync "
+        "notifications (60)",
+    )
+    parser.add_argument(
+        "--require-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (default LLMLB_NODE_REQUIRE_KEY; "
+        "unset: open)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -85,6 +100,8 @@ def settings_from_args(args: argparse.Namespace):
     for name in ("max_loaded", "concurrency", "ctx_size", "connections"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.reconcile_interval <= 0:
+        raise ValueError("--reconcile-interval must be > 0")
     router = config.router_url() if args.router is None else args.router.rstrip("/")
     return NodeSettings(
         router_url=router,
@@ -101,6 +118,8 @@ def settings_from_args(args: argparse.Namespace):
         n_ctx=args.ctx_size,
         connections=args.connections,
         heartbeat_interval_s=config.DEFAULT_HEARTBEAT_INTERVAL_S,
+        reconcile_interval_s=args.reconcile_interval,
+        require_key=args.require_key or config.node_require_key(),
     )
 
 

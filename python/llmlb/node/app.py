@@ -4,15 +4,25 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embe
 ``GET /v1/models`` (ready models), ``GET /health``, ``GET /ready`` (200 once the first sync
 pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token),
 ``GET /api/models/status``. Errors are OpenAI-shaped (``llmlb.errors``).
+
+With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``), every ``/v1/*``
+route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer <key>`` is sent.
+
+Start-up stays short: llama.cpp (``llama_cpp``) is imported in a background thread when the
+app is created, so ``/ready`` never waits for it while the first request finds it loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 import orjson
@@ -82,7 +92,10 @@ class Node:
             after_download=self.engine.load,
         )
         self.node_id = persistent_node_id(models_dir, settings.url)
-        self.sync = RouterSync(settings, self.node_id, self.resolver, self.engine, gpu=_gpu_info())
+        self.gpu = GpuProbe()
+        self.sync = RouterSync(
+            settings, self.node_id, self.resolver, self.engine, gpu=self.gpu.result
+        )
 
     async def start(self) -> None:
         """Start syncing with the router (in the background)."""
@@ -95,14 +108,31 @@ class Node:
         await self.engine.close()
 
 
-def _gpu_info() -> dict[str, Any]:
-    import sys
+class GpuProbe:
+    """Import llama.cpp and ask it about GPU offload, in a background thread started at once.
 
-    from llmlb.node.engine import gpu_offload_supported
+    The import costs a noticeable part of a second; doing it off the start-up path keeps
+    ``/ready`` fast, and the first inference request finds the module already imported.
+    """
 
-    if not gpu_offload_supported():
-        return {"backend": "cpu"}
-    return {"backend": "metal" if sys.platform == "darwin" else "cuda"}
+    def __init__(self) -> None:
+        self._future: Future[dict[str, Any]] = Future()
+        threading.Thread(target=self._probe, name="llama-import", daemon=True).start()
+
+    def _probe(self) -> None:
+        try:
+            from llmlb.node.engine import gpu_offload_supported
+
+            gpu = gpu_offload_supported()
+            info = {"backend": ("metal" if sys.platform == "darwin" else "cuda") if gpu else "cpu"}
+        except Exception as exc:  # noqa: BLE001 - reported as CPU; loading will say more
+            logger.warning("llama.cpp probe failed: %s", exc)
+            info = {"backend": "cpu"}
+        self._future.set_result(info)
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """The registration's ``gpu`` object (blocks until the probe finished)."""
+        return self._future.result(timeout)
 
 
 # --- handlers ----------------------------------------------------------------------------
@@ -128,11 +158,28 @@ def _model_id(body: dict) -> str:
         raise ApiError(400, "invalid_model_id", str(exc)) from None
 
 
+def _check_key(node: Node, request: Request) -> None:
+    """Enforce ``require_key`` on a ``/v1/*`` request.
+
+    Raises:
+        ApiError: 401 ``invalid_api_key`` when a key is required and not presented.
+    """
+    required = node.settings.require_key
+    if not required:
+        return
+    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), required.encode()
+    ):
+        raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
+
+
 def _inference(route: str, method: str):
     async def handler(request: Request) -> Response:
         node: Node = request.app.state.node
         status = 200
         try:
+            _check_key(node, request)
             body = await _body(request)
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
@@ -163,6 +210,10 @@ async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the models this node can serve now."""
     node: Node = request.app.state.node
+    try:
+        _check_key(node, request)
+    except ApiError as exc:
+        return _error(exc)
     now = int(time.time())
     ids = sorted(r["id"] for r in node.sync.model_reports() if r["state"] == READY)
     data = [{"id": i, "object": "model", "created": now, "owned_by": "llmlb"} for i in ids]

@@ -15,6 +15,7 @@ Standalone use (``llmlb pull``)::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -26,7 +27,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,6 +49,8 @@ DOWNLOADED_DIRNAME = ".downloaded"
 VERIFIED_FILENAME = "verified.json"
 # Files smaller than this are fetched with one plain GET (parallel ranges do not pay off).
 PARALLEL_MIN_BYTES = 8 << 20
+# Fewest range connections a large file gets when several share the budget.
+MIN_FILE_CONNECTIONS = 8
 MIB = 1 << 20
 
 
@@ -251,14 +255,18 @@ class DownloadOptions:
     """Tuning of the downloader.
 
     Attributes:
-        connections: parallel range connections per file (``hf_transfer`` ``max_files``).
+        connections: parallel range connections (``hf_transfer`` ``max_files``) of a file
+            downloading alone; large files downloading at once share them (at least
+            ``MIN_FILE_CONNECTIONS`` each).
+        parallel_files: files of one model fetched at once (each with its own hasher).
         max_attempts: attempts per file on transient failures (5xx, dropped connections).
         backoff_base_s: first retry delay; doubles up to ``backoff_max_s``.
         timeout_s: socket timeout of probes and single-stream GETs.
         disk_margin_bytes: free space kept beyond the bytes still to download.
     """
 
-    connections: int = 32
+    connections: int = 64
+    parallel_files: int = 4
     max_attempts: int = 4
     backoff_base_s: float = 0.5
     backoff_max_s: float = 8.0
@@ -385,56 +393,172 @@ class _Http:
             return _Probe(final, int(length) if length and length.isdigit() else None, False)
 
 
-# --- the worker process ------------------------------------------------------------------
+# --- the worker processes ----------------------------------------------------------------
 
 
 class _TransferWorker:
-    """A ``python -m llmlb.node.transfer_worker`` child, started on first use."""
+    """A ``python -m llmlb.node.transfer_worker`` child, started on first use and reused.
+
+    It runs one job at a time. A child that died (or was killed to cancel a transfer) is
+    started again by the next job. Whenever a job ends other than with the child's own
+    ``ok``/``error`` line, the child is killed, so that no stale progress line of an aborted
+    job can reach the next one.
+    """
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        self.starts = 0  # processes started over this worker's life
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running child, if any."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def start(self) -> subprocess.Popen:
+        """Start the child unless it is running (returns at once; it imports meanwhile)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return self._proc
+            if self._proc is not None:
+                _reap(self._proc)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "llmlb.node.transfer_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=None,
+            )
+            self.starts += 1
+            return self._proc
 
     def run(self, job: dict, on_bytes: Callable[[int], None]) -> None:
         """Run one job; raises ``_Transient`` when it fails."""
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "llmlb.node.transfer_worker"],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=None,
-                )
-            proc = self._proc
+        proc = self.start()
         assert proc.stdin is not None and proc.stdout is not None
+        in_sync = False
         try:
             proc.stdin.write(orjson.dumps(job) + b"\n")
             proc.stdin.flush()
-        except OSError as exc:
-            raise _Transient(f"transfer worker: {exc}") from None
-        for line in proc.stdout:
-            msg = orjson.loads(line)
-            if "n" in msg:
-                on_bytes(int(msg["n"]))
-            elif msg.get("ok"):
-                return
-            else:
+            for line in proc.stdout:
+                msg = orjson.loads(line)
+                if "n" in msg:
+                    on_bytes(int(msg["n"]))
+                    continue
+                in_sync = True
+                if msg.get("ok"):
+                    return
                 raise _Transient(str(msg.get("error")))
-        raise _Transient("transfer worker exited")
+            raise _Transient("transfer worker exited")
+        except (OSError, ValueError) as exc:  # broken pipe, pipe closed by close()
+            raise _Transient(f"transfer worker: {exc}") from None
+        finally:
+            if not in_sync:
+                self.close()
 
     def close(self) -> None:
-        """Stop the child (kills it if a transfer is still running)."""
+        """Stop the child (kills it if a transfer is still running); ``run`` restarts it."""
         with self._lock:
             proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        if proc is not None:
+            _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()
+
+
+class TransferPool:
+    """Long-lived transfer worker processes shared by the downloads of one process.
+
+    Workers start on first use (or :meth:`prestart`), are handed to one file at a time and
+    kept between models, so a download does not pay an interpreter start. A worker exits by
+    itself when this process dies (its stdin closes, or its next progress write fails).
+
+    Args:
+        size: most worker processes at once (files downloading in parallel, all models).
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = max(1, size)
+        self._idle: list[_TransferWorker] = []
+        self._busy: set[_TransferWorker] = set()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def prestart(self, n: int) -> None:
+        """Make sure up to ``n`` idle workers have a running (or starting) process."""
+        with self._cond:
+            while len(self._idle) + len(self._busy) < min(n, self.size):
+                self._idle.append(_TransferWorker())
+            workers = self._idle[-n:] if n > 0 else []
+        for worker in workers:
+            worker.start()
+
+    @contextlib.contextmanager
+    def worker(self, stop: threading.Event | None = None) -> Iterator[_TransferWorker]:
+        """Borrow a worker for one job (waits while all are busy; gives up once ``stop``)."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise DownloadCancelled("transfer workers are shut down")
+                if stop is not None and stop.is_set():
+                    raise DownloadCancelled("download cancelled")
+                if self._idle:
+                    worker = self._idle.pop()
+                    break
+                if len(self._busy) < self.size:
+                    worker = _TransferWorker()
+                    break
+                self._cond.wait(0.1)
+            self._busy.add(worker)
+        try:
+            yield worker
+        finally:
+            with self._cond:
+                self._busy.discard(worker)
+                if self._closed:
+                    worker.close()
+                else:
+                    self._idle.append(worker)
+                self._cond.notify()
+
+    def pids(self) -> list[int]:
+        """Process ids of the running workers (for tests and diagnostics)."""
+        with self._cond:
+            workers = [*self._idle, *self._busy]
+        return [pid for w in workers if (pid := w.pid) is not None]
+
+    def close(self) -> None:
+        """Kill every worker; the pool refuses new jobs afterwards."""
+        with self._cond:
+            self._closed = True
+            workers = [*self._idle, *self._busy]
+            self._idle.clear()
+            self._cond.notify_all()
+        for worker in workers:
+            worker.close()
+
+
+_shared: tuple[int, TransferPool] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_pool() -> TransferPool:
+    """This process's :class:`TransferPool` (created on first use, closed at exit)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None or _shared[0] != os.getpid():  # a forked child makes its own
+            pool = TransferPool(DownloadOptions().parallel_files)
+            atexit.register(pool.close)
+            _shared = (os.getpid(), pool)
+        return _shared[1]
 
 
 # --- one model ---------------------------------------------------------------------------
@@ -450,8 +574,19 @@ class _State:
     last_report: float = 0.0
 
 
+@dataclass
+class _FileProgress:
+    """Bytes of one file counted into the model's progress so far (this attempt)."""
+
+    spec: FileSpec
+    done: int = 0
+
+
 class ModelFetch:
     """Download one model's files into the store; :meth:`run` blocks, :meth:`cancel` stops.
+
+    Files are fetched concurrently (up to ``options.parallel_files``), each hashed while it
+    arrives; the model is promoted only once every required file passed.
 
     Args:
         store: a ``llmlb.model_storage.ModelStorage`` over ``models_dir``.
@@ -459,8 +594,10 @@ class ModelFetch:
         manifest: the router's manifest of the model.
         allowed_hosts: download allowlist (hosts; ``*.`` prefix for subdomains).
         token: hub token, sent only to allowlisted hosts.
-        progress: called (from this thread) with :class:`DownloadProgress` snapshots.
+        progress: called with :class:`DownloadProgress` snapshots (one call at a time, from
+            the download threads).
         options: tuning.
+        pool: transfer workers to use (default: :func:`shared_pool`).
     """
 
     def __init__(
@@ -473,6 +610,7 @@ class ModelFetch:
         token: str | None = None,
         progress: ProgressCallback | None = None,
         options: DownloadOptions | None = None,
+        pool: TransferPool | None = None,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -481,16 +619,27 @@ class ModelFetch:
         self.options = options or DownloadOptions()
         self.progress = progress
         self._http = _Http(list(allowed_hosts), token, self.options.timeout_s)
-        self._worker = _TransferWorker()
-        self._cancelled = threading.Event()
+        self._pool = pool if pool is not None else shared_pool()
+        self._active: set[_TransferWorker] = set()
+        self._cancelled = threading.Event()  # cancel() was called
+        self._stop = threading.Event()  # cancelled, or a required file failed
+        self._lock = threading.RLock()  # progress, verified.json, active workers
         self._files = select_files(manifest)
         self._total = sum(f.size_bytes for f in self._files)
         self._state = _State()
+        self._connections = self.options.connections
 
     def cancel(self) -> None:
         """Abort the download from another thread."""
         self._cancelled.set()
-        self._worker.close()
+        self._halt()
+
+    def _halt(self) -> None:
+        self._stop.set()
+        with self._lock:
+            active = list(self._active)
+        for worker in active:
+            worker.close()
 
     def run(self) -> Any:
         """Download, verify and promote the model; returns its ``ModelDescriptor``.
@@ -513,7 +662,6 @@ class ModelFetch:
         finally:
             if lock.is_locked:
                 lock.release()
-            self._worker.close()
 
     def _acquire(self, lock: FileLock) -> None:
         from filelock import Timeout
@@ -527,8 +675,9 @@ class ModelFetch:
                 continue
 
     def _raise_if_cancelled(self) -> None:
-        if self._cancelled.is_set():
-            raise DownloadCancelled(f"{self.model_id}: download cancelled")
+        if self._stop.is_set():
+            why = "cancelled" if self._cancelled.is_set() else "stopped (another file failed)"
+            raise DownloadCancelled(f"{self.model_id}: download {why}")
 
     def _check_target(self) -> None:
         target = self.models_dir / self.model_id
@@ -548,21 +697,65 @@ class ModelFetch:
         self._state.bytes_done = sum(f.size_bytes for f in self._files if f.filename in verified)
         self._state.files_done = len(self._files) - len(todo)
         self._check_disk(files_dir, sum(f.size_bytes for f in todo))
+        large = sum(1 for f in todo if f.size_bytes >= PARALLEL_MIN_BYTES)
+        lanes = max(1, min(len(todo), self.options.parallel_files))
+        big_lanes = max(1, min(large, lanes))
+        # The connection budget is shared by the large files that download at once.
+        self._connections = max(
+            min(MIN_FILE_CONNECTIONS, self.options.connections),
+            self.options.connections // big_lanes,
+        )
+        self._pool.prestart(big_lanes if large else 0)
         self._report(force=True)
-        for spec in todo:
+
+        failed = threading.Event()  # a required file failed: start no further files
+
+        def fetch(spec: FileSpec) -> None:
             self._raise_if_cancelled()
+            if failed.is_set():
+                return
             try:
                 digest = self._fetch_verified(spec, files_dir / spec.filename)
-            except DownloadError:
-                if not spec.optional:
+            except DownloadError as exc:
+                if not spec.optional or isinstance(exc, DownloadCancelled):
                     raise
                 logger.warning("%s: optional file %s skipped", self.model_id, spec.filename)
-                continue
-            verified[spec.filename] = {"size": spec.size_bytes, "sha256": digest}
-            _write_json(staging / VERIFIED_FILENAME, verified)
-            self._state.files_done += 1
+                return
+            with self._lock:
+                verified[spec.filename] = {"size": spec.size_bytes, "sha256": digest}
+                _write_json(staging / VERIFIED_FILENAME, verified)
+                self._state.files_done += 1
             self._report(force=True)
+
+        if lanes == 1:
+            for spec in todo:
+                fetch(spec)
+        else:
+            self._fetch_all(fetch, todo, lanes, failed)
         return self._promote(staging, files_dir)
+
+    def _fetch_all(
+        self,
+        fetch: Callable[[FileSpec], None],
+        todo: list[FileSpec],
+        lanes: int,
+        failed: threading.Event,
+    ) -> None:
+        """Run ``fetch`` over ``todo`` on ``lanes`` threads; raise the first failure.
+
+        After a failure no further file starts; files already in flight finish (and stay
+        verified in staging for the next attempt) unless the download was cancelled.
+        """
+        first: BaseException | None = None
+        with ThreadPoolExecutor(lanes, thread_name_prefix="fetch") as pool:
+            futures = [pool.submit(fetch, spec) for spec in todo]
+            for future in as_completed(futures):
+                exc = future.exception()
+                if exc is not None and first is None:
+                    first = exc
+                    failed.set()
+        if first is not None:
+            raise first
 
     def _load_verified(self, staging: Path, files_dir: Path) -> dict[str, dict]:
         """Verified files kept from an earlier attempt; anything else in staging is removed."""
@@ -606,15 +799,15 @@ class ModelFetch:
     def _fetch_verified(self, spec: FileSpec, dest: Path) -> str:
         """Fetch ``spec`` to ``dest``; a corrupt file is refetched once, then fails."""
         dest.parent.mkdir(parents=True, exist_ok=True)
+        file = _FileProgress(spec)
         for corrupt_try in range(2):
             part = dest.with_name(f"{dest.name}.part-{os.getpid()}-{corrupt_try}")
             try:
-                digest = self._fetch_with_retries(spec, part)
+                digest = self._fetch_with_retries(file, part)
                 self._verify(spec, part, digest)
             except _Corrupt as exc:
                 part.unlink(missing_ok=True)
-                self._state.bytes_done -= self._state.file_done
-                self._state.file_done = 0
+                self._restart(file)
                 if corrupt_try == 1:
                     raise IntegrityError(f"{self.model_id}: {exc} (after one refetch)") from None
                 logger.warning("%s: %s; fetching it again", self.model_id, exc)
@@ -641,16 +834,14 @@ class ModelFetch:
                 raise _Corrupt(f"{spec.filename}: sha256 {streamed} != expected {spec.sha256}")
         return streamed
 
-    def _fetch_with_retries(self, spec: FileSpec, part: Path) -> str:
+    def _fetch_with_retries(self, file: _FileProgress, part: Path) -> str:
+        spec = file.spec
         delay = self.options.backoff_base_s
         for attempt in range(1, self.options.max_attempts + 1):
             self._raise_if_cancelled()
-            self._state.filename = spec.filename
-            self._state.bytes_done -= self._state.file_done
-            self._state.file_done = 0
-            self._state.file_total = spec.size_bytes
+            self._restart(file)
             try:
-                return self._fetch_once(spec, part)
+                return self._fetch_once(file, part)
             except _Transient as exc:
                 part.unlink(missing_ok=True)
                 self._raise_if_cancelled()
@@ -662,12 +853,13 @@ class ModelFetch:
                 logger.warning(
                     "%s: %s: %s; retrying in %.1fs", self.model_id, spec.filename, exc, delay
                 )
-                if self._cancelled.wait(delay):
+                if self._stop.wait(delay):
                     self._raise_if_cancelled()
                 delay = min(delay * 2, self.options.backoff_max_s)
         raise AssertionError("unreachable")
 
-    def _fetch_once(self, spec: FileSpec, part: Path) -> str:
+    def _fetch_once(self, file: _FileProgress, part: Path) -> str:
+        spec = file.spec
         probe = self._http.probe(spec.url, self.model_id)
         if probe.size is not None and probe.size != spec.size_bytes:
             raise _Corrupt(
@@ -675,37 +867,53 @@ class ModelFetch:
                 f"{spec.size_bytes}"
             )
         if probe.ranges and spec.size_bytes >= PARALLEL_MIN_BYTES:
-            return self._fetch_parallel(spec, probe.url, part)
-        return self._fetch_stream(spec, probe.url, part)
+            return self._fetch_parallel(file, probe.url, part)
+        return self._fetch_stream(file, probe.url, part)
 
-    def _fetch_parallel(self, spec: FileSpec, url: str, part: Path) -> str:
-        hasher = FollowingHasher(part, spec.size_bytes)
-        hasher.start()
+    @contextlib.contextmanager
+    def _borrow_worker(self) -> Iterator[_TransferWorker]:
+        """A pool worker, registered so that :meth:`cancel` can kill its transfer."""
+        with self._pool.worker(self._stop) as worker:
+            with self._lock:
+                self._active.add(worker)
+            try:
+                if self._stop.is_set():  # cancelled while we waited for the worker
+                    self._raise_if_cancelled()
+                yield worker
+            finally:
+                with self._lock:
+                    self._active.discard(worker)
 
-        def on_bytes(n: int) -> None:
-            self._advance(n)
-            hasher.poke()
-
+    def _fetch_parallel(self, file: _FileProgress, url: str, part: Path) -> str:
+        spec = file.spec
+        connections = self._connections
         job = {
             "url": url,
             "path": str(part),
-            "connections": self.options.connections,
-            "chunk_size": chunk_size_for(spec.size_bytes, self.options.connections),
+            "connections": connections,
+            "chunk_size": chunk_size_for(spec.size_bytes, connections),
             "headers": self._http.headers_for(url),
         }
-        started = time.monotonic()
-        try:
-            self._worker.run(job, on_bytes)
-        except BaseException:
+        with self._borrow_worker() as worker:
+            hasher = FollowingHasher(part, spec.size_bytes)
+            hasher.start()
+
+            def on_bytes(n: int) -> None:
+                self._advance(file, n)
+                hasher.poke()
+
+            started = time.monotonic()
+            try:
+                worker.run(job, on_bytes)
+            except BaseException:
+                hasher.abort()
+                hasher.join()
+                raise
+        size = part.stat().st_size
+        if size != spec.size_bytes:
             hasher.abort()
             hasher.join()
-            raise
-        if part.stat().st_size != spec.size_bytes:
-            hasher.abort()
-            hasher.join()
-            raise _Corrupt(
-                f"{spec.filename}: size {part.stat().st_size} != expected {spec.size_bytes}"
-            )
+            raise _Corrupt(f"{spec.filename}: size {size} != expected {spec.size_bytes}")
         transferred = time.monotonic()
         digest = hasher.finish()
         logger.info(
@@ -716,10 +924,10 @@ class ModelFetch:
             transferred - started,
             time.monotonic() - transferred,
         )
-        self._set_file_done(spec.size_bytes)
+        self._advance(file, spec.size_bytes - file.done)
         return digest
 
-    def _fetch_stream(self, spec: FileSpec, url: str, part: Path) -> str:
+    def _fetch_stream(self, file: _FileProgress, url: str, part: Path) -> str:
         import hashlib
 
         digest = hashlib.sha256()
@@ -727,38 +935,47 @@ class ModelFetch:
         try:
             with resp, open(part, "wb") as out:
                 while True:
-                    if self._cancelled.is_set():
-                        raise DownloadCancelled(f"{self.model_id}: download cancelled")
+                    self._raise_if_cancelled()
                     block = resp.read(MIB)
                     if not block:
                         break
                     out.write(block)
                     digest.update(block)
-                    self._advance(len(block))
+                    self._advance(file, len(block))
         except (OSError, ValueError) as exc:  # dropped connection, IncompleteRead, timeout
             raise _Transient(f"{url}: {exc}") from None
         return digest.hexdigest()
 
     # -- progress --
 
-    def _advance(self, n: int) -> None:
-        n = max(0, min(n, self._state.file_total - self._state.file_done))
-        self._state.file_done += n
-        self._state.bytes_done += n
+    def _advance(self, file: _FileProgress, n: int) -> None:
+        with self._lock:
+            n = max(0, min(n, file.spec.size_bytes - file.done))
+            file.done += n
+            self._state.bytes_done += n
+            self._state.filename = file.spec.filename
+            self._state.file_done = file.done
+            self._state.file_total = file.spec.size_bytes
         self._report()
 
-    def _set_file_done(self, size: int) -> None:
-        self._advance(size - self._state.file_done)
+    def _restart(self, file: _FileProgress) -> None:
+        """Take back the bytes ``file`` counted so far (its attempt starts again)."""
+        with self._lock:
+            self._state.bytes_done -= file.done
+            file.done = 0
+            self._state.filename = file.spec.filename
+            self._state.file_done = 0
+            self._state.file_total = file.spec.size_bytes
 
     def _report(self, force: bool = False, phase: str = "downloading") -> None:
         if self.progress is None:
             return
-        now = time.monotonic()
-        if not force and now - self._state.last_report < 0.1:
-            return
-        self._state.last_report = now
-        self.progress(
-            DownloadProgress(
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._state.last_report < 0.1:
+                return
+            self._state.last_report = now
+            snapshot = DownloadProgress(
                 model_id=self.model_id,
                 bytes_done=max(0, self._state.bytes_done),
                 bytes_total=self._total,
@@ -769,7 +986,7 @@ class ModelFetch:
                 file_bytes_total=self._state.file_total,
                 phase=phase,
             )
-        )
+            self.progress(snapshot)
 
     # -- promotion --
 

@@ -178,6 +178,11 @@ class Engine:
         """Requests holding a slot right now, all models together."""
         return sum(m.active for m in self._models.values())
 
+    def queued(self, model_id: str) -> int:
+        """Requests waiting for one of ``model_id``'s slots right now."""
+        model = self._models.get(model_id)
+        return model.waiting if model is not None else 0
+
     # -- loading ----------------------------------------------------------------------
 
     def _llama(self, path: str, *, embedding: bool, n_ctx: int) -> Any:

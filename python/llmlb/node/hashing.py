@@ -10,10 +10,13 @@ disagrees before declaring the file corrupt (:func:`sha256_file`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 BLOCK = 4 << 20
 
@@ -80,8 +83,7 @@ class FollowingHasher(threading.Thread):
 
     def _follow(self) -> None:
         fd = -1
-        buf = bytearray(self.block)
-        view = memoryview(buf)
+        reader: _Reader | None = None
         try:
             while self.hashed < self.size and not self._abort.is_set():
                 done = self._writer_done.is_set()
@@ -97,16 +99,18 @@ class FollowingHasher(threading.Thread):
                 if end <= self.hashed:
                     self._wait()
                     continue
+                if reader is None or not reader.mapped:
+                    reader = _Reader(fd, self.size, self.block)
                 while self.hashed < end and not self._abort.is_set():
-                    want = min(self.block, end - self.hashed)
-                    n = os.preadv(fd, [view[:want]], self.hashed)
+                    n = reader.update(self._digest, self.hashed, end)
                     if n <= 0:
                         break
-                    self._digest.update(view[:n])
                     self.hashed += n
                 if done and self.hashed < self.size:
                     raise OSError(f"{self.path} is shorter than {self.size} bytes")
         finally:
+            if reader is not None:
+                reader.close()
             if fd >= 0:
                 os.close(fd)
 
@@ -116,3 +120,46 @@ class FollowingHasher(threading.Thread):
             return min(os.lseek(fd, self.hashed, os.SEEK_HOLE), self.size)
         except OSError:  # position at/after EOF: nothing new
             return self.hashed
+
+
+class _Reader:
+    """Feeds file regions to a digest: straight from a read-only ``mmap`` (no copy) once the
+    file has its full size (``hf_transfer`` sets it before writing), else via ``preadv``."""
+
+    def __init__(self, fd: int, size: int, block: int):
+        self.block = block
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        if size > 0 and os.fstat(fd).st_size >= size:
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            with contextlib.suppress(OSError, AttributeError):
+                self._map.madvise(mmap.MADV_SEQUENTIAL)
+            self._view = memoryview(self._map)
+        else:
+            self._fd = fd
+            self._buf = memoryview(bytearray(block))
+
+    @property
+    def mapped(self) -> bool:
+        """Whether regions come from the mapping."""
+        return self._view is not None
+
+    def update(self, digest: Any, start: int, end: int) -> int:
+        """Hash up to one block from ``start`` (below ``end``); returns the bytes hashed."""
+        want = min(self.block, end - start)
+        if self._view is not None:
+            digest.update(self._view[start : start + want])
+            return want
+        n = os.preadv(self._fd, [self._buf[:want]], start)
+        if n > 0:
+            digest.update(self._buf[:n])
+        return n
+
+    def close(self) -> None:
+        """Release the mapping."""
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None

@@ -89,7 +89,9 @@ class Resolver:
         self.after_download = after_download
         self.states: dict[str, ModelState] = {}
         self.manifests: dict[str, dl.Manifest] = {}
-        self._paths: dict[str, str] = {}
+        self.available: dict[str, Any] = {}
+        self._fresh: set[str] = set()
+        self._gone: set[str] = set()
         self._tasks: dict[str, asyncio.Task] = {}
         self._fetches: dict[str, dl.ModelFetch] = {}
         self._manifest_calls: dict[str, asyncio.Future] = {}
@@ -97,28 +99,88 @@ class Resolver:
 
     # -- local store --------------------------------------------------------------------
 
-    def scan(self) -> list[str]:
-        """Ids of every valid model in the store (cached for serving)."""
-        ids = list(self.store.list_available())
-        return ids
+    def scan(self) -> dict[str, Any]:
+        """Descriptors of every valid model in the store (blocking; run it in a thread).
+
+        Descriptors already known are reused while their primary file exists, so a rescan of
+        a large store costs one listing.
+        """
+        known = dict(self.available)
+        found: dict[str, Any] = {}
+        for model_id in self.store.list_available():
+            desc = known.get(model_id)
+            if desc is None or not Path(desc.primary_path).exists():
+                desc = self.store.resolve(model_id)
+            if desc is not None:
+                found[model_id] = desc
+        return found
+
+    async def refresh(self) -> list[str]:
+        """Rescan the store (in a thread); returns the ids of the valid models in it.
+
+        Models promoted or forgotten while the scan ran keep their newer state.
+        """
+        self._fresh.clear()
+        self._gone.clear()
+        found = await asyncio.get_running_loop().run_in_executor(None, self.scan)
+        for model_id in self._fresh:
+            if model_id in self.available:
+                found.setdefault(model_id, self.available[model_id])
+        for model_id in self._gone:
+            found.pop(model_id, None)
+        self.available = found
+        for model_id in found:
+            state = self.states.get(model_id)
+            if state is not None and state.state == FAILED and not self.busy(model_id):
+                del self.states[model_id]  # placed (or fixed) by hand since it failed
+        return list(found)
+
+    def _add_available(self, model_id: str, desc: Any) -> None:
+        self.available[model_id] = desc
+        self._fresh.add(model_id)
+        self._gone.discard(model_id)
 
     def local_path(self, model_id: str) -> str | None:
         """Primary file of ``model_id`` when the store holds it, valid; else ``None``."""
-        path = self._paths.get(model_id)
-        if path is not None and Path(path).exists():
-            return path
+        desc = self.available.get(model_id)
+        if desc is not None and Path(desc.primary_path).exists():
+            return str(desc.primary_path)
         desc = self.store.resolve(model_id)
         if desc is None:
-            self._paths.pop(model_id, None)
+            self.available.pop(model_id, None)
             return None
-        self._paths[model_id] = str(desc.primary_path)
-        return self._paths[model_id]
+        self._add_available(model_id, desc)
+        return str(desc.primary_path)
 
     def forget_local(self, model_id: str) -> None:
         """Drop cached knowledge of ``model_id`` (after a delete)."""
-        self._paths.pop(model_id, None)
+        self.available.pop(model_id, None)
+        self._fresh.discard(model_id)
+        self._gone.add(model_id)
         self.states.pop(model_id, None)
         self.manifests.pop(model_id, None)
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Per-model state of every model the node has or is working on.
+
+        A valid model in the store is ``ready`` (with its ``format`` and ``size_bytes``)
+        unless it is loading; a failed attempt does not hide a model that is on disk.
+        """
+        reports: dict[str, dict[str, Any]] = {
+            model_id: {
+                "id": model_id,
+                "state": READY,
+                "format": desc.format,
+                "size_bytes": desc.size_bytes,
+            }
+            for model_id, desc in list(self.available.items())
+        }
+        for model_id, state in list(self.states.items()):
+            base = reports.get(model_id)
+            if base is not None and state.state == FAILED:
+                continue
+            reports[model_id] = {**(base or {}), **state.to_dict(model_id)}
+        return list(reports.values())
 
     def template_for(self, model_id: str) -> str | None:
         """The manifest's chat template of ``model_id`` if one was fetched."""
@@ -184,7 +246,8 @@ class Resolver:
 
     async def _resolve(self, model_id: str) -> str | None:
         if (path := self.local_path(model_id)) is not None:
-            self._set(model_id, None)
+            if model_id in self.states:
+                self._set(model_id, None)
             return path
         try:
             manifest = await self.manifest(model_id)
@@ -196,8 +259,12 @@ class Resolver:
         state = ModelState(DOWNLOADING, total=total)
         self._set(model_id, state)
 
+        promoted = False
+
         def progress(p: dl.DownloadProgress) -> None:
+            nonlocal promoted
             state.bytes, state.total = p.bytes_done, p.bytes_total
+            promoted = True  # reported only by a fetch that downloads (not one that waited)
 
         fetch = dl.ModelFetch(
             self.store,
@@ -224,12 +291,16 @@ class Resolver:
             return None
         finally:
             self._fetches.pop(model_id, None)
-        self.metrics.downloads.labels("ok").inc()
-        self.metrics.download_bytes.inc(total)
-        self.metrics.download_seconds.observe(time.monotonic() - started)
+        if promoted:
+            self.metrics.downloads.labels("ok").inc()
+            self.metrics.download_bytes.inc(total)
+            self.metrics.download_seconds.observe(time.monotonic() - started)
+            logger.info("%s: downloaded in %.3fs", model_id, time.monotonic() - started)
+        else:  # another process on this store finished it while we waited for its lock
+            self.metrics.downloads.labels("shared").inc()
+            logger.info("%s: downloaded by another process on this store", model_id)
         path = str(desc.primary_path)
-        self._paths[model_id] = path
-        logger.info("%s: downloaded in %.3fs", model_id, time.monotonic() - started)
+        self._add_available(model_id, desc)
         if self.after_download is not None:
             self._set(model_id, ModelState(LOADING, bytes=total, total=total))
             try:

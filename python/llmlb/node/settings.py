@@ -34,6 +34,9 @@ class NodeSettings:
         n_ctx: context length of generation contexts.
         connections: parallel range connections per downloaded file.
         heartbeat_interval_s: used until the router tells its own.
+        reconcile_interval_s: how often the node re-reads the router's whole registry (to
+            catch sync notifications it missed).
+        require_key: when set, ``/v1/*`` requires ``Authorization: Bearer <require_key>``.
     """
 
     router_url: str
@@ -50,6 +53,8 @@ class NodeSettings:
     n_ctx: int = 4096
     connections: int = 32
     heartbeat_interval_s: float = 5.0
+    reconcile_interval_s: float = 60.0
+    require_key: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:

@@ -5,6 +5,14 @@ fetches ``/v0/models`` and resolves each model in the background, then heartbeat
 ``heartbeat_interval_s`` with per-model state. If the router is unreachable, the node keeps
 serving its local models and retries with backoff. ``POST /api/models/sync`` from the router
 triggers the same reconciliation for the models it names.
+
+Notifications can be missed (the node was down, or the router restarted and counts nodes
+offline until their next heartbeat), so the node also reconciles with the whole registry every
+``reconcile_interval_s``, after re-registering, and after heartbeats failed: it downloads
+models newly registered and removes models it downloaded that are no longer registered
+(models placed by hand are always kept).
+
+``aiohttp`` is imported when the loop starts, in a thread, overlapping the store scan.
 """
 
 from __future__ import annotations
@@ -14,16 +22,20 @@ import contextlib
 import hmac
 import logging
 import random
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.node import downloader as dl
 from llmlb.node.engine import Engine
-from llmlb.node.resolver import FAILED, READY, Resolver
+from llmlb.node.resolver import FAILED, Resolver
 from llmlb.node.settings import NodeSettings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +51,8 @@ class RouterSync:
         node_id: this node's stable id.
         resolver: model resolution and state.
         engine: loaded models (for active requests, unloading on delete).
-        gpu: the ``gpu`` object of the registration.
+        gpu: returns the ``gpu`` object of the registration (blocking; called in a thread,
+            so a slow probe overlaps the store scan).
     """
 
     def __init__(
@@ -48,18 +61,21 @@ class RouterSync:
         node_id: str,
         resolver: Resolver,
         engine: Engine,
-        gpu: dict[str, Any],
+        gpu: Callable[[], dict[str, Any]],
     ):
         self.settings = settings
         self.node_id = node_id
         self.resolver = resolver
         self.engine = engine
-        self.gpu = gpu
+        self.gpu_probe = gpu
+        self.gpu: dict[str, Any] = {"backend": "cpu"}
         self.ready = asyncio.Event()
         self.registered = False
         self.sync_token: str | None = None
         self.interval = settings.heartbeat_interval_s
-        self.local_ids: set[str] = set()
+        self.reconciles = 0
+        self._last_reconcile = 0.0
+        self._missed_heartbeats = False
         self._kick = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -68,16 +84,19 @@ class RouterSync:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Scan the store and start the background loop (returns at once)."""
+        """Start the background loop: scan the store, register, sync (returns at once)."""
+        self._main = asyncio.get_running_loop().create_task(self._run())
+
+    async def _open_session(self) -> None:
+        """Import aiohttp (in a thread) and open the router session."""
+        loop = asyncio.get_running_loop()
+        aiohttp = await loop.run_in_executor(None, _import_aiohttp)
         self._session = aiohttp.ClientSession(
-            base_url=None,
             headers={"Authorization": f"Bearer {self.settings.api_key}"}
             if self.settings.api_key
             else {},
-            json_serialize=lambda o: orjson.dumps(o).decode(),
             timeout=aiohttp.ClientTimeout(total=REGISTER_TIMEOUT_S),
         )
-        self._main = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
         """Stop heartbeating and background work."""
@@ -104,12 +123,7 @@ class RouterSync:
 
     def model_reports(self) -> list[dict[str, Any]]:
         """Per-model state of every model this node has or is working on."""
-        reports: dict[str, dict[str, Any]] = {
-            model_id: {"id": model_id, "state": READY} for model_id in self.local_ids
-        }
-        for model_id, state in list(self.resolver.states.items()):
-            reports[model_id] = state.to_dict(model_id)
-        return list(reports.values())
+        return self.resolver.reports()
 
     def _registration(self) -> dict[str, Any]:
         return {
@@ -125,10 +139,16 @@ class RouterSync:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        self.local_ids = set(await loop.run_in_executor(None, self.resolver.scan))
         if not self.settings.router_url:
+            await self.resolver.refresh()
             self.ready.set()
             return
+        # Overlap the store scan (C++, GIL released) with the imports registration needs.
+        gpu = loop.run_in_executor(None, self.gpu_probe)
+        session = loop.create_task(self._open_session())
+        await self.resolver.refresh()
+        await session
+        self.gpu = await gpu
         if not await self._register_and_pull():
             self.ready.set()
             logger.warning(
@@ -142,10 +162,10 @@ class RouterSync:
         await self._heartbeat_loop()
 
     async def _register_and_pull(self) -> bool:
-        """Register and start resolving the router's models; ``False`` if unreachable."""
+        """Register and reconcile with the router's registry; ``False`` if unreachable."""
         try:
             answer = await self._post("/v0/nodes", self._registration())
-        except (aiohttp.ClientError, TimeoutError, RouterError) as exc:
+        except (*_client_errors(), TimeoutError, RouterError) as exc:
             logger.info("registration failed: %s", exc)
             return False
         self.sync_token = answer.get("sync_token")
@@ -156,36 +176,81 @@ class RouterSync:
         await self.pull_registry()
         return True
 
-    async def pull_registry(self, only: list[str] | None = None) -> None:
-        """Fetch ``/v0/models`` and start resolving each (or each of ``only``)."""
+    async def pull_registry(self, only: list[str] | None = None) -> bool:
+        """Fetch ``/v0/models`` and reconcile the store with it.
+
+        With ``only`` (a sync notification), start resolving those of the named models that
+        are registered, retrying failed ones. Without, reconcile everything: resolve every
+        registered model missing here (failed ones wait for a notification or a request), and
+        remove the models this node downloaded that are no longer registered.
+
+        Returns:
+            Whether the router answered.
+        """
         try:
             body = await self._get("/v0/models")
-        except (aiohttp.ClientError, TimeoutError, RouterError) as exc:
+        except (*_client_errors(), TimeoutError, RouterError) as exc:
             logger.warning("cannot list the router's models: %s", exc)
-            return
+            return False
         registered = [m["id"] for m in body.get("models", []) if isinstance(m, dict)]
         for model_id in registered:
             if only is not None and model_id not in only:
                 continue
-            if model_id in self.local_ids or self.resolver.busy(model_id):
+            if model_id in self.resolver.available or self.resolver.busy(model_id):
                 continue
             self.resolver.ensure(model_id, retry_failed=only is not None)
+        if only is None:
+            self._last_reconcile = time.monotonic()
+            self.reconciles += 1
+            known = set(registered)
+            candidates = [m for m in self.resolver.available if m not in known]
+            models_dir = self.resolver.models_dir
+            stale = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [m for m in candidates if dl.was_downloaded(models_dir, m)]
+            )
+            if stale:
+                logger.info("no longer registered on the router: %s", ", ".join(stale))
+                await self._delete(stale)
+        return True
 
     async def _heartbeat_loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.interval)
-            self._kick.clear()
-            try:
-                await self._heartbeat()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - keep heartbeating
-                logger.warning("heartbeat failed: %s", exc)
+        """Heartbeat every ``interval`` (sooner when kicked); reconcile when due.
 
-    async def _heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.local_ids = set(await loop.run_in_executor(None, self.resolver.scan))
+        A full reconcile runs every ``reconcile_interval_s`` on its own clock, and after the
+        first heartbeat that succeeds following failed ones (the router may have restarted).
+        """
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            next_reconcile = self._last_reconcile + self.settings.reconcile_interval_s
+            wait = max(0.0, min(next_beat, next_reconcile) - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), wait)
+            now = time.monotonic()
+            if self._kick.is_set() or now >= next_beat:
+                self._kick.clear()
+                next_beat = now + self.interval
+                try:
+                    if await self._heartbeat():
+                        self._missed_heartbeats = False  # re-registered: reconciled already
+                        continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - keep heartbeating
+                    logger.warning("heartbeat failed: %s", exc)
+                    self._missed_heartbeats = True
+                    continue
+            due = time.monotonic() >= self._last_reconcile + self.settings.reconcile_interval_s
+            if self._missed_heartbeats or due:
+                # sync notifications may have been missed while the router could not reach us
+                if await self.pull_registry():
+                    self._missed_heartbeats = False
+                else:
+                    self._last_reconcile = time.monotonic()  # retried when next due
+
+    async def _heartbeat(self) -> bool:
+        """Send one heartbeat; ``True`` when the router had forgotten us and we re-registered."""
+        await self.resolver.refresh()
         body = {
             "models": self.model_reports(),
             "active_requests": self.engine.active_requests(),
@@ -194,11 +259,11 @@ class RouterSync:
         try:
             await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
         except RouterError as exc:
-            if exc.status == 404:  # the router forgot us: register again
+            if exc.status == 404:  # the router forgot us: register again (and reconcile)
                 logger.info("router does not know this node; registering again")
-                await self._register_and_pull()
-            else:
-                raise
+                return await self._register_and_pull()
+            raise
+        return False
 
     # -- sync notifications -------------------------------------------------------------
 
@@ -235,7 +300,6 @@ class RouterSync:
             await loop.run_in_executor(None, self.resolver.store.delete_model, model_id)
             dl.forget_downloaded(models_dir, model_id)
             self.resolver.forget_local(model_id)
-            self.local_ids.discard(model_id)
             logger.info("%s: deleted on the router; removed from the store", model_id)
         self.kick()
 
@@ -262,6 +326,19 @@ class RouterError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(f"router answered {status}: {message}")
         self.status = status
+
+
+def _import_aiohttp():
+    import aiohttp
+
+    return aiohttp
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """aiohttp's client errors (aiohttp is imported by then: the session exists)."""
+    import aiohttp
+
+    return (aiohttp.ClientError,)
 
 
 async def _answer(resp: aiohttp.ClientResponse) -> dict:

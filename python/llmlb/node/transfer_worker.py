@@ -4,7 +4,9 @@
 serving process. Protocol: one JSON job per line on stdin
 (``{"url", "path", "connections", "chunk_size", "headers"}``); for each job, stdout gets one
 ``{"n": BYTES}`` line per finished chunk, then ``{"ok": true}`` or ``{"error": MESSAGE}``.
-When the parent dies, the next progress write fails (broken pipe) and the worker exits.
+The node keeps its workers between jobs (``downloader.TransferPool``); when the parent dies,
+stdin closes (idle worker) or the next progress write fails (busy worker) and the worker
+exits.
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 For ``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings`` (the router
 checks the key's ``api`` scope first), the proxy reads only the body's ``model`` (and ``user``),
 normalises the id, lets the :class:`~llmlb.router.balancer.Balancer` pick a node that reports
-the model ready, sends the unchanged body there over a pooled keep-alive ``aiohttp`` session
-and relays the answer chunk by chunk. Before any byte reached the client, a connect error, a
-first-byte timeout, a dropped connection or a 5xx (or a node's 429) moves the request to
-another node (at most ``max_retries`` more); afterwards a failure ends an SSE stream with an
-OpenAI-shaped error event.
+the model ready, sends the unchanged body there over a pooled keep-alive connection
+(:mod:`llmlb.router.upstream`) and relays the answer chunk by chunk. Before any byte reached
+the client, a connect error, a first-byte timeout, a dropped connection or a 5xx (or a node's
+429) moves the request to another node (at most ``max_retries`` more); afterwards a failure
+ends an SSE stream with an OpenAI-shaped error event.
 """
 
 from __future__ import annotations
@@ -19,15 +19,20 @@ from dataclasses import dataclass, fields, replace
 from time import perf_counter
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
-from yarl import URL
 
 from llmlb import config
 from llmlb.errors import ApiError, error_body
 from llmlb.model_storage import normalize_model_id
 from llmlb.router.balancer import Balancer, NodeLike, NodeState, NoPick, WaitQueue
 from llmlb.router.proxy_metrics import ProxyMetrics, default_metrics
+from llmlb.router.upstream import (
+    ConnectError,
+    NodePool,
+    Response,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +53,6 @@ _DROPPED_HEADERS = frozenset(
         b"date",
     }
 )
-_UPSTREAM_HEADERS = {"Content-Type": "application/json"}
-_SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding")
 _JSON_HEADER = (b"content-type", b"application/json")
 _NODE_HEADER = b"x-llmlb-node"
 _SESSION_HEADER = b"x-session-id"
@@ -124,34 +127,14 @@ class Fleet(Protocol):
     def mark_node_offline(self, node_id: str) -> None: ...
 
 
-class _NodeClient:
-    """A keep-alive connection pool to one node, and its endpoint URLs."""
-
-    __slots__ = ("url", "session", "_urls")
-
-    def __init__(self, url: str, settings: ProxySettings):
-        self.url = url
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=settings.connect_timeout_s,
-            sock_read=settings.first_byte_timeout_s,  # first byte, then each silence
-        )
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-            timeout=timeout,
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        self._urls: dict[str, URL] = {}
-
-    def endpoint(self, path: str) -> URL:
-        """The node's URL for ``path`` (parsed once)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.url.rstrip("/") + path)
-        return url
+def _node_pool(url: str, settings: ProxySettings) -> NodePool:
+    """A keep-alive connection pool to the node at ``url``."""
+    return NodePool(
+        url,
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.first_byte_timeout_s,  # first byte, then each silence
+        keepalive_s=30.0,
+    )
 
 
 @dataclass(slots=True)
@@ -189,7 +172,7 @@ class InferenceProxy:
             on_probe_due=self._probe_later,
         )
         self.queue = WaitQueue(self.settings.queue_max)
-        self._clients: dict[str, _NodeClient] = {}
+        self._clients: dict[str, NodePool] = {}
         self._model_ids: dict[str, str | ApiError] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -214,7 +197,7 @@ class InferenceProxy:
             await asyncio.wait(tasks, timeout=1.0)
         clients, self._clients = self._clients, {}
         for client in clients.values():
-            await client.session.close()
+            await client.close()
         self.metrics.unwatch()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -401,29 +384,27 @@ class InferenceProxy:
             for the caller to fail over or report. Releases the node's slot in every case.
         """
         node_id = state.node_id
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         try:
             client = self._clients.get(node_id)
             if client is None or client.url != state.url:
                 client = self._client(state)
             sent = perf_counter()
             try:
-                resp = await client.session.post(
-                    client.endpoint(scope["path"]), data=body, headers=_UPSTREAM_HEADERS
-                )
+                resp = await client.request(b"POST", scope["path"], body)
                 status = resp.status
                 if status >= 500 or status == 429:
                     payload = await resp.read()
                 else:
-                    payload = await resp.content.readany()
-            except aiohttp.ClientConnectorError as exc:
+                    payload = await resp.read_some()
+            except ConnectError as exc:
                 return self._failed(state, model, "connect", exc)
-            except TimeoutError as exc:
+            except UpstreamTimeout as exc:
                 return self._failed(state, model, "timeout", exc)
-            except aiohttp.ClientError as exc:
+            except UpstreamError as exc:
                 return self._failed(state, model, "disconnect", exc)
             got = perf_counter()
-            headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in _DROPPED_HEADERS]
+            headers = [item for item in resp.headers if item[0] not in _DROPPED_HEADERS]
             if status >= 500 or status == 429:
                 if status != 429:  # a busy node is not a failing one
                     self._failed(state, model, "status", None)
@@ -433,7 +414,7 @@ class InferenceProxy:
                 self.balancer.remember(affinity_key, node_id)
             headers.append((_NODE_HEADER, node_id.encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})
-            done = resp.content.at_eof()
+            done = resp.at_eof()
             await send({"type": "http.response.body", "body": payload, "more_body": not done})
             metrics = self.metrics
             metrics.request(node_id, model, status)
@@ -450,7 +431,7 @@ class InferenceProxy:
                 self.queue.wake(model)
 
     async def _relay(
-        self, resp: aiohttp.ClientResponse, receive: Any, send: Any, state: NodeState, model: str
+        self, resp: Response, receive: Any, send: Any, state: NodeState, model: str
     ) -> None:
         """Relay the rest of the body chunk by chunk; end SSE with an error event on failure.
 
@@ -459,15 +440,15 @@ class InferenceProxy:
         """
         watcher = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, resp))
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             if watcher.done() and not watcher.cancelled() and watcher.result():
                 self.metrics.error(state.node_id, model, "client_gone")
                 return
             self._failed(state, model, "stream", exc)
             tail = b""
-            if "text/event-stream" in resp.headers.get("Content-Type", ""):
+            if b"text/event-stream" in (resp.header(b"content-type") or b""):
                 tail = _sse_error(f"node {state.node_id} failed mid-answer: {_describe(exc)}")
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
@@ -499,11 +480,11 @@ class InferenceProxy:
 
     # -- nodes ---------------------------------------------------------------------------
 
-    def _client(self, state: NodeState) -> _NodeClient:
+    def _client(self, state: NodeState) -> NodePool:
         old = self._clients.get(state.node_id)
         if old is not None:
-            self._spawn(old.session.close())
-        client = self._clients[state.node_id] = _NodeClient(state.url, self.settings)
+            self._spawn(old.close())
+        client = self._clients[state.node_id] = _node_pool(state.url, self.settings)
         return client
 
     def _probe_later(self, state: NodeState) -> None:
@@ -516,11 +497,14 @@ class InferenceProxy:
             client = self._clients.get(state.node_id)
             if client is None or client.url != state.url:
                 client = self._client(state)
-            timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
-            async with client.session.get(client.endpoint("/health"), timeout=timeout) as resp:
-                await resp.read()
+            async with asyncio.timeout(self.settings.probe_timeout_s):
+                resp = await client.request(b"GET", "/health")
+                try:
+                    await resp.read()
+                finally:
+                    resp.release()
                 ok = resp.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamError, TimeoutError):
             ok = False
         finally:
             self.balancer.probe_finished(state, ok)
@@ -546,7 +530,7 @@ class InferenceProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _close_on_disconnect(receive: Any, resp: aiohttp.ClientResponse) -> bool:
+async def _close_on_disconnect(receive: Any, resp: Response) -> bool:
     """Close the node's response when the client disconnects; True if it did."""
     while True:
         message = await receive()
