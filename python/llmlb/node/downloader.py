@@ -1,8 +1,10 @@
 """Verified, resumable, atomic model downloads from the hub into the node's store.
 
 One model at a time per store (a file lock), files fetched straight from the hub URLs of the
-router's manifest with ``hf_transfer`` parallel range requests (run in a worker process, see
-:mod:`llmlb.node.transfer_worker`), hashed while the bytes arrive, staged under
+router's manifest with ``hf_transfer`` parallel range requests (run in long-lived worker
+processes shared by the whole node, :class:`TransferPool`, see
+:mod:`llmlb.node.transfer_worker`), several files of a model at once, each hashed while its
+bytes arrive (:mod:`llmlb.node.hashing`), staged under
 ``<models_dir>/.staging/<id>/`` and renamed into ``<models_dir>/<id>/`` only once every
 required file passed its size and SHA-256 check. Verified files survive a crash or a kill
 (``verified.json`` in the staging directory) and are not fetched again.

@@ -1,0 +1,241 @@
+"""Tests of llmlb.router.upstream: the proxy's HTTP/1.1 node client against raw loopback servers
+that answer with hand-written bytes (split at awkward places), so every framing is exercised."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from llmlb.router.upstream import ConnectError, Disconnected, NodePool, UpstreamTimeout
+
+from tests.procs import free_port
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body (the client always sends Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
+
+
+async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+def pool(url: str, read_timeout: float = 5.0) -> NodePool:
+    return NodePool(url, connect_timeout=2.0, read_timeout=read_timeout)
+
+
+async def write_slowly(writer: asyncio.StreamWriter, data: bytes, step: int = 3) -> None:
+    """Send ``data`` a few bytes at a time, so the parser sees every split point."""
+    for i in range(0, len(data), step):
+        writer.write(data[i : i + step])
+        await writer.drain()
+        await asyncio.sleep(0)
+
+
+def test_content_length_answer_and_keep_alive_reuse():
+    connections = []
+    requests = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                head, body = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            requests.append((head, body))
+            answer = b'{"ok":true}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Node: a\r\n"
+                b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
+            )
+        writer.close()
+
+    async def scenario():
+        server, url = await serve(handler)
+        client = pool(url + "/prefix/")
+        for i in range(3):
+            resp = await client.request(b"POST", "/v1/chat/completions", b'{"n":%d}' % i)
+            assert resp.status == 200
+            assert resp.header(b"content-type") == b"application/json"
+            assert (b"x-node", b"a") in resp.headers  # names lowercased, values as sent
+            assert await resp.read() == b'{"ok":true}'
+            assert resp.at_eof()
+            resp.release()
+        assert len(connections) == 1  # one keep-alive connection served all three
+        head, body = requests[2]
+        assert head.startswith(b"POST /prefix/v1/chat/completions HTTP/1.1\r\n")
+        assert b"\r\nHost: 127.0.0.1:" in head and b"Content-Type: application/json" in head
+        assert body == b'{"n":2}'
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_chunked_answer_split_anywhere_is_decoded_piece_by_piece():
+    events = [b"data: %d\n\n" % i for i in range(5)]
+    wire = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for event in events:
+        wire += b"%x;ext=1\r\n" % len(event) + event + b"\r\n"
+    wire += b"0\r\nX-Trailer: t\r\n\r\n"
+
+    async def handler(reader, writer):
+        await read_request(reader)
+        await write_slowly(writer, wire)
+        await read_request(reader)  # the connection is reusable after the last chunk
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async def scenario():
+        server, url = await serve(handler)
+        client = pool(url)
+        resp = await client.request(b"POST", "/v1/completions", b"{}")
+        pieces = [piece async for piece in resp]
+        assert b"".join(pieces) == b"".join(events)
+        assert len(pieces) > 1  # relayed as it arrived, not buffered whole
+        resp.release()
+        resp = await client.request(b"POST", "/v1/completions", b"{}")
+        assert resp.status == 204 and await resp.read() == b""
+        resp.release()
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_body_until_close_and_connection_close_are_not_reused():
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        await read_request(reader)
+        if len(connections) == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of it")  # no length: ends at close
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server, url = await serve(handler)
+        client = pool(url)
+        resp = await client.request(b"POST", "/x", b"{}")
+        assert await resp.read() == b"all of it"
+        resp.release()
+        resp = await client.request(b"POST", "/x", b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        resp = await client.request(b"POST", "/x", b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        assert len(connections) == 3
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_stale_keep_alive_connection_is_retried_once_on_a_fresh_one():
+    connections = []
+
+    async def handler(reader, writer):
+        connections.append(writer)
+        await read_request(reader)
+        if len(connections) == 2:  # a node that drops requests on one connection
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if len(connections) == 1:  # keep-alive promised, but the next request finds it dead
+            await read_request(reader)
+            writer.close()
+
+    async def scenario():
+        server, url = await serve(handler)
+        client = pool(url)
+        resp = await client.request(b"POST", "/x", b"{}")
+        assert await resp.read() == b"ok"
+        resp.release()
+        with pytest.raises(Disconnected):  # stale one, then a fresh one that drops it too
+            await client.request(b"POST", "/x", b"{}")
+        assert len(connections) == 2
+        resp = await client.request(b"POST", "/x", b"{}")  # fresh connections work
+        assert await resp.read() == b"ok"
+        resp.release()
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_errors_are_typed():
+    async def silent(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def garbage(reader, writer):
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    async def stalls_mid_body(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def scenario():
+        with pytest.raises(ConnectError):
+            await pool(f"http://127.0.0.1:{free_port()}").request(b"POST", "/x", b"{}")
+        with pytest.raises(ConnectError):
+            await pool("ftp://nowhere").request(b"POST", "/x", b"{}")
+        server, url = await serve(silent)
+        with pytest.raises(UpstreamTimeout):
+            await pool(url, read_timeout=0.2).request(b"POST", "/x", b"{}")
+        server.close()
+        server, url = await serve(garbage)
+        with pytest.raises(Disconnected, match="status line"):
+            await pool(url).request(b"POST", "/x", b"{}")
+        server.close()
+        server, url = await serve(stalls_mid_body)
+        resp = await pool(url, read_timeout=0.2).request(b"POST", "/x", b"{}")
+        assert await resp.read_some() == b"abc"
+        with pytest.raises(UpstreamTimeout):
+            await resp.read_some()
+        resp.release()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_wakes_a_pending_read():
+    async def stalls(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def scenario():
+        server, url = await serve(stalls)
+        resp = await pool(url).request(b"POST", "/x", b"{}")
+        assert await resp.read_some() == b"ab"
+        reading = asyncio.ensure_future(resp.read_some())
+        await asyncio.sleep(0)  # the read is waiting for data now
+        resp.close()
+        with pytest.raises(Disconnected):
+            await asyncio.wait_for(reading, 1.0)
+        server.close()
+
+    asyncio.run(scenario())
