@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 
@@ -86,6 +87,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (default LLMLB_NODE_REQUIRE_KEY; "
         "unset: open)",
     )
+    parser.add_argument(
+        "--router-auth",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="accept /v1/* only with the router's per-node token (or --require-key): 'on', "
+        "'off', or 'auto' (default: on unless --host is a loopback address)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -120,7 +128,18 @@ def settings_from_args(args: argparse.Namespace):
         heartbeat_interval_s=config.DEFAULT_HEARTBEAT_INTERVAL_S,
         reconcile_interval_s=args.reconcile_interval,
         require_key=args.require_key or config.node_require_key(),
+        require_router_token=_router_auth(args.router_auth, args.host),
     )
+
+
+def _router_auth(mode: str, host: str) -> bool:
+    """Whether ``/v1/*`` needs the router's token: ``auto`` means "reachable off this host"."""
+    if mode != "auto":
+        return mode == "on"
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 def run(args: argparse.Namespace) -> int:

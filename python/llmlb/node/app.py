@@ -5,8 +5,10 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embe
 pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token),
 ``GET /api/models/status``. Errors are OpenAI-shaped (``llmlb.errors``).
 
-With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``), every ``/v1/*``
-route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer <key>`` is sent.
+With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``) or
+``require_router_token`` (``--router-auth``, on by default off loopback), every ``/v1/*``
+route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer`` carries that key or
+the router's token for this node (the proxy sends it with every forwarded request).
 
 Start-up stays short: llama.cpp (``llama_cpp``) is imported in a background thread when the
 app is created, so ``/ready`` never waits for it while the first request finds it loaded.
@@ -159,19 +161,24 @@ def _model_id(body: dict) -> str:
 
 
 def _check_key(node: Node, request: Request) -> None:
-    """Enforce ``require_key`` on a ``/v1/*`` request.
+    """Enforce ``require_key`` / ``require_router_token`` on a ``/v1/*`` request.
 
     Raises:
-        ApiError: 401 ``invalid_api_key`` when a key is required and not presented.
+        ApiError: 401 ``invalid_api_key`` when a credential is required and not presented.
     """
-    required = node.settings.require_key
-    if not required:
+    settings = node.settings
+    if not settings.require_key and not settings.require_router_token:
         return
-    scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), required.encode()
-    ):
-        raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
+    authorization = request.headers.get("authorization")
+    if settings.require_router_token and node.sync.check_sync_token(authorization):
+        return
+    if settings.require_key:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), settings.require_key.encode()
+        ):
+            return
+    raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
 
 
 def _inference(route: str, method: str):

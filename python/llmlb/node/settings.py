@@ -36,7 +36,10 @@ class NodeSettings:
         heartbeat_interval_s: used until the router tells its own.
         reconcile_interval_s: how often the node re-reads the router's whole registry (to
             catch sync notifications it missed).
-        require_key: when set, ``/v1/*`` requires ``Authorization: Bearer <require_key>``.
+        require_key: when set, ``/v1/*`` accepts ``Authorization: Bearer <require_key>``.
+        require_router_token: ``/v1/*`` accepts the router's token for this node (the
+            ``sync_token`` it got at registration, which the router's proxy presents).
+            With either credential required, a request carrying neither gets 401.
     """
 
     router_url: str
@@ -55,6 +58,7 @@ class NodeSettings:
     heartbeat_interval_s: float = 5.0
     reconcile_interval_s: float = 60.0
     require_key: str | None = field(default=None, repr=False)
+    require_router_token: bool = False
 
     @property
     def url(self) -> str:

@@ -13,7 +13,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -23,6 +23,7 @@ class NodeLike(Protocol):
     node_id: str
     url: str
     slots: int
+    token: str | None
 
 
 @dataclass(slots=True, eq=False)
@@ -32,6 +33,7 @@ class NodeState:
     node_id: str
     url: str
     slots: int
+    token: str | None = field(default=None, repr=False)  # bearer credential for the node
     outstanding: int = 0
     failures: int = 0  # consecutive failed attempts
     healthy: bool = True  # False from cool-down until a health probe succeeds
@@ -84,10 +86,10 @@ class Balancer:
         return self._nodes
 
     def state(self, view: NodeLike) -> NodeState:
-        """The state of ``view``'s node, created (or reset when its URL changed) on demand."""
+        """The state of ``view``'s node, created (or reset when its URL or token changed)."""
         state = self._nodes.get(view.node_id)
-        if state is None or state.url != view.url:
-            state = NodeState(view.node_id, view.url, max(1, view.slots))
+        if state is None or state.url != view.url or state.token != view.token:
+            state = NodeState(view.node_id, view.url, max(1, view.slots), view.token)
             self._nodes[view.node_id] = state
         elif state.slots != view.slots:
             state.slots = max(1, view.slots)
@@ -113,7 +115,12 @@ class Balancer:
         now = 0.0
         for view in views:
             state = self._nodes.get(view.node_id)
-            if state is None or state.url != view.url or state.slots != view.slots:
+            if (
+                state is None
+                or state.url != view.url
+                or state.slots != view.slots
+                or state.token != view.token
+            ):
                 state = self.state(view)
             if state.node_id in exclude:
                 continue

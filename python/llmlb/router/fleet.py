@@ -21,11 +21,16 @@ _PENDING_STATES = (DOWNLOADING, LOADING)
 
 @dataclass(frozen=True, slots=True)
 class NodeView:
-    """What the balancer needs of a node."""
+    """What the balancer needs of a node.
+
+    ``token`` is the node's sync token: the proxy presents it to the node as its bearer
+    credential, so a node can refuse inference from anyone but its router.
+    """
 
     node_id: str
     url: str
     slots: int
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -289,12 +289,12 @@ def sync_target(conn: sqlite3.Connection, node_id: str) -> tuple[str, str] | Non
 def load_states(conn: sqlite3.Connection) -> list[NodeState]:
     """Every node in the form the fleet cache holds."""
     states = []
-    for row in conn.execute("SELECT id, url, slots, status, models FROM nodes"):
+    for row in conn.execute("SELECT id, url, slots, status, models, sync_token FROM nodes"):
         models = {
             m["id"]: ModelReport(m["state"], m.get("format"), m.get("size_bytes"))
             for m in orjson.loads(row["models"])
         }
-        view = NodeView(row["id"], row["url"], row["slots"])
+        view = NodeView(row["id"], row["url"], row["slots"], row["sync_token"])
         states.append(NodeState(view, row["status"] == "online", models))
     return states
 

@@ -127,10 +127,11 @@ class Fleet(Protocol):
     def mark_node_offline(self, node_id: str) -> None: ...
 
 
-def _node_pool(url: str, settings: ProxySettings) -> NodePool:
-    """A keep-alive connection pool to the node at ``url``."""
+def _node_pool(state: NodeState, settings: ProxySettings) -> NodePool:
+    """A keep-alive connection pool to ``state``'s node, presenting the node's token."""
     return NodePool(
-        url,
+        state.url,
+        token=state.token,
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.first_byte_timeout_s,  # first byte, then each silence
         keepalive_s=30.0,
@@ -387,7 +388,7 @@ class InferenceProxy:
         resp: Response | None = None
         try:
             client = self._clients.get(node_id)
-            if client is None or client.url != state.url:
+            if client is None or client.url != state.url or client.token != state.token:
                 client = self._client(state)
             sent = perf_counter()
             try:
@@ -484,7 +485,7 @@ class InferenceProxy:
         old = self._clients.get(state.node_id)
         if old is not None:
             self._spawn(old.close())
-        client = self._clients[state.node_id] = _node_pool(state.url, self.settings)
+        client = self._clients[state.node_id] = _node_pool(state, self.settings)
         return client
 
     def _probe_later(self, state: NodeState) -> None:
@@ -495,7 +496,7 @@ class InferenceProxy:
         ok = False
         try:
             client = self._clients.get(state.node_id)
-            if client is None or client.url != state.url:
+            if client is None or client.url != state.url or client.token != state.token:
                 client = self._client(state)
             async with asyncio.timeout(self.settings.probe_timeout_s):
                 resp = await client.request(b"GET", "/health")

@@ -375,12 +375,21 @@ class NodePool:
         connect_timeout: seconds to establish a connection.
         read_timeout: longest wait for the answer's head, and for each further piece of it.
         keepalive_s: idle connections older than this are closed instead of reused.
+        token: sent as ``Authorization: Bearer <token>`` on every request, when given.
     """
 
     def __init__(
-        self, url: str, *, connect_timeout: float, read_timeout: float, keepalive_s: float = 30.0
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        keepalive_s: float = 30.0,
+        token: str | None = None,
     ):
         self.url = url
+        self.token = token
+        self._auth_header = b"\r\nAuthorization: Bearer " + token.encode() if token else b""
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -410,6 +419,7 @@ class NodePool:
             target = (self._prefix + path).encode("latin-1")
             head = self._heads[key] = (
                 method + b" " + target + b" HTTP/1.1\r\nHost: " + self._host_header
+                + self._auth_header
                 + b"\r\nContent-Type: application/json\r\nContent-Length: "
             )  # fmt: skip
         return head
