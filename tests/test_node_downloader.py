@@ -12,6 +12,7 @@ import orjson
 import pytest
 from llmlb.model_storage import ModelStorage
 from llmlb.node import downloader as dl
+from llmlb.node.hashing import FollowingHasher
 
 from tests.factories import gguf_bytes, split_name, write_safetensors_model
 from tests.hub_fixtures import make_repo, start_hub
@@ -314,3 +315,34 @@ def test_cancel_kills_the_running_transfer(spawn, tmp_path):
     finally:
         pool.close()
     assert "org/split" not in ModelStorage(store).list_available()
+
+
+# --- the following hasher ---------------------------------------------------------------
+
+
+def test_following_hasher_matches_a_file_written_out_of_order(tmp_path):
+    path = tmp_path / "f.part"
+    chunk, count = 256 << 10, 24
+    data = os.urandom(chunk * count + 1234)
+    hasher = FollowingHasher(path, len(data), block=64 << 10)
+    hasher.start()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        offsets = list(range(0, len(data), chunk))
+        for window in range(0, len(offsets), 4):  # four ranges in flight, landing backwards
+            for off in reversed(offsets[window : window + 4]):
+                os.pwrite(fd, data[off : off + chunk], off)
+                hasher.poke()
+    finally:
+        os.close(fd)
+    assert hasher.finish() == hashlib.sha256(data).hexdigest()
+    assert hasher.hashed == len(data)
+
+
+def test_following_hasher_reports_a_short_file(tmp_path):
+    path = tmp_path / "short.part"
+    path.write_bytes(b"x" * 1000)
+    hasher = FollowingHasher(path, 2000)
+    hasher.start()
+    with pytest.raises(OSError, match="shorter than 2000 bytes"):
+        hasher.finish()

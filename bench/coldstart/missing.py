@@ -323,7 +323,6 @@ def missing_model(
     verify: bool = True,
 ) -> dict[str, Any]:
     """Scenario 3 for every hub condition in ``caps`` (``None`` = uncapped)."""
-    from llmlb.node.downloader import DownloadOptions
 
     sizes = build_hub(work / "hub", work / "gen" / "sharded", shards, shard_mib)
     out: dict[str, Any] = {"sizes": sizes, "shards": shards, "conditions": {}}
@@ -346,8 +345,6 @@ def missing_model(
                 router=router,
                 api_key=key,
                 env={"HF_ENDPOINT": hub},
-                # the downloader's own default (64): `llmlb node --connections` still says 32
-                extra=("--connections", str(DownloadOptions().connections)),
             )
             if cap is None:  # capped, one GET runs at the cap by construction
                 gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"

@@ -8,6 +8,7 @@ import logging
 import os
 
 from llmlb import config
+from llmlb.node.settings import DEFAULT_CONNECTIONS
 
 APP_FACTORY = "llmlb.node.app:app_from_env"
 
@@ -69,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--connections",
         type=int,
-        default=32,
-        help="parallel range connections per downloaded file (32)",
+        default=DEFAULT_CONNECTIONS,
+        help=f"parallel range connections per downloaded file ({DEFAULT_CONNECTIONS})",
     )
     parser.add_argument(
         "--reconcile-interval",

@@ -41,6 +41,7 @@ from filelock import FileLock
 from llmlb import config
 from llmlb.errors import LlmlbError
 from llmlb.node.hashing import FollowingHasher, sha256_file
+from llmlb.node.settings import DEFAULT_CONNECTIONS
 from llmlb.node.templates import CHAT_TEMPLATE_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ class DownloadOptions:
         disk_margin_bytes: free space kept beyond the bytes still to download.
     """
 
-    connections: int = 64
+    connections: int = DEFAULT_CONNECTIONS
     parallel_files: int = 4
     max_attempts: int = 4
     backoff_base_s: float = 0.5

@@ -3,7 +3,8 @@
 ``hf_transfer`` writes a file as parallel ranges, each chunk at its own offset. The
 :class:`FollowingHasher` thread hashes the contiguous prefix that has landed so far, found
 with ``SEEK_HOLE`` (ranges not written yet are holes in the sparse file), so that almost all
-of the hashing overlaps the transfer. Reading a page while it is being written can give a
+of the hashing overlaps the transfer; the tail, once the file has its full size, is read
+through ``mmap`` without a copy. Reading a page while it is being written can give a
 wrong digest, never a wrong "match": callers re-hash serially when the streamed digest
 disagrees before declaring the file corrupt (:func:`sha256_file`).
 """
@@ -99,8 +100,9 @@ class FollowingHasher(threading.Thread):
                 if end <= self.hashed:
                     self._wait()
                     continue
-                if reader is None or not reader.mapped:
+                if reader is None:
                     reader = _Reader(fd, self.size, self.block)
+                reader.try_map()
                 while self.hashed < end and not self._abort.is_set():
                     n = reader.update(self._digest, self.hashed, end)
                     if n <= 0:
@@ -123,26 +125,29 @@ class FollowingHasher(threading.Thread):
 
 
 class _Reader:
-    """Feeds file regions to a digest: straight from a read-only ``mmap`` (no copy) once the
-    file has its full size (``hf_transfer`` sets it before writing), else via ``preadv``."""
+    """Feeds file regions to a digest: via ``preadv`` into one reused buffer while the file
+    grows, then straight from a read-only ``mmap`` (no copy) once it has its full size
+    (``hf_transfer`` extends the file as ranges land; never mapped beyond its end)."""
 
     def __init__(self, fd: int, size: int, block: int):
         self.block = block
+        self.size = size
+        self._fd = fd
+        self._buf: memoryview | None = None
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
-        if size > 0 and os.fstat(fd).st_size >= size:
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            with contextlib.suppress(OSError, AttributeError):
-                self._map.madvise(mmap.MADV_SEQUENTIAL)
-            self._view = memoryview(self._map)
-        else:
-            self._fd = fd
-            self._buf = memoryview(bytearray(block))
 
-    @property
-    def mapped(self) -> bool:
-        """Whether regions come from the mapping."""
-        return self._view is not None
+    def try_map(self) -> None:
+        """Map the file if it now has its full size (no-op once mapped)."""
+        if self._view is not None or self.size <= 0:
+            return
+        if os.fstat(self._fd).st_size < self.size:
+            return
+        self._map = mmap.mmap(self._fd, self.size, prot=mmap.PROT_READ)
+        with contextlib.suppress(OSError, AttributeError):
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self._view = memoryview(self._map)
+        self._buf = None
 
     def update(self, digest: Any, start: int, end: int) -> int:
         """Hash up to one block from ``start`` (below ``end``); returns the bytes hashed."""
@@ -150,6 +155,8 @@ class _Reader:
         if self._view is not None:
             digest.update(self._view[start : start + want])
             return want
+        if self._buf is None:
+            self._buf = memoryview(bytearray(self.block))
         n = os.preadv(self._fd, [self._buf[:want]], start)
         if n > 0:
             digest.update(self._buf[:n])

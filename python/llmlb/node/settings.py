@@ -16,6 +16,10 @@ from llmlb import config
 SETTINGS_ENV = "LLMLB_NODE_SETTINGS"
 
 
+# Parallel range connections per downloaded file: measured best (bench/README.md, Cold start).
+DEFAULT_CONNECTIONS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Everything a node is configured with.
@@ -54,7 +58,7 @@ class NodeSettings:
     hf_token: str | None = field(default=None, repr=False)
     queue_timeout_s: float = 10.0
     n_ctx: int = 4096
-    connections: int = 32
+    connections: int = DEFAULT_CONNECTIONS
     heartbeat_interval_s: float = 5.0
     reconcile_interval_s: float = 60.0
     require_key: str | None = field(default=None, repr=False)
