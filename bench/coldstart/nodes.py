@@ -14,7 +14,6 @@ from bench.coldstart.common import (
     ADMIN_KEY,
     LLMLB,
     NODE_LAUNCH,
-    PY,
     REPO_ROOT,
     ProcTree,
     free_port,
@@ -22,7 +21,7 @@ from bench.coldstart.common import (
     http_status,
     poll,
 )
-from tests.hub_fixtures import HASH_CACHE
+from tests.hub_fixtures import hub_argv
 from tests.procs import Proc
 
 _LOAD_SUM = re.compile(rb'^llmlb_node_model_load_seconds_sum\{kind="generate"\} (\S+)$', re.M)
@@ -127,21 +126,7 @@ def start_node(
 def start_hub(tree: ProcTree, root: Path, bandwidth: str | None) -> str:
     """Spawn the hub stand-in (``--bandwidth`` when given); returns its base URL."""
     port = free_port()
-    argv = [
-        PY,
-        "-m",
-        "llmlb.hub.standin",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--root",
-        str(root),
-        "--hash-cache",
-        str(HASH_CACHE),
-    ]
-    if bandwidth:
-        argv += ["--bandwidth", bandwidth]
+    argv = hub_argv(port, root, *(("--bandwidth", bandwidth) if bandwidth else ()))
     proc = tree.spawn(argv, name="hub")
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{url}/health", timeout=60)
