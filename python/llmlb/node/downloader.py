@@ -683,7 +683,7 @@ class ModelFetch:
             raise DownloadCancelled(f"{self.model_id}: download {why}")
 
     def _check_target(self) -> None:
-        target = self.models_dir / self.model_id
+        target = self.store.model_dir(self.model_id)
         if target.exists() and not was_downloaded(self.models_dir, self.model_id):
             reasons = "; ".join(self.store.validate(self.model_id)) or "not a valid model"
             raise DownloadError(
@@ -1009,7 +1009,7 @@ class ModelFetch:
         template = self.manifest.chat_template
         if template and not (files_dir / CHAT_TEMPLATE_FILENAME).exists():
             (files_dir / CHAT_TEMPLATE_FILENAME).write_text(template)
-        target = self.models_dir / self.model_id
+        target = self.store.model_dir(self.model_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if target.exists():  # an earlier download of ours that no longer validates
