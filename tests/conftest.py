@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc
+from tests.procs import spawner
 
 GEMMA_CACHE = Path(os.environ.get("LLMLB_TEST_CACHE", Path.home() / ".cache" / "llmlb-tests"))
 
@@ -20,21 +20,9 @@ def spawn(tmp_path: Path) -> Iterator:
 
     ``spawn(argv, env=None, name="proc")`` returns a :class:`tests.procs.Proc`.
     """
-    procs: list[Proc] = []
-
-    def _spawn(
-        argv: list[str],
-        env: dict[str, str] | None = None,
-        name: str = "proc",
-        cwd: Path | None = None,
-    ) -> Proc:
-        proc = Proc(argv, tmp_path / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
-        procs.append(proc)
-        return proc
-
-    yield _spawn
-    for proc in reversed(procs):
-        proc.stop()
+    start, stop_all = spawner(tmp_path)
+    yield start
+    stop_all()
 
 
 GEMMA_NAME = "gemma-3-270m-it-Q4_K_M.gguf"

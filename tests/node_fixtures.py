@@ -93,27 +93,6 @@ def sse_events(body: bytes) -> list[dict]:
     return events
 
 
-def module_spawner(directory: Path):
-    """A ``spawn`` for module-scoped fixtures: returns ``(spawn, stop_all)``."""
-    procs: list[Proc] = []
-
-    def spawn(
-        argv: list[str],
-        env: dict[str, str] | None = None,
-        name: str = "proc",
-        cwd: Path | None = None,
-    ) -> Proc:
-        proc = Proc(argv, directory / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
-        procs.append(proc)
-        return proc
-
-    def stop_all() -> None:
-        for proc in reversed(procs):
-            proc.stop()
-
-    return spawn, stop_all
-
-
 def place_model(models_dir: Path, model_id: str, gguf: Path, template: str | None = None) -> Path:
     """Hand-place ``gguf`` as ``model_id`` in a store (hard link), with a template sidecar."""
     import os

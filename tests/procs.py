@@ -130,3 +130,27 @@ class Proc:
             wait_until(ready, timeout=timeout, message=url)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- log of {self.argv}:\n{self.log()}") from None
+
+
+def spawner(directory: Path) -> tuple[Callable[..., Proc], Callable[[], None]]:
+    """``(spawn, stop_all)``: start processes logging into ``directory``; stop them all.
+
+    ``spawn(argv, env=None, name="proc", cwd=None)`` returns a :class:`Proc`.
+    """
+    procs: list[Proc] = []
+
+    def spawn(
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        name: str = "proc",
+        cwd: Path | None = None,
+    ) -> Proc:
+        proc = Proc(argv, directory / f"{name}-{len(procs)}.log", env=env, cwd=cwd)
+        procs.append(proc)
+        return proc
+
+    def stop_all() -> None:
+        for proc in reversed(procs):
+            proc.stop()
+
+    return spawn, stop_all

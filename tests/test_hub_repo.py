@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from llmlb.hub.artifacts import RemoteFile, quantization_from_name, select_artif
 from llmlb.hub.repo import RepoManifest, fetch_repo_manifest, parse_repo_ref
 from llmlb.model_storage import InvalidModelId
 
-from tests.hub_fixtures import HubUrl, make_repo, start_hub
+from tests.hub_fixtures import HubUrl, hub_argv, make_repo, start_hub
 from tests.procs import Proc, free_port
 
 CONFIG = b'{"architectures": ["LlamaForCausalLM"]}'
@@ -231,17 +230,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubUrl]:
     make_repo(root, "Org/Empty", {"README.md": b"nothing here"})
     port = free_port()
     proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "llmlb.hub.standin",
-            "--port",
-            str(port),
-            "--root",
-            str(root),
-            "--log-requests",
-            str(root / "requests.jsonl"),
-        ],
+        hub_argv(port, root, "--log-requests", str(root / "requests.jsonl")),
         tmp_path_factory.mktemp("hub-log") / "hub.log",
     )
     try:

@@ -27,7 +27,7 @@ from llmlb.hub.standin import parse_range, parse_rate
 from llmlb.hub.standin_faults import parse_fault
 from llmlb.hub.standin_repos import LFS_THRESHOLD_BYTES, git_blob_id, is_lfs
 
-from tests.hub_fixtures import HubUrl, make_repo, start_hub
+from tests.hub_fixtures import HubUrl, hub_argv, make_repo, start_hub
 from tests.procs import Proc, free_port, wait_until
 
 GGUF = os.urandom(3 * 1024 * 1024 + 17)
@@ -75,17 +75,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubUrl]:
     )
     port = free_port()
     proc = Proc(
-        [
-            sys.executable,
-            "-m",
-            "llmlb.hub.standin",
-            "--port",
-            str(port),
-            "--root",
-            str(root),
-            "--log-requests",
-            str(root / "requests.jsonl"),
-        ],
+        hub_argv(port, root, "--log-requests", str(root / "requests.jsonl")),
         tmp_path_factory.mktemp("hub-log") / "hub.log",
     )
     try:

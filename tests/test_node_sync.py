@@ -20,7 +20,8 @@ from llmlb.node.sync import RouterSync
 
 from tests.factories import gguf_bytes
 from tests.hub_fixtures import make_repo, start_hub
-from tests.node_fixtures import create_key, module_spawner
+from tests.node_fixtures import create_key
+from tests.procs import spawner
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-node-sync"
@@ -30,7 +31,7 @@ REPOS = ("org/fetched", "org/also-fetched")
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
-    spawn, stop_all = module_spawner(tmp_path_factory.mktemp("procs"))
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         for repo in REPOS:

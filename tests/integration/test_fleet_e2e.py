@@ -13,8 +13,8 @@ from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
 from openai import OpenAI
 
 from tests.hub_fixtures import make_repo, start_hub
-from tests.node_fixtures import create_key, module_spawner, start_node
-from tests.procs import wait_until
+from tests.node_fixtures import create_key, start_node
+from tests.procs import spawner, wait_until
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-fleet-e2e"
@@ -26,7 +26,7 @@ OFFLINE_BOUND_S = 10.0  # 3 missed heartbeats (1.5 s) plus reaping and slack on 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, gemma_gguf):
     """Hub, router and two nodes, with Gemma registered and ready on both."""
-    spawn, stop_all = module_spawner(tmp_path_factory.mktemp("procs"))
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         make_repo(root, REPO, {gemma_gguf.name: gemma_gguf})

@@ -10,8 +10,8 @@ from llmlb.model_storage import ModelStorage
 
 from tests.factories import gguf_bytes
 from tests.hub_fixtures import make_repo, start_hub
-from tests.node_fixtures import create_key, model_status, module_spawner, start_node
-from tests.procs import wait_until
+from tests.node_fixtures import create_key, model_status, start_node
+from tests.procs import spawner, wait_until
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-node-download"
@@ -35,7 +35,7 @@ def _settled(node, model_id):
 
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    spawn, stop_all = module_spawner(tmp_path_factory.mktemp("procs"))
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         for repo in FAULTS:

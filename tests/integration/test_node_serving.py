@@ -12,12 +12,11 @@ from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import (
     create_key,
     model_status,
-    module_spawner,
     place_model,
     sse_events,
     start_node,
 )
-from tests.procs import wait_until
+from tests.procs import spawner, wait_until
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-node-serving"
@@ -28,7 +27,7 @@ NO_TEMPLATE = "local/gemma-raw"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, gemma_gguf):
-    spawn, stop_all = module_spawner(tmp_path_factory.mktemp("procs"))
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         make_repo(root, REPO, {gemma_gguf.name: gemma_gguf})

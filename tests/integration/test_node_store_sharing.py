@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from tests.hub_fixtures import make_repo, start_hub
-from tests.node_fixtures import create_key, model_status, module_spawner, start_node
-from tests.procs import free_port, wait_until
+from tests.node_fixtures import create_key, model_status, start_node
+from tests.procs import free_port, spawner, wait_until
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-node-sharing"
@@ -25,7 +25,7 @@ SLOW = ("--connections", "2")
 
 @pytest.fixture(scope="module")
 def hub_router(tmp_path_factory, gemma_gguf):
-    spawn, stop_all = module_spawner(tmp_path_factory.mktemp("procs"))
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         for repo in REPOS:
