@@ -14,8 +14,8 @@ from llmlb.hub.artifacts import RemoteFile, quantization_from_name, select_artif
 from llmlb.hub.repo import RepoManifest, fetch_repo_manifest, parse_repo_ref
 from llmlb.model_storage import InvalidModelId
 
-from tests.hub_fixtures import HubUrl, hub_argv, make_repo, start_hub
-from tests.procs import Proc, free_port
+from tests.hub_fixtures import HubUrl, make_repo, start_hub
+from tests.procs import free_port, spawner
 
 CONFIG = b'{"architectures": ["LlamaForCausalLM"]}'
 TOKENIZER = b'{"version": "1.0"}'
@@ -228,18 +228,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubUrl]:
         },
     )
     make_repo(root, "Org/Empty", {"README.md": b"nothing here"})
-    port = free_port()
-    proc = Proc(
-        hub_argv(port, root, "--log-requests", str(root / "requests.jsonl")),
-        tmp_path_factory.mktemp("hub-log") / "hub.log",
-    )
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("hub-log"))
     try:
-        url = HubUrl(f"http://127.0.0.1:{port}")
-        proc.wait_http(f"{url}/health")
-        url.proc, url.root = proc, root
-        yield url
+        yield start_hub(spawn, root, "--log-requests", str(root / "requests.jsonl"))
     finally:
-        proc.stop()
+        stop_all()
 
 
 def _download(url: str) -> bytes:

@@ -27,8 +27,8 @@ from llmlb.hub.standin import parse_range, parse_rate
 from llmlb.hub.standin_faults import parse_fault
 from llmlb.hub.standin_repos import LFS_THRESHOLD_BYTES, git_blob_id, is_lfs
 
-from tests.hub_fixtures import HubUrl, hub_argv, make_repo, start_hub
-from tests.procs import Proc, free_port, wait_until
+from tests.hub_fixtures import HubUrl, make_repo, start_hub
+from tests.procs import spawner, wait_until
 
 GGUF = os.urandom(3 * 1024 * 1024 + 17)
 CONFIG = b'{"model_type": "llama"}\n'
@@ -73,18 +73,11 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubUrl]:
             "sub/dir/notes.txt": b"hello\n",
         },
     )
-    port = free_port()
-    proc = Proc(
-        hub_argv(port, root, "--log-requests", str(root / "requests.jsonl")),
-        tmp_path_factory.mktemp("hub-log") / "hub.log",
-    )
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("hub-log"))
     try:
-        url = HubUrl(f"http://127.0.0.1:{port}")
-        proc.wait_http(f"{url}/health")
-        url.proc, url.root = proc, root
-        yield url
+        yield start_hub(spawn, root, "--log-requests", str(root / "requests.jsonl"))
     finally:
-        proc.stop()
+        stop_all()
 
 
 # ---- pure helpers --------------------------------------------------------------------------
