@@ -18,12 +18,24 @@ _ERROR_TYPES = {
 }
 
 
-def error_body(message: str, code: str, status: int, error_type: str | None = None) -> bytes:
-    """Serialise ``{"error": {"message", "type", "code"}}`` for ``status``."""
+def error_body(
+    message: str,
+    code: str,
+    status: int,
+    error_type: str | None = None,
+    param: str | None = None,
+) -> bytes:
+    """Serialise ``{"error": {"message", "type", "code", "param"}}`` for ``status``.
+
+    ``param`` (the request field at fault, as OpenAI names it) is present only when known.
+    """
     kind = error_type or _ERROR_TYPES.get(
         status, "server_error" if status >= 500 else "invalid_request_error"
     )
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
+    error: dict[str, str] = {"message": message, "type": kind, "code": code}
+    if param is not None:
+        error["param"] = param
+    return orjson.dumps({"error": error})
 
 
 class LlmlbError(Exception):
@@ -38,18 +50,27 @@ class ApiError(LlmlbError):
         code: stable machine-readable code, e.g. ``model_not_found``.
         message: one readable sentence.
         retry_after: seconds for a ``Retry-After`` header (429/503).
+        param: the request field at fault (``error.param`` in the body), when one is.
     """
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.param = param
 
     def body(self) -> bytes:
         """The JSON error body."""
-        return error_body(self.message, self.code, self.status)
+        return error_body(self.message, self.code, self.status, param=self.param)
 
     def headers(self) -> dict[str, str]:
         """Extra response headers (``Retry-After`` when set)."""
