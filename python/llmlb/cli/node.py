@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=1,
-        help="parallel requests per model, advertised as slots (1)",
+        default=4,
+        help="parallel requests per model, advertised as slots (4)",
     )
     parser.add_argument(
         "--allow-host",
@@ -66,6 +66,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--ctx-size", type=int, default=4096, help="context length per request slot (4096)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="answer length of a request that names no max_tokens (1024; never beyond "
+        "the context)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="decode threads (default: the cores this process may use)",
+    )
+    parser.add_argument(
+        "--threads-batch",
+        type=int,
+        default=0,
+        help="prompt-processing threads (default: as --threads)",
     )
     parser.add_argument(
         "--connections",
@@ -106,9 +125,12 @@ def settings_from_args(args: argparse.Namespace):
     """
     from llmlb.node.settings import NodeSettings
 
-    for name in ("max_loaded", "concurrency", "ctx_size", "connections"):
+    for name in ("max_loaded", "concurrency", "ctx_size", "connections", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("threads", "threads_batch"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.reconcile_interval <= 0:
         raise ValueError("--reconcile-interval must be > 0")
     router = config.router_url() if args.router is None else args.router.rstrip("/")
@@ -125,6 +147,9 @@ def settings_from_args(args: argparse.Namespace):
         hf_token=config.hf_token(),
         queue_timeout_s=args.queue_timeout,
         n_ctx=args.ctx_size,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+        threads_batch=args.threads_batch,
         connections=args.connections,
         heartbeat_interval_s=config.DEFAULT_HEARTBEAT_INTERVAL_S,
         reconcile_interval_s=args.reconcile_interval,

@@ -31,11 +31,15 @@ class NodeSettings:
         advertise_url: URL the router uses to reach the node (default from host/port).
         models_dir: the model store root.
         max_loaded: models resident at once.
-        concurrency: slots per model, advertised to the router.
+        concurrency: slots per model (sequences of its one llama.cpp context), advertised
+            to the router.
         allowed_hosts: download allowlist.
         hf_token: hub token, sent only to allowlisted hosts.
         queue_timeout_s: wait for a busy model's slot before 429.
-        n_ctx: context length of generation contexts.
+        n_ctx: context length of each slot.
+        max_tokens: answer length of a request that names no ``max_tokens``.
+        threads: decode threads (0: the cores this process may use).
+        threads_batch: prompt-processing threads (0: as ``threads``).
         connections: parallel range connections per downloaded file.
         heartbeat_interval_s: used until the router tells its own.
         reconcile_interval_s: how often the node re-reads the router's whole registry (to
@@ -53,11 +57,14 @@ class NodeSettings:
     advertise_url: str = ""
     models_dir: Path = Path(".")
     max_loaded: int = 2
-    concurrency: int = 1
+    concurrency: int = 4
     allowed_hosts: tuple[str, ...] = ()
     hf_token: str | None = field(default=None, repr=False)
     queue_timeout_s: float = 10.0
     n_ctx: int = 4096
+    max_tokens: int = 1024
+    threads: int = 0
+    threads_batch: int = 0
     connections: int = DEFAULT_CONNECTIONS
     heartbeat_interval_s: float = 5.0
     reconcile_interval_s: float = 60.0
