@@ -40,6 +40,12 @@ class ModelReport:
     state: str
     format: str | None = None
     size_bytes: int | None = None
+    servable: bool = True  # one of the node's runtimes can serve it (older nodes: assumed)
+
+    @property
+    def usable(self) -> bool:
+        """Ready and servable: the node can answer requests for the model."""
+        return self.state == READY and self.servable
 
 
 @dataclass(slots=True)
@@ -49,6 +55,7 @@ class NodeState:
     view: NodeView
     online: bool
     models: dict[str, ModelReport] = field(default_factory=dict)
+    runtimes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class FleetView:
         self._models: dict[str, RegisteredModel] = {}
         self._ready: dict[str, list[NodeView]] = {}
         self._pending: set[str] = set()
+        self._unservable: dict[str, set[str]] = {}
         self._changed = asyncio.Event()
 
     # -- hot path ---------------------------------------------------------------------
@@ -86,15 +94,36 @@ class FleetView:
         return nodes if nodes is not None else []
 
     def model_status(self, model_id: str) -> str:
-        """``ready``, ``pending`` (some online node downloading/loading it), ``registered``,
-        or ``unknown``."""
+        """``ready``, ``pending`` (some online node downloading/loading it), ``unservable``
+        (online nodes hold it but none of their runtimes can serve it), ``registered``, or
+        ``unknown``."""
         if model_id in self._ready:
             return "ready"
         if model_id in self._pending:
             return "pending"
+        if model_id in self._unservable:
+            return "unservable"
         if model_id in self._models:
             return "registered"
         return "unknown"
+
+    def incapable(self, model_id: str) -> tuple[str | None, list[str]]:
+        """The model's format and the runtimes of the online nodes that hold it but cannot
+        serve it (for the ``no_capable_node`` answer)."""
+        model = self._models.get(model_id)
+        fmt = model.format if model is not None else None
+        if fmt is None:
+            for node in self._nodes.values():
+                report = node.models.get(model_id)
+                if report is not None and report.format:
+                    fmt = report.format
+                    break
+        return fmt, sorted(self._unservable.get(model_id, ()))
+
+    def node_online(self, node_id: str) -> bool:
+        """Whether ``node_id`` is registered and online."""
+        node = self._nodes.get(node_id)
+        return node is not None and node.online
 
     async def wait_for_change(self, timeout: float) -> None:
         """Return when node or model state changes, or after ``timeout`` seconds."""
@@ -123,16 +152,20 @@ class FleetView:
     def _reindex(self) -> None:
         ready: dict[str, list[NodeView]] = {}
         pending: set[str] = set()
+        unservable: dict[str, set[str]] = {}
         for node in self._nodes.values():
             if not node.online:
                 continue
             for model_id, report in node.models.items():
-                if report.state == READY:
+                if report.usable:
                     ready.setdefault(model_id, []).append(node.view)
+                elif not report.servable:
+                    unservable.setdefault(model_id, set()).update(node.runtimes)
                 elif report.state in _PENDING_STATES:
                     pending.add(model_id)
         self._ready = ready
         self._pending = pending
+        self._unservable = unservable
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -187,7 +220,7 @@ class FleetView:
                         "size_bytes": report.size_bytes,
                         "repo": None,
                     }
-                if report.state == READY:
+                if report.usable:
                     entry["ready"] = True
                     entry["nodes_ready"] += 1
                     entry["format"] = entry["format"] or report.format

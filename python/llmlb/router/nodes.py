@@ -106,6 +106,11 @@ def parse_model_reports(value: Any) -> list[dict]:
                 report[name] = text
         if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
             report["size_bytes"] = size
+        servable = item.get("servable")
+        if servable is not None:
+            if not isinstance(servable, bool):
+                raise _bad("servable must be a boolean")
+            report["servable"] = servable
         reports[model_id] = report
     return list(reports.values())
 
@@ -130,9 +135,7 @@ class Registration:
         """
         node_id = body.get("node_id")
         node_id = validate_node_id(node_id) if node_id is not None else _generated_id()
-        runtimes = body.get("runtimes", [])
-        if not isinstance(runtimes, list) or not all(isinstance(r, str) for r in runtimes):
-            raise _bad("runtimes must be a list of strings")
+        runtimes = _runtimes(body.get("runtimes", []))
         gpu = body.get("gpu", {})
         if gpu is None:
             gpu = {}
@@ -155,6 +158,7 @@ class Heartbeat:
     models: list[dict] | None
     active_requests: int
     slots: int | None
+    runtimes: list[str] | None = None
 
     @classmethod
     def parse(cls, body: dict) -> Heartbeat:
@@ -170,7 +174,15 @@ class Heartbeat:
             models=parse_model_reports(models) if models is not None else None,
             active_requests=_int(active, "active_requests", 0) if active is not None else 0,
             slots=_int(slots, "slots", 1) if slots is not None else None,
+            runtimes=_runtimes(body["runtimes"]) if body.get("runtimes") is not None else None,
         )
+
+
+def _runtimes(value: Any) -> list[str]:
+    """A ``runtimes`` list (e.g. ``["llama.cpp"]``)."""
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise _bad("runtimes must be a list of strings")
+    return value
 
 
 def _generated_id() -> str:
@@ -179,7 +191,7 @@ def _generated_id() -> str:
 
 def _state_key(models: list[dict]) -> list[tuple[str, str]]:
     """What of a model list the fleet cache cares about."""
-    return sorted((m["id"], m["state"]) for m in models)
+    return sorted((m["id"], m["state"], m.get("servable", True)) for m in models)
 
 
 def register(conn: sqlite3.Connection, reg: Registration) -> str:
@@ -214,21 +226,31 @@ def heartbeat(conn: sqlite3.Connection, node_id: str, beat: Heartbeat) -> bool:
     """Record a heartbeat; ``False`` when the node is not registered."""
     with db.transaction(conn):
         row = conn.execute(
-            "SELECT status, models, slots FROM nodes WHERE id = ?", (node_id,)
+            "SELECT status, models, slots, runtimes FROM nodes WHERE id = ?", (node_id,)
         ).fetchone()
         if row is None:
             return False
         old_models = orjson.loads(row["models"])
         models = beat.models if beat.models is not None else old_models
         slots = beat.slots if beat.slots is not None else row["slots"]
+        runtimes = orjson.dumps(beat.runtimes).decode() if beat.runtimes is not None else None
+        runtimes = runtimes or row["runtimes"]
         conn.execute(
-            "UPDATE nodes SET status='online', models=?, slots=?, active_requests=?, "
+            "UPDATE nodes SET status='online', models=?, slots=?, runtimes=?, active_requests=?, "
             "last_seen=? WHERE id = ?",
-            (orjson.dumps(models).decode(), slots, beat.active_requests, db.unix_now(), node_id),
+            (
+                orjson.dumps(models).decode(),
+                slots,
+                runtimes,
+                beat.active_requests,
+                db.unix_now(),
+                node_id,
+            ),
         )
         if (
             row["status"] != "online"
             or slots != row["slots"]
+            or runtimes != row["runtimes"]
             or _state_key(models) != _state_key(old_models)
         ):
             db.bump(conn, db.FLEET)
@@ -289,13 +311,17 @@ def sync_target(conn: sqlite3.Connection, node_id: str) -> tuple[str, str] | Non
 def load_states(conn: sqlite3.Connection) -> list[NodeState]:
     """Every node in the form the fleet cache holds."""
     states = []
-    for row in conn.execute("SELECT id, url, slots, status, models, sync_token FROM nodes"):
+    query = "SELECT id, url, slots, status, models, sync_token, runtimes FROM nodes"
+    for row in conn.execute(query):
         models = {
-            m["id"]: ModelReport(m["state"], m.get("format"), m.get("size_bytes"))
+            m["id"]: ModelReport(
+                m["state"], m.get("format"), m.get("size_bytes"), m.get("servable", True)
+            )
             for m in orjson.loads(row["models"])
         }
         view = NodeView(row["id"], row["url"], row["slots"], row["sync_token"])
-        states.append(NodeState(view, row["status"] == "online", models))
+        runtimes = tuple(orjson.loads(row["runtimes"]))
+        states.append(NodeState(view, row["status"] == "online", models, runtimes))
     return states
 
 
