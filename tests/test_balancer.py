@@ -119,24 +119,32 @@ def test_repeated_failures_cool_a_node_down_until_a_probe_succeeds():
     assert bal.record_failure(a) is False
     assert bal.record_failure(a) is True
     assert all(bal.pick(views).node_id == "b" for _ in range(10))
-    assert due == []
+    assert due == ["a"]  # probed during the cool-down, one probe at a time
     assert bal.cooldown_left(views) == 5.0
-    clock.now += 5.0
-    assert bal.pick(views).node_id == "b"  # still out of rotation, but a probe is due now
-    assert due == ["a"]
-    bal.pick(views)
-    assert due == ["a"]  # one probe at a time
-    bal.probe_finished(a, ok=False)  # probe failed: another cool-down
+    bal.probe_finished(a, ok=False)  # probe failed: the cool-down lasts another 5 s
     clock.now += 1.0
+    assert bal.cooldown_left(views) == 4.0
     bal.pick(views)
-    assert due == ["a"]
-    clock.now += 5.0
-    bal.pick(views)
-    assert due == ["a", "a"]
-    bal.probe_finished(a, ok=True)
-    assert a.healthy and a.failures == 0
+    assert due == ["a", "a"]  # a node cooling without a probe gets one
+    clock.now += 3.0
+    bal.probe_passed(a)  # passed before the end: still out until the cool-down is over
+    assert not a.healthy and bal.pick(views).node_id == "b"
+    clock.now += 1.0
     picks = Counter(bal.pick(views).node_id for _ in range(50))
-    assert picks["a"] > 0
+    assert picks["a"] > 0  # back the moment the cool-down ended
+    assert a.healthy and a.failures == 0
+
+
+def test_failures_of_one_request_count_once_and_can_be_forgiven():
+    bal = balancer(failure_threshold=2, cooldown_s=5.0)
+    a = bal.state(nodes(("a", 1))[0])
+    assert bal.record_failure(a, 11) is False
+    assert bal.record_failure(a, 11) is False  # the same request again: not a new failure
+    assert a.failures == 1
+    bal.forgive(a, 11)
+    assert a.failures == 0
+    assert bal.record_failure(a, 12) is False
+    assert bal.record_failure(a, 13) is True  # two different requests
 
 
 def test_immediate_failure_and_all_cooling():

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,8 +290,9 @@ def test_failover_before_any_byte(mock, mode):
         load(fleet, node("bad", bad_url), node("good", f"{mock}/_mock/good-{mode}/ok"))
         settings = {"first_byte_timeout_s": 0.3, "failure_threshold": 2, "cooldown_s": 60}
         async with running(fleet, **settings) as proxy:
-            results = await asyncio.gather(*(call(proxy, CHAT) for _ in range(6)))
-            results += [await call(proxy, CHAT) for _ in range(6)]
+            # Different requests: failures of one request count once against a node.
+            results = await asyncio.gather(*(call(proxy, {**CHAT, "seed": i}) for i in range(6)))
+            results += [await call(proxy, {**CHAT, "seed": i}) for i in range(6, 12)]
             assert [r.status for r in results] == [200] * 12
             assert {r.headers["x-llmlb-node"] for r in results} == {"good"}
             retries = sample(proxy, "llmlb_proxy_retries_total", node="bad", model=MODEL)
@@ -309,17 +311,43 @@ def test_failover_before_any_byte(mock, mode):
     asyncio.run(scenario())
 
 
-def test_every_node_failing(mock):
+def mock_stats(mock: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{mock}/_stats", timeout=5) as response:
+        return orjson.loads(response.read())
+
+
+def test_request_refused_by_two_nodes_is_the_requests_fault(mock):
     async def scenario() -> None:
         fleet = FleetView()
-        load(fleet, node("f1", f"{mock}/_mock/f1/fail500"), node("f2", f"{mock}/_mock/f2/fail500"))
+        load(fleet, *(node(f"p{i}", f"{mock}/_mock/poison{i}/fail500") for i in range(3)))
         async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
-            res = await call(proxy, CHAT)
-            assert res.status == 500  # the last node's own error, relayed
-            assert res.json()["error"]["code"] == "mock_failure"
-            res = await call(proxy, CHAT)
+            for _ in range(4):  # a client retrying one bad request
+                res = await call(proxy, CHAT)
+                assert res.status == 500  # the last node's own error, relayed
+                assert res.json()["error"]["code"] == "mock_failure"
+            hits = {tag: n for tag, n in mock_stats(mock).items() if tag.startswith("poison")}
+            assert sum(hits.values()) == 8  # two nodes per request, never the third
+            assert all(state.healthy for state in proxy.balancer.nodes.values())
+            assert all(state.failures == 0 for state in proxy.balancer.nodes.values())
+            assert sample(proxy, "llmlb_proxy_retries_total", node="p0", model=MODEL) + sample(
+                proxy, "llmlb_proxy_retries_total", node="p1", model=MODEL
+            ) + sample(proxy, "llmlb_proxy_retries_total", node="p2", model=MODEL) == 4
+
+    asyncio.run(scenario())
+
+
+def test_failing_node_cools_down_after_failures_of_different_requests(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("f1", f"{mock}/_mock/f1/fail500"))
+        async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
+            for _ in range(3):  # one request, retried: counts once
+                res = await call(proxy, CHAT)
+                assert res.status == 500 and res.json()["error"]["code"] == "mock_failure"
+            assert proxy.balancer.nodes["f1"].healthy
+            res = await call(proxy, {**CHAT, "seed": 1})  # a second, different request
             assert res.status == 500
-            res = await call(proxy, CHAT)  # both cooled down now
+            res = await call(proxy, CHAT)  # cooled down now
             assert res.status == 503 and res.json()["error"]["code"] == "nodes_unavailable"
             assert 1 <= int(res.headers["retry-after"]) <= 30
         load(fleet, node("d1", dead_url()))

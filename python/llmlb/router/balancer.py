@@ -35,10 +35,21 @@ class NodeState:
     slots: int
     token: str | None = field(default=None, repr=False)  # bearer credential for the node
     outstanding: int = 0
-    failures: int = 0  # consecutive failed attempts
+    failures: int = 0  # distinct requests that failed here since the last success
     healthy: bool = True  # False from cool-down until a health probe succeeds
     cooldown_until: float = 0.0
     probing: bool = False
+    probe_ok: bool = False  # a probe during the cool-down passed: back when it ends
+    failed_requests: set[int] = field(default_factory=set, repr=False)
+
+    def usable_at(self, now: float) -> bool:
+        """Healthy, or cooled down with a passed probe and the cool-down over."""
+        if not self.healthy and self.probe_ok and now >= self.cooldown_until:
+            self.healthy = True
+            self.probe_ok = False
+            self.failures = 0
+            self.failed_requests.clear()
+        return self.healthy
 
 
 class NoPick(enum.Enum):
@@ -125,13 +136,13 @@ class Balancer:
             if state.node_id in exclude:
                 continue
             if not state.healthy:
-                cooling = True
-                if not state.probing:
-                    now = now or self._clock()
-                    if now >= state.cooldown_until and self.on_probe_due is not None:
+                now = now or self._clock()
+                if not state.usable_at(now):
+                    cooling = True
+                    if not state.probing and self.on_probe_due is not None:
                         state.probing = True
                         self.on_probe_due(state)
-                continue
+                    continue
             if state.outstanding >= state.slots:
                 saturated = True
                 continue
@@ -174,29 +185,65 @@ class Balancer:
 
     def record_success(self, state: NodeState) -> None:
         """An attempt on ``state`` got a usable answer: reset its failure count."""
-        state.failures = 0
+        if state.failures:
+            state.failures = 0
+            state.failed_requests.clear()
 
-    def record_failure(self, state: NodeState, *, immediate: bool = False) -> bool:
+    def record_failure(
+        self, state: NodeState, request: int | None = None, *, immediate: bool = False
+    ) -> bool:
         """Count a failed attempt; start a cool-down at the threshold (or at once if ``immediate``).
+
+        Args:
+            request: identifies the request (a hash of its body): failures of one request,
+                such as a client's retries of a request the nodes reject, count once.
+            immediate: cool the node down now (nothing listens there).
 
         Returns:
             True when this failure put the node into cool-down.
         """
-        state.failures += 1
+        if request is None or request not in state.failed_requests:
+            if request is not None and len(state.failed_requests) < self.failure_threshold:
+                state.failed_requests.add(request)
+            state.failures += 1
         if state.healthy and (immediate or state.failures >= self.failure_threshold):
             state.healthy = False
+            state.probe_ok = False
             state.cooldown_until = self._clock() + self.cooldown_s
+            if not state.probing and self.on_probe_due is not None:
+                state.probing = True  # probed during the cool-down, not after it
+                self.on_probe_due(state)
             return True
         return False
 
+    def forgive(self, state: NodeState, request: int) -> None:
+        """Take back a failure of ``request`` on ``state``: the request was at fault."""
+        if request in state.failed_requests:
+            state.failed_requests.discard(request)
+            state.failures = max(0, state.failures - 1)
+
+    def now(self) -> float:
+        """The balancer's clock."""
+        return self._clock()
+
+    def probe_passed(self, state: NodeState) -> None:
+        """A probe passed: the node is back in service as soon as its cool-down ends."""
+        if not state.healthy:
+            state.probe_ok = True
+            state.usable_at(self._clock())
+
+    def probe_failed(self, state: NodeState) -> None:
+        """A probe failed: the cool-down lasts another ``cooldown_s`` from now."""
+        state.probe_ok = False
+        state.cooldown_until = max(state.cooldown_until, self._clock() + self.cooldown_s)
+
     def probe_finished(self, state: NodeState, ok: bool) -> None:
-        """Apply a health probe's result: back into service, or another cool-down."""
+        """Apply a health probe's result and end the probe."""
         state.probing = False
         if ok:
-            state.healthy = True
-            state.failures = 0
+            self.probe_passed(state)
         else:
-            state.cooldown_until = self._clock() + self.cooldown_s
+            self.probe_failed(state)
 
     def cooldown_left(self, views: Iterable[NodeLike]) -> float:
         """Seconds until the first of ``views``' cooling nodes may be probed (0 if none cools)."""

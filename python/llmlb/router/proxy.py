@@ -7,12 +7,28 @@ the model ready, sends the unchanged body there over a pooled keep-alive connect
 (:mod:`llmlb.router.upstream`) and relays the answer chunk by chunk. Before any byte reached
 the client, a connect error, a first-byte timeout, a dropped connection or a 5xx (or a node's
 429) moves the request to another node (at most ``max_retries`` more); afterwards a failure
-ends an SSE stream with an OpenAI-shaped error event.
+ends an SSE stream with an OpenAI-shaped error event (and no ``data: [DONE]``).
+
+Protection of the fleet and of the router itself:
+
+- A request that got a 5xx from two nodes is the request's fault (a "poison" request): it is
+  not retried further and counts against neither node. A node is cooled down only after
+  failures of ``failure_threshold`` *different* requests (by body), and health-probed during
+  its cool-down, so a healthy node is back the moment the cool-down ends.
+- Each worker takes at most ``max_inflight`` inference requests at once (queued ones
+  included); more get 503 ``overloaded`` with ``Retry-After`` at once. Other routes
+  (``/health``, node registration and heartbeats, admin) do not count against it.
+- A client that goes away (before or after the first byte, or while queued) cancels its
+  request: the node connection is closed, which tells the node to stop generating. So does
+  the router's own ``total_timeout_s``.
+- A stream whose node stays silent for ``stream_idle_timeout_s``, or whose node the fleet
+  marks offline, ends at once with an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, fields, replace
@@ -67,15 +83,21 @@ class ProxySettings:
     Attributes:
         connect_timeout_s: TCP connect to a node.
         first_byte_timeout_s: request sent until the node's first body bytes (a non-streaming
-            answer arrives whole, so this bounds a whole generation); also the longest silence
-            of a node in the middle of a streamed answer. There is no total time limit.
+            answer arrives whole, so this bounds a whole generation).
+        stream_idle_timeout_s: longest silence of a node between two pieces of an answer
+            once its first bytes arrived; the stream then ends with an error event.
+        total_timeout_s: longest time of a whole request in the router (0: no limit); the
+            node request is cancelled then (504 before the first byte, else an error event).
+        max_inflight: inference requests one worker takes at once (waiting ones included);
+            beyond it, 503 ``overloaded`` with ``Retry-After`` at once.
         max_retries: other nodes tried after a failure before any byte reached the client.
         queue_max: requests that may wait for a free slot at once; beyond it, 429 at once.
         queue_timeout_s: longest wait for a free slot, then 429 with ``Retry-After``.
         ready_wait_s: longest wait for a model that is registered or being downloaded or
             loaded by a node, then 503 ``model_not_ready`` with ``Retry-After``.
-        failure_threshold: consecutive failures that cool a node down.
-        cooldown_s: a cooled-down node gets no traffic this long, then is health-probed.
+        failure_threshold: failures of that many different requests in a row cool a node down.
+        cooldown_s: a cooled-down node gets no traffic this long; it is health-probed shortly
+            before the end (and again after each failed probe).
         probe_timeout_s: limit of the ``GET <node>/health`` probe.
         retry_after_s: ``Retry-After`` of 429 answers.
         max_body_bytes: largest request body (413 beyond); the router's own limit when hosted
@@ -85,6 +107,9 @@ class ProxySettings:
 
     connect_timeout_s: float = 3.0
     first_byte_timeout_s: float = 300.0
+    stream_idle_timeout_s: float = 60.0
+    total_timeout_s: float = 1800.0
+    max_inflight: int = 2048
     max_retries: int = 2
     queue_max: int = 1024
     queue_timeout_s: float = 30.0
@@ -122,6 +147,10 @@ class Fleet(Protocol):
 
     def model_status(self, model_id: str) -> str: ...
 
+    def incapable(self, model_id: str) -> tuple[str | None, list[str]]: ...
+
+    def node_online(self, node_id: str) -> bool: ...
+
     async def wait_for_change(self, timeout: float) -> None: ...
 
     def mark_node_offline(self, node_id: str) -> None: ...
@@ -145,6 +174,32 @@ class _Failure:
     status: int
     body: bytes
     headers: list[tuple[bytes, bytes]]
+    node_status: bool = False  # the node itself answered 5xx (not yet counted against it)
+
+
+class _Exchange:
+    """One client request's life in the router: what was sent, and why it was cut short.
+
+    ``reason`` is set (``client_gone`` or ``total_timeout``) just before the request's task
+    is cancelled; ``node`` is the node of the current attempt, if any.
+    """
+
+    __slots__ = ("send", "task", "started", "sse", "finished", "reason", "node")
+
+    def __init__(self, send: Any, task: asyncio.Task | None):
+        self.send = send
+        self.task = task
+        self.started = False  # http.response.start went out
+        self.sse = False
+        self.finished = False
+        self.reason: str | None = None
+        self.node: str | None = None
+
+    def cut(self, reason: str) -> None:
+        """Cancel the request (unless it is over already)."""
+        if not self.finished and self.reason is None and self.task is not None:
+            self.reason = reason
+            self.task.cancel()
 
 
 class InferenceProxy:
@@ -173,6 +228,23 @@ class InferenceProxy:
             on_probe_due=self._probe_later,
         )
         self.queue = WaitQueue(self.settings.queue_max)
+        self.inflight = 0
+        overloaded = ApiError(
+            503,
+            "overloaded",
+            f"the router is at its limit of {self.settings.max_inflight} requests in flight; "
+            "retry later",
+            retry_after=self.settings.retry_after_s,
+        )
+        body = overloaded.body()
+        self._overloaded = (
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": _error_headers(body, overloaded.retry_after),
+            },
+            {"type": "http.response.body", "body": body},
+        )
         self._clients: dict[str, NodePool] = {}
         self._model_ids: dict[str, str | ApiError] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -183,7 +255,7 @@ class InferenceProxy:
         if self._started:
             return
         self._started = True
-        self.metrics.watch(self.balancer, self.queue)
+        self.metrics.watch(self.balancer, self.queue, lambda: self.inflight)
         self._spawn(self._watch_fleet())
 
     async def close(self) -> None:
@@ -203,15 +275,69 @@ class InferenceProxy:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         start = perf_counter()
+        if self.inflight >= self.settings.max_inflight:
+            self.metrics.rejected(503)
+            head, tail = self._overloaded
+            await send(head)
+            await send(tail)
+            return
+        self.inflight += 1
         try:
             body = await self._read_body(receive)
             if body is None:
                 return  # the client went away
             model, affinity_key = self._parse(body, scope)
-            await self._forward(scope, receive, send, body, model, affinity_key, start)
+            await self._guarded(scope, receive, send, body, model, affinity_key, start)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
             await _send_error(send, exc)
+        finally:
+            self.inflight -= 1
+
+    async def _guarded(
+        self,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        body: bytes,
+        model: str,
+        affinity_key: str | None,
+        start: float,
+    ) -> None:
+        """Forward the request, cancelling it when the client leaves or time runs out."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        ex = _Exchange(send, task)
+        watcher = loop.create_task(_watch_client(receive, ex))
+        total = self.settings.total_timeout_s
+        timer = loop.call_later(total, ex.cut, "total_timeout") if total > 0 else None
+        try:
+            await self._forward(scope, ex, body, model, affinity_key, start)
+        except asyncio.CancelledError:
+            if ex.reason is None or task is None:
+                raise
+            task.uncancel()
+            await self._cut_short(ex, model)
+        finally:
+            ex.finished = True
+            watcher.cancel()
+            if timer is not None:
+                timer.cancel()
+
+    async def _cut_short(self, ex: _Exchange, model: str) -> None:
+        """Answer what can still be answered of a request cancelled for ``ex.reason``."""
+        self.metrics.error(ex.node or "", model, ex.reason or "")
+        if ex.reason == "client_gone":
+            return
+        limit = self.settings.total_timeout_s
+        message = f"the request exceeded the router's time limit of {limit:g} s"
+        with contextlib.suppress(Exception):  # the client may be gone too
+            if not ex.started:
+                self.metrics.rejected(504)
+                await _send_error(ex.send, ApiError(504, "upstream_timeout", message))
+            else:
+                tail = _sse_error(message, "upstream_timeout", 504) if ex.sse else b""
+                await ex.send({"type": "http.response.body", "body": tail, "more_body": False})
 
     # -- request -------------------------------------------------------------------------
 
@@ -273,8 +399,7 @@ class InferenceProxy:
     async def _forward(
         self,
         scope: Scope,
-        receive: Any,
-        send: Any,
+        ex: _Exchange,
         body: bytes,
         model: str,
         affinity_key: str | None,
@@ -282,6 +407,8 @@ class InferenceProxy:
     ) -> None:
         tried: list[str] = []
         failure: _Failure | None = None
+        request = hash(body)  # one request's failures count once per node
+        status_failed: NodeState | None = None  # first node that answered this request 5xx
         for _ in range(1 + self.settings.max_retries):
             state = await self._acquire(model, affinity_key, tried)
             if state is None:
@@ -290,15 +417,23 @@ class InferenceProxy:
                 self.metrics.retry(tried[-1], model)
             tried.append(state.node_id)
             failure = await self._attempt(
-                state, scope, receive, send, body, model, affinity_key, start
+                state, scope, ex, body, model, affinity_key, start, request
             )
             if failure is None:
                 return
+            if failure.node_status:
+                if status_failed is not None:
+                    # Two nodes refused it: the request is at fault, not the fleet.
+                    self.balancer.forgive(status_failed, request)
+                    self.metrics.error(state.node_id, model, "poison")
+                    break
+                status_failed = state
+                self._failed(state, model, "status", None, request)
         assert failure is not None  # the first _acquire returns a node or raises
         self.metrics.rejected(failure.status)
         headers = failure.headers
-        await send({"type": "http.response.start", "status": failure.status, "headers": headers})
-        await send({"type": "http.response.body", "body": failure.body})
+        await ex.send({"type": "http.response.start", "status": failure.status, "headers": headers})
+        await ex.send({"type": "http.response.body", "body": failure.body})
 
     async def _acquire(
         self, model: str, affinity_key: str | None, tried: list[str]
@@ -354,6 +489,8 @@ class InferenceProxy:
             status = self.fleet.model_status(model)
             if status == "unknown":
                 raise ApiError(404, "model_not_found", f"model '{model}' is not registered")
+            if status == "unservable":
+                raise _no_capable_node(model, *self.fleet.incapable(model))
             now = perf_counter()
             if not ready_deadline:
                 ready_deadline = now + settings.ready_wait_s
@@ -371,24 +508,31 @@ class InferenceProxy:
         self,
         state: NodeState,
         scope: Scope,
-        receive: Any,
-        send: Any,
+        ex: _Exchange,
         body: bytes,
         model: str,
         affinity_key: str | None,
         start: float,
+        request: int,
     ) -> _Failure | None:
         """Send the request to ``state``'s node and relay its answer.
 
         Returns:
             ``None`` once an answer was relayed (or committed to), else a :class:`_Failure`
-            for the caller to fail over or report. Releases the node's slot in every case.
+            for the caller to fail over or report (a node's own 5xx is not counted against
+            it yet: the caller decides). Releases the node's slot in every case.
         """
         node_id = state.node_id
         resp: Response | None = None
+        ex.node = node_id
         try:
             client = self._clients.get(node_id)
-            if client is None or client.url != state.url or client.token != state.token:
+            if (
+                client is None
+                or client.closed
+                or client.url != state.url
+                or client.token != state.token
+            ):
                 client = self._client(state)
             sent = perf_counter()
             try:
@@ -399,30 +543,32 @@ class InferenceProxy:
                 else:
                     payload = await resp.read_some()
             except ConnectError as exc:
-                return self._failed(state, model, "connect", exc)
+                return self._failed(state, model, "connect", exc, request)
             except UpstreamTimeout as exc:
-                return self._failed(state, model, "timeout", exc)
+                return self._failed(state, model, "timeout", exc, request)
             except UpstreamError as exc:
-                return self._failed(state, model, "disconnect", exc)
+                return self._failed(state, model, "disconnect", exc, request)
             got = perf_counter()
             headers = [item for item in resp.headers if item[0] not in _DROPPED_HEADERS]
             if status >= 500 or status == 429:
-                if status != 429:  # a busy node is not a failing one
-                    self._failed(state, model, "status", None)
-                return _Failure(status, payload, headers)
-            self.balancer.record_success(state)
+                # A busy node (429) is not a failing one; a 5xx is counted by the caller.
+                return _Failure(status, payload, headers, node_status=status != 429)
+            self.balancer.record_success(state)  # any 2xx-4xx: the node works
             if affinity_key is not None:
                 self.balancer.remember(affinity_key, node_id)
             headers.append((_NODE_HEADER, node_id.encode()))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            ex.sse = b"text/event-stream" in (resp.header(b"content-type") or b"")
+            ex.started = True
+            await ex.send({"type": "http.response.start", "status": status, "headers": headers})
             done = resp.at_eof()
-            await send({"type": "http.response.body", "body": payload, "more_body": not done})
+            await ex.send({"type": "http.response.body", "body": payload, "more_body": not done})
             metrics = self.metrics
             metrics.request(node_id, model, status)
             metrics.ttfb(node_id, model, got - sent)
             metrics.overhead.observe((sent - start) + (perf_counter() - got))
             if not done:
-                await self._relay(resp, receive, send, state, model)
+                resp.read_timeout = self.settings.stream_idle_timeout_s
+                await self._relay(resp, ex, state, model, request)
             return None
         finally:
             if resp is not None:
@@ -432,33 +578,29 @@ class InferenceProxy:
                 self.queue.wake(model)
 
     async def _relay(
-        self, resp: Response, receive: Any, send: Any, state: NodeState, model: str
+        self, resp: Response, ex: _Exchange, state: NodeState, model: str, request: int
     ) -> None:
-        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure.
-
-        When the client disconnects, the node connection is closed, which stops the relay and
-        tells the node to stop generating.
-        """
-        watcher = asyncio.get_running_loop().create_task(_close_on_disconnect(receive, resp))
+        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure."""
+        send = ex.send
         try:
             async for chunk in resp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            if watcher.done() and not watcher.cancelled() and watcher.result():
-                self.metrics.error(state.node_id, model, "client_gone")
-                return
-            self._failed(state, model, "stream", exc)
+            self._failed(state, model, "stream", exc, request)
             tail = b""
-            if b"text/event-stream" in (resp.header(b"content-type") or b""):
+            if ex.sse:  # the stream ends with the error: no [DONE] after it
                 tail = _sse_error(f"node {state.node_id} failed mid-answer: {_describe(exc)}")
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
-        finally:
-            watcher.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _failed(
-        self, state: NodeState, model: str, kind: str, exc: BaseException | None
+        self,
+        state: NodeState,
+        model: str,
+        kind: str,
+        exc: BaseException | None,
+        request: int | None = None,
     ) -> _Failure:
         """Account a failed attempt on ``state`` (``kind``: connect, timeout, disconnect,
         status, stream) and describe it for the client.
@@ -468,7 +610,7 @@ class InferenceProxy:
         """
         self.metrics.error(state.node_id, model, kind)
         immediate = kind == "connect"
-        if self.balancer.record_failure(state, immediate=immediate):
+        if self.balancer.record_failure(state, request, immediate=immediate):
             logger.warning("node %s cooled down after %s: %s", state.node_id, kind, _describe(exc))
         if immediate:
             self.fleet.mark_node_offline(state.node_id)
@@ -492,11 +634,44 @@ class InferenceProxy:
         self._spawn(self._probe(state))
 
     async def _probe(self, state: NodeState) -> None:
-        """``GET <node>/health``: a 200 puts a cooled-down node back into service."""
-        ok = False
+        """Health-probe a cooled-down node shortly before its cool-down ends (and again after
+        each failed probe), so that a healthy node is back the moment the cool-down is over.
+
+        Ends when a probe passed, or when the node left the fleet (offline or replaced): it is
+        probed again when traffic finds it cooling.
+        """
+        balancer, settings = self.balancer, self.settings
+        lead = min(settings.probe_timeout_s, settings.cooldown_s / 2)
+        try:
+            while balancer.nodes.get(state.node_id) is state and not state.healthy:
+                if not self.fleet.node_online(state.node_id):
+                    return
+                delay = state.cooldown_until - lead - balancer.now()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if await self._health(state):
+                    balancer.probe_passed(state)
+                    logger.info("node %s passed its health probe", state.node_id)
+                    left = state.cooldown_until - balancer.now()
+                    if left > 0:
+                        await asyncio.sleep(left)
+                    state.usable_at(balancer.now())
+                    self.queue.wake_all()
+                    return
+                balancer.probe_failed(state)
+        finally:
+            state.probing = False
+
+    async def _health(self, state: NodeState) -> bool:
+        """``GET <node>/health`` answered 200 within ``probe_timeout_s``."""
         try:
             client = self._clients.get(state.node_id)
-            if client is None or client.url != state.url or client.token != state.token:
+            if (
+                client is None
+                or client.closed
+                or client.url != state.url
+                or client.token != state.token
+            ):
                 client = self._client(state)
             async with asyncio.timeout(self.settings.probe_timeout_s):
                 resp = await client.request(b"GET", "/health")
@@ -504,26 +679,30 @@ class InferenceProxy:
                     await resp.read()
                 finally:
                     resp.release()
-                ok = resp.status == 200
+                return resp.status == 200
         except (UpstreamError, TimeoutError):
-            ok = False
-        finally:
-            self.balancer.probe_finished(state, ok)
-        if ok:
-            logger.info("node %s passed its health probe: back in service", state.node_id)
-            self.queue.wake_all()
+            return False
 
     async def _watch_fleet(self) -> None:
-        """Wake queued requests whenever the fleet changes (a node may have capacity now)."""
+        """On every fleet change: end the exchanges with nodes gone offline, and wake queued
+        requests (a node may have capacity now)."""
         # The flag ends the loop even if a cancellation is swallowed (3.11's wait_for may
         # return the result instead of raising when both happen at once).
         while self._started:
             try:
                 await self.fleet.wait_for_change(60.0)
+                self._drop_offline()
             except Exception:  # a broken fleet view must not end the watcher
                 logger.exception("waiting for fleet changes failed")
                 await asyncio.sleep(1.0)
             self.queue.wake_all()
+
+    def _drop_offline(self) -> None:
+        """Abort every request in progress on a node the fleet no longer has online."""
+        for node_id, client in list(self._clients.items()):
+            if client.busy and not self.fleet.node_online(node_id):
+                logger.warning("node %s went offline: ending its requests", node_id)
+                client.abort_all(f"node {node_id} went offline")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -531,13 +710,13 @@ class InferenceProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _close_on_disconnect(receive: Any, resp: Response) -> bool:
-    """Close the node's response when the client disconnects; True if it did."""
+async def _watch_client(receive: Any, ex: _Exchange) -> None:
+    """Cancel the request when its client disconnects."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            resp.close()
-            return True
+            ex.cut("client_gone")
+            return
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -566,8 +745,8 @@ async def _send_error(send: Any, exc: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _sse_error(message: str) -> bytes:
-    return b"data: " + error_body(message, "upstream_error", 502) + b"\n\n"
+def _sse_error(message: str, code: str = "upstream_error", status: int = 502) -> bytes:
+    return b"data: " + error_body(message, code, status) + b"\n\n"
 
 
 def _too_large(limit: int) -> ApiError:
@@ -577,3 +756,12 @@ def _too_large(limit: int) -> ApiError:
 def _queue_full(model: str, retry_after: float) -> ApiError:
     message = f"every node serving '{model}' is at capacity; retry later"
     return ApiError(429, "too_many_requests", message, retry_after=retry_after)
+
+
+def _no_capable_node(model: str, fmt: str | None, runtimes: list[str]) -> ApiError:
+    seen = ", ".join(runtimes) or "none reported"
+    message = (
+        f"no node can serve '{model}': its format is {fmt or 'unknown'}, and the runtimes "
+        f"of the nodes that hold it ({seen}) cannot serve that format"
+    )
+    return ApiError(503, "no_capable_node", message, retry_after=_NOT_READY_RETRY_AFTER_S)

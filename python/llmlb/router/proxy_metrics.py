@@ -31,7 +31,9 @@ class ProxyMetrics:
     ``rejected_total{code}`` (answered by the router itself: 400/404/413/429/502/503),
     ``queue_wait_seconds{model}``, ``ttfb_seconds{node,model}`` (request sent to first body
     bytes from the node), ``overhead_seconds`` (the router's own time on a request, excluding the
-    wait for the node), and gauges ``outstanding{node}``, ``node_cooling{node}``, ``queued``.
+    wait for the node), and gauges ``outstanding{node}``, ``node_cooling{node}``, ``queued``,
+    ``inflight``. Error kinds also include ``poison`` (a second node refused the request with a
+    5xx; not counted against it), ``client_gone`` and ``total_timeout``.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -112,10 +114,13 @@ class ProxyMetrics:
         """Observe the time a request waited for a free slot."""
         self._child(self._queue_wait, (model,)).observe(seconds)
 
-    def watch(self, balancer: Balancer, queue: WaitQueue) -> None:
-        """Export ``balancer``'s and ``queue``'s state as gauges, computed at scrape time."""
+    def watch(
+        self, balancer: Balancer, queue: WaitQueue, inflight: Callable[[], int] | None = None
+    ) -> None:
+        """Export ``balancer``'s and ``queue``'s state (and the requests in flight) as gauges,
+        computed at scrape time."""
         self.unwatch()
-        self._collector = _StateCollector(lambda: balancer, lambda: queue)
+        self._collector = _StateCollector(lambda: balancer, lambda: queue, inflight)
         self._registry.register(self._collector)
 
     def unwatch(self) -> None:
@@ -126,9 +131,15 @@ class ProxyMetrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, balancer: Callable[[], Balancer], queue: Callable[[], WaitQueue]):
+    def __init__(
+        self,
+        balancer: Callable[[], Balancer],
+        queue: Callable[[], WaitQueue],
+        inflight: Callable[[], int] | None = None,
+    ):
         self._balancer = balancer
         self._queue = queue
+        self._inflight = inflight
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         outstanding = GaugeMetricFamily(
@@ -145,6 +156,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "llmlb_proxy_queued", "Requests waiting for a free slot.", value=len(self._queue())
         )
+        if self._inflight is not None:
+            yield GaugeMetricFamily(
+                "llmlb_proxy_inflight",
+                "Inference requests this worker has in flight (max_inflight bounds it).",
+                value=self._inflight(),
+            )
 
 
 _default: ProxyMetrics | None = None

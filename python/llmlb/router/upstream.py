@@ -298,13 +298,13 @@ class Response:
         headers: ``(lowercased name, value)`` byte pairs, in the node's order.
     """
 
-    __slots__ = ("status", "headers", "_conn", "_pool", "_timeout")
+    __slots__ = ("status", "headers", "read_timeout", "_conn", "_pool")
 
     def __init__(self, conn: _Connection, pool: NodePool, timeout: float):
         self.status, self.headers = conn.head  # type: ignore[misc]
         self._conn = conn
         self._pool = pool
-        self._timeout = timeout
+        self.read_timeout = timeout  # longest silence of the node; may be changed while reading
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lowercase), if present."""
@@ -331,7 +331,7 @@ class Response:
                 return b""
             if conn.error is not None:
                 raise conn.error
-            await conn.wait(self._timeout)
+            await conn.wait(self.read_timeout)
         return conn.take()
 
     async def read(self) -> bytes:
@@ -353,6 +353,7 @@ class Response:
     def release(self) -> None:
         """Give the connection back to the pool when the answer was read whole, else close it."""
         conn = self._conn
+        self._pool._busy.discard(conn)
         if conn.complete and conn.reusable and not conn.closed and not conn.pieces:
             self._pool._release(conn)
         else:
@@ -408,6 +409,7 @@ class NodePool:
         self.read_timeout = read_timeout
         self.keepalive_s = keepalive_s
         self._idle: deque[_Connection] = deque()
+        self._busy: set[_Connection] = set()  # connections with a request in progress
         self._heads: dict[tuple[bytes, str], bytes] = {}
         self._closed = False
 
@@ -447,21 +449,47 @@ class NodePool:
                 conn = await self._connect()
             conn.reset(expect_body)
             conn.transport.write(data)  # type: ignore[union-attr]
+            self._busy.add(conn)
             try:
                 while conn.head is None:
                     if conn.error is not None:
                         raise conn.error
                     await conn.wait(self.read_timeout)
             except Disconnected:
+                self._busy.discard(conn)
                 conn.abort()
-                if reused and not conn.received:
+                if reused and not conn.received and not self._closed:
                     conn = None  # stale keep-alive connection: once more on a fresh one
                     continue
                 raise
             except BaseException:
+                self._busy.discard(conn)
                 conn.abort()
                 raise
             return Response(conn, self, self.read_timeout)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` or :meth:`abort_all`: make a new pool to reach the node."""
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """True while some request on this pool is in progress."""
+        return bool(self._busy)
+
+    def abort_all(self, reason: str) -> None:
+        """Close the pool and end every request in progress with ``Disconnected(reason)``
+        (waking their pending reads), e.g. because the node went offline."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().abort()
+        busy, self._busy = self._busy, set()
+        for conn in busy:
+            if conn.error is None and not conn.complete:
+                conn.error = Disconnected(reason)
+            conn.abort()
+            conn._wake()
 
     def _acquire(self) -> _Connection | None:
         idle = self._idle
@@ -486,6 +514,8 @@ class NodePool:
     async def _connect(self) -> _Connection:
         if self._invalid:
             raise ConnectError(f"unsupported node URL {self.url!r}")
+        if self._closed:
+            raise Disconnected(f"the connection pool to {self.url} is closed")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
