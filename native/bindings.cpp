@@ -86,6 +86,7 @@ PYBIND11_MODULE(_model_storage, m) {
       .def_property_readonly("threads", &llmlb::ModelStore::threads)
       .def("model_dir", &llmlb::ModelStore::model_dir, py::arg("model_id"), release_gil())
       .def("list_available", &llmlb::ModelStore::list_available, release_gil())
+      .def("conflicting_model", &llmlb::ModelStore::conflicting_model, py::arg("model_id"), release_gil())
       .def(
           "inspect",
           [](const llmlb::ModelStore& store, const std::string& model_id) {

@@ -55,6 +55,8 @@ void check_base(const std::string& raw, const std::string& base) {
     if (segment.empty()) fail(raw, "empty path segment");
     if (segment == ".") fail(raw, "segment '.' is not allowed");
     if (segment == "..") fail(raw, "segment '..' is not allowed");
+    // The store keeps its own state in dot-directories (.staging, .locks, .downloaded).
+    if (segment.front() == '.') fail(raw, "segment '" + segment + "' starts with '.'");
     for (char c : segment) {
       if (!allowed_char(c)) fail(raw, describe_char(static_cast<unsigned char>(c)) + " is not allowed");
     }

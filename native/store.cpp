@@ -462,6 +462,52 @@ std::string strip_trailing_slashes(std::string p) {
   return p;
 }
 
+// Whether `rel` (a path below the root) is spelled exactly as a model id: only such
+// directories can hold models.
+bool addressable(const std::string& rel) {
+  try {
+    return normalize_model_id(rel) == rel;
+  } catch (const InvalidModelIdError&) {
+    return false;
+  }
+}
+
+// The id of the first model directory strictly below `dir` (whose id is `rel`), if any.
+// The walk is bounded: each level lengthens `rel`, and ids are at most 256 characters.
+std::optional<std::string> model_below(const std::string& dir, const std::string& rel) {
+  std::vector<fs::Entry> entries;
+  if (!fs::list_dir(dir, entries)) return std::nullopt;
+  std::sort(entries.begin(), entries.end(), [](const fs::Entry& a, const fs::Entry& b) { return a.name < b.name; });
+  for (const auto& e : entries) {
+    if (e.kind != fs::Kind::Dir || e.name[0] == '.') continue;
+    const std::string child_rel = rel + "/" + e.name;
+    if (!addressable(child_rel)) continue;
+    const std::string child = fs::join(dir, e.name);
+    if (scan_dir(child).is_model_dir()) return child_rel;
+    if (auto deeper = model_below(child, child_rel)) return deeper;
+  }
+  return std::nullopt;
+}
+
+// Delete what `dir` (the model `rel`) holds, keeping every subdirectory that is or holds
+// another model; then `dir` itself when left empty. True when anything was removed.
+bool remove_model_files(const std::string& dir, const std::string& rel) {
+  std::vector<fs::Entry> entries;
+  fs::list_dir(dir, entries);
+  bool removed = false;
+  for (const auto& e : entries) {
+    const std::string path = fs::join(dir, e.name);
+    if (e.kind == fs::Kind::Dir && e.name[0] != '.') {
+      const std::string child_rel = rel + "/" + e.name;
+      if (addressable(child_rel) && (scan_dir(path).is_model_dir() || model_below(path, child_rel))) continue;
+    }
+    std::error_code ec;
+    removed = std::filesystem::remove_all(path, ec) > 0 || removed;
+    if (ec) throw std::runtime_error("cannot delete " + path + ": " + ec.message());
+  }
+  return (::rmdir(dir.c_str()) == 0) || removed;
+}
+
 }  // namespace
 
 ModelStore::ModelStore(std::string root, std::size_t threads)
@@ -475,11 +521,30 @@ std::string ModelStore::model_dir(const std::string& model_id) const {
   return fs::join(root_, split_quant(model_id).first);
 }
 
+std::optional<std::string> ModelStore::conflicting_model(const std::string& model_id) const {
+  const std::string base = split_quant(model_id).first;
+  for (std::size_t slash = base.find('/'); slash != std::string::npos; slash = base.find('/', slash + 1)) {
+    const std::string outer = base.substr(0, slash);
+    if (scan_dir(fs::join(root_, outer)).is_model_dir()) return outer;
+  }
+  return model_below(fs::join(root_, base), base);
+}
+
 Inspection ModelStore::inspect(const std::string& model_id) const {
   const std::string id = normalize_model_id(model_id);
   const auto [base, quant] = split_quant(id);
   const std::string dir = fs::join(root_, base);
-  return inspect_scanned(dir, scan_dir(dir), id, quant, threads());
+  DirScan scan = scan_dir(dir);
+  if (scan.is_dir) {
+    if (const auto other = conflicting_model(base)) {
+      Inspection out;
+      const bool inside = other->size() < base.size();
+      out.problems.push_back("model id conflict: " + dir + (inside ? " lies inside" : " holds") + " model '" +
+                             *other + "'; one model's directory may not contain another's");
+      return out;
+    }
+  }
+  return inspect_scanned(dir, scan, id, quant, threads());
 }
 
 std::string ModelStore::detect_format(const std::string& model_id) const {
@@ -499,20 +564,27 @@ std::vector<std::string> ModelStore::list_available() const {
     DirScan scan;
   };
   std::vector<Candidate> candidates;
+  std::vector<bool> conflicted;  // per candidate: a model directory inside another's
   std::set<std::pair<dev_t, ino_t>> visited;
-  // Depth-first walk; a model directory's own subdirectories are not models.
-  std::function<void(const std::string&, const std::string&, int)> walk = [&](const std::string& dir,
-                                                                              const std::string& rel, int depth) {
+  // Depth-first walk. A model directory holding another model directory (at any depth) is
+  // a conflict: neither is listed, since neither can be served or deleted on its own.
+  std::function<void(const std::string&, const std::string&, int, std::vector<std::size_t>&)> walk =
+      [&](const std::string& dir, const std::string& rel, int depth, std::vector<std::size_t>& enclosing) {
     struct stat st;
     if (depth > 128 || ::stat(dir.c_str(), &st) != 0 || !visited.insert({st.st_dev, st.st_ino}).second) return;
+    bool is_model = false;
     if (!rel.empty()) {
       DirScan scan = scan_dir(dir);
+      const bool has_subdirs = scan.has_subdirs;
       if (scan.is_model_dir()) {
+        is_model = true;
+        conflicted.push_back(!enclosing.empty());
+        for (auto i : enclosing) conflicted[i] = true;
         candidates.push_back({dir, rel, std::move(scan)});
-        return;
       }
-      if (!scan.has_subdirs) return;
+      if (!has_subdirs) return;
     }
+    if (is_model) enclosing.push_back(candidates.size() - 1);
     std::vector<fs::Entry> entries;
     if (!fs::list_dir(dir, entries)) return;
     for (const auto& e : entries) {
@@ -523,14 +595,17 @@ std::vector<std::string> ModelStore::list_available() const {
       } catch (const InvalidModelIdError&) {
         continue;
       }
-      walk(fs::join(dir, e.name), child_rel, depth + 1);
+      walk(fs::join(dir, e.name), child_rel, depth + 1, enclosing);
     }
+    if (is_model) enclosing.pop_back();
   };
-  walk(root_, "", 0);
+  std::vector<std::size_t> enclosing;
+  walk(root_, "", 0, enclosing);
 
   std::vector<std::vector<std::string>> found(candidates.size());
   fs::parallel_for(candidates.size(), threads(), [&](std::size_t i) {
     const Candidate& c = candidates[i];
+    if (conflicted[i]) return;
     if (inspect_scanned(c.dir, c.scan, c.id, std::nullopt, 1).descriptor) {
       found[i].push_back(c.id);
       return;
@@ -567,7 +642,6 @@ bool ModelStore::delete_model(const std::string& model_id) const {
     throw std::runtime_error("refusing to delete " + dir + ": it resolves outside the models directory " + root_);
   }
   bool removed = false;
-  std::error_code ec;
   if (S_ISLNK(lst.st_mode)) {
     if (quant) return false;  // never delete inside a linked directory's target
     removed = ::unlink(dir.c_str()) == 0;
@@ -584,8 +658,7 @@ bool ModelStore::delete_model(const std::string& model_id) const {
   } else {
     const DirScan scan = scan_dir(dir);
     if (!scan.is_model_dir() && scan.has_subdirs) return false;  // a namespace of other models
-    removed = std::filesystem::remove_all(dir, ec) > 0;
-    if (ec) throw std::runtime_error("cannot delete " + dir + ": " + ec.message());
+    removed = remove_model_files(dir, base);  // never another model nested inside
   }
   if (removed) remove_empty_parents(root_, dir);
   return removed;

@@ -52,16 +52,23 @@ class ModelStore {
   std::string model_dir(const std::string& model_id) const;
 
   // Sorted ids of complete, valid models. A directory holding several GGUF variants
-  // contributes one "id:quant" entry per variant.
+  // contributes one "id:quant" entry per variant. Model directories nested in one another
+  // are listed neither of them.
   std::vector<std::string> list_available() const;
 
-  // Full check of one model: its descriptor when valid, else the problems found.
+  // An existing model whose directory contains the directory of `model_id` or lies inside
+  // it (e.g. "nest" for "nest/inner" and the other way round), or nullopt.
+  std::optional<std::string> conflicting_model(const std::string& model_id) const;
+
+  // Full check of one model: its descriptor when valid, else the problems found. A model
+  // directory that contains another model's, or lies inside one, is a problem.
   Inspection inspect(const std::string& model_id) const;
 
   // "gguf" | "safetensors" | "metal" | "unknown" from the files present.
   std::string detect_format(const std::string& model_id) const;
 
   // Remove a model (or, with ":quant", that GGUF variant); removes parents left empty.
+  // Subdirectories that are or hold another model are kept.
   bool delete_model(const std::string& model_id) const;
 
   // Schedule page-cache readahead for every file of the model; returns bytes scheduled.

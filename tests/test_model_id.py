@@ -23,7 +23,8 @@ ALLOWED = set(string.ascii_lowercase + string.digits + "._-/:")
         ("a/b/c", "a/b/c"),
         ("llama-3.2-1b:Q4_K_M", "llama-3.2-1b:q4_k_m"),
         ("org/model.v1_final:iq2_xxs", "org/model.v1_final:iq2_xxs"),
-        ("...a", "...a"),
+        ("a...", "a..."),
+        ("a.b/c.", "a.b/c."),
         ("a" * 256, "a" * 256),
     ],
 )
@@ -53,6 +54,11 @@ def test_valid_ids_normalise_to_lowercase(raw: str, expected: str) -> None:
         ("model:", "empty quantisation"),
         ("model:q4/k", "in the quantisation"),
         ("../x:q4", "segment '..'"),
+        # the store's own dot-directories can never be named by an id
+        (".staging/x", "segment '.staging' starts with '.'"),
+        ("org/.hidden", "segment '.hidden' starts with '.'"),
+        ("...a", "starts with '.'"),
+        (".locks/m:q4", "starts with '.'"),
     ],
 )
 def test_invalid_ids_raise_with_the_rule_named(raw: str, reason: str) -> None:
@@ -155,6 +161,7 @@ def test_no_accepted_id_maps_outside_models_dir(
     assert os.path.normpath(directory) == str(directory)  # no '.', '..' or '//' left
     relative = directory.relative_to(root)
     assert relative.parts and ".." not in relative.parts
+    assert not any(part.startswith(".") for part in relative.parts)  # never a store dot-dir
     assert str(relative) == split_quant(raw)[0]
 
 
@@ -169,7 +176,9 @@ def test_no_accepted_id_maps_outside_models_dir(
     | st.text(alphabet=string.ascii_letters + string.digits + "_", min_size=1, max_size=8),
 )
 def test_well_formed_ids_are_accepted(segments: list[str], quant: str | None) -> None:
-    if any(s in (".", "..") for s in segments):
+    if any(s.startswith(".") for s in segments):
+        with pytest.raises(InvalidModelId, match="starts with '.'|segment '\\.\\.?'"):
+            normalize_model_id("/".join(segments))
         return
     raw = "/".join(segments) + (f":{quant}" if quant else "")
     assert normalize_model_id(raw) == raw.lower()

@@ -45,8 +45,8 @@ def test_list_available_is_recursive_sorted_and_complete_only(store: ModelStorag
     make_store_model(root / ".staging", "openai/partial")  # staging area is skipped
     make_store_model(root / ".cache", "hidden")
     make_store_model(root, "Upper/Case")  # not addressable by a normalised id
-    # A model's own subdirectory is not another model.
-    make_store_model(root, "openai/gpt-oss-20b/original")
+    # A model's subdirectory not addressable by an id is part of the model.
+    make_store_model(root, "openai/gpt-oss-20b/Original")
     (root / "empty" / "dirs").mkdir(parents=True)
     assert store.list_available() == ["gemma", "openai/gpt-oss-20b", "org/sharded", "org/sub/deep"]
 
@@ -163,6 +163,44 @@ def test_delete_refuses_a_namespace_and_bad_ids(store: ModelStorage) -> None:
     for bad in ("..", "../x", "/", "a//b"):
         with pytest.raises(InvalidModelId):
             store.delete_model(bad)
+
+
+def test_nested_models_conflict_and_neither_is_listed(store: ModelStorage) -> None:
+    root = store.models_dir
+    make_store_model(root, "nest")
+    make_store_model(root, "nest/inner", "safetensors")
+    make_store_model(root, "deep")
+    make_store_model(root, "deep/a/b/c", "split")
+    make_store_model(root, "free/model")
+    assert store.list_available() == ["free/model"]
+    assert store.conflicting_model("nest") == "nest/inner"
+    assert store.conflicting_model("nest/inner") == "nest"
+    assert store.conflicting_model("nest/inner/x:q4") == "nest"
+    assert store.conflicting_model("deep/a") == "deep"
+    assert store.conflicting_model("deep") == "deep/a/b/c"
+    assert store.conflicting_model("free/model") is None
+    assert store.conflicting_model("free") == "free/model"  # a namespace would swallow it
+    assert store.conflicting_model("absent/model") is None
+    for model_id in ("nest", "nest/inner", "deep", "deep/a/b/c"):
+        assert store.resolve(model_id) is None
+        (problem,) = store.validate(model_id)
+        assert "model id conflict" in problem, problem
+
+
+def test_delete_never_removes_a_model_nested_inside(store: ModelStorage) -> None:
+    root = store.models_dir
+    outer = make_store_model(root, "nest")
+    inner = make_store_model(root, "nest/inner", "safetensors")
+    deeper = make_store_model(root, "nest/ns/deeper")
+    (outer / "notes").mkdir()  # a plain subdirectory belongs to the model
+    (outer / "notes" / "a.txt").write_text("x")
+    inner_files = sorted(p.relative_to(root) for p in inner.rglob("*"))
+    assert store.delete_model("nest") is True
+    assert not list(outer.glob("*.gguf")) and not (outer / "notes").exists()
+    assert sorted(p.relative_to(root) for p in inner.rglob("*")) == inner_files
+    assert list(deeper.glob("*.gguf"))
+    assert store.list_available() == ["nest/inner", "nest/ns/deeper"]
+    assert store.delete_model("nest") is False  # only other models' directories are left
 
 
 def test_delete_one_quant_variant(store: ModelStorage) -> None:

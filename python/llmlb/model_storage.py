@@ -40,9 +40,10 @@ _native._set_invalid_model_id_type(InvalidModelId)
 def normalize_model_id(model_id: str) -> str:
     """Lowercase and validate a model id such as ``OpenAI/GPT-OSS-20B`` or ``llama:Q4_K_M``.
 
-    Rules: ``[a-z0-9._-]`` segments joined by ``/``, at most 256 characters, no empty, ``.``
-    or ``..`` segment, no leading or trailing ``/``, no backslash, NUL or other character;
-    an optional ``:QUANT`` suffix (exactly one colon, text on both sides).
+    Rules: ``[a-z0-9._-]`` segments joined by ``/``, at most 256 characters, no empty
+    segment and none starting with ``.`` (the store's own ``.staging`` and the like), no
+    leading or trailing ``/``, no backslash, NUL or other character; an optional ``:QUANT``
+    suffix (exactly one colon, text on both sides).
 
     Raises:
         InvalidModelId: the id breaks a rule (it is never silently rewritten).
@@ -152,13 +153,23 @@ class ModelStorage:
     def list_available(self) -> list[str]:
         """Sorted ids of complete, valid models, found recursively.
 
-        Dot-directories (``.staging``) and a model's own subdirectories are skipped. A
-        directory holding several GGUF variants lists one ``id:quant`` entry per variant.
+        Dot-directories (``.staging``) are skipped. A directory holding several GGUF
+        variants lists one ``id:quant`` entry per variant. Two model directories nested in
+        one another (``nest`` and ``nest/inner``) conflict: neither is listed.
         """
         return self._store.list_available()
 
+    def conflicting_model(self, model_id: str) -> str | None:
+        """An existing model whose directory contains ``model_id``'s or lies inside it.
+
+        ``nest`` for ``nest/inner`` and ``nest/inner`` for ``nest`` (``:QUANT`` is ignored);
+        ``None`` when there is none. Promotion into the store refuses such an id.
+        """
+        return self._store.conflicting_model(model_id)
+
     def resolve(self, model_id: str) -> ModelDescriptor | None:
-        """The model's descriptor, or ``None`` when absent, incomplete, invalid or ambiguous."""
+        """The model's descriptor, or ``None`` when absent, incomplete, invalid, ambiguous or
+        in conflict with another model (see :meth:`conflicting_model`)."""
         raw, _problems = self._store.inspect(model_id)
         return None if raw is None else _descriptor(raw)
 
@@ -173,7 +184,8 @@ class ModelStorage:
 
     def delete_model(self, model_id: str) -> bool:
         """Remove the model (with ``:QUANT``, only that GGUF variant) and any parent
-        directories left empty, never leaving ``models_dir``.
+        directories left empty, never leaving ``models_dir`` and never touching another
+        model stored inside the model's directory.
 
         Returns:
             ``True`` when something was removed; ``False`` when there was nothing to remove
