@@ -462,6 +462,30 @@ std::string strip_trailing_slashes(std::string p) {
   return p;
 }
 
+// Ids a model directory offers: its id when it validates as it is, else one "id:quant" per
+// selectable GGUF variant; empty when it holds no valid model.
+std::vector<std::string> offered_ids(const std::string& dir, const DirScan& scan, const std::string& id) {
+  if (inspect_scanned(dir, scan, id, std::nullopt, 1).descriptor) return {id};
+  std::vector<std::string> ids;
+  // Several GGUF variants (or GGUF beside safetensors): each selectable variant.
+  if (scan.variants.empty() || (scan.variants.size() == 1 && !scan.has_safetensors())) return ids;
+  std::vector<std::string> quants;
+  for (const auto& v : scan.variants) quants.push_back(lower(variant_quant(dir, v)));
+  for (const auto& q : quants) {
+    if (q.empty() || std::count(quants.begin(), quants.end(), q) != 1) continue;
+    const std::string variant_id = id + ":" + q;
+    if (inspect_scanned(dir, scan, variant_id, q, 1).descriptor) ids.push_back(variant_id);
+  }
+  return ids;
+}
+
+// Whether `dir` holds a valid model by itself (its subdirectories aside). A directory with
+// model files that is no model alone (shards in a "weights/" folder) is part of its parent.
+bool is_valid_model(const std::string& dir, const std::string& id) {
+  const DirScan scan = scan_dir(dir);
+  return scan.is_model_dir() && !offered_ids(dir, scan, id).empty();
+}
+
 // Whether `rel` (a path below the root) is spelled exactly as a model id: only such
 // directories can hold models.
 bool addressable(const std::string& rel) {
@@ -472,7 +496,7 @@ bool addressable(const std::string& rel) {
   }
 }
 
-// The id of the first model directory strictly below `dir` (whose id is `rel`), if any.
+// The id of the first valid model strictly below `dir` (whose id is `rel`), if any.
 // The walk is bounded: each level lengthens `rel`, and ids are at most 256 characters.
 std::optional<std::string> model_below(const std::string& dir, const std::string& rel) {
   std::vector<fs::Entry> entries;
@@ -483,7 +507,7 @@ std::optional<std::string> model_below(const std::string& dir, const std::string
     const std::string child_rel = rel + "/" + e.name;
     if (!addressable(child_rel)) continue;
     const std::string child = fs::join(dir, e.name);
-    if (scan_dir(child).is_model_dir()) return child_rel;
+    if (is_valid_model(child, child_rel)) return child_rel;
     if (auto deeper = model_below(child, child_rel)) return deeper;
   }
   return std::nullopt;
@@ -499,7 +523,7 @@ bool remove_model_files(const std::string& dir, const std::string& rel) {
     const std::string path = fs::join(dir, e.name);
     if (e.kind == fs::Kind::Dir && e.name[0] != '.') {
       const std::string child_rel = rel + "/" + e.name;
-      if (addressable(child_rel) && (scan_dir(path).is_model_dir() || model_below(path, child_rel))) continue;
+      if (addressable(child_rel) && (is_valid_model(path, child_rel) || model_below(path, child_rel))) continue;
     }
     std::error_code ec;
     removed = std::filesystem::remove_all(path, ec) > 0 || removed;
@@ -525,7 +549,7 @@ std::optional<std::string> ModelStore::conflicting_model(const std::string& mode
   const std::string base = split_quant(model_id).first;
   for (std::size_t slash = base.find('/'); slash != std::string::npos; slash = base.find('/', slash + 1)) {
     const std::string outer = base.substr(0, slash);
-    if (scan_dir(fs::join(root_, outer)).is_model_dir()) return outer;
+    if (is_valid_model(fs::join(root_, outer), outer)) return outer;
   }
   return model_below(fs::join(root_, base), base);
 }
@@ -562,67 +586,55 @@ std::vector<std::string> ModelStore::list_available() const {
     std::string dir;
     std::string id;
     DirScan scan;
+    std::vector<std::size_t> enclosing;  // candidates whose directories contain this one
   };
   std::vector<Candidate> candidates;
-  std::vector<bool> conflicted;  // per candidate: a model directory inside another's
   std::set<std::pair<dev_t, ino_t>> visited;
-  // Depth-first walk. A model directory holding another model directory (at any depth) is
-  // a conflict: neither is listed, since neither can be served or deleted on its own.
-  std::function<void(const std::string&, const std::string&, int, std::vector<std::size_t>&)> walk =
-      [&](const std::string& dir, const std::string& rel, int depth, std::vector<std::size_t>& enclosing) {
+  // Depth-first walk, into model directories too: one may hold another model (a conflict).
+  std::vector<std::size_t> enclosing;
+  std::function<void(const std::string&, const std::string&, int)> walk = [&](const std::string& dir,
+                                                                              const std::string& rel, int depth) {
     struct stat st;
     if (depth > 128 || ::stat(dir.c_str(), &st) != 0 || !visited.insert({st.st_dev, st.st_ino}).second) return;
-    bool is_model = false;
+    bool is_candidate = false;
     if (!rel.empty()) {
       DirScan scan = scan_dir(dir);
       const bool has_subdirs = scan.has_subdirs;
       if (scan.is_model_dir()) {
-        is_model = true;
-        conflicted.push_back(!enclosing.empty());
-        for (auto i : enclosing) conflicted[i] = true;
-        candidates.push_back({dir, rel, std::move(scan)});
+        is_candidate = true;
+        candidates.push_back({dir, rel, std::move(scan), enclosing});
       }
       if (!has_subdirs) return;
     }
-    if (is_model) enclosing.push_back(candidates.size() - 1);
+    if (is_candidate) enclosing.push_back(candidates.size() - 1);
     std::vector<fs::Entry> entries;
-    if (!fs::list_dir(dir, entries)) return;
-    for (const auto& e : entries) {
-      if (e.kind != fs::Kind::Dir || e.name[0] == '.') continue;
-      const std::string child_rel = rel.empty() ? e.name : rel + "/" + e.name;
-      try {
-        if (normalize_model_id(child_rel) != child_rel) continue;  // not addressable by an id
-      } catch (const InvalidModelIdError&) {
-        continue;
+    if (fs::list_dir(dir, entries)) {
+      for (const auto& e : entries) {
+        if (e.kind != fs::Kind::Dir || e.name[0] == '.') continue;
+        const std::string child_rel = rel.empty() ? e.name : rel + "/" + e.name;
+        if (addressable(child_rel)) walk(fs::join(dir, e.name), child_rel, depth + 1);
       }
-      walk(fs::join(dir, e.name), child_rel, depth + 1, enclosing);
     }
-    if (is_model) enclosing.pop_back();
+    if (is_candidate) enclosing.pop_back();
   };
-  std::vector<std::size_t> enclosing;
-  walk(root_, "", 0, enclosing);
+  walk(root_, "", 0);
 
   std::vector<std::vector<std::string>> found(candidates.size());
   fs::parallel_for(candidates.size(), threads(), [&](std::size_t i) {
-    const Candidate& c = candidates[i];
-    if (conflicted[i]) return;
-    if (inspect_scanned(c.dir, c.scan, c.id, std::nullopt, 1).descriptor) {
-      found[i].push_back(c.id);
-      return;
-    }
-    // Several GGUF variants (or GGUF beside safetensors): list each selectable variant.
-    if (c.scan.variants.empty() || (c.scan.variants.size() == 1 && !c.scan.has_safetensors())) return;
-    std::vector<std::string> quants;
-    for (const auto& v : c.scan.variants) quants.push_back(lower(variant_quant(c.dir, v)));
-    for (const auto& q : quants) {
-      if (q.empty() || std::count(quants.begin(), quants.end(), q) != 1) continue;
-      const std::string id = c.id + ":" + q;
-      if (inspect_scanned(c.dir, c.scan, id, q, 1).descriptor) found[i].push_back(id);
-    }
+    found[i] = offered_ids(candidates[i].dir, candidates[i].scan, candidates[i].id);
   });
+  // A valid model inside another valid model: neither can be served or deleted on its own.
+  std::vector<bool> conflicted(candidates.size(), false);
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    if (found[i].empty()) continue;
+    for (auto outer : candidates[i].enclosing) {
+      if (!found[outer].empty()) conflicted[i] = conflicted[outer] = true;
+    }
+  }
   std::vector<std::string> ids;
-  for (auto& f : found) {
-    for (auto& id : f) ids.push_back(std::move(id));
+  for (std::size_t i = 0; i < candidates.size(); ++i) {
+    if (conflicted[i]) continue;
+    for (auto& id : found[i]) ids.push_back(std::move(id));
   }
   std::sort(ids.begin(), ids.end());
   return ids;

@@ -56,8 +56,8 @@ class ModelStore {
   // are listed neither of them.
   std::vector<std::string> list_available() const;
 
-  // An existing model whose directory contains the directory of `model_id` or lies inside
-  // it (e.g. "nest" for "nest/inner" and the other way round), or nullopt.
+  // An existing valid model whose directory contains the directory of `model_id` or lies
+  // inside it (e.g. "nest" for "nest/inner" and the other way round), or nullopt.
   std::optional<std::string> conflicting_model(const std::string& model_id) const;
 
   // Full check of one model: its descriptor when valid, else the problems found. A model
