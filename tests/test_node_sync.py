@@ -101,6 +101,7 @@ def test_hand_placed_models_are_reported_with_format_and_size(router, tmp_path):
         "state": "ready",
         "format": "gguf",
         "size_bytes": len(TINY),
+        "servable": True,
     }
 
 

@@ -108,6 +108,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "unset: open)",
     )
     parser.add_argument(
+        "--store-all",
+        action="store_true",
+        help="also download models none of this node's runtimes serves (safetensors), "
+        "for a node that holds models for others",
+    )
+    parser.add_argument(
         "--router-auth",
         choices=("auto", "on", "off"),
         default="auto",
@@ -155,6 +161,7 @@ def settings_from_args(args: argparse.Namespace):
         reconcile_interval_s=args.reconcile_interval,
         require_key=args.require_key or config.node_require_key(),
         require_router_token=_router_auth(args.router_auth, args.host),
+        store_all=args.store_all,
     )
 
 

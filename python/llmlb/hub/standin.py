@@ -39,7 +39,8 @@ Options:
                          and Ki, Mi, Gi (binary), e.g. ``25M`` (emulates a CDN's per-connection
                          limit). Default: uncapped.
 ``--fault SPEC``         inject a fault; repeatable; see :mod:`llmlb.hub.standin_faults`
-                         (kinds ``drop``, ``status``, ``corrupt``, ``full``, ``delay``).
+                         (kinds ``drop``, ``status``, ``corrupt``, ``full``, ``delay``,
+                         ``fail-first``, ``redirect-ranges``).
 ``--log-requests FILE``  append one JSON line per finished request: ``ts``, ``method``, ``path``,
                          ``query``, ``range``, ``status``, ``bytes`` (body bytes sent),
                          ``authorization`` (whether an Authorization header came), ``user_agent``,
@@ -271,6 +272,10 @@ class HubStandin:
         if fault is not None:
             self._fired(request, fault)
             raise _HubError(fault.code, f"Injected fault: {fault.spec}")
+        fault = self.faults.find("fail-first", route, request.method, repo, file)
+        if fault is not None and fault.fails_now(repo, file):
+            self._fired(request, fault)
+            raise _HubError(503, f"Injected fault: {fault.spec}")
 
     @staticmethod
     def _fired(request: web.Request, fault: Fault) -> None:
@@ -417,6 +422,16 @@ class HubStandin:
             headers["X-Linked-Etag"] = f'"{f.sha256}"'
         start, end, status = 0, f.size, 200
         range_header = request.headers.get("Range")
+        redirect = self.faults.find("redirect-ranges", "resolve", request.method, repo_id, path)
+        if (
+            redirect is not None
+            and range_header is not None
+            and parse_range(range_header, f.size) not in (None, (0, 1))
+        ):
+            self._fired(request, redirect)
+            request["status"] = 302
+            location = f"{redirect.to}{request.rel_url.raw_path}"
+            return web.Response(status=302, headers={**headers, "Location": location})
         if range_header is not None:
             parsed = parse_range(range_header, f.size)
             if parsed == "unsatisfiable":

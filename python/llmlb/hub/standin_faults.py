@@ -7,6 +7,11 @@ A spec is ``KIND[:key=value[,key=value...]]``. Kinds:
 ``corrupt``  flip one byte (XOR 0xFF) at file offset ``offset=N`` (default: the middle of the file)
 ``full``     answer a Range request with ``200`` and the whole file
 ``delay``    wait ``seconds=S`` (default 1) before answering
+``fail-first``       answer 503 to the first ``n=N`` GETs of each file, then serve it
+                     (``fail-first:N`` for short; a hub outage that ends)
+``redirect-ranges``  answer ``302`` to every ranged GET but the ``bytes=0-0`` probe, pointing
+                     at the same path under ``to=BASE_URL`` (``redirect-ranges:BASE_URL`` for
+                     short; a hub that sends transfers to another host)
 
 Keys every kind takes:
 
@@ -16,23 +21,28 @@ Keys every kind takes:
                   ``drop``, ``corrupt`` and ``full`` only ever apply to file downloads
 ``method=M``      ``GET``, ``HEAD`` or ``any`` (default ``GET`` for drop/corrupt/full, else ``any``)
 ``times=K``       how many times the fault fires before requests are served normally
-                  (default 1; ``always`` never stops)
+                  (default 1; ``always`` never stops; ``fail-first`` and
+                  ``redirect-ranges`` default to ``always``)
 
 A fault fires (and counts) only when it has an effect: ``drop`` when the body is longer than
 ``after``, ``corrupt`` when the body covers ``offset``, ``full`` when the request has a Range.
 
 Examples: ``drop:file=*.gguf,after=1048576,times=2``, ``status:code=503,times=3,route=any``,
-``corrupt:file=model.gguf,times=always``, ``full:times=always``, ``delay:seconds=2``.
+``corrupt:file=model.gguf,times=always``, ``full:times=always``, ``delay:seconds=2``,
+``fail-first:6``, ``redirect-ranges:http://localhost:9000``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-KINDS = ("drop", "status", "corrupt", "full", "delay")
-_BODY_KINDS = ("drop", "corrupt", "full")
+KINDS = ("drop", "status", "corrupt", "full", "delay", "fail-first", "redirect-ranges")
+_BODY_KINDS = ("drop", "corrupt", "full", "redirect-ranges")
 _KEYS = {"file", "repo", "route", "method", "times", "after", "code", "offset", "seconds"}
+_KEYS |= {"n", "to"}
+# The key a bare value stands for (``fail-first:6``, ``redirect-ranges:http://host:port``).
+_POSITIONAL = {"fail-first": "n", "redirect-ranges": "to"}
 
 
 @dataclass
@@ -50,7 +60,10 @@ class Fault:
     code: int = 503
     offset: int | None = None
     seconds: float = 1.0
+    n: int = 1
+    to: str | None = None
     fired: int = 0
+    gets: dict[tuple[str | None, str | None], int] = field(default_factory=dict)
 
     def applies(self, route: str, method: str, repo: str | None, file: str | None) -> bool:
         """Whether this fault targets a request (ignoring how often it has fired)."""
@@ -68,6 +81,13 @@ class Fault:
     def fire(self) -> None:
         self.fired += 1
 
+    def fails_now(self, repo: str | None, file: str | None) -> bool:
+        """``fail-first``: count this request of the file; whether it is one of its first N."""
+        key = (repo, file)
+        seen = self.gets.get(key, 0)
+        self.gets[key] = seen + 1
+        return seen < self.n
+
 
 def parse_fault(spec: str) -> Fault:
     """Parse one ``--fault`` spec.
@@ -79,9 +99,14 @@ def parse_fault(spec: str) -> Fault:
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise ValueError(f"unknown fault kind {kind!r} in {spec!r} (one of {', '.join(KINDS)})")
-    fault = Fault(kind=kind, spec=spec, method="GET" if kind in _BODY_KINDS else "any")
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    method = "GET" if kind in (*_BODY_KINDS, "fail-first") else "any"
+    fault = Fault(kind=kind, spec=spec, method=method)
+    if kind in _POSITIONAL:
+        fault.times = None
+    for index, item in enumerate(filter(None, (part.strip() for part in rest.split(",")))):
         key, sep, value = item.partition("=")
+        if not sep and index == 0 and kind in _POSITIONAL:
+            key, sep, value = _POSITIONAL[kind], "=", item
         key = key.strip().lower()
         value = value.strip()
         if not sep or key not in _KEYS:
@@ -92,6 +117,8 @@ def parse_fault(spec: str) -> Fault:
             raise ValueError(f"bad value for {key!r} in fault {spec!r}: {exc}") from None
     if kind in _BODY_KINDS and fault.route != "resolve":
         raise ValueError(f"fault {kind!r} applies to file downloads only (route=resolve)")
+    if kind == "redirect-ranges" and not fault.to:
+        raise ValueError(f"fault {spec!r} needs the base URL to redirect to (to=URL)")
     return fault
 
 
@@ -121,6 +148,12 @@ def _apply(fault: Fault, key: str, value: str) -> None:
         fault.code = int(value)
         if not 400 <= fault.code <= 599:
             raise ValueError("code must be an HTTP error status")
+    elif key == "n":
+        fault.n = _non_negative(value)
+    elif key == "to":
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("to must be an http(s) base URL")
+        fault.to = value.rstrip("/")
     elif key == "seconds":
         fault.seconds = float(value)
         if fault.seconds < 0:

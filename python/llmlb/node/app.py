@@ -92,6 +92,7 @@ class Node:
             options=dl.DownloadOptions(connections=settings.connections),
             on_change=lambda: self.sync.kick(),
             after_download=self.engine.load,
+            store_all=settings.store_all,
         )
         self.node_id = persistent_node_id(models_dir, settings.url)
         self.gpu = GpuProbe()
@@ -222,7 +223,9 @@ async def list_models(request: Request) -> Response:
     except ApiError as exc:
         return _error(exc)
     now = int(time.time())
-    ids = sorted(r["id"] for r in node.sync.model_reports() if r["state"] == READY)
+    ids = sorted(
+        r["id"] for r in node.sync.model_reports() if r["state"] == READY and r.get("servable")
+    )
     data = [{"id": i, "object": "model", "created": now, "owned_by": "llmlb"} for i in ids]
     return _json({"object": "list", "data": data})
 
@@ -259,8 +262,10 @@ async def models_sync(request: Request) -> Response:
         action = body.get("action", "register")
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ApiError(400, "invalid_request_error", "'models' must be a list of ids")
-        if action not in ("register", "delete"):
-            raise ApiError(400, "invalid_request_error", "'action' must be 'register' or 'delete'")
+        if action not in ("register", "delete", "retry"):
+            raise ApiError(
+                400, "invalid_request_error", "'action' must be 'register', 'delete' or 'retry'"
+            )
     except ApiError as exc:
         return _error(exc)
     node.sync.handle_sync(action, models)

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,25 @@ def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
     return False
 
 
+def no_proxy_entries(allowed_hosts: Iterable[str]) -> str:
+    """The allowlist as a ``NO_PROXY`` value for the transfer worker's guard.
+
+    ``*.example.com`` becomes ``.example.com``. ``NO_PROXY`` matching also admits subdomains
+    of a plain entry, so the guard inside a transfer is that much looser than
+    :func:`host_allowed`, which every probe and redirect hop resolved before it passes.
+    """
+    entries = []
+    for pattern in allowed_hosts:
+        pattern = pattern.lower().strip().rstrip(".")
+        if pattern:
+            entries.append(pattern[1:] if pattern.startswith("*.") else pattern)
+    return ",".join(dict.fromkeys(entries))
+
+
+# A transfer's error names the URL it could not fetch (the guard refused a redirect to it).
+_FAILED_URL = re.compile(r"for url \((\S+?)\)")
+
+
 # --- progress and options ----------------------------------------------------------------
 
 
@@ -354,6 +374,13 @@ class _Http:
         if self.token and host_allowed(url, self.allowed_hosts):
             return {"Authorization": f"Bearer {self.token}"}
         return {}
+
+    def refused(self, message: str) -> str | None:
+        """The non-allowlisted URL a failed transfer's ``message`` names, if any."""
+        for url in _FAILED_URL.findall(message):
+            if not host_allowed(url, self.allowed_hosts):
+                return url
+        return None
 
     def check(self, url: str, model_id: str) -> None:
         if not host_allowed(url, self.allowed_hosts):
@@ -896,6 +923,7 @@ class ModelFetch:
             "connections": connections,
             "chunk_size": chunk_size_for(spec.size_bytes, connections),
             "headers": self._http.headers_for(url),
+            "no_proxy": no_proxy_entries(self._http.allowed_hosts),
         }
         with self._borrow_worker() as worker:
             hasher = FollowingHasher(part, spec.size_bytes)
@@ -908,6 +936,18 @@ class ModelFetch:
             started = time.monotonic()
             try:
                 worker.run(job, on_bytes)
+            except _Transient as exc:
+                hasher.abort()
+                hasher.join()
+                refused = self._http.refused(str(exc))
+                if refused is not None:
+                    host = urllib.parse.urlparse(refused).hostname
+                    raise HostNotAllowed(
+                        f"{self.model_id}: {spec.filename}: the hub redirected the transfer to "
+                        f"{refused}: host {host!r} is not on the download allowlist "
+                        f"({', '.join(self._http.allowed_hosts)}); no byte was taken from it"
+                    ) from None
+                raise
             except BaseException:
                 hasher.abort()
                 hasher.join()

@@ -4,12 +4,20 @@ A model resolves from the node's own store when it is there and valid; otherwise
 router's manifest, by downloading (:mod:`llmlb.node.downloader`) in a background thread.
 One resolution per model at a time within the process (single flight); the downloader's file
 lock covers other processes on the same store.
+
+A failed download is retried on its own, with exponential backoff (``RETRY_BASE_S`` doubling
+up to ``RETRY_MAX_S``, ±10 % jitter), for as long as the model is registered; its report
+carries the reason (``error``), ``attempts`` and the next try (``retry_at``, unix seconds).
+A model that none of the node's runtimes serves (:mod:`llmlb.node.runtimes`) is not
+downloaded unless the node stores models for others (``store_all``): it is reported
+``failed`` with the reason, ``servable: false``, and not retried.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +27,21 @@ from typing import Any
 
 from llmlb.errors import ApiError
 from llmlb.node import downloader as dl
+from llmlb.node import runtimes
 from llmlb.node.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
 READY, DOWNLOADING, LOADING, FAILED = "ready", "downloading", "loading", "failed"
+
+#: First delay before a failed download is tried again; it doubles per failure up to the cap.
+RETRY_BASE_S = 1.0
+RETRY_MAX_S = 600.0
+
+
+def retry_delay(attempts: int, base: float = RETRY_BASE_S, cap: float = RETRY_MAX_S) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (1 s, 2 s, 4 s … 10 min)."""
+    return min(cap, base * 2 ** min(max(attempts - 1, 0), 32))
 
 
 @dataclass
@@ -35,11 +53,17 @@ class ModelState:
     total: int = 0
     error: str | None = None
     since: float = 0.0
+    attempts: int = 0  # failed tries in a row
+    retry_at: float | None = None  # unix time of the next automatic try (failed only)
 
     def to_dict(self, model_id: str) -> dict[str, Any]:
         """The per-model entry of heartbeats and ``/api/models/status``."""
         progress = {"bytes": self.bytes, "total": self.total} if self.total else None
-        return {"id": model_id, "state": self.state, "progress": progress, "error": self.error}
+        report = {"id": model_id, "state": self.state, "progress": progress, "error": self.error}
+        if self.attempts:
+            report["attempts"] = self.attempts
+            report["retry_at"] = round(self.retry_at) if self.retry_at is not None else None
+        return report
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +86,9 @@ class Resolver:
         token: hub token (only sent to allowlisted hosts).
         options: downloader tuning.
         on_change: called on the event loop whenever a model changes state.
-        after_download: awaited once a model was downloaded (the node loads it).
+        after_download: awaited once a servable model was downloaded (the node loads it).
+        store_all: also download models none of the node's runtimes serves (a node that
+            holds models for others).
     """
 
     def __init__(
@@ -77,6 +103,7 @@ class Resolver:
         options: dl.DownloadOptions | None = None,
         on_change: Callable[[], None] | None = None,
         after_download: Callable[[str, str], Awaitable[None]] | None = None,
+        store_all: bool = False,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -87,6 +114,7 @@ class Resolver:
         self.options = options or dl.DownloadOptions()
         self.on_change = on_change or (lambda: None)
         self.after_download = after_download
+        self.store_all = store_all
         self.states: dict[str, ModelState] = {}
         self.manifests: dict[str, dl.Manifest] = {}
         self.available: dict[str, Any] = {}
@@ -95,6 +123,8 @@ class Resolver:
         self._tasks: dict[str, asyncio.Task] = {}
         self._fetches: dict[str, dl.ModelFetch] = {}
         self._manifest_calls: dict[str, asyncio.Future] = {}
+        self._failures: dict[str, int] = {}  # failed tries in a row, per model
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="download")
 
     # -- local store --------------------------------------------------------------------
@@ -133,6 +163,7 @@ class Resolver:
             state = self.states.get(model_id)
             if state is not None and state.state == FAILED and not self.busy(model_id):
                 del self.states[model_id]  # placed (or fixed) by hand since it failed
+                self._clear_failures(model_id)
         return list(found)
 
     def _add_available(self, model_id: str, desc: Any) -> None:
@@ -159,12 +190,14 @@ class Resolver:
         self._gone.add(model_id)
         self.states.pop(model_id, None)
         self.manifests.pop(model_id, None)
+        self._clear_failures(model_id)
 
     def reports(self) -> list[dict[str, Any]]:
         """Per-model state of every model the node has or is working on.
 
         A valid model in the store is ``ready`` (with its ``format`` and ``size_bytes``)
-        unless it is loading; a failed attempt does not hide a model that is on disk.
+        unless it is loading; a failed attempt does not hide a model that is on disk. Every
+        report says whether one of the node's runtimes serves the model (``servable``).
         """
         reports: dict[str, dict[str, Any]] = {
             model_id: {
@@ -172,6 +205,7 @@ class Resolver:
                 "state": READY,
                 "format": desc.format,
                 "size_bytes": desc.size_bytes,
+                "servable": runtimes.servable(desc.format),
             }
             for model_id, desc in list(self.available.items())
         }
@@ -179,8 +213,18 @@ class Resolver:
             base = reports.get(model_id)
             if base is not None and state.state == FAILED:
                 continue
-            reports[model_id] = {**(base or {}), **state.to_dict(model_id)}
+            report = {**(base or {}), **state.to_dict(model_id)}
+            report.setdefault("servable", runtimes.servable(self.format_of(model_id)))
+            reports[model_id] = report
         return list(reports.values())
+
+    def format_of(self, model_id: str) -> str | None:
+        """The model's format: from the store when it is there, else from its manifest."""
+        desc = self.available.get(model_id)
+        if desc is not None:
+            return desc.format
+        manifest = self.manifests.get(model_id)
+        return _manifest_format(manifest) if manifest is not None else None
 
     def template_for(self, model_id: str) -> str | None:
         """The manifest's chat template of ``model_id`` if one was fetched."""
@@ -230,15 +274,23 @@ class Resolver:
     # -- resolution ---------------------------------------------------------------------
 
     def ensure(self, model_id: str, retry_failed: bool = True) -> asyncio.Task:
-        """Start (or join) the background resolution of ``model_id``."""
+        """Start (or join) the background resolution of ``model_id``.
+
+        Args:
+            model_id: the model.
+            retry_failed: retry a failed model now; with ``False`` only once its backoff has
+                passed (a model none of the runtimes serves is then not retried at all).
+        """
         task = self._tasks.get(model_id)
         if task is not None:
             return task
         state = self.states.get(model_id)
-        if state is not None and state.state == FAILED and not retry_failed:
+        waiting = state is not None and state.state == FAILED and not retry_failed
+        if waiting and (state.retry_at is None or time.time() < state.retry_at):
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done  # type: ignore[return-value]
+        self._cancel_retry(model_id)
         task = asyncio.get_running_loop().create_task(self._resolve(model_id))
         self._tasks[model_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(model_id, None))
@@ -246,14 +298,26 @@ class Resolver:
 
     async def _resolve(self, model_id: str) -> str | None:
         if (path := self.local_path(model_id)) is not None:
+            self._clear_failures(model_id)
             if model_id in self.states:
                 self._set(model_id, None)
             return path
         try:
             manifest = await self.manifest(model_id)
+        except dl.ModelNotRegistered as exc:  # deleted meanwhile: nothing left to retry
+            logger.info("%s", exc)
+            self._clear_failures(model_id)
+            self._set(model_id, None)
+            return None
         except dl.DownloadError as exc:
             logger.warning("%s", exc)
-            self._set(model_id, ModelState(FAILED, error=str(exc)))
+            self._failed(model_id, str(exc))
+            return None
+        fmt = _manifest_format(manifest)
+        if not self.store_all and fmt is not None and not runtimes.servable(fmt):
+            logger.info("%s: not downloaded: %s", model_id, runtimes.not_servable_reason(fmt))
+            self._clear_failures(model_id)
+            self._set(model_id, ModelState(FAILED, error=runtimes.not_servable_reason(fmt)))
             return None
         total = sum(f.size_bytes for f in dl.select_files(manifest)) if manifest.files else 0
         state = ModelState(DOWNLOADING, total=total)
@@ -287,7 +351,7 @@ class Resolver:
             message = str(exc) if isinstance(exc, dl.DownloadError) else f"{model_id}: {exc!r}"
             logger.error("download failed: %s", message)
             self.metrics.downloads.labels("failed").inc()
-            self._set(model_id, ModelState(FAILED, error=message))
+            self._failed(model_id, message)
             return None
         finally:
             self._fetches.pop(model_id, None)
@@ -301,7 +365,8 @@ class Resolver:
             logger.info("%s: downloaded by another process on this store", model_id)
         path = str(desc.primary_path)
         self._add_available(model_id, desc)
-        if self.after_download is not None:
+        self._clear_failures(model_id)
+        if self.after_download is not None and runtimes.servable(desc.format):
             self._set(model_id, ModelState(LOADING, bytes=total, total=total))
             try:
                 await self.after_download(model_id, path)
@@ -309,6 +374,35 @@ class Resolver:
                 logger.warning("%s: load after download failed: %s", model_id, exc)
         self._set(model_id, None)
         return path
+
+    # -- retries ------------------------------------------------------------------------
+
+    def _failed(self, model_id: str, message: str) -> None:
+        """Record a failed try and schedule the next one (exponential backoff, jittered)."""
+        attempts = self._failures.get(model_id, 0) + 1
+        self._failures[model_id] = attempts
+        delay = retry_delay(attempts) * random.uniform(0.9, 1.1)
+        state = ModelState(FAILED, error=message, attempts=attempts, retry_at=time.time() + delay)
+        self._set(model_id, state)
+        self._cancel_retry(model_id)
+        loop = asyncio.get_running_loop()
+        self._retries[model_id] = loop.call_later(delay, self._retry_due, model_id)
+        logger.info("%s: try %d failed; next try in %.1fs", model_id, attempts, delay)
+
+    def _retry_due(self, model_id: str) -> None:
+        self._retries.pop(model_id, None)
+        state = self.states.get(model_id)
+        if state is not None and state.state == FAILED and state.retry_at is not None:
+            self.ensure(model_id)
+
+    def _cancel_retry(self, model_id: str) -> None:
+        handle = self._retries.pop(model_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _clear_failures(self, model_id: str) -> None:
+        self._failures.pop(model_id, None)
+        self._cancel_retry(model_id)
 
     async def cancel(self, model_id: str) -> None:
         """Stop an in-flight download of ``model_id``."""
@@ -320,7 +414,10 @@ class Resolver:
             await asyncio.wait({task}, timeout=30)
 
     async def close(self) -> None:
-        """Cancel every download (node shutdown)."""
+        """Cancel every download and pending retry (node shutdown)."""
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         for fetch in list(self._fetches.values()):
             fetch.cancel()
         if self._tasks:
@@ -334,17 +431,30 @@ class Resolver:
 
         Raises:
             ApiError: 503 ``model_not_ready`` while it downloads (a missing but registered
-                model starts downloading), 503 ``model_failed``, 404 ``model_not_found``.
+                model starts downloading), 503 ``model_failed`` (``Retry-After``: the next
+                automatic try), 404 ``model_not_found``, 400 ``model_not_servable`` for a
+                model none of the node's runtimes serves.
         """
         state = self.states.get(model_id)
         if state is not None and state.state == DOWNLOADING:
             raise _not_ready(model_id, state)
         path = self.local_path(model_id)
         if path is not None:
+            fmt = self.format_of(model_id)
+            if not runtimes.servable(fmt):
+                raise _not_servable(model_id, fmt)
             return path
         if state is not None and state.state == FAILED and not self.busy(model_id):
+            if state.retry_at is None and self.manifests.get(model_id) is not None:
+                fmt = self.format_of(model_id)
+                if not runtimes.servable(fmt):
+                    raise _not_servable(model_id, fmt)
+            wait = state.retry_at - time.time() if state.retry_at is not None else 5
             raise ApiError(
-                503, "model_failed", state.error or f"model {model_id!r} failed", retry_after=5
+                503,
+                "model_failed",
+                state.error or f"model {model_id!r} failed",
+                retry_after=max(1.0, wait),
             )
         if not self.busy(model_id):
             try:
@@ -358,8 +468,35 @@ class Resolver:
                 ) from None
             except dl.RouterUnavailable as exc:
                 raise ApiError(503, "model_not_ready", str(exc), retry_after=5) from None
+            fmt = self.format_of(model_id)
+            if fmt is not None and not runtimes.servable(fmt):
+                if self.store_all:
+                    self.ensure(model_id)  # stored for others all the same
+                raise _not_servable(model_id, fmt)
             self.ensure(model_id)
         raise _not_ready(model_id, self.states.get(model_id))
+
+
+def _manifest_format(manifest: dl.Manifest) -> str | None:
+    """A manifest's model format, from its ``format`` or else its primary file's name."""
+    if manifest.format:
+        return manifest.format
+    for spec in sorted(manifest.files, key=lambda f: f.priority):
+        for suffix in ("gguf", "safetensors"):
+            if spec.filename.endswith(f".{suffix}"):
+                return suffix
+    return None
+
+
+def _not_servable(model_id: str, model_format: str | None) -> ApiError:
+    return ApiError(
+        400,
+        "model_not_servable",
+        f"model {model_id!r} cannot be served by this node: "
+        f"{runtimes.not_servable_reason(model_format)} "
+        f"(runtimes: {', '.join(runtimes.RUNTIMES)})",
+        param="model",
+    )
 
 
 def _not_ready(model_id: str, state: ModelState | None) -> ApiError:

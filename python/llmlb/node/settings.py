@@ -48,6 +48,9 @@ class NodeSettings:
         require_router_token: ``/v1/*`` accepts the router's token for this node (the
             ``sync_token`` it got at registration, which the router's proxy presents).
             With either credential required, a request carrying neither gets 401.
+        store_all: also download models none of the node's runtimes serves (a node that
+            holds models for others); they are stored, reported ``servable: false``, never
+            served.
     """
 
     router_url: str
@@ -70,6 +73,7 @@ class NodeSettings:
     reconcile_interval_s: float = 60.0
     require_key: str | None = field(default=None, repr=False)
     require_router_token: bool = False
+    store_all: bool = False
 
     @property
     def url(self) -> str:

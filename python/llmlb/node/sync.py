@@ -30,6 +30,7 @@ import orjson
 
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.node import downloader as dl
+from llmlb.node import runtimes
 from llmlb.node.engine import Engine
 from llmlb.node.resolver import FAILED, Resolver
 from llmlb.node.settings import NodeSettings
@@ -129,7 +130,7 @@ class RouterSync:
         return {
             "node_id": self.node_id,
             "url": self.settings.url,
-            "runtimes": ["llama_cpp"],
+            "runtimes": list(runtimes.RUNTIMES),
             "gpu": self.gpu,
             "slots": self.settings.concurrency,
             "models": self.model_reports(),
@@ -179,10 +180,11 @@ class RouterSync:
     async def pull_registry(self, only: list[str] | None = None) -> bool:
         """Fetch ``/v0/models`` and reconcile the store with it.
 
-        With ``only`` (a sync notification), start resolving those of the named models that
-        are registered, retrying failed ones. Without, reconcile everything: resolve every
-        registered model missing here (failed ones wait for a notification or a request), and
-        remove the models this node downloaded that are no longer registered.
+        With ``only`` (a sync notification: ``register`` or ``retry``), start resolving those
+        of the named models that are registered, retrying failed ones at once. Without,
+        reconcile everything: resolve every registered model missing here (failed ones whose
+        backoff has passed), and remove the models this node downloaded that are no longer
+        registered.
 
         Returns:
             Whether the router answered.
@@ -255,6 +257,7 @@ class RouterSync:
             "models": self.model_reports(),
             "active_requests": self.engine.active_requests(),
             "slots": self.settings.concurrency,
+            "runtimes": list(runtimes.RUNTIMES),
         }
         try:
             await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
@@ -275,7 +278,7 @@ class RouterSync:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.sync_token)
 
     def handle_sync(self, action: str, model_ids: list[str]) -> None:
-        """Reconcile the named models in the background (``register`` or ``delete``)."""
+        """Reconcile the named models in the background (``register``, ``retry``, ``delete``)."""
         ids = []
         for raw in model_ids:
             with contextlib.suppress(InvalidModelId):

@@ -69,7 +69,8 @@ def parse_model_reports(value: Any) -> list[dict]:
     """Validate a node's ``models`` list into stored form.
 
     Each item is ``{"id", "state": ready|downloading|loading|failed, "progress"?:
-    {"bytes", "total"}, "error"?, "format"?, "size_bytes"?}`` (``status`` is accepted for
+    {"bytes", "total"}, "error"?, "format"?, "size_bytes"?, "servable"?, "attempts"?,
+    "retry_at"? (unix seconds)}`` (``status`` is accepted for
     ``state``; a bare string means a ready model).
     """
     if value is None:
@@ -111,6 +112,9 @@ def parse_model_reports(value: Any) -> list[dict]:
             if not isinstance(servable, bool):
                 raise _bad("servable must be a boolean")
             report["servable"] = servable
+        for name in ("attempts", "retry_at"):  # a failed download's retries (node's backoff)
+            if (number := _optional_int(item.get(name), name)) is not None:
+                report[name] = number
         reports[model_id] = report
     return list(reports.values())
 

@@ -439,6 +439,28 @@ def _paths() -> dict:
                 },
             }
         },
+        "/v0/models/{model_id}/retry": {
+            "post": {
+                "operationId": "retryModel",
+                "summary": "Nodes retry the model's failed download now (admin)",
+                "parameters": [_MODEL_ID_PARAM],
+                "responses": {
+                    "202": _json(
+                        {
+                            "type": "object",
+                            "required": ["model", "action", "nodes"],
+                            "properties": {
+                                "model": {"type": "string"},
+                                "action": {"type": "string", "enum": ["retry"]},
+                                "nodes": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                        "Retry requested",
+                    ),
+                    **_errors(400, *_AUTH, 404),
+                },
+            }
+        },
         "/v0/nodes": {
             "post": {
                 "operationId": "registerNode",

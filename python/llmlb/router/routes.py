@@ -112,6 +112,7 @@ async def register_model(request: Request) -> Response:
         )
         if await runtime.db.run(registry.model_exists, req.model_id):
             raise ApiError(409, "model_exists", f"model {req.model_id} is already registered")
+        await runtime.db.run(registry.check_no_conflict, req.model_id)
         manifest = await registry.fetch_manifest(runtime.settings, req)
         row = await runtime.db.run(registry.store_model, req.model_id, manifest, req.chat_template)
     except ApiError as exc:
@@ -139,6 +140,17 @@ async def delete_model(request: Request) -> Response:
         [node.node_id for node in runtime.fleet.online_nodes()], [model_id], "delete"
     )
     return Response(status_code=204)
+
+
+async def retry_model(request: Request) -> Response:
+    """``POST /v0/models/{id}/retry`` (admin): nodes retry the model's failed download now."""
+    runtime = _guard(request, "admin")
+    model_id = _path_model_id(request)
+    if not await runtime.db.run(registry.model_exists, model_id):
+        raise _model_not_found(model_id)
+    node_ids = [node.node_id for node in runtime.fleet.online_nodes()]
+    runtime.notifier.notify(node_ids, [model_id], "retry")
+    return JSONResponse({"model": model_id, "action": "retry", "nodes": node_ids}, status_code=202)
 
 
 async def list_models(request: Request) -> Response:
@@ -253,6 +265,7 @@ ROUTES = [
     _route("/v1/models/{model_id:path}", get=get_model, delete=delete_model),
     _route("/v0/models", get=node_models),
     _route("/v0/models/registry/{model_id:path}/manifest.json", get=manifest),
+    _route("/v0/models/{model_id:path}/retry", post=retry_model),
     _route("/v0/nodes", get=list_nodes, post=register_node),
     _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
     _route("/v0/nodes/{node_id}", delete=unregister_node),
