@@ -10,7 +10,9 @@ Tests make one process look like many nodes with different behaviour through a p
 ``sleep<ms>`` (wait before answering); ``drip<ms>`` (stream 5 events ``ms`` apart);
 ``break`` (stream 3 events, then drop the connection; non-streaming: drop before
 answering); ``echo`` (answer the request's body and headers); ``down`` (``/health`` answers
-503, requests 500). Every answer carries ``x-mock-node: <tag>``; ``GET /_stats`` returns
+503, requests 500); ``strict`` (a 500 ``text/plain`` to a body whose ``temperature``,
+``stop`` or ``seed`` has the wrong type, like a node without parameter validation; else
+``ok``). Every answer carries ``x-mock-node: <tag>``; ``GET /_stats`` returns
 ``{tag: requests}`` and ``POST /_stats/reset`` clears it.
 
 Run: ``python bench/router/mock_backend.py --host 127.0.0.1 --port 9000``.
@@ -104,6 +106,19 @@ async def _stream(
     await send({"type": "http.response.body", "body": _DONE, "more_body": False})
 
 
+def _invalid_params(body: bytes) -> bool:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True
+    temperature, stop, seed = doc.get("temperature", 1.0), doc.get("stop"), doc.get("seed", 0)
+    return (
+        not isinstance(temperature, int | float)
+        or not isinstance(stop, str | list | None)
+        or not isinstance(seed, int)
+    )
+
+
 async def app(scope, receive, send) -> None:
     """The mock backend (raw ASGI)."""
     if scope["type"] == "lifespan":
@@ -144,6 +159,11 @@ async def app(scope, receive, send) -> None:
             b'{"error":{"message":"mock failure","type":"server_error","code":"mock_failure"}}',
             extra,
         )
+        return
+    elif mode == "strict" and _invalid_params(body):
+        headers = [(b"content-type", b"text/plain"), *extra]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": b"Internal Server Error"})
         return
     elif mode == "echo":
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

@@ -13,6 +13,11 @@ from llmlb import config
 APP_FACTORY = "llmlb.router.app:create_app"
 # Seconds a worker gets to finish in-flight requests at shutdown before it is killed.
 WORKERS_KILL_TIMEOUT_S = 10
+# Connections per worker Granian serves beyond the inference limit: room for the requests the
+# app sheds (503 overloaded) and for /health, heartbeats and admin routes, which must never
+# wait behind inference traffic in Granian's own queue.
+CONTROL_BUDGET = 4096
+LISTEN_BACKLOG = 4096
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +36,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--db", help="SQLite file (default $LLMLB_HOME/lb.db)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        metavar="N",
+        help="inference requests each worker takes at once; more get 503 overloaded "
+        "(default 2048; proxy setting max_inflight)",
+    )
+    parser.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        metavar="S",
+        help="end a stream whose node sends nothing for S seconds (default 60; proxy "
+        "setting stream_idle_timeout_s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -38,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
     """Prepare the database and admin key, then serve until SIGINT/SIGTERM."""
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
+    # Proxy settings reach the workers through the environment (``LLMLB_PROXY_*``).
+    if args.max_inflight is not None:
+        if args.max_inflight < 1:
+            raise SystemExit("--max-inflight must be >= 1")
+        os.environ["LLMLB_PROXY_MAX_INFLIGHT"] = str(args.max_inflight)
+    if args.stream_idle_timeout is not None:
+        if not args.stream_idle_timeout > 0:
+            raise SystemExit("--stream-idle-timeout must be > 0")
+        os.environ["LLMLB_PROXY_STREAM_IDLE_TIMEOUT_S"] = str(args.stream_idle_timeout)
     # Workers read their settings from the environment; set it before anything imports
     # prometheus_client, which picks its multi-process mode at import time.
     os.environ["LLMLB_ROUTER_DB"] = str(config.router_db_path(args.db))
@@ -53,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from llmlb.router.db import open_database
     from llmlb.router.keys import bootstrap_admin_key
     from llmlb.router.nodes import mark_all_offline
+    from llmlb.router.proxy import ProxySettings
     from llmlb.router.settings import RouterSettings
 
     configure_logging()
     log = logging.getLogger("llmlb.router")
     try:
         settings = RouterSettings.from_env()
+        proxy_settings = ProxySettings.from_config()
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -83,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
             interface=Interfaces.ASGI,
             workers=args.workers,
             factory=True,
+            # The app sheds inference traffic above max_inflight (503 overloaded); Granian's
+            # own cap (backlog / workers by default) must lie well above it.
+            backlog=LISTEN_BACKLOG,
+            backpressure=proxy_settings.max_inflight + CONTROL_BUDGET,
             log_access=False,
             # A worker signalled in the instant it starts may miss the signal; never hang on it.
             workers_kill_timeout=WORKERS_KILL_TIMEOUT_S,

@@ -107,8 +107,14 @@ class Runtime:
 
     async def _reap(self) -> None:
         interval = max(0.05, self.settings.heartbeat_interval_s / 2)
+        loop = asyncio.get_running_loop()
         while True:
+            before = loop.time()
             await asyncio.sleep(interval)
+            if loop.time() - before > interval * 1.5:
+                # This worker was too busy to run on time, so heartbeats may be waiting
+                # unread: a busy router must never take a node offline.
+                continue
             try:
                 if await self.db.run(nodes.reap, self.settings.offline_after_s):
                     await self.refresh()
