@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from llmlb.errors import ApiError
 from llmlb.router import db, nodes
@@ -96,3 +98,80 @@ def test_silent_nodes_go_offline_and_come_back(conn):
     assert [s.online for s in nodes.load_states(conn)] == [True]
     assert nodes.sync_target(conn, "n")[0] == "http://n"
     assert nodes.unregister(conn, "n") and nodes.sync_target(conn, "n") is None
+
+
+SECRET_A = "secret-a-0123456789abcdef"
+SECRET_B = "secret-b-0123456789abcdef"
+
+
+def _reg(secret: str | None = None, url: str = "http://n") -> nodes.Registration:
+    body = {"node_id": "n", "url": url}
+    if secret is not None:
+        body["node_secret"] = secret
+    return nodes.Registration.parse(body)
+
+
+def _conflict(call) -> None:
+    with pytest.raises(ApiError) as err:
+        call()
+    assert (err.value.status, err.value.code) == (409, "node_id_conflict")
+
+
+def test_a_node_id_is_bound_to_the_secret_that_registered_it(conn):
+    nodes.register(conn, _reg(SECRET_A), b"sk-shared-node-key")
+    # Any other credential, with the same node key or not, cannot take the id over.
+    _conflict(lambda: nodes.register(conn, _reg(SECRET_B, "http://evil"), b"sk-shared-node-key"))
+    _conflict(lambda: nodes.register(conn, _reg(None, "http://evil"), b"sk-shared-node-key"))
+    assert nodes.sync_target(conn, "n")[0] == "http://n"
+    # Nor speak for it in heartbeats or remove it with a node key.
+    _conflict(lambda: nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({}), b"sk-shared-node-key"))
+    wrong = nodes.Heartbeat.parse({"node_secret": SECRET_B, "models": ["x"]})
+    _conflict(lambda: nodes.heartbeat(conn, "n", wrong))
+    _conflict(lambda: nodes.unregister(conn, "n", b"sk-shared-node-key"))
+    assert nodes.list_nodes(conn, 60)[0]["models"] == []
+    # The node itself re-registers (new URL, same secret) and heartbeats.
+    nodes.register(conn, _reg(SECRET_A, "http://moved"), b"another-key")
+    assert nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({"node_secret": SECRET_A}))
+    # An admin removes it; then the id is free for another credential.
+    assert nodes.unregister(conn, "n", None, force=True)
+    nodes.register(conn, _reg(SECRET_B), None)
+    _conflict(lambda: nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({"node_secret": SECRET_A})))
+    stored = conn.execute("SELECT credential_hash FROM nodes").fetchone()[0]
+    assert SECRET_B not in stored and len(stored) == 64  # only a hash is kept
+
+
+def test_without_a_secret_the_id_is_bound_to_the_key(conn):
+    nodes.register(conn, _reg(), b"sk-key-1")
+    assert nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({}), b"sk-key-1")
+    _conflict(lambda: nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({}), b"sk-key-2"))
+    _conflict(lambda: nodes.register(conn, _reg(), b"sk-key-2"))
+    assert nodes.unregister(conn, "n", b"sk-key-1")
+
+
+@pytest.mark.parametrize("secret", ["short", "with space in the secret", 12, "x" * 257])
+def test_a_malformed_secret_is_refused(secret):
+    for parse in (nodes.Registration.parse, nodes.Heartbeat.parse):
+        with pytest.raises(ApiError) as err:
+            parse({"url": "http://n", "node_secret": secret})
+        assert err.value.status == 400
+
+
+def test_a_database_from_before_bindings_migrates_and_its_nodes_rebind(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    for statement in db.MIGRATIONS[0]:
+        old.execute(statement)
+    old.execute(
+        "INSERT INTO nodes (id, url, runtimes, gpu, slots, sync_token, status, models, "
+        "registered_at, last_seen) VALUES ('n', 'http://n', '[]', '{}', 1, 't', 'online', "
+        "'[]', '2025-01-01T00:00:00.000Z', 0)"
+    )
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    conn = db.open_database(path)
+    assert db.schema_version(conn) == len(db.MIGRATIONS)
+    assert nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({}), b"any")  # unbound: accepted
+    nodes.register(conn, _reg(SECRET_A), b"k")  # the next registration binds it
+    _conflict(lambda: nodes.register(conn, _reg(SECRET_B), b"k"))
+    conn.close()

@@ -105,3 +105,24 @@ def test_a_failed_store_leaves_nothing(conn):
     assert registry.list_models(conn) == []
     assert conn.execute("SELECT COUNT(*) FROM model_files").fetchone()[0] == 0
     assert db.versions(conn) == before
+
+
+def test_ids_that_nest_conflict(conn):
+    registry.store_model(conn, "org/nest", _manifest("m.gguf"), None)
+    registry.store_model(conn, "solo:q4_k_m", _manifest("m.gguf"), None)
+    for model_id, other in [
+        ("org/nest/inner", "org/nest"),
+        ("org/nest/a/b:q8_0", "org/nest"),
+        ("org", "org/nest"),
+        ("solo/x", "solo:q4_k_m"),
+    ]:
+        assert registry.conflicting_model(conn, model_id) == other
+        with pytest.raises(ApiError) as info:
+            registry.store_model(conn, model_id, _manifest("m.gguf"), None)
+        assert (info.value.status, info.value.code) == (409, "model_id_conflict")
+        assert other in str(info.value)
+    # Siblings, look-alike prefixes and another quantisation of the same directory are fine.
+    for model_id in ("org/nest-2", "org/nes", "org/other/nest", "solo:q8_0", "org_nest/inner"):
+        assert registry.conflicting_model(conn, model_id) is None, model_id
+        registry.store_model(conn, model_id, _manifest("m.gguf"), None)
+    assert not registry.model_exists(conn, "org/nest/inner")

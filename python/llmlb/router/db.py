@@ -75,6 +75,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE state_version (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
         "INSERT INTO state_version (name, version) VALUES ('keys', 0), ('fleet', 0)",
     ],
+    # 2: a node id is bound to the sha256 of the credential that registered it (NULL: a row
+    # from before, bound by its next registration).
+    ["ALTER TABLE nodes ADD COLUMN credential_hash TEXT"],
 ]
 
 

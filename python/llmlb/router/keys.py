@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlb.errors import ApiError
+from llmlb.http import bearer_token
 from llmlb.private_file import write_private_file
 from llmlb.router import db
 
@@ -205,14 +206,10 @@ class KeyCache:
         Returns:
             ``None`` when allowed, else :data:`UNAUTHENTICATED` (401) or :data:`FORBIDDEN` (403).
         """
-        if not authorization:
+        key = bearer_token(authorization)
+        if key is None:
             return UNAUTHENTICATED
-        if isinstance(authorization, str):
-            authorization = authorization.encode("latin-1", "replace")
-        scheme, _, key = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not key:
-            return UNAUTHENTICATED
-        scope = self.scope_of(key.strip())
+        scope = self.scope_of(key)
         if scope is None:
             return UNAUTHENTICATED
         if required is None or scope == required or scope == "admin":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import secrets
 import sqlite3
@@ -17,6 +19,7 @@ from llmlb.router import db
 from llmlb.router.fleet import MODEL_STATES, ModelReport, NodeState, NodeView
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NODE_SECRET = re.compile(r"[\x21-\x7e]{16,256}")
 MAX_COUNT = 1_000_000  # bound on slots and active requests
 MAX_BYTES = 1 << 60  # bound on sizes and progress
 
@@ -30,6 +33,55 @@ def validate_node_id(value: Any) -> str:
     if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
         raise _bad("node_id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_node_id")
     return value
+
+
+def validate_node_secret(value: Any) -> str | None:
+    """An optional ``node_secret``: 16-256 printable ASCII characters, no spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NODE_SECRET.fullmatch(value):
+        raise _bad("node_secret must be 16-256 printable ASCII characters without spaces")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What a request presents to prove it speaks for a node id.
+
+    The node's own ``node_secret`` when sent (real nodes always send it), else the bearer key
+    of the request: a client that sends no secret binds the id to its key.
+    """
+
+    node_secret: str | None
+    key: bytes | None
+
+    def digest(self) -> str | None:
+        """Hex sha256 of the credential (the only form stored), ``None`` when there is none."""
+        if self.node_secret is not None:
+            return hashlib.sha256(self.node_secret.encode()).hexdigest()
+        if self.key:
+            return hashlib.sha256(self.key).hexdigest()
+        return None
+
+    def proves(self, bound: str | None) -> bool:
+        """Whether this credential is the one ``bound`` (a stored digest) was made from.
+
+        A row without a binding (written before bindings existed) accepts anyone.
+        """
+        if bound is None:
+            return True
+        digest = self.digest()
+        return digest is not None and hmac.compare_digest(digest, bound)
+
+
+def id_conflict(node_id: str) -> ApiError:
+    """409 ``node_id_conflict``: the id is bound to another credential."""
+    return ApiError(
+        409,
+        "node_id_conflict",
+        f"node id {node_id} is registered by another node (a different node_secret or key); "
+        f"an admin must remove it first (DELETE /v0/nodes/{node_id})",
+    )
 
 
 def validate_url(value: Any) -> str:
@@ -129,6 +181,7 @@ class Registration:
     gpu: dict
     slots: int
     models: list[dict]
+    node_secret: str | None = None
 
     @classmethod
     def parse(cls, body: dict) -> Registration:
@@ -152,6 +205,7 @@ class Registration:
             gpu=gpu,
             slots=_int(body.get("slots", 1), "slots", 1),
             models=parse_model_reports(body.get("models")),
+            node_secret=validate_node_secret(body.get("node_secret")),
         )
 
 
@@ -163,6 +217,7 @@ class Heartbeat:
     active_requests: int
     slots: int | None
     runtimes: list[str] | None = None
+    node_secret: str | None = None
 
     @classmethod
     def parse(cls, body: dict) -> Heartbeat:
@@ -179,6 +234,7 @@ class Heartbeat:
             active_requests=_int(active, "active_requests", 0) if active is not None else 0,
             slots=_int(slots, "slots", 1) if slots is not None else None,
             runtimes=_runtimes(body["runtimes"]) if body.get("runtimes") is not None else None,
+            node_secret=validate_node_secret(body.get("node_secret")),
         )
 
 
@@ -198,18 +254,32 @@ def _state_key(models: list[dict]) -> list[tuple[str, str]]:
     return sorted((m["id"], m["state"], m.get("servable", True)) for m in models)
 
 
-def register(conn: sqlite3.Connection, reg: Registration) -> str:
-    """Insert or replace a node with a fresh sync token; returns the token."""
+def register(conn: sqlite3.Connection, reg: Registration, key: bytes | None = None) -> str:
+    """Insert or replace a node with a fresh sync token; returns the token.
+
+    The id is bound to the registration's credential (its ``node_secret``, else ``key``, the
+    request's bearer key); registering a bound id again needs the same credential.
+
+    Raises:
+        ApiError: 409 ``node_id_conflict`` when the id is bound to another credential.
+    """
     token = secrets.token_urlsafe(32)
+    credential = Credential(reg.node_secret, key)
     with db.transaction(conn):
+        row = conn.execute(
+            "SELECT credential_hash FROM nodes WHERE id = ?", (reg.node_id,)
+        ).fetchone()
+        if row is not None and not credential.proves(row[0]):
+            raise id_conflict(reg.node_id)
         conn.execute(
             "INSERT INTO nodes (id, url, runtimes, gpu, slots, sync_token, status, models, "
-            "active_requests, registered_at, last_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'online', ?, 0, ?, ?) "
+            "active_requests, registered_at, last_seen, credential_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'online', ?, 0, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET url=excluded.url, runtimes=excluded.runtimes, "
             "gpu=excluded.gpu, slots=excluded.slots, sync_token=excluded.sync_token, "
             "status='online', models=excluded.models, active_requests=0, "
-            "registered_at=excluded.registered_at, last_seen=excluded.last_seen",
+            "registered_at=excluded.registered_at, last_seen=excluded.last_seen, "
+            "credential_hash=excluded.credential_hash",
             (
                 reg.node_id,
                 reg.url,
@@ -220,20 +290,34 @@ def register(conn: sqlite3.Connection, reg: Registration) -> str:
                 orjson.dumps(reg.models).decode(),
                 db.now_iso(),
                 db.unix_now(),
+                credential.digest(),
             ),
         )
         db.bump(conn, db.FLEET)
     return token
 
 
-def heartbeat(conn: sqlite3.Connection, node_id: str, beat: Heartbeat) -> bool:
-    """Record a heartbeat; ``False`` when the node is not registered."""
+def heartbeat(
+    conn: sqlite3.Connection, node_id: str, beat: Heartbeat, key: bytes | None = None
+) -> bool:
+    """Record a heartbeat; ``False`` when the node is not registered.
+
+    The heartbeat must present the credential the id is bound to (its ``node_secret``, else
+    ``key``, the request's bearer key), so only the node that registered speaks for it.
+
+    Raises:
+        ApiError: 409 ``node_id_conflict`` when the id is bound to another credential (its
+            registration changed: the node should register again).
+    """
     with db.transaction(conn):
         row = conn.execute(
-            "SELECT status, models, slots, runtimes FROM nodes WHERE id = ?", (node_id,)
+            "SELECT status, models, slots, runtimes, credential_hash FROM nodes WHERE id = ?",
+            (node_id,),
         ).fetchone()
         if row is None:
             return False
+        if not Credential(beat.node_secret, key).proves(row["credential_hash"]):
+            raise id_conflict(node_id)
         old_models = orjson.loads(row["models"])
         models = beat.models if beat.models is not None else old_models
         slots = beat.slots if beat.slots is not None else row["slots"]
@@ -261,9 +345,22 @@ def heartbeat(conn: sqlite3.Connection, node_id: str, beat: Heartbeat) -> bool:
     return True
 
 
-def unregister(conn: sqlite3.Connection, node_id: str) -> bool:
-    """Forget a node; ``False`` when it was not registered."""
+def unregister(
+    conn: sqlite3.Connection, node_id: str, key: bytes | None = None, *, force: bool = False
+) -> bool:
+    """Forget a node; ``False`` when it was not registered.
+
+    Without ``force`` (an admin), ``key`` must be the credential the id is bound to.
+
+    Raises:
+        ApiError: 409 ``node_id_conflict`` when it is not.
+    """
     with db.transaction(conn):
+        row = conn.execute("SELECT credential_hash FROM nodes WHERE id = ?", (node_id,)).fetchone()
+        if row is None:
+            return False
+        if not force and not Credential(None, key).proves(row[0]):
+            raise id_conflict(node_id)
         deleted = conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,)).rowcount
         if deleted:
             db.bump(conn, db.FLEET)

@@ -17,7 +17,7 @@ from llmlb.errors import (
     HubUnavailable,
     NoSupportedArtifacts,
 )
-from llmlb.model_storage import InvalidModelId, normalize_model_id
+from llmlb.model_storage import InvalidModelId, normalize_model_id, split_quant
 from llmlb.router import db
 from llmlb.router.fleet import RegisteredModel
 from llmlb.router.settings import RouterSettings
@@ -136,18 +136,54 @@ def model_exists(conn: sqlite3.Connection, model_id: str) -> bool:
     return conn.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is not None
 
 
+def conflicting_model(conn: sqlite3.Connection, model_id: str) -> str | None:
+    """A registered model whose store directory would contain ``model_id``'s or lie inside it.
+
+    Ids are compared by their base (``:QUANT`` dropped): ``nest`` and ``nest/inner:q4``
+    conflict, ``m:q4`` and ``m:q8`` (two files in one directory) do not.
+    """
+    base = split_quant(model_id)[0]
+    outer = [base[:i] for i, c in enumerate(base) if c == "/"]
+    clauses = ["substr(id, 1, ?) = ?"]  # models inside: "<base>/..."
+    params: list[object] = [len(base) + 1, base + "/"]
+    for prefix in outer:  # models around: "<prefix>" or "<prefix>:quant"
+        clauses.append("id = ? OR substr(id, 1, ?) = ?")
+        params += [prefix, len(prefix) + 1, prefix + ":"]
+    row = conn.execute(
+        f"SELECT id FROM models WHERE {' OR '.join(clauses)} ORDER BY id LIMIT 1", params
+    ).fetchone()
+    return row[0] if row else None
+
+
+def check_no_conflict(conn: sqlite3.Connection, model_id: str) -> None:
+    """Refuse an id that is a path prefix of a registered model's id, or has one as a prefix.
+
+    Raises:
+        ApiError: 409 ``model_id_conflict`` naming the other model.
+    """
+    other = conflicting_model(conn, model_id)
+    if other is not None:
+        raise ApiError(
+            409,
+            "model_id_conflict",
+            f"model {model_id} conflicts with registered model {other}: one id may not be a "
+            "path prefix of another (their store directories would nest)",
+        )
+
+
 def store_model(
     conn: sqlite3.Connection, model_id: str, manifest: Any, chat_template: str | None
 ) -> dict:
     """Store a model and its manifest in one transaction; returns the model's ``/v0`` row.
 
     Raises:
-        ApiError: 409 ``model_exists``.
+        ApiError: 409 ``model_exists`` or ``model_id_conflict``.
     """
     now = db.now_iso()
     template = chat_template if chat_template is not None else manifest.chat_template
     try:
         with db.transaction(conn):
+            check_no_conflict(conn, model_id)
             conn.execute(
                 "INSERT INTO models (id, repo, revision, format, filename, quantization, "
                 "chat_template, size_bytes, created_at, created_ts, updated_at) "

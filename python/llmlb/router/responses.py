@@ -1,4 +1,4 @@
-"""Small HTTP helpers shared by the router's routes: JSON responses, bodies, errors, auth."""
+"""The router's HTTP helpers: JSON responses, errors, auth (request bodies: ``llmlb.http``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from llmlb.errors import ApiError, error_body
+from llmlb.http import read_json, too_large
 from llmlb.router.keys import FORBIDDEN, KeyCache
+
+__all__ = [
+    "JSONResponse",
+    "api_error_handler",
+    "authorize",
+    "error_response",
+    "http_error_handler",
+    "read_json",
+    "server_error_handler",
+    "too_large",
+    "unauthorized",
+]
 
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
 
@@ -45,35 +58,6 @@ def authorize(request: Request, keys: KeyCache, scope: str | None) -> None:
     denied = keys.check(request.headers.get("authorization"), scope)
     if denied is not None:
         raise unauthorized(denied)
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, at most ``limit`` bytes.
-
-    Raises:
-        ApiError: 413 ``request_too_large``; 400 ``invalid_request_error`` for malformed JSON
-            or a body that is not an object.
-    """
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large(limit)
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_request_error", f"malformed JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request_error", "the request body must be a JSON object")
-    return data
-
-
-def too_large(limit: int) -> ApiError:
-    """413 for a body over ``limit`` bytes."""
-    return ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from urllib.parse import unquote
 
 from prometheus_client import Counter
@@ -12,9 +13,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmlb.errors import ApiError
+from llmlb.http import bearer_token, read_json
 from llmlb.router import keys, metrics, nodes, registry
 from llmlb.router.openapi import openapi_schema
-from llmlb.router.responses import JSONResponse, authorize, read_json
+from llmlb.router.responses import JSONResponse, authorize
 from llmlb.router.runtime import Runtime
 
 logger = logging.getLogger("llmlb.router")
@@ -39,6 +41,10 @@ def _guard(request: Request, scope: str | None) -> Runtime:
 def _path_model_id(request: Request) -> str:
     # Accept ``org/name`` and ``org%2Fname`` alike, whether or not the server decoded the path.
     return registry.model_id_or_400(unquote(request.path_params["model_id"]))
+
+
+def _bearer(request: Request) -> bytes | None:
+    return bearer_token(request.headers.get("authorization"))
 
 
 def _model_not_found(model_id: str) -> ApiError:
@@ -189,10 +195,14 @@ async def manifest(request: Request) -> Response:
 
 
 async def register_node(request: Request) -> Response:
-    """``POST /v0/nodes`` (node): register (or re-register) a node."""
+    """``POST /v0/nodes`` (node): register (or re-register) a node.
+
+    The id is bound to the body's ``node_secret`` (else to the bearer key); another
+    credential gets 409 ``node_id_conflict`` until an admin removes the node.
+    """
     runtime = _guard(request, "node")
     reg = nodes.Registration.parse(await read_json(request, runtime.settings.max_body_bytes))
-    token = await runtime.db.run(nodes.register, reg)
+    token = await runtime.db.run(nodes.register, reg, _bearer(request))
     logger.info("node %s registered at %s", reg.node_id, reg.url)
     await runtime.refresh()
     return JSONResponse(
@@ -206,11 +216,13 @@ async def register_node(request: Request) -> Response:
 
 
 async def node_heartbeat(request: Request) -> Response:
-    """``POST /v0/nodes/{node_id}/heartbeat`` (node)."""
+    """``POST /v0/nodes/{node_id}/heartbeat`` (node): 404 ``node_not_found`` for an unknown
+    id, 409 ``node_id_conflict`` when it is bound to another credential; both mean "register
+    again"."""
     runtime = _guard(request, "node")
     node_id = nodes.validate_node_id(request.path_params["node_id"])
     beat = nodes.Heartbeat.parse(await read_json(request, runtime.settings.max_body_bytes))
-    if not await runtime.db.run(nodes.heartbeat, node_id, beat):
+    if not await runtime.db.run(nodes.heartbeat, node_id, beat, _bearer(request)):
         raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
     await runtime.refresh()
     return JSONResponse(
@@ -219,10 +231,13 @@ async def node_heartbeat(request: Request) -> Response:
 
 
 async def unregister_node(request: Request) -> Response:
-    """``DELETE /v0/nodes/{node_id}`` (node): a node leaving; pending notifications stop."""
+    """``DELETE /v0/nodes/{node_id}``: an admin removes any node; a node key only a node bound
+    to that key. Pending notifications stop."""
     runtime = _guard(request, "node")
     node_id = nodes.validate_node_id(request.path_params["node_id"])
-    if not await runtime.db.run(nodes.unregister, node_id):
+    key = _bearer(request)
+    forced = key is not None and runtime.keys.scope_of(key) == "admin"
+    if not await runtime.db.run(partial(nodes.unregister, force=forced), node_id, key):
         raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
     runtime.notifier.cancel(node_id)
     logger.info("node %s unregistered", node_id)
