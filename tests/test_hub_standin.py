@@ -402,3 +402,35 @@ def test_require_token(spawn, fault_root: Path) -> None:
         HfApi(endpoint=hub, token="hf_bad").model_info("org/m")
     assert info.value.response.status_code == 401
     assert HfApi(endpoint=hub, token="hf_good").model_info("org/m").id == "org/m"
+
+
+def test_parse_fail_first_and_redirect_ranges() -> None:
+    fail = parse_fault("fail-first:6")
+    assert (fail.kind, fail.n, fail.times, fail.method) == ("fail-first", 6, None, "GET")
+    assert parse_fault("fail-first:n=2,file=*.gguf").file == "*.gguf"
+    redirect = parse_fault("redirect-ranges:http://localhost:9/")
+    assert (redirect.to, redirect.times, redirect.method) == ("http://localhost:9", None, "GET")
+    assert parse_fault("redirect-ranges:to=https://x.example,repo=org/*").repo == "org/*"
+    for bad in ("redirect-ranges", "redirect-ranges:ftp://x", "fail-first:n=-1", "fail-first:x"):
+        with pytest.raises(ValueError):
+            parse_fault(bad)
+
+
+def test_fault_fail_first_counts_per_file(spawn, fault_root: Path) -> None:
+    hub = start_hub(spawn, fault_root, "--fault", "fail-first:2")
+    gguf, config = f"{hub}/org/m/resolve/main/m.gguf", f"{hub}/org/m/resolve/main/config.json"
+    assert [_get(gguf)[0] for _ in range(2)] == [503, 503]
+    assert _get(config)[0] == 503  # its own count
+    assert _get(gguf, method="HEAD")[0] == 200  # only GETs count
+    assert _get(gguf)[2] == GGUF and _get(gguf)[2] == GGUF  # recovered for good
+    assert [_get(config)[0] for _ in range(2)] == [503, 200]
+
+
+def test_fault_redirect_ranges_spares_the_probe(spawn, fault_root: Path) -> None:
+    hub = start_hub(spawn, fault_root, "--fault", "redirect-ranges:http://localhost:9")
+    path = "/org/m/resolve/main/m.gguf"
+    status, headers, body = _get(f"{hub}{path}", {"Range": "bytes=0-0"})
+    assert (status, body) == (206, GGUF[:1])
+    status, headers, _ = _get(f"{hub}{path}", {"Range": "bytes=1048576-2097151"})
+    assert status == 302 and headers["Location"] == f"http://localhost:9{path}"
+    assert _get(f"{hub}{path}")[2] == GGUF  # no range: served

@@ -81,6 +81,36 @@ def test_off_allowlist_url_is_refused_and_the_token_never_sent(spawn, tmp_path):
     assert ModelStorage(store).list_available() == []
 
 
+def test_allowlist_as_no_proxy_and_refused_urls():
+    assert dl.no_proxy_entries(["127.0.0.1", "*.hf.co", "HuggingFace.co.", "*.hf.co"]) == (
+        "127.0.0.1,.hf.co,huggingface.co"
+    )
+    http = dl._Http(["127.0.0.1"], None, 1.0)
+    message = "Error while downloading: error sending request for url (http://localhost:9/f)"
+    assert http.refused(message) == "http://localhost:9/f"
+    assert http.refused(message.replace("localhost", "127.0.0.1")) is None  # hub down
+    assert http.refused("Failed after too many retries") is None
+
+
+def test_a_redirect_during_the_transfer_is_refused(spawn, tmp_path):
+    big = gguf_bytes(tensors=[("blk.0.weight", [3 << 20], "F32")])  # parallel ranges
+    root = tmp_path / "hub"
+    make_repo(root, "org/split", {"big.gguf": big})
+    other_log = tmp_path / "other.jsonl"
+    other = start_hub(spawn, root, "--log-requests", str(other_log))
+    redirect = f"redirect-ranges:{other.replace('127.0.0.1', 'localhost')}"
+    hub = start_hub(spawn, root, "--fault", redirect)
+    store = tmp_path / "store"
+    store.mkdir()
+    fetch = dl.ModelFetch(
+        ModelStorage(store), store, _manifest(hub, {"big.gguf": big}), allowed_hosts=["127.0.0.1"]
+    )
+    with pytest.raises(dl.HostNotAllowed, match="redirected the transfer to http://localhost"):
+        fetch.run()
+    assert not [r for r in _log(other_log) if "/resolve/" in r["path"]]
+    assert ModelStorage(store).list_available() == []
+
+
 def test_verified_files_are_not_fetched_again_after_a_failure(spawn, tmp_path):
     root = tmp_path / "hub"
     files = FILES
