@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import sys
@@ -34,7 +35,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from llmlb import config
 from llmlb.errors import ApiError, error_body
+from llmlb.http import bearer_token, read_json
 from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
 from llmlb.node import downloader as dl
 from llmlb.node.engine import Engine, EngineOptions
@@ -141,14 +144,16 @@ class GpuProbe:
 # --- handlers ----------------------------------------------------------------------------
 
 
+@functools.cache
+def _body_limit() -> int:
+    """``LLMLB_MAX_BODY_BYTES`` (default 1 MiB): the router's limit, so whatever the router
+    forwards fits."""
+    return config.router_max_body_bytes()
+
+
 async def _body(request: Request) -> dict:
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
-    return body
+    """The JSON object body (400 when malformed, 413 ``request_too_large`` above the limit)."""
+    return await read_json(request, _body_limit())
 
 
 def _model_id(body: dict) -> str:
@@ -165,7 +170,8 @@ def _check_key(node: Node, request: Request) -> None:
     """Enforce ``require_key`` / ``require_router_token`` on a ``/v1/*`` request.
 
     Raises:
-        ApiError: 401 ``invalid_api_key`` when a credential is required and not presented.
+        ApiError: 401 ``invalid_api_key`` when a credential is required and not presented
+            (any header bytes, non-ASCII included, are just a wrong credential).
     """
     settings = node.settings
     if not settings.require_key and not settings.require_router_token:
@@ -173,13 +179,24 @@ def _check_key(node: Node, request: Request) -> None:
     authorization = request.headers.get("authorization")
     if settings.require_router_token and node.sync.check_sync_token(authorization):
         return
-    if settings.require_key:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), settings.require_key.encode()
-        ):
-            return
+    token = bearer_token(authorization)
+    if (
+        settings.require_key
+        and token is not None
+        and hmac.compare_digest(token, settings.require_key.encode())
+    ):
+        return
     raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
+
+
+def _check_off_loopback(node: Node, request: Request) -> None:
+    """Status and metrics routes: open on loopback, the router's token or the node's key off it.
+
+    Raises:
+        ApiError: 401 ``invalid_api_key``.
+    """
+    if node.settings.require_router_token:
+        _check_key(node, request)
 
 
 def _inference(route: str, method: str):
@@ -246,8 +263,12 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """``GET /metrics``: Prometheus text."""
+    """``GET /metrics``: Prometheus text (off loopback: the router's token or the node key)."""
     node: Node = request.app.state.node
+    try:
+        _check_off_loopback(node, request)
+    except ApiError as exc:
+        return _error(exc)
     return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -262,6 +283,10 @@ async def models_sync(request: Request) -> Response:
         action = body.get("action", "register")
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ApiError(400, "invalid_request_error", "'models' must be a list of ids")
+        try:
+            models = [normalize_model_id(m) for m in models]
+        except InvalidModelId as exc:
+            raise ApiError(400, "invalid_model_id", str(exc), param="models") from None
         if action not in ("register", "delete", "retry"):
             raise ApiError(
                 400, "invalid_request_error", "'action' must be 'register', 'delete' or 'retry'"
@@ -273,8 +298,13 @@ async def models_sync(request: Request) -> Response:
 
 
 async def models_status(request: Request) -> Response:
-    """``GET /api/models/status``: per-model state and progress."""
+    """``GET /api/models/status``: per-model state and progress (off loopback: the router's
+    token or the node key)."""
     node: Node = request.app.state.node
+    try:
+        _check_off_loopback(node, request)
+    except ApiError as exc:
+        return _error(exc)
     reports = node.sync.model_reports()
     loaded = set(node.engine.loaded())
     for report in reports:

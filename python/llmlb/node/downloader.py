@@ -1050,6 +1050,8 @@ class ModelFetch:
         if template and not (files_dir / CHAT_TEMPLATE_FILENAME).exists():
             (files_dir / CHAT_TEMPLATE_FILENAME).write_text(template)
         target = self.store.model_dir(self.model_id)
+        if (other := self.store.conflicting_model(self.model_id)) is not None:
+            raise DownloadError(f"{self.model_id}: model id conflict with {other} in the store")
         target.parent.mkdir(parents=True, exist_ok=True)
         old = None
         if target.exists():  # an earlier download of ours that no longer validates

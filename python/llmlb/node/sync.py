@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from llmlb.http import bearer_token
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.node import downloader as dl
 from llmlb.node import runtimes
 from llmlb.node.engine import Engine
+from llmlb.node.identity import node_secret
 from llmlb.node.resolver import FAILED, Resolver
 from llmlb.node.settings import NodeSettings
 
@@ -66,6 +68,8 @@ class RouterSync:
     ):
         self.settings = settings
         self.node_id = node_id
+        # Binds node_id to this node on the router: sent with registrations and heartbeats.
+        self.node_secret = node_secret(settings.models_dir, node_id)
         self.resolver = resolver
         self.engine = engine
         self.gpu_probe = gpu
@@ -134,6 +138,7 @@ class RouterSync:
             "gpu": self.gpu,
             "slots": self.settings.concurrency,
             "models": self.model_reports(),
+            "node_secret": self.node_secret,
         }
 
     # -- the loop -----------------------------------------------------------------------
@@ -166,7 +171,19 @@ class RouterSync:
         """Register and reconcile with the router's registry; ``False`` if unreachable."""
         try:
             answer = await self._post("/v0/nodes", self._registration())
-        except (*_client_errors(), TimeoutError, RouterError) as exc:
+        except RouterError as exc:
+            self.registered = False
+            if exc.code == ID_CONFLICT:
+                logger.error(
+                    "node id %s is registered on the router by another node; an admin must "
+                    "remove it there (DELETE /v0/nodes/%s) or this node needs another id",
+                    self.node_id,
+                    self.node_id,
+                )
+            else:
+                logger.info("registration failed: %s", exc)
+            return False
+        except (*_client_errors(), TimeoutError) as exc:
             logger.info("registration failed: %s", exc)
             return False
         self.sync_token = answer.get("sync_token")
@@ -258,24 +275,31 @@ class RouterSync:
             "active_requests": self.engine.active_requests(),
             "slots": self.settings.concurrency,
             "runtimes": list(runtimes.RUNTIMES),
+            "node_secret": self.node_secret,
         }
         try:
             await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
         except RouterError as exc:
-            if exc.status == 404:  # the router forgot us: register again (and reconcile)
-                logger.info("router does not know this node; registering again")
-                return await self._register_and_pull()
+            # 404: the router forgot us; 409: our registration changed (an admin removed the
+            # node, maybe another took the id). Register again (and reconcile).
+            if exc.status == 404 or exc.code == ID_CONFLICT:
+                logger.info("router %s this node; registering again", _forgot(exc))
+                if await self._register_and_pull():
+                    return True
             raise
         return False
 
     # -- sync notifications -------------------------------------------------------------
 
     def check_sync_token(self, authorization: str | None) -> bool:
-        """Whether ``authorization`` carries the sync token the router gave this node."""
-        if not self.sync_token or not authorization:
+        """Whether ``authorization`` carries the sync token the router gave this node.
+
+        Compared as bytes, so any header (non-ASCII included) is a clean ``False``.
+        """
+        token = bearer_token(authorization)
+        if not self.sync_token or token is None:
             return False
-        scheme, _, token = authorization.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.sync_token)
+        return hmac.compare_digest(token, self.sync_token.encode())
 
     def handle_sync(self, action: str, model_ids: list[str]) -> None:
         """Reconcile the named models in the background (``register``, ``retry``, ``delete``)."""
@@ -323,12 +347,20 @@ class RouterSync:
             return await _answer(resp)
 
 
-class RouterError(Exception):
-    """The router answered with an error status."""
+ID_CONFLICT = "node_id_conflict"
 
-    def __init__(self, status: int, message: str):
+
+class RouterError(Exception):
+    """The router answered with an error status (``code``: the error body's, if any)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(f"router answered {status}: {message}")
         self.status = status
+        self.code = code
+
+
+def _forgot(exc: RouterError) -> str:
+    return "does not know" if exc.status == 404 else "has another registration for"
 
 
 def _import_aiohttp():
@@ -347,9 +379,11 @@ def _client_errors() -> tuple[type[BaseException], ...]:
 async def _answer(resp: aiohttp.ClientResponse) -> dict:
     raw = await resp.read()
     if resp.status >= 400:
+        code = None
         try:
-            message = orjson.loads(raw)["error"]["message"]
+            error = orjson.loads(raw)["error"]
+            message, code = error["message"], error.get("code")
         except Exception:  # noqa: BLE001 - best effort
             message = raw[:200].decode(errors="replace")
-        raise RouterError(resp.status, message)
+        raise RouterError(resp.status, message, code)
     return orjson.loads(raw) if raw else {}
