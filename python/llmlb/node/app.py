@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmlb import config
+from llmlb import config, lifecycle
 from llmlb.errors import ApiError, error_body
 from llmlb.http import bearer_token, read_json
 from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
@@ -367,6 +367,7 @@ def create_app(settings: NodeSettings) -> Starlette:
 
 def app_from_env() -> Starlette:
     """Granian factory: the app for the settings ``llmlb node`` put in the environment."""
+    lifecycle.die_with_parent()  # a worker never outlives `llmlb node`, even its SIGKILL
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

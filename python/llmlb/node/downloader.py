@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 from filelock import FileLock
 
-from llmlb import config
+from llmlb import config, lifecycle
 from llmlb.errors import LlmlbError
 from llmlb.node.hashing import FollowingHasher, sha256_file
 from llmlb.node.settings import DEFAULT_CONNECTIONS
@@ -453,7 +453,7 @@ class _TransferWorker:
                 return self._proc
             if self._proc is not None:
                 _reap(self._proc)
-            self._proc = subprocess.Popen(
+            self._proc = lifecycle.popen(  # its parent-death signal follows this process
                 [sys.executable, "-m", "llmlb.node.transfer_worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,

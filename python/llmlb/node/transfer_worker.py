@@ -26,6 +26,8 @@ import sys
 
 import orjson
 
+from llmlb import lifecycle
+
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 # Chunk-level retries inside hf_transfer (dropped connections, 5xx): attempts per chunk and
@@ -79,6 +81,7 @@ def _run_job(job: dict, out, guard: _Guard) -> None:
 
 def main() -> int:
     """Serve jobs from stdin until it closes."""
+    lifecycle.die_with_parent()  # even mid-transfer, when the node dies
     out = sys.stdout.buffer
     guard = _Guard()
     for line in sys.stdin.buffer:

@@ -15,6 +15,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
+from llmlb import lifecycle
 from llmlb.errors import ApiError
 from llmlb.router.metrics import HttpMetricsMiddleware
 from llmlb.router.proxy import InferenceProxy
@@ -150,6 +151,7 @@ def configure_logging() -> None:
 
 def create_app() -> RouterApp:
     """Granian's factory: settings from the environment (``llmlb.config``)."""
+    lifecycle.die_with_parent()  # a worker never outlives `llmlb router`, even its SIGKILL
     configure_logging()
     return RouterApp(RouterSettings.from_env())
 
