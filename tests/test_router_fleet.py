@@ -77,3 +77,24 @@ def test_wait_for_change():
 
     timed_out, woke = asyncio.run(scenario())
     assert timed_out >= 0.05 and woke < 1
+
+
+def test_only_nodes_that_can_serve_a_model_are_ready_for_it():
+    def holder(node_id: str, servable: bool, runtimes: tuple[str, ...]) -> NodeState:
+        report = ModelReport("ready", "safetensors", 10, servable)
+        view = NodeView(node_id, f"http://{node_id}:1", 2)
+        return NodeState(view, True, {"acme/st": report}, runtimes)
+
+    fleet = FleetView()
+    registered = [RegisteredModel("acme/st", "Acme/St", "safetensors", 10, 1)]
+    fleet.load([holder("a", False, ("llama.cpp",)), holder("b", False, ("other",))], registered)
+    assert fleet.ready_nodes("acme/st") == []
+    assert fleet.model_status("acme/st") == "unservable"
+    assert fleet.incapable("acme/st") == ("safetensors", ["llama.cpp", "other"])
+    assert fleet.model_entry("acme/st")["ready"] is False
+    fleet.load([holder("a", False, ("llama.cpp",)), holder("c", True, ("vllm",))], registered)
+    assert [n.node_id for n in fleet.ready_nodes("acme/st")] == ["c"]
+    assert fleet.model_status("acme/st") == "ready"
+    assert fleet.model_entry("acme/st")["ready"] is True
+    assert fleet.model_entry("acme/st")["nodes_ready"] == 1
+    assert fleet.node_online("c") and not fleet.node_online("ghost")

@@ -7,7 +7,8 @@
 Tests make one process look like many nodes with different behaviour through a path prefix
 ``/_mock/<tag>/<mode>/`` before the usual route (register a node with URL
 ``http://host:port/_mock/<tag>/<mode>``). Modes: ``ok``; ``fail500`` (500 JSON error);
-``sleep<ms>`` (wait before answering); ``drip<ms>`` (stream 5 events ``ms`` apart);
+``sleep<ms>`` (wait before answering); ``drip<ms>`` (stream 5 events ``ms`` apart; a
+non-streaming request gets the fixed completion at once);
 ``break`` (stream 3 events, then drop the connection; non-streaming: drop before
 answering); ``echo`` (answer the request's body and headers); ``down`` (``/health`` answers
 503, requests 500); ``strict`` (a 500 ``text/plain`` to a body whose ``temperature``,
@@ -147,7 +148,8 @@ async def app(scope, receive, send) -> None:
     body = await _read_body(receive)
     if tag:
         _STATS[tag] = _STATS.get(tag, 0) + 1
-    if mode.startswith("drip"):
+    streaming = b'"stream":true' in body or b'"stream": true' in body
+    if mode.startswith("drip") and streaming:
         await _stream(send, extra, _EVENTS[:5], gap=int(mode[4:]) / 1000)
         return
     if mode.startswith("sleep"):
@@ -170,7 +172,6 @@ async def app(scope, receive, send) -> None:
         echo = {"body": body.decode(), "headers": headers, "path": path}
         await _json(send, 200, orjson.dumps(echo), extra)
         return
-    streaming = b'"stream":true' in body or b'"stream": true' in body
     if mode == "break":
         if not streaming:
             raise ConnectionAbortedError("mock: dropping the request")
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [
         sys.executable, "-m", "granian", "--interface", "asgi", "--host", args.host,
         "--port", str(args.port), "--workers", str(args.workers), "--no-ws",
+        "--backlog", "4096", "--backpressure", "16384",  # thousands of streams at once
         "--log-level", "warning", "mock_backend:app",
     ]  # fmt: skip
     os.execv(sys.executable, argv)
