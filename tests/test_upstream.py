@@ -239,3 +239,41 @@ def test_close_wakes_a_pending_read():
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_read_timeout_can_change_and_abort_all_ends_requests_in_progress():
+    async def stalls(reader, writer):
+        head, _ = await read_request(reader)
+        if b"/head" in head:
+            await asyncio.sleep(5)  # never answers
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def scenario():
+        server, url = await serve(stalls)
+        nodes = pool(url, read_timeout=5.0)
+        resp = await nodes.request(b"POST", "/x", b"{}")
+        assert await resp.read_some() == b"ab"
+        resp.read_timeout = 0.1  # e.g. the idle time-out once a stream started
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(resp.read_some(), 2.0)
+        resp.release()
+        assert not nodes.busy
+        streaming = await nodes.request(b"POST", "/x", b"{}")
+        assert await streaming.read_some() == b"ab"
+        reading = asyncio.ensure_future(streaming.read_some())
+        waiting = asyncio.ensure_future(nodes.request(b"POST", "/head", b"{}"))
+        await asyncio.sleep(0.1)
+        assert nodes.busy
+        nodes.abort_all("node n1 went offline")
+        for pending in (reading, waiting):
+            with pytest.raises(Disconnected, match="went offline"):
+                await asyncio.wait_for(pending, 1.0)
+        assert nodes.closed and not nodes.busy
+        with pytest.raises(Disconnected):  # a closed pool makes no new connection
+            await nodes.request(b"POST", "/x", b"{}")
+        server.close()
+
+    asyncio.run(scenario())
