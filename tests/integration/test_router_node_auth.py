@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import sqlite3
+from urllib.parse import urlsplit
+
+import orjson
 import pytest
 from llmlb.cli.node import _router_auth
 
@@ -54,3 +59,88 @@ def test_router_token_is_required_and_presented_by_the_proxy(spawn, tmp_path, ge
     reply = call(router, "POST", "/v1/completions", api_key, body, timeout=120)
     assert reply.status == 200, reply.body
     assert reply.json["choices"][0]["text"]
+
+
+NODE_KEY = "sk-node-own-key-for-tests"
+NON_ASCII_BEARER = b"Bearer \xff\xfe"
+
+
+def _raw(base_url: str, method: str, path: str, authorization: bytes, body: bytes = b"{}"):
+    """One request with a raw (latin-1) ``Authorization`` header: ``(status, json)``."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.putrequest(method, path)
+        conn.putheader("Authorization", authorization)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        payload = resp.read()
+        assert resp.getheader("content-type", "").startswith("application/json"), payload
+        return resp.status, orjson.loads(payload)
+    finally:
+        conn.close()
+
+
+def _sync_token(router) -> str:
+    with sqlite3.connect(router.home / "lb.db") as db:
+        (token,) = db.execute("SELECT sync_token FROM nodes").fetchone()
+    return token
+
+
+def test_node_and_router_auth_hold_against_bad_credentials_and_bodies(spawn, tmp_path):
+    router = start_router(spawn, tmp_path / "home", ADMIN)
+    node = start_node(
+        spawn,
+        router,
+        create_key(router, ADMIN, "node"),
+        tmp_path / "store",
+        "--router-auth",
+        "on",
+        "--require-key",
+        NODE_KEY,
+    )
+    wait_until(lambda: call(node, "GET", "/ready").json["registered"], message="registered")
+    token = _sync_token(router)
+
+    # A non-ASCII bearer is an unknown credential: 401 in the error shape, never a 500.
+    for base, method, path in [
+        (node, "GET", "/v1/models"),
+        (node, "POST", "/v1/chat/completions"),
+        (node, "POST", "/api/models/sync"),
+        (node, "GET", "/api/models/status"),
+        (node, "GET", "/metrics"),
+        (router, "GET", "/v1/models"),
+        (router, "POST", "/v1/chat/completions"),
+        (router, "POST", "/v0/nodes"),
+        (router, "GET", "/v0/nodes"),
+        (router, "GET", "/metrics"),
+    ]:
+        status, body = _raw(base, method, path, NON_ASCII_BEARER)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key", (path, body)
+    status, _ = _raw(node, "GET", "/metrics", b"Bearer " + NODE_KEY.encode() + b"\xe9")
+    assert status == 401
+
+    # Off loopback (--router-auth on), status and metrics need the router's token or the key.
+    for path in ("/api/models/status", "/metrics"):
+        reply = call(node, "GET", path)
+        assert reply.status == 401 and reply.json["error"]["code"] == "invalid_api_key"
+        assert call(node, "GET", path, "sk-wrong").status == 401
+        assert call(node, "GET", path, NODE_KEY).status == 200
+        assert call(node, "GET", path, token).status == 200
+
+    # /api/models/sync names models by valid ids only.
+    for bad in ("../x", ".staging/x", "a b", "org/.hidden"):
+        reply = call(node, "POST", "/api/models/sync", token, {"models": ["ok/model", bad]})
+        assert reply.status == 400, reply.body
+        assert reply.json["error"]["code"] == "invalid_model_id"
+    reply = call(node, "POST", "/api/models/sync", token, {"models": ["Org/Model"]})
+    assert reply.status == 202 and reply.json["accepted"] == ["org/model"]
+
+    # Bodies are limited as on the router: 413 in the error shape.
+    big = {"model": "acme/x", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    for path, key in [("/v1/chat/completions", NODE_KEY), ("/api/models/sync", token)]:
+        reply = call(node, "POST", path, key, big)
+        assert reply.status == 413, reply.body
+        assert reply.json["error"]["code"] == "request_too_large"

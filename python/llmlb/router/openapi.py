@@ -229,6 +229,11 @@ _SCHEMAS: dict[str, Any] = {
             },
             "slots": {"type": "integer", "minimum": 1, "maximum": _MAX_COUNT},
             "models": _ref("ModelReports"),
+            "node_secret": {
+                "type": ["string", "null"],
+                "description": "The node's own secret (16-256 printable ASCII): binds node_id "
+                "to it; without one the id is bound to the bearer key",
+            },
         },
     },
     "NodeRegistered": {
@@ -246,6 +251,11 @@ _SCHEMAS: dict[str, Any] = {
             "models": _ref("ModelReports"),
             "active_requests": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_COUNT},
             "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_COUNT},
+            "node_secret": {
+                "type": ["string", "null"],
+                "description": "The node's own secret (16-256 printable ASCII): the one "
+                "it registered with (409 node_id_conflict otherwise)",
+            },
         },
     },
     "HeartbeatAck": {
@@ -477,7 +487,7 @@ def _paths() -> dict:
                             "unregisterNode": ("node_id", "node_id"),
                         },
                     ),
-                    **_errors(400, *_AUTH, 413),
+                    **_errors(400, *_AUTH, 409, 413),
                 },
             },
             "get": {
@@ -507,16 +517,19 @@ def _paths() -> dict:
                 },
                 "responses": {
                     "200": _json(_ref("HeartbeatAck"), "Recorded"),
-                    **_errors(400, *_AUTH, 404, 413),
+                    **_errors(400, *_AUTH, 404, 409, 413),
                 },
             }
         },
         "/v0/nodes/{node_id}": {
             "delete": {
                 "operationId": "unregisterNode",
-                "summary": "Unregister a node (node)",
+                "summary": "Unregister a node (admin; node: only one bound to its key)",
                 "parameters": [_NODE_ID_PARAM],
-                "responses": {"204": {"description": "Unregistered"}, **_errors(400, *_AUTH, 404)},
+                "responses": {
+                    "204": {"description": "Unregistered"},
+                    **_errors(400, *_AUTH, 404, 409),
+                },
             }
         },
         "/v1/chat/completions": _inference(
