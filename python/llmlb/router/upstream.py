@@ -15,6 +15,7 @@ Failures raise a subclass of :class:`UpstreamError`: :class:`ConnectError` (no c
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from collections import deque
 from time import monotonic
@@ -24,6 +25,11 @@ _MAX_HEAD_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 _HIGH_WATER = 256 * 1024  # decoded bytes buffered before reading from the node pauses
 _MAX_IDLE = 1024  # idle keep-alive connections kept per node
+# Connect failures caused by the router's own limits (file descriptors, buffers, ports): not a
+# sign that the node is gone, so they must not take it offline.
+_LOCAL_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
@@ -525,6 +531,8 @@ class NodePool:
         except TimeoutError:
             raise UpstreamTimeout(f"connect timed out after {self.connect_timeout:g} s") from None
         except OSError as exc:
+            if exc.errno in _LOCAL_ERRNOS:  # the router's own shortage says nothing of the node
+                raise Disconnected(f"cannot open a connection to {self.url}: {exc}") from exc
             raise ConnectError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return conn
 
