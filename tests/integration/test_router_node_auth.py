@@ -100,6 +100,7 @@ def test_node_and_router_auth_hold_against_bad_credentials_and_bodies(spawn, tmp
         "on",
         "--require-key",
         NODE_KEY,
+        env={"LLMLB_MAX_BODY_BYTES": "4096"},  # small: an oversized body fits socket buffers
     )
     wait_until(lambda: call(node, "GET", "/ready").json["registered"], message="registered")
     token = _sync_token(router)
@@ -138,8 +139,8 @@ def test_node_and_router_auth_hold_against_bad_credentials_and_bodies(spawn, tmp
     reply = call(node, "POST", "/api/models/sync", token, {"models": ["Org/Model"]})
     assert reply.status == 202 and reply.json["accepted"] == ["org/model"]
 
-    # Bodies are limited as on the router: 413 in the error shape.
-    big = {"model": "acme/x", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    # Bodies are limited as on the router (LLMLB_MAX_BODY_BYTES): 413 in the error shape.
+    big = {"model": "acme/x", "messages": [{"role": "user", "content": "x" * 8192}]}
     for path, key in [("/v1/chat/completions", NODE_KEY), ("/api/models/sync", token)]:
         reply = call(node, "POST", path, key, big)
         assert reply.status == 413, reply.body
