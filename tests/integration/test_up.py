@@ -12,38 +12,10 @@ from openai import OpenAI
 
 from tests.factories import write_gguf
 from tests.hub_fixtures import make_repo, start_hub
+from tests.proc_tree import descendants, gone
 from tests.procs import LLMLB, Proc, free_port, wait_until
 
 BANNER_END = "Press Ctrl-C to stop."
-
-
-def descendants(root: int) -> set[int]:
-    """Every live descendant of ``root`` (children, grandchildren, …), from ``/proc``."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # ``pid (comm) state ppid …``; comm may hold spaces, so split after the last ")".
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def gone(pid: int) -> bool:
-    """The process no longer runs (absent, or a zombie awaiting its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def start_up(spawn, env: dict[str, str], port: int, node_port: int, *args: str) -> Proc:

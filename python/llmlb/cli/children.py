@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from llmlb import lifecycle
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when its parent dies (even by SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# Seconds the children get to stop on SIGTERM before SIGKILL: Ctrl-C of `llmlb up` ends
+# everything within about this (plus the SIGKILL), even with generations in flight.
+STOP_GRACE_S = 1.5
 
 
 class Child:
@@ -43,7 +38,8 @@ class Child:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads run at this point
+                # SIGTERM when `llmlb up` dies, even by SIGKILL; no threads run at this point.
+                preexec_fn=lifecycle.preexec_die_with_parent(signal.SIGTERM),  # noqa: PLW1509
             )
 
     @property
@@ -63,7 +59,7 @@ class Child:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = STOP_GRACE_S) -> int | None:
         """SIGTERM the whole group, SIGKILL it after ``timeout``; returns the exit code."""
         stop_all([self], timeout)
         return self.popen.returncode
@@ -74,7 +70,7 @@ class Child:
             os.killpg(self.popen.pid, sig)
 
 
-def stop_all(children: list[Child], timeout: float = 10.0) -> None:
+def stop_all(children: list[Child], timeout: float = STOP_GRACE_S) -> None:
     """Stop several children at once: SIGTERM every group, wait, then SIGKILL what is left.
 
     The final SIGKILL also reaches processes that outlived their group leader (workers).

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -37,6 +38,14 @@ ADMIN_KEY_FILE = "admin.key"
 START_TIMEOUT_S = 60.0
 DEMO_READY_TIMEOUT_S = 180.0
 POLL_S = 0.25
+# The node `llmlb up` starts: requests served at once (a second client is never refused
+# while a first one is answered) and, for the bundled base model, the answer length of a
+# request that names no max_tokens (about 4 s on two CPU cores; the base model never ends a
+# turn by itself).
+NODE_SLOTS = 4
+DEMO_MAX_TOKENS = 64
+# Answer length of the examples the banner prints.
+EXAMPLE_MAX_TOKENS = 32
 
 
 class UpError(Exception):
@@ -158,23 +167,28 @@ class _Cluster:
             self.model_id = demo.DEMO_MODEL_ID
         node_env = dict(env, LLMLB_NODE_KEY=node_key, LLMLB_ROUTER_URL=self.router_url)
         self.node_started_at = time.time()
-        self._spawn(
-            "node",
-            [
-                "node",
-                "--router",
-                self.router_url,
-                "--host",
-                HOST,
-                "--port",
-                str(args.node_port),
-                "--models-dir",
-                str(self.models_dir),
-            ],
-            node_env,
-        )
+        self._spawn("node", self._node_args(), node_env)
         self._wait_model_ready(admin)
         self._print_banner(ApiClient(self.router_url, self.api_key))
+
+    def _node_args(self) -> list[str]:
+        """The ``llmlb node`` command line: loopback, our store, demo-suited defaults."""
+        argv = [
+            "node",
+            "--router",
+            self.router_url,
+            "--host",
+            HOST,
+            "--port",
+            str(self.args.node_port),
+            "--models-dir",
+            str(self.models_dir),
+            "--concurrency",
+            str(NODE_SLOTS),
+        ]
+        if not self.args.model:
+            argv += ["--max-tokens", str(DEMO_MAX_TOKENS)]
+        return argv
 
     def _place_demo_model(self) -> None:
         if not demo.is_placed(self.models_dir):  # else only the template is refreshed
@@ -261,39 +275,64 @@ class _Cluster:
         except ApiClientError as exc:
             raise UpError(str(exc)) from None
         ready = [m["id"] for m in listed if m.get("ready")]
+        print("\n".join(self._banner_lines(ready)), flush=True)
+
+    def _banner_lines(self, ready: list[str]) -> list[str]:
+        """What ``llmlb up`` prints once the model is ready: where things are, how to call."""
         export = f"export LLMLB_ROUTER_URL={self.router_url}"
         if not config.admin_key():  # else LLMLB_ADMIN_KEY is already the admin key
             export += f" LLMLB_ADMIN_KEY=$(cat {shlex.quote(str(self.home / ADMIN_KEY_FILE))})"
         base = f"{self.router_url}/v1"
         key = self.api_key
         model = self.model_id
+        n = EXAMPLE_MAX_TOKENS
+        llmlb = _llmlb_command()
+        chat = f"{llmlb} chat {shlex.quote(model)} 'Write a haiku about load balancers.'"
+        chat += f" --max-tokens {n}"
+        if self.args.port != config.DEFAULT_ROUTER_PORT:
+            chat += f" --router {self.router_url}"
         lines = [
             "",
             f"llmlb is up: router {self.router_url}, node {self.node_url}",
             f"  Base URL:  {base}",
-            f"  API key:   {key}",
+            f"  API key:   {key} (kept in {self.home / API_KEY_FILE})",
             f"  Models:    {', '.join(ready) or '(none ready)'}",
             f"  Home:      {self.home} (logs in {self.home / 'logs'})",
+        ]
+        if not self.args.model:
+            lines += [
+                "",
+                f"{model} is the base (not instruction-tuned) Gemma 3 270M: it continues text",
+                "rather than following instructions, and an answer ends at max_tokens "
+                f"({DEMO_MAX_TOKENS} unless",
+                "the request says). For real answers serve a chat model: llmlb up --model "
+                "ORG/REPO.",
+            ]
+        lines += [
             "",
-            "Manage it (llmlb models ls, llmlb nodes ls, llmlb keys ls) after:",
+            f"Manage it ({llmlb} models ls, nodes ls, keys ls) after:",
             f"  {export}",
             "",
             "Try it with curl:",
             f"  curl {base}/chat/completions \\",
             f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": '
-            f'"Write a haiku about load balancers."}}]}}\'',
+            f'"Write a haiku about load balancers."}}], "max_tokens": {n}}}\'',
             "",
             "or with Python (pip install openai):",
             "  from openai import OpenAI",
             f'  client = OpenAI(base_url="{base}", api_key="{key}")',
             "  reply = client.chat.completions.create(",
-            f'      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])',
+            f'      model="{model}", messages=[{{"role": "user", "content": "Hello!"}}],',
+            f"      max_tokens={n})",
             "  print(reply.choices[0].message.content)",
+            "",
+            "or with the CLI:",
+            f"  {chat}",
             "",
             "Press Ctrl-C to stop.",
         ]
-        print("\n".join(lines), flush=True)
+        return lines
 
     # -- supervision --------------------------------------------------------------------
 
@@ -442,6 +481,17 @@ def _registered_since(node: dict[str, Any], since: float) -> bool:
     except ValueError:
         return True  # no usable timestamp: trust the node's own report
     return registered >= since - 1.0  # the router rounds to milliseconds
+
+
+def _llmlb_command() -> str:
+    """How to run this ``llmlb`` from a shell: ``llmlb`` when that is on PATH, else its path."""
+    script = Path(sys.argv[0])
+    if script.name == "llmlb" and script.is_file():
+        found = shutil.which("llmlb")
+        if found and Path(found).resolve() == script.resolve():
+            return "llmlb"
+        return shlex.quote(str(script.absolute()))
+    return f"{shlex.quote(sys.executable)} -m llmlb.cli.main"
 
 
 def _default_model_id(repo: str) -> str:

@@ -31,3 +31,26 @@ GEMMA_CHAT_TEMPLATE = (
     "{{ '<start_of_turn>model\\n' }}"
     "{%- endif -%}"
 )
+
+# Markers that end a turn, or start the next one (a model that opens a new turn has ended
+# its own), for the chat formats the node meets: Gemma, ChatML, Llama 3, Phi-3.
+TURN_MARKERS = (
+    "<end_of_turn>",
+    "<start_of_turn>",
+    "<|im_end|>",
+    "<|im_start|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end|>",
+)
+
+
+def turn_stop_strings(template: str | None) -> tuple[str, ...]:
+    """The stop strings a chat ``template`` implies: the turn markers it writes.
+
+    A model's own answer never contains them, so generation stops at the first one (even
+    when the model writes it as plain text rather than as its special token).
+    """
+    if not template:
+        return ()
+    return tuple(marker for marker in TURN_MARKERS if marker in template)
