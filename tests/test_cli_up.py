@@ -81,3 +81,22 @@ def test_demo_model_not_installed(tmp_path: Path) -> None:
 
 def test_filename_needs_model(tmp_path: Path) -> None:
     assert_clear_error(up(tmp_path / "home", "--filename", "x.gguf"), "--filename needs --model")
+
+
+def test_demo_node_gets_slots_and_a_bounded_default_answer(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+    import threading
+
+    from llmlb.cli import up as up_cli
+
+    monkeypatch.setenv("LLMLB_HOME", str(tmp_path))
+
+    def node_args(model: str | None) -> list[str]:
+        args = argparse.Namespace(model=model, filename=None, port=8080, node_port=32769)
+        return up_cli._Cluster(args, threading.Event(), [])._node_args()
+
+    demo = node_args(None)
+    assert demo[demo.index("--concurrency") + 1] == str(up_cli.NODE_SLOTS) == "4"
+    assert demo[demo.index("--max-tokens") + 1] == str(up_cli.DEMO_MAX_TOKENS)
+    hub = node_args("Org/Chat")  # a chat model of the user's choice keeps the node's default
+    assert "--concurrency" in hub and "--max-tokens" not in hub

@@ -2,8 +2,9 @@
 
 The router and the node run as child processes (``python -m llmlb.cli.main router|node``),
 each leading its own process group and logging to ``$LLMLB_HOME/logs/``. Ctrl-C or SIGTERM
-stops both groups. Keys and the demo model persist in ``$LLMLB_HOME``, so a second
-``llmlb up`` reuses them.
+stops both groups (SIGTERM, then SIGKILL after a short grace, so answers in flight never hold
+it up); they also get SIGTERM if ``llmlb up`` itself is killed. Keys and the demo model
+persist in ``$LLMLB_HOME``, so a second ``llmlb up`` reuses them.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "up",
         help="start a router and one node on loopback, serving a model",
         description="Start a router and one node on 127.0.0.1 under $LLMLB_HOME, create the "
-        "keys they need, serve the bundled Gemma 3 270M demo model (or --model ORG/REPO from "
-        "the hub), and print how to call it. Ctrl-C stops everything; a second run reuses the "
+        "keys they need, serve the bundled demo model, the base (not instruction-tuned) Gemma 3 "
+        f"270M with {DEMO_MAX_TOKENS}-token answers by default (or --model ORG/REPO from the hub), "
+        "and print how to call it. Ctrl-C stops everything; a second run reuses the "
         "same home, keys and model. Logs go to $LLMLB_HOME/logs/.",
     )
     parser.add_argument(
