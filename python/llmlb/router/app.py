@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from llmlb import lifecycle
+from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError
 from llmlb.router.metrics import HttpMetricsMiddleware
 from llmlb.router.proxy import InferenceProxy
@@ -34,8 +34,6 @@ logger = logging.getLogger("llmlb.router")
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
-Scope = dict[str, Any]
-
 
 def _error_responder(exc: ApiError, extra_headers: dict[str, str] | None = None):
     """Pre-render an error response as its two ASGI messages."""
@@ -45,7 +43,7 @@ def _error_responder(exc: ApiError, extra_headers: dict[str, str] | None = None)
     start = {"type": "http.response.start", "status": exc.status, "headers": headers}
     body = {"type": "http.response.body", "body": exc.body()}
 
-    async def respond(send) -> None:
+    async def respond(send: Send) -> None:
         await send(start)
         await send(body)
 
@@ -85,7 +83,7 @@ class RouterApp:
         starlette.state.runtime = self.runtime
         self._http = HttpMetricsMiddleware(starlette)
 
-    async def __call__(self, scope: Scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] in INFERENCE_PATHS:
                 if scope["method"] == "POST":
@@ -99,7 +97,7 @@ class RouterApp:
         else:
             await self._http(scope, receive, send)
 
-    async def _inference(self, scope: Scope, receive, send) -> None:
+    async def _inference(self, scope: Scope, receive: Receive, send: Send) -> None:
         authorization = length = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -115,7 +113,7 @@ class RouterApp:
             return
         await self.proxy(scope, receive, send)
 
-    async def _lifespan(self, receive, send) -> None:
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":

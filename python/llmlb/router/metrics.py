@@ -16,6 +16,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from llmlb import config
+from llmlb.asgi import ASGIApp, Message, Receive, Scope, Send
 
 HTTP_REQUESTS = Counter(
     "llmlb_router_http_requests_total",
@@ -37,16 +38,16 @@ def render() -> tuple[bytes, str]:
 class HttpMetricsMiddleware:
     """Counts responses of the wrapped ASGI app by handler name, method and status."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 500
 
-        async def send_wrapper(message) -> None:
+        async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

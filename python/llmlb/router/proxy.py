@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import orjson
 
 from llmlb import config
+from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError, error_body
 from llmlb.model_storage import normalize_model_id
 from llmlb.router.balancer import Balancer, NodeLike, NodeState, NoPick, WaitQueue
@@ -51,8 +52,6 @@ from llmlb.router.upstream import (
 )
 
 logger = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
 
 # Response headers not relayed: hop-by-hop ones, and those the ASGI server sets itself.
 _DROPPED_HEADERS = frozenset(
@@ -177,23 +176,29 @@ class _Failure:
     node_status: bool = False  # the node itself answered 5xx (not yet counted against it)
 
 
+@dataclass(slots=True, eq=False)
 class _Exchange:
-    """One client request's life in the router: what was sent, and why it was cut short.
+    """One client request's life in the router: what it asks, what was sent, and why it was
+    cut short.
 
     ``reason`` is set (``client_gone`` or ``total_timeout``) just before the request's task
-    is cancelled; ``node`` is the node of the current attempt, if any.
+    is cancelled; ``node`` is the node of the current attempt, if any; ``request`` (the
+    body's hash) makes one request's failures count once per node.
     """
 
-    __slots__ = ("send", "task", "started", "sse", "finished", "reason", "node")
-
-    def __init__(self, send: Any, task: asyncio.Task | None):
-        self.send = send
-        self.task = task
-        self.started = False  # http.response.start went out
-        self.sse = False
-        self.finished = False
-        self.reason: str | None = None
-        self.node: str | None = None
+    scope: Scope
+    send: Send
+    task: asyncio.Task | None
+    body: bytes
+    model: str
+    affinity_key: str | None
+    start: float  # perf_counter() when the request arrived
+    request: int = 0
+    started: bool = False  # http.response.start went out
+    sse: bool = False
+    finished: bool = False
+    reason: str | None = None
+    node: str | None = None
 
     def cut(self, reason: str) -> None:
         """Cancel the request (unless it is over already)."""
@@ -273,7 +278,7 @@ class InferenceProxy:
             await client.close()
         self.metrics.unwatch()
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = perf_counter()
         if self.inflight >= self.settings.max_inflight:
             self.metrics.rejected(503)
@@ -287,46 +292,37 @@ class InferenceProxy:
             if body is None:
                 return  # the client went away
             model, affinity_key = self._parse(body, scope)
-            await self._guarded(scope, receive, send, body, model, affinity_key, start)
+            ex = _Exchange(scope, send, asyncio.current_task(), body, model, affinity_key, start)
+            await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
             await _send_error(send, exc)
         finally:
             self.inflight -= 1
 
-    async def _guarded(
-        self,
-        scope: Scope,
-        receive: Any,
-        send: Any,
-        body: bytes,
-        model: str,
-        affinity_key: str | None,
-        start: float,
-    ) -> None:
+    async def _guarded(self, ex: _Exchange, receive: Receive) -> None:
         """Forward the request, cancelling it when the client leaves or time runs out."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        ex = _Exchange(send, task)
+        task = ex.task
         watcher = loop.create_task(_watch_client(receive, ex))
         total = self.settings.total_timeout_s
         timer = loop.call_later(total, ex.cut, "total_timeout") if total > 0 else None
         try:
-            await self._forward(scope, ex, body, model, affinity_key, start)
+            await self._forward(ex)
         except asyncio.CancelledError:
             if ex.reason is None or task is None:
                 raise
             task.uncancel()
-            await self._cut_short(ex, model)
+            await self._cut_short(ex)
         finally:
             ex.finished = True
             watcher.cancel()
             if timer is not None:
                 timer.cancel()
 
-    async def _cut_short(self, ex: _Exchange, model: str) -> None:
+    async def _cut_short(self, ex: _Exchange) -> None:
         """Answer what can still be answered of a request cancelled for ``ex.reason``."""
-        self.metrics.error(ex.node or "", model, ex.reason or "")
+        self.metrics.error(ex.node or "", ex.model, ex.reason or "")
         if ex.reason == "client_gone":
             return
         limit = self.settings.total_timeout_s
@@ -341,7 +337,7 @@ class InferenceProxy:
 
     # -- request -------------------------------------------------------------------------
 
-    async def _read_body(self, receive: Any) -> bytes | None:
+    async def _read_body(self, receive: Receive) -> bytes | None:
         limit = self.settings.max_body_bytes
         message = await receive()
         if message["type"] != "http.request":
@@ -396,29 +392,20 @@ class InferenceProxy:
 
     # -- forwarding ----------------------------------------------------------------------
 
-    async def _forward(
-        self,
-        scope: Scope,
-        ex: _Exchange,
-        body: bytes,
-        model: str,
-        affinity_key: str | None,
-        start: float,
-    ) -> None:
+    async def _forward(self, ex: _Exchange) -> None:
+        model = ex.model
         tried: list[str] = []
         failure: _Failure | None = None
-        request = hash(body)  # one request's failures count once per node
+        ex.request = request = hash(ex.body)  # one request's failures count once per node
         status_failed: NodeState | None = None  # first node that answered this request 5xx
         for _ in range(1 + self.settings.max_retries):
-            state = await self._acquire(model, affinity_key, tried)
+            state = await self._acquire(model, ex.affinity_key, tried)
             if state is None:
                 break
             if failure is not None:
                 self.metrics.retry(tried[-1], model)
             tried.append(state.node_id)
-            failure = await self._attempt(
-                state, scope, ex, body, model, affinity_key, start, request
-            )
+            failure = await self._attempt(state, ex)
             if failure is None:
                 return
             if failure.node_status:
@@ -504,17 +491,7 @@ class InferenceProxy:
                 )
             await self.fleet.wait_for_change(remaining)
 
-    async def _attempt(
-        self,
-        state: NodeState,
-        scope: Scope,
-        ex: _Exchange,
-        body: bytes,
-        model: str,
-        affinity_key: str | None,
-        start: float,
-        request: int,
-    ) -> _Failure | None:
+    async def _attempt(self, state: NodeState, ex: _Exchange) -> _Failure | None:
         """Send the request to ``state``'s node and relay its answer.
 
         Returns:
@@ -523,6 +500,7 @@ class InferenceProxy:
             it yet: the caller decides). Releases the node's slot in every case.
         """
         node_id = state.node_id
+        model, request = ex.model, ex.request
         resp: Response | None = None
         ex.node = node_id
         try:
@@ -536,7 +514,7 @@ class InferenceProxy:
                 client = self._client(state)
             sent = perf_counter()
             try:
-                resp = await client.request(b"POST", scope["path"], body)
+                resp = await client.request(b"POST", ex.scope["path"], ex.body)
                 status = resp.status
                 if status >= 500 or status == 429:
                     payload = await resp.read()
@@ -554,8 +532,8 @@ class InferenceProxy:
                 # A busy node (429) is not a failing one; a 5xx is counted by the caller.
                 return _Failure(status, payload, headers, node_status=status != 429)
             self.balancer.record_success(state)  # any 2xx-4xx: the node works
-            if affinity_key is not None:
-                self.balancer.remember(affinity_key, node_id)
+            if ex.affinity_key is not None:
+                self.balancer.remember(ex.affinity_key, node_id)
             headers.append((_NODE_HEADER, node_id.encode()))
             ex.sse = b"text/event-stream" in (resp.header(b"content-type") or b"")
             ex.started = True
@@ -565,10 +543,10 @@ class InferenceProxy:
             metrics = self.metrics
             metrics.request(node_id, model, status)
             metrics.ttfb(node_id, model, got - sent)
-            metrics.overhead.observe((sent - start) + (perf_counter() - got))
+            metrics.overhead.observe((sent - ex.start) + (perf_counter() - got))
             if not done:
                 resp.read_timeout = self.settings.stream_idle_timeout_s
-                await self._relay(resp, ex, state, model, request)
+                await self._relay(resp, ex, state)
             return None
         finally:
             if resp is not None:
@@ -577,16 +555,14 @@ class InferenceProxy:
             if len(self.queue):
                 self.queue.wake(model)
 
-    async def _relay(
-        self, resp: Response, ex: _Exchange, state: NodeState, model: str, request: int
-    ) -> None:
+    async def _relay(self, resp: Response, ex: _Exchange, state: NodeState) -> None:
         """Relay the rest of the body chunk by chunk; end SSE with an error event on failure."""
         send = ex.send
         try:
             async for chunk in resp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            self._failed(state, model, "stream", exc, request)
+            self._failed(state, ex.model, "stream", exc, ex.request)
             tail = b""
             if ex.sse:  # the stream ends with the error: no [DONE] after it
                 tail = _sse_error(f"node {state.node_id} failed mid-answer: {_describe(exc)}")
@@ -710,7 +686,7 @@ class InferenceProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _watch_client(receive: Any, ex: _Exchange) -> None:
+async def _watch_client(receive: Receive, ex: _Exchange) -> None:
     """Cancel the request when its client disconnects."""
     while True:
         message = await receive()
@@ -738,7 +714,7 @@ def _error_failure(status: int, code: str, message: str) -> _Failure:
     return _Failure(status, body, _error_headers(body))
 
 
-async def _send_error(send: Any, exc: ApiError) -> None:
+async def _send_error(send: Send, exc: ApiError) -> None:
     body = exc.body()
     headers = _error_headers(body, exc.retry_after)
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
