@@ -1,11 +1,46 @@
-"""HTTP helpers shared by the router and the node: JSON bodies with a size limit, bearer keys."""
+"""HTTP helpers shared by the router and the node: JSON bodies with a size limit, JSON and
+error responses, Starlette's error handlers in the OpenAI error shape, model ids from
+requests, bearer keys."""
 
 from __future__ import annotations
 
-import orjson
-from starlette.requests import Request
+from typing import Any
 
-from llmlb.errors import ApiError
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmlb.errors import ApiError, error_body
+from llmlb.model_storage import InvalidModelId, normalize_model_id
+
+__all__ = [
+    "JSONResponse",
+    "api_error_handler",
+    "bearer_token",
+    "error_response",
+    "http_error_handler",
+    "model_id_or_400",
+    "read_json",
+    "server_error_handler",
+    "too_large",
+]
+
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+class JSONResponse(Response):
+    """A JSON response serialised with orjson."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: ApiError) -> Response:
+    """The OpenAI-shaped response of an :class:`ApiError` (with its ``Retry-After``)."""
+    return Response(exc.body(), exc.status, exc.headers(), media_type="application/json")
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -37,6 +72,19 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
 
 
+def model_id_or_400(raw: str, param: str | None = None) -> str:
+    """Normalise a model id from a request, or raise 400 ``invalid_model_id``.
+
+    Args:
+        raw: the id as the request gave it.
+        param: the request field it came from, carried into the error body.
+    """
+    try:
+        return normalize_model_id(raw)
+    except InvalidModelId as exc:
+        raise ApiError(400, "invalid_model_id", str(exc), param=param) from None
+
+
 def bearer_token(authorization: bytes | str | None) -> bytes | None:
     """The credential of an ``Authorization: Bearer <token>`` header value, as raw bytes.
 
@@ -55,3 +103,32 @@ def bearer_token(authorization: bytes | str | None) -> bytes | None:
     if scheme.lower() != b"bearer" or not token:
         return None
     return token
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette handler for :class:`ApiError`."""
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette handler turning its own 404/405/… into the OpenAI error shape."""
+    assert isinstance(exc, HTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "invalid_request_error")
+    message = "no such route" if exc.status_code == 404 else str(exc.detail)
+    headers = dict(exc.headers or {})
+    return Response(
+        error_body(message, code, exc.status_code),
+        exc.status_code,
+        headers,
+        media_type="application/json",
+    )
+
+
+async def server_error_handler(request: Request, exc: Exception) -> Response:
+    """Unhandled exceptions: 500 in the OpenAI error shape."""
+    return Response(
+        error_body("internal server error", "internal_error", 500),
+        500,
+        media_type="application/json",
+    )

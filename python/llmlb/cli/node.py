@@ -177,9 +177,9 @@ def _router_auth(mode: str, host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Serve the node until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from llmlb.logs import configure_logging
+
+    configure_logging()
     log = logging.getLogger("llmlb.node")
     try:
         settings = settings_from_args(args)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces
 
-    from llmlb.router.app import configure_logging
+    from llmlb.logs import configure_logging
     from llmlb.router.db import open_database
     from llmlb.router.keys import bootstrap_admin_key
     from llmlb.router.nodes import mark_all_offline

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Any
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,9 +35,18 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmlb import config, lifecycle
-from llmlb.errors import ApiError, error_body
-from llmlb.http import bearer_token, read_json
-from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
+from llmlb.errors import ApiError
+from llmlb.http import (
+    JSONResponse,
+    api_error_handler,
+    bearer_token,
+    error_response,
+    http_error_handler,
+    model_id_or_400,
+    read_json,
+)
+from llmlb.logs import configure_logging
+from llmlb.model_storage import ModelStorage
 from llmlb.node import downloader as dl
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
@@ -48,18 +56,6 @@ from llmlb.node.settings import NodeSettings
 from llmlb.node.sync import RouterSync
 
 logger = logging.getLogger(__name__)
-
-
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
-    )
-
-
-def _error(exc: ApiError) -> Response:
-    return Response(
-        exc.body(), status_code=exc.status, headers=exc.headers(), media_type="application/json"
-    )
 
 
 class Node:
@@ -160,10 +156,7 @@ def _model_id(body: dict) -> str:
     raw = body.get("model")
     if not isinstance(raw, str) or not raw:
         raise ApiError(400, "invalid_request_error", "'model' is required")
-    try:
-        return normalize_model_id(raw)
-    except InvalidModelId as exc:
-        raise ApiError(400, "invalid_model_id", str(exc)) from None
+    return model_id_or_400(raw)
 
 
 def _check_key(node: Node, request: Request) -> None:
@@ -211,11 +204,11 @@ def _inference(route: str, method: str):
             result = await getattr(node.engine, method)(model_id, path, body)
         except ApiError as exc:
             status = exc.status
-            return _error(exc)
+            return error_response(exc)
         finally:
             node.metrics.requests.labels(route, str(status)).inc()
         if isinstance(result, dict):
-            return _json(result)
+            return JSONResponse(result)
         return StreamingResponse(
             _guard(result), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -238,28 +231,29 @@ async def list_models(request: Request) -> Response:
     try:
         _check_key(node, request)
     except ApiError as exc:
-        return _error(exc)
+        return error_response(exc)
     now = int(time.time())
     ids = sorted(
         r["id"] for r in node.sync.model_reports() if r["state"] == READY and r.get("servable")
     )
     data = [{"id": i, "object": "model", "created": now, "owned_by": "llmlb"} for i in ids]
-    return _json({"object": "list", "data": data})
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def health(request: Request) -> Response:
     """``GET /health``: the process is up."""
-    return _json({"status": "ok"})
+    return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> Response:
     """``GET /ready``: 200 once the first sync pass finished."""
     node: Node = request.app.state.node
     if node.sync.ready.is_set():
-        return _json(
+        return JSONResponse(
             {"status": "ready", "node_id": node.sync.node_id, "registered": node.sync.registered}
         )
-    return _error(ApiError(503, "not_ready", "initial model sync still running", retry_after=1))
+    not_ready = ApiError(503, "not_ready", "initial model sync still running", retry_after=1)
+    return error_response(not_ready)
 
 
 async def metrics(request: Request) -> Response:
@@ -268,7 +262,7 @@ async def metrics(request: Request) -> Response:
     try:
         _check_off_loopback(node, request)
     except ApiError as exc:
-        return _error(exc)
+        return error_response(exc)
     return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -276,25 +270,22 @@ async def models_sync(request: Request) -> Response:
     """``POST /api/models/sync``: the router names changed models; reconcile in background."""
     node: Node = request.app.state.node
     if not node.sync.check_sync_token(request.headers.get("authorization")):
-        return _error(ApiError(401, "invalid_api_key", "missing or invalid sync token"))
+        return error_response(ApiError(401, "invalid_api_key", "missing or invalid sync token"))
     try:
         body = await _body(request)
         models = body.get("models")
         action = body.get("action", "register")
         if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
             raise ApiError(400, "invalid_request_error", "'models' must be a list of ids")
-        try:
-            models = [normalize_model_id(m) for m in models]
-        except InvalidModelId as exc:
-            raise ApiError(400, "invalid_model_id", str(exc), param="models") from None
+        models = [model_id_or_400(m, param="models") for m in models]
         if action not in ("register", "delete", "retry"):
             raise ApiError(
                 400, "invalid_request_error", "'action' must be 'register', 'delete' or 'retry'"
             )
     except ApiError as exc:
-        return _error(exc)
+        return error_response(exc)
     node.sync.handle_sync(action, models)
-    return _json({"accepted": models, "action": action}, status=202)
+    return JSONResponse({"accepted": models, "action": action}, status_code=202)
 
 
 async def models_status(request: Request) -> Response:
@@ -304,33 +295,18 @@ async def models_status(request: Request) -> Response:
     try:
         _check_off_loopback(node, request)
     except ApiError as exc:
-        return _error(exc)
+        return error_response(exc)
     reports = node.sync.model_reports()
     loaded = set(node.engine.loaded())
     for report in reports:
         report["loaded"] = report["id"] in loaded
-    return _json(
+    return JSONResponse(
         {
             "node_id": node.sync.node_id,
             "models": reports,
             "active_requests": node.engine.active_requests(),
         }
     )
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return Response(
-        error_body(str(exc.detail), code, exc.status_code),
-        status_code=exc.status_code,
-        media_type="application/json",
-    )
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return _error(exc)
 
 
 def create_app(settings: NodeSettings) -> Starlette:
@@ -358,7 +334,7 @@ def create_app(settings: NodeSettings) -> Starlette:
             Route("/api/models/sync", models_sync, methods=["POST"]),
             Route("/api/models/status", models_status, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: _http_error, ApiError: _api_error},
+        exception_handlers={HTTPException: http_error_handler, ApiError: api_error_handler},
         lifespan=lifespan,
     )
     app.state.node = node
@@ -368,7 +344,5 @@ def create_app(settings: NodeSettings) -> Starlette:
 def app_from_env() -> Starlette:
     """Granian factory: the app for the settings ``llmlb node`` put in the environment."""
     lifecycle.die_with_parent()  # a worker never outlives `llmlb node`, even its SIGKILL
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     return create_app(NodeSettings.from_env())

@@ -17,15 +17,11 @@ from starlette.exceptions import HTTPException
 from llmlb import lifecycle
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError
+from llmlb.http import api_error_handler, http_error_handler, server_error_handler, too_large
+from llmlb.logs import configure_logging
 from llmlb.router.metrics import HttpMetricsMiddleware
 from llmlb.router.proxy import InferenceProxy
-from llmlb.router.responses import (
-    api_error_handler,
-    http_error_handler,
-    server_error_handler,
-    too_large,
-    unauthorized,
-)
+from llmlb.router.responses import unauthorized
 from llmlb.router.routes import ROUTES
 from llmlb.router.runtime import Runtime
 from llmlb.router.settings import RouterSettings
@@ -134,17 +130,6 @@ class RouterApp:
                     await self.runtime.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-
-def configure_logging() -> None:
-    """Send ``llmlb`` logs to stderr at INFO unless logging was configured already."""
-    root = logging.getLogger("llmlb")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False
 
 
 def create_app() -> RouterApp:

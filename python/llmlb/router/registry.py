@@ -17,18 +17,11 @@ from llmlb.errors import (
     HubUnavailable,
     NoSupportedArtifacts,
 )
-from llmlb.model_storage import InvalidModelId, normalize_model_id, split_quant
+from llmlb.http import model_id_or_400
+from llmlb.model_storage import InvalidModelId, split_quant
 from llmlb.router import db
 from llmlb.router.fleet import RegisteredModel
 from llmlb.router.settings import RouterSettings
-
-
-def model_id_or_400(raw: str) -> str:
-    """Normalise a model id from a request, or raise 400 ``invalid_model_id``."""
-    try:
-        return normalize_model_id(raw)
-    except InvalidModelId as exc:
-        raise ApiError(400, "invalid_model_id", str(exc)) from None
 
 
 def _repo_id(repo: str) -> str:

@@ -13,10 +13,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmlb.errors import ApiError
-from llmlb.http import bearer_token, read_json
+from llmlb.http import JSONResponse, bearer_token, model_id_or_400, read_json
 from llmlb.router import keys, metrics, nodes, registry
 from llmlb.router.openapi import openapi_schema
-from llmlb.router.responses import JSONResponse, authorize
+from llmlb.router.responses import authorize
 from llmlb.router.runtime import Runtime
 
 logger = logging.getLogger("llmlb.router")
@@ -40,7 +40,7 @@ def _guard(request: Request, scope: str | None) -> Runtime:
 
 def _path_model_id(request: Request) -> str:
     # Accept ``org/name`` and ``org%2Fname`` alike, whether or not the server decoded the path.
-    return registry.model_id_or_400(unquote(request.path_params["model_id"]))
+    return model_id_or_400(unquote(request.path_params["model_id"]))
 
 
 def _bearer(request: Request) -> bytes | None:
