@@ -25,6 +25,7 @@ from llmlb.router.responses import unauthorized
 from llmlb.router.routes import ROUTES
 from llmlb.router.runtime import Runtime
 from llmlb.router.settings import RouterSettings
+from llmlb.router.traffic import TrafficHistory
 
 logger = logging.getLogger("llmlb.router")
 
@@ -77,6 +78,7 @@ class RouterApp:
             },
         )
         starlette.state.runtime = self.runtime
+        starlette.state.traffic = self.traffic = TrafficHistory(self.proxy.balancer)
         self._http = HttpMetricsMiddleware(starlette)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,6 +118,7 @@ class RouterApp:
                 try:
                     await self.runtime.start()
                     await self.proxy.start()
+                    await self.traffic.start()
                 except Exception as exc:
                     logger.exception("router failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -125,6 +128,7 @@ class RouterApp:
             elif message["type"] == "lifespan.shutdown":
                 logger.info("worker %d stopping", os.getpid())
                 try:
+                    await self.traffic.close()
                     await self.proxy.close()
                 finally:
                     await self.runtime.close()

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from llmlb.errors import ApiError
 from llmlb.http import JSONResponse, bearer_token, model_id_or_400, read_json
-from llmlb.router import keys, metrics, nodes, registry
+from llmlb.router import dashboard, keys, metrics, nodes, registry
 from llmlb.router.openapi import openapi_schema
 from llmlb.router.responses import authorize
 from llmlb.router.runtime import Runtime
@@ -252,6 +252,12 @@ async def list_nodes(request: Request) -> Response:
     return JSONResponse({"nodes": found})
 
 
+async def traffic(request: Request) -> Response:
+    """``GET /v0/traffic`` (admin): the last minutes of proxied traffic, for the dashboard."""
+    _guard(request, "admin")
+    return JSONResponse(request.app.state.traffic.to_dict())
+
+
 def _by_method(**handlers: Endpoint) -> tuple[Endpoint, list[str]]:
     """One endpoint serving several methods, so a wrong method gets 405 with a full ``Allow``."""
 
@@ -284,4 +290,7 @@ ROUTES = [
     _route("/v0/nodes", get=list_nodes, post=register_node),
     _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
     _route("/v0/nodes/{node_id}", delete=unregister_node),
+    _route("/v0/traffic", get=traffic),
+    _route("/dashboard", get=dashboard.dashboard_page),
+    _route("/dashboard/{name}", get=dashboard.dashboard_file),
 ]

@@ -1,0 +1,293 @@
+"""A short in-memory traffic history for the dashboard, sampled from the proxy's own counters.
+
+Every ``interval_s`` each worker reads the inference proxy's Prometheus counters
+(``llmlb_proxy_requests_total``, ``_errors_total``, ``_rejected_total`` and the
+``_ttfb_seconds`` histogram; merged across workers when they share
+``PROMETHEUS_MULTIPROC_DIR``) and keeps what changed since the last read, for
+``window_s``. Sampling the counters rather than hooking the hot path costs a proxied request
+nothing, and every worker shows the whole router's traffic, not only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import REGISTRY
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import CollectorRegistry
+
+from llmlb import config
+from llmlb.router.balancer import Balancer
+
+logger = logging.getLogger("llmlb.router")
+
+INTERVAL_S = 2.0
+WINDOW_S = 600.0
+
+_REQUESTS = "llmlb_proxy_requests_total"
+_ERRORS = "llmlb_proxy_errors_total"
+_REJECTED = "llmlb_proxy_rejected_total"
+_TTFB = "llmlb_proxy_ttfb_seconds_bucket"
+_SAMPLES = frozenset({_REQUESTS, _ERRORS, _REJECTED, _TTFB})
+# A client that hangs up is not a failure of the router or the node.
+_NOT_ERRORS = frozenset({"client_gone"})
+
+Key = tuple[str, str]  # (node, model)
+
+
+@dataclass(slots=True)
+class Counts:
+    """Counters of one (node, model) pair: cumulative in a snapshot, differences in an
+    interval. ``ttfb`` maps a histogram bucket's upper bound to its cumulative count."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    ttfb: dict[float, float] = field(default_factory=dict)
+
+    def minus(self, earlier: Counts | None) -> Counts:
+        """What happened since ``earlier``; everything when a counter went backwards (reset)."""
+        if earlier is None:
+            return self
+        diff = Counts(
+            self.requests - earlier.requests,
+            self.errors - earlier.errors,
+            {le: n - earlier.ttfb.get(le, 0.0) for le, n in self.ttfb.items()},
+        )
+        if diff.requests < 0 or diff.errors < 0 or any(n < 0 for n in diff.ttfb.values()):
+            return self
+        return diff
+
+    def add(self, other: Counts) -> None:
+        """Accumulate ``other`` into this one."""
+        self.requests += other.requests
+        self.errors += other.errors
+        for le, n in other.ttfb.items():
+            self.ttfb[le] = self.ttfb.get(le, 0.0) + n
+
+    def empty(self) -> bool:
+        """Nothing counted."""
+        return not self.requests and not self.errors and not any(self.ttfb.values())
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """The proxy's counters at one moment."""
+
+    pairs: dict[Key, Counts] = field(default_factory=dict)
+    rejected: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """What the counters moved by during one interval ending at ``end`` (unix seconds)."""
+
+    end: float
+    pairs: dict[Key, Counts]
+    rejected: float
+
+
+def parse_samples(samples: Iterable[Any]) -> Snapshot:
+    """Fold Prometheus samples (``name``, ``labels``, ``value``) into a :class:`Snapshot`.
+
+    A node's answer with a status of 400 or more counts as an error, as does every failed
+    attempt (``llmlb_proxy_errors_total``) but a client hanging up.
+    """
+    snap = Snapshot()
+    for sample in samples:
+        name, labels, value = sample.name, sample.labels, sample.value
+        if name not in _SAMPLES:
+            continue
+        if name == _REJECTED:
+            snap.rejected += value
+            continue
+        key = (labels.get("node", ""), labels.get("model", ""))
+        counts = snap.pairs.get(key)
+        if counts is None:
+            counts = snap.pairs[key] = Counts()
+        if name == _REQUESTS:
+            counts.requests += value
+            if labels.get("code", "").isdigit() and int(labels["code"]) >= 400:
+                counts.errors += value
+        elif name == _ERRORS:
+            if labels.get("kind") not in _NOT_ERRORS:
+                counts.errors += value
+        else:
+            le = float(labels.get("le", "inf"))
+            counts.ttfb[le] = counts.ttfb.get(le, 0.0) + value
+    return snap
+
+
+def read_counters() -> Snapshot:
+    """The proxy's counters now: this process's, or every worker's in multiprocess mode."""
+    directory = config.prometheus_multiproc_dir()
+    if directory is None:
+        families = REGISTRY.restricted_registry(sorted(_SAMPLES)).collect()
+    else:
+        families = MultiProcessCollector(CollectorRegistry(), path=str(directory)).collect()
+    return parse_samples(sample for family in families for sample in family.samples)
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The ``q`` quantile of a cumulative histogram (``{upper bound: count}``), interpolated
+    linearly inside its bucket as Prometheus' ``histogram_quantile`` does; ``None`` if empty."""
+    ordered = sorted(buckets.items())
+    if not ordered or ordered[-1][1] <= 0:
+        return None
+    rank = q * ordered[-1][1]
+    lower, below = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+def _series(length: int) -> dict[str, list]:
+    return {
+        "requests": [0] * length,
+        "errors": [0] * length,
+        "ttfb_p50_s": [None] * length,
+        "ttfb_p95_s": [None] * length,
+    }
+
+
+def _fill(series: dict[str, list], index: int, counts: Counts) -> None:
+    series["requests"][index] = round(counts.requests)
+    series["errors"][index] = round(counts.errors)
+    for name, q in (("ttfb_p50_s", 0.5), ("ttfb_p95_s", 0.95)):
+        value = quantile(q, counts.ttfb)
+        series[name][index] = None if value is None else round(value, 6)
+
+
+class TrafficHistory:
+    """The last ``window_s`` of proxied traffic, in intervals of ``interval_s``.
+
+    Args:
+        balancer: this worker's balancer, whose per-node state (cooled down, requests in
+            flight) is reported alongside the history.
+        read: where the counters come from (:func:`read_counters`).
+        clock: unix time.
+    """
+
+    def __init__(
+        self,
+        balancer: Balancer | None = None,
+        *,
+        interval_s: float = INTERVAL_S,
+        window_s: float = WINDOW_S,
+        read: Callable[[], Snapshot] = read_counters,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self._balancer = balancer
+        self._read = read
+        self._clock = clock
+        self._last: Snapshot | None = None
+        self._intervals: deque[Interval] = deque(maxlen=max(1, round(window_s / interval_s)))
+        self._task: asyncio.Task | None = None
+
+    def record(self, snapshot: Snapshot, now: float | None = None) -> None:
+        """Keep what moved since the previous snapshot (the first one is only a baseline)."""
+        now = self._clock() if now is None else now
+        last, self._last = self._last, snapshot
+        if last is None:
+            return
+        pairs = {}
+        for key, counts in snapshot.pairs.items():
+            diff = counts.minus(last.pairs.get(key))
+            if not diff.empty():
+                pairs[key] = diff
+        rejected = snapshot.rejected - last.rejected
+        self._intervals.append(Interval(now, pairs, rejected if rejected >= 0 else 0.0))
+
+    def sample(self) -> None:
+        """Read the counters now and record them."""
+        self.record(self._read())
+
+    def to_dict(self) -> dict:
+        """``GET /v0/traffic``: one entry per interval, oldest first, in aligned arrays.
+
+        ``total``, each ``models[id]`` and each ``nodes[id]`` hold ``requests`` and ``errors``
+        (counts per interval; divide by ``interval_s`` for a rate) and ``ttfb_p50_s`` /
+        ``ttfb_p95_s`` (``null`` where nothing was answered). ``total.rejected`` counts the
+        requests the router answered itself (no model or node to pin them on), also included
+        in ``total.errors``. ``balancer`` is the answering worker's view of each node.
+        """
+        intervals = list(self._intervals)
+        length = len(intervals)
+        total = _series(length)
+        total["rejected"] = [0] * length
+        models: dict[str, dict[str, list]] = {}
+        nodes: dict[str, dict[str, list]] = {}
+        for index, interval in enumerate(intervals):
+            overall = Counts(errors=interval.rejected)
+            by_model: dict[str, Counts] = {}
+            by_node: dict[str, Counts] = {}
+            for (node, model), counts in interval.pairs.items():
+                overall.add(counts)
+                if model:
+                    by_model.setdefault(model, Counts()).add(counts)
+                if node:  # a request cut short before any node was tried has none
+                    by_node.setdefault(node, Counts()).add(counts)
+            _fill(total, index, overall)
+            total["rejected"][index] = round(interval.rejected)
+            for groups, out in ((by_model, models), (by_node, nodes)):
+                for ident, counts in groups.items():
+                    if ident not in out:
+                        out[ident] = _series(length)
+                    _fill(out[ident], index, counts)
+        return {
+            "interval_s": self.interval_s,
+            "window_s": self.window_s,
+            "t": [round(interval.end, 3) for interval in intervals],
+            "total": total,
+            "models": dict(sorted(models.items())),
+            "nodes": dict(sorted(nodes.items())),
+            "balancer": self._balancer_state(),
+        }
+
+    def _balancer_state(self) -> dict[str, dict]:
+        if self._balancer is None:
+            return {}
+        return {
+            state.node_id: {"cooled_down": not state.healthy, "outstanding": state.outstanding}
+            for state in list(self._balancer.nodes.values())
+        }
+
+    async def start(self) -> None:
+        """Take the baseline and start sampling every ``interval_s``."""
+        if self._task is None:
+            self.record(await asyncio.to_thread(self._read))
+            self._task = asyncio.create_task(self._run(), name="llmlb-traffic")
+
+    async def close(self) -> None:
+        """Stop sampling."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                self.record(await asyncio.to_thread(self._read))
+            except Exception:  # a torn metrics file must not end the history
+                logger.exception("cannot sample the proxy's counters")
+
+
+__all__ = ["Counts", "Snapshot", "TrafficHistory", "parse_samples", "quantile", "read_counters"]
