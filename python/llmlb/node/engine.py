@@ -1,15 +1,20 @@
-"""llama.cpp serving: an LRU of loaded models, per-model slots, token-by-token streaming.
+"""The node's serving engine: loaded models, each one llama.cpp context with batched slots.
 
-* A model is loaded on first use (the store's ``prefetch`` first, then ``llama_cpp.Llama``
-  with mmap, all layers offloaded when the build supports GPU offload), in a thread; at
-  most ``max_loaded`` models stay resident and the least recently used idle one is unloaded.
-* Each model has ``concurrency`` slots. A slot owns one ``Llama`` context (they share the
-  mmapped weights), created on demand; excess requests queue briefly, then get 429.
-* Embeddings need a context created with ``embedding=True``: each model gets one extra
-  embedding-mode context, loaded lazily on its first ``/v1/embeddings`` request (mean
-  pooling when the GGUF names none) and unloaded together with the model.
+* A model is loaded on first use (the store's ``prefetch``, then llama.cpp with mmap, every
+  layer offloaded when the build supports it), in a thread; at most ``max_loaded`` models
+  stay resident and the least recently used idle one is unloaded.
+* Each loaded model has one context with ``concurrency`` sequences (slots) and a
+  :class:`~llmlb.node.scheduler.Scheduler` batching them (continuous batching, prompt
+  reuse, ``n > 1`` by copying the prompt's cells). Requests beyond the slots queue briefly,
+  then get 429.
+* Embeddings use a small context of their own (:mod:`llmlb.node.embedder`), created on the
+  first ``/v1/embeddings`` request and unloaded with the model.
 * Chat template: the GGUF's own, else ``chat_template.jinja`` in the model directory, else
   the router manifest's ``chat_template``; without one, chat requests get 400.
+
+Requests are validated by :mod:`llmlb.node.openai_request` (400 with ``param``), shaped by
+:mod:`llmlb.node.openai_response`, and bounded: a default answer length, a context check
+before any byte is sent, and cancellation within one decode step when the client leaves.
 """
 
 from __future__ import annotations
@@ -17,37 +22,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from llmlb.errors import ApiError
+from llmlb.node import openai_request as req
+from llmlb.node.chat_format import render_chat
+from llmlb.node.embedder import Embedder, encode
+from llmlb.node.llama_native import (
+    Context,
+    ContextShape,
+    Model,
+    ModelLoadError,
+    gpu_offload_supported,
+    usable_cores,
+)
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.templates import CHAT_TEMPLATE_FILENAME
+from llmlb.node.openai_response import (
+    SSE_DONE,
+    Shaper,
+    TokenLogprob,
+    chat_logprobs,
+    completion_logprobs,
+    sse,
+    usage,
+)
+from llmlb.node.sampling import GrammarError, SamplingParams, check_grammar
+from llmlb.node.scheduler import (
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    Job,
+    Scheduler,
+    StartEvent,
+    TokenEvent,
+)
+from llmlb.node.templates import CHAT_TEMPLATE_FILENAME, turn_stop_strings
+
+__all__ = ["Engine", "EngineOptions", "gpu_offload_supported"]
 
 logger = logging.getLogger(__name__)
 
-# Request fields passed through to llama-cpp-python (anything else is ignored).
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repeat_penalty",
-    "logit_bias",
-)
-_construct_lock = threading.Lock()
+# Prompt tokens one decode may take, and one compute pass (llama.cpp's server defaults).
+N_BATCH = 2048
+N_UBATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +79,13 @@ class EngineOptions:
 
     Attributes:
         max_loaded: models resident at once.
-        concurrency: slots (parallel requests) per model; the node advertises this.
+        concurrency: slots (sequences of one context) per model; the node advertises this.
         queue_timeout_s: how long a request may wait for a slot before 429.
         queue_depth: requests waiting per model beyond which new ones get 429 at once.
-        n_ctx: context length of each generation context.
+        n_ctx: context length of each slot.
+        max_tokens: answer length of a request that names none (never beyond the context).
+        threads, threads_batch: CPU threads for decoding and prompt batches (0: the cores
+            this process may use).
         extra_buffer_types: let ggml use its extra CPU buffer types (AMX, repacked
             weights), as llama.cpp does by default. Turn off for a llama-cpp-python built
             with ``GGML_NATIVE=ON`` on a CPU that reports AMX without the kernel/VM enabling
@@ -67,74 +93,32 @@ class EngineOptions:
     """
 
     max_loaded: int = 2
-    concurrency: int = 1
+    concurrency: int = 4
     queue_timeout_s: float = 10.0
     queue_depth: int = 16
     n_ctx: int = 4096
+    max_tokens: int = 1024
+    threads: int = 0
+    threads_batch: int = 0
     extra_buffer_types: bool = True
 
 
-def gpu_offload_supported() -> bool:
-    """Whether this llama.cpp build can offload layers to a GPU (CUDA, Metal, …)."""
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-@contextlib.contextmanager
-def _model_params(extra_buffer_types: bool) -> Iterator[None]:
-    """Apply model parameters ``llama_cpp.Llama`` has no argument for, during construction."""
-    import llama_cpp.llama_cpp as capi
-
-    with _construct_lock:
-        original = capi.llama_model_default_params
-
-        def params():
-            p = original()
-            p.use_extra_bufts = extra_buffer_types
-            return p
-
-        capi.llama_model_default_params = params
-        try:
-            yield
-        finally:
-            capi.llama_model_default_params = original
-
-
-def _chat_handler(template: str, llm: Any) -> Any:
-    """A llama-cpp-python chat handler rendering ``template`` with jinja2."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    vocab = llm._model  # noqa: SLF001 - the only way to read special token texts
-    eos = vocab.token_get_text(llm.token_eos()) if llm.token_eos() != -1 else ""
-    bos = vocab.token_get_text(llm.token_bos()) if llm.token_bos() != -1 else ""
-
-    return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos).to_chat_handler()
-
-
-@dataclass
-class _Model:
-    """One resident model: its contexts, slots and bookkeeping."""
+@dataclass(eq=False)
+class _Loaded:
+    """One resident model."""
 
     model_id: str
-    path: str
+    model: Model
+    ctx: Context
+    scheduler: Scheduler
     template: str | None
-    concurrency: int
-    idle: list[Any] = field(default_factory=list)
-    contexts: int = 0
-    embedder: Any = None
+    bos: str
+    eos: str
+    turn_stop_tokens: frozenset[int]
+    embedder: Embedder | None = None
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    active: int = 0
-    waiting: int = 0
+    requests: int = 0
     closed: bool = False
-    last_used: float = field(default_factory=time.monotonic)
-    slots: asyncio.Semaphore = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.slots = asyncio.Semaphore(self.concurrency)
-
-    def all_contexts(self) -> list[Any]:
-        return [*self.idle, *([self.embedder] if self.embedder is not None else [])]
 
 
 class Engine:
@@ -142,7 +126,7 @@ class Engine:
 
     Args:
         store: a ``llmlb.model_storage.ModelStorage``.
-        metrics: where loads, requests and tokens are counted.
+        metrics: where loads, requests, tokens and batches are counted.
         options: limits and tuning.
         template_lookup: ``model_id -> chat template | None`` from the router's manifest.
     """
@@ -158,11 +142,15 @@ class Engine:
         self.metrics = metrics
         self.options = options or EngineOptions()
         self.template_lookup = template_lookup or (lambda _id: None)
-        self._models: OrderedDict[str, _Model] = OrderedDict()
-        self._loading: dict[str, asyncio.Future[_Model]] = {}
-        workers = self.options.max_loaded * (self.options.concurrency + 1) + 2
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llama")
+        self._models: OrderedDict[str, _Loaded] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[_Loaded]] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.options.max_loaded + 2, thread_name_prefix="llama"
+        )
         self._gpu: bool | None = None
+        cores = usable_cores()
+        self._threads = self.options.threads or cores
+        self._threads_batch = self.options.threads_batch or self._threads
 
     # -- state ------------------------------------------------------------------------
 
@@ -175,39 +163,18 @@ class Engine:
         return model_id in self._loading
 
     def active_requests(self) -> int:
-        """Requests holding a slot right now, all models together."""
-        return sum(m.active for m in self._models.values())
+        """Requests holding slots right now, all models together."""
+        return sum(m.scheduler.active() for m in self._models.values())
 
     def queued(self, model_id: str) -> int:
         """Requests waiting for one of ``model_id``'s slots right now."""
-        model = self._models.get(model_id)
-        return model.waiting if model is not None else 0
+        loaded = self._models.get(model_id)
+        return loaded.scheduler.waiting() if loaded is not None else 0
 
     # -- loading ----------------------------------------------------------------------
 
-    def _llama(self, path: str, *, embedding: bool, n_ctx: int) -> Any:
-        import llama_cpp
-
-        if self._gpu is None:
-            self._gpu = gpu_offload_supported()
-        kwargs: dict[str, Any] = {
-            "n_ctx": n_ctx,
-            "n_gpu_layers": -1 if self._gpu else 0,
-            "use_mmap": True,
-            "verbose": False,
-        }
-        if embedding:
-            kwargs.update(
-                embedding=True,
-                n_batch=n_ctx,
-                n_ubatch=n_ctx,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-            )
-        with _model_params(self.options.extra_buffer_types):
-            return llama_cpp.Llama(path, **kwargs)
-
-    def _find_template(self, model_id: str, path: str, llm: Any) -> str | None:
-        template = llm.metadata.get("tokenizer.chat_template")
+    def _find_template(self, model_id: str, path: str, model: Model) -> str | None:
+        template = model.meta("tokenizer.chat_template")
         if template:
             return template
         for directory in (Path(self.store.model_dir(model_id)), Path(path).parent):
@@ -216,48 +183,95 @@ class Engine:
                 return sidecar.read_text()
         return self.template_lookup(model_id)
 
-    def _new_context(self, model: _Model) -> Any:
-        llm = self._llama(model.path, embedding=False, n_ctx=self.options.n_ctx)
-        if model.template:
-            llm.chat_handler = _chat_handler(model.template, llm)
-        return llm
-
-    def _load_blocking(self, model_id: str, path: str) -> _Model:
+    def _load_blocking(self, model_id: str, path: str) -> _Loaded:
         started = time.monotonic()
         try:
             self.store.prefetch(model_id)
         except Exception as exc:  # noqa: BLE001 - prefetch is an optimisation
             logger.warning("%s: prefetch failed: %s", model_id, exc)
-        llm = self._llama(path, embedding=False, n_ctx=self.options.n_ctx)
-        template = self._find_template(model_id, path, llm)
-        model = _Model(model_id, path, template, self.options.concurrency)
-        if template:
-            llm.chat_handler = _chat_handler(template, llm)
-        model.idle.append(llm)
-        model.contexts = 1
+        if self._gpu is None:
+            self._gpu = gpu_offload_supported()
+        model = Model(path, gpu=self._gpu, extra_buffer_types=self.options.extra_buffer_types)
+        try:
+            slots = self.options.concurrency
+            n_ctx_seq = self.options.n_ctx
+            if model.n_ctx_train > 0:
+                n_ctx_seq = min(n_ctx_seq, model.n_ctx_train)
+            ctx = Context(
+                model,
+                ContextShape(
+                    n_ctx=n_ctx_seq * slots,
+                    n_seq=slots,
+                    n_batch=min(N_BATCH, n_ctx_seq * slots),
+                    n_ubatch=min(N_UBATCH, n_ctx_seq * slots),
+                    n_outputs=slots,
+                    threads=self._threads,
+                    threads_batch=self._threads_batch,
+                ),
+            )
+        except BaseException:
+            model.close()
+            raise
+        template = self._find_template(model_id, path, model)
+        bos = model.piece(model.token("bos"), special=True).decode(errors="replace")
+        eos = model.piece(model.token("eos"), special=True).decode(errors="replace")
+        turn_tokens = set()
+        for marker in turn_stop_strings(template):
+            ids = model.tokenize(marker, add_special=False, parse_special=True)
+            if len(ids) == 1:
+                turn_tokens.add(ids[0])
+        scheduler = Scheduler(model, ctx, on_step=self._on_step)
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)
-        logger.info("%s: loaded in %.3fs (%s)", model_id, elapsed, path)
-        return model
+        logger.info(
+            "%s: loaded in %.3fs (%s; %d slots of %d tokens)",
+            model_id, elapsed, path, slots, ctx.n_ctx_seq,
+        )
+        return _Loaded(
+            model_id=model_id,
+            model=model,
+            ctx=ctx,
+            scheduler=scheduler,
+            template=template,
+            bos=bos if model.token("bos") >= 0 else "",
+            eos=eos if model.token("eos") >= 0 else "",
+            turn_stop_tokens=frozenset(turn_tokens),
+        )
 
-    async def _ensure_loaded(self, model_id: str, path: str) -> _Model:
-        model = self._models.get(model_id)
-        if model is not None and not model.closed:
+    def _on_step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
+        """Called by a decode loop after each step (from its thread)."""
+        self.metrics.decode_batch.observe(sequences)
+        if sequences > self.metrics.peak_batch:
+            self.metrics.peak_batch = sequences
+            self.metrics.decode_batch_peak.set(sequences)
+        if generated:
+            self.metrics.tokens.labels("completion").inc(generated)
+        if prompt_tokens:
+            self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+
+    async def _ensure_loaded(self, model_id: str, path: str) -> _Loaded:
+        loaded = self._models.get(model_id)
+        if loaded is not None and not loaded.closed:
             self._models.move_to_end(model_id)
-            return model
+            return loaded
         pending = self._loading.get(model_id)
         if pending is not None:
             return await asyncio.shield(pending)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[_Model] = loop.create_future()
+        future: asyncio.Future[_Loaded] = loop.create_future()
         self._loading[model_id] = future
         try:
             await self._make_room()
-            model = await loop.run_in_executor(self._pool, self._load_blocking, model_id, path)
-            self._models[model_id] = model
+            try:
+                loaded = await loop.run_in_executor(
+                    self._pool, self._load_blocking, model_id, path
+                )
+            except ModelLoadError as exc:
+                raise ApiError(500, "model_load_failed", str(exc)) from None
+            self._models[model_id] = loaded
             self.metrics.loaded_models.set(len(self._models))
-            future.set_result(model)
-            return model
+            future.set_result(loaded)
+            return loaded
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved
@@ -267,9 +281,7 @@ class Engine:
 
     async def _make_room(self) -> None:
         while len(self._models) + len(self._loading) > self.options.max_loaded:
-            victim = next(
-                (m for m in self._models.values() if m.active == 0 and m.waiting == 0), None
-            )
+            victim = next((m for m in self._models.values() if m.requests == 0), None)
             if victim is None:
                 raise ApiError(
                     503,
@@ -285,20 +297,21 @@ class Engine:
 
     async def unload(self, model_id: str) -> None:
         """Drop ``model_id`` from memory (at once if idle, else when its last request ends)."""
-        model = self._models.pop(model_id, None)
+        loaded = self._models.pop(model_id, None)
         self.metrics.loaded_models.set(len(self._models))
-        if model is None:
+        if loaded is None:
             return
-        model.closed = True
-        if model.active == 0:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._close, model)
+        loaded.closed = True
+        if loaded.requests == 0:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._close, loaded)
 
-    def _close(self, model: _Model) -> None:
-        contexts, model.idle, model.embedder = model.all_contexts(), [], None
-        for llm in contexts:
-            with contextlib.suppress(Exception):
-                llm.close()
-        logger.info("%s: unloaded", model.model_id)
+    def _close(self, loaded: _Loaded) -> None:
+        loaded.scheduler.close()
+        if loaded.embedder is not None:
+            loaded.embedder.close()
+        loaded.ctx.close()
+        loaded.model.close()
+        logger.info("%s: unloaded", loaded.model_id)
 
     async def close(self) -> None:
         """Unload everything and stop the worker threads."""
@@ -306,244 +319,457 @@ class Engine:
             await self.unload(model_id)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- slots ------------------------------------------------------------------------
-
-    async def _acquire(self, model: _Model) -> None:
-        if model.waiting >= self.options.queue_depth and model.slots.locked():
-            raise ApiError(
-                429,
-                "model_overloaded",
-                f"model {model.model_id!r} has too many queued requests",
-                retry_after=1,
-            )
-        model.waiting += 1
-        try:
-            await asyncio.wait_for(model.slots.acquire(), self.options.queue_timeout_s)
-        except TimeoutError:
-            raise ApiError(
-                429,
-                "model_overloaded",
-                f"all {model.concurrency} slots of model {model.model_id!r} are busy",
-                retry_after=1,
-            ) from None
-        finally:
-            model.waiting -= 1
-        model.active += 1
-        model.last_used = time.monotonic()
-        self.metrics.active_requests.inc()
-
-    def _release(self, model: _Model, context: Any = None, embed: bool = False) -> None:
-        if context is not None and not embed:
-            model.idle.append(context)
-        model.active -= 1
-        model.slots.release()
-        self.metrics.active_requests.dec()
-        if model.closed and model.active == 0:
-            self._pool.submit(self._close, model)
-
-    async def _context(self, model: _Model) -> Any:
-        if model.idle:
-            return model.idle.pop()
-        model.contexts += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._new_context, model
-            )
-        except BaseException:
-            model.contexts -= 1
-            raise
-
     # -- requests ---------------------------------------------------------------------
 
     async def chat(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
         """``/v1/chat/completions``: a response dict, or SSE bytes when ``stream``."""
-        messages = _messages(body)
-        model = await self._ensure_loaded(model_id, path)
-        if not model.template:
+        request = req.chat_request(body)
+        loaded = await self._ensure_loaded(model_id, path)
+        if not loaded.template:
             raise ApiError(
                 400,
                 "chat_template_missing",
                 f"model {model_id!r} has no chat template (none in the GGUF, no "
-                f"{CHAT_TEMPLATE_FILENAME}, none in the manifest); use "
-                "/v1/completions",
+                f"{CHAT_TEMPLATE_FILENAME}, none in the manifest); use /v1/completions",
             )
-        params = _sampling(body)
-        params["messages"] = messages
-        params["max_tokens"] = _max_tokens(body, None)
-        return await self._run(model, "chat", "create_chat_completion", params, body)
+        text = render_chat(
+            loaded.template, request.messages, bos_token=loaded.bos, eos_token=loaded.eos
+        )
+        prompt = self._tokenize_rendered(loaded, text)
+        stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
+        return await self._generate(
+            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop
+        )
 
     async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
         """``/v1/completions``: a response dict, or SSE bytes when ``stream``."""
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "invalid_request_error", "'prompt' must be a string")
-        model = await self._ensure_loaded(model_id, path)
-        params = _sampling(body)
-        params["prompt"] = prompt
-        params["max_tokens"] = _max_tokens(body, 16)
-        if body.get("echo"):
-            params["echo"] = True
-        return await self._run(model, "completions", "create_completion", params, body)
+        request = req.completion_request(body)
+        loaded = await self._ensure_loaded(model_id, path)
+        prompts = [self._completion_prompt(loaded, p, request.suffix) for p in request.prompts]
+        echo = None
+        if request.echo:
+            echo = [
+                p if isinstance(p, str) else self._detokenize(loaded, p) for p in request.prompts
+            ]
+        return await self._generate(
+            loaded,
+            prompts,
+            request.generation,
+            Shaper(False, model_id),
+            stop=request.generation.stop,
+            echo=echo,
+        )
 
     async def embed(self, model_id: str, path: str, body: dict) -> dict:
-        """``/v1/embeddings`` with a lazily loaded embedding-mode context."""
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not (isinstance(inputs, list) and inputs and all(isinstance(s, str) for s in inputs)):
+        """``/v1/embeddings``: pooled, unit-norm vectors from the model's embedding context."""
+        request = req.embedding_request(body)
+        if request.dimensions is not None:
             raise ApiError(
                 400,
                 "invalid_request_error",
-                "'input' must be a string or a non-empty list of strings",
+                "'dimensions' is not supported: this model's embeddings have a fixed size",
+                param="dimensions",
             )
-        model = await self._ensure_loaded(model_id, path)
-        await self._acquire(model)
+        loaded = await self._ensure_loaded(model_id, path)
         loop = asyncio.get_running_loop()
+        loaded.requests += 1
+        self.metrics.active_requests.inc()
         try:
-            async with model.embed_lock:
-                if model.embedder is None:
+            async with loaded.embed_lock:
+                if loaded.embedder is None:
                     started = time.monotonic()
-                    model.embedder = await loop.run_in_executor(
-                        self._pool, lambda: self._llama(path, embedding=True, n_ctx=2048)
+                    loaded.embedder = await loop.run_in_executor(
+                        self._pool,
+                        lambda: Embedder(loaded.model, self.options.n_ctx, self._threads),
                     )
                     self.metrics.load_seconds.labels("embed").observe(time.monotonic() - started)
-                embedder = model.embedder
-                result = await loop.run_in_executor(self._pool, embedder.create_embedding, inputs)
-        except ValueError as exc:
-            raise ApiError(400, "invalid_request_error", str(exc)) from None
+                embedder = loaded.embedder
+                token_lists = [embedder.tokens(item) for item in request.inputs]
+                vectors = []
+                for tokens in token_lists:
+                    vectors.append(await loop.run_in_executor(self._pool, embedder.embed, tokens))
         finally:
-            self._release(model, embed=True)
-        result["model"] = model_id
-        self.metrics.tokens.labels("prompt").inc(result.get("usage", {}).get("prompt_tokens", 0))
-        return result
+            self._done(loaded)
+        prompt_tokens = sum(len(t) for t in token_lists)
+        self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": encode(v, request.base64)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": model_id,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
 
-    async def _run(
-        self, model: _Model, route: str, method: str, params: dict, body: dict
+    # -- prompts ----------------------------------------------------------------------
+
+    def _tokenize_rendered(self, loaded: _Loaded, text: str) -> list[int]:
+        """Tokens of a rendered chat prompt: special tokens parsed, one BOS at most."""
+        model = loaded.model
+        tokens = model.tokenize(text, add_special=False, parse_special=True)
+        bos = model.token("bos")
+        if model.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
+            tokens.insert(0, bos)
+        if not tokens:
+            raise req.bad("messages", "the messages render to an empty prompt")
+        return tokens
+
+    def _completion_prompt(
+        self, loaded: _Loaded, prompt: str | list[int], suffix: str | None
+    ) -> list[int]:
+        model = loaded.model
+        if isinstance(prompt, list):
+            bad = next((t for t in prompt if t >= model.n_vocab), None)
+            if bad is not None:
+                raise req.bad("prompt", f"token id {bad} is not in the vocabulary")
+            tokens = list(prompt)
+        else:
+            tokens = model.tokenize(prompt, add_special=True, parse_special=True)
+        if suffix is not None:
+            pre, suf, mid = (model.token(n) for n in ("fim_pre", "fim_suf", "fim_mid"))
+            if min(pre, suf, mid) < 0:
+                raise req.bad("suffix", "this model has no fill-in-the-middle tokens")
+            if tokens and tokens[0] == model.token("bos"):
+                tokens = tokens[1:]
+            tail = model.tokenize(suffix, add_special=False, parse_special=False)
+            tokens = [pre, *tokens, suf, *tail, mid]
+        if not tokens:
+            raise req.bad("prompt", "'prompt' is empty")
+        return tokens
+
+    @staticmethod
+    def _detokenize(loaded: _Loaded, tokens: list[int]) -> str:
+        data = b"".join(loaded.model.piece(t) for t in tokens)
+        return data.decode("utf-8", errors="replace")
+
+    def _sampling(self, loaded: _Loaded, generation: req.Generation) -> SamplingParams:
+        s = generation.sampling
+        n_vocab = loaded.model.n_vocab
+        bad = next((t for t in s.logit_bias if t >= n_vocab), None)
+        if bad is not None:
+            raise req.bad("logit_bias", f"'logit_bias' token id {bad} is not in the vocabulary")
+        grammar = None
+        if generation.grammar_schema is not None:
+            grammar = _grammar_for(generation.grammar_schema)
+            try:
+                check_grammar(loaded.model, grammar)
+            except GrammarError:
+                raise req.bad(
+                    "response_format", "the JSON schema could not be compiled into a grammar"
+                ) from None
+        return SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repeat_penalty=s.repeat_penalty,
+            seed=s.seed,
+            logit_bias=dict(s.logit_bias),
+            grammar=grammar,
+        )
+
+    def _budget(self, loaded: _Loaded, prompts: list[list[int]], wanted: int | None) -> int:
+        """``max_tokens`` for these prompts, or 400 ``context_length_exceeded``."""
+        limit = loaded.ctx.n_ctx_seq
+        longest = max(len(p) for p in prompts)
+        room = limit - longest
+        if wanted is None:
+            if room < 1:
+                raise ApiError(
+                    400,
+                    "context_length_exceeded",
+                    f"this model's context is {limit} tokens; the prompt has {longest}",
+                )
+            return min(self.options.max_tokens, room)
+        if wanted > room:
+            raise ApiError(
+                400,
+                "context_length_exceeded",
+                f"this model's context is {limit} tokens; the prompt has {longest} and "
+                f"max_tokens asks for {wanted} more",
+                param="max_tokens",
+            )
+        return wanted
+
+    # -- generation -------------------------------------------------------------------
+
+    async def _generate(
+        self,
+        loaded: _Loaded,
+        prompts: list[list[int]],
+        generation: req.Generation,
+        shaper: Shaper,
+        *,
+        stop: tuple[str, ...],
+        echo: list[str] | None = None,
     ) -> dict | AsyncIterator[bytes]:
-        await self._acquire(model)
-        try:
-            context = await self._context(model)
-        except BaseException:
-            self._release(model)
-            raise
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._stream(model, context, method, params, include_usage)
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: getattr(context, method)(**params)
+        scheduler = loaded.scheduler
+        if generation.n > scheduler.slots:
+            raise req.bad(
+                "n", f"'n' may be at most {scheduler.slots} on this node (its slots per model)"
             )
-        except ValueError as exc:  # e.g. prompt longer than the context
-            raise ApiError(400, "invalid_request_error", str(exc)) from None
-        finally:
-            self._release(model, context)
-        result["model"] = model.model_id
-        usage = result.get("usage") or {}
-        self.metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
-        self.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
-        return result
-
-    def _stream(
-        self, model: _Model, context: Any, method: str, params: dict, include_usage: bool
-    ) -> AsyncIterator[bytes]:
-        """Run a streaming generation in a thread; yield SSE events as tokens arrive."""
+        max_tokens = self._budget(loaded, prompts, generation.max_tokens)
+        sampling = self._sampling(loaded, generation)
+        if scheduler.waiting() >= self.options.queue_depth:
+            raise ApiError(
+                429,
+                "model_overloaded",
+                f"model {loaded.model_id!r} has too many queued requests",
+                retry_after=1,
+            )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        stop = threading.Event()
-        counts = {"completion": 0, "prompt": 0}
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        jobs: list[Job] = []
+        for number, prompt in enumerate(prompts):
 
-        def put(item: tuple[str, Any]) -> None:
-            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+            def emit(event: Event, number: int = number) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                    loop.call_soon_threadsafe(events.put_nowait, (number, event))
 
-        def produce() -> None:
-            try:
-                chunks = getattr(context, method)(stream=True, **params)
-                for chunk in chunks:
-                    if stop.is_set():
-                        chunks.close()
-                        break
-                    counts["completion"] += 1
-                    put(("chunk", chunk))
-                counts["prompt"] = max(0, int(context.n_tokens) - counts["completion"])
-                put(("end", None))
-            except BaseException as exc:  # noqa: BLE001 - reported to the client
-                put(("error", exc))
-
-        future = loop.run_in_executor(self._pool, produce)
-        future.add_done_callback(lambda _f: self._release(model, context))
-
-        async def events() -> AsyncIterator[bytes]:
-            last: dict | None = None
-            try:
-                while True:
-                    kind, item = await queue.get()
-                    if kind == "chunk":
-                        item["model"] = model.model_id
-                        last = item
-                        yield b"data: " + orjson.dumps(item) + b"\n\n"
-                    elif kind == "error":
-                        err = {
-                            "error": {
-                                "message": str(item),
-                                "type": "server_error",
-                                "code": "inference_failed",
-                            }
-                        }
-                        yield b"data: " + orjson.dumps(err) + b"\n\n"
-                        break
-                    else:
-                        if include_usage and last is not None:
-                            usage = {
-                                "prompt_tokens": counts["prompt"],
-                                "completion_tokens": counts["completion"],
-                                "total_tokens": counts["prompt"] + counts["completion"],
-                            }
-                            final = {**last, "choices": [], "usage": usage}
-                            yield b"data: " + orjson.dumps(final) + b"\n\n"
-                        yield b"data: [DONE]\n\n"
-                        break
-            finally:
-                stop.set()
-                self.metrics.tokens.labels("completion").inc(counts["completion"])
-                self.metrics.tokens.labels("prompt").inc(counts["prompt"])
-
-        return events()
-
-
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "invalid_request_error", "'messages' must be a non-empty list")
-    out = []
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, "invalid_request_error", "each message needs a string 'role'")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(
-                p.get("text", "")
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text"
+            jobs.append(
+                Job(
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    sampling=sampling,
+                    emit=emit,
+                    n=generation.n,
+                    stop=stop,
+                    stop_tokens=loaded.turn_stop_tokens,
+                    top_logprobs=generation.top_logprobs if generation.logprobs else None,
+                )
             )
-        if content is None:
-            content = ""
-        if not isinstance(content, str):
-            raise ApiError(400, "invalid_request_error", "message 'content' must be text")
-        out.append({**message, "content": content})
-    return out
+        run = _Run(self, loaded, jobs, events, generation, shaper, echo)
+        loaded.requests += 1
+        self.metrics.active_requests.inc()
+        try:
+            for job in jobs:
+                scheduler.submit(job)
+            await run.started(self.options.queue_timeout_s)
+        except BaseException:
+            run.cancel()
+            self._done(loaded)
+            raise
+        if generation.stream:
+            return _EventStream(run)
+        try:
+            return await run.collect()
+        finally:
+            run.cancel()
+            self._done(loaded)
+
+    def _done(self, loaded: _Loaded) -> None:
+        loaded.requests -= 1
+        self.metrics.active_requests.dec()
+        if loaded.closed and loaded.requests == 0:
+            self._pool.submit(self._close, loaded)
 
 
-def _sampling(body: dict) -> dict:
-    return {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+def _grammar_for(schema: dict | str) -> str:
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if schema == "json_object":
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(req.schema_text(schema))
+    except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions
+        raise req.bad(
+            "response_format", f"the JSON schema is not supported: {exc}"
+        ) from None
 
 
-def _max_tokens(body: dict, default: int | None) -> int | None:
-    value = body.get("max_completion_tokens", body.get("max_tokens", default))
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ApiError(400, "invalid_request_error", "'max_tokens' must be a positive integer")
-    return value
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: str | None = None
+    tokens: int = 0
+
+
+class _Run:
+    """The events of one request's jobs, turned into an answer or a stream."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        loaded: _Loaded,
+        jobs: list[Job],
+        events: asyncio.Queue[tuple[int, Event]],
+        generation: req.Generation,
+        shaper: Shaper,
+        echo: list[str] | None,
+    ):
+        self.engine = engine
+        self.loaded = loaded
+        self.jobs = jobs
+        self.events = events
+        self.generation = generation
+        self.shaper = shaper
+        self.echo = echo
+        self.n = generation.n
+        self.choices = [_Choice() for _ in range(len(jobs) * self.n)]
+        self.prompt_tokens = sum(len(j.prompt) for j in jobs)
+        self.cached = 0
+        self._backlog: list[tuple[int, Event]] = []
+        self._closed = False
+
+    def cancel(self) -> None:
+        """Stop every job of this request (no-op for finished ones)."""
+        for job in self.jobs:
+            job.cancel()
+        self.loaded.scheduler.wake()
+
+    async def started(self, timeout: float) -> None:
+        """Wait until the first job has its slots; 429 after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                number, event = await asyncio.wait_for(self.events.get(), max(0.0, remaining))
+            except TimeoutError:
+                raise ApiError(
+                    429,
+                    "model_overloaded",
+                    f"all {self.loaded.scheduler.slots} slots of model "
+                    f"{self.loaded.model_id!r} are busy",
+                    retry_after=1,
+                ) from None
+            if isinstance(event, ErrorEvent):
+                raise ApiError(500, "inference_failed", event.message)
+            self._backlog.append((number, event))
+            if isinstance(event, StartEvent):
+                return
+
+    async def _events(self) -> AsyncIterator[tuple[int, Event]]:
+        backlog, self._backlog = self._backlog, []
+        for item in backlog:
+            yield item
+        while not self.finished():
+            yield await self.events.get()
+
+    def finished(self) -> bool:
+        return all(c.finish is not None for c in self.choices)
+
+    def _logprob(self, event: TokenEvent) -> TokenLogprob | None:
+        if event.logprob is None:
+            return None
+        model = self.loaded.model
+        chosen, top = event.logprob
+
+        def entry(token: int) -> tuple[str, bytes]:
+            raw = model.piece(token)
+            return raw.decode("utf-8", errors="replace"), raw
+
+        token_text, raw = entry(event.token)
+        alternatives = [(*entry(t), lp) for t, lp in top[: self.generation.top_logprobs]]
+        return TokenLogprob(token_text, raw, chosen, alternatives)
+
+    def _usage(self) -> dict[str, Any]:
+        completion = sum(c.tokens for c in self.choices)
+        return usage(self.prompt_tokens, completion, self.cached)
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole answer."""
+        async for number, event in self._events():
+            index = number * self.n + getattr(event, "index", 0)
+            if isinstance(event, ErrorEvent):
+                raise ApiError(500, "inference_failed", event.message)
+            if isinstance(event, StartEvent):
+                self.cached += event.cached
+            elif isinstance(event, TokenEvent):
+                choice = self.choices[index]
+                choice.text.append(event.text)
+                entry = self._logprob(event)
+                if entry is not None:
+                    choice.logprobs.append(entry)
+            elif isinstance(event, DoneEvent):
+                choice = self.choices[index]
+                choice.text.append(event.text)
+                choice.finish, choice.tokens = event.finish_reason, event.tokens
+        out = []
+        for index, choice in enumerate(self.choices):
+            prefix = self.echo[index // self.n] if self.echo else ""
+            logprobs = None
+            if self.generation.logprobs:
+                logprobs = (
+                    chat_logprobs(choice.logprobs)
+                    if self.shaper.chat
+                    else completion_logprobs(choice.logprobs, len(prefix))
+                )
+            out.append(
+                self.shaper.choice(index, prefix + "".join(choice.text), choice.finish, logprobs)
+            )
+        return self.shaper.answer(out, self._usage())
+
+    def close(self) -> None:
+        """Cancel what still runs and give the request's hold on the model back (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cancel()
+        self.engine._done(self.loaded)  # noqa: SLF001 - the run belongs to the engine
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE events as tokens arrive; the job is cancelled when the client goes away."""
+        shaper = self.shaper
+        try:
+            if shaper.chat:
+                for index in range(len(self.choices)):
+                    yield sse(shaper.chunk(index, "", role=True))
+            elif self.echo:
+                for index in range(len(self.choices)):
+                    yield sse(shaper.chunk(index, self.echo[index // self.n]))
+            async for number, event in self._events():
+                index = number * self.n + getattr(event, "index", 0)
+                if isinstance(event, ErrorEvent):
+                    error = {"message": event.message, "type": "server_error",
+                             "code": "inference_failed"}
+                    yield sse({"error": error})
+                    return
+                if isinstance(event, StartEvent):
+                    self.cached += event.cached
+                elif isinstance(event, TokenEvent):
+                    entry = self._logprob(event)
+                    if not event.text and entry is None:
+                        continue
+                    logprobs = None
+                    if entry is not None:
+                        logprobs = (
+                            chat_logprobs([entry]) if shaper.chat
+                            else completion_logprobs([entry], 0)
+                        )
+                    yield sse(shaper.chunk(index, event.text, logprobs=logprobs))
+                elif isinstance(event, DoneEvent):
+                    choice = self.choices[index]
+                    choice.finish, choice.tokens = event.finish_reason, event.tokens
+                    if event.text:
+                        yield sse(shaper.chunk(index, event.text))
+                    yield sse(shaper.chunk(index, None, finish=event.finish_reason))
+            if self.generation.include_usage:
+                yield sse(shaper.usage_chunk(self._usage()))
+            yield SSE_DONE
+        finally:
+            self.close()
+
+
+class _EventStream:
+    """The SSE bytes of a streamed run; closing it (even unstarted) ends the run."""
+
+    def __init__(self, run: _Run):
+        self._run = run
+        self._events = run.stream()
+
+    def __aiter__(self) -> _EventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop generating and release the slots."""
+        try:
+            await self._events.aclose()
+        finally:
+            self._run.close()

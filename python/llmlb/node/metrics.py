@@ -51,6 +51,18 @@ class NodeMetrics:
         self.loaded_models = Gauge(
             "llmlb_node_loaded_models", "Models resident in memory", registry=r
         )
+        self.decode_batch = Histogram(
+            "llmlb_node_decode_batch_sequences",
+            "Sequences in one llama_decode step (continuous batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.decode_batch_peak = Gauge(
+            "llmlb_node_decode_batch_sequences_peak",
+            "Most sequences one llama_decode step has held since the node started",
+            registry=r,
+        )
+        self.peak_batch = 0
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

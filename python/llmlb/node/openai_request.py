@@ -1,0 +1,440 @@
+"""Validation of OpenAI request bodies into what the engine runs.
+
+Every field the OpenAI API reference defines for ``/v1/chat/completions``,
+``/v1/completions`` and ``/v1/embeddings`` is either honoured or answered with 400
+``invalid_request_error`` naming it in ``param``; fields outside the reference are ignored
+(clients such as LiteLLM add their own). Wrong types and ranges are 400 with ``param`` too.
+The llama.cpp sampling knobs llama-server accepts (``top_k``, ``min_p``,
+``repeat_penalty``) are honoured as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from llmlb.errors import ApiError
+
+# OpenAI's limits.
+MAX_STOP = 16
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+# Defined by the API reference but meaningless for a stateless llama.cpp node: accepted when
+# they ask for nothing (null / their default), else 400.
+_CHAT_UNSUPPORTED = {
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "function_call": (None, "none", "auto"),
+    "functions": (None, []),
+    "store": (None, False),
+    "modalities": (None, ["text"]),
+    "verbosity": (None, "medium"),
+}
+
+
+def bad(param: str, message: str, code: str = "invalid_request_error") -> ApiError:
+    """A 400 for the request field ``param``."""
+    return ApiError(400, code, message, param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Validated sampler fields (token ids in ``logit_bias`` still unchecked)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What a chat or completion request asks the engine to generate.
+
+    Attributes:
+        sampling: sampler settings.
+        n: choices per prompt.
+        max_tokens: tokens per choice (``None``: the node's default cap).
+        stop: stop strings.
+        stream, include_usage: SSE, and a final usage chunk.
+        logprobs: return logprobs; ``top_logprobs`` alternatives per token.
+        grammar_schema: ``None``, ``"json_object"``, or a JSON schema (dict) to constrain to.
+        user: the end user's id (logged with the request).
+    """
+
+    sampling: Sampling
+    n: int = 1
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    grammar_schema: dict | str | None = None
+    user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` body."""
+
+    messages: list[dict[str, Any]]
+    generation: Generation
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    """A validated ``/v1/completions`` body: one or more prompts (text or token ids)."""
+
+    prompts: list[str | list[int]]
+    generation: Generation
+    echo: bool = False
+    suffix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """A validated ``/v1/embeddings`` body."""
+
+    inputs: list[str | list[int]]
+    base64: bool = False
+    dimensions: int | None = None
+
+
+# -- field readers ---------------------------------------------------------------------
+
+
+def number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
+    """A number in ``[lo, hi]`` (``default`` when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise bad(name, f"'{name}' must be a number")
+    if not lo <= value <= hi:
+        raise bad(name, f"'{name}' must be between {lo} and {hi}")
+    return float(value)
+
+
+def integer(body: dict, name: str, lo: int, hi: int | None, default: int | None) -> int | None:
+    """An integer in ``[lo, hi]`` (``default`` when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(name, f"'{name}' must be an integer")
+    if value < lo or (hi is not None and value > hi):
+        limit = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise bad(name, f"'{name}' must be {limit}")
+    return value
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    """A boolean (``default`` when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(name, f"'{name}' must be a boolean")
+    return value
+
+
+def text(body: dict, name: str) -> str | None:
+    """An optional string."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad(name, f"'{name}' must be a string")
+    return value
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    value = body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad("stop", "'stop' must be a string or a list of strings")
+    if len(value) > MAX_STOP:
+        raise bad("stop", f"'stop' takes at most {MAX_STOP} strings")
+    return tuple(s for s in value if s)
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad("logit_bias", "'logit_bias' must map token ids to numbers")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad("logit_bias", f"'logit_bias' key {key!r} is not a token id") from None
+        if token < 0:
+            raise bad("logit_bias", f"'logit_bias' key {key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise bad("logit_bias", "'logit_bias' values must be numbers between -100 and 100")
+        out[token] = float(bias)
+    return out
+
+
+def _sampling(body: dict) -> Sampling:
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("seed", "'seed' must be an integer")
+    return Sampling(
+        temperature=number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=number(body, "top_p", 0.0, 1.0, 1.0),
+        top_k=integer(body, "top_k", 0, None, 40) or 0,
+        min_p=number(body, "min_p", 0.0, 1.0, 0.05),
+        presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        repeat_penalty=number(body, "repeat_penalty", 0.0, 10.0, 1.0) or 1.0,
+        seed=seed,
+        logit_bias=_logit_bias(body),
+    )
+
+
+def _max_tokens(body: dict) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = integer(body, name, 1, None, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise bad("stream_options", "'stream_options' must be an object")
+    if not stream:
+        raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+    return stream, boolean(options, "include_usage")
+
+
+def _response_format(body: dict) -> dict | str | None:
+    value = body.get("response_format")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise bad("response_format", "'response_format' must be an object with a 'type'")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str):
+            raise bad("response_format", "'response_format.json_schema' must be an object")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise bad("response_format", "'response_format.json_schema.schema' must be an object")
+        return schema
+    raise bad("response_format", f"'response_format.type' {kind!r} is not supported")
+
+
+def _generation(body: dict, *, chat: bool) -> Generation:
+    stream, include_usage = _stream(body)
+    if chat:
+        logprobs = boolean(body, "logprobs")
+        top = integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
+        if top is not None and not logprobs:
+            raise bad("top_logprobs", "'top_logprobs' requires 'logprobs': true")
+        top_logprobs = top or 0
+    else:
+        top = integer(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, None)
+        logprobs, top_logprobs = top is not None, top or 0
+    n = integer(body, "n", 1, MAX_N, 1) or 1
+    return Generation(
+        sampling=_sampling(body),
+        n=n,
+        max_tokens=_max_tokens(body),
+        stop=_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        grammar_schema=_response_format(body) if chat else None,
+        user=text(body, "user"),
+    )
+
+
+# -- chat ------------------------------------------------------------------------------
+
+
+def _content_text(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(param, f"'{param}' must be a string or a list of content parts")
+    parts = []
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad(where, f"'{where}' must be a content part object with a 'type'")
+        if part["type"] != "text":
+            kind = part["type"]
+            raise bad(where, f"content parts of type {kind!r} are not supported (text only)")
+        if not isinstance(part.get("text"), str):
+            raise bad(where, f"'{where}.text' must be a string")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def chat_messages(body: dict) -> list[dict[str, Any]]:
+    """The ``messages`` of a chat body, each with ``role`` and text ``content``.
+
+    Raises:
+        ApiError: 400 naming the faulty message (``messages[i].role`` …).
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad(where, f"'{where}' must be an object")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"{where}.role", f"'{where}.role' must be one of {sorted(CHAT_ROLES)}")
+        if role == "developer":
+            role = "system"
+        has_calls = role == "assistant" and bool(message.get("tool_calls"))
+        if "content" not in message or message["content"] is None:
+            if not has_calls:
+                raise bad(f"{where}.content", f"'{where}' needs a 'content'")
+            content = ""
+        else:
+            content = _content_text(message["content"], f"{where}.content")
+        name = message.get("name")
+        if name is not None and not isinstance(name, str):
+            raise bad(f"{where}.name", f"'{where}.name' must be a string")
+        out.append({**message, "role": role, "content": content})
+    return out
+
+
+def _check_unsupported(body: dict) -> None:
+    for name, allowed in _CHAT_UNSUPPORTED.items():
+        if name in body and body[name] not in allowed:
+            raise bad(name, f"'{name}' is not supported by this node")
+    for name in ("metadata",):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise bad(name, f"'{name}' must be an object")
+    for name in ("service_tier", "prompt_cache_key", "safety_identifier"):
+        text(body, name)
+    boolean(body, "parallel_tool_calls", True)
+
+
+def chat_request(body: dict) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body.
+
+    Raises:
+        ApiError: 400 ``invalid_request_error`` with ``param``.
+    """
+    _check_unsupported(body)
+    tools = body.get("tools")
+    if tools not in (None, []):
+        raise bad("tools", "'tools' is not supported by this node yet")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise bad("tool_choice", "'tool_choice' is not supported by this node yet")
+    messages = chat_messages(body)
+    return ChatRequest(messages=messages, generation=_generation(body, chat=True))
+
+
+# -- completions ---------------------------------------------------------------------
+
+
+def _token_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    )
+
+
+def prompts(value: Any, name: str) -> list[str | list[int]]:
+    """A string, list of strings, token-id list or list of token-id lists, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if _token_list(value):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(_token_list(p) for p in value):
+            return list(value)
+    raise bad(
+        name,
+        f"'{name}' must be a string, a list of strings, a list of token ids or a list of "
+        "token-id lists",
+    )
+
+
+def completion_request(body: dict) -> CompletionRequest:
+    """Validate a ``/v1/completions`` body.
+
+    Raises:
+        ApiError: 400 ``invalid_request_error`` with ``param``.
+    """
+    if "prompt" not in body:
+        raise bad("prompt", "'prompt' is required")
+    generation = _generation(body, chat=False)
+    best_of = integer(body, "best_of", 1, MAX_N, None)
+    if best_of is not None and best_of != generation.n:
+        raise bad("best_of", "'best_of' other than 'n' is not supported by this node")
+    return CompletionRequest(
+        prompts=prompts(body["prompt"], "prompt"),
+        generation=generation,
+        echo=boolean(body, "echo"),
+        suffix=text(body, "suffix") or None,
+    )
+
+
+# -- embeddings ----------------------------------------------------------------------
+
+
+def embedding_request(body: dict) -> EmbeddingRequest:
+    """Validate a ``/v1/embeddings`` body.
+
+    Raises:
+        ApiError: 400 ``invalid_request_error`` with ``param``.
+    """
+    if "input" not in body:
+        raise bad("input", "'input' is required")
+    inputs = prompts(body["input"], "input")
+    if any(isinstance(i, str) and not i for i in inputs):
+        raise bad("input", "'input' strings must not be empty")
+    encoding = body.get("encoding_format")
+    if encoding not in (None, "float", "base64"):
+        raise bad("encoding_format", "'encoding_format' must be 'float' or 'base64'")
+    text(body, "user")
+    return EmbeddingRequest(
+        inputs=inputs,
+        base64=encoding == "base64",
+        dimensions=integer(body, "dimensions", 1, None, None),
+    )
+
+
+def schema_text(schema: dict) -> str:
+    """A JSON schema as the text llama.cpp's converter reads."""
+    return orjson.dumps(schema).decode()

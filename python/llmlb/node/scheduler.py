@@ -1,0 +1,426 @@
+"""Continuous batching over one llama.cpp context: every running sequence, one decode a step.
+
+One :class:`Scheduler` (and one thread) per loaded model. The context has one sequence per
+slot. Each step the thread builds a single ``llama_batch`` from every running sequence — one
+token for each sequence that is generating, a prompt chunk for sequences that are starting
+(at most ``n_ubatch`` tokens while others generate, so a long prompt delays them by one
+chunk at most) — and calls ``llama_decode`` once. Jobs join at the next step; a finished or
+cancelled sequence leaves at once.
+
+Prompt reuse: each slot remembers the tokens its KV cells hold. A new job takes the free
+slot sharing the longest prefix with its prompt and evaluates only the rest. ``n > 1``
+evaluates the prompt once, then copies its cells to the other choices' sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmlb.node.llama_native import Batch, Context, Model
+from llmlb.node.sampling import Sampler, SamplingParams, logprobs
+from llmlb.node.text_stream import TextStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One generated token of choice ``index``: its text delta and, if asked, logprobs."""
+
+    index: int
+    token: int
+    text: str
+    logprob: tuple[float, list[tuple[int, float]]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartEvent:
+    """The job got its slots: ``cached`` of its ``prompt`` tokens were reused."""
+
+    prompt: int
+    cached: int
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    """Choice ``index`` ended (``stop`` or ``length``) after ``tokens`` tokens; ``text`` is
+    the last held-back text."""
+
+    index: int
+    finish_reason: str
+    tokens: int
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """The job failed inside llama.cpp."""
+
+    message: str
+
+
+Event = TokenEvent | StartEvent | DoneEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request: a tokenised prompt and ``n`` choices.
+
+    Attributes:
+        prompt: token ids (never empty).
+        max_tokens: generated tokens per choice at most.
+        sampling: sampler settings (choice ``i`` draws with seed + i).
+        emit: called from the scheduler thread with each :data:`Event`.
+        n: choices.
+        stop: strings that end a choice (never emitted).
+        stop_tokens: token ids that end a choice besides the model's end-of-generation ones.
+        top_logprobs: ``None`` for no logprobs, else how many alternatives per token.
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[Event], None]
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    stop_tokens: frozenset[int] = frozenset()
+    top_logprobs: int | None = None
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step (or never start)."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    index: int
+    slot: _Slot
+    sampler: Sampler
+    text: TextStream
+    prompt_left: list[int] = field(default_factory=list)
+    next_token: int = -1  # sampled, not yet decoded
+    generated: int = 0
+    primary: bool = True  # evaluates the prompt (the other choices copy its cells)
+
+
+@dataclass
+class SchedulerStats:
+    """What the scheduler did, for metrics and tests."""
+
+    steps: int = 0
+    peak_sequences: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Scheduler:
+    """The decode loop of one model.
+
+    Args:
+        model: the loaded weights.
+        ctx: its context (``ctx.shape.n_seq`` sequences).
+        on_step: called after each decode with (sequences in the batch, tokens generated).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        ctx: Context,
+        on_step: Callable[[int, int, int], Any] | None = None,
+    ):
+        self.model = model
+        self.ctx = ctx
+        self.n_ctx_seq = ctx.n_ctx_seq
+        self._slots = [_Slot(seq) for seq in range(ctx.shape.n_seq)]
+        self._batch = Batch(ctx.shape.n_batch)
+        self._pending: deque[Job] = deque()
+        self._running: list[_Running] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._on_step = on_step or (lambda _seqs, _prompt, _gen: None)
+        self.stats = SchedulerStats()
+        self._thread = threading.Thread(target=self._loop, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads ---------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Sequences this context serves at once."""
+        return len(self._slots)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; it starts when ``job.n`` slots are free."""
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("scheduler is closed")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def waiting(self) -> int:
+        """Jobs queued for slots."""
+        return sum(1 for job in list(self._pending) if not job.cancelled)
+
+    def active(self) -> int:
+        """Jobs holding slots now."""
+        return len({id(r.job) for r in list(self._running)})
+
+    def wake(self) -> None:
+        """Make the loop look at cancellations now."""
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the loop (running jobs end with an error) and free the context's batch."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._has_work():
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - every job must hear about it
+            logger.exception("decode loop failed")
+            self._fail_all(f"decode loop failed: {exc}")
+        finally:
+            self._fail_all("the model was unloaded")
+            self._batch.close()
+
+    def _has_work(self) -> bool:
+        return bool(self._running) or any(not j.cancelled for j in self._pending)
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if not self._running:
+            return
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Running, int]] = []
+        generating = [r for r in self._running if r.next_token >= 0]
+        for r in generating:
+            pos = len(r.slot.tokens)
+            outputs.append((r, batch.add(r.next_token, pos, r.slot.seq, True)))
+        shape = self.ctx.shape
+        budget = shape.n_batch - batch.n
+        if generating:
+            budget = min(budget, shape.n_ubatch)
+        chunks: list[tuple[_Running, list[int]]] = []
+        for r in self._running:
+            if budget <= 0:
+                break
+            if not r.primary or not r.prompt_left:
+                continue
+            take = r.prompt_left[:budget]
+            pos = len(r.slot.tokens)
+            last = len(take) == len(r.prompt_left)
+            for j, token in enumerate(take):
+                index = batch.add(token, pos + j, r.slot.seq, last and j == len(take) - 1)
+            if last:
+                outputs.append((r, index))
+            chunks.append((r, take))
+            budget -= len(take)
+        if batch.n == 0:
+            return
+        status = self.ctx.decode(batch)
+        if status != 0:
+            self._fail_batch(generating, chunks, status)
+            return
+        prompt_tokens = 0
+        for r, take in chunks:
+            r.slot.tokens.extend(take)
+            del r.prompt_left[: len(take)]
+            prompt_tokens += len(take)
+        for r in generating:
+            r.slot.tokens.append(r.next_token)
+        self.stats.steps += 1
+        sequences = len(generating) + len(chunks)
+        self.stats.peak_sequences = max(self.stats.peak_sequences, sequences)
+        self.stats.prompt_tokens += prompt_tokens
+        generated = 0
+        for r, index in outputs:
+            if r.primary and r.generated == 0 and r.job.n > 1:
+                self._fork(r)
+            for choice in self._choices_sharing(r):
+                generated += self._advance(choice, index)
+        self.stats.completion_tokens += generated
+        self._on_step(sequences, prompt_tokens, generated)
+
+    def _choices_sharing(self, r: _Running) -> list[_Running]:
+        """``r`` and, right after its prompt, the other choices that copied its cells."""
+        if r.primary and r.generated == 0 and r.job.n > 1:
+            return [x for x in self._running if x.job is r.job]
+        return [r]
+
+    def _fork(self, r: _Running) -> None:
+        for other in self._running:
+            if other.job is r.job and other is not r:
+                self.ctx.seq_rm(other.slot.seq)
+                self.ctx.seq_cp(r.slot.seq, other.slot.seq)
+                other.slot.tokens = list(r.slot.tokens)
+
+    def _advance(self, r: _Running, index: int) -> int:
+        """Sample ``r``'s next token from output row ``index``; 1 if one was generated."""
+        job = r.job
+        token = r.sampler.sample(self.ctx, index)
+        info = None
+        if job.top_logprobs is not None:
+            info = logprobs(self.ctx.logits(index), token, job.top_logprobs)
+        r.generated += 1
+        if self.model.is_eog(token) or token in job.stop_tokens:
+            self._finish(r, "stop")
+            return 1
+        text = r.text.push(self.model.piece(token))
+        job.emit(TokenEvent(r.index, token, text, info))
+        if r.text.stopped:
+            self._finish(r, "stop")
+        elif r.generated >= job.max_tokens or len(r.slot.tokens) + 1 >= self.n_ctx_seq:
+            self._finish(r, "length")
+        else:
+            r.next_token = token
+        return 1
+
+    def _finish(self, r: _Running, reason: str) -> None:
+        r.job.emit(DoneEvent(r.index, reason, r.generated, r.text.flush()))
+        self._release(r)
+
+    def _release(self, r: _Running) -> None:
+        r.sampler.close()
+        r.slot.busy = False
+        r.slot.last_used = time.monotonic()
+        self._running.remove(r)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            if any(j.cancelled for j in self._pending):
+                self._pending = deque(j for j in self._pending if not j.cancelled)
+        for r in [r for r in self._running if r.job.cancelled]:
+            self._release(r)  # its cells still hold a valid prefix, reusable later
+
+    # -- admission -------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                job = self._pending[0]
+                free = [s for s in self._slots if not s.busy]
+                if len(free) < job.n:
+                    return
+                self._pending.popleft()
+            try:
+                self._start(job, free)
+            except Exception as exc:  # noqa: BLE001 - reported to the job's client
+                logger.exception("could not start a job")
+                job.emit(ErrorEvent(str(exc)))
+
+    def _start(self, job: Job, free: list[_Slot]) -> None:
+        slot, keep = self._best_slot(job.prompt, free)
+        if not self.ctx.seq_rm(slot.seq, keep, -1):
+            self.ctx.seq_rm(slot.seq)
+            keep = 0
+        del slot.tokens[keep:]
+        others = [s for s in sorted(free, key=lambda s: s.last_used) if s is not slot]
+        slots = [slot, *others[: job.n - 1]]
+        samplers: list[Sampler] = []
+        try:
+            for i in range(job.n):
+                samplers.append(Sampler(self.model, job.sampling, seed_offset=i))
+        except BaseException:
+            for sampler in samplers:
+                sampler.close()
+            raise
+        self.stats.cached_tokens += keep
+        job.emit(StartEvent(len(job.prompt), keep))
+        for i, (s, sampler) in enumerate(zip(slots, samplers, strict=True)):
+            s.busy = True
+            s.last_used = time.monotonic()
+            self._running.append(
+                _Running(
+                    job=job,
+                    index=i,
+                    slot=s,
+                    sampler=sampler,
+                    text=TextStream(job.stop),
+                    prompt_left=list(job.prompt[keep:]) if i == 0 else [],
+                    primary=i == 0,
+                )
+            )
+
+    def _best_slot(self, prompt: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
+        """The free slot whose cells share the longest prefix with ``prompt``, and how many
+        of its cells can be kept (at least the prompt's last token is always evaluated, to
+        get its logits)."""
+        best, best_len = None, 0
+        for slot in free:
+            n = _common_prefix(slot.tokens, prompt)
+            if n > best_len:
+                best, best_len = slot, n
+        if best is None:
+            return min(free, key=lambda s: (len(s.tokens) > 0, s.last_used)), 0
+        keep = min(best_len, len(prompt) - 1)
+        n_swa = self.model.n_swa
+        if keep > 0 and n_swa > 0 and self.ctx.seq_pos_min(best.seq) > max(0, keep - n_swa):
+            keep = 0  # sliding-window layers dropped cells the kept prefix's tail needs
+        return best, keep
+
+    # -- failures --------------------------------------------------------------------
+
+    def _fail_batch(
+        self, generating: list[_Running], chunks: list[tuple[_Running, list[int]]], status: int
+    ) -> None:
+        message = f"llama_decode failed (status {status})"
+        logger.error(message)
+        failed = {id(r.job): r.job for r in generating} | {id(r.job): r.job for r, _ in chunks}
+        for job in failed.values():
+            job.emit(ErrorEvent(message))
+        for r in [r for r in self._running if id(r.job) in failed]:
+            self.ctx.seq_rm(r.slot.seq)
+            r.slot.tokens.clear()
+            self._release(r)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        jobs = {id(r.job): r.job for r in self._running}
+        for r in list(self._running):
+            self._release(r)
+        for job in [*jobs.values(), *pending]:
+            if not job.cancelled:
+                job.emit(ErrorEvent(message))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
