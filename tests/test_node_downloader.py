@@ -13,6 +13,7 @@ import pytest
 from llmlb.model_storage import ModelStorage
 from llmlb.node import downloader as dl
 from llmlb.node.hashing import FollowingHasher
+from llmlb.protocol import ManifestFile
 
 from tests.factories import gguf_bytes, split_name, write_safetensors_model
 from tests.hub_fixtures import make_repo, start_hub
@@ -26,7 +27,7 @@ FILES = {NAME_A: A, NAME_B: B}
 
 def _manifest(base: str, files: dict[str, bytes], model_id: str = "org/split") -> dl.Manifest:
     specs = tuple(
-        dl.FileSpec(
+        ManifestFile(
             name,
             len(data),
             hashlib.sha256(data).hexdigest(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llmlb.node import runtimes
-from llmlb.node.resolver import RETRY_MAX_S, ModelState, retry_delay
+from llmlb.node.resolver import RETRY_MAX_S, ModelRecord, retry_delay
 
 
 def test_retry_backoff_doubles_from_one_second_to_ten_minutes():
@@ -13,7 +13,7 @@ def test_retry_backoff_doubles_from_one_second_to_ten_minutes():
 
 
 def test_failed_report_carries_attempts_and_retry_time():
-    report = ModelState("failed", error="HTTP 503", attempts=2, retry_at=1_700_000_000.6)
+    report = ModelRecord("failed", error="HTTP 503", attempts=2, retry_at=1_700_000_000.6)
     assert report.to_dict("org/m") == {
         "id": "org/m",
         "state": "failed",
@@ -22,7 +22,7 @@ def test_failed_report_carries_attempts_and_retry_time():
         "attempts": 2,
         "retry_at": 1_700_000_001,
     }
-    assert "attempts" not in ModelState("downloading").to_dict("org/m")
+    assert "attempts" not in ModelRecord("downloading").to_dict("org/m")
 
 
 def test_llama_cpp_serves_gguf_only():

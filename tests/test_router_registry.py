@@ -13,8 +13,9 @@ from llmlb.errors import (
     HubUnavailable,
     NoSupportedArtifacts,
 )
-from llmlb.hub.repo import ManifestFile, RepoManifest
+from llmlb.hub.repo import RepoManifest
 from llmlb.model_storage import InvalidModelId
+from llmlb.protocol import ManifestFile
 from llmlb.router import db, registry
 
 SHA = "a" * 40
@@ -23,12 +24,12 @@ SHA = "a" * 40
 def _manifest(*names: str) -> RepoManifest:
     files = [
         ManifestFile(
-            name,
-            "gguf",
-            100,
-            "f" * 64,
-            f"http://hub/Org/Name/resolve/{SHA}/{name}",
-            i,
+            filename=name,
+            format="gguf",
+            size_bytes=100,
+            sha256="f" * 64,
+            url=f"http://hub/Org/Name/resolve/{SHA}/{name}",
+            priority=i,
             backends=["metal"] if name.endswith(".metal.bin") else [],
         )
         for i, name in enumerate(names)

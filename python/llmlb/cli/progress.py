@@ -22,6 +22,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from llmlb.protocol import MODEL_STATES, ModelState
+
 
 def human_bytes(n: int | None) -> str:
     """``1.5 GiB``-style size; ``-`` for unknown."""
@@ -59,7 +61,7 @@ class ModelProgress:
     @property
     def failed(self) -> bool:
         """No node has the model or is getting it, and some node failed it."""
-        return self.state == "failed"
+        return self.state == ModelState.FAILED
 
     def describe(self) -> str:
         """One short phrase: ``downloading 12.0 MiB / 253.0 MiB (5%)``, ``ready``, ``-``."""
@@ -68,7 +70,7 @@ class ModelProgress:
                 return "downloading"
             pct = 100 * self.bytes / self.total
             return f"downloading {human_bytes(self.bytes)} / {human_bytes(self.total)} ({pct:.0f}%)"
-        if self.state == "failed":
+        if self.state == ModelState.FAILED:
             return f"failed: {self.error or 'unknown error'}"
         return self.state or "-"
 
@@ -83,17 +85,17 @@ def progress_from_nodes(nodes: list[dict[str, Any]], model_id: str) -> ModelProg
     by_state: dict[str, list[dict[str, Any]]] = {}
     for report in states:
         by_state.setdefault(str(report.get("state")), []).append(report)
-    moving = by_state.get("downloading", [])
+    moving = by_state.get(ModelState.DOWNLOADING, [])
     done = sum(int((m.get("progress") or {}).get("bytes") or 0) for m in moving)
     total = sum(int((m.get("progress") or {}).get("total") or 0) for m in moving)
-    failed = by_state.get("failed", [])
-    state = next((s for s in ("ready", "downloading", "loading", "failed") if s in by_state), None)
+    failed = by_state.get(ModelState.FAILED, [])
+    state = next((s for s in MODEL_STATES if s in by_state), None)
     return ModelProgress(
         state=state,
         bytes=done,
         total=total,
         downloading=len(moving),
-        nodes_ready=len(by_state.get("ready", [])),
+        nodes_ready=len(by_state.get(ModelState.READY, [])),
         error=failed[0].get("error") if failed else None,
     )
 

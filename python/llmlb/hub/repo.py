@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from urllib.parse import quote, urlparse
 
 import orjson
@@ -32,6 +32,7 @@ from llmlb import config
 from llmlb.errors import HubRepoNotFound, HubUnavailable, NoSupportedArtifacts
 from llmlb.hub.artifacts import RemoteFile, file_format, select_artifacts
 from llmlb.model_storage import InvalidModelId
+from llmlb.protocol import ManifestFile
 
 logger = logging.getLogger(__name__)
 
@@ -62,34 +63,6 @@ _TRANSPORT_ERRORS = _transport_errors()
 
 
 @dataclass
-class ManifestFile:
-    """One file a node downloads for a model.
-
-    Attributes:
-        filename: path in the repo.
-        format: ``gguf``, ``safetensors``, ``json``, ``metal`` or ``other``.
-        size_bytes: exact size.
-        sha256: the LFS sha256; ``None`` only for small non-LFS files.
-        url: ``<endpoint>/<repo>/resolve/<commit>/<filename>``.
-        priority: download order, 0 = the primary file.
-        optional: a node may skip it (e.g. another backend's file).
-        backends: backends the file is for (``["metal"]``); ``[]`` means all.
-    """
-
-    filename: str
-    format: str
-    size_bytes: int
-    sha256: str | None
-    url: str
-    priority: int
-    optional: bool = False
-    backends: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class RepoManifest:
     """A model's files in one hub repo, pinned to a commit.
 
@@ -100,7 +73,7 @@ class RepoManifest:
         filename: the primary file.
         quantization: from the GGUF filename (``Q4_K_M``), else ``None``.
         chat_template: always ``None`` here (the router may set one).
-        files: every file, in priority order.
+        files: every file, in priority order (the manifest's files, :mod:`llmlb.protocol`).
         total_size_bytes: sum of all files' sizes (optional ones included).
     """
 
@@ -114,7 +87,8 @@ class RepoManifest:
     total_size_bytes: int
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready dict."""
+        return {**asdict(self), "files": [f.to_dict() for f in self.files]}
 
 
 def parse_repo_ref(repo_or_url: str) -> tuple[str, str | None, str | None]:

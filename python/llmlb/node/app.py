@@ -51,9 +51,10 @@ from llmlb.node import downloader as dl
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
 from llmlb.node.metrics import CONTENT_TYPE_LATEST, NodeMetrics
-from llmlb.node.resolver import READY, Resolver, RouterAccess
+from llmlb.node.resolver import Resolver, RouterAccess
 from llmlb.node.settings import NodeSettings
 from llmlb.node.sync import RouterSync
+from llmlb.protocol import ModelState
 
 logger = logging.getLogger(__name__)
 
@@ -233,9 +234,8 @@ async def list_models(request: Request) -> Response:
     except ApiError as exc:
         return error_response(exc)
     now = int(time.time())
-    ids = sorted(
-        r["id"] for r in node.sync.model_reports() if r["state"] == READY and r.get("servable")
-    )
+    reports = node.sync.model_reports()
+    ids = sorted(r["id"] for r in reports if r["state"] == ModelState.READY and r.get("servable"))
     data = [{"id": i, "object": "model", "created": now, "owned_by": "llmlb"} for i in ids]
     return JSONResponse({"object": "list", "data": data})
 

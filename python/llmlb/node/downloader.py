@@ -44,6 +44,7 @@ from llmlb.errors import LlmlbError
 from llmlb.node.hashing import FollowingHasher, sha256_file
 from llmlb.node.settings import DEFAULT_CONNECTIONS
 from llmlb.node.templates import CHAT_TEMPLATE_FILENAME
+from llmlb.protocol import Manifest, ManifestFile
 
 logger = logging.getLogger(__name__)
 
@@ -100,56 +101,6 @@ class _Corrupt(Exception):
 # --- manifest ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class FileSpec:
-    """One file of a manifest (see the router's ``manifest.json``)."""
-
-    filename: str
-    size_bytes: int
-    sha256: str | None
-    url: str
-    priority: int = 0
-    optional: bool = False
-    backends: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FileSpec:
-        """Build from one entry of a manifest's ``files``."""
-        return cls(
-            filename=str(data["filename"]),
-            size_bytes=int(data["size_bytes"]),
-            sha256=(str(data["sha256"]).lower() if data.get("sha256") else None),
-            url=str(data["url"]),
-            priority=int(data.get("priority") or 0),
-            optional=bool(data.get("optional", False)),
-            backends=tuple(data.get("backends") or ()),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """The router's manifest of one model, as far as the node needs it."""
-
-    model_id: str
-    files: tuple[FileSpec, ...]
-    repo: str | None = None
-    revision: str | None = None
-    format: str | None = None
-    chat_template: str | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        """Build from the JSON of ``/v0/models/registry/{id}/manifest.json``."""
-        return cls(
-            model_id=str(data["model_id"]),
-            files=tuple(FileSpec.from_dict(f) for f in data.get("files") or ()),
-            repo=data.get("repo"),
-            revision=data.get("revision"),
-            format=data.get("format"),
-            chat_template=data.get("chat_template") or None,
-        )
-
-
 def local_backends() -> frozenset[str]:
     """Backend tags of backend-specific files this node can use (``metal`` on Apple)."""
     tags = {"cpu"}
@@ -158,7 +109,7 @@ def local_backends() -> frozenset[str]:
     return frozenset(tags)
 
 
-def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> list[FileSpec]:
+def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> list[ManifestFile]:
     """Files this node needs, primary first: drops files for other backends.
 
     Raises:
@@ -608,7 +559,7 @@ class _State:
 class _FileProgress:
     """Bytes of one file counted into the model's progress so far (this attempt)."""
 
-    spec: FileSpec
+    spec: ManifestFile
     done: int = 0
 
 
@@ -740,7 +691,7 @@ class ModelFetch:
 
         failed = threading.Event()  # a required file failed: start no further files
 
-        def fetch(spec: FileSpec) -> None:
+        def fetch(spec: ManifestFile) -> None:
             self._raise_if_cancelled()
             if failed.is_set():
                 return
@@ -766,8 +717,8 @@ class ModelFetch:
 
     def _fetch_all(
         self,
-        fetch: Callable[[FileSpec], None],
-        todo: list[FileSpec],
+        fetch: Callable[[ManifestFile], None],
+        todo: list[ManifestFile],
         lanes: int,
         failed: threading.Event,
     ) -> None:
@@ -826,7 +777,7 @@ class ModelFetch:
 
     # -- one file --
 
-    def _fetch_verified(self, spec: FileSpec, dest: Path) -> str:
+    def _fetch_verified(self, spec: ManifestFile, dest: Path) -> str:
         """Fetch ``spec`` to ``dest``; a corrupt file is refetched once, then fails."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         file = _FileProgress(spec)
@@ -849,7 +800,7 @@ class ModelFetch:
             return digest
         raise AssertionError("unreachable")
 
-    def _verify(self, spec: FileSpec, path: Path, streamed: str | None) -> str:
+    def _verify(self, spec: ManifestFile, path: Path, streamed: str | None) -> str:
         size = path.stat().st_size
         if size != spec.size_bytes:
             raise _Corrupt(f"{spec.filename}: size {size} != expected {spec.size_bytes}")

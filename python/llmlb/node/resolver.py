@@ -29,10 +29,9 @@ from llmlb.errors import ApiError
 from llmlb.node import downloader as dl
 from llmlb.node import runtimes
 from llmlb.node.metrics import NodeMetrics
+from llmlb.protocol import ModelReport, ModelState
 
 logger = logging.getLogger(__name__)
-
-READY, DOWNLOADING, LOADING, FAILED = "ready", "downloading", "loading", "failed"
 
 #: First delay before a failed download is tried again; it doubles per failure up to the cap.
 RETRY_BASE_S = 1.0
@@ -45,10 +44,10 @@ def retry_delay(attempts: int, base: float = RETRY_BASE_S, cap: float = RETRY_MA
 
 
 @dataclass
-class ModelState:
+class ModelRecord:
     """What the node knows about one model that is not simply ready on disk."""
 
-    state: str
+    state: ModelState
     bytes: int = 0
     total: int = 0
     error: str | None = None
@@ -58,12 +57,21 @@ class ModelState:
 
     def to_dict(self, model_id: str) -> dict[str, Any]:
         """The per-model entry of heartbeats and ``/api/models/status``."""
-        progress = {"bytes": self.bytes, "total": self.total} if self.total else None
-        report = {"id": model_id, "state": self.state, "progress": progress, "error": self.error}
+        report = ModelReport(
+            model_id,
+            self.state,
+            progress=(self.bytes, self.total) if self.total else None,
+            error=self.error,
+        )
         if self.attempts:
-            report["attempts"] = self.attempts
-            report["retry_at"] = round(self.retry_at) if self.retry_at is not None else None
-        return report
+            report.attempts = self.attempts
+            report.retry_at = round(self.retry_at) if self.retry_at is not None else None
+        data = report.to_dict()
+        data.setdefault("progress", None)  # the node's reports name both, known or not
+        data.setdefault("error", None)
+        if self.attempts:
+            data.setdefault("retry_at", None)
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,7 @@ class Resolver:
         self.on_change = on_change or (lambda: None)
         self.after_download = after_download
         self.store_all = store_all
-        self.states: dict[str, ModelState] = {}
+        self.states: dict[str, ModelRecord] = {}
         self.manifests: dict[str, dl.Manifest] = {}
         self.available: dict[str, Any] = {}
         self._fresh: set[str] = set()
@@ -161,7 +169,7 @@ class Resolver:
         self.available = found
         for model_id in found:
             state = self.states.get(model_id)
-            if state is not None and state.state == FAILED and not self.busy(model_id):
+            if state is not None and state.state == ModelState.FAILED and not self.busy(model_id):
                 del self.states[model_id]  # placed (or fixed) by hand since it failed
                 self._clear_failures(model_id)
         return list(found)
@@ -200,18 +208,18 @@ class Resolver:
         report says whether one of the node's runtimes serves the model (``servable``).
         """
         reports: dict[str, dict[str, Any]] = {
-            model_id: {
-                "id": model_id,
-                "state": READY,
-                "format": desc.format,
-                "size_bytes": desc.size_bytes,
-                "servable": runtimes.servable(desc.format),
-            }
+            model_id: ModelReport(
+                model_id,
+                ModelState.READY,
+                format=desc.format,
+                size_bytes=desc.size_bytes,
+                servable=runtimes.servable(desc.format),
+            ).to_dict()
             for model_id, desc in list(self.available.items())
         }
         for model_id, state in list(self.states.items()):
             base = reports.get(model_id)
-            if base is not None and state.state == FAILED:
+            if base is not None and state.state == ModelState.FAILED:
                 continue
             report = {**(base or {}), **state.to_dict(model_id)}
             report.setdefault("servable", runtimes.servable(self.format_of(model_id)))
@@ -233,7 +241,7 @@ class Resolver:
 
     # -- state --------------------------------------------------------------------------
 
-    def _set(self, model_id: str, state: ModelState | None) -> None:
+    def _set(self, model_id: str, state: ModelRecord | None) -> None:
         if state is None:
             self.states.pop(model_id, None)
         else:
@@ -241,7 +249,7 @@ class Resolver:
             self.states[model_id] = state
         self.on_change()
 
-    def state_of(self, model_id: str) -> ModelState | None:
+    def state_of(self, model_id: str) -> ModelRecord | None:
         """Non-ready state of ``model_id`` (downloading, loading, failed) or ``None``."""
         return self.states.get(model_id)
 
@@ -285,7 +293,7 @@ class Resolver:
         if task is not None:
             return task
         state = self.states.get(model_id)
-        waiting = state is not None and state.state == FAILED and not retry_failed
+        waiting = state is not None and state.state == ModelState.FAILED and not retry_failed
         if waiting and (state.retry_at is None or time.time() < state.retry_at):
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             done.set_result(None)
@@ -317,10 +325,12 @@ class Resolver:
         if not self.store_all and fmt is not None and not runtimes.servable(fmt):
             logger.info("%s: not downloaded: %s", model_id, runtimes.not_servable_reason(fmt))
             self._clear_failures(model_id)
-            self._set(model_id, ModelState(FAILED, error=runtimes.not_servable_reason(fmt)))
+            self._set(
+                model_id, ModelRecord(ModelState.FAILED, error=runtimes.not_servable_reason(fmt))
+            )
             return None
         total = sum(f.size_bytes for f in dl.select_files(manifest)) if manifest.files else 0
-        state = ModelState(DOWNLOADING, total=total)
+        state = ModelRecord(ModelState.DOWNLOADING, total=total)
         self._set(model_id, state)
 
         promoted = False
@@ -367,7 +377,7 @@ class Resolver:
         self._add_available(model_id, desc)
         self._clear_failures(model_id)
         if self.after_download is not None and runtimes.servable(desc.format):
-            self._set(model_id, ModelState(LOADING, bytes=total, total=total))
+            self._set(model_id, ModelRecord(ModelState.LOADING, bytes=total, total=total))
             try:
                 await self.after_download(model_id, path)
             except Exception as exc:  # noqa: BLE001 - it loads lazily on first use instead
@@ -382,7 +392,9 @@ class Resolver:
         attempts = self._failures.get(model_id, 0) + 1
         self._failures[model_id] = attempts
         delay = retry_delay(attempts) * random.uniform(0.9, 1.1)
-        state = ModelState(FAILED, error=message, attempts=attempts, retry_at=time.time() + delay)
+        state = ModelRecord(
+            ModelState.FAILED, error=message, attempts=attempts, retry_at=time.time() + delay
+        )
         self._set(model_id, state)
         self._cancel_retry(model_id)
         loop = asyncio.get_running_loop()
@@ -392,7 +404,7 @@ class Resolver:
     def _retry_due(self, model_id: str) -> None:
         self._retries.pop(model_id, None)
         state = self.states.get(model_id)
-        if state is not None and state.state == FAILED and state.retry_at is not None:
+        if state is not None and state.state == ModelState.FAILED and state.retry_at is not None:
             self.ensure(model_id)
 
     def _cancel_retry(self, model_id: str) -> None:
@@ -436,7 +448,7 @@ class Resolver:
                 model none of the node's runtimes serves.
         """
         state = self.states.get(model_id)
-        if state is not None and state.state == DOWNLOADING:
+        if state is not None and state.state == ModelState.DOWNLOADING:
             raise _not_ready(model_id, state)
         path = self.local_path(model_id)
         if path is not None:
@@ -444,7 +456,7 @@ class Resolver:
             if not runtimes.servable(fmt):
                 raise _not_servable(model_id, fmt)
             return path
-        if state is not None and state.state == FAILED and not self.busy(model_id):
+        if state is not None and state.state == ModelState.FAILED and not self.busy(model_id):
             if state.retry_at is None and self.manifests.get(model_id) is not None:
                 fmt = self.format_of(model_id)
                 if not runtimes.servable(fmt):
@@ -499,7 +511,7 @@ def _not_servable(model_id: str, model_format: str | None) -> ApiError:
     )
 
 
-def _not_ready(model_id: str, state: ModelState | None) -> ApiError:
+def _not_ready(model_id: str, state: ModelRecord | None) -> ApiError:
     detail = ""
     if state is not None and state.total:
         detail = f" ({state.bytes}/{state.total} bytes)"

@@ -34,8 +34,9 @@ from llmlb.node import downloader as dl
 from llmlb.node import runtimes
 from llmlb.node.engine import Engine
 from llmlb.node.identity import node_secret
-from llmlb.node.resolver import FAILED, Resolver
+from llmlb.node.resolver import Resolver
 from llmlb.node.settings import NodeSettings
+from llmlb.protocol import Heartbeat, ModelState, Registration
 
 if TYPE_CHECKING:
     import aiohttp
@@ -131,15 +132,15 @@ class RouterSync:
         return self.resolver.reports()
 
     def _registration(self) -> dict[str, Any]:
-        return {
-            "node_id": self.node_id,
-            "url": self.settings.url,
-            "runtimes": list(runtimes.RUNTIMES),
-            "gpu": self.gpu,
-            "slots": self.settings.concurrency,
-            "models": self.model_reports(),
-            "node_secret": self.node_secret,
-        }
+        return Registration(
+            node_id=self.node_id,
+            url=self.settings.url,
+            runtimes=list(runtimes.RUNTIMES),
+            gpu=self.gpu,
+            slots=self.settings.concurrency,
+            models=self.model_reports(),
+            node_secret=self.node_secret,
+        ).to_dict()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -270,13 +271,13 @@ class RouterSync:
     async def _heartbeat(self) -> bool:
         """Send one heartbeat; ``True`` when the router had forgotten us and we re-registered."""
         await self.resolver.refresh()
-        body = {
-            "models": self.model_reports(),
-            "active_requests": self.engine.active_requests(),
-            "slots": self.settings.concurrency,
-            "runtimes": list(runtimes.RUNTIMES),
-            "node_secret": self.node_secret,
-        }
+        body = Heartbeat(
+            models=self.model_reports(),
+            active_requests=self.engine.active_requests(),
+            slots=self.settings.concurrency,
+            runtimes=list(runtimes.RUNTIMES),
+            node_secret=self.node_secret,
+        ).to_dict()
         try:
             await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
         except RouterError as exc:
@@ -319,7 +320,7 @@ class RouterSync:
             await self.resolver.cancel(model_id)
             if not dl.was_downloaded(models_dir, model_id):
                 state = self.resolver.state_of(model_id)
-                if state is not None and state.state == FAILED:
+                if state is not None and state.state == ModelState.FAILED:
                     self.resolver.forget_local(model_id)
                 logger.info("%s: deleted on the router; kept (placed by hand)", model_id)
                 continue

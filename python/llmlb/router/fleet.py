@@ -11,12 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-READY = "ready"
-DOWNLOADING = "downloading"
-LOADING = "loading"
-FAILED = "failed"
-MODEL_STATES = (READY, DOWNLOADING, LOADING, FAILED)
-_PENDING_STATES = (DOWNLOADING, LOADING)
+from llmlb.protocol import PENDING_STATES, ModelState
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +30,7 @@ class NodeView:
 
 @dataclass(frozen=True, slots=True)
 class ModelReport:
-    """One model as a node reports it."""
+    """What the fleet keeps of one model a node reports (:class:`llmlb.protocol.ModelReport`)."""
 
     state: str
     format: str | None = None
@@ -45,7 +40,7 @@ class ModelReport:
     @property
     def usable(self) -> bool:
         """Ready and servable: the node can answer requests for the model."""
-        return self.state == READY and self.servable
+        return self.state == ModelState.READY and self.servable
 
 
 @dataclass(slots=True)
@@ -161,7 +156,7 @@ class FleetView:
                     ready.setdefault(model_id, []).append(node.view)
                 elif not report.servable:
                     unservable.setdefault(model_id, set()).update(node.runtimes)
-                elif report.state in _PENDING_STATES:
+                elif report.state in PENDING_STATES:
                     pending.add(model_id)
         self._ready = ready
         self._pending = pending
@@ -205,7 +200,7 @@ class FleetView:
             if not node.online:
                 continue
             for model_id, report in node.models.items():
-                if report.state == FAILED and model_id not in entries:
+                if report.state == ModelState.FAILED and model_id not in entries:
                     continue
                 entry = entries.get(model_id)
                 if entry is None:

@@ -1,47 +1,20 @@
-"""Node registry: registration and heartbeat payloads, their storage, and offline detection."""
+"""Node registry: registrations and heartbeats (bodies: :mod:`llmlb.protocol`), their
+storage, node credentials, and offline detection."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
 from llmlb.errors import ApiError
-from llmlb.model_storage import InvalidModelId, normalize_model_id
+from llmlb.protocol import Heartbeat, Registration
 from llmlb.router import db
-from llmlb.router.fleet import MODEL_STATES, ModelReport, NodeState, NodeView
-
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_NODE_SECRET = re.compile(r"[\x21-\x7e]{16,256}")
-MAX_COUNT = 1_000_000  # bound on slots and active requests
-MAX_BYTES = 1 << 60  # bound on sizes and progress
-
-
-def _bad(message: str, code: str = "invalid_request_error") -> ApiError:
-    return ApiError(400, code, message)
-
-
-def validate_node_id(value: Any) -> str:
-    """A node id: 1-128 characters of ``[A-Za-z0-9._:-]``, starting alphanumeric."""
-    if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
-        raise _bad("node_id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_node_id")
-    return value
-
-
-def validate_node_secret(value: Any) -> str | None:
-    """An optional ``node_secret``: 16-256 printable ASCII characters, no spaces."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _NODE_SECRET.fullmatch(value):
-        raise _bad("node_secret must be 16-256 printable ASCII characters without spaces")
-    return value
+from llmlb.router.fleet import ModelReport, NodeState, NodeView
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,171 +55,6 @@ def id_conflict(node_id: str) -> ApiError:
         f"node id {node_id} is registered by another node (a different node_secret or key); "
         f"an admin must remove it first (DELETE /v0/nodes/{node_id})",
     )
-
-
-def validate_url(value: Any) -> str:
-    """An ``http(s)://host[:port][/path]`` URL, without a trailing slash."""
-    if not isinstance(value, str):
-        raise _bad("url must be a string")
-    parts = urlsplit(value)
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise _bad("url has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise _bad("url must look like http://host:port")
-    return value.rstrip("/")
-
-
-def _int(value: Any, name: str, minimum: int, maximum: int = MAX_COUNT) -> int:
-    """An integer in ``[minimum, maximum]``; integral floats such as ``4.0`` count as integers."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise _bad(f"{name} must be an integer in [{minimum}, {maximum}]")
-    return value
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    return None if value is None else _int(value, name, 0, MAX_BYTES)
-
-
-def _optional_str(value: Any, name: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise _bad(f"{name} must be a string")
-    return value
-
-
-def parse_model_reports(value: Any) -> list[dict]:
-    """Validate a node's ``models`` list into stored form.
-
-    Each item is ``{"id", "state": ready|downloading|loading|failed, "progress"?:
-    {"bytes", "total"}, "error"?, "format"?, "size_bytes"?, "servable"?, "attempts"?,
-    "retry_at"? (unix seconds)}`` (``status`` is accepted for
-    ``state``; a bare string means a ready model).
-    """
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _bad("models must be a list")
-    reports: dict[str, dict] = {}
-    for item in value:
-        if isinstance(item, str):
-            item = {"id": item, "state": "ready"}
-        if not isinstance(item, dict):
-            raise _bad("each entry of models must be an object")
-        raw_id = item.get("id")
-        if not isinstance(raw_id, str):
-            raise _bad("each model needs a string id")
-        try:
-            model_id = normalize_model_id(raw_id)
-        except InvalidModelId as exc:
-            raise _bad(str(exc), "invalid_model_id") from None
-        state = item.get("state", item.get("status", "ready"))
-        if state not in MODEL_STATES:
-            raise _bad(f"model state must be one of {', '.join(MODEL_STATES)}")
-        report: dict[str, Any] = {"id": model_id, "state": state}
-        progress = item.get("progress")
-        if progress is not None:
-            if not isinstance(progress, dict):
-                raise _bad("progress must be an object {bytes, total}")
-            report["progress"] = {
-                "bytes": _optional_int(progress.get("bytes"), "progress.bytes"),
-                "total": _optional_int(progress.get("total"), "progress.total"),
-            }
-        for name in ("error", "format"):
-            if (text := _optional_str(item.get(name), name)) is not None:
-                report[name] = text
-        if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
-            report["size_bytes"] = size
-        servable = item.get("servable")
-        if servable is not None:
-            if not isinstance(servable, bool):
-                raise _bad("servable must be a boolean")
-            report["servable"] = servable
-        for name in ("attempts", "retry_at"):  # a failed download's retries (node's backoff)
-            if (number := _optional_int(item.get(name), name)) is not None:
-                report[name] = number
-        reports[model_id] = report
-    return list(reports.values())
-
-
-@dataclass(frozen=True, slots=True)
-class Registration:
-    """A validated ``POST /v0/nodes`` body."""
-
-    node_id: str
-    url: str
-    runtimes: list[str]
-    gpu: dict
-    slots: int
-    models: list[dict]
-    node_secret: str | None = None
-
-    @classmethod
-    def parse(cls, body: dict) -> Registration:
-        """Validate a registration body.
-
-        Raises:
-            ApiError: 400 naming the bad field.
-        """
-        node_id = body.get("node_id")
-        node_id = validate_node_id(node_id) if node_id is not None else _generated_id()
-        runtimes = _runtimes(body.get("runtimes", []))
-        gpu = body.get("gpu", {})
-        if gpu is None:
-            gpu = {}
-        if not isinstance(gpu, dict):
-            raise _bad("gpu must be an object")
-        return cls(
-            node_id=node_id,
-            url=validate_url(body.get("url")),
-            runtimes=runtimes,
-            gpu=gpu,
-            slots=_int(body.get("slots", 1), "slots", 1),
-            models=parse_model_reports(body.get("models")),
-            node_secret=validate_node_secret(body.get("node_secret")),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """A validated heartbeat body; ``None`` fields keep their stored value."""
-
-    models: list[dict] | None
-    active_requests: int
-    slots: int | None
-    runtimes: list[str] | None = None
-    node_secret: str | None = None
-
-    @classmethod
-    def parse(cls, body: dict) -> Heartbeat:
-        """Validate a heartbeat body.
-
-        Raises:
-            ApiError: 400 naming the bad field.
-        """
-        models = body.get("models")
-        slots = body.get("slots")
-        active = body.get("active_requests")
-        return cls(
-            models=parse_model_reports(models) if models is not None else None,
-            active_requests=_int(active, "active_requests", 0) if active is not None else 0,
-            slots=_int(slots, "slots", 1) if slots is not None else None,
-            runtimes=_runtimes(body["runtimes"]) if body.get("runtimes") is not None else None,
-            node_secret=validate_node_secret(body.get("node_secret")),
-        )
-
-
-def _runtimes(value: Any) -> list[str]:
-    """A ``runtimes`` list (e.g. ``["llama.cpp"]``)."""
-    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
-        raise _bad("runtimes must be a list of strings")
-    return value
-
-
-def _generated_id() -> str:
-    return "node-" + secrets.token_hex(6)
 
 
 def _state_key(models: list[dict]) -> list[tuple[str, str]]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from llmlb import __version__
-from llmlb.router.nodes import MAX_BYTES as _MAX_BYTES
-from llmlb.router.nodes import MAX_COUNT as _MAX_COUNT
+from llmlb import __version__, protocol
 
 
 def _ref(name: str) -> dict:
@@ -143,99 +141,7 @@ _SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "string"},
         },
     },
-    "ManifestFile": {
-        "type": "object",
-        "required": [
-            "filename",
-            "format",
-            "size_bytes",
-            "sha256",
-            "url",
-            "priority",
-            "optional",
-            "backends",
-        ],
-        "properties": {
-            "filename": {"type": "string"},
-            "format": {"type": "string"},
-            "size_bytes": {"type": "integer"},
-            "sha256": {"type": ["string", "null"]},
-            "url": {"type": "string"},
-            "priority": {"type": "integer"},
-            "optional": {"type": "boolean"},
-            "backends": {"type": "array", "items": {"type": "string"}},
-        },
-    },
-    "Manifest": {
-        "type": "object",
-        "required": [
-            "model_id",
-            "repo",
-            "revision",
-            "format",
-            "files",
-            "total_size_bytes",
-            "created_at",
-        ],
-        "properties": {
-            "model_id": {"type": "string"},
-            "repo": {"type": "string"},
-            "revision": {"type": "string"},
-            "format": {"type": "string"},
-            "quantization": {"type": ["string", "null"]},
-            "chat_template": {"type": ["string", "null"]},
-            "files": {"type": "array", "items": _ref("ManifestFile")},
-            "total_size_bytes": {"type": "integer"},
-            "created_at": {"type": "string"},
-        },
-    },
-    "ModelReport": {
-        "type": "object",
-        "required": ["id"],
-        "properties": {
-            "id": {"type": "string"},
-            "state": {"enum": ["ready", "downloading", "loading", "failed"]},
-            "status": {
-                "enum": ["ready", "downloading", "loading", "failed"],
-                "description": "alias of state",
-            },
-            "progress": {
-                "type": ["object", "null"],
-                "properties": {
-                    "bytes": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
-                    "total": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
-                },
-            },
-            "error": {"type": ["string", "null"]},
-            "format": {"type": ["string", "null"]},
-            "size_bytes": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_BYTES},
-        },
-    },
-    "ModelReports": {
-        "type": ["array", "null"],
-        "description": "A node's models; a bare string is a ready model",
-        "items": {"anyOf": [{"type": "string"}, _ref("ModelReport")]},
-    },
-    "NodeRegistration": {
-        "type": "object",
-        "required": ["url"],
-        "properties": {
-            "node_id": {"type": ["string", "null"], "description": "[A-Za-z0-9._:-], <= 128"},
-            "url": {"type": "string", "description": "http(s)://host:port the router can reach"},
-            "runtimes": {"type": "array", "items": {"type": "string"}},
-            "gpu": {
-                "type": ["object", "null"],
-                "description": "`backend`: metal|cuda|cpu, and details",
-            },
-            "slots": {"type": "integer", "minimum": 1, "maximum": _MAX_COUNT},
-            "models": _ref("ModelReports"),
-            "node_secret": {
-                "type": ["string", "null"],
-                "description": "The node's own secret (16-256 printable ASCII): binds node_id "
-                "to it; without one the id is bound to the bearer key",
-            },
-        },
-    },
+    **protocol.SCHEMAS,
     "NodeRegistered": {
         "type": "object",
         "required": ["node_id", "heartbeat_interval_s", "sync_token"],
@@ -243,19 +149,6 @@ _SCHEMAS: dict[str, Any] = {
             "node_id": {"type": "string"},
             "heartbeat_interval_s": {"type": "number"},
             "sync_token": {"type": "string"},
-        },
-    },
-    "Heartbeat": {
-        "type": "object",
-        "properties": {
-            "models": _ref("ModelReports"),
-            "active_requests": {"type": ["integer", "null"], "minimum": 0, "maximum": _MAX_COUNT},
-            "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": _MAX_COUNT},
-            "node_secret": {
-                "type": ["string", "null"],
-                "description": "The node's own secret (16-256 printable ASCII): the one "
-                "it registered with (409 node_id_conflict otherwise)",
-            },
         },
     },
     "HeartbeatAck": {

@@ -19,6 +19,7 @@ from llmlb.errors import (
 )
 from llmlb.http import model_id_or_400
 from llmlb.model_storage import InvalidModelId, split_quant
+from llmlb.protocol import Manifest, ManifestFile
 from llmlb.router import db
 from llmlb.router.fleet import RegisteredModel
 from llmlb.router.settings import RouterSettings
@@ -255,37 +256,37 @@ def list_models(conn: sqlite3.Connection) -> list[dict]:
 
 
 def get_manifest(conn: sqlite3.Connection, model_id: str) -> dict | None:
-    """The stored manifest of ``model_id``, or ``None``."""
+    """The stored manifest of ``model_id`` in its wire form, or ``None``."""
     row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
     if row is None:
         return None
-    files = [
-        {
-            "filename": f["filename"],
-            "format": f["format"],
-            "size_bytes": f["size_bytes"],
-            "sha256": f["sha256"],
-            "url": f["url"],
-            "priority": f["priority"],
-            "optional": bool(f["optional"]),
-            "backends": orjson.loads(f["backends"]),
-        }
+    files = tuple(
+        ManifestFile(
+            filename=f["filename"],
+            format=f["format"],
+            size_bytes=f["size_bytes"],
+            sha256=f["sha256"],
+            url=f["url"],
+            priority=f["priority"],
+            optional=bool(f["optional"]),
+            backends=orjson.loads(f["backends"]),
+        )
         for f in conn.execute(
             "SELECT * FROM model_files WHERE model_id = ? ORDER BY priority, filename",
             (model_id,),
         )
-    ]
-    return {
-        "model_id": row["id"],
-        "repo": row["repo"],
-        "revision": row["revision"],
-        "format": row["format"],
-        "quantization": row["quantization"],
-        "chat_template": row["chat_template"],
-        "files": files,
-        "total_size_bytes": row["size_bytes"],
-        "created_at": row["created_at"],
-    }
+    )
+    return Manifest(
+        model_id=row["id"],
+        files=files,
+        repo=row["repo"],
+        revision=row["revision"],
+        format=row["format"],
+        chat_template=row["chat_template"],
+        quantization=row["quantization"],
+        total_size_bytes=row["size_bytes"],
+        created_at=row["created_at"],
+    ).to_dict()
 
 
 def load_registered(conn: sqlite3.Connection) -> list[RegisteredModel]:

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from llmlb.errors import ApiError
 from llmlb.http import JSONResponse, bearer_token, model_id_or_400, read_json
+from llmlb.protocol import Heartbeat, Registration, validate_node_id
 from llmlb.router import dashboard, keys, metrics, nodes, registry
 from llmlb.router.openapi import openapi_schema
 from llmlb.router.responses import authorize
@@ -201,7 +202,7 @@ async def register_node(request: Request) -> Response:
     credential gets 409 ``node_id_conflict`` until an admin removes the node.
     """
     runtime = _guard(request, "node")
-    reg = nodes.Registration.parse(await read_json(request, runtime.settings.max_body_bytes))
+    reg = Registration.parse(await read_json(request, runtime.settings.max_body_bytes))
     token = await runtime.db.run(nodes.register, reg, _bearer(request))
     logger.info("node %s registered at %s", reg.node_id, reg.url)
     await runtime.refresh()
@@ -220,8 +221,8 @@ async def node_heartbeat(request: Request) -> Response:
     id, 409 ``node_id_conflict`` when it is bound to another credential; both mean "register
     again"."""
     runtime = _guard(request, "node")
-    node_id = nodes.validate_node_id(request.path_params["node_id"])
-    beat = nodes.Heartbeat.parse(await read_json(request, runtime.settings.max_body_bytes))
+    node_id = validate_node_id(request.path_params["node_id"])
+    beat = Heartbeat.parse(await read_json(request, runtime.settings.max_body_bytes))
     if not await runtime.db.run(nodes.heartbeat, node_id, beat, _bearer(request)):
         raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
     await runtime.refresh()
@@ -234,7 +235,7 @@ async def unregister_node(request: Request) -> Response:
     """``DELETE /v0/nodes/{node_id}``: an admin removes any node; a node key only a node bound
     to that key. Pending notifications stop."""
     runtime = _guard(request, "node")
-    node_id = nodes.validate_node_id(request.path_params["node_id"])
+    node_id = validate_node_id(request.path_params["node_id"])
     key = _bearer(request)
     forced = key is not None and runtime.keys.scope_of(key) == "admin"
     if not await runtime.db.run(partial(nodes.unregister, force=forced), node_id, key):

@@ -1,0 +1,571 @@
+"""The node–router protocol: model states, manifests, model reports, registration and
+heartbeat bodies, written once for the router, the node, the CLI and the OpenAPI document.
+
+Conventions: ``parse`` validates a body that came over the wire from the other side and
+raises :class:`~llmlb.errors.ApiError` 400 naming the bad field (the router's answer);
+``from_dict`` reads a body from a trusted peer (the router's manifest, read by a node);
+``to_dict`` gives the JSON-ready wire form. Each type's ``SCHEMA`` is its JSON Schema in the
+router's OpenAPI document (:mod:`llmlb.router.openapi`).
+
+Model reports, the ``models`` of registrations and heartbeats, travel and are stored as plain
+dicts in their wire form: a node builds them with :meth:`ModelReport.to_dict`, the router
+checks them with :func:`parse_model_reports` straight into that form (one pass per model per
+heartbeat, no object in between).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from llmlb.errors import ApiError
+from llmlb.model_storage import InvalidModelId, normalize_model_id
+
+MAX_COUNT = 1_000_000  # bound on slots, active requests and attempts
+MAX_BYTES = 1 << 60  # bound on sizes, progress and times
+
+
+class ModelState(StrEnum):
+    """The state a node reports for one model."""
+
+    READY = "ready"
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    FAILED = "failed"
+
+
+#: Every state, in the order the CLI ranks a model across nodes (ready first).
+MODEL_STATES: tuple[str, ...] = tuple(state.value for state in ModelState)
+_READY = ModelState.READY.value
+#: States of a model a node is still getting ready.
+PENDING_STATES = frozenset({ModelState.DOWNLOADING, ModelState.LOADING})
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NODE_SECRET = re.compile(r"[\x21-\x7e]{16,256}")
+
+_STATE_ENUM = {"enum": list(MODEL_STATES)}
+_BYTES = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_BYTES}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_NODE_SECRET_TEXT = "The node's own secret (16-256 printable ASCII"
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+# --- validation of bodies from the other side ------------------------------------------
+
+
+def _bad(message: str, code: str = "invalid_request_error") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _int(value: Any, name: str, minimum: int, maximum: int = MAX_COUNT) -> int:
+    """An integer in ``[minimum, maximum]``; integral floats such as ``4.0`` count as integers."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise _bad(f"{name} must be an integer in [{minimum}, {maximum}]")
+    return value
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else _int(value, name, 0, MAX_BYTES)
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"{name} must be a string")
+    return value
+
+
+def validate_node_id(value: Any) -> str:
+    """A node id: 1-128 characters of ``[A-Za-z0-9._:-]``, starting alphanumeric.
+
+    Raises:
+        ApiError: 400 ``invalid_node_id``.
+    """
+    if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
+        raise _bad("node_id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_node_id")
+    return value
+
+
+def validate_node_secret(value: Any) -> str | None:
+    """An optional ``node_secret``: 16-256 printable ASCII characters, no spaces."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NODE_SECRET.fullmatch(value):
+        raise _bad("node_secret must be 16-256 printable ASCII characters without spaces")
+    return value
+
+
+def validate_url(value: Any) -> str:
+    """An ``http(s)://host[:port][/path]`` URL, without a trailing slash."""
+    if not isinstance(value, str):
+        raise _bad("url must be a string")
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise _bad("url has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise _bad("url must look like http://host:port")
+    return value.rstrip("/")
+
+
+def _runtimes(value: Any) -> list[str]:
+    """A ``runtimes`` list (e.g. ``["llama.cpp"]``)."""
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise _bad("runtimes must be a list of strings")
+    return value
+
+
+# --- manifests ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestFile:
+    """One file a node downloads for a model.
+
+    Attributes:
+        filename: path in the repo.
+        size_bytes: exact size.
+        sha256: the LFS sha256 (lowercase hex); ``None`` only for small non-LFS files.
+        url: ``<endpoint>/<repo>/resolve/<commit>/<filename>``.
+        priority: download order, 0 = the primary file.
+        optional: a node may skip it (e.g. another backend's file).
+        backends: backends the file is for (``["metal"]``); ``[]`` means all.
+        format: ``gguf``, ``safetensors``, ``json``, ``metal`` or ``other``.
+    """
+
+    filename: str
+    size_bytes: int
+    sha256: str | None
+    url: str
+    priority: int = 0
+    optional: bool = False
+    backends: list[str] = field(default_factory=list)
+    format: str | None = None
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": [
+            "filename",
+            "format",
+            "size_bytes",
+            "sha256",
+            "url",
+            "priority",
+            "optional",
+            "backends",
+        ],
+        "properties": {
+            "filename": {"type": "string"},
+            "format": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+            "sha256": {"type": ["string", "null"]},
+            "url": {"type": "string"},
+            "priority": {"type": "integer"},
+            "optional": {"type": "boolean"},
+            "backends": _STRINGS,
+        },
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ManifestFile:
+        """Read one entry of a manifest's ``files``."""
+        return cls(
+            filename=str(data["filename"]),
+            size_bytes=int(data["size_bytes"]),
+            sha256=(str(data["sha256"]).lower() if data.get("sha256") else None),
+            url=str(data["url"]),
+            priority=int(data.get("priority") or 0),
+            optional=bool(data.get("optional", False)),
+            backends=list(data.get("backends") or ()),
+            format=data.get("format"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {
+            "filename": self.filename,
+            "format": self.format,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "url": self.url,
+            "priority": self.priority,
+            "optional": self.optional,
+            "backends": list(self.backends),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A registered model's manifest (``GET /v0/models/registry/{id}/manifest.json``).
+
+    Attributes:
+        model_id: the registered id.
+        files: every file, in priority order.
+        repo: ``Org/Name`` on the hub.
+        revision: the pinned commit sha.
+        format: ``gguf`` or ``safetensors``.
+        quantization: from the GGUF filename (``Q4_K_M``), else ``None``.
+        chat_template: the template registered with the model, if any.
+        total_size_bytes: sum of all files' sizes (optional ones included).
+        created_at: when the model was registered (ISO 8601).
+    """
+
+    model_id: str
+    files: tuple[ManifestFile, ...]
+    repo: str | None = None
+    revision: str | None = None
+    format: str | None = None
+    chat_template: str | None = None
+    quantization: str | None = None
+    total_size_bytes: int | None = None
+    created_at: str | None = None
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": [
+            "model_id",
+            "repo",
+            "revision",
+            "format",
+            "files",
+            "total_size_bytes",
+            "created_at",
+        ],
+        "properties": {
+            "model_id": {"type": "string"},
+            "repo": {"type": "string"},
+            "revision": {"type": "string"},
+            "format": {"type": "string"},
+            "quantization": {"type": ["string", "null"]},
+            "chat_template": {"type": ["string", "null"]},
+            "files": {"type": "array", "items": _ref("ManifestFile")},
+            "total_size_bytes": {"type": "integer"},
+            "created_at": {"type": "string"},
+        },
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """Read the router's manifest JSON."""
+        return cls(
+            model_id=str(data["model_id"]),
+            files=tuple(ManifestFile.from_dict(f) for f in data.get("files") or ()),
+            repo=data.get("repo"),
+            revision=data.get("revision"),
+            format=data.get("format"),
+            chat_template=data.get("chat_template") or None,
+            quantization=data.get("quantization"),
+            total_size_bytes=data.get("total_size_bytes"),
+            created_at=data.get("created_at"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {
+            "model_id": self.model_id,
+            "repo": self.repo,
+            "revision": self.revision,
+            "format": self.format,
+            "quantization": self.quantization,
+            "chat_template": self.chat_template,
+            "files": [f.to_dict() for f in self.files],
+            "total_size_bytes": self.total_size_bytes,
+            "created_at": self.created_at,
+        }
+
+
+# --- model reports -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ModelReport:
+    """One model as a node reports it in registrations, heartbeats and its status route.
+
+    Attributes:
+        id: the model id.
+        state: where the model stands on the node.
+        progress: ``(bytes, total)`` of a download; either may be unknown (``None``).
+        error: why the model failed.
+        format: the model's format (``gguf``, ``safetensors`` …).
+        size_bytes: the model's size on disk.
+        servable: one of the node's runtimes serves it (``None``: not said; older nodes, taken
+            as servable).
+        attempts: failed tries in a row of a failed download.
+        retry_at: unix time (seconds) of the node's next automatic try.
+    """
+
+    id: str
+    state: str
+    progress: tuple[int | None, int | None] | None = None
+    error: str | None = None
+    format: str | None = None
+    size_bytes: int | None = None
+    servable: bool | None = None
+    attempts: int | None = None
+    retry_at: int | None = None
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": _STATE_ENUM,
+            "status": {**_STATE_ENUM, "description": "alias of state"},
+            "progress": {
+                "type": ["object", "null"],
+                "properties": {"bytes": _BYTES, "total": _BYTES},
+            },
+            "error": {"type": ["string", "null"]},
+            "format": {"type": ["string", "null"]},
+            "size_bytes": _BYTES,
+            "servable": {
+                "type": ["boolean", "null"],
+                "description": "one of the node's runtimes serves it (default true)",
+            },
+            "attempts": {**_BYTES, "description": "failed tries in a row"},
+            "retry_at": {**_BYTES, "description": "the next automatic try (unix seconds)"},
+        },
+    }
+    LIST_SCHEMA: ClassVar[dict] = {
+        "type": ["array", "null"],
+        "description": "A node's models; a bare string is a ready model",
+        "items": {"anyOf": [{"type": "string"}, _ref("ModelReport")]},
+    }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire (and stored) form: ``id`` and ``state``, then only the fields known."""
+        data: dict[str, Any] = {"id": self.id, "state": self.state}
+        if self.progress is not None:
+            data["progress"] = {"bytes": self.progress[0], "total": self.progress[1]}
+        if self.error is not None:
+            data["error"] = self.error
+        if self.format is not None:
+            data["format"] = self.format
+        if self.size_bytes is not None:
+            data["size_bytes"] = self.size_bytes
+        if self.servable is not None:
+            data["servable"] = self.servable
+        if self.attempts is not None:
+            data["attempts"] = self.attempts
+        if self.retry_at is not None:
+            data["retry_at"] = self.retry_at
+        return data
+
+
+def parse_model_reports(value: Any) -> list[dict]:
+    """Validate a node's ``models`` list into the wire form of :class:`ModelReport`, one per id
+    (the last one wins). ``status`` is accepted for ``state``; a bare string means a ready
+    model.
+
+    Builds the dicts directly, without a :class:`ModelReport` in between: this runs for every
+    model of every heartbeat.
+
+    Raises:
+        ApiError: 400 naming the bad field (``invalid_model_id`` for an id).
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad("models must be a list")
+    reports: dict[str, dict] = {}
+    for item in value:
+        if isinstance(item, str):
+            item = {"id": item, "state": _READY}
+        if not isinstance(item, dict):
+            raise _bad("each entry of models must be an object")
+        raw_id = item.get("id")
+        if not isinstance(raw_id, str):
+            raise _bad("each model needs a string id")
+        try:
+            model_id = normalize_model_id(raw_id)
+        except InvalidModelId as exc:
+            raise _bad(str(exc), "invalid_model_id") from None
+        state = item.get("state", item.get("status", _READY))
+        if state not in MODEL_STATES:
+            raise _bad(f"model state must be one of {', '.join(MODEL_STATES)}")
+        report: dict[str, Any] = {"id": model_id, "state": state}
+        progress = item.get("progress")
+        if progress is not None:
+            if not isinstance(progress, dict):
+                raise _bad("progress must be an object {bytes, total}")
+            report["progress"] = {
+                "bytes": _optional_int(progress.get("bytes"), "progress.bytes"),
+                "total": _optional_int(progress.get("total"), "progress.total"),
+            }
+        for name in ("error", "format"):
+            if (text := _optional_str(item.get(name), name)) is not None:
+                report[name] = text
+        if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
+            report["size_bytes"] = size
+        servable = item.get("servable")
+        if servable is not None:
+            if not isinstance(servable, bool):
+                raise _bad("servable must be a boolean")
+            report["servable"] = servable
+        for name in ("attempts", "retry_at"):  # a failed download's retries (node's backoff)
+            if (number := _optional_int(item.get(name), name)) is not None:
+                report[name] = number
+        reports[model_id] = report
+    return list(reports.values())
+
+
+# --- registration and heartbeat -----------------------------------------------------------
+
+
+def _generated_id() -> str:
+    return "node-" + secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A ``POST /v0/nodes`` body: a node introduces itself.
+
+    Attributes:
+        node_id: the node's stable id (the router makes one up when a body has none).
+        url: where the router reaches the node.
+        runtimes: the node's inference runtimes (``["llama.cpp"]``).
+        gpu: ``{"backend": "metal" | "cuda" | "cpu", …}``.
+        slots: requests the node serves at once.
+        models: the node's :class:`ModelReport` dicts.
+        node_secret: the node's own secret, binding ``node_id`` to it.
+    """
+
+    node_id: str
+    url: str
+    runtimes: list[str]
+    gpu: dict
+    slots: int
+    models: list[dict]
+    node_secret: str | None = None
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": ["url"],
+        "properties": {
+            "node_id": {"type": ["string", "null"], "description": "[A-Za-z0-9._:-], <= 128"},
+            "url": {"type": "string", "description": "http(s)://host:port the router can reach"},
+            "runtimes": _STRINGS,
+            "gpu": {
+                "type": ["object", "null"],
+                "description": "`backend`: metal|cuda|cpu, and details",
+            },
+            "slots": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+            "models": _ref("ModelReports"),
+            "node_secret": {
+                "type": ["string", "null"],
+                "description": f"{_NODE_SECRET_TEXT}): binds node_id to it; without one the "
+                "id is bound to the bearer key",
+            },
+        },
+    }
+
+    @classmethod
+    def parse(cls, body: dict) -> Registration:
+        """Validate a registration body.
+
+        Raises:
+            ApiError: 400 naming the bad field.
+        """
+        node_id = body.get("node_id")
+        node_id = validate_node_id(node_id) if node_id is not None else _generated_id()
+        runtimes = _runtimes(body.get("runtimes", []))
+        gpu = body.get("gpu", {})
+        if gpu is None:
+            gpu = {}
+        if not isinstance(gpu, dict):
+            raise _bad("gpu must be an object")
+        return cls(
+            node_id=node_id,
+            url=validate_url(body.get("url")),
+            runtimes=runtimes,
+            gpu=gpu,
+            slots=_int(body.get("slots", 1), "slots", 1),
+            models=parse_model_reports(body.get("models")),
+            node_secret=validate_node_secret(body.get("node_secret")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {
+            "node_id": self.node_id,
+            "url": self.url,
+            "runtimes": list(self.runtimes),
+            "gpu": self.gpu,
+            "slots": self.slots,
+            "models": self.models,
+            "node_secret": self.node_secret,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A ``POST /v0/nodes/{id}/heartbeat`` body; ``None`` fields keep their stored value."""
+
+    models: list[dict] | None
+    active_requests: int
+    slots: int | None
+    runtimes: list[str] | None = None
+    node_secret: str | None = None
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "properties": {
+            "models": _ref("ModelReports"),
+            "active_requests": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COUNT},
+            "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT},
+            "runtimes": {**_STRINGS, "type": ["array", "null"]},
+            "node_secret": {
+                "type": ["string", "null"],
+                "description": f"{_NODE_SECRET_TEXT}): the one it registered with (409 "
+                "node_id_conflict otherwise)",
+            },
+        },
+    }
+
+    @classmethod
+    def parse(cls, body: dict) -> Heartbeat:
+        """Validate a heartbeat body.
+
+        Raises:
+            ApiError: 400 naming the bad field.
+        """
+        models = body.get("models")
+        slots = body.get("slots")
+        active = body.get("active_requests")
+        return cls(
+            models=parse_model_reports(models) if models is not None else None,
+            active_requests=_int(active, "active_requests", 0) if active is not None else 0,
+            slots=_int(slots, "slots", 1) if slots is not None else None,
+            runtimes=_runtimes(body["runtimes"]) if body.get("runtimes") is not None else None,
+            node_secret=validate_node_secret(body.get("node_secret")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {
+            "models": self.models,
+            "active_requests": self.active_requests,
+            "slots": self.slots,
+            "runtimes": self.runtimes,
+            "node_secret": self.node_secret,
+        }
+
+
+#: The protocol's schemas for the router's OpenAPI ``components.schemas``.
+SCHEMAS: dict[str, dict] = {
+    "ManifestFile": ManifestFile.SCHEMA,
+    "Manifest": Manifest.SCHEMA,
+    "ModelReport": ModelReport.SCHEMA,
+    "ModelReports": ModelReport.LIST_SCHEMA,
+    "NodeRegistration": Registration.SCHEMA,
+    "Heartbeat": Heartbeat.SCHEMA,
+}
