@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hmac
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -79,6 +80,9 @@ class Node:
                 concurrency=settings.concurrency,
                 queue_timeout_s=settings.queue_timeout_s,
                 n_ctx=settings.n_ctx,
+                max_tokens=settings.max_tokens,
+                threads=settings.threads,
+                threads_batch=settings.threads_batch,
             ),
             template_lookup=lambda model_id: self.resolver.template_for(model_id),
         )
@@ -202,10 +206,22 @@ def _inference(route: str, method: str):
             body = await _body(request)
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
-            result = await getattr(node.engine, method)(model_id, path, body)
+            result = await _unless_disconnected(
+                request, getattr(node.engine, method)(model_id, path, body)
+            )
         except ApiError as exc:
             status = exc.status
             return error_response(exc)
+        except _ClientGone:
+            status = 499
+            return Response(status_code=499)
+        except Exception:  # noqa: BLE001 - answered in the error shape, logged with an id
+            status = 500
+            request_id = secrets.token_hex(8)
+            logger.exception("%s: unexpected error (request %s)", route, request_id)
+            return error_response(
+                ApiError(500, "internal_error", f"unexpected error (request id {request_id})")
+            )
         finally:
             node.metrics.requests.labels(route, str(status)).inc()
         if isinstance(result, dict):
@@ -215,6 +231,35 @@ def _inference(route: str, method: str):
         )
 
     return handler
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work`` unless the client disconnects first (then cancel it: a generation
+    whose client left stops at its next decode step, a queued one never starts)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise _ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client's connection closes (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
