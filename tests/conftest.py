@@ -54,3 +54,14 @@ def gemma_copy(tmp_path: Path, gemma_gguf: Path) -> Path:
     dest.parent.mkdir()
     shutil.copyfile(gemma_gguf, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium (Playwright over Debian's ``chromium``, ``tests.browser_fixtures``);
+    skipped where none is installed, except under CI. Module-scoped: Playwright's event loop
+    never outlives the module that drives it."""
+    from tests.browser_fixtures import launch_chromium
+
+    with launch_chromium() as chromium:
+        yield chromium

@@ -172,6 +172,42 @@ _SCHEMAS: dict[str, Any] = {
             "last_seen": {"type": "string"},
         },
     },
+    "TrafficSeries": {
+        "type": "object",
+        "description": "Per interval (aligned with Traffic.t): answers, errors, TTFB quantiles.",
+        "required": ["requests", "errors", "ttfb_p50_s", "ttfb_p95_s"],
+        "properties": {
+            "requests": {"type": "array", "items": {"type": "integer"}},
+            "errors": {"type": "array", "items": {"type": "integer"}},
+            "rejected": {"type": "array", "items": {"type": "integer"}},
+            "ttfb_p50_s": {"type": "array", "items": {"type": ["number", "null"]}},
+            "ttfb_p95_s": {"type": "array", "items": {"type": ["number", "null"]}},
+        },
+    },
+    "Traffic": {
+        "type": "object",
+        "required": ["interval_s", "window_s", "t", "total", "models", "nodes", "balancer"],
+        "properties": {
+            "interval_s": {"type": "number"},
+            "window_s": {"type": "number"},
+            "t": {"type": "array", "items": {"type": "number"}, "description": "interval ends"},
+            "total": _ref("TrafficSeries"),
+            "models": {"type": "object", "additionalProperties": _ref("TrafficSeries")},
+            "nodes": {"type": "object", "additionalProperties": _ref("TrafficSeries")},
+            "balancer": {
+                "type": "object",
+                "description": "The answering worker's view of each node.",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "cooled_down": {"type": "boolean"},
+                        "outstanding": {"type": "integer"},
+                    },
+                },
+            },
+            "worker": {"type": "integer", "description": "the answering worker's process id"},
+        },
+    },
     "InferenceRequest": {
         "type": "object",
         "required": ["model"],
@@ -423,6 +459,13 @@ def _paths() -> dict:
                     "204": {"description": "Unregistered"},
                     **_errors(400, *_AUTH, 404, 409),
                 },
+            }
+        },
+        "/v0/traffic": {
+            "get": {
+                "operationId": "getTraffic",
+                "summary": "The last minutes of proxied traffic, for the dashboard (admin)",
+                "responses": {"200": _json(_ref("Traffic"), "Traffic"), **_errors(*_AUTH)},
             }
         },
         "/v1/chat/completions": _inference(

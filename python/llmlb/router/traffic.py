@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -224,7 +225,8 @@ class TrafficHistory:
         (counts per interval; divide by ``interval_s`` for a rate) and ``ttfb_p50_s`` /
         ``ttfb_p95_s`` (``null`` where nothing was answered). ``total.rejected`` counts the
         requests the router answered itself (no model or node to pin them on), also included
-        in ``total.errors``. ``balancer`` is the answering worker's view of each node.
+        in ``total.errors``. ``balancer`` is the answering worker's view of each node, and
+        ``worker`` its process id.
         """
         intervals = list(self._intervals)
         length = len(intervals)
@@ -257,6 +259,7 @@ class TrafficHistory:
             "models": dict(sorted(models.items())),
             "nodes": dict(sorted(nodes.items())),
             "balancer": self._balancer_state(),
+            "worker": os.getpid(),
         }
 
     def _balancer_state(self) -> dict[str, dict]:

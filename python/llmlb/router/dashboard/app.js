@@ -198,7 +198,7 @@ async function signIn(event) {
     session.key = key;
     input.value = "";
     showSignedIn(true);
-    route(false);
+    route(true);
   } catch (failure) {
     error.textContent =
       failure instanceof ApiFailure ? `Sign-in failed: ${failure.describe()}` : String(failure);
@@ -298,6 +298,7 @@ function createNodeCard() {
     slots: field(facts, "Slots"),
     active: field(facts, "Active requests"),
     seen: field(facts, "Last heartbeat"),
+    count: field(facts, "Models"),
     models,
   };
   return card;
@@ -326,9 +327,12 @@ function updateNodeCard(card, { node, balancer }) {
   );
   const age = ageOf(node.last_seen);
   setText(parts.seen, age === null ? "never" : `${formatDuration(age)} ago`);
+  const models = node.models || [];
+  const ready = models.filter((model) => model.state === "ready").length;
+  setText(parts.count, models.length ? `${ready} ready of ${models.length}` : "none");
   syncList(
     parts.models,
-    node.models || [],
+    models,
     (model) => model.id,
     () => el("li", { class: "chip" }),
     (chip, model) => {
@@ -745,8 +749,7 @@ function createKeyCard(key) {
 function updateKeyCard(card, key) {
   const parts = card.parts;
   card.dataset.keyId = key.id;
-  const mine = session.key && key.prefix === `${session.key.slice(0, 7)}...`;
-  setText(parts.title, (key.name || "unnamed") + (mine ? " (this session?)" : ""));
+  setText(parts.title, key.name || "unnamed");
   setText(parts.scope, key.scope);
   parts.scope.className = `badge scope-${key.scope}`;
   setText(parts.prefix, key.prefix);
