@@ -10,10 +10,22 @@ from pathlib import Path
 
 import orjson
 import pytest
-from llmlb.model_storage import ModelStorage
-from llmlb.node import downloader as dl
+from llmlb.errors import (
+    DownloadCancelled,
+    DownloadError,
+    HostNotAllowed,
+    InsufficientDiskSpace,
+    IntegrityError,
+)
+from llmlb.model_storage import ModelStorage, staging_dir
+from llmlb.node.download.allowlist import host_allowed, no_proxy_entries
+from llmlb.node.download.fetch import ModelFetch
+from llmlb.node.download.http import Http
+from llmlb.node.download.options import PARALLEL_MIN_BYTES, DownloadOptions, DownloadProgress
+from llmlb.node.download.staging import VERIFIED_FILENAME, was_downloaded
+from llmlb.node.download.workers import TransferPool, shared_pool
 from llmlb.node.hashing import FollowingHasher
-from llmlb.protocol import ManifestFile
+from llmlb.protocol import Manifest, ManifestFile
 
 from tests.factories import gguf_bytes, split_name, write_safetensors_model
 from tests.hub_fixtures import make_repo, start_hub
@@ -25,7 +37,7 @@ NAME_A, NAME_B = split_name("model", 1, 2), split_name("model", 2, 2)
 FILES = {NAME_A: A, NAME_B: B}
 
 
-def _manifest(base: str, files: dict[str, bytes], model_id: str = "org/split") -> dl.Manifest:
+def _manifest(base: str, files: dict[str, bytes], model_id: str = "org/split") -> Manifest:
     specs = tuple(
         ManifestFile(
             name,
@@ -36,7 +48,7 @@ def _manifest(base: str, files: dict[str, bytes], model_id: str = "org/split") -
         )
         for i, (name, data) in enumerate(files.items())
     )
-    return dl.Manifest(model_id, specs)
+    return Manifest(model_id, specs)
 
 
 def _log(path) -> list[dict]:
@@ -57,7 +69,7 @@ def _log(path) -> list[dict]:
     ],
 )
 def test_host_allowlist(url, allowed, ok):
-    assert dl.host_allowed(url, allowed) is ok
+    assert host_allowed(url, allowed) is ok
 
 
 def test_off_allowlist_url_is_refused_and_the_token_never_sent(spawn, tmp_path):
@@ -69,24 +81,24 @@ def test_off_allowlist_url_is_refused_and_the_token_never_sent(spawn, tmp_path):
     other_host = hub.replace("127.0.0.1", "localhost")
     store = tmp_path / "store"
     store.mkdir()
-    fetch = dl.ModelFetch(
+    fetch = ModelFetch(
         ModelStorage(store),
         store,
         _manifest(other_host, files),
         allowed_hosts=["127.0.0.1"],
         token="hf_secret",
     )
-    with pytest.raises(dl.HostNotAllowed, match="localhost"):
+    with pytest.raises(HostNotAllowed, match="localhost"):
         fetch.run()
     assert not [r for r in _log(log) if "/resolve/" in r["path"]]
     assert ModelStorage(store).list_available() == []
 
 
 def test_allowlist_as_no_proxy_and_refused_urls():
-    assert dl.no_proxy_entries(["127.0.0.1", "*.hf.co", "HuggingFace.co.", "*.hf.co"]) == (
+    assert no_proxy_entries(["127.0.0.1", "*.hf.co", "HuggingFace.co.", "*.hf.co"]) == (
         "127.0.0.1,.hf.co,huggingface.co"
     )
-    http = dl._Http(["127.0.0.1"], None, 1.0)
+    http = Http(["127.0.0.1"], None, 1.0)
     message = "Error while downloading: error sending request for url (http://localhost:9/f)"
     assert http.refused(message) == "http://localhost:9/f"
     assert http.refused(message.replace("localhost", "127.0.0.1")) is None  # hub down
@@ -103,10 +115,10 @@ def test_a_redirect_during_the_transfer_is_refused(spawn, tmp_path):
     hub = start_hub(spawn, root, "--fault", redirect)
     store = tmp_path / "store"
     store.mkdir()
-    fetch = dl.ModelFetch(
+    fetch = ModelFetch(
         ModelStorage(store), store, _manifest(hub, {"big.gguf": big}), allowed_hosts=["127.0.0.1"]
     )
-    with pytest.raises(dl.HostNotAllowed, match="redirected the transfer to http://localhost"):
+    with pytest.raises(HostNotAllowed, match="redirected the transfer to http://localhost"):
         fetch.run()
     assert not [r for r in _log(other_log) if "/resolve/" in r["path"]]
     assert ModelStorage(store).list_available() == []
@@ -127,9 +139,9 @@ def test_verified_files_are_not_fetched_again_after_a_failure(spawn, tmp_path):
         "--fault",
         f"status:file={NAME_B},code=404,times=always",
     )
-    options = dl.DownloadOptions(max_attempts=1)
-    with pytest.raises(dl.DownloadError, match="404"):
-        dl.ModelFetch(
+    options = DownloadOptions(max_attempts=1)
+    with pytest.raises(DownloadError, match="404"):
+        ModelFetch(
             ModelStorage(store),
             store,
             _manifest(broken, files),
@@ -137,12 +149,12 @@ def test_verified_files_are_not_fetched_again_after_a_failure(spawn, tmp_path):
             options=options,
         ).run()
     assert "org/split" not in ModelStorage(store).list_available()
-    assert (dl.staging_dir(store, "org/split") / "files" / NAME_A).is_file()
+    assert (staging_dir(store, "org/split") / "files" / NAME_A).is_file()
 
     log2 = tmp_path / "hub2.jsonl"
     healthy = start_hub(spawn, root, "--log-requests", str(log2))
     seen = []
-    desc = dl.ModelFetch(
+    desc = ModelFetch(
         ModelStorage(store),
         store,
         _manifest(healthy, files),
@@ -152,8 +164,8 @@ def test_verified_files_are_not_fetched_again_after_a_failure(spawn, tmp_path):
     assert desc.id == "org/split"
     assert {r["file"] for r in _log(log2) if "/resolve/" in r["path"]} == {NAME_B}
     assert seen[-1].phase == "done" and seen[-1].bytes_done == seen[-1].bytes_total
-    assert dl.was_downloaded(store, "org/split")
-    assert not dl.staging_dir(store, "org/split").exists()
+    assert was_downloaded(store, "org/split")
+    assert not staging_dir(store, "org/split").exists()
 
 
 def test_short_disk_space_fails_before_any_download(spawn, tmp_path):
@@ -164,9 +176,9 @@ def test_short_disk_space_fails_before_any_download(spawn, tmp_path):
     hub = start_hub(spawn, root, "--log-requests", str(log))
     store = tmp_path / "store"
     store.mkdir()
-    options = dl.DownloadOptions(disk_margin_bytes=1 << 60)
-    with pytest.raises(dl.InsufficientDiskSpace, match="not enough disk space"):
-        dl.ModelFetch(
+    options = DownloadOptions(disk_margin_bytes=1 << 60)
+    with pytest.raises(InsufficientDiskSpace, match="not enough disk space"):
+        ModelFetch(
             ModelStorage(store),
             store,
             _manifest(hub, files),
@@ -185,13 +197,13 @@ def _sharded_repo(tmp_path, shards: int = 3) -> dict[str, bytes]:
     write_safetensors_model(model, shards=shards, shape=(1_200_000,))
     files = {p.name: p.read_bytes() for p in sorted(model.iterdir())}
     shard_names = [n for n in files if n.endswith(".safetensors")]
-    assert all(len(files[n]) >= dl.PARALLEL_MIN_BYTES for n in shard_names)
+    assert all(len(files[n]) >= PARALLEL_MIN_BYTES for n in shard_names)
     make_repo(tmp_path / "hub", "org/split", files)
     return files
 
 
 def _fetch(store, base, files, model_id, **kwargs):
-    return dl.ModelFetch(
+    return ModelFetch(
         ModelStorage(store),
         store,
         _manifest(base, files, model_id),
@@ -205,7 +217,7 @@ def test_transfer_workers_are_reused_across_models(spawn, tmp_path):
     hub = start_hub(spawn, tmp_path / "hub")
     store = tmp_path / "store"
     store.mkdir()
-    pool = dl.TransferPool(2)
+    pool = TransferPool(2)
     try:
         _fetch(store, hub, files, "org/first", pool=pool).run()
         first = set(pool.pids())
@@ -219,10 +231,10 @@ def test_transfer_workers_are_reused_across_models(spawn, tmp_path):
 
 
 def test_default_pool_is_shared_by_every_fetch_in_the_process():
-    assert dl.shared_pool() is dl.shared_pool()
+    assert shared_pool() is shared_pool()
     assert (
-        dl.ModelFetch(None, Path("."), dl.Manifest("org/x", ()), allowed_hosts=[])._pool
-        is dl.shared_pool()
+        ModelFetch(None, Path("."), Manifest("org/x", ()), allowed_hosts=[])._pool
+        is shared_pool()
     )  # noqa: SLF001 - the wiring is what is tested
 
 
@@ -242,13 +254,13 @@ def test_files_download_concurrently_and_each_is_verified(spawn, tmp_path):
     )
     store = tmp_path / "store"
     store.mkdir()
-    seen: list[dl.DownloadProgress] = []
+    seen: list[DownloadProgress] = []
     desc = _fetch(
         store,
         hub,
         files,
         "org/split",
-        options=dl.DownloadOptions(connections=8),
+        options=DownloadOptions(connections=8),
         progress=seen.append,
     ).run()
     assert desc.id == "org/split"
@@ -274,12 +286,12 @@ def test_a_failing_file_never_promotes_a_partial_model(spawn, tmp_path):
     )
     store = tmp_path / "store"
     store.mkdir()
-    with pytest.raises(dl.IntegrityError, match="model-00003-of-00003.safetensors: sha256"):
+    with pytest.raises(IntegrityError, match="model-00003-of-00003.safetensors: sha256"):
         _fetch(store, hub, files, "org/split").run()
     assert "org/split" not in ModelStorage(store).list_available()
     assert not (store / "org/split").exists()
-    staged = dl.staging_dir(store, "org/split")
-    verified = orjson.loads((staged / dl.VERIFIED_FILENAME).read_bytes())
+    staged = staging_dir(store, "org/split")
+    verified = orjson.loads((staged / VERIFIED_FILENAME).read_bytes())
     assert "model-00003-of-00003.safetensors" not in verified
     for name, info in verified.items():  # whatever was kept passed its own check
         assert info["sha256"] == hashlib.sha256(files[name]).hexdigest()
@@ -291,10 +303,10 @@ def test_a_worker_killed_mid_download_is_replaced_and_the_file_completes(spawn, 
     hub = start_hub(spawn, tmp_path / "hub", "--bandwidth", "4M")
     store = tmp_path / "store"
     store.mkdir()
-    pool = dl.TransferPool(1)
+    pool = TransferPool(1)
     killed: list[int] = []
 
-    def kill_once(progress: dl.DownloadProgress) -> None:
+    def kill_once(progress: DownloadProgress) -> None:
         mid_shard = (progress.filename or "").endswith(".safetensors") and (
             0 < progress.file_bytes_done < progress.file_bytes_total
         )
@@ -302,7 +314,7 @@ def test_a_worker_killed_mid_download_is_replaced_and_the_file_completes(spawn, 
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    options = dl.DownloadOptions(connections=8, backoff_base_s=0.05, parallel_files=1)
+    options = DownloadOptions(connections=8, backoff_base_s=0.05, parallel_files=1)
     try:
         desc = _fetch(
             store, hub, files, "org/split", pool=pool, options=options, progress=kill_once
@@ -321,9 +333,9 @@ def test_cancel_kills_the_running_transfer(spawn, tmp_path):
     hub = start_hub(spawn, tmp_path / "hub", "--bandwidth", "1M")
     store = tmp_path / "store"
     store.mkdir()
-    pool = dl.TransferPool(2)
+    pool = TransferPool(2)
     fetch = _fetch(
-        store, hub, files, "org/split", pool=pool, options=dl.DownloadOptions(connections=2)
+        store, hub, files, "org/split", pool=pool, options=DownloadOptions(connections=2)
     )
     result: list[BaseException] = []
 
@@ -341,7 +353,7 @@ def test_cancel_kills_the_running_transfer(spawn, tmp_path):
         fetch.cancel()
         thread.join(timeout=30)
         assert not thread.is_alive()
-        assert result and isinstance(result[0], dl.DownloadCancelled)
+        assert result and isinstance(result[0], DownloadCancelled)
         assert not any(pid in pool.pids() for pid in busy)  # both transfers were killed
     finally:
         pool.close()

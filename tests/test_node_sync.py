@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from llmlb.model_storage import ModelStorage
-from llmlb.node import downloader as dl
+from llmlb.node.download.staging import was_downloaded
 from llmlb.node.engine import Engine
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.resolver import Resolver, RouterAccess
@@ -114,7 +114,7 @@ def test_sync_delete_removes_only_models_the_node_downloaded(router, tmp_path):
         try:
             await resolver.refresh()
             assert await resolver.ensure("org/also-fetched") is not None
-            assert dl.was_downloaded(tmp_path, "org/also-fetched")
+            assert was_downloaded(tmp_path, "org/also-fetched")
             sync.handle_sync(
                 "delete", ["org/also-fetched", "local/hand", "org/Also-Fetched-By-Hand"]
             )
@@ -128,4 +128,4 @@ def test_sync_delete_removes_only_models_the_node_downloaded(router, tmp_path):
     assert listed == {"local/hand", "org/also-fetched-by-hand"}
     assert ModelStorage(tmp_path).list_available() == ["local/hand", "org/also-fetched-by-hand"]
     assert not (tmp_path / "org" / "also-fetched").exists()
-    assert not dl.was_downloaded(tmp_path, "org/also-fetched")
+    assert not was_downloaded(tmp_path, "org/also-fetched")

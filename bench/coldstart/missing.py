@@ -162,12 +162,13 @@ class _LogTimes(logging.Handler):
 
 @contextlib.contextmanager
 def _phase_timers(dl: Any) -> Iterator[dict[str, float]]:
-    """Time the downloader's phases by wrapping its methods (restored afterwards)."""
+    """Time the downloader's phases by wrapping its functions (restored afterwards);
+    ``dl`` is :mod:`llmlb.node.download.fetch`."""
     phases: dict[str, float] = {}
     originals = {
-        "probe": (dl._Http, "probe"),  # noqa: SLF001 - measuring the node's own code
-        "transfer": (dl._TransferWorker, "run"),  # noqa: SLF001
-        "promote": (dl.ModelFetch, "_promote"),
+        "probe": (dl.Http, "probe"),  # measuring the node's own code
+        "transfer": (dl.TransferWorker, "run"),
+        "promote": (dl, "promote"),  # the function ModelFetch calls
     }
     saved = {name: getattr(cls, attr) for name, (cls, attr) in originals.items()}
 
@@ -222,7 +223,7 @@ def verification_share(
     """
     from llmlb.hub.repo import fetch_repo_manifest
     from llmlb.model_storage import ModelStorage
-    from llmlb.node import downloader as dl
+    from llmlb.node.download import fetch as dl
     from llmlb.node.hashing import sha256_file
 
     repo_manifest = fetch_repo_manifest(REPOS[kind], endpoint=hub)
@@ -243,7 +244,7 @@ def verification_share(
             return self.digest
 
     handler = _LogTimes()
-    log = logging.getLogger("llmlb.node.downloader")
+    log = logging.getLogger("llmlb.node.download.fetch")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     hashed, plain, phases_list, serial = [], [], [], []

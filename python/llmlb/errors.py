@@ -105,3 +105,31 @@ class AmbiguousArtifacts(HubError):
 
 class NoSupportedArtifacts(HubError):
     """The repository holds no GGUF or safetensors model (400 ``no_supported_artifacts``)."""
+
+
+class DownloadError(LlmlbError):
+    """A node could not download a model; ``str(exc)`` names the model and the reason."""
+
+
+class HostNotAllowed(DownloadError):
+    """A file URL (or a redirect) points at a host that is not on the download allowlist."""
+
+
+class InsufficientDiskSpace(DownloadError):
+    """The store's file system has less free space than the files still to fetch."""
+
+
+class IntegrityError(DownloadError):
+    """A downloaded file failed its size or SHA-256 check twice."""
+
+
+class ModelNotRegistered(DownloadError):
+    """The router has no model with this id (its manifest answered 404)."""
+
+
+class RouterUnavailable(DownloadError):
+    """The router could not be asked for a model's manifest."""
+
+
+class DownloadCancelled(DownloadError):
+    """The download was cancelled (node shutting down, the model deleted)."""

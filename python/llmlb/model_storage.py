@@ -22,12 +22,21 @@ __all__ = [
     "InvalidModelId",
     "ModelDescriptor",
     "ModelStorage",
+    "downloaded_marker",
     "inspect_gguf",
+    "lock_path",
     "normalize_model_id",
     "prefetch_files",
     "split_quant",
+    "staging_dir",
     "validate_file",
 ]
+
+#: Dot-directories of the store root (never listed as models): downloads in progress, the
+#: per-model download locks, and the records of models downloaded from the router.
+STAGING_DIRNAME = ".staging"
+LOCKS_DIRNAME = ".locks"
+DOWNLOADED_DIRNAME = ".downloaded"
 
 
 class InvalidModelId(ValueError):
@@ -79,6 +88,22 @@ def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
 def prefetch_files(paths: list[str | os.PathLike[str]]) -> int:
     """Schedule page-cache readahead for ``paths`` in parallel; returns the bytes scheduled."""
     return _native.prefetch_files([os.fspath(p) for p in paths])
+
+
+def staging_dir(models_dir: Path, model_id: str) -> Path:
+    """``<models_dir>/.staging/<id>/``: where a download of ``model_id`` is assembled."""
+    return Path(models_dir) / STAGING_DIRNAME / model_id
+
+
+def lock_path(models_dir: Path, model_id: str) -> Path:
+    """``<models_dir>/.locks/<id>.lock``: the lock file of ``model_id``'s download."""
+    return Path(models_dir) / LOCKS_DIRNAME / f"{model_id}.lock"
+
+
+def downloaded_marker(models_dir: Path, model_id: str) -> Path:
+    """``<models_dir>/.downloaded/<id>.json``: the record that a node downloaded ``model_id``
+    from the router (a model without one was placed by hand)."""
+    return Path(models_dir) / DOWNLOADED_DIRNAME / f"{model_id}.json"
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,9 @@ def _node_models(models: list[dict[str, Any]]) -> str:
 
 def pull_model(args: argparse.Namespace) -> int:
     """Download a model into the local store; exit 0 only when it validates."""
+    from llmlb.cli import pull
+    from llmlb.errors import DownloadError
     from llmlb.model_storage import InvalidModelId, ModelStorage, normalize_model_id
-    from llmlb.node import downloader
 
     try:
         model_id = normalize_model_id(args.model_id)
@@ -250,7 +251,7 @@ def pull_model(args: argparse.Namespace) -> int:
     hosts = list(dict.fromkeys([*config.default_allowed_hosts(), *args.allow_host]))
     try:
         with PullDisplay(model_id) as display:
-            descriptor = downloader.pull_model(
+            descriptor = pull.pull_model(
                 model_id,
                 router_url=args.router or config.router_url(),
                 api_key=key,
@@ -258,7 +259,7 @@ def pull_model(args: argparse.Namespace) -> int:
                 allowed_hosts=hosts,
                 progress=display,
             )
-    except downloader.DownloadError as exc:
+    except DownloadError as exc:
         return _fail(str(exc))
     except OSError as exc:
         return _fail(f"{model_id}: {exc}")

@@ -114,7 +114,8 @@ def byte_bar(console: Console | None = None) -> Progress:
 
 
 class PullDisplay:
-    """Shows ``llmlb.node.downloader.DownloadProgress`` snapshots: a total and one row per file.
+    """Shows ``DownloadProgress`` snapshots (:mod:`llmlb.node.download.options`): a total and
+    one row per file.
 
     Args:
         model_id: the model being pulled.

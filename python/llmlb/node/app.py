@@ -48,7 +48,7 @@ from llmlb.http import (
 )
 from llmlb.logs import configure_logging
 from llmlb.model_storage import ModelStorage
-from llmlb.node import downloader as dl
+from llmlb.node.download.options import DownloadOptions
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
 from llmlb.node.metrics import CONTENT_TYPE_LATEST, NodeMetrics
@@ -93,7 +93,7 @@ class Node:
             self.metrics,
             allowed_hosts=list(settings.allowed_hosts),
             token=settings.hf_token,
-            options=dl.DownloadOptions(connections=settings.connections),
+            options=DownloadOptions(connections=settings.connections),
             on_change=lambda: self.sync.kick(),
             after_download=self.engine.load,
             store_all=settings.store_all,

@@ -1,7 +1,7 @@
 """Node-first model resolution and the per-model state table the node reports.
 
 A model resolves from the node's own store when it is there and valid; otherwise from the
-router's manifest, by downloading (:mod:`llmlb.node.downloader`) in a background thread.
+router's manifest, by downloading (:mod:`llmlb.node.download`) in a background thread.
 One resolution per model at a time within the process (single flight); the downloader's file
 lock covers other processes on the same store.
 
@@ -25,11 +25,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llmlb.errors import ApiError
-from llmlb.node import downloader as dl
+from llmlb.errors import (
+    ApiError,
+    DownloadCancelled,
+    DownloadError,
+    ModelNotRegistered,
+    RouterUnavailable,
+)
 from llmlb.node import runtimes
+from llmlb.node.download.fetch import ModelFetch, select_files
+from llmlb.node.download.options import DownloadOptions, DownloadProgress
 from llmlb.node.metrics import NodeMetrics
-from llmlb.protocol import ModelReport, ModelState
+from llmlb.node.router_client import fetch_manifest
+from llmlb.protocol import Manifest, ModelReport, ModelState
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +116,7 @@ class Resolver:
         *,
         allowed_hosts: list[str],
         token: str | None,
-        options: dl.DownloadOptions | None = None,
+        options: DownloadOptions | None = None,
         on_change: Callable[[], None] | None = None,
         after_download: Callable[[str, str], Awaitable[None]] | None = None,
         store_all: bool = False,
@@ -119,17 +127,17 @@ class Resolver:
         self.metrics = metrics
         self.allowed_hosts = allowed_hosts
         self.token = token
-        self.options = options or dl.DownloadOptions()
+        self.options = options or DownloadOptions()
         self.on_change = on_change or (lambda: None)
         self.after_download = after_download
         self.store_all = store_all
         self.states: dict[str, ModelRecord] = {}
-        self.manifests: dict[str, dl.Manifest] = {}
+        self.manifests: dict[str, Manifest] = {}
         self.available: dict[str, Any] = {}
         self._fresh: set[str] = set()
         self._gone: set[str] = set()
         self._tasks: dict[str, asyncio.Task] = {}
-        self._fetches: dict[str, dl.ModelFetch] = {}
+        self._fetches: dict[str, ModelFetch] = {}
         self._manifest_calls: dict[str, asyncio.Future] = {}
         self._failures: dict[str, int] = {}  # failed tries in a row, per model
         self._retries: dict[str, asyncio.TimerHandle] = {}
@@ -259,19 +267,19 @@ class Resolver:
 
     # -- manifests ----------------------------------------------------------------------
 
-    async def manifest(self, model_id: str) -> dl.Manifest:
+    async def manifest(self, model_id: str) -> Manifest:
         """The router's manifest of ``model_id`` (one request at a time per model).
 
         Raises:
-            ModelNotRegistered, RouterUnavailable: see :func:`downloader.fetch_manifest`.
+            ModelNotRegistered, RouterUnavailable: see :func:`router_client.fetch_manifest`.
         """
         if self.router is None:
-            raise dl.ModelNotRegistered(f"model {model_id!r} is not in this node's store")
+            raise ModelNotRegistered(f"model {model_id!r} is not in this node's store")
         pending = self._manifest_calls.get(model_id)
         if pending is None:
             loop = asyncio.get_running_loop()
             pending = loop.run_in_executor(
-                None, dl.fetch_manifest, self.router.url, self.router.api_key, model_id
+                None, fetch_manifest, self.router.url, self.router.api_key, model_id
             )
             self._manifest_calls[model_id] = pending
             pending.add_done_callback(lambda _f: self._manifest_calls.pop(model_id, None))
@@ -312,12 +320,12 @@ class Resolver:
             return path
         try:
             manifest = await self.manifest(model_id)
-        except dl.ModelNotRegistered as exc:  # deleted meanwhile: nothing left to retry
+        except ModelNotRegistered as exc:  # deleted meanwhile: nothing left to retry
             logger.info("%s", exc)
             self._clear_failures(model_id)
             self._set(model_id, None)
             return None
-        except dl.DownloadError as exc:
+        except DownloadError as exc:
             logger.warning("%s", exc)
             self._failed(model_id, str(exc))
             return None
@@ -329,18 +337,18 @@ class Resolver:
                 model_id, ModelRecord(ModelState.FAILED, error=runtimes.not_servable_reason(fmt))
             )
             return None
-        total = sum(f.size_bytes for f in dl.select_files(manifest)) if manifest.files else 0
+        total = sum(f.size_bytes for f in select_files(manifest)) if manifest.files else 0
         state = ModelRecord(ModelState.DOWNLOADING, total=total)
         self._set(model_id, state)
 
         promoted = False
 
-        def progress(p: dl.DownloadProgress) -> None:
+        def progress(p: DownloadProgress) -> None:
             nonlocal promoted
             state.bytes, state.total = p.bytes_done, p.bytes_total
             promoted = True  # reported only by a fetch that downloads (not one that waited)
 
-        fetch = dl.ModelFetch(
+        fetch = ModelFetch(
             self.store,
             self.models_dir,
             manifest,
@@ -354,11 +362,11 @@ class Resolver:
         loop = asyncio.get_running_loop()
         try:
             desc = await loop.run_in_executor(self._pool, fetch.run)
-        except dl.DownloadCancelled:
+        except DownloadCancelled:
             self._set(model_id, None)
             return None
         except Exception as exc:  # noqa: BLE001 - recorded as the model's failure
-            message = str(exc) if isinstance(exc, dl.DownloadError) else f"{model_id}: {exc!r}"
+            message = str(exc) if isinstance(exc, DownloadError) else f"{model_id}: {exc!r}"
             logger.error("download failed: %s", message)
             self.metrics.downloads.labels("failed").inc()
             self._failed(model_id, message)
@@ -471,14 +479,14 @@ class Resolver:
         if not self.busy(model_id):
             try:
                 await self.manifest(model_id)
-            except dl.ModelNotRegistered:
+            except ModelNotRegistered:
                 raise ApiError(
                     404,
                     "model_not_found",
                     f"model {model_id!r} is neither in this node's store nor "
                     "registered with the router",
                 ) from None
-            except dl.RouterUnavailable as exc:
+            except RouterUnavailable as exc:
                 raise ApiError(503, "model_not_ready", str(exc), retry_after=5) from None
             fmt = self.format_of(model_id)
             if fmt is not None and not runtimes.servable(fmt):
@@ -489,7 +497,7 @@ class Resolver:
         raise _not_ready(model_id, self.states.get(model_id))
 
 
-def _manifest_format(manifest: dl.Manifest) -> str | None:
+def _manifest_format(manifest: Manifest) -> str | None:
     """A manifest's model format, from its ``format`` or else its primary file's name."""
     if manifest.format:
         return manifest.format

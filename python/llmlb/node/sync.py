@@ -30,8 +30,8 @@ import orjson
 
 from llmlb.http import bearer_token
 from llmlb.model_storage import InvalidModelId, normalize_model_id
-from llmlb.node import downloader as dl
 from llmlb.node import runtimes
+from llmlb.node.download.staging import forget_downloaded, was_downloaded
 from llmlb.node.engine import Engine
 from llmlb.node.identity import node_secret
 from llmlb.node.resolver import Resolver
@@ -226,7 +226,7 @@ class RouterSync:
             candidates = [m for m in self.resolver.available if m not in known]
             models_dir = self.resolver.models_dir
             stale = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: [m for m in candidates if dl.was_downloaded(models_dir, m)]
+                None, lambda: [m for m in candidates if was_downloaded(models_dir, m)]
             )
             if stale:
                 logger.info("no longer registered on the router: %s", ", ".join(stale))
@@ -318,7 +318,7 @@ class RouterSync:
         loop = asyncio.get_running_loop()
         for model_id in model_ids:
             await self.resolver.cancel(model_id)
-            if not dl.was_downloaded(models_dir, model_id):
+            if not was_downloaded(models_dir, model_id):
                 state = self.resolver.state_of(model_id)
                 if state is not None and state.state == ModelState.FAILED:
                     self.resolver.forget_local(model_id)
@@ -326,7 +326,7 @@ class RouterSync:
                 continue
             await self.engine.unload(model_id)
             await loop.run_in_executor(None, self.resolver.store.delete_model, model_id)
-            dl.forget_downloaded(models_dir, model_id)
+            forget_downloaded(models_dir, model_id)
             self.resolver.forget_local(model_id)
             logger.info("%s: deleted on the router; removed from the store", model_id)
         self.kick()

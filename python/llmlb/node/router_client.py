@@ -1,0 +1,49 @@
+"""The node's blocking requests to the router: a model's manifest (used by downloads and
+``llmlb pull``; the registration and heartbeat loop is :mod:`llmlb.node.sync`)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import orjson
+
+from llmlb.errors import ModelNotRegistered, RouterUnavailable
+from llmlb.protocol import Manifest
+
+
+def fetch_manifest(
+    router_url: str, api_key: str | None, model_id: str, timeout: float = 10.0
+) -> Manifest:
+    """Ask the router for ``model_id``'s manifest (blocking).
+
+    Raises:
+        ModelNotRegistered: the router answered 404.
+        RouterUnavailable: the router is unreachable or answered another error.
+    """
+    quoted = urllib.parse.quote(model_id, safe="")
+    url = f"{router_url.rstrip('/')}/v0/models/registry/{quoted}/manifest.json"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        ) as resp:
+            return Manifest.from_dict(orjson.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise ModelNotRegistered(
+                f"model {model_id!r} is not registered with the router"
+            ) from None
+        raise RouterUnavailable(
+            f"router answered {exc.code} for the manifest of {model_id!r}: {_error_text(exc)}"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise RouterUnavailable(f"cannot fetch the manifest of {model_id!r}: {exc}") from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        return orjson.loads(exc.read())["error"]["message"]
+    except Exception:  # noqa: BLE001 - best effort
+        return exc.reason if isinstance(exc.reason, str) else ""
