@@ -1,4 +1,4 @@
-"""Building hub repos on disk and starting the hub stand-in (``llmlb.hub.standin``) for tests."""
+"""Building hub repos on disk and starting the hub stand-in (``llmlb.testing.hub_standin``)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def hub_argv(port: int, root: Path, *extra_args: str) -> list[str]:
 
     The sha256 cache is shared per machine unless ``extra_args`` names its own.
     """
-    argv = [sys.executable, "-m", "llmlb.hub.standin", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "llmlb.testing.hub_standin", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--root", str(root)]
     if "--hash-cache" not in extra_args:
         argv += ["--hash-cache", str(HASH_CACHE)]
@@ -63,7 +63,7 @@ def hub_argv(port: int, root: Path, *extra_args: str) -> list[str]:
 
 
 def start_hub(spawn: Callable[..., Proc], root: Path, *extra_args: str) -> HubUrl:
-    """Start ``python -m llmlb.hub.standin`` on a free loopback port; return its base URL.
+    """Start ``python -m llmlb.testing.hub_standin`` on a free loopback port; return its base URL.
 
     Args:
         spawn: the ``spawn`` fixture (the process is stopped when the test ends).

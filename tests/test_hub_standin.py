@@ -23,9 +23,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from llmlb.hub.standin import parse_range, parse_rate
-from llmlb.hub.standin_faults import parse_fault
-from llmlb.hub.standin_repos import LFS_THRESHOLD_BYTES, git_blob_id, is_lfs
+from llmlb.testing.hub_standin.faults import parse_fault
+from llmlb.testing.hub_standin.repos import LFS_THRESHOLD_BYTES, git_blob_id, is_lfs
+from llmlb.testing.hub_standin.server import parse_range, parse_rate
 
 from tests.hub_fixtures import HubUrl, make_repo, start_hub
 from tests.procs import spawner, wait_until
@@ -365,7 +365,15 @@ def test_bad_fault_spec_is_refused(tmp_path: Path) -> None:
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-m", "llmlb.hub.standin", "--root", str(tmp_path), "--fault", "boom"],
+        [
+            sys.executable,
+            "-m",
+            "llmlb.testing.hub_standin",
+            "--root",
+            str(tmp_path),
+            "--fault",
+            "boom",
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -5,7 +5,7 @@ against it through ``HF_ENDPOINT=http://HOST:PORT``.
 
 Usage::
 
-    python -m llmlb.hub.standin --host 127.0.0.1 --port 8999 --root DIR
+    python -m llmlb.testing.hub_standin --host 127.0.0.1 --port 8999 --root DIR
         [--bandwidth BYTES_PER_S] [--fault SPEC ...] [--log-requests FILE]
         [--require-token TOKEN] [--hash-cache FILE]
 
@@ -38,7 +38,7 @@ Options:
 ``--bandwidth RATE``     per-connection cap on file bodies, bytes/s; suffixes K, M, G (decimal)
                          and Ki, Mi, Gi (binary), e.g. ``25M`` (emulates a CDN's per-connection
                          limit). Default: uncapped.
-``--fault SPEC``         inject a fault; repeatable; see :mod:`llmlb.hub.standin_faults`
+``--fault SPEC``         inject a fault; repeatable; see :mod:`llmlb.testing.hub_standin.faults`
                          (kinds ``drop``, ``status``, ``corrupt``, ``full``, ``delay``,
                          ``fail-first``, ``redirect-ranges``).
 ``--log-requests FILE``  append one JSON line per finished request: ``ts``, ``method``, ``path``,
@@ -66,11 +66,12 @@ from urllib.parse import parse_qs, unquote
 import orjson
 from aiohttp import web
 
-from llmlb.hub import standin_faults
-from llmlb.hub.standin_faults import Fault, FaultPlan
-from llmlb.hub.standin_repos import RepoFile, RepoSnapshot, RepoStore
+from llmlb.logs import configure_logging
+from llmlb.testing.hub_standin import faults as standin_faults
+from llmlb.testing.hub_standin.faults import Fault, FaultPlan
+from llmlb.testing.hub_standin.repos import RepoFile, RepoSnapshot, RepoStore
 
-logger = logging.getLogger("llmlb.hub.standin")
+logger = logging.getLogger("llmlb.testing.hub_standin")
 
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 _RATE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmg]i?)?b?\s*$", re.IGNORECASE)
@@ -520,7 +521,7 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llmlb.hub.standin",
+        prog="python -m llmlb.testing.hub_standin",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1] + "\n\n" + standin_faults.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if not args.root.is_dir():
         parser.error(f"--root {args.root} is not a directory")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     standin = HubStandin(
         args.root.resolve(),
         bandwidth=args.bandwidth,
