@@ -87,12 +87,59 @@ class Snapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Point:
+    """One interval of one series: answers, errors and TTFB quantiles (``None``: no answer)."""
+
+    requests: int
+    errors: int
+    ttfb_p50_s: float | None
+    ttfb_p95_s: float | None
+
+    @classmethod
+    def of(cls, counts: Counts) -> Point:
+        """Summarise ``counts``."""
+        p50, p95 = quantile(0.5, counts.ttfb), quantile(0.95, counts.ttfb)
+        return cls(
+            round(counts.requests),
+            round(counts.errors),
+            None if p50 is None else round(p50, 6),
+            None if p95 is None else round(p95, 6),
+        )
+
+
+_IDLE = Point(0, 0, None, None)
+
+
+@dataclass(frozen=True, slots=True)
 class Interval:
-    """What the counters moved by during one interval ending at ``end`` (unix seconds)."""
+    """One interval ending at ``end`` (unix seconds), summarised in total, per model and per
+    node when it is recorded, so reading the history costs no aggregation."""
 
     end: float
-    pairs: dict[Key, Counts]
-    rejected: float
+    total: Point
+    rejected: int
+    models: dict[str, Point]
+    nodes: dict[str, Point]
+
+    @classmethod
+    def of(cls, end: float, pairs: dict[Key, Counts], rejected: float) -> Interval:
+        """Group the (node, model) differences of one interval."""
+        overall = Counts(errors=rejected)
+        by_model: dict[str, Counts] = {}
+        by_node: dict[str, Counts] = {}
+        for (node, model), counts in pairs.items():
+            overall.add(counts)
+            if model:
+                by_model.setdefault(model, Counts()).add(counts)
+            if node:  # a request cut short before any node was tried has none
+                by_node.setdefault(node, Counts()).add(counts)
+        return cls(
+            end,
+            Point.of(overall),
+            round(rejected),
+            {name: Point.of(counts) for name, counts in by_model.items()},
+            {name: Point.of(counts) for name, counts in by_node.items()},
+        )
 
 
 def parse_samples(samples: Iterable[Any]) -> Snapshot:
@@ -155,21 +202,21 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
-def _series(length: int) -> dict[str, list]:
+def _series(points: list[Point]) -> dict[str, list]:
     return {
-        "requests": [0] * length,
-        "errors": [0] * length,
-        "ttfb_p50_s": [None] * length,
-        "ttfb_p95_s": [None] * length,
+        "requests": [point.requests for point in points],
+        "errors": [point.errors for point in points],
+        "ttfb_p50_s": [point.ttfb_p50_s for point in points],
+        "ttfb_p95_s": [point.ttfb_p95_s for point in points],
     }
 
 
-def _fill(series: dict[str, list], index: int, counts: Counts) -> None:
-    series["requests"][index] = round(counts.requests)
-    series["errors"][index] = round(counts.errors)
-    for name, q in (("ttfb_p50_s", 0.5), ("ttfb_p95_s", 0.95)):
-        value = quantile(q, counts.ttfb)
-        series[name][index] = None if value is None else round(value, 6)
+def _grouped(intervals: list[Interval], group: str) -> dict[str, dict[str, list]]:
+    names = sorted({name for interval in intervals for name in getattr(interval, group)})
+    return {
+        name: _series([getattr(interval, group).get(name, _IDLE) for interval in intervals])
+        for name in names
+    }
 
 
 class TrafficHistory:
@@ -199,6 +246,7 @@ class TrafficHistory:
         self._last: Snapshot | None = None
         self._intervals: deque[Interval] = deque(maxlen=max(1, round(window_s / interval_s)))
         self._task: asyncio.Task | None = None
+        self._cached: dict | None = None
 
     def record(self, snapshot: Snapshot, now: float | None = None) -> None:
         """Keep what moved since the previous snapshot (the first one is only a baseline)."""
@@ -212,7 +260,8 @@ class TrafficHistory:
             if not diff.empty():
                 pairs[key] = diff
         rejected = snapshot.rejected - last.rejected
-        self._intervals.append(Interval(now, pairs, rejected if rejected >= 0 else 0.0))
+        self._intervals.append(Interval.of(now, pairs, rejected if rejected >= 0 else 0.0))
+        self._cached = None
 
     def sample(self) -> None:
         """Read the counters now and record them."""
@@ -228,39 +277,19 @@ class TrafficHistory:
         in ``total.errors``. ``balancer`` is the answering worker's view of each node, and
         ``worker`` its process id.
         """
-        intervals = list(self._intervals)
-        length = len(intervals)
-        total = _series(length)
-        total["rejected"] = [0] * length
-        models: dict[str, dict[str, list]] = {}
-        nodes: dict[str, dict[str, list]] = {}
-        for index, interval in enumerate(intervals):
-            overall = Counts(errors=interval.rejected)
-            by_model: dict[str, Counts] = {}
-            by_node: dict[str, Counts] = {}
-            for (node, model), counts in interval.pairs.items():
-                overall.add(counts)
-                if model:
-                    by_model.setdefault(model, Counts()).add(counts)
-                if node:  # a request cut short before any node was tried has none
-                    by_node.setdefault(node, Counts()).add(counts)
-            _fill(total, index, overall)
-            total["rejected"][index] = round(interval.rejected)
-            for groups, out in ((by_model, models), (by_node, nodes)):
-                for ident, counts in groups.items():
-                    if ident not in out:
-                        out[ident] = _series(length)
-                    _fill(out[ident], index, counts)
-        return {
-            "interval_s": self.interval_s,
-            "window_s": self.window_s,
-            "t": [round(interval.end, 3) for interval in intervals],
-            "total": total,
-            "models": dict(sorted(models.items())),
-            "nodes": dict(sorted(nodes.items())),
-            "balancer": self._balancer_state(),
-            "worker": os.getpid(),
-        }
+        if self._cached is None:  # built once per interval, however many pages poll
+            intervals = list(self._intervals)
+            total = _series([interval.total for interval in intervals])
+            total["rejected"] = [interval.rejected for interval in intervals]
+            self._cached = {
+                "interval_s": self.interval_s,
+                "window_s": self.window_s,
+                "t": [round(interval.end, 3) for interval in intervals],
+                "total": total,
+                "models": _grouped(intervals, "models"),
+                "nodes": _grouped(intervals, "nodes"),
+            }
+        return {**self._cached, "balancer": self._balancer_state(), "worker": os.getpid()}
 
     def _balancer_state(self) -> dict[str, dict]:
         if self._balancer is None:
@@ -293,4 +322,13 @@ class TrafficHistory:
                 logger.exception("cannot sample the proxy's counters")
 
 
-__all__ = ["Counts", "Snapshot", "TrafficHistory", "parse_samples", "quantile", "read_counters"]
+__all__ = [
+    "Counts",
+    "Interval",
+    "Point",
+    "Snapshot",
+    "TrafficHistory",
+    "parse_samples",
+    "quantile",
+    "read_counters",
+]
