@@ -364,3 +364,29 @@ def test_base64_embeddings_decode_to_the_unit_norm_float_vectors(batching):
     with pytest.raises(ApiError) as err:
         run(engine.embed("local/chat", path, {"input": "word " * 700}))
     assert err.value.code == "context_length_exceeded"
+
+
+def test_a_queued_request_whose_client_left_never_starts(store):
+    async def scenario():
+        engine, paths = _engine(store, max_loaded=1, concurrency=1)
+        try:
+            long = {"prompt": "Hello", "max_tokens": 400, "stream": True,
+                    "logit_bias": {GEMMA_EOS: -100.0}}
+            stream = await engine.complete(A, paths[A], long)
+            await anext(stream)
+            scheduler = engine._models[A].scheduler  # noqa: SLF001
+            queued = asyncio.create_task(
+                engine.complete(A, paths[A], _short("A prompt that waits for the only slot"))
+            )
+            await _poll(lambda: engine.queued(A) == 1)
+            queued.cancel()  # its client goes away while it waits
+            await _poll(lambda: engine.queued(A) == 0)
+            evaluated = scheduler.stats.prompt_tokens
+            await stream.aclose()
+            await _poll(lambda: scheduler.active() == 0 and not scheduler.waiting())
+            return evaluated, scheduler.stats.prompt_tokens
+        finally:
+            await engine.close()
+
+    before, after = asyncio.run(scenario())
+    assert after == before  # the cancelled job's prompt was never evaluated

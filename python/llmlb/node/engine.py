@@ -321,8 +321,11 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------
 
-    async def chat(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
-        """``/v1/chat/completions``: a response dict, or SSE bytes when ``stream``."""
+    async def chat(
+        self, model_id: str, path: str, body: dict, *, as_sse: bool = True
+    ) -> dict | AsyncIterator[Any]:
+        """``/v1/chat/completions``: a response dict, or when ``stream`` SSE bytes (``as_sse``)
+        or the chunk dicts (for the routes that speak other dialects on top of chat)."""
         request = req.chat_request(body)
         loaded = await self._ensure_loaded(model_id, path)
         if not loaded.template:
@@ -338,7 +341,7 @@ class Engine:
         prompt = self._tokenize_rendered(loaded, text)
         stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
         return await self._generate(
-            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop
+            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop, as_sse=as_sse
         )
 
     async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
@@ -505,7 +508,8 @@ class Engine:
         *,
         stop: tuple[str, ...],
         echo: list[str] | None = None,
-    ) -> dict | AsyncIterator[bytes]:
+        as_sse: bool = True,
+    ) -> dict | AsyncIterator[Any]:
         scheduler = loaded.scheduler
         if generation.n > scheduler.slots:
             raise req.bad(
@@ -553,7 +557,7 @@ class Engine:
             self._done(loaded)
             raise
         if generation.stream:
-            return _EventStream(run)
+            return _EventStream(run, as_sse)
         try:
             return await run.collect()
         finally:
@@ -711,22 +715,22 @@ class _Run:
         self.cancel()
         self.engine._done(self.loaded)  # noqa: SLF001 - the run belongs to the engine
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """SSE events as tokens arrive; the job is cancelled when the client goes away."""
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Stream chunks as tokens arrive (an ``{"error": …}`` chunk ends a failed run)."""
         shaper = self.shaper
         try:
             if shaper.chat:
                 for index in range(len(self.choices)):
-                    yield sse(shaper.chunk(index, "", role=True))
+                    yield shaper.chunk(index, "", role=True)
             elif self.echo:
                 for index in range(len(self.choices)):
-                    yield sse(shaper.chunk(index, self.echo[index // self.n]))
+                    yield shaper.chunk(index, self.echo[index // self.n])
             async for number, event in self._events():
                 index = number * self.n + getattr(event, "index", 0)
                 if isinstance(event, ErrorEvent):
                     error = {"message": event.message, "type": "server_error",
                              "code": "inference_failed"}
-                    yield sse({"error": error})
+                    yield {"error": error}
                     return
                 if isinstance(event, StartEvent):
                     self.cached += event.cached
@@ -740,36 +744,50 @@ class _Run:
                             chat_logprobs([entry]) if shaper.chat
                             else completion_logprobs([entry], 0)
                         )
-                    yield sse(shaper.chunk(index, event.text, logprobs=logprobs))
+                    yield shaper.chunk(index, event.text, logprobs=logprobs)
                 elif isinstance(event, DoneEvent):
                     choice = self.choices[index]
                     choice.finish, choice.tokens = event.finish_reason, event.tokens
                     if event.text:
-                        yield sse(shaper.chunk(index, event.text))
-                    yield sse(shaper.chunk(index, None, finish=event.finish_reason))
+                        yield shaper.chunk(index, event.text)
+                    yield shaper.chunk(index, None, finish=event.finish_reason)
             if self.generation.include_usage:
-                yield sse(shaper.usage_chunk(self._usage()))
-            yield SSE_DONE
+                yield shaper.usage_chunk(self._usage())
         finally:
             self.close()
 
 
 class _EventStream:
-    """The SSE bytes of a streamed run; closing it (even unstarted) ends the run."""
+    """A streamed run as SSE bytes (``data: [DONE]`` after a run that did not fail) or as
+    chunk dicts; closing it, even unstarted, ends the run."""
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: _Run, as_sse: bool):
         self._run = run
-        self._events = run.stream()
+        self._chunks = run.chunks()
+        self._as_sse = as_sse
+        self._failed = False
+        self._ended = False
 
     def __aiter__(self) -> _EventStream:
         return self
 
-    async def __anext__(self) -> bytes:
-        return await self._events.__anext__()
+    async def __anext__(self) -> Any:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self._ended = True
+            if self._as_sse and not self._failed:
+                return SSE_DONE
+            raise
+        if "error" in chunk:
+            self._failed = True
+        return sse(chunk) if self._as_sse else chunk
 
     async def aclose(self) -> None:
         """Stop generating and release the slots."""
         try:
-            await self._events.aclose()
+            await self._chunks.aclose()
         finally:
             self._run.close()
