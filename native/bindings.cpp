@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "gguf.hpp"
 #include "model_id.hpp"
 #include "store.hpp"
 
@@ -53,14 +54,30 @@ PYBIND11_MODULE(_model_storage, m) {
   m.def("quant_matches_file_name", &llmlb::quant_matches_file_name, py::arg("quant"), py::arg("file_name"),
         release_gil());
   m.def("validate_file", &llmlb::validate_file, py::arg("path"), release_gil());
+  m.def(
+      "quantization_from_file_name",
+      [](const std::string& name) -> py::object {
+        const std::string q = llmlb::gguf::quantization_from_file_name(name);
+        return q.empty() ? py::object(py::none()) : py::str(q);
+      },
+      py::arg("file_name"));
+  m.def(
+      "parse_split_name",
+      [](const std::string& name) -> py::object {
+        std::string prefix;
+        std::uint32_t no = 0, count = 0;
+        if (!llmlb::parse_split_name(name, prefix, no, count)) return py::none();
+        return py::make_tuple(prefix, no, count);
+      },
+      py::arg("name"));
   m.def("prefetch_files", &llmlb::prefetch_files, py::arg("paths"), release_gil());
   m.def(
       "inspect_gguf",
       [](const std::string& path) {
-        llmlb::GgufSummary s;
+        llmlb::gguf::Info s;
         {
           py::gil_scoped_release release;
-          s = llmlb::inspect_gguf(path);
+          s = llmlb::gguf::read(path);
         }
         py::dict out;
         out["problems"] = s.problems;

@@ -67,25 +67,6 @@ struct DirScan {
   }
 };
 
-// Parse "<prefix>-00001-of-00003.gguf"; false when not a split name.
-bool parse_split_name(const std::string& name, std::string& prefix, std::uint32_t& no, std::uint32_t& count) {
-  const std::string l = lower(name);
-  if (!ends_with(l, ".gguf")) return false;
-  const std::string stem = name.substr(0, name.size() - 5);
-  const auto of = stem.rfind("-of-");
-  if (of == std::string::npos) return false;
-  const std::string count_s = stem.substr(of + 4);
-  const auto dash = stem.rfind('-', of - 1);
-  if (of == 0 || dash == std::string::npos) return false;
-  const std::string no_s = stem.substr(dash + 1, of - dash - 1);
-  if (!all_digits(no_s) || !all_digits(count_s) || no_s.size() > 9 || count_s.size() > 9) return false;
-  no = static_cast<std::uint32_t>(std::stoul(no_s));
-  count = static_cast<std::uint32_t>(std::stoul(count_s));
-  if (no == 0 || count == 0 || no > count) return false;
-  prefix = stem.substr(0, dash);
-  return true;
-}
-
 std::string split_file_name(const std::string& prefix, std::uint32_t no, std::uint32_t count) {
   char buf[64];
   std::snprintf(buf, sizeof(buf), "-%05u-of-%05u.gguf", no, count);
@@ -719,23 +700,22 @@ std::vector<std::string> validate_file(const std::string& path) {
   return problems;
 }
 
-GgufSummary inspect_gguf(const std::string& path) {
-  gguf::Info info = gguf::read(path);
-  GgufSummary s;
-  s.problems = std::move(info.problems);
-  s.version = info.version;
-  s.tensor_count = info.tensor_count;
-  s.kv_count = info.kv_count;
-  s.alignment = info.alignment;
-  s.data_offset = info.data_offset;
-  s.architecture = info.architecture;
-  s.name = info.name;
-  s.file_type = info.file_type;
-  s.quantization = info.quantization;
-  s.split_no = info.split_no;
-  s.split_count = info.split_count;
-  s.context_length = info.context_length;
-  return s;
+bool parse_split_name(const std::string& name, std::string& prefix, std::uint32_t& no, std::uint32_t& count) {
+  const std::string l = lower(name);
+  if (!ends_with(l, ".gguf")) return false;
+  const std::string stem = name.substr(0, name.size() - 5);
+  const auto of = stem.rfind("-of-");
+  if (of == std::string::npos) return false;
+  const std::string count_s = stem.substr(of + 4);
+  const auto dash = stem.rfind('-', of - 1);
+  if (of == 0 || dash == std::string::npos) return false;
+  const std::string no_s = stem.substr(dash + 1, of - dash - 1);
+  if (!all_digits(no_s) || !all_digits(count_s) || no_s.size() > 9 || count_s.size() > 9) return false;
+  no = static_cast<std::uint32_t>(std::stoul(no_s));
+  count = static_cast<std::uint32_t>(std::stoul(count_s));
+  if (no == 0 || count == 0 || no > count) return false;
+  prefix = stem.substr(0, dash);
+  return true;
 }
 
 std::uint64_t prefetch_files(const std::vector<std::string>& paths) {

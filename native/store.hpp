@@ -24,22 +24,6 @@ struct Inspection {
   std::vector<std::string> problems;
 };
 
-struct GgufSummary {
-  std::vector<std::string> problems;
-  std::uint32_t version = 0;
-  std::uint64_t tensor_count = 0;
-  std::uint64_t kv_count = 0;
-  std::uint32_t alignment = 0;
-  std::uint64_t data_offset = 0;
-  std::string architecture;
-  std::string name;
-  std::optional<std::uint32_t> file_type;
-  std::string quantization;
-  std::optional<std::uint32_t> split_no;
-  std::optional<std::uint32_t> split_count;
-  std::optional<std::uint64_t> context_length;
-};
-
 class ModelStore {
  public:
   // `threads`: workers for validating shards and listing models (0: chosen from the CPU count).
@@ -82,8 +66,9 @@ class ModelStore {
 // Check one file alone by its kind (.gguf, .safetensors, .json); problems name the file.
 std::vector<std::string> validate_file(const std::string& path);
 
-// GGUF header facts for one file.
-GgufSummary inspect_gguf(const std::string& path);
+// Parse "<prefix>-00001-of-00003.gguf" (the split-GGUF naming rule of router and node alike);
+// false when `name` is not a split name.
+bool parse_split_name(const std::string& name, std::string& prefix, std::uint32_t& no, std::uint32_t& count);
 
 // Schedule page-cache readahead for `paths`; returns bytes scheduled.
 std::uint64_t prefetch_files(const std::vector<std::string>& paths);

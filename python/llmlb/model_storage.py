@@ -26,6 +26,7 @@ __all__ = [
     "inspect_gguf",
     "lock_path",
     "normalize_model_id",
+    "parse_split_name",
     "prefetch_files",
     "split_quant",
     "staging_dir",
@@ -76,6 +77,12 @@ def validate_file(path: str | os.PathLike[str]) -> list[str]:
         Human-readable problems, each prefixed with the file name; ``[]`` when valid.
     """
     return _native.validate_file(os.fspath(path))
+
+
+def parse_split_name(name: str) -> tuple[str, int, int] | None:
+    """``(prefix, part, count)`` of a split-GGUF name (``<prefix>-00001-of-00003.gguf``), or
+    ``None``: the store's own rule, so the router registers the split sets a node accepts."""
+    return _native.parse_split_name(name)
 
 
 def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:

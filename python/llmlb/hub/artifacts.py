@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from llmlb.errors import AmbiguousArtifacts, NoSupportedArtifacts
+from llmlb.model_storage import parse_split_name
 
 #: Reads and parses one JSON file of the repo (used for the safetensors index).
 IndexReader = Callable[[str], object]
@@ -33,7 +34,6 @@ METAL_FILE = "model.metal.bin"
 _SAFETENSORS_REQUIRED = ("config.json", "tokenizer.json")
 _SAFETENSORS_EXTRAS = ("tokenizer_config.json", "generation_config.json")
 
-_SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$", re.I)
 _SHARD_SAFETENSORS = re.compile(r"-\d{5}-of-\d{5}\.safetensors$", re.I)
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])("
@@ -102,10 +102,10 @@ def gguf_choices(paths: list[str]) -> dict[str, list[str]]:
         name = PurePosixPath(path).name
         if not name.lower().endswith(".gguf") or name.lower().startswith("mmproj"):
             continue
-        match = _SPLIT_GGUF.match(path)
-        if match:
-            key = (match["stem"], int(match["count"]))
-            splits.setdefault(key, {})[int(match["index"])] = path
+        split = parse_split_name(path)
+        if split is not None:
+            stem, index, count = split
+            splits.setdefault((stem, count), {})[index] = path
         else:
             choices[path] = [path]
     for (_, count), parts in splits.items():
