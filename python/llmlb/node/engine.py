@@ -328,21 +328,30 @@ class Engine:
         or the chunk dicts (for the routes that speak other dialects on top of chat)."""
         request = req.chat_request(body)
         loaded = await self._ensure_loaded(model_id, path)
+        prompt = self._chat_prompt(loaded, request)
+        stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
+        return await self._generate(
+            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop, as_sse=as_sse
+        )
+
+    async def count_chat_tokens(self, model_id: str, path: str, body: dict) -> int:
+        """The prompt tokens a chat body renders to (messages, tools, template)."""
+        request = req.chat_request(body)
+        loaded = await self._ensure_loaded(model_id, path)
+        return len(self._chat_prompt(loaded, request))
+
+    def _chat_prompt(self, loaded: _Loaded, request: req.ChatRequest) -> list[int]:
         if not loaded.template:
             raise ApiError(
                 400,
                 "chat_template_missing",
-                f"model {model_id!r} has no chat template (none in the GGUF, no "
+                f"model {loaded.model_id!r} has no chat template (none in the GGUF, no "
                 f"{CHAT_TEMPLATE_FILENAME}, none in the manifest); use /v1/completions",
             )
         text = render_chat(
             loaded.template, request.messages, bos_token=loaded.bos, eos_token=loaded.eos
         )
-        prompt = self._tokenize_rendered(loaded, text)
-        stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
-        return await self._generate(
-            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop, as_sse=as_sse
-        )
+        return self._tokenize_rendered(loaded, text)
 
     async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
         """``/v1/completions``: a response dict, or SSE bytes when ``stream``."""
