@@ -30,6 +30,7 @@ from playwright.sync_api import expect  # noqa: E402 - only once playwright is k
 ADMIN = "sk-admin-dashboard-test-key"
 REPO = "google/gemma-3-270m-it-gguf"
 MODEL_ID = "dash/gemma"
+BROKEN_REPO = "dash/broken-gguf"  # a GGUF no node accepts: its download fails validation
 HEARTBEAT_S = 0.5
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
@@ -52,6 +53,7 @@ def fleet(tmp_path_factory, gemma_gguf) -> Iterator[Fleet]:
     try:
         root = tmp_path_factory.mktemp("hub")
         make_repo(root, REPO, {gemma_gguf.name: gemma_gguf})
+        make_repo(root, BROKEN_REPO, {"broken-Q4_K_M.gguf": b"GGUF" + bytes(60)})
         # 2 connections at 16 MB/s each: the 250 MB download takes several heartbeats.
         hub = start_hub(spawn, root, "--bandwidth", "16M")
         router = start_router(
@@ -298,6 +300,29 @@ def test_register_watch_the_download_serve_and_delete(browser, page, fleet, tmp_
     expect(result).to_have_text(f"Deleted {MODEL_ID}.")
     models = call(fleet.router, "GET", "/v0/models", ADMIN).json["models"]
     assert MODEL_ID not in [m["id"] for m in models]
+
+
+def test_a_failed_download_shows_the_nodes_reason_and_retries(browser, page, fleet, tmp_path):
+    reply = call(fleet.router, "POST", "/v1/models/register", ADMIN, {"repo": BROKEN_REPO})
+    assert reply.status == 201, reply.body
+    model_id = reply.json["id"]
+    try:
+        sign_in(page, fleet)
+        show(page, "models")
+        card = page.locator(f"#models-list [data-model='{model_id}']")
+        placement = card.locator(f".placement[data-node='{fleet.node_id}']")
+        expect(placement).to_have_attribute("data-state", "failed")
+        nodes = call(fleet.router, "GET", "/v0/nodes", ADMIN).json["nodes"]
+        node = next(entry for entry in nodes if entry["node_id"] == fleet.node_id)
+        reason = next(m["error"] for m in node["models"] if m["id"] == model_id)
+        assert "unsupported GGUF version" in reason
+        expect(placement.locator(".detail")).to_contain_text(reason)
+        expect(placement.locator(".detail")).to_contain_text("attempt")
+        screenshot(browser, page, tmp_path / "models-failed.png")
+        placement.get_by_role("button", name="Retry now").click()
+        expect(placement.locator(".note")).to_have_text("Retry requested: 1 node notified.")
+    finally:
+        assert call(fleet.router, "DELETE", f"/v1/models/{model_id}", ADMIN).status == 204
 
 
 def test_a_new_key_is_shown_once_and_can_be_revoked(browser, page, fleet, tmp_path):

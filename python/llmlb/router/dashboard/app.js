@@ -452,20 +452,22 @@ function createPlacement(item) {
   const state = el("span", { class: "badge" });
   const bar = el("progress", { max: "1" });
   const detail = el("span", { class: "detail" });
+  const note = el("span", { class: "note", role: "status" });
   const retry = el("button", { type: "button", class: "quiet", text: "Retry now" });
   retry.addEventListener("click", async () => {
     retry.disabled = true;
     try {
-      await api("POST", `v0/models/${modelPath(item.model.id)}/retry`);
-      setText(detail, "Retry requested.");
+      const answer = await api("POST", `v0/models/${modelPath(item.model.id)}/retry`);
+      const count = answer.nodes.length;
+      setText(note, `Retry requested: ${count} node${count === 1 ? "" : "s"} notified.`);
     } catch (error) {
-      setText(detail, error instanceof ApiFailure ? error.describe() : String(error));
+      setText(note, error instanceof ApiFailure ? error.describe() : String(error));
     } finally {
       retry.disabled = false;
     }
   });
-  row.append(el("div", { class: "placement-head" }, name, state), bar, detail, retry);
-  row.parts = { name, state, bar, detail, retry };
+  row.append(el("div", { class: "placement-head" }, name, state), bar, detail, note, retry);
+  row.parts = { name, state, bar, detail, note, retry };
   return row;
 }
 
@@ -479,6 +481,7 @@ function updatePlacement(row, { node, report, model }) {
   setText(parts.state, state);
   parts.state.className = `badge ${state}`;
   parts.retry.hidden = state !== "failed";
+  if (state !== "failed") setText(parts.note, "");
   const progress = report && report.progress;
   const total = (progress && progress.total) || model.size_bytes || null;
   const bytes = progress ? progress.bytes : null;
