@@ -390,3 +390,84 @@ def test_a_queued_request_whose_client_left_never_starts(store):
 
     before, after = asyncio.run(scenario())
     assert after == before  # the cancelled job's prompt was never evaluated
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
+    "required": ["zone"]}}}
+
+
+def _tool_body(**extra) -> dict:
+    return {"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "max_tokens": 48, "temperature": 0, "tools": [WEATHER, TIME], **extra}
+
+
+def test_required_tool_choice_answers_a_parsable_call_streamed_and_not(batching):
+    engine, path, run = batching["engine"], batching["path"], batching["run"]
+    whole = run(engine.chat("local/chat", path, _tool_body(tool_choice="required",
+                                                           parallel_tool_calls=False)))
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] in {"get_weather", "get_time"}
+    assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+    async def streamed():
+        stream = await engine.chat(
+            "local/chat", path,
+            _tool_body(tool_choice="required", parallel_tool_calls=False, stream=True),
+            as_sse=False,
+        )
+        return [chunk async for chunk in stream]
+
+    chunks = run(streamed())
+    deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
+    deltas = [d[0] for d in deltas if d]
+    assert deltas[0]["id"] == deltas[0]["id"] and deltas[0]["function"]["name"] == (
+        call["function"]["name"]
+    )
+    assert len(deltas) >= 3 and all(d["index"] == 0 for d in deltas)
+    arguments = "".join(d["function"]["arguments"] for d in deltas)
+    assert json.loads(arguments) == json.loads(call["function"]["arguments"])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_named_tool_choice_calls_that_tool(batching):
+    engine, path, run = batching["engine"], batching["path"], batching["run"]
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    result = run(engine.chat("local/chat", path, _tool_body(tool_choice=choice)))
+    calls = result["choices"][0]["message"]["tool_calls"]
+    assert calls and {c["function"]["name"] for c in calls} == {"get_time"}
+    assert "zone" in json.loads(calls[0]["function"]["arguments"])
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "odd", "parameters": {
+            "type": "object", "properties": {"x": {"type": "no-such-type"}}}}}]},
+         "tools[0].function.parameters"),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+         "tools[0].function.name"),
+    ],
+)
+def test_bad_tools_are_400_naming_the_tool(batching, patch, param):
+    engine, path, run = batching["engine"], batching["path"], batching["run"]
+    with pytest.raises(ApiError) as err:
+        run(engine.chat("local/chat", path, _tool_body(**patch)))
+    assert err.value.status == 400 and err.value.param == param

@@ -32,6 +32,7 @@ from typing import Any
 
 from llmlb.errors import ApiError
 from llmlb.node import openai_request as req
+from llmlb.node import tool_calls
 from llmlb.node.chat_format import render_chat
 from llmlb.node.embedder import Embedder, encode
 from llmlb.node.llama_native import (
@@ -50,6 +51,8 @@ from llmlb.node.openai_response import (
     chat_logprobs,
     completion_logprobs,
     sse,
+    tool_call,
+    tool_call_deltas,
     usage,
 )
 from llmlb.node.sampling import GrammarError, SamplingParams, check_grammar
@@ -115,6 +118,7 @@ class _Loaded:
     bos: str
     eos: str
     turn_stop_tokens: frozenset[int]
+    marker_tokens: frozenset[int] = frozenset()
     embedder: Embedder | None = None
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requests: int = 0
@@ -220,6 +224,11 @@ class Engine:
             ids = model.tokenize(marker, add_special=False, parse_special=True)
             if len(ids) == 1:
                 turn_tokens.add(ids[0])
+        markers = set()
+        for marker in tool_calls.markers(tool_calls.family(template)):
+            ids = model.tokenize(marker, add_special=False, parse_special=True)
+            if len(ids) == 1:
+                markers.add(ids[0])
         scheduler = Scheduler(model, ctx, on_step=self._on_step)
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)
@@ -236,6 +245,7 @@ class Engine:
             bos=bos if model.token("bos") >= 0 else "",
             eos=eos if model.token("eos") >= 0 else "",
             turn_stop_tokens=frozenset(turn_tokens),
+            marker_tokens=frozenset(markers),
         )
 
     def _on_step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
@@ -329,9 +339,17 @@ class Engine:
         request = req.chat_request(body)
         loaded = await self._ensure_loaded(model_id, path)
         prompt = self._chat_prompt(loaded, request)
+        tooling, grammar = self._tooling(loaded, request)
         stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
         return await self._generate(
-            loaded, [prompt], request.generation, Shaper(True, model_id), stop=stop, as_sse=as_sse
+            loaded,
+            [prompt],
+            request.generation,
+            Shaper(True, model_id),
+            stop=stop,
+            as_sse=as_sse,
+            grammar=grammar,
+            tooling=tooling,
         )
 
     async def count_chat_tokens(self, model_id: str, path: str, body: dict) -> int:
@@ -348,10 +366,57 @@ class Engine:
                 f"model {loaded.model_id!r} has no chat template (none in the GGUF, no "
                 f"{CHAT_TEMPLATE_FILENAME}, none in the manifest); use /v1/completions",
             )
+        messages, tools = self._tool_messages(loaded, request)
         text = render_chat(
-            loaded.template, request.messages, bos_token=loaded.bos, eos_token=loaded.eos
+            loaded.template, messages, bos_token=loaded.bos, eos_token=loaded.eos, tools=tools
         )
         return self._tokenize_rendered(loaded, text)
+
+    @staticmethod
+    def _tool_messages(
+        loaded: _Loaded, request: req.ChatRequest
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and tools to render: a template that knows tools gets them as
+        Hugging Face passes them; any other gets them described in a system message."""
+        offered = request.tools if request.tool_choice != "none" else []
+        if tool_calls.template_knows_tools(loaded.template):
+            return request.messages, [t.openai() for t in offered] or None
+        messages = tool_calls.history_as_text(request.messages)
+        if offered:
+            note = tool_calls.instructions(offered)
+            if messages[0]["role"] == "system":
+                first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
+                messages = [first, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": note}, *messages]
+        return messages, None
+
+    def _tooling(
+        self, loaded: _Loaded, request: req.ChatRequest
+    ) -> tuple[_Tooling | None, str | None]:
+        """How calls are recognised in the answer, and the grammar that forces them."""
+        if not request.tools or request.tool_choice == "none":
+            return None, None
+        kind = (
+            tool_calls.family(loaded.template)
+            if tool_calls.template_knows_tools(loaded.template)
+            else tool_calls.HERMES
+        )
+        for i, tool in enumerate(request.tools):
+            try:
+                check_grammar(loaded.model, tool_calls.grammar([tool], kind, False))
+            except Exception:  # noqa: BLE001 - the converter or llama.cpp refused the schema
+                raise req.bad(
+                    f"tools[{i}].function.parameters",
+                    f"the parameters schema of tool {tool.name!r} cannot be compiled into a "
+                    "grammar",
+                ) from None
+        forced = request.forced_tools
+        grammar = (
+            tool_calls.grammar(forced, kind, request.parallel_tool_calls) if forced else None
+        )
+        names = {t.name for t in request.tools}
+        return _Tooling(kind, names, bool(forced), request.parallel_tool_calls), grammar
 
     async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
         """``/v1/completions``: a response dict, or SSE bytes when ``stream``."""
@@ -455,14 +520,15 @@ class Engine:
         data = b"".join(loaded.model.piece(t) for t in tokens)
         return data.decode("utf-8", errors="replace")
 
-    def _sampling(self, loaded: _Loaded, generation: req.Generation) -> SamplingParams:
+    def _sampling(
+        self, loaded: _Loaded, generation: req.Generation, grammar: str | None = None
+    ) -> SamplingParams:
         s = generation.sampling
         n_vocab = loaded.model.n_vocab
         bad = next((t for t in s.logit_bias if t >= n_vocab), None)
         if bad is not None:
             raise req.bad("logit_bias", f"'logit_bias' token id {bad} is not in the vocabulary")
-        grammar = None
-        if generation.grammar_schema is not None:
+        if grammar is None and generation.grammar_schema is not None:
             grammar = _grammar_for(generation.grammar_schema)
             try:
                 check_grammar(loaded.model, grammar)
@@ -518,6 +584,8 @@ class Engine:
         stop: tuple[str, ...],
         echo: list[str] | None = None,
         as_sse: bool = True,
+        grammar: str | None = None,
+        tooling: _Tooling | None = None,
     ) -> dict | AsyncIterator[Any]:
         scheduler = loaded.scheduler
         if generation.n > scheduler.slots:
@@ -525,7 +593,7 @@ class Engine:
                 "n", f"'n' may be at most {scheduler.slots} on this node (its slots per model)"
             )
         max_tokens = self._budget(loaded, prompts, generation.max_tokens)
-        sampling = self._sampling(loaded, generation)
+        sampling = self._sampling(loaded, generation, grammar)
         if scheduler.waiting() >= self.options.queue_depth:
             raise ApiError(
                 429,
@@ -552,9 +620,10 @@ class Engine:
                     stop=stop,
                     stop_tokens=loaded.turn_stop_tokens,
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
+                    special_tokens=loaded.marker_tokens if tooling else frozenset(),
                 )
             )
-        run = _Run(self, loaded, jobs, events, generation, shaper, echo)
+        run = _Run(self, loaded, jobs, events, generation, shaper, echo, tooling)
         loaded.requests += 1
         self.metrics.active_requests.inc()
         try:
@@ -593,6 +662,20 @@ def _grammar_for(schema: dict | str) -> str:
         ) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Tooling:
+    """How one request's answers may carry tool calls."""
+
+    kind: str
+    names: set[str]
+    forced: bool
+    parallel: bool
+
+    def parse(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
+        content, calls = tool_calls.parse(text, self.kind, self.names)
+        return content, calls if self.parallel else calls[:1]
+
+
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
@@ -613,8 +696,10 @@ class _Run:
         generation: req.Generation,
         shaper: Shaper,
         echo: list[str] | None,
+        tooling: _Tooling | None = None,
     ):
         self.engine = engine
+        self.tooling = tooling
         self.loaded = loaded
         self.jobs = jobs
         self.events = events
@@ -711,9 +796,13 @@ class _Run:
                     if self.shaper.chat
                     else completion_logprobs(choice.logprobs, len(prefix))
                 )
-            out.append(
-                self.shaper.choice(index, prefix + "".join(choice.text), choice.finish, logprobs)
-            )
+            text, finish, calls = prefix + "".join(choice.text), choice.finish, None
+            if self.tooling is not None:
+                text, parsed = self.tooling.parse(text)
+                if parsed:
+                    calls = [tool_call(c) for c in parsed]
+                    finish = "tool_calls" if finish == "stop" else finish
+            out.append(self.shaper.choice(index, text, finish, logprobs, calls))
         return self.shaper.answer(out, self._usage())
 
     def close(self) -> None:
@@ -727,6 +816,31 @@ class _Run:
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Stream chunks as tokens arrive (an ``{"error": …}`` chunk ends a failed run)."""
         shaper = self.shaper
+        parsers = (
+            [tool_calls.StreamParser(self.tooling.kind, self.tooling.names, self.tooling.forced)
+             for _ in self.choices]
+            if self.tooling is not None
+            else None
+        )
+        made: list[int] = [0] * len(self.choices)
+
+        def tool_chunks(index: int, text: str, final: bool) -> list[dict[str, Any]]:
+            """Chunks for ``text`` of choice ``index`` with its calls split out."""
+            if parsers is None:
+                return [shaper.chunk(index, text)] if text else []
+            content, calls = parsers[index].push(text)
+            if final:
+                rest, more = parsers[index].flush()
+                content, calls = content + rest, calls + more
+            out = [shaper.chunk(index, content)] if content else []
+            for call in calls:
+                if made[index] and not self.tooling.parallel:
+                    break
+                for delta in tool_call_deltas(made[index], call):
+                    out.append(shaper.chunk(index, None, tool_calls=[delta]))
+                made[index] += 1
+            return out
+
         try:
             if shaper.chat:
                 for index in range(len(self.choices)):
@@ -747,19 +861,24 @@ class _Run:
                     entry = self._logprob(event)
                     if not event.text and entry is None:
                         continue
-                    logprobs = None
-                    if entry is not None:
+                    if entry is not None and parsers is None:
                         logprobs = (
                             chat_logprobs([entry]) if shaper.chat
                             else completion_logprobs([entry], 0)
                         )
-                    yield shaper.chunk(index, event.text, logprobs=logprobs)
+                        yield shaper.chunk(index, event.text, logprobs=logprobs)
+                        continue
+                    for chunk in tool_chunks(index, event.text, final=False):
+                        yield chunk
                 elif isinstance(event, DoneEvent):
                     choice = self.choices[index]
                     choice.finish, choice.tokens = event.finish_reason, event.tokens
-                    if event.text:
-                        yield shaper.chunk(index, event.text)
-                    yield shaper.chunk(index, None, finish=event.finish_reason)
+                    for chunk in tool_chunks(index, event.text, final=True):
+                        yield chunk
+                    finish = event.finish_reason
+                    if made[index] and finish == "stop":
+                        finish = "tool_calls"
+                    yield shaper.chunk(index, None, finish=finish)
             if self.generation.include_usage:
                 yield shaper.usage_chunk(self._usage())
         finally:

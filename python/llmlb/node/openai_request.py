@@ -10,18 +10,23 @@ The llama.cpp sampling knobs llama-server accepts (``top_k``, ``min_p``,
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from llmlb.errors import ApiError
+from llmlb.node.tool_calls import Tool
 
 # OpenAI's limits.
 MAX_STOP = 16
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
+MAX_TOOLS = 128
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -89,10 +94,29 @@ class Generation:
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    """A validated ``/v1/chat/completions`` body."""
+    """A validated ``/v1/chat/completions`` body.
+
+    Attributes:
+        tools: the function tools offered (empty: none).
+        tool_choice: ``none``, ``auto``, ``required``, or the one tool's name that must be
+            called.
+        parallel_tool_calls: several calls in one answer allowed.
+    """
 
     messages: list[dict[str, Any]]
     generation: Generation
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+
+    @property
+    def forced_tools(self) -> list[Tool]:
+        """The tools the answer must call (empty unless ``required`` or a named tool)."""
+        if self.tool_choice == "required":
+            return self.tools
+        if self.tool_choice in ("auto", "none"):
+            return []
+        return [t for t in self.tools if t.name == self.tool_choice]
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +353,35 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
         name = message.get("name")
         if name is not None and not isinstance(name, str):
             raise bad(f"{where}.name", f"'{where}.name' must be a string")
-        out.append({**message, "role": role, "content": content})
+        entry = {**message, "role": role, "content": content}
+        if has_calls:
+            entry["tool_calls"] = _history_calls(message["tool_calls"], f"{where}.tool_calls")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise bad(f"{where}.tool_call_id", f"'{where}.tool_call_id' must be a string")
+        out.append(entry)
+    return out
+
+
+def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, arguments parsed into objects (as chat
+    templates expect them)."""
+    if not isinstance(calls, list):
+        raise bad(where, f"'{where}' must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad(at, f"'{at}' must be a function call with a 'name'")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = orjson.loads(arguments or "{}")
+            except orjson.JSONDecodeError:
+                param = f"{at}.function.arguments"
+                raise bad(param, f"'{param}' is not JSON") from None
+        out.append({"id": call.get("id") or f"call_{j}", "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -342,7 +394,59 @@ def _check_unsupported(body: dict) -> None:
             raise bad(name, f"'{name}' must be an object")
     for name in ("service_tier", "prompt_cache_key", "safety_identifier"):
         text(body, name)
-    boolean(body, "parallel_tool_calls", True)
+
+
+def tools(value: Any) -> list[Tool]:
+    """The function tools of a request.
+
+    Raises:
+        ApiError: 400 naming the faulty tool (``tools[i]…``).
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise bad("tools", f"'tools' must be a list of at most {MAX_TOOLS} tools")
+    out: list[Tool] = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad(f"{where}.type", f"'{where}' must be a function tool ('type': 'function')")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise bad(f"{where}.function", f"'{where}.function' must be an object")
+        name = function.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise bad(f"{where}.function.name",
+                      f"'{where}.function.name' must match ^[A-Za-z0-9_-]{{1,64}}$")
+        if any(t.name == name for t in out):
+            raise bad(f"{where}.function.name", f"tool {name!r} is defined twice")
+        parameters = function.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise bad(f"{where}.function.parameters",
+                      f"'{where}.function.parameters' must be a JSON schema object")
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise bad(f"{where}.function.description",
+                      f"'{where}.function.description' must be a string")
+        out.append(Tool(name, description, parameters))
+    return out
+
+
+def tool_choice(value: Any, offered: list[Tool]) -> str:
+    """``none``, ``auto``, ``required`` or the name of the tool that must be called."""
+    if value is None:
+        return "auto" if offered else "none"
+    if value in ("none", "auto", "required"):
+        if value == "required" and not offered:
+            raise bad("tool_choice", "'tool_choice' is 'required' but no 'tools' are given")
+        return value
+    if isinstance(value, dict) and value.get("type") == "function":
+        name = (value.get("function") or {}).get("name")
+        if any(t.name == name for t in offered):
+            return name
+        raise bad("tool_choice", f"'tool_choice' names {name!r}, which is not in 'tools'")
+    raise bad("tool_choice",
+              "'tool_choice' must be 'none', 'auto', 'required' or a named function")
 
 
 def chat_request(body: dict) -> ChatRequest:
@@ -352,13 +456,15 @@ def chat_request(body: dict) -> ChatRequest:
         ApiError: 400 ``invalid_request_error`` with ``param``.
     """
     _check_unsupported(body)
-    tools = body.get("tools")
-    if tools not in (None, []):
-        raise bad("tools", "'tools' is not supported by this node yet")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise bad("tool_choice", "'tool_choice' is not supported by this node yet")
+    offered = tools(body.get("tools"))
     messages = chat_messages(body)
-    return ChatRequest(messages=messages, generation=_generation(body, chat=True))
+    return ChatRequest(
+        messages=messages,
+        generation=_generation(body, chat=True),
+        tools=offered,
+        tool_choice=tool_choice(body.get("tool_choice"), offered),
+        parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
+    )
 
 
 # -- completions ---------------------------------------------------------------------

@@ -22,6 +22,22 @@ def response_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def tool_call(call: Any) -> dict[str, Any]:
+    """``message.tool_calls[i]`` of a whole answer."""
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def tool_call_deltas(index: int, call: Any, pieces: int = 3) -> list[dict[str, Any]]:
+    """The ``delta.tool_calls`` of one call, as OpenAI streams it: id and name first, then
+    the arguments in pieces."""
+    head = {"index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": ""}}
+    size = max(1, -(-len(call.arguments) // pieces))
+    parts = [call.arguments[i : i + size] for i in range(0, len(call.arguments), size)]
+    return [head, *({"index": index, "function": {"arguments": p}} for p in parts)]
+
+
 def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     """The ``usage`` object (``prompt_tokens_details.cached_tokens`` from prompt reuse)."""
     return {
@@ -114,11 +130,19 @@ class Shaper:
         return body
 
     def choice(
-        self, index: int, text: str, finish: str, logprobs: dict[str, Any] | None
+        self,
+        index: int,
+        text: str,
+        finish: str,
+        logprobs: dict[str, Any] | None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """One choice of a whole answer."""
+        """One choice of a whole answer (chat: with ``tool_calls`` when it made calls)."""
         if self.chat:
-            message = {"role": "assistant", "content": text, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["content"] = text or None
+                message["tool_calls"] = tool_calls
             return {"index": index, "message": message, "logprobs": logprobs,
                     "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -131,6 +155,7 @@ class Shaper:
         finish: str | None = None,
         role: bool = False,
         logprobs: dict[str, Any] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """One stream chunk for choice ``index``."""
         if self.chat:
@@ -139,6 +164,8 @@ class Shaper:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls is not None:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs,
                       "finish_reason": finish}
             return self._envelope("chat.completion.chunk", [choice])

@@ -81,6 +81,7 @@ class Job:
         stop: strings that end a choice (never emitted).
         stop_tokens: token ids that end a choice besides the model's end-of-generation ones.
         top_logprobs: ``None`` for no logprobs, else how many alternatives per token.
+        special_tokens: control tokens whose text is part of the answer (tool-call markers).
     """
 
     prompt: list[int]
@@ -91,6 +92,7 @@ class Job:
     stop: tuple[str, ...] = ()
     stop_tokens: frozenset[int] = frozenset()
     top_logprobs: int | None = None
+    special_tokens: frozenset[int] = frozenset()
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
 
@@ -297,7 +299,7 @@ class Scheduler:
         if self.model.is_eog(token) or token in job.stop_tokens:
             self._finish(r, "stop")
             return 1
-        text = r.text.push(self.model.piece(token))
+        text = r.text.push(self.model.piece(token, special=token in job.special_tokens))
         job.emit(TokenEvent(r.index, token, text, info))
         if r.text.stopped:
             self._finish(r, "stop")

@@ -1,0 +1,116 @@
+"""Tool-call syntax per template family: detection, parsing (recorded outputs), streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from llmlb.node import tool_calls as tc
+
+NAMES = {"get_weather", "get_time"}
+
+# Recorded answers of each family (Qwen 2.5 / Hermes 3, Llama 3.1, Mistral v3 and v11).
+HERMES_TWO = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+)
+LLAMA3_ONE = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA3_TWO = (
+    '{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+    '{"name": "get_time", "parameters": {"zone": "CET"}}'
+)
+MISTRAL_V3 = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}]'
+MISTRAL_V11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}'
+
+
+def _pairs(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize(
+    ("template", "kind"),
+    [
+        ("{% for tool in tools %}<tool_call>{% endfor %}", tc.HERMES),
+        ("<|start_header_id|>system{% if tools %}{{ tools }}{% endif %}", tc.LLAMA3),
+        ("[AVAILABLE_TOOLS]{{ tools }}[/AVAILABLE_TOOLS][TOOL_CALLS]", tc.MISTRAL),
+        ("<start_of_turn>user\n{{ messages }}", tc.HERMES),
+    ],
+)
+def test_family_is_chosen_from_the_template(template, kind):
+    assert tc.family(template) == kind
+
+
+def test_hermes_calls_and_the_text_around_them():
+    content, calls = tc.parse(HERMES_TWO, tc.HERMES, NAMES)
+    assert content == "Let me check."
+    assert _pairs(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+    assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
+
+
+def test_llama3_json_calls():
+    assert _pairs(tc.parse(LLAMA3_ONE, tc.LLAMA3, NAMES)[1]) == [("get_weather", {"city": "Paris"})]
+    content, calls = tc.parse(LLAMA3_TWO, tc.LLAMA3, NAMES)
+    assert content == "" and [c.name for c in calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("text", [MISTRAL_V3, MISTRAL_V11])
+def test_mistral_calls_both_syntaxes(text):
+    content, calls = tc.parse(text, tc.MISTRAL, NAMES)
+    assert content == "" and _pairs(calls) == [("get_weather", {"city": "Rome"})]
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("The weather is fine.", tc.HERMES),
+        ('<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>', tc.HERMES),  # unknown
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', tc.HERMES),
+        ("{not json at all", tc.LLAMA3),
+        ("[TOOL_CALLS]oops", tc.MISTRAL),
+    ],
+)
+def test_anything_else_stays_text(text, kind):
+    assert tc.parse(text, kind, NAMES) == (text, [])
+
+
+def _stream(parser: tc.StreamParser, text: str, step: int = 3) -> tuple[str, list]:
+    out, calls = "", []
+    for i in range(0, len(text), step):
+        piece, done = parser.push(text[i : i + step])
+        out += piece
+        calls += done
+    piece, done = parser.flush()
+    return out + piece, calls + done
+
+
+def test_stream_parser_releases_text_and_whole_calls():
+    parser = tc.StreamParser(tc.HERMES, NAMES)
+    first, done = parser.push("Let me check.\n<tool")
+    assert first == "Let me check.\n" and not done  # '<tool' might open a call: held back
+    text, calls = _stream(tc.StreamParser(tc.HERMES, NAMES), HERMES_TWO)
+    assert text.strip() == "Let me check."
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    plain, none = _stream(tc.StreamParser(tc.HERMES, NAMES), "A <b>bold</b> claim.")
+    assert plain == "A <b>bold</b> claim." and none == []
+
+
+@pytest.mark.parametrize(("kind", "text"), [(tc.LLAMA3, LLAMA3_TWO), (tc.MISTRAL, MISTRAL_V3)])
+def test_stream_parser_for_calls_that_run_to_the_end(kind, text):
+    streamed, calls = _stream(tc.StreamParser(kind, NAMES), text)
+    assert streamed == "" and calls and calls[0].name == "get_weather"
+    words, none = _stream(tc.StreamParser(tc.LLAMA3, NAMES), "Sure, here it is.")
+    assert words == "Sure, here it is." and none == []
+
+
+def test_forced_grammar_names_only_the_allowed_tools():
+    tools = [tc.Tool("get_weather", "", {"type": "object",
+                                         "properties": {"city": {"type": "string"}}})]
+    grammar = tc.grammar(tools, tc.HERMES, parallel=False)
+    assert grammar.startswith('root ::= "<tool_call>"')
+    assert '\\"get_weather\\"' in grammar and "get_time" not in grammar
+
+
+def test_a_last_call_cut_short_leaves_the_complete_ones():
+    cut = HERMES_TWO[: HERMES_TWO.index('"zone"')]
+    content, calls = tc.parse(cut, tc.HERMES, NAMES)
+    assert [c.name for c in calls] == ["get_weather"] and content == "Let me check."
