@@ -1,6 +1,6 @@
 """HTTP helpers shared by the router and the node: JSON bodies with a size limit, JSON and
 error responses, Starlette's error handlers in the OpenAI error shape, model ids from
-requests, bearer keys."""
+requests, API keys (bearer or ``x-api-key``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from llmlb.model_storage import InvalidModelId, normalize_model_id
 __all__ = [
     "JSONResponse",
     "api_error_handler",
+    "api_key",
     "bearer_token",
     "error_response",
     "http_error_handler",
@@ -103,6 +104,23 @@ def bearer_token(authorization: bytes | str | None) -> bytes | None:
     if scheme.lower() != b"bearer" or not token:
         return None
     return token
+
+
+def api_key(
+    authorization: bytes | str | None, x_api_key: bytes | str | None = None
+) -> bytes | None:
+    """The API key a request presents: ``Authorization: Bearer <key>``, else ``x-api-key``
+    (what Anthropic's clients send), as raw bytes.
+
+    Returns:
+        The key, or ``None`` when neither header carries one.
+    """
+    token = bearer_token(authorization)
+    if token is not None or not x_api_key:
+        return token
+    if isinstance(x_api_key, str):
+        x_api_key = x_api_key.encode("latin-1", "replace")
+    return x_api_key.strip() or None
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:

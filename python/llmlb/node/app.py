@@ -1,14 +1,17 @@
 """The node's ASGI application: OpenAI routes, health, readiness, metrics and model sync.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
-``GET /v1/models`` (ready models), ``GET /health``, ``GET /ready`` (200 once the first sync
+``POST /v1/responses`` (:mod:`llmlb.node.responses_api`), ``POST /v1/messages`` and
+``POST /v1/messages/count_tokens`` (:mod:`llmlb.node.anthropic_api`, Anthropic-shaped
+errors), ``GET /v1/models`` (ready models), ``GET /health``, ``GET /ready`` (200 once the first sync
 pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token),
 ``GET /api/models/status``. Errors are OpenAI-shaped (``llmlb.errors``).
 
 With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``) or
 ``require_router_token`` (``--router-auth``, on by default off loopback), every ``/v1/*``
-route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer`` carries that key or
-the router's token for this node (the proxy sends it with every forwarded request).
+route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer`` (or ``x-api-key``)
+carries that key or the router's token for this node (the proxy sends it with every
+forwarded request).
 
 Start-up stays short: llama.cpp (``llama_cpp``) is imported in a background thread when the
 app is created, so ``/ready`` never waits for it while the first request finds it loaded.
@@ -25,7 +28,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -35,12 +38,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmlb import config, lifecycle
+from llmlb import anthropic_errors, config, lifecycle
 from llmlb.errors import ApiError
 from llmlb.http import (
     JSONResponse,
     api_error_handler,
-    bearer_token,
+    api_key,
     error_response,
     http_error_handler,
     model_id_or_400,
@@ -48,6 +51,7 @@ from llmlb.http import (
 )
 from llmlb.logs import configure_logging
 from llmlb.model_storage import ModelStorage
+from llmlb.node import anthropic_api, responses_api
 from llmlb.node.download.options import DownloadOptions
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
@@ -177,7 +181,7 @@ def _check_key(node: Node, request: Request) -> None:
     authorization = request.headers.get("authorization")
     if settings.require_router_token and node.sync.check_sync_token(authorization):
         return
-    token = bearer_token(authorization)
+    token = api_key(authorization, request.headers.get("x-api-key"))
     if (
         settings.require_key
         and token is not None
@@ -197,7 +201,16 @@ def _check_off_loopback(node: Node, request: Request) -> None:
         _check_key(node, request)
 
 
-def _inference(route: str, method: str):
+def _anthropic_error(exc: ApiError) -> Response:
+    """An error of the Anthropic routes, in Anthropic's shape."""
+    body = anthropic_errors.from_api_error(exc)
+    return Response(body, exc.status, exc.headers(), media_type="application/json")
+
+
+def _inference(route: str, method: str | Callable[..., Any], errors=error_response):
+    """A handler running ``method`` (an engine method's name, or a dialect's function taking
+    the engine first); ``errors`` renders the errors it answers with."""
+
     async def handler(request: Request) -> Response:
         node: Node = request.app.state.node
         status = 200
@@ -206,12 +219,15 @@ def _inference(route: str, method: str):
             body = await _body(request)
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
-            result = await _unless_disconnected(
-                request, getattr(node.engine, method)(model_id, path, body)
+            run = (
+                getattr(node.engine, method)
+                if isinstance(method, str)
+                else functools.partial(method, node.engine)
             )
+            result = await _unless_disconnected(request, run(model_id, path, body))
         except ApiError as exc:
             status = exc.status
-            return error_response(exc)
+            return errors(exc)
         except _ClientGone:
             status = 499
             return Response(status_code=499)
@@ -219,7 +235,7 @@ def _inference(route: str, method: str):
             status = 500
             request_id = secrets.token_hex(8)
             logger.exception("%s: unexpected error (request %s)", route, request_id)
-            return error_response(
+            return errors(
                 ApiError(500, "internal_error", f"unexpected error (request id {request_id})")
             )
         finally:
@@ -372,6 +388,19 @@ def create_app(settings: NodeSettings) -> Starlette:
             Route("/v1/chat/completions", _inference("chat", "chat"), methods=["POST"]),
             Route("/v1/completions", _inference("completions", "complete"), methods=["POST"]),
             Route("/v1/embeddings", _inference("embeddings", "embed"), methods=["POST"]),
+            Route(
+                "/v1/responses", _inference("responses", responses_api.create), methods=["POST"]
+            ),
+            Route(
+                "/v1/messages",
+                _inference("messages", anthropic_api.create, _anthropic_error),
+                methods=["POST"],
+            ),
+            Route(
+                "/v1/messages/count_tokens",
+                _inference("count_tokens", anthropic_api.count_tokens, _anthropic_error),
+                methods=["POST"],
+            ),
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
