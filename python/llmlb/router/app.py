@@ -1,9 +1,10 @@
 """The router's ASGI application: raw-ASGI inference dispatch, Starlette for the rest.
 
-``create_app`` is the factory Granian runs in each worker (``--factory``). The three
-inference routes are matched on ``scope["path"]`` before any framework routing; their
-auth is one in-memory lookup of the key's hash, then the request goes to the
-``InferenceProxy`` untouched.
+``create_app`` is the factory Granian runs in each worker (``--factory``). The inference
+routes are matched on ``scope["path"]`` before any framework routing; their auth is one
+in-memory lookup of the key's hash (``Authorization: Bearer`` or ``x-api-key``), then the
+request goes to the ``InferenceProxy`` untouched. On the Anthropic routes
+(``/v1/messages*``) the router's own errors are in Anthropic's shape.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
-from llmlb import lifecycle
+from llmlb import anthropic_errors, lifecycle
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError
 from llmlb.http import api_error_handler, http_error_handler, server_error_handler, too_large
@@ -29,16 +30,28 @@ from llmlb.router.traffic import TrafficHistory
 
 logger = logging.getLogger("llmlb.router")
 
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        *anthropic_errors.ANTHROPIC_PATHS,
+    }
+)
 
 
-def _error_responder(exc: ApiError, extra_headers: dict[str, str] | None = None):
-    """Pre-render an error response as its two ASGI messages."""
+def _error_responder(
+    exc: ApiError, extra_headers: dict[str, str] | None = None, *, anthropic: bool = False
+):
+    """Pre-render an error response as its two ASGI messages (in Anthropic's shape with
+    ``anthropic``)."""
     headers = [(b"content-type", b"application/json")]
     more = {**exc.headers(), **(extra_headers or {})}
     headers += [(k.encode(), v.encode()) for k, v in more.items()]
     start = {"type": "http.response.start", "status": exc.status, "headers": headers}
-    body = {"type": "http.response.body", "body": exc.body()}
+    payload = anthropic_errors.from_api_error(exc) if anthropic else exc.body()
+    body = {"type": "http.response.body", "body": payload}
 
     async def respond(send: Send) -> None:
         await send(start)
@@ -47,10 +60,16 @@ def _error_responder(exc: ApiError, extra_headers: dict[str, str] | None = None)
     return respond
 
 
-_UNAUTHENTICATED = _error_responder(unauthorized(401))
-_FORBIDDEN = _error_responder(unauthorized(403))
-_METHOD_NOT_ALLOWED = _error_responder(
-    ApiError(405, "method_not_allowed", "use POST for this route"), {"allow": "POST"}
+# (OpenAI shape, Anthropic shape)
+_UNAUTHENTICATED = tuple(_error_responder(unauthorized(401), anthropic=a) for a in (False, True))
+_FORBIDDEN = tuple(_error_responder(unauthorized(403), anthropic=a) for a in (False, True))
+_METHOD_NOT_ALLOWED = tuple(
+    _error_responder(
+        ApiError(405, "method_not_allowed", "use POST for this route"),
+        {"allow": "POST"},
+        anthropic=a,
+    )
+    for a in (False, True)
 )
 
 
@@ -68,7 +87,9 @@ class RouterApp:
         self.proxy = InferenceProxy(self.fleet, settings)
         self._keys = self.runtime.keys
         self._max_body = settings.max_body_bytes
-        self._too_large = _error_responder(too_large(settings.max_body_bytes))
+        self._too_large = tuple(
+            _error_responder(too_large(settings.max_body_bytes), anthropic=a) for a in (False, True)
+        )
         starlette = Starlette(
             routes=ROUTES,
             exception_handlers={
@@ -87,7 +108,8 @@ class RouterApp:
                 if scope["method"] == "POST":
                     await self._inference(scope, receive, send)
                 else:
-                    await _METHOD_NOT_ALLOWED(send)
+                    anthropic = scope["path"] in anthropic_errors.ANTHROPIC_PATHS
+                    await _METHOD_NOT_ALLOWED[anthropic](send)
             else:
                 await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -96,18 +118,21 @@ class RouterApp:
             await self._http(scope, receive, send)
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send) -> None:
-        authorization = length = None
+        authorization = length = x_api_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
             elif name == b"content-length":
                 length = value
-        denied = self._keys.check(authorization, "api")
+            elif name == b"x-api-key":
+                x_api_key = value
+        anthropic = scope["path"] in anthropic_errors.ANTHROPIC_PATHS
+        denied = self._keys.check(authorization, "api", x_api_key)
         if denied is not None:
-            await (_FORBIDDEN if denied == 403 else _UNAUTHENTICATED)(send)
+            await (_FORBIDDEN if denied == 403 else _UNAUTHENTICATED)[anthropic](send)
             return
         if length is not None and length.isdigit() and int(length) > self._max_body:
-            await self._too_large(send)
+            await self._too_large[anthropic](send)
             return
         await self.proxy(scope, receive, send)
 

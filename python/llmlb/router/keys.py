@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlb.errors import ApiError
-from llmlb.http import bearer_token
+from llmlb.http import api_key
 from llmlb.private_file import write_private_file
 from llmlb.router import db
 
@@ -196,17 +196,24 @@ class KeyCache:
             return None
         return entry[1]
 
-    def check(self, authorization: bytes | str | None, required: str | None) -> int | None:
-        """Authorise a raw ``Authorization`` header value against ``required`` scope.
+    def check(
+        self,
+        authorization: bytes | str | None,
+        required: str | None,
+        x_api_key: bytes | str | None = None,
+    ) -> int | None:
+        """Authorise a request's key against ``required`` scope.
 
         Args:
-            authorization: the header value (``Bearer <key>``), or ``None`` when absent.
+            authorization: the ``Authorization`` header value (``Bearer <key>``), or ``None``.
             required: ``api``, ``node``, ``admin``, or ``None`` for any valid key.
+            x_api_key: the ``x-api-key`` header value (Anthropic's clients), used when
+                ``Authorization`` carries no bearer key.
 
         Returns:
             ``None`` when allowed, else :data:`UNAUTHENTICATED` (401) or :data:`FORBIDDEN` (403).
         """
-        key = bearer_token(authorization)
+        key = api_key(authorization, x_api_key)
         if key is None:
             return UNAUTHENTICATED
         scope = self.scope_of(key)

@@ -16,7 +16,7 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _errors(*statuses: int) -> dict:
+def _errors(*statuses: int, schema: str = "Error") -> dict:
     texts = {
         400: "Invalid request",
         401: "Missing or invalid API key (invalid_api_key)",
@@ -28,7 +28,7 @@ def _errors(*statuses: int) -> dict:
         502: "Upstream (hub or node) failure",
         503: "Not available yet",
     }
-    return {str(s): _json(_ref("Error"), texts[s]) for s in statuses}
+    return {str(s): _json(_ref(schema), texts[s]) for s in statuses}
 
 
 def _linked(response: dict, links: dict[str, tuple[str, str]]) -> dict:
@@ -212,12 +212,25 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["model"],
         "properties": {"model": {"type": "string", "minLength": 1}},
-        "description": "An OpenAI request; forwarded to a node unchanged.",
+        "description": "An OpenAI or Anthropic request; forwarded to a node unchanged.",
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+        "description": "Errors of the Anthropic Messages routes, in Anthropic's shape.",
     },
 }
 
 
-def _inference(operation_id: str, summary: str) -> dict:
+def _inference(operation_id: str, summary: str, errors: str = "Error") -> dict:
     return {
         "post": {
             "operationId": operation_id,
@@ -232,7 +245,7 @@ def _inference(operation_id: str, summary: str) -> dict:
                     "description": "The node's answer, relayed unchanged (JSON or SSE)",
                     "content": {"application/json": {}, "text/event-stream": {}},
                 },
-                **_errors(400, *_AUTH, 404, 413, 429, 502, 503),
+                **_errors(400, *_AUTH, 404, 413, 429, 502, 503, schema=errors),
             },
         }
     }
@@ -488,7 +501,7 @@ def openapi_schema() -> dict:
             'keys, and the inference proxy. Errors are `{"error": {message, type, code}}`.',
         },
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"apiKey": []}],
         "paths": _paths(),
         "components": {
             "schemas": _SCHEMAS,
@@ -496,8 +509,25 @@ def openapi_schema() -> dict:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
+        "/v1/responses": _inference(
+            "createResponse", "Responses API (stateless), proxied to a node (api)"
+        ),
+        "/v1/messages": _inference(
+            "createMessage", "Anthropic Messages API, proxied to a node (api)", "AnthropicError"
+        ),
+        "/v1/messages/count_tokens": _inference(
+            "countMessageTokens",
+            "Anthropic Messages token count, proxied to a node (api)",
+            "AnthropicError",
+        ),
                     "description": "`sk-…` key; scopes api, node, admin",
-                }
+                },
+                "apiKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-api-key",
+                    "description": "the same keys, as Anthropic's clients send them",
+                },
             },
         },
     }

@@ -9,6 +9,10 @@ the client, a connect error, a first-byte timeout, a dropped connection or a 5xx
 429) moves the request to another node (at most ``max_retries`` more); afterwards a failure
 ends an SSE stream with an OpenAI-shaped error event (and no ``data: [DONE]``).
 
+The same goes for ``/v1/responses`` and Anthropic's ``/v1/messages`` and
+``/v1/messages/count_tokens``; on the latter the errors the router itself produces (and a
+stream's closing error event) are in Anthropic's shape (:mod:`llmlb.anthropic_errors`).
+
 Protection of the fleet and of the router itself:
 
 - A request that got a 5xx from two nodes is the request's fault (a "poison" request): it is
@@ -37,7 +41,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from llmlb import config
+from llmlb import anthropic_errors, config
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError, error_body
 from llmlb.model_storage import normalize_model_id
@@ -199,6 +203,7 @@ class _Exchange:
     finished: bool = False
     reason: str | None = None
     node: str | None = None
+    anthropic: bool = False  # an Anthropic route: the router's errors in Anthropic's shape
 
     def cut(self, reason: str) -> None:
         """Cancel the request (unless it is over already)."""
@@ -241,14 +246,16 @@ class InferenceProxy:
             "retry later",
             retry_after=self.settings.retry_after_s,
         )
-        body = overloaded.body()
-        self._overloaded = (
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": _error_headers(body, overloaded.retry_after),
-            },
-            {"type": "http.response.body", "body": body},
+        self._overloaded = tuple(
+            (
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": _error_headers(body, overloaded.retry_after),
+                },
+                {"type": "http.response.body", "body": body},
+            )
+            for body in (overloaded.body(), anthropic_errors.from_api_error(overloaded))
         )
         self._clients: dict[str, NodePool] = {}
         self._model_ids: dict[str, str | ApiError] = {}
@@ -280,9 +287,10 @@ class InferenceProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = perf_counter()
+        anthropic = scope["path"] in anthropic_errors.ANTHROPIC_PATHS
         if self.inflight >= self.settings.max_inflight:
             self.metrics.rejected(503)
-            head, tail = self._overloaded
+            head, tail = self._overloaded[anthropic]
             await send(head)
             await send(tail)
             return
@@ -293,10 +301,11 @@ class InferenceProxy:
                 return  # the client went away
             model, affinity_key = self._parse(body, scope)
             ex = _Exchange(scope, send, asyncio.current_task(), body, model, affinity_key, start)
+            ex.anthropic = anthropic
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
-            await _send_error(send, exc)
+            await _send_error(send, exc, anthropic)
         finally:
             self.inflight -= 1
 
@@ -330,9 +339,9 @@ class InferenceProxy:
         with contextlib.suppress(Exception):  # the client may be gone too
             if not ex.started:
                 self.metrics.rejected(504)
-                await _send_error(ex.send, ApiError(504, "upstream_timeout", message))
+                await _send_error(ex.send, ApiError(504, "upstream_timeout", message), ex.anthropic)
             else:
-                tail = _sse_error(message, "upstream_timeout", 504) if ex.sse else b""
+                tail = _sse_error(message, "upstream_timeout", 504, ex.anthropic) if ex.sse else b""
                 await ex.send({"type": "http.response.body", "body": tail, "more_body": False})
 
     # -- request -------------------------------------------------------------------------
@@ -418,9 +427,15 @@ class InferenceProxy:
                 self._failed(state, model, "status", None, request)
         assert failure is not None  # the first _acquire returns a node or raises
         self.metrics.rejected(failure.status)
-        headers = failure.headers
+        headers, body = failure.headers, failure.body
+        if ex.anthropic:  # a node's own answer is in that shape already and stays as it is
+            reshaped = anthropic_errors.from_openai_body(body, failure.status)
+            if reshaped is not body:
+                body = reshaped
+                headers = [h for h in headers if h[0] != b"content-length"]
+                headers.append((b"content-length", str(len(body)).encode()))
         await ex.send({"type": "http.response.start", "status": failure.status, "headers": headers})
-        await ex.send({"type": "http.response.body", "body": failure.body})
+        await ex.send({"type": "http.response.body", "body": body})
 
     async def _acquire(
         self, model: str, affinity_key: str | None, tried: list[str]
@@ -565,7 +580,8 @@ class InferenceProxy:
             self._failed(state, ex.model, "stream", exc, ex.request)
             tail = b""
             if ex.sse:  # the stream ends with the error: no [DONE] after it
-                tail = _sse_error(f"node {state.node_id} failed mid-answer: {_describe(exc)}")
+                message = f"node {state.node_id} failed mid-answer: {_describe(exc)}"
+                tail = _sse_error(message, anthropic=ex.anthropic)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -714,14 +730,18 @@ def _error_failure(status: int, code: str, message: str) -> _Failure:
     return _Failure(status, body, _error_headers(body))
 
 
-async def _send_error(send: Send, exc: ApiError) -> None:
-    body = exc.body()
+async def _send_error(send: Send, exc: ApiError, anthropic: bool = False) -> None:
+    body = anthropic_errors.from_api_error(exc) if anthropic else exc.body()
     headers = _error_headers(body, exc.retry_after)
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _sse_error(message: str, code: str = "upstream_error", status: int = 502) -> bytes:
+def _sse_error(
+    message: str, code: str = "upstream_error", status: int = 502, anthropic: bool = False
+) -> bytes:
+    if anthropic:
+        return anthropic_errors.sse_error(status, message)
     return b"data: " + error_body(message, code, status) + b"\n\n"
 
 

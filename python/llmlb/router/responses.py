@@ -34,15 +34,19 @@ def unauthorized(status: int) -> ApiError:
     """401 ``invalid_api_key`` or 403 ``insufficient_scope``."""
     if status == FORBIDDEN:
         return ApiError(403, "insufficient_scope", "this key's scope does not allow this route")
-    return ApiError(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer)")
+    return ApiError(
+        401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer or x-api-key)"
+    )
 
 
 def authorize(request: Request, keys: KeyCache, scope: str | None) -> None:
-    """Check the request's bearer key against ``scope`` (``None``: any valid key).
+    """Check the request's key (bearer or ``x-api-key``) against ``scope`` (``None``: any
+    valid key).
 
     Raises:
         ApiError: 401 or 403.
     """
-    denied = keys.check(request.headers.get("authorization"), scope)
+    headers = request.headers
+    denied = keys.check(headers.get("authorization"), scope, headers.get("x-api-key"))
     if denied is not None:
         raise unauthorized(denied)

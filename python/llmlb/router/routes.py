@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmlb.errors import ApiError
-from llmlb.http import JSONResponse, bearer_token, model_id_or_400, read_json
+from llmlb.http import JSONResponse, api_key, model_id_or_400, read_json
 from llmlb.protocol import Heartbeat, Registration, validate_node_id
 from llmlb.router import dashboard, keys, metrics, nodes, registry
 from llmlb.router.openapi import openapi_schema
@@ -45,7 +45,7 @@ def _path_model_id(request: Request) -> str:
 
 
 def _bearer(request: Request) -> bytes | None:
-    return bearer_token(request.headers.get("authorization"))
+    return api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 def _model_not_found(model_id: str) -> ApiError:
