@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +36,7 @@ from llmlb.node import openai_request as req
 from llmlb.node import tool_calls
 from llmlb.node.chat_format import render_chat
 from llmlb.node.embedder import Embedder, encode
+from llmlb.node.generation import EventStream, Run, Tooling
 from llmlb.node.llama_native import (
     Context,
     ContextShape,
@@ -45,25 +47,13 @@ from llmlb.node.llama_native import (
 )
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.openai_response import (
-    SSE_DONE,
     Shaper,
-    TokenLogprob,
-    chat_logprobs,
-    completion_logprobs,
-    sse,
-    tool_call,
-    tool_call_deltas,
-    usage,
 )
 from llmlb.node.sampling import GrammarError, SamplingParams, check_grammar
 from llmlb.node.scheduler import (
-    DoneEvent,
-    ErrorEvent,
     Event,
     Job,
     Scheduler,
-    StartEvent,
-    TokenEvent,
 )
 from llmlb.node.templates import CHAT_TEMPLATE_FILENAME, turn_stop_strings
 
@@ -393,7 +383,7 @@ class Engine:
 
     def _tooling(
         self, loaded: _Loaded, request: req.ChatRequest
-    ) -> tuple[_Tooling | None, str | None]:
+    ) -> tuple[Tooling | None, str | None]:
         """How calls are recognised in the answer, and the grammar that forces them."""
         if not request.tools or request.tool_choice == "none":
             return None, None
@@ -416,7 +406,7 @@ class Engine:
             tool_calls.grammar(forced, kind, request.parallel_tool_calls) if forced else None
         )
         names = {t.name for t in request.tools}
-        return _Tooling(kind, names, bool(forced), request.parallel_tool_calls), grammar
+        return Tooling(kind, names, bool(forced), request.parallel_tool_calls), grammar
 
     async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
         """``/v1/completions``: a response dict, or SSE bytes when ``stream``."""
@@ -467,6 +457,7 @@ class Engine:
                     vectors.append(await loop.run_in_executor(self._pool, embedder.embed, tokens))
         finally:
             self._done(loaded)
+            self.metrics.active_requests.dec()
         prompt_tokens = sum(len(t) for t in token_lists)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         return {
@@ -585,7 +576,7 @@ class Engine:
         echo: list[str] | None = None,
         as_sse: bool = True,
         grammar: str | None = None,
-        tooling: _Tooling | None = None,
+        tooling: Tooling | None = None,
     ) -> dict | AsyncIterator[Any]:
         scheduler = loaded.scheduler
         if generation.n > scheduler.slots:
@@ -604,6 +595,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         jobs: list[Job] = []
+        holding = _Countdown(len(prompts), self.metrics.active_requests.dec)
         for number, prompt in enumerate(prompts):
 
             def emit(event: Event, number: int = number) -> None:
@@ -621,32 +613,63 @@ class Engine:
                     stop_tokens=loaded.turn_stop_tokens,
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
                     special_tokens=loaded.marker_tokens if tooling else frozenset(),
+                    on_release=holding.tick,
                 )
             )
-        run = _Run(self, loaded, jobs, events, generation, shaper, echo, tooling)
+        run = Run(
+            scheduler,
+            loaded.model,
+            loaded.model_id,
+            jobs,
+            events,
+            generation,
+            shaper,
+            echo,
+            tooling,
+            on_close=lambda: self._done(loaded),
+        )
         loaded.requests += 1
-        self.metrics.active_requests.inc()
+        self.metrics.active_requests.inc()  # down again once the scheduler let go of all jobs
         try:
-            for job in jobs:
-                scheduler.submit(job)
+            for submitted, job in enumerate(jobs):
+                try:
+                    scheduler.submit(job)
+                except RuntimeError:
+                    for _ in jobs[submitted:]:
+                        holding.tick()
+                    raise ApiError(503, "model_unloading", "the model is being unloaded",
+                                   retry_after=1) from None
             await run.started(self.options.queue_timeout_s)
         except BaseException:
-            run.cancel()
-            self._done(loaded)
+            run.close()
             raise
         if generation.stream:
-            return _EventStream(run, as_sse)
+            return EventStream(run, as_sse)
         try:
             return await run.collect()
         finally:
-            run.cancel()
-            self._done(loaded)
+            run.close()
 
     def _done(self, loaded: _Loaded) -> None:
         loaded.requests -= 1
-        self.metrics.active_requests.dec()
         if loaded.closed and loaded.requests == 0:
             self._pool.submit(self._close, loaded)
+
+
+class _Countdown:
+    """Calls ``then`` once, after ``count`` ticks (from any thread)."""
+
+    def __init__(self, count: int, then: Callable[[], Any]):
+        self._left = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            done = self._left == 0
+        if done:
+            self._then()
 
 
 def _grammar_for(schema: dict | str) -> str:
@@ -660,262 +683,3 @@ def _grammar_for(schema: dict | str) -> str:
         raise req.bad(
             "response_format", f"the JSON schema is not supported: {exc}"
         ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class _Tooling:
-    """How one request's answers may carry tool calls."""
-
-    kind: str
-    names: set[str]
-    forced: bool
-    parallel: bool
-
-    def parse(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
-        content, calls = tool_calls.parse(text, self.kind, self.names)
-        return content, calls if self.parallel else calls[:1]
-
-
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: str | None = None
-    tokens: int = 0
-
-
-class _Run:
-    """The events of one request's jobs, turned into an answer or a stream."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        loaded: _Loaded,
-        jobs: list[Job],
-        events: asyncio.Queue[tuple[int, Event]],
-        generation: req.Generation,
-        shaper: Shaper,
-        echo: list[str] | None,
-        tooling: _Tooling | None = None,
-    ):
-        self.engine = engine
-        self.tooling = tooling
-        self.loaded = loaded
-        self.jobs = jobs
-        self.events = events
-        self.generation = generation
-        self.shaper = shaper
-        self.echo = echo
-        self.n = generation.n
-        self.choices = [_Choice() for _ in range(len(jobs) * self.n)]
-        self.prompt_tokens = sum(len(j.prompt) for j in jobs)
-        self.cached = 0
-        self._backlog: list[tuple[int, Event]] = []
-        self._closed = False
-
-    def cancel(self) -> None:
-        """Stop every job of this request (no-op for finished ones)."""
-        for job in self.jobs:
-            job.cancel()
-        self.loaded.scheduler.wake()
-
-    async def started(self, timeout: float) -> None:
-        """Wait until the first job has its slots; 429 after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                number, event = await asyncio.wait_for(self.events.get(), max(0.0, remaining))
-            except TimeoutError:
-                raise ApiError(
-                    429,
-                    "model_overloaded",
-                    f"all {self.loaded.scheduler.slots} slots of model "
-                    f"{self.loaded.model_id!r} are busy",
-                    retry_after=1,
-                ) from None
-            if isinstance(event, ErrorEvent):
-                raise ApiError(500, "inference_failed", event.message)
-            self._backlog.append((number, event))
-            if isinstance(event, StartEvent):
-                return
-
-    async def _events(self) -> AsyncIterator[tuple[int, Event]]:
-        backlog, self._backlog = self._backlog, []
-        for item in backlog:
-            yield item
-        while not self.finished():
-            yield await self.events.get()
-
-    def finished(self) -> bool:
-        return all(c.finish is not None for c in self.choices)
-
-    def _logprob(self, event: TokenEvent) -> TokenLogprob | None:
-        if event.logprob is None:
-            return None
-        model = self.loaded.model
-        chosen, top = event.logprob
-
-        def entry(token: int) -> tuple[str, bytes]:
-            raw = model.piece(token)
-            return raw.decode("utf-8", errors="replace"), raw
-
-        token_text, raw = entry(event.token)
-        alternatives = [(*entry(t), lp) for t, lp in top[: self.generation.top_logprobs]]
-        return TokenLogprob(token_text, raw, chosen, alternatives)
-
-    def _usage(self) -> dict[str, Any]:
-        completion = sum(c.tokens for c in self.choices)
-        return usage(self.prompt_tokens, completion, self.cached)
-
-    async def collect(self) -> dict[str, Any]:
-        """The whole answer."""
-        async for number, event in self._events():
-            index = number * self.n + getattr(event, "index", 0)
-            if isinstance(event, ErrorEvent):
-                raise ApiError(500, "inference_failed", event.message)
-            if isinstance(event, StartEvent):
-                self.cached += event.cached
-            elif isinstance(event, TokenEvent):
-                choice = self.choices[index]
-                choice.text.append(event.text)
-                entry = self._logprob(event)
-                if entry is not None:
-                    choice.logprobs.append(entry)
-            elif isinstance(event, DoneEvent):
-                choice = self.choices[index]
-                choice.text.append(event.text)
-                choice.finish, choice.tokens = event.finish_reason, event.tokens
-        out = []
-        for index, choice in enumerate(self.choices):
-            prefix = self.echo[index // self.n] if self.echo else ""
-            logprobs = None
-            if self.generation.logprobs:
-                logprobs = (
-                    chat_logprobs(choice.logprobs)
-                    if self.shaper.chat
-                    else completion_logprobs(choice.logprobs, len(prefix))
-                )
-            text, finish, calls = prefix + "".join(choice.text), choice.finish, None
-            if self.tooling is not None:
-                text, parsed = self.tooling.parse(text)
-                if parsed:
-                    calls = [tool_call(c) for c in parsed]
-                    finish = "tool_calls" if finish == "stop" else finish
-            out.append(self.shaper.choice(index, text, finish, logprobs, calls))
-        return self.shaper.answer(out, self._usage())
-
-    def close(self) -> None:
-        """Cancel what still runs and give the request's hold on the model back (once)."""
-        if self._closed:
-            return
-        self._closed = True
-        self.cancel()
-        self.engine._done(self.loaded)  # noqa: SLF001 - the run belongs to the engine
-
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """Stream chunks as tokens arrive (an ``{"error": …}`` chunk ends a failed run)."""
-        shaper = self.shaper
-        parsers = (
-            [tool_calls.StreamParser(self.tooling.kind, self.tooling.names, self.tooling.forced)
-             for _ in self.choices]
-            if self.tooling is not None
-            else None
-        )
-        made: list[int] = [0] * len(self.choices)
-
-        def tool_chunks(index: int, text: str, final: bool) -> list[dict[str, Any]]:
-            """Chunks for ``text`` of choice ``index`` with its calls split out."""
-            if parsers is None:
-                return [shaper.chunk(index, text)] if text else []
-            content, calls = parsers[index].push(text)
-            if final:
-                rest, more = parsers[index].flush()
-                content, calls = content + rest, calls + more
-            out = [shaper.chunk(index, content)] if content else []
-            for call in calls:
-                if made[index] and not self.tooling.parallel:
-                    break
-                for delta in tool_call_deltas(made[index], call):
-                    out.append(shaper.chunk(index, None, tool_calls=[delta]))
-                made[index] += 1
-            return out
-
-        try:
-            if shaper.chat:
-                for index in range(len(self.choices)):
-                    yield shaper.chunk(index, "", role=True)
-            elif self.echo:
-                for index in range(len(self.choices)):
-                    yield shaper.chunk(index, self.echo[index // self.n])
-            async for number, event in self._events():
-                index = number * self.n + getattr(event, "index", 0)
-                if isinstance(event, ErrorEvent):
-                    error = {"message": event.message, "type": "server_error",
-                             "code": "inference_failed"}
-                    yield {"error": error}
-                    return
-                if isinstance(event, StartEvent):
-                    self.cached += event.cached
-                elif isinstance(event, TokenEvent):
-                    entry = self._logprob(event)
-                    if not event.text and entry is None:
-                        continue
-                    if entry is not None and parsers is None:
-                        logprobs = (
-                            chat_logprobs([entry]) if shaper.chat
-                            else completion_logprobs([entry], 0)
-                        )
-                        yield shaper.chunk(index, event.text, logprobs=logprobs)
-                        continue
-                    for chunk in tool_chunks(index, event.text, final=False):
-                        yield chunk
-                elif isinstance(event, DoneEvent):
-                    choice = self.choices[index]
-                    choice.finish, choice.tokens = event.finish_reason, event.tokens
-                    for chunk in tool_chunks(index, event.text, final=True):
-                        yield chunk
-                    finish = event.finish_reason
-                    if made[index] and finish == "stop":
-                        finish = "tool_calls"
-                    yield shaper.chunk(index, None, finish=finish)
-            if self.generation.include_usage:
-                yield shaper.usage_chunk(self._usage())
-        finally:
-            self.close()
-
-
-class _EventStream:
-    """A streamed run as SSE bytes (``data: [DONE]`` after a run that did not fail) or as
-    chunk dicts; closing it, even unstarted, ends the run."""
-
-    def __init__(self, run: _Run, as_sse: bool):
-        self._run = run
-        self._chunks = run.chunks()
-        self._as_sse = as_sse
-        self._failed = False
-        self._ended = False
-
-    def __aiter__(self) -> _EventStream:
-        return self
-
-    async def __anext__(self) -> Any:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._ended = True
-            if self._as_sse and not self._failed:
-                return SSE_DONE
-            raise
-        if "error" in chunk:
-            self._failed = True
-        return sse(chunk) if self._as_sse else chunk
-
-    async def aclose(self) -> None:
-        """Stop generating and release the slots."""
-        try:
-            await self._chunks.aclose()
-        finally:
-            self._run.close()

@@ -82,6 +82,8 @@ class Job:
         stop_tokens: token ids that end a choice besides the model's end-of-generation ones.
         top_logprobs: ``None`` for no logprobs, else how many alternatives per token.
         special_tokens: control tokens whose text is part of the answer (tool-call markers).
+        on_release: called once (from the scheduler thread) when the job holds no slot any
+            more and never will: finished, failed, cancelled, or dropped while queued.
     """
 
     prompt: list[int]
@@ -93,8 +95,11 @@ class Job:
     stop_tokens: frozenset[int] = frozenset()
     top_logprobs: int | None = None
     special_tokens: frozenset[int] = frozenset()
+    on_release: Callable[[], Any] | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    held: int = 0  # sequences running now
+    released: bool = False
 
     def cancel(self) -> None:
         """Leave the batch at the next step (or never start)."""
@@ -216,7 +221,7 @@ class Scheduler:
             self._batch.close()
 
     def _has_work(self) -> bool:
-        return bool(self._running) or any(not j.cancelled for j in self._pending)
+        return bool(self._running) or bool(self._pending)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -318,11 +323,17 @@ class Scheduler:
         r.slot.busy = False
         r.slot.last_used = time.monotonic()
         self._running.remove(r)
+        r.job.held -= 1
+        if r.job.held == 0:
+            _job_released(r.job)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
-            if any(j.cancelled for j in self._pending):
+            dropped = [j for j in self._pending if j.cancelled]
+            if dropped:
                 self._pending = deque(j for j in self._pending if not j.cancelled)
+        for job in dropped:
+            _job_released(job)
         for r in [r for r in self._running if r.job.cancelled]:
             self._release(r)  # its cells still hold a valid prefix, reusable later
 
@@ -343,6 +354,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - reported to the job's client
                 logger.exception("could not start a job")
                 job.emit(ErrorEvent(str(exc)))
+                _job_released(job)
 
     def _start(self, job: Job, free: list[_Slot]) -> None:
         slot, keep = self._best_slot(job.prompt, free)
@@ -361,6 +373,7 @@ class Scheduler:
                 sampler.close()
             raise
         self.stats.cached_tokens += keep
+        job.held = job.n
         job.emit(StartEvent(len(job.prompt), keep))
         for i, (s, sampler) in enumerate(zip(slots, samplers, strict=True)):
             s.busy = True
@@ -418,6 +431,14 @@ class Scheduler:
         for job in [*jobs.values(), *pending]:
             if not job.cancelled:
                 job.emit(ErrorEvent(message))
+            _job_released(job)
+
+
+def _job_released(job: Job) -> None:
+    if not job.released:
+        job.released = True
+        if job.on_release is not None:
+            job.on_release()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
