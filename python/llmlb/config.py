@@ -197,3 +197,26 @@ def node_require_key() -> str | None:
 def node_settings_json() -> str | None:
     """``LLMLB_NODE_SETTINGS``: the settings ``llmlb node`` hands to its server process."""
     return os.environ.get("LLMLB_NODE_SETTINGS") or None
+
+
+# --- peers (fleet scale-out) ------------------------------------------------------------
+
+DEFAULT_PEER_SEEDS = 1
+DEFAULT_PEER_WAIT_S = 300.0
+
+
+def fleet_secret() -> str | None:
+    """``LLMLB_FLEET_SECRET``: the secret the fleet credential (nodes' peer token) derives
+    from; set it alike on routers that share one database from several hosts (default: a
+    ``fleet.key`` file the router creates in ``$LLMLB_HOME``)."""
+    return os.environ.get("LLMLB_FLEET_SECRET") or None
+
+
+def peer_seeds() -> int:
+    """``LLMLB_PEER_SEEDS``: nodes that fetch a model from the hub at once (default 1)."""
+    return int(_env_number("LLMLB_PEER_SEEDS", DEFAULT_PEER_SEEDS, 1))
+
+
+def peer_wait_s() -> float:
+    """``LLMLB_PEER_WAIT_S``: how long the other nodes wait for a seed's copy (default 300)."""
+    return _env_number("LLMLB_PEER_WAIT_S", DEFAULT_PEER_WAIT_S, 0)

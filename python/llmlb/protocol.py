@@ -204,6 +204,91 @@ class ManifestFile:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerSource:
+    """A node that can serve a model's files to other nodes (``GET /v0/peer/files/…``).
+
+    Attributes:
+        node_id: the serving node's id.
+        url: its base URL.
+        uploads: peer transfers it is serving now (how busy it is as an uploader).
+    """
+
+    node_id: str
+    url: str
+    uploads: int = 0
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": ["node_id", "url", "uploads"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "url": {"type": "string"},
+            "uploads": {"type": "integer", "minimum": 0},
+        },
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeerSource:
+        """Read one entry of a manifest's ``peers``."""
+        return cls(str(data["node_id"]), str(data["url"]), int(data.get("uploads") or 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {"node_id": self.node_id, "url": self.url, "uploads": self.uploads}
+
+
+@dataclass(frozen=True, slots=True)
+class PeerReport:
+    """A ``POST /v0/peers/report`` body: a node tells the router a peer served bad bytes.
+
+    Attributes:
+        model_id: the model whose file failed its check.
+        node_id: the peer that served it.
+        reason: what failed (``sha256 … != expected …``).
+    """
+
+    model_id: str
+    node_id: str
+    reason: str = ""
+
+    SCHEMA: ClassVar[dict] = {
+        "type": "object",
+        "required": ["model_id", "node_id"],
+        "properties": {
+            "model_id": {"type": "string"},
+            "node_id": {"type": "string"},
+            "reason": {"type": ["string", "null"], "maxLength": 1000},
+        },
+    }
+
+    @classmethod
+    def parse(cls, body: dict) -> PeerReport:
+        """Validate a report body.
+
+        Raises:
+            ApiError: 400 naming the bad field.
+        """
+        raw_id = body.get("model_id")
+        if not isinstance(raw_id, str):
+            raise _bad("model_id must be a string")
+        try:
+            model_id = normalize_model_id(raw_id)
+        except InvalidModelId as exc:
+            raise _bad(str(exc), "invalid_model_id") from None
+        reason = _optional_str(body.get("reason"), "reason") or ""
+        return cls(model_id, validate_node_id(body.get("node_id")), reason[:1000])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {"model_id": self.model_id, "node_id": self.node_id, "reason": self.reason}
+
+
+#: Field of the router's registration and heartbeat answers carrying the fleet credential:
+#: the bearer token nodes present to each other on ``/v0/peer/*`` (never a router key).
+PEER_TOKEN_FIELD = "peer_token"
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """A registered model's manifest (``GET /v0/models/registry/{id}/manifest.json``).
 
@@ -217,6 +302,10 @@ class Manifest:
         chat_template: the template registered with the model, if any.
         total_size_bytes: sum of all files' sizes (optional ones included).
         created_at: when the model was registered (ISO 8601).
+        peers: nodes that hold the model ready at this revision and can serve its files to
+            the node that asked (least busy first); only in answers to a node.
+        peer_wait_s: set when no peer holds it yet but a seed node is fetching it from the
+            hub: wait up to this many seconds for a peer (asking again), then use the hub.
     """
 
     model_id: str
@@ -228,6 +317,8 @@ class Manifest:
     quantization: str | None = None
     total_size_bytes: int | None = None
     created_at: str | None = None
+    peers: tuple[PeerSource, ...] = ()
+    peer_wait_s: float | None = None
 
     SCHEMA: ClassVar[dict] = {
         "type": "object",
@@ -250,6 +341,8 @@ class Manifest:
             "files": {"type": "array", "items": _ref("ManifestFile")},
             "total_size_bytes": {"type": "integer"},
             "created_at": {"type": "string"},
+            "peers": {"type": "array", "items": _ref("PeerSource")},
+            "peer_wait_s": {"type": ["number", "null"]},
         },
     }
 
@@ -266,6 +359,8 @@ class Manifest:
             quantization=data.get("quantization"),
             total_size_bytes=data.get("total_size_bytes"),
             created_at=data.get("created_at"),
+            peers=tuple(PeerSource.from_dict(p) for p in data.get("peers") or ()),
+            peer_wait_s=data.get("peer_wait_s"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,6 +375,8 @@ class Manifest:
             "files": [f.to_dict() for f in self.files],
             "total_size_bytes": self.total_size_bytes,
             "created_at": self.created_at,
+            **({"peers": [p.to_dict() for p in self.peers]} if self.peers else {}),
+            **({"peer_wait_s": self.peer_wait_s} if self.peer_wait_s is not None else {}),
         }
 
 
@@ -301,6 +398,13 @@ class ModelReport:
             as servable).
         attempts: failed tries in a row of a failed download.
         retry_at: unix time (seconds) of the node's next automatic try.
+        revision: the pinned commit the node downloaded the model at (``None``: placed by
+            hand, or an older node); the router lists a node as a peer of a model only when
+            this matches the manifest's revision.
+        bytes_from_hub: bytes of the model's last download that came from the hub.
+        bytes_from_peers: bytes of it that came from other nodes.
+        uploads: transfers of the model's files to other nodes in progress.
+        bytes_served: bytes of the model this node served to other nodes.
     """
 
     id: str
@@ -312,6 +416,11 @@ class ModelReport:
     servable: bool | None = None
     attempts: int | None = None
     retry_at: int | None = None
+    revision: str | None = None
+    bytes_from_hub: int | None = None
+    bytes_from_peers: int | None = None
+    uploads: int | None = None
+    bytes_served: int | None = None
 
     SCHEMA: ClassVar[dict] = {
         "type": "object",
@@ -333,6 +442,14 @@ class ModelReport:
             },
             "attempts": {**_BYTES, "description": "failed tries in a row"},
             "retry_at": {**_BYTES, "description": "the next automatic try (unix seconds)"},
+            "revision": {
+                "type": ["string", "null"],
+                "description": "commit the node downloaded the model at (peers must match)",
+            },
+            "bytes_from_hub": {**_BYTES, "description": "bytes of its download from the hub"},
+            "bytes_from_peers": {**_BYTES, "description": "bytes of its download from peers"},
+            "uploads": {**_BYTES, "description": "transfers to other nodes in progress"},
+            "bytes_served": {**_BYTES, "description": "bytes served to other nodes"},
         },
     }
     LIST_SCHEMA: ClassVar[dict] = {
@@ -358,7 +475,16 @@ class ModelReport:
             data["attempts"] = self.attempts
         if self.retry_at is not None:
             data["retry_at"] = self.retry_at
+        if self.revision is not None:
+            data["revision"] = self.revision
+        for name in PEER_COUNTERS:
+            if (value := getattr(self, name)) is not None:
+                data[name] = value
         return data
+
+
+#: Per-model transfer counters of a report (hub vs. peers, uploads to peers).
+PEER_COUNTERS = ("bytes_from_hub", "bytes_from_peers", "uploads", "bytes_served")
 
 
 def parse_model_reports(value: Any) -> list[dict]:
@@ -401,7 +527,7 @@ def parse_model_reports(value: Any) -> list[dict]:
                 "bytes": _optional_int(progress.get("bytes"), "progress.bytes"),
                 "total": _optional_int(progress.get("total"), "progress.total"),
             }
-        for name in ("error", "format"):
+        for name in ("error", "format", "revision"):
             if (text := _optional_str(item.get(name), name)) is not None:
                 report[name] = text
         if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
@@ -411,7 +537,7 @@ def parse_model_reports(value: Any) -> list[dict]:
             if not isinstance(servable, bool):
                 raise _bad("servable must be a boolean")
             report["servable"] = servable
-        for name in ("attempts", "retry_at"):  # a failed download's retries (node's backoff)
+        for name in ("attempts", "retry_at", *PEER_COUNTERS):
             if (number := _optional_int(item.get(name), name)) is not None:
                 report[name] = number
         reports[model_id] = report
@@ -564,6 +690,8 @@ class Heartbeat:
 SCHEMAS: dict[str, dict] = {
     "ManifestFile": ManifestFile.SCHEMA,
     "Manifest": Manifest.SCHEMA,
+    "PeerSource": PeerSource.SCHEMA,
+    "PeerReport": PeerReport.SCHEMA,
     "ModelReport": ModelReport.SCHEMA,
     "ModelReports": ModelReport.LIST_SCHEMA,
     "NodeRegistration": Registration.SCHEMA,

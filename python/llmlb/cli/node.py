@@ -8,7 +8,7 @@ import logging
 import os
 
 from llmlb import config
-from llmlb.node.settings import DEFAULT_CONNECTIONS
+from llmlb.node.settings import DEFAULT_CONNECTIONS, DEFAULT_PEER_UPLOAD_MBPS
 
 APP_FACTORY = "llmlb.node.app:app_from_env"
 
@@ -114,6 +114,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "for a node that holds models for others",
     )
     parser.add_argument(
+        "--peer-upload-mbps",
+        type=float,
+        default=DEFAULT_PEER_UPLOAD_MBPS,
+        metavar="MBPS",
+        help="upload budget for serving model files to other nodes of the fleet, megabits/s "
+        f"({DEFAULT_PEER_UPLOAD_MBPS:g}; 0 serves none)",
+    )
+    parser.add_argument(
+        "--no-peer-fetch",
+        action="store_true",
+        help="download models from the hub only, never from other nodes",
+    )
+    parser.add_argument(
         "--router-auth",
         choices=("auto", "on", "off"),
         default="auto",
@@ -139,6 +152,8 @@ def settings_from_args(args: argparse.Namespace):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.reconcile_interval <= 0:
         raise ValueError("--reconcile-interval must be > 0")
+    if args.peer_upload_mbps < 0:
+        raise ValueError("--peer-upload-mbps must be >= 0")
     router = config.router_url() if args.router is None else args.router.rstrip("/")
     return NodeSettings(
         router_url=router,
@@ -162,6 +177,8 @@ def settings_from_args(args: argparse.Namespace):
         require_key=args.require_key or config.node_require_key(),
         require_router_token=_router_auth(args.router_auth, args.host),
         store_all=args.store_all,
+        peer_upload_mbps=args.peer_upload_mbps,
+        peer_fetch=not args.no_peer_fetch,
     )
 
 

@@ -56,6 +56,8 @@ from llmlb.node.download.options import DownloadOptions
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
 from llmlb.node.metrics import CONTENT_TYPE_LATEST, NodeMetrics
+from llmlb.node.peer import PeerService, TransferStats
+from llmlb.node.peer import routes as peer_routes
 from llmlb.node.resolver import Resolver, RouterAccess
 from llmlb.node.settings import NodeSettings
 from llmlb.node.sync import RouterSync
@@ -101,11 +103,20 @@ class Node:
             on_change=lambda: self.sync.kick(),
             after_download=self.engine.load,
             store_all=settings.store_all,
+            fleet=lambda: (self.sync.node_id, self.sync.peer_token),
+            peer_fetch=settings.peer_fetch,
+            stats=TransferStats(self.metrics.registry),
         )
         self.node_id = persistent_node_id(models_dir, settings.url)
         self.gpu = GpuProbe()
         self.sync = RouterSync(
             settings, self.node_id, self.resolver, self.engine, gpu=self.gpu.result
+        )
+        self.peer = PeerService(
+            self.resolver,
+            lambda: self.sync.peer_token,
+            settings.peer_upload_mbps,
+            self.resolver.stats,
         )
 
     async def start(self) -> None:
@@ -407,6 +418,7 @@ def create_app(settings: NodeSettings) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             Route("/api/models/sync", models_sync, methods=["POST"]),
             Route("/api/models/status", models_status, methods=["GET"]),
+            *peer_routes(lambda request: request.app.state.node.peer),
         ],
         exception_handlers={HTTPException: http_error_handler, ApiError: api_error_handler},
         lifespan=lifespan,

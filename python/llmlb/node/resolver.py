@@ -11,11 +11,19 @@ carries the reason (``error``), ``attempts`` and the next try (``retry_at``, uni
 A model that none of the node's runtimes serves (:mod:`llmlb.node.runtimes`) is not
 downloaded unless the node stores models for others (``store_all``): it is reported
 ``failed`` with the reason, ``servable: false``, and not retried.
+
+Peers: a node registered with the router (``fleet``) names itself when it asks for a
+manifest, and downloads from the peers the answer lists (:mod:`llmlb.node.download.fetch`).
+When the answer says a seed is still fetching the model (``peer_wait_s``), it asks again
+every :data:`PEER_POLL_S` until a peer is ready or that time passed, then goes to the hub. A
+peer whose bytes failed a check is reported to the router and never used for that model
+again by this node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,15 +43,19 @@ from llmlb.errors import (
 from llmlb.node import runtimes
 from llmlb.node.download.fetch import ModelFetch, select_files
 from llmlb.node.download.options import DownloadOptions, DownloadProgress
+from llmlb.node.download.staging import read_marker
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.router_client import fetch_manifest
-from llmlb.protocol import Manifest, ModelReport, ModelState
+from llmlb.node.peer import TransferStats
+from llmlb.node.router_client import fetch_manifest, report_peer
+from llmlb.protocol import Manifest, ModelReport, ModelState, PeerReport, PeerSource
 
 logger = logging.getLogger(__name__)
 
 #: First delay before a failed download is tried again; it doubles per failure up to the cap.
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 600.0
+#: How often a node waiting for a seed's copy asks the router again.
+PEER_POLL_S = 1.0
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE_S, cap: float = RETRY_MAX_S) -> float:
@@ -105,6 +117,10 @@ class Resolver:
         after_download: awaited once a servable model was downloaded (the node loads it).
         store_all: also download models none of the node's runtimes serves (a node that
             holds models for others).
+        fleet: returns ``(node_id, peer_token)`` once the node is registered (``None``, or a
+            ``None`` token: no peers).
+        peer_fetch: download from peers when the router lists some (else the hub only).
+        stats: per-model transfer counters (bytes by source, uploads).
     """
 
     def __init__(
@@ -120,6 +136,9 @@ class Resolver:
         on_change: Callable[[], None] | None = None,
         after_download: Callable[[str, str], Awaitable[None]] | None = None,
         store_all: bool = False,
+        fleet: Callable[[], tuple[str, str | None]] | None = None,
+        peer_fetch: bool = True,
+        stats: TransferStats | None = None,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -142,6 +161,12 @@ class Resolver:
         self._failures: dict[str, int] = {}  # failed tries in a row, per model
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="download")
+        self.fleet = fleet
+        self.peer_fetch = peer_fetch
+        self.stats = stats if stats is not None else TransferStats()
+        self.bad_peers: dict[str, set[str]] = {}  # per model: peers that served bad bytes
+        self._revisions: dict[str, str | None] = {}  # downloaded models' revisions
+        self._waits: dict[str, asyncio.Event] = {}  # models waiting for a peer: cancel
 
     # -- local store --------------------------------------------------------------------
 
@@ -206,6 +231,9 @@ class Resolver:
         self._gone.add(model_id)
         self.states.pop(model_id, None)
         self.manifests.pop(model_id, None)
+        self._revisions.pop(model_id, None)
+        self.bad_peers.pop(model_id, None)
+        self.stats.forget(model_id)
         self._clear_failures(model_id)
 
     def reports(self) -> list[dict[str, Any]]:
@@ -222,6 +250,7 @@ class Resolver:
                 format=desc.format,
                 size_bytes=desc.size_bytes,
                 servable=runtimes.servable(desc.format),
+                revision=self._revision(model_id),
             ).to_dict()
             for model_id, desc in list(self.available.items())
         }
@@ -232,7 +261,17 @@ class Resolver:
             report = {**(base or {}), **state.to_dict(model_id)}
             report.setdefault("servable", runtimes.servable(self.format_of(model_id)))
             reports[model_id] = report
+        for model_id, report in reports.items():
+            report.update(self.stats.fields(model_id))
         return list(reports.values())
+
+    def _revision(self, model_id: str) -> str | None:
+        """The revision this node downloaded ``model_id`` at (``None``: placed by hand)."""
+        if model_id not in self._revisions:
+            marker = read_marker(self.models_dir, model_id) or {}
+            revision = marker.get("revision")
+            self._revisions[model_id] = revision if isinstance(revision, str) else None
+        return self._revisions[model_id]
 
     def format_of(self, model_id: str) -> str | None:
         """The model's format: from the store when it is there, else from its manifest."""
@@ -278,8 +317,11 @@ class Resolver:
         pending = self._manifest_calls.get(model_id)
         if pending is None:
             loop = asyncio.get_running_loop()
+            node_id = self.fleet()[0] if self.fleet is not None else None
+            router = self.router
             pending = loop.run_in_executor(
-                None, fetch_manifest, self.router.url, self.router.api_key, model_id
+                None,
+                lambda: fetch_manifest(router.url, router.api_key, model_id, node_id=node_id),
             )
             self._manifest_calls[model_id] = pending
             pending.add_done_callback(lambda _f: self._manifest_calls.pop(model_id, None))
@@ -340,12 +382,19 @@ class Resolver:
         total = sum(f.size_bytes for f in select_files(manifest)) if manifest.files else 0
         state = ModelRecord(ModelState.DOWNLOADING, total=total)
         self._set(model_id, state)
+        try:
+            manifest = await self._wait_for_peers(manifest)
+        except DownloadCancelled:
+            self._set(model_id, None)
+            return None
+        peers, peer_token = self._usable_peers(manifest)
 
         promoted = False
 
         def progress(p: DownloadProgress) -> None:
             nonlocal promoted
             state.bytes, state.total = p.bytes_done, p.bytes_total
+            self.stats.downloading(model_id, p.bytes_from_hub, p.bytes_from_peers)
             promoted = True  # reported only by a fetch that downloads (not one that waited)
 
         fetch = ModelFetch(
@@ -356,6 +405,9 @@ class Resolver:
             token=self.token,
             progress=progress,
             options=self.options,
+            peers=peers,
+            peer_token=peer_token,
+            on_bad_peer=lambda peer, reason: self._bad_peer(model_id, peer, reason),
         )
         self._fetches[model_id] = fetch
         started = time.monotonic()
@@ -373,7 +425,9 @@ class Resolver:
             return None
         finally:
             self._fetches.pop(model_id, None)
+        self._revisions.pop(model_id, None)
         if promoted:
+            self.stats.downloaded(model_id, fetch.bytes_from_hub, fetch.bytes_from_peers)
             self.metrics.downloads.labels("ok").inc()
             self.metrics.download_bytes.inc(total)
             self.metrics.download_seconds.observe(time.monotonic() - started)
@@ -392,6 +446,65 @@ class Resolver:
                 logger.warning("%s: load after download failed: %s", model_id, exc)
         self._set(model_id, None)
         return path
+
+    # -- peers --------------------------------------------------------------------------
+
+    def _usable_peers(self, manifest: Manifest) -> tuple[list[PeerSource], str | None]:
+        """The manifest's peers this node may fetch from, and the fleet credential."""
+        if not self.peer_fetch or self.fleet is None:
+            return [], None
+        node_id, token = self.fleet()
+        if not token:
+            return [], None
+        bad = self.bad_peers.get(manifest.model_id, set())
+        peers = [p for p in manifest.peers if p.node_id != node_id and p.node_id not in bad]
+        return peers, token
+
+    async def _wait_for_peers(self, manifest: Manifest) -> Manifest:
+        """Ask again while the router says a seed is fetching the model and no peer has it,
+        for up to ``peer_wait_s``; the last answer.
+
+        Raises:
+            DownloadCancelled: the model's download was cancelled meanwhile.
+        """
+        model_id = manifest.model_id
+        if manifest.peer_wait_s is None or self._usable_peers(manifest)[1] is None:
+            return manifest
+        deadline = time.monotonic() + manifest.peer_wait_s
+        cancelled = self._waits[model_id] = asyncio.Event()
+        logger.info("%s: waiting up to %.0fs for a peer", model_id, manifest.peer_wait_s)
+        try:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(cancelled.wait(), PEER_POLL_S)
+                if cancelled.is_set():
+                    raise DownloadCancelled(f"{model_id}: cancelled while waiting for a peer")
+                try:
+                    manifest = await self.manifest(model_id)
+                except (ModelNotRegistered, RouterUnavailable) as exc:
+                    logger.info("%s: %s; going to the hub", model_id, exc)
+                    break
+                if manifest.peer_wait_s is None or self._usable_peers(manifest)[0]:
+                    return manifest
+            logger.info("%s: no peer has it yet; fetching from the hub", model_id)
+            return replace(manifest, peer_wait_s=None)
+        finally:
+            self._waits.pop(model_id, None)
+
+    def _bad_peer(self, model_id: str, peer: PeerSource, reason: str) -> None:
+        """A peer's bytes of ``model_id`` failed a check (called from a download thread)."""
+        self.bad_peers.setdefault(model_id, set()).add(peer.node_id)
+        self.stats.bad_peers.inc()
+        logger.warning("%s: peer %s served bad bytes (%s)", model_id, peer.node_id, reason)
+        if self.router is not None:
+            try:
+                report_peer(
+                    self.router.url,
+                    self.router.api_key,
+                    PeerReport(model_id, peer.node_id, reason),
+                )
+            except RouterUnavailable as exc:
+                logger.warning("%s: %s", model_id, exc)
 
     # -- retries ------------------------------------------------------------------------
 
@@ -429,6 +542,8 @@ class Resolver:
         fetch = self._fetches.get(model_id)
         if fetch is not None:
             fetch.cancel()
+        if (waiting := self._waits.get(model_id)) is not None:
+            waiting.set()
         task = self._tasks.get(model_id)
         if task is not None:
             await asyncio.wait({task}, timeout=30)
@@ -440,6 +555,8 @@ class Resolver:
         self._retries.clear()
         for fetch in list(self._fetches.values()):
             fetch.cancel()
+        for waiting in list(self._waits.values()):
+            waiting.set()
         if self._tasks:
             await asyncio.wait(set(self._tasks.values()), timeout=10)
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,5 +1,6 @@
 """The node's blocking requests to the router: a model's manifest (used by downloads and
-``llmlb pull``; the registration and heartbeat loop is :mod:`llmlb.node.sync`)."""
+``llmlb pull``), and reports of peers that served bad bytes (the registration and heartbeat
+loop is :mod:`llmlb.node.sync`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ import urllib.request
 import orjson
 
 from llmlb.errors import ModelNotRegistered, RouterUnavailable
-from llmlb.protocol import Manifest
+from llmlb.protocol import Manifest, PeerReport
 
 
 def fetch_manifest(
-    router_url: str, api_key: str | None, model_id: str, timeout: float = 10.0
+    router_url: str,
+    api_key: str | None,
+    model_id: str,
+    timeout: float = 10.0,
+    node_id: str | None = None,
 ) -> Manifest:
     """Ask the router for ``model_id``'s manifest (blocking).
+
+    With ``node_id`` (a registered node asking), the answer also lists the peers that can
+    serve the model's files (``peers``), or says to wait for one (``peer_wait_s``).
 
     Raises:
         ModelNotRegistered: the router answered 404.
@@ -24,6 +32,8 @@ def fetch_manifest(
     """
     quoted = urllib.parse.quote(model_id, safe="")
     url = f"{router_url.rstrip('/')}/v0/models/registry/{quoted}/manifest.json"
+    if node_id:
+        url += "?" + urllib.parse.urlencode({"node_id": node_id})
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with urllib.request.urlopen(
@@ -40,6 +50,30 @@ def fetch_manifest(
         ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise RouterUnavailable(f"cannot fetch the manifest of {model_id!r}: {exc}") from None
+
+
+def report_peer(
+    router_url: str, api_key: str | None, report: PeerReport, timeout: float = 10.0
+) -> None:
+    """Tell the router a peer served bytes that failed their check (blocking).
+
+    Raises:
+        RouterUnavailable: the router is unreachable or refused the report.
+    """
+    url = f"{router_url.rstrip('/')}/v0/peers/report"
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(
+        url, data=orjson.dumps(report.to_dict()), headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise RouterUnavailable(f"router answered {exc.code} to a peer report") from None
+    except OSError as exc:
+        raise RouterUnavailable(f"cannot report peer {report.node_id}: {exc}") from None
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:

@@ -18,6 +18,8 @@ SETTINGS_ENV = "LLMLB_NODE_SETTINGS"
 
 # Parallel range connections per downloaded file: measured best (bench/README.md, Cold start).
 DEFAULT_CONNECTIONS = 64
+# Upload budget for peers, megabits/s: a fast LAN's share, well below loopback speeds.
+DEFAULT_PEER_UPLOAD_MBPS = 2000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,9 @@ class NodeSettings:
         store_all: also download models none of the node's runtimes serves (a node that
             holds models for others); they are stored, reported ``servable: false``, never
             served.
+        peer_upload_mbps: upload budget for serving model files to other nodes of the
+            fleet, in megabits/s (0: serve none).
+        peer_fetch: download from the peers the router lists (else from the hub only).
     """
 
     router_url: str
@@ -74,6 +79,8 @@ class NodeSettings:
     require_key: str | None = field(default=None, repr=False)
     require_router_token: bool = False
     store_all: bool = False
+    peer_upload_mbps: float = DEFAULT_PEER_UPLOAD_MBPS
+    peer_fetch: bool = True
 
     @property
     def url(self) -> str:

@@ -36,7 +36,7 @@ from llmlb.node.engine import Engine
 from llmlb.node.identity import node_secret
 from llmlb.node.resolver import Resolver
 from llmlb.node.settings import NodeSettings
-from llmlb.protocol import Heartbeat, ModelState, Registration
+from llmlb.protocol import PEER_TOKEN_FIELD, Heartbeat, ModelState, Registration
 
 if TYPE_CHECKING:
     import aiohttp
@@ -78,6 +78,7 @@ class RouterSync:
         self.ready = asyncio.Event()
         self.registered = False
         self.sync_token: str | None = None
+        self.peer_token: str | None = None  # the fleet credential of /v0/peer/* (router's)
         self.interval = settings.heartbeat_interval_s
         self.reconciles = 0
         self._last_reconcile = 0.0
@@ -188,6 +189,7 @@ class RouterSync:
             logger.info("registration failed: %s", exc)
             return False
         self.sync_token = answer.get("sync_token")
+        self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
         self.interval = float(answer.get("heartbeat_interval_s") or self.interval)
         self.node_id = answer.get("node_id") or self.node_id
         self.registered = True
@@ -279,7 +281,8 @@ class RouterSync:
             node_secret=self.node_secret,
         ).to_dict()
         try:
-            await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
+            answer = await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
+            self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
         except RouterError as exc:
             # 404: the router forgot us; 409: our registration changed (an admin removed the
             # node, maybe another took the id). Register again (and reconcile).

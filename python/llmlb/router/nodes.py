@@ -15,6 +15,7 @@ from llmlb.errors import ApiError
 from llmlb.protocol import Heartbeat, Registration
 from llmlb.router import db
 from llmlb.router.fleet import ModelReport, NodeState, NodeView
+from llmlb.router.peers import NodeModels, transfer_totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +60,12 @@ def id_conflict(node_id: str) -> ApiError:
 
 def _state_key(models: list[dict]) -> list[tuple[str, str]]:
     """What of a model list the fleet cache cares about."""
-    return sorted((m["id"], m["state"], m.get("servable", True)) for m in models)
+    return sorted(
+        (m["id"], m["state"], m.get("servable", True), m.get("revision") or "") for m in models
+    )
 
 
-def register(conn: sqlite3.Connection, reg: Registration, key: bytes | None = None) -> str:
+def register(conn: db.Conn, reg: Registration, key: bytes | None = None) -> str:
     """Insert or replace a node with a fresh sync token; returns the token.
 
     The id is bound to the registration's credential (its ``node_secret``, else ``key``, the
@@ -249,9 +252,24 @@ def list_nodes(conn: sqlite3.Connection, offline_after_s: float) -> list[dict]:
                 "gpu": orjson.loads(row["gpu"]),
                 "slots": row["slots"],
                 "active_requests": row["active_requests"],
-                "models": orjson.loads(row["models"]),
+                "models": (models := orjson.loads(row["models"])),
+                "transfer": transfer_totals(models),
                 "registered_at": row["registered_at"],
                 "last_seen": db.iso_from_unix(row["last_seen"]),
             }
         )
     return nodes
+
+
+def peer_view(conn: db.Conn, offline_after_s: float) -> list[NodeModels]:
+    """Every node with its last reported models, for a manifest's peer list."""
+    cutoff = db.unix_now() - offline_after_s
+    return [
+        NodeModels(
+            row["id"],
+            row["url"],
+            row["status"] == "online" and row["last_seen"] >= cutoff,
+            {m["id"]: m for m in orjson.loads(row["models"])},
+        )
+        for row in conn.execute("SELECT id, url, status, last_seen, models FROM nodes")
+    ]

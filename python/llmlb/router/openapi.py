@@ -149,12 +149,17 @@ _SCHEMAS: dict[str, Any] = {
             "node_id": {"type": "string"},
             "heartbeat_interval_s": {"type": "number"},
             "sync_token": {"type": "string"},
+            "peer_token": {"type": "string", "description": "fleet credential for /v0/peer/*"},
         },
     },
     "HeartbeatAck": {
         "type": "object",
         "required": ["node_id", "heartbeat_interval_s"],
-        "properties": {"node_id": {"type": "string"}, "heartbeat_interval_s": {"type": "number"}},
+        "properties": {
+            "node_id": {"type": "string"},
+            "heartbeat_interval_s": {"type": "number"},
+            "peer_token": {"type": "string", "description": "fleet credential for /v0/peer/*"},
+        },
     },
     "Node": {
         "type": "object",
@@ -383,8 +388,17 @@ def _paths() -> dict:
         "/v0/models/registry/{model_id}/manifest.json": {
             "get": {
                 "operationId": "getManifest",
-                "summary": "A model's manifest (node)",
-                "parameters": [_MODEL_ID_PARAM],
+                "summary": "A model's manifest (node); with node_id, the peers that serve it",
+                "parameters": [
+                    _MODEL_ID_PARAM,
+                    {
+                        "name": "node_id",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "the asking node: adds peers and peer_wait_s",
+                    },
+                ],
                 "responses": {
                     "200": _json(_ref("Manifest"), "Manifest"),
                     **_errors(400, *_AUTH, 404),
@@ -410,6 +424,20 @@ def _paths() -> dict:
                         "Retry requested",
                     ),
                     **_errors(400, *_AUTH, 404),
+                },
+            }
+        },
+        "/v0/peers/report": {
+            "post": {
+                "operationId": "reportPeer",
+                "summary": "A peer served bytes that failed their check (node)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("PeerReport")}},
+                },
+                "responses": {
+                    "202": _json(_ref("PeerReport"), "Recorded"),
+                    **_errors(400, *_AUTH, 413),
                 },
             }
         },

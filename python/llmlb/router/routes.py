@@ -14,8 +14,14 @@ from starlette.routing import Route
 
 from llmlb.errors import ApiError
 from llmlb.http import JSONResponse, api_key, model_id_or_400, read_json
-from llmlb.protocol import Heartbeat, Registration, validate_node_id
-from llmlb.router import dashboard, keys, metrics, nodes, registry
+from llmlb.protocol import (
+    PEER_TOKEN_FIELD,
+    Heartbeat,
+    PeerReport,
+    Registration,
+    validate_node_id,
+)
+from llmlb.router import dashboard, keys, metrics, nodes, peers, registry
 from llmlb.router.openapi import openapi_schema
 from llmlb.router.responses import authorize
 from llmlb.router.runtime import Runtime
@@ -189,7 +195,39 @@ async def manifest(request: Request) -> Response:
     found = await runtime.db.run(registry.get_manifest, model_id)
     if found is None:
         raise _model_not_found(model_id)
+    requester = request.query_params.get("node_id")
+    if requester is not None:  # a node asking: who can serve it the files
+        requester = validate_node_id(requester)
+        view = await runtime.db.run(nodes.peer_view, runtime.settings.offline_after_s)
+        seeds, wait_s = peers.plan_settings()
+        sources, wait = peers.peer_plan(
+            model_id,
+            found["revision"],
+            requester,
+            view,
+            seeds=seeds,
+            wait_s=wait_s,
+            bad=_bad_peers(request).of(model_id),
+        )
+        found["peers"] = [source.to_dict() for source in sources]
+        found["peer_wait_s"] = wait
     return JSONResponse(found)
+
+
+def _bad_peers(request: Request) -> peers.BadPeers:
+    state = request.app.state
+    if not hasattr(state, "bad_peers"):
+        state.bad_peers = peers.BadPeers()
+    return state.bad_peers
+
+
+async def report_peer(request: Request) -> Response:
+    """``POST /v0/peers/report`` (node): a peer served bytes that failed their check; it is
+    listed for that model no more."""
+    runtime = _guard(request, "node")
+    report = PeerReport.parse(await read_json(request, runtime.settings.max_body_bytes))
+    _bad_peers(request).report(report.model_id, report.node_id, report.reason)
+    return JSONResponse(report.to_dict(), status_code=202)
 
 
 # -- nodes ---------------------------------------------------------------------------------
@@ -211,6 +249,7 @@ async def register_node(request: Request) -> Response:
             "node_id": reg.node_id,
             "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
             "sync_token": token,
+            PEER_TOKEN_FIELD: peers.fleet_token(runtime.settings.home),
         },
         status_code=201,
     )
@@ -227,7 +266,11 @@ async def node_heartbeat(request: Request) -> Response:
         raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
     await runtime.refresh()
     return JSONResponse(
-        {"node_id": node_id, "heartbeat_interval_s": runtime.settings.heartbeat_interval_s}
+        {
+            "node_id": node_id,
+            "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
+            PEER_TOKEN_FIELD: peers.fleet_token(runtime.settings.home),
+        }
     )
 
 
@@ -288,6 +331,7 @@ ROUTES = [
     _route("/v0/models", get=node_models),
     _route("/v0/models/registry/{model_id:path}/manifest.json", get=manifest),
     _route("/v0/models/{model_id:path}/retry", post=retry_model),
+    _route("/v0/peers/report", post=report_peer),
     _route("/v0/nodes", get=list_nodes, post=register_node),
     _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
     _route("/v0/nodes/{node_id}", delete=unregister_node),

@@ -4,6 +4,13 @@ needs of a manifest (:func:`select_files`).
 Files are fetched concurrently, each hashed while it arrives (large ones by a transfer worker,
 :mod:`.workers`, small ones by one GET, :mod:`.http`), recorded as verified in staging, and the
 model is promoted into the store once every required file passed (:mod:`.staging`).
+
+Peers: given the router's list of nodes that hold the model (``peers``), each file with a
+sha256 is fetched from one of them first (the least busy; the hub joins for the rest when
+the peer is gone or slow, :mod:`.sources`), and verified exactly like a hub download. A file
+that fails its check is refetched from the hub alone, and the peers that supplied its bytes
+are reported (``on_bad_peer``) and not asked for anything of this model again. Files without
+a sha256 always come from the hub: a peer's bytes are only ever taken against a digest.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -54,7 +61,7 @@ from llmlb.node.download.staging import (
 )
 from llmlb.node.download.workers import TransferPool, TransferWorker, shared_pool
 from llmlb.node.hashing import FollowingHasher, sha256_file
-from llmlb.protocol import Manifest, ManifestFile
+from llmlb.protocol import Manifest, ManifestFile, PeerSource
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +83,20 @@ def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> l
     have = frozenset(backends) if backends is not None else local_backends()
     chosen = [f for f in manifest.files if not f.backends or have.intersection(f.backends)]
     for spec in chosen:
-        path = PurePosixPath(spec.filename)
-        if (
-            not spec.filename
-            or path.is_absolute()
-            or any(part in ("", ".", "..") for part in spec.filename.split("/"))
-            or "\\" in spec.filename
-        ):
+        if unsafe_filename(spec.filename):
             raise DownloadError(f"{manifest.model_id}: unsafe filename {spec.filename!r}")
     return sorted(chosen, key=lambda f: (f.priority, f.filename))
+
+
+def unsafe_filename(filename: str) -> bool:
+    """Whether a manifest filename could leave its model's directory (or is empty)."""
+    return (
+        not filename
+        or PurePosixPath(filename).is_absolute()
+        or any(part in ("", ".", "..") for part in filename.split("/"))
+        or "\\" in filename
+        or "\0" in filename
+    )
 
 
 @dataclass
@@ -103,6 +115,18 @@ class _FileProgress:
 
     spec: ManifestFile
     done: int = 0
+    hub_only: bool = False  # refetch after a peer's bytes failed the check
+    hub_bytes: int = 0  # of the current attempt, by source
+    peer_bytes: dict[str, int] | None = None
+
+
+BadPeerCallback = Callable[[PeerSource, str], None]
+
+
+def peer_file_url(peer: PeerSource, model_id: str, filename: str) -> str:
+    """Where ``peer`` serves ``filename`` of ``model_id`` (``/v0/peer/files/{id}/{name}``)."""
+    quoted_id = urllib.parse.quote(model_id, safe="")
+    return f"{peer.url.rstrip('/')}/v0/peer/files/{quoted_id}/{urllib.parse.quote(filename)}"
 
 
 class ModelFetch:
@@ -121,6 +145,10 @@ class ModelFetch:
             the download threads).
         options: tuning.
         pool: transfer workers to use (default: :func:`shared_pool`).
+        peers: nodes that can serve the model's files (the manifest's ``peers``).
+        peer_token: the fleet credential presented to them.
+        on_bad_peer: called (from a download thread) with a peer whose bytes failed a file's
+            check, and the reason.
     """
 
     def __init__(
@@ -134,6 +162,9 @@ class ModelFetch:
         progress: ProgressCallback | None = None,
         options: DownloadOptions | None = None,
         pool: TransferPool | None = None,
+        peers: Sequence[PeerSource] = (),
+        peer_token: str | None = None,
+        on_bad_peer: BadPeerCallback | None = None,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -151,6 +182,13 @@ class ModelFetch:
         self._total = sum(f.size_bytes for f in self._files)
         self._state = _State()
         self._connections = self.options.connections
+        self._peers = list(peers) if peer_token else []
+        self._peer_token = peer_token
+        self._on_bad_peer = on_bad_peer
+        self._excluded: set[str] = set()  # peers bad or gone for this download
+        self._peer_files: dict[str, int] = {}  # files in flight per peer
+        self.bytes_from_hub = 0  # of verified files
+        self.bytes_from_peers = 0
 
     def cancel(self) -> None:
         """Abort the download from another thread."""
@@ -305,14 +343,26 @@ class ModelFetch:
             except Corrupt as exc:
                 part.unlink(missing_ok=True)
                 self._restart(file)
+                blamed = self._blame(file, str(exc))
                 if corrupt_try == 1:
                     raise IntegrityError(f"{self.model_id}: {exc} (after one refetch)") from None
-                logger.warning("%s: %s; fetching it again", self.model_id, exc)
+                if blamed:
+                    file.hub_only = True
+                logger.warning(
+                    "%s: %s%s; fetching it again%s",
+                    self.model_id,
+                    exc,
+                    f" (bytes from peer {', '.join(blamed)})" if blamed else "",
+                    " from the hub" if blamed else "",
+                )
                 continue
             except BaseException:
                 part.unlink(missing_ok=True)
                 raise
             os.replace(part, dest)
+            with self._lock:
+                self.bytes_from_hub += file.hub_bytes
+                self.bytes_from_peers += sum((file.peer_bytes or {}).values())
             return digest
         raise AssertionError("unreachable")
 
@@ -357,15 +407,122 @@ class ModelFetch:
 
     def _fetch_once(self, file: _FileProgress, part: Path) -> str:
         spec = file.spec
-        probe = self._http.probe(spec.url, self.model_id)
-        if probe.size is not None and probe.size != spec.size_bytes:
+        file.hub_bytes, file.peer_bytes = 0, {}
+        peer = None if file.hub_only or spec.sha256 is None else self._pick_peer()
+        try:
+            probe = self._http.probe(spec.url, self.model_id)
+        except (Transient, DownloadError):
+            if peer is None:
+                raise
+            probe = None  # the hub is unreachable: the peer alone, then
+        if probe is not None and probe.size is not None and probe.size != spec.size_bytes:
+            self._release_peer(peer)
             raise Corrupt(
                 f"{spec.filename}: the hub serves {probe.size} bytes, the manifest says "
                 f"{spec.size_bytes}"
             )
+        if peer is not None:
+            try:
+                return self._fetch_sources(file, peer, probe, part)
+            finally:
+                self._release_peer(peer)
+        assert probe is not None
         if probe.ranges and spec.size_bytes >= PARALLEL_MIN_BYTES:
-            return self._fetch_parallel(file, probe.url, part)
-        return self._fetch_stream(file, probe.url, part)
+            digest = self._fetch_parallel(file, probe.url, part)
+        else:
+            digest = self._fetch_stream(file, probe.url, part)
+        file.hub_bytes = spec.size_bytes
+        return digest
+
+    # -- peers --
+
+    def _pick_peer(self) -> PeerSource | None:
+        """The least busy peer not excluded (its files in flight here count), or ``None``."""
+        with self._lock:
+            usable = [p for p in self._peers if p.node_id not in self._excluded]
+            if not usable:
+                return None
+            peer = min(usable, key=lambda p: p.uploads + self._peer_files.get(p.node_id, 0))
+            self._peer_files[peer.node_id] = self._peer_files.get(peer.node_id, 0) + 1
+            return peer
+
+    def _release_peer(self, peer: PeerSource | None) -> None:
+        if peer is not None:
+            with self._lock:
+                self._peer_files[peer.node_id] -= 1
+
+    def _blame(self, file: _FileProgress, reason: str) -> list[str]:
+        """Exclude and report the peers that supplied bytes of a file that failed its check."""
+        blamed = [node_id for node_id, n in (file.peer_bytes or {}).items() if n > 0]
+        for node_id in blamed:
+            with self._lock:
+                self._excluded.add(node_id)
+            peer = next(p for p in self._peers if p.node_id == node_id)
+            if self._on_bad_peer is not None:
+                try:
+                    self._on_bad_peer(peer, f"{file.spec.filename}: {reason}")
+                except Exception as exc:  # noqa: BLE001 - reporting is best effort
+                    logger.warning("%s: reporting peer %s failed: %s", self.model_id, node_id, exc)
+        return blamed
+
+    def _fetch_sources(
+        self, file: _FileProgress, peer: PeerSource, probe: Any, part: Path
+    ) -> str:
+        """Fetch ``file``'s ranges from ``peer``, the hub joining when the peer is gone or slow."""
+        spec = file.spec
+        opts = self.options
+        sources = [
+            {
+                "url": peer_file_url(peer, self.model_id, spec.filename),
+                "headers": {"Authorization": f"Bearer {self._peer_token}"},
+                "connections": opts.peer_connections,
+                "role": "peer",
+            }
+        ]
+        if probe is not None and probe.ranges:
+            sources.append(
+                {
+                    "url": probe.url,
+                    "headers": self._http.headers_for(probe.url),
+                    "connections": max(1, min(self._connections, 16)),
+                    "role": "hub",
+                }
+            )
+        job = {
+            "kind": "sources",
+            "path": str(part),
+            "size": spec.size_bytes,
+            "chunk_size": chunk_size_for(spec.size_bytes, opts.peer_connections),
+            "sources": sources,
+            "hub_after_s": opts.peer_hub_after_s,
+            "min_peer_rate": opts.peer_min_rate,
+            "timeout_s": opts.timeout_s,
+        }
+        try:
+            digest, result = self._transfer(file, job, part)
+        except Transient as exc:
+            for summary in exc.detail or ():
+                if summary.get("role") == "peer" and summary.get("dead"):
+                    with self._lock:
+                        self._excluded.add(peer.node_id)  # gone: not asked again this time
+            raise
+        for summary in result.get("sources") or ():
+            if summary["role"] == "peer":
+                file.peer_bytes = {peer.node_id: int(summary["bytes"])}
+                if summary.get("dead"):
+                    with self._lock:
+                        self._excluded.add(peer.node_id)
+            else:
+                file.hub_bytes += int(summary["bytes"])
+        logger.info(
+            "%s: %s: %.1f MiB from peer %s, %.1f MiB from the hub",
+            self.model_id,
+            spec.filename,
+            sum(file.peer_bytes.values()) / MIB,
+            peer.node_id,
+            file.hub_bytes / MIB,
+        )
+        return digest
 
     @contextlib.contextmanager
     def _borrow_worker(self) -> Iterator[TransferWorker]:
@@ -382,16 +539,21 @@ class ModelFetch:
                     self._active.discard(worker)
 
     def _fetch_parallel(self, file: _FileProgress, url: str, part: Path) -> str:
-        spec = file.spec
         connections = self._connections
         job = {
             "url": url,
             "path": str(part),
             "connections": connections,
-            "chunk_size": chunk_size_for(spec.size_bytes, connections),
+            "chunk_size": chunk_size_for(file.spec.size_bytes, connections),
             "headers": self._http.headers_for(url),
             "no_proxy": no_proxy_entries(self._http.allowed_hosts),
         }
+        return self._transfer(file, job, part)[0]
+
+    def _transfer(self, file: _FileProgress, job: dict, part: Path) -> tuple[str, dict]:
+        """Run ``job`` on a transfer worker, hashing the file as it lands; returns the
+        digest and the worker's final message."""
+        spec = file.spec
         with self._borrow_worker() as worker:
             hasher = FollowingHasher(part, spec.size_bytes)
             hasher.start()
@@ -402,7 +564,7 @@ class ModelFetch:
 
             started = time.monotonic()
             try:
-                worker.run(job, on_bytes)
+                result = worker.run(job, on_bytes)
             except Transient as exc:
                 hasher.abort()
                 hasher.join()
@@ -435,7 +597,7 @@ class ModelFetch:
             time.monotonic() - transferred,
         )
         self._advance(file, spec.size_bytes - file.done)
-        return digest
+        return digest, result
 
     def _fetch_stream(self, file: _FileProgress, url: str, part: Path) -> str:
         import hashlib
@@ -495,5 +657,7 @@ class ModelFetch:
                 file_bytes_done=self._state.file_done,
                 file_bytes_total=self._state.file_total,
                 phase=phase,
+                bytes_from_hub=self.bytes_from_hub,
+                bytes_from_peers=self.bytes_from_peers,
             )
             self.progress(snapshot)

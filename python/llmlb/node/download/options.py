@@ -27,6 +27,8 @@ class DownloadProgress:
     file_bytes_done: int = 0
     file_bytes_total: int = 0
     phase: str = "downloading"  # downloading | verifying | done
+    bytes_from_hub: int = 0  # of the files verified so far
+    bytes_from_peers: int = 0
 
 
 ProgressCallback = Callable[[DownloadProgress], None]
@@ -45,6 +47,11 @@ class DownloadOptions:
         backoff_base_s: first retry delay; doubles up to ``backoff_max_s``.
         timeout_s: socket timeout of probes and single-stream GETs.
         disk_margin_bytes: free space kept beyond the bytes still to download.
+        peer_connections: range connections to the peer a file is fetched from.
+        peer_hub_after_s: when a file's peer delivers less than ``peer_min_rate`` bytes/s
+            this long after its start, the hub joins in for the rest.
+        peer_min_rate: see ``peer_hub_after_s`` (0: the hub only takes over from a peer
+            that is gone).
     """
 
     connections: int = DEFAULT_CONNECTIONS
@@ -54,6 +61,9 @@ class DownloadOptions:
     backoff_max_s: float = 8.0
     timeout_s: float = 30.0
     disk_margin_bytes: int = 64 * MIB
+    peer_connections: int = 8
+    peer_hub_after_s: float = 3.0
+    peer_min_rate: float = 8 * MIB
 
 
 def chunk_size_for(size: int, connections: int) -> int:

@@ -52,6 +52,33 @@ def forget_downloaded(models_dir: Path, model_id: str) -> None:
     downloaded_marker(models_dir, model_id).unlink(missing_ok=True)
 
 
+def file_signature(path: Path) -> dict[str, int]:
+    """What identifies a file's current bytes cheaply: size, mtime and inode (a rename keeps
+    them; any rewrite changes them)."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def verified_stats(model_dir: Path, files: list[ManifestFile]) -> dict[str, dict]:
+    """Per promoted file with a sha256: that digest and the file's signature, so a peer
+    serving it later knows the bytes are still the ones verified."""
+    stats = {}
+    for spec in files:
+        path = model_dir / spec.filename
+        if spec.sha256 is not None and path.is_file():
+            stats[spec.filename] = {"sha256": spec.sha256, **file_signature(path)}
+    return stats
+
+
+def read_marker(models_dir: Path, model_id: str) -> dict | None:
+    """The downloaded marker of ``model_id`` (repo, revision, files, verified), if any."""
+    try:
+        data = orjson.loads(downloaded_marker(models_dir, model_id).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load_verified(
     model_id: str, staging: Path, files_dir: Path, files: list[ManifestFile]
 ) -> dict[str, dict]:
@@ -138,6 +165,7 @@ def promote(
             "revision": manifest.revision,
             "files": [f.filename for f in files],
             "downloaded_at": time.time(),
+            "verified": verified_stats(target, files),
         },
     )
     shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,10 @@ serving process. Protocol: one JSON job per line on stdin
 stdout gets one ``{"n": BYTES}`` line per finished chunk, then ``{"ok": true}`` or
 ``{"error": MESSAGE}``.
 
+A job with ``"kind": "sources"`` fetches one file's ranges from peers and the hub instead
+(:mod:`.sources`); its ``ok`` (or ``error``) line also carries ``sources``, the bytes each
+source delivered and which were dropped.
+
 Allowlist guard: ``hf_transfer`` follows redirects and has no switch to stop it, so every
 host it may reach is policed through its HTTP client's proxy settings: ``HTTP(S)_PROXY``
 point at a loopback port this process holds bound but never listens on (connections to it
@@ -78,8 +82,10 @@ class TransferWorker:
             self.starts += 1
             return self._proc
 
-    def run(self, job: dict, on_bytes: Callable[[int], None]) -> None:
-        """Run one job; raises ``Transient`` when it fails."""
+    def run(self, job: dict, on_bytes: Callable[[int], None]) -> dict:
+        """Run one job; returns the child's final ``ok`` message (a ``sources`` job's carries
+        the per-source summary) and raises ``Transient`` when it fails (with the summary as
+        its ``detail``)."""
         proc = self.start()
         assert proc.stdin is not None and proc.stdout is not None
         in_sync = False
@@ -93,8 +99,8 @@ class TransferWorker:
                     continue
                 in_sync = True
                 if msg.get("ok"):
-                    return
-                raise Transient(str(msg.get("error")))
+                    return msg
+                raise Transient(str(msg.get("error")), detail=msg.get("sources"))
             raise Transient("transfer worker exited")
         except (OSError, ValueError) as exc:  # broken pipe, pipe closed by close()
             raise Transient(f"transfer worker: {exc}") from None
@@ -239,15 +245,24 @@ class _Guard:
             os.environ["NO_PROXY"] = os.environ["no_proxy"] = no_proxy or ""
 
 
-def _run_job(job: dict, out, guard: _Guard) -> None:
-    """Download one file as ``job`` describes, reporting progress on ``out``."""
+def _run_job(job: dict, out, guard: _Guard) -> dict:
+    """Download one file as ``job`` describes, reporting progress on ``out``; returns the
+    fields of the ``ok`` line."""
+    write = threading.Lock()
+
+    def progress(n: int) -> None:
+        with write:
+            out.write(b'{"n":%d}\n' % n)
+            out.flush()
+
+    if job.get("kind") == "sources":
+        from llmlb.node.download.sources import run_sources
+
+        return {"sources": run_sources(job, progress)}
+
     import hf_transfer
 
     guard.allow(job.get("no_proxy"))
-
-    def progress(n: int) -> None:
-        out.write(b'{"n":%d}\n' % n)
-        out.flush()
 
     connections = max(1, int(job["connections"]))
     hf_transfer.download(
@@ -260,6 +275,7 @@ def _run_job(job: dict, out, guard: _Guard) -> None:
         headers=job.get("headers") or None,
         callback=progress,
     )
+    return {}
 
 
 def main() -> int:
@@ -271,16 +287,19 @@ def main() -> int:
         if not line.strip():
             continue
         try:
-            _run_job(orjson.loads(line), out, guard)
+            result = _run_job(orjson.loads(line), out, guard)
         except BrokenPipeError:
             return 1
         except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent
+            error = {"error": str(exc) or type(exc).__name__}
+            if (detail := getattr(exc, "detail", None)) is not None:
+                error["sources"] = detail
             try:
-                out.write(orjson.dumps({"error": str(exc) or type(exc).__name__}) + b"\n")
+                out.write(orjson.dumps(error) + b"\n")
             except BrokenPipeError:
                 return 1
         else:
-            out.write(b'{"ok":true}\n')
+            out.write(orjson.dumps({"ok": True, **result}) + b"\n")
         out.flush()
     return 0
 

@@ -1,0 +1,185 @@
+"""The fleet's peer view: the credential nodes serve each other's files with, who holds a
+model ready at its manifest's revision, which nodes fetch it from the hub first (seeds),
+and peers reported for serving bad bytes.
+
+A node asking for a manifest (``?node_id=``) gets ``peers``: online nodes that report the
+model ``ready`` at the manifest's revision, least busy uploaders first. When there is none
+yet, the router lets only ``seeds`` nodes (``LLMLB_PEER_SEEDS``, default 1) start from the
+hub: the nodes that need the model are ranked by a hash of (model, node), so every worker
+and every request agrees without any shared state, and the others get ``peer_wait_s``: they
+ask again until a peer is ready or that time passed, then go to the hub. A seed that fails
+or goes offline drops out of the ranking, and the next node takes its place. Every node that
+becomes ready serves the next ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from llmlb import config
+from llmlb.protocol import PeerSource
+
+logger = logging.getLogger("llmlb.router")
+
+FLEET_KEY_FILE = "fleet.key"
+
+PEER_REPORTS = Counter(
+    "llmlb_router_peer_reports_total", "Peers reported for serving bad bytes.", ["node"]
+)
+
+
+# -- the fleet credential ---------------------------------------------------------------------
+
+
+@functools.cache
+def fleet_token(home: Path) -> str:
+    """The bearer token registered nodes present to each other on ``/v0/peer/*``.
+
+    Derived (HMAC-SHA256) from ``LLMLB_FLEET_SECRET``, else from ``home/fleet.key`` (created
+    once, mode 0600, by whichever worker gets there first), so every worker hands out the
+    same token and none of the secret reaches a node. It is no router key: the router
+    accepts it nowhere.
+    """
+    secret = config.fleet_secret() or _file_secret(Path(home) / FLEET_KEY_FILE)
+    return "fleet-" + hmac.new(secret.encode(), b"llmlb peer token v1", "sha256").hexdigest()
+
+
+def _file_secret(path: Path) -> str:
+    with contextlib.suppress(FileNotFoundError):
+        if text := path.read_text().strip():
+            return text
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secrets.token_urlsafe(32).encode())
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and never replaces the file another worker made
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+# -- who can serve whom -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeModels:
+    """A registered node and the model reports of its last heartbeat."""
+
+    node_id: str
+    url: str
+    online: bool
+    models: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def uploads(self) -> int:
+        """Peer transfers the node serves now, over all its models."""
+        return sum(int(report.get("uploads") or 0) for report in self.models.values())
+
+
+def _rank(model_id: str, node_id: str) -> bytes:
+    return hashlib.sha256(f"{model_id}\0{node_id}".encode()).digest()
+
+
+def peer_plan(
+    model_id: str,
+    revision: str | None,
+    requester: str | None,
+    nodes: Iterable[NodeModels],
+    *,
+    seeds: int,
+    wait_s: float,
+    bad: frozenset[str] = frozenset(),
+) -> tuple[list[PeerSource], float | None]:
+    """The ``peers`` and ``peer_wait_s`` of a manifest answer for the node ``requester``.
+
+    Args:
+        model_id: the model.
+        revision: the manifest's pinned revision (a peer must hold exactly this one).
+        requester: the asking node's id (``None``: not a node, e.g. ``llmlb pull``).
+        nodes: every registered node.
+        seeds: nodes that may fetch from the hub while no peer is ready.
+        wait_s: how long the others wait for a peer.
+        bad: nodes reported for serving bad bytes of this model (never listed).
+
+    Returns:
+        Peers (least busy first) and ``None``, or no peers and the wait (``None``: fetch
+        from the hub now).
+    """
+    nodes = [node for node in nodes if node.online]
+    peers = [
+        node
+        for node in nodes
+        if node.node_id != requester
+        and node.node_id not in bad
+        and revision is not None
+        and (report := node.models.get(model_id)) is not None
+        and report.get("state") == "ready"
+        and report.get("revision") == revision
+    ]
+    if peers:
+        peers.sort(key=lambda node: (node.uploads, _rank(model_id, node.node_id)))
+        return [PeerSource(node.node_id, node.url, node.uploads) for node in peers], None
+    if requester is None or wait_s <= 0 or not any(n.node_id == requester for n in nodes):
+        return [], None
+    needing = [
+        node.node_id
+        for node in nodes
+        if node.node_id == requester
+        or (node.models.get(model_id) or {}).get("state") not in ("ready", "failed")
+    ]
+    needing.sort(key=lambda node_id: _rank(model_id, node_id))
+    if requester in needing[: max(1, seeds)]:
+        return [], None
+    return [], wait_s
+
+
+class BadPeers:
+    """Peers reported for serving bytes that failed the manifest's checks, per model (this
+    worker's memory; the reporting node also never asks that peer for the model again)."""
+
+    def __init__(self) -> None:
+        self._bad: dict[str, set[str]] = {}
+
+    def report(self, model_id: str, node_id: str, reason: str) -> None:
+        """Record that ``node_id`` served bad bytes of ``model_id``."""
+        self._bad.setdefault(model_id, set()).add(node_id)
+        PEER_REPORTS.labels(node=node_id).inc()
+        logger.warning("node %s served bad bytes of %s: %s", node_id, model_id, reason)
+
+    def of(self, model_id: str) -> frozenset[str]:
+        """The peers never to list for ``model_id``."""
+        return frozenset(self._bad.get(model_id, ()))
+
+
+def transfer_totals(models: Iterable[dict]) -> dict[str, int]:
+    """A node's per-model transfer counters summed (``GET /v0/nodes`` ``transfer``)."""
+    from llmlb.protocol import PEER_COUNTERS
+
+    totals = dict.fromkeys(PEER_COUNTERS, 0)
+    for report in models:
+        for name in PEER_COUNTERS:
+            totals[name] += int(report.get(name) or 0)
+    return totals
+
+
+@functools.cache
+def plan_settings() -> tuple[int, float]:
+    """``(seeds, wait_s)`` from the environment (``LLMLB_PEER_SEEDS``, ``LLMLB_PEER_WAIT_S``)."""
+    return config.peer_seeds(), config.peer_wait_s()
