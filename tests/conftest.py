@@ -11,6 +11,9 @@ import pytest
 
 from tests.procs import spawner
 
+# PostgreSQL fixtures (postgres_server, postgres_url, own_postgres).
+pytest_plugins = ["tests.postgres_fixtures"]
+
 GEMMA_CACHE = Path(os.environ.get("LLMLB_TEST_CACHE", Path.home() / ".cache" / "llmlb-tests"))
 
 

@@ -92,8 +92,18 @@ def admin_key() -> str | None:
 
 
 def router_url() -> str:
-    """``LLMLB_ROUTER_URL`` or the local default."""
-    return (os.environ.get("LLMLB_ROUTER_URL") or DEFAULT_ROUTER_URL).rstrip("/")
+    """The first router of ``LLMLB_ROUTER_URL`` (the one CLI tools talk to), or the local
+    default."""
+    urls = router_urls()
+    return urls[0] if urls else DEFAULT_ROUTER_URL
+
+
+def router_urls(value: str | None = None) -> list[str]:
+    """Every router of a fleet, in order, from ``URL1,URL2`` (default: ``LLMLB_ROUTER_URL``,
+    else the local default), each without a trailing slash; ``[]`` for an empty ``value``."""
+    raw = (os.environ.get("LLMLB_ROUTER_URL") or DEFAULT_ROUTER_URL) if value is None else value
+    urls = [part.strip().rstrip("/") for part in raw.split(",")]
+    return list(dict.fromkeys(url for url in urls if url))
 
 
 def node_key() -> str | None:
@@ -127,12 +137,37 @@ def _env_number(name: str, default: float, minimum: float) -> float:
     return value
 
 
-def router_db_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
-    """The router's SQLite file: ``--db`` > ``LLMLB_ROUTER_DB`` > ``$LLMLB_HOME/lb.db``."""
+POSTGRES_URL_PREFIXES = ("postgresql://", "postgres://")
+
+
+def router_db(cli_value: str | os.PathLike[str] | None = None) -> str | Path:
+    """The router's database: ``--db`` > ``LLMLB_ROUTER_DB`` > ``config.json`` ``db`` >
+    ``$LLMLB_HOME/lb.db``.
+
+    Returns:
+        A ``postgresql://`` URL (``str``, several routers may share it), or the absolute
+        path of the SQLite file.
+
+    Raises:
+        ValueError: ``config.json`` is invalid, or its ``db`` is not a string.
+    """
     value = cli_value or os.environ.get("LLMLB_ROUTER_DB")
+    if not value:
+        value = load_config_file().get("db")
+        if value is not None and not isinstance(value, str):
+            raise ValueError("config.json: 'db' must be a string (a file or postgresql:// URL)")
+    if isinstance(value, str) and value.startswith(POSTGRES_URL_PREFIXES):
+        return value
     if value:
         return Path(value).expanduser().absolute()
     return (llmlb_home() / "lb.db").absolute()
+
+
+def router_db_path(cli_value: str | os.PathLike[str] | None = None) -> Path:
+    """The router's SQLite file (see :func:`router_db`; ``$LLMLB_HOME/lb.db`` when the
+    database is PostgreSQL)."""
+    target = router_db(cli_value)
+    return target if isinstance(target, Path) else (llmlb_home() / "lb.db").absolute()
 
 
 def router_max_body_bytes() -> int:

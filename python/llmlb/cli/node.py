@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--router",
         default=None,
-        help="router base URL (default LLMLB_ROUTER_URL or "
-        f"{config.DEFAULT_ROUTER_URL}); '' serves local models only",
+        help="router base URL, or several of one fleet as URL1,URL2 (default "
+        f"LLMLB_ROUTER_URL or {config.DEFAULT_ROUTER_URL}); '' serves local models only",
     )
     parser.add_argument("--api-key", default=None, help="node-scope key (LLMLB_NODE_KEY)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -154,7 +154,7 @@ def settings_from_args(args: argparse.Namespace):
         raise ValueError("--reconcile-interval must be > 0")
     if args.peer_upload_mbps < 0:
         raise ValueError("--peer-upload-mbps must be >= 0")
-    router = config.router_url() if args.router is None else args.router.rstrip("/")
+    router = ",".join(config.router_urls(args.router))
     return NodeSettings(
         router_url=router,
         api_key=args.api_key if args.api_key is not None else config.node_key(),

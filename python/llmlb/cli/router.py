@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=config.DEFAULT_ROUTER_PORT,
         help=f"port to bind ({config.DEFAULT_ROUTER_PORT})",
     )
-    parser.add_argument("--db", help="SQLite file (default $LLMLB_HOME/lb.db)")
+    parser.add_argument(
+        "--db",
+        help="SQLite file (default LLMLB_ROUTER_DB, config.json db, $LLMLB_HOME/lb.db), or "
+        "postgresql://USER@HOST:PORT/DB for several routers sharing one database",
+    )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     parser.add_argument(
         "--max-inflight",
@@ -68,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         os.environ["LLMLB_PROXY_STREAM_IDLE_TIMEOUT_S"] = str(args.stream_idle_timeout)
     # Workers read their settings from the environment; set it before anything imports
     # prometheus_client, which picks its multi-process mode at import time.
-    os.environ["LLMLB_ROUTER_DB"] = str(config.router_db_path(args.db))
+    try:
+        os.environ["LLMLB_ROUTER_DB"] = str(config.router_db(args.db))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     metrics_dir = None
     if args.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="llmlb-metrics-")
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from llmlb.logs import configure_logging
     from llmlb.router.db import open_database
     from llmlb.router.keys import bootstrap_admin_key
-    from llmlb.router.nodes import mark_all_offline
+    from llmlb.router.nodes import mark_all_offline, reap
     from llmlb.router.proxy import ProxySettings
     from llmlb.router.settings import RouterSettings
 
@@ -92,17 +99,24 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    conn = open_database(settings.db_path)
+    try:
+        conn = open_database(settings.database)
+    except Exception as exc:  # noqa: BLE001 - no database, no router: say why in one line
+        log.error("cannot open the database %s: %s", _shown(settings.database), exc)
+        return 2
     try:
         bootstrap_admin_key(conn, settings.home, settings.admin_key)
-        mark_all_offline(conn)
+        if settings.db_url:
+            reap(conn, settings.offline_after_s)  # other routers' nodes are live
+        else:
+            mark_all_offline(conn)
     finally:
         conn.close()
     log.info(
         "router on http://%s:%d (db %s, %d worker(s))",
         args.host,
         args.port,
-        settings.db_path,
+        _shown(settings.database),
         args.workers,
     )
     try:
@@ -125,3 +139,15 @@ def run(args: argparse.Namespace) -> int:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _shown(target: object) -> str:
+    """The database for logs: a URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = str(target)
+    parts = urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

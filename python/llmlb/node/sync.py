@@ -12,6 +12,11 @@ offline until their next heartbeat), so the node also reconciles with the whole 
 models newly registered and removes models it downloaded that are no longer registered
 (models placed by hand are always kept).
 
+A fleet may have several routers sharing one database (``--router URL1,URL2``): the node
+registers and heartbeats to one, and moves on to the next when it fails (unreachable, or an
+error of its own: 5xx). The registration and the sync token live in the shared database, so
+any router of the fleet may send sync notifications, and the node accepts them all.
+
 ``aiohttp`` is imported when the loop starts, in a thread, overlapping the store scan.
 """
 
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from llmlb import config
 from llmlb.http import bearer_token
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.node import runtimes
@@ -68,6 +74,8 @@ class RouterSync:
         gpu: Callable[[], dict[str, Any]],
     ):
         self.settings = settings
+        self.routers = config.router_urls(settings.router_url)
+        self._router = 0  # index in ``routers`` of the one spoken to now
         self.node_id = node_id
         # Binds node_id to this node on the router: sent with registrations and heartbeats.
         self.node_secret = node_secret(settings.models_dir, node_id)
@@ -117,6 +125,19 @@ class RouterSync:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def router_url(self) -> str:
+        """The router this node registers and heartbeats with now (``""``: none)."""
+        return self.routers[self._router] if self.routers else ""
+
+    def _fail_over(self) -> bool:
+        """Move on to the next router of the list; ``False`` when there is only one."""
+        if len(self.routers) < 2:
+            return False
+        self._router = (self._router + 1) % len(self.routers)
+        logger.info("switching to router %s", self.router_url)
+        return True
+
     def kick(self) -> None:
         """Send a heartbeat soon (a model changed state)."""
         self._kick.set()
@@ -147,7 +168,7 @@ class RouterSync:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        if not self.settings.router_url:
+        if not self.routers:
             await self.resolver.refresh()
             self.ready.set()
             return
@@ -160,12 +181,16 @@ class RouterSync:
         if not await self._register_and_pull():
             self.ready.set()
             logger.warning(
-                "router %s unreachable; serving local models, retrying", self.settings.router_url
+                "router %s unreachable; serving local models, retrying",
+                ", ".join(self.routers),
             )
             delay = 0.5
+            tried = 1
             while not await self._register_and_pull():
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, BACKOFF_MAX_S)
+                if tried % len(self.routers) == 0:  # every router tried once: back off
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                tried += 1
         self.ready.set()
         await self._heartbeat_loop()
 
@@ -193,7 +218,7 @@ class RouterSync:
         self.interval = float(answer.get("heartbeat_interval_s") or self.interval)
         self.node_id = answer.get("node_id") or self.node_id
         self.registered = True
-        logger.info("registered with %s as %s", self.settings.router_url, self.node_id)
+        logger.info("registered with %s as %s", self.router_url, self.node_id)
         await self.pull_registry()
         return True
 
@@ -242,6 +267,7 @@ class RouterSync:
         first heartbeat that succeeds following failed ones (the router may have restarted).
         """
         next_beat = 0.0
+        failures = 0  # heartbeats failed in a row (each moved on to the next router)
         while True:
             now = time.monotonic()
             next_reconcile = self._last_reconcile + self.settings.reconcile_interval_s
@@ -253,14 +279,19 @@ class RouterSync:
                 self._kick.clear()
                 next_beat = now + self.interval
                 try:
-                    if await self._heartbeat():
-                        self._missed_heartbeats = False  # re-registered: reconciled already
+                    reregistered = await self._heartbeat()
+                    failures = 0
+                    if reregistered:
+                        self._missed_heartbeats = False  # reconciled already
                         continue
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - keep heartbeating
                     logger.warning("heartbeat failed: %s", exc)
                     self._missed_heartbeats = True
+                    failures += 1
+                    if failures < len(self.routers):
+                        next_beat = now  # the next router of the fleet, at once
                     continue
             due = time.monotonic() >= self._last_reconcile + self.settings.reconcile_interval_s
             if self._missed_heartbeats or due:
@@ -338,17 +369,30 @@ class RouterSync:
 
     async def _post(self, path: str, body: dict) -> dict:
         assert self._session is not None
-        url = self.settings.router_url.rstrip("/") + path
-        async with self._session.post(
-            url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}
-        ) as resp:
-            return await _answer(resp)
+        session = self._session
+        data = orjson.dumps(body)
+        return await self._call(
+            lambda url: session.post(url, data=data, headers={"Content-Type": "application/json"}),
+            path,
+        )
 
     async def _get(self, path: str) -> dict:
         assert self._session is not None
-        url = self.settings.router_url.rstrip("/") + path
-        async with self._session.get(url) as resp:
-            return await _answer(resp)
+        return await self._call(self._session.get, path)
+
+    async def _call(self, request: Callable[[str], Any], path: str) -> dict:
+        """One request to the current router; a failure of the router itself (unreachable,
+        timeout, 5xx) moves the next call on to the next router of the fleet."""
+        try:
+            async with request(self.router_url + path) as resp:
+                return await _answer(resp)
+        except RouterError as exc:
+            if exc.status >= 500:
+                self._fail_over()
+            raise
+        except (*_client_errors(), TimeoutError):
+            self._fail_over()
+            raise
 
 
 ID_CONFLICT = "node_id_conflict"

@@ -35,6 +35,7 @@ class NodeState:
     slots: int
     token: str | None = field(default=None, repr=False)  # bearer credential for the node
     outstanding: int = 0
+    reported: int = 0  # the node's own active count at its last heartbeat (all routers)
     failures: int = 0  # distinct requests that failed here since the last success
     healthy: bool = True  # False from cool-down until a health probe succeeds
     cooldown_until: float = 0.0
@@ -135,6 +136,7 @@ class Balancer:
                 state = self.state(view)
             if state.node_id in exclude:
                 continue
+            state.reported = getattr(view, "active", 0)
             if not state.healthy:
                 now = now or self._clock()
                 if not state.usable_at(now):
@@ -166,8 +168,10 @@ class Balancer:
         if second >= first:
             second += 1
         a, b = usable[first], usable[second]
-        # Compare outstanding/slots without dividing.
-        return b if b.outstanding * a.slots < a.outstanding * b.slots else a
+        # Compare load/slots without dividing. A node's load is what this router has in flight
+        # there, or what it last reported when other routers keep it busier.
+        a_load, b_load = max(a.outstanding, a.reported), max(b.outstanding, b.reported)
+        return b if b_load * a.slots < a_load * b.slots else a
 
     def remember(self, affinity_key: str, node_id: str) -> None:
         """Record that ``node_id`` served ``affinity_key`` (bounded; oldest entries go first)."""

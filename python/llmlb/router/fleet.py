@@ -19,13 +19,16 @@ class NodeView:
     """What the balancer needs of a node.
 
     ``token`` is the node's sync token: the proxy presents it to the node as its bearer
-    credential, so a node can refuse inference from anyone but its router.
+    credential, so a node can refuse inference from anyone but its router. ``active`` is
+    the node's own count of requests in progress at its last heartbeat (from every router
+    of the fleet), as of the last cache reload.
     """
 
     node_id: str
     url: str
     slots: int
     token: str | None = field(default=None, repr=False)
+    active: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

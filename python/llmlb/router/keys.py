@@ -11,9 +11,9 @@ import hashlib
 import hmac
 import logging
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmlb.errors import ApiError
 from llmlb.http import api_key
@@ -69,12 +69,12 @@ class KeyInfo:
         }
 
 
-def _row_to_info(row: sqlite3.Row) -> KeyInfo:
+def _row_to_info(row: Any) -> KeyInfo:
     return KeyInfo(row["id"], row["name"], row["scope"], row["prefix"], row["created_at"])
 
 
 def create_key(
-    conn: sqlite3.Connection, scope: str, name: str | None = None
+    conn: db.Conn, scope: str, name: str | None = None
 ) -> tuple[KeyInfo, str]:
     """Store a new key of ``scope``; returns its info and the key itself (shown once).
 
@@ -90,7 +90,7 @@ def create_key(
     return info, key
 
 
-def _insert(conn: sqlite3.Connection, info: KeyInfo, key_hash: str) -> None:
+def _insert(conn: db.Conn, info: KeyInfo, key_hash: str) -> None:
     conn.execute(
         "INSERT INTO api_keys (id, name, scope, key_hash, prefix, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",
@@ -99,13 +99,13 @@ def _insert(conn: sqlite3.Connection, info: KeyInfo, key_hash: str) -> None:
     db.bump(conn, db.KEYS)
 
 
-def list_keys(conn: sqlite3.Connection) -> list[KeyInfo]:
+def list_keys(conn: db.Conn) -> list[KeyInfo]:
     """Every stored key, oldest first."""
     rows = conn.execute("SELECT * FROM api_keys ORDER BY created_at, id").fetchall()
     return [_row_to_info(row) for row in rows]
 
 
-def delete_key(conn: sqlite3.Connection, key_id: str) -> bool:
+def delete_key(conn: db.Conn, key_id: str) -> bool:
     """Revoke (delete) a key; ``False`` when no such key.
 
     Raises:
@@ -127,12 +127,12 @@ def delete_key(conn: sqlite3.Connection, key_id: str) -> bool:
     return True
 
 
-def load_hashes(conn: sqlite3.Connection) -> dict[str, str]:
+def load_hashes(conn: db.Conn) -> dict[str, str]:
     """``{key_hash: scope}`` of every key, for the auth cache."""
     return {row[0]: row[1] for row in conn.execute("SELECT key_hash, scope FROM api_keys")}
 
 
-def bootstrap_admin_key(conn: sqlite3.Connection, home: Path, fixed_key: str | None) -> Path | None:
+def bootstrap_admin_key(conn: db.Conn, home: Path, fixed_key: str | None) -> Path | None:
     """Make sure an admin key exists.
 
     With ``fixed_key`` (``LLMLB_ADMIN_KEY``) that key becomes the admin key. Otherwise, if no

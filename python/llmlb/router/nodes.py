@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 from dataclasses import dataclass
 
 import orjson
@@ -109,7 +108,7 @@ def register(conn: db.Conn, reg: Registration, key: bytes | None = None) -> str:
 
 
 def heartbeat(
-    conn: sqlite3.Connection, node_id: str, beat: Heartbeat, key: bytes | None = None
+    conn: db.Conn, node_id: str, beat: Heartbeat, key: bytes | None = None
 ) -> bool:
     """Record a heartbeat; ``False`` when the node is not registered.
 
@@ -157,7 +156,7 @@ def heartbeat(
 
 
 def unregister(
-    conn: sqlite3.Connection, node_id: str, key: bytes | None = None, *, force: bool = False
+    conn: db.Conn, node_id: str, key: bytes | None = None, *, force: bool = False
 ) -> bool:
     """Forget a node; ``False`` when it was not registered.
 
@@ -174,11 +173,12 @@ def unregister(
             raise id_conflict(node_id)
         deleted = conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,)).rowcount
         if deleted:
+            conn.execute("DELETE FROM sync_outbox WHERE node_id = ?", (node_id,))
             db.bump(conn, db.FLEET)
     return bool(deleted)
 
 
-def mark_offline(conn: sqlite3.Connection, node_id: str) -> None:
+def mark_offline(conn: db.Conn, node_id: str) -> None:
     """Mark one node offline (until its next heartbeat)."""
     with db.transaction(conn):
         changed = conn.execute(
@@ -188,11 +188,12 @@ def mark_offline(conn: sqlite3.Connection, node_id: str) -> None:
             db.bump(conn, db.FLEET)
 
 
-def mark_all_offline(conn: sqlite3.Connection) -> int:
-    """Mark every node offline; run once at router start-up.
+def mark_all_offline(conn: db.Conn) -> int:
+    """Mark every node offline; run once at the start of a router with its own database.
 
     Nodes heard by an earlier router process may be gone; each live node turns online
-    again with its next heartbeat, so nothing stale is ever routed to.
+    again with its next heartbeat, so nothing stale is ever routed to. (A router joining a
+    shared database runs :func:`reap` instead: the other routers' nodes are live.)
     """
     with db.transaction(conn):
         changed = conn.execute("UPDATE nodes SET status='offline' WHERE status='online'").rowcount
@@ -201,7 +202,7 @@ def mark_all_offline(conn: sqlite3.Connection) -> int:
     return changed
 
 
-def reap(conn: sqlite3.Connection, offline_after_s: float) -> int:
+def reap(conn: db.Conn, offline_after_s: float) -> int:
     """Mark offline every online node silent for longer than ``offline_after_s``."""
     cutoff = db.unix_now() - offline_after_s
     with db.transaction(conn):
@@ -214,16 +215,18 @@ def reap(conn: sqlite3.Connection, offline_after_s: float) -> int:
     return changed
 
 
-def sync_target(conn: sqlite3.Connection, node_id: str) -> tuple[str, str] | None:
+def sync_target(conn: db.Conn, node_id: str) -> tuple[str, str] | None:
     """``(url, sync_token)`` of a registered node, or ``None``."""
     row = conn.execute("SELECT url, sync_token FROM nodes WHERE id = ?", (node_id,)).fetchone()
     return (row[0], row[1]) if row else None
 
 
-def load_states(conn: sqlite3.Connection) -> list[NodeState]:
+def load_states(conn: db.Conn) -> list[NodeState]:
     """Every node in the form the fleet cache holds."""
     states = []
-    query = "SELECT id, url, slots, status, models, sync_token, runtimes FROM nodes"
+    query = (
+        "SELECT id, url, slots, status, models, sync_token, runtimes, active_requests FROM nodes"
+    )
     for row in conn.execute(query):
         models = {
             m["id"]: ModelReport(
@@ -231,13 +234,15 @@ def load_states(conn: sqlite3.Connection) -> list[NodeState]:
             )
             for m in orjson.loads(row["models"])
         }
-        view = NodeView(row["id"], row["url"], row["slots"], row["sync_token"])
+        view = NodeView(
+            row["id"], row["url"], row["slots"], row["sync_token"], row["active_requests"]
+        )
         runtimes = tuple(orjson.loads(row["runtimes"]))
         states.append(NodeState(view, row["status"] == "online", models, runtimes))
     return states
 
 
-def list_nodes(conn: sqlite3.Connection, offline_after_s: float) -> list[dict]:
+def list_nodes(conn: db.Conn, offline_after_s: float) -> list[dict]:
     """Every node for ``GET /v0/nodes`` (never the sync token)."""
     cutoff = db.unix_now() - offline_after_s
     nodes = []

@@ -1,9 +1,9 @@
-"""Model registry: registration requests, the hub lookup, and models + manifests in SQLite."""
+"""Model registry: registration requests, the hub lookup, and models + manifests in the
+database."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -125,12 +125,12 @@ async def fetch_manifest(settings: RouterSettings, req: RegisterRequest) -> Any:
         raise hub_error_to_api(exc) from exc
 
 
-def model_exists(conn: sqlite3.Connection, model_id: str) -> bool:
+def model_exists(conn: db.Conn, model_id: str) -> bool:
     """Whether ``model_id`` is registered."""
     return conn.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is not None
 
 
-def conflicting_model(conn: sqlite3.Connection, model_id: str) -> str | None:
+def conflicting_model(conn: db.Conn, model_id: str) -> str | None:
     """A registered model whose store directory would contain ``model_id``'s or lie inside it.
 
     Ids are compared by their base (``:QUANT`` dropped): ``nest`` and ``nest/inner:q4``
@@ -149,7 +149,7 @@ def conflicting_model(conn: sqlite3.Connection, model_id: str) -> str | None:
     return row[0] if row else None
 
 
-def check_no_conflict(conn: sqlite3.Connection, model_id: str) -> None:
+def check_no_conflict(conn: db.Conn, model_id: str) -> None:
     """Refuse an id that is a path prefix of a registered model's id, or has one as a prefix.
 
     Raises:
@@ -166,7 +166,7 @@ def check_no_conflict(conn: sqlite3.Connection, model_id: str) -> None:
 
 
 def store_model(
-    conn: sqlite3.Connection, model_id: str, manifest: Any, chat_template: str | None
+    conn: db.Conn, model_id: str, manifest: Any, chat_template: str | None
 ) -> dict:
     """Store a model and its manifest in one transaction; returns the model's ``/v0`` row.
 
@@ -215,14 +215,14 @@ def store_model(
                 ],
             )
             db.bump(conn, db.FLEET)
-    except sqlite3.IntegrityError:
+    except db.INTEGRITY_ERRORS:
         if model_exists(conn, model_id):
             raise ApiError(409, "model_exists", f"model {model_id} is already registered") from None
         raise
     return get_model_row(conn, model_id)  # type: ignore[return-value]
 
 
-def delete_model(conn: sqlite3.Connection, model_id: str) -> bool:
+def delete_model(conn: db.Conn, model_id: str) -> bool:
     """Delete a model and its manifest; ``False`` when not registered."""
     with db.transaction(conn):
         deleted = conn.execute("DELETE FROM models WHERE id = ?", (model_id,)).rowcount
@@ -231,7 +231,7 @@ def delete_model(conn: sqlite3.Connection, model_id: str) -> bool:
     return bool(deleted)
 
 
-def _v0_row(row: sqlite3.Row) -> dict:
+def _v0_row(row: Any) -> dict:
     return {
         "id": row["id"],
         "repo": row["repo"],
@@ -244,18 +244,18 @@ def _v0_row(row: sqlite3.Row) -> dict:
     }
 
 
-def get_model_row(conn: sqlite3.Connection, model_id: str) -> dict | None:
+def get_model_row(conn: db.Conn, model_id: str) -> dict | None:
     """One model in ``GET /v0/models`` form, or ``None``."""
     row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
     return _v0_row(row) if row else None
 
 
-def list_models(conn: sqlite3.Connection) -> list[dict]:
+def list_models(conn: db.Conn) -> list[dict]:
     """Every registered model in ``GET /v0/models`` form."""
     return [_v0_row(row) for row in conn.execute("SELECT * FROM models ORDER BY id")]
 
 
-def get_manifest(conn: sqlite3.Connection, model_id: str) -> dict | None:
+def get_manifest(conn: db.Conn, model_id: str) -> dict | None:
     """The stored manifest of ``model_id`` in its wire form, or ``None``."""
     row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
     if row is None:
@@ -289,7 +289,7 @@ def get_manifest(conn: sqlite3.Connection, model_id: str) -> dict | None:
     ).to_dict()
 
 
-def load_registered(conn: sqlite3.Connection) -> list[RegisteredModel]:
+def load_registered(conn: db.Conn) -> list[RegisteredModel]:
     """Every registered model in the form the fleet cache holds."""
     return [
         RegisteredModel(row[0], row[1], row[2], row[3], row[4])

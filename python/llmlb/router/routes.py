@@ -134,7 +134,7 @@ async def register_model(request: Request) -> Response:
     REGISTRATIONS.labels(result="ok").inc()
     logger.info("registered model %s from %s@%s", req.model_id, manifest.repo, manifest.revision)
     await runtime.refresh()
-    runtime.notifier.notify(
+    await runtime.notify(
         [node.node_id for node in runtime.fleet.online_nodes()], [req.model_id], "register"
     )
     entry = runtime.fleet.model_entry(req.model_id) or {}
@@ -149,7 +149,7 @@ async def delete_model(request: Request) -> Response:
         raise _model_not_found(model_id)
     logger.info("deleted model %s", model_id)
     await runtime.refresh()
-    runtime.notifier.notify(
+    await runtime.notify(
         [node.node_id for node in runtime.fleet.online_nodes()], [model_id], "delete"
     )
     return Response(status_code=204)
@@ -162,7 +162,7 @@ async def retry_model(request: Request) -> Response:
     if not await runtime.db.run(registry.model_exists, model_id):
         raise _model_not_found(model_id)
     node_ids = [node.node_id for node in runtime.fleet.online_nodes()]
-    runtime.notifier.notify(node_ids, [model_id], "retry")
+    await runtime.notify(node_ids, [model_id], "retry")
     return JSONResponse({"model": model_id, "action": "retry", "nodes": node_ids}, status_code=202)
 
 
@@ -283,7 +283,7 @@ async def unregister_node(request: Request) -> Response:
     forced = key is not None and runtime.keys.scope_of(key) == "admin"
     if not await runtime.db.run(partial(nodes.unregister, force=forced), node_id, key):
         raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
-    runtime.notifier.cancel(node_id)
+    runtime.forget_node(node_id)
     logger.info("node %s unregistered", node_id)
     await runtime.refresh()
     return Response(status_code=204)

@@ -1,26 +1,33 @@
 """One worker's live state: database, key cache, fleet view, sync notifier, background tasks.
 
-Every worker process keeps its own caches. A background task polls ``PRAGMA data_version``
-(cheap, no table read) and reloads what the ``state_version`` counters say changed, so a key
-revoked or a node registered through one worker reaches the others within
-``change_poll_interval_s``. Requests never read the database for auth or routing.
+Every worker process keeps its own caches, and requests never read the database for auth
+or routing. A background task waits for the database to report a change (SQLite: ``PRAGMA
+data_version`` polled every ``change_poll_interval_s``; PostgreSQL: ``LISTEN``, delivered
+at the writer's commit) and reloads what the ``state_version`` counters say moved, so a key
+revoked or a node registered through any worker of any router reaches the others within a
+second. Every ``full_refresh_s`` everything is reloaded regardless (the safety net for a
+lost notification, and how the active-request counts of heartbeats reach the balancer).
+
+When the database is unreachable the caches stay as they are: inference goes on, calls
+that need the database answer 503 ``database_unavailable``, and the next successful
+refresh picks everything up again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import sqlite3
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Gauge
 
-from llmlb.router import db, keys, nodes, registry
+from llmlb.router import db, keys, nodes, outbox, registry
 from llmlb.router.fleet import FleetView
 from llmlb.router.keys import KeyCache
+from llmlb.router.leader import Duties
 from llmlb.router.settings import RouterSettings
-from llmlb.router.sync import SyncNotifier
+from llmlb.router.sync import SyncNotifier, sync_body
 
 logger = logging.getLogger("llmlb.router")
 
@@ -30,7 +37,7 @@ NODES = Gauge(
 MODELS = Gauge("llmlb_router_models_registered", "Registered models.", multiprocess_mode="livemax")
 
 
-def _snapshot(conn: sqlite3.Connection, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
+def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
     """Versions, plus the key map and/or fleet data whose version moved since ``known``."""
     current = db.versions(conn)
     key_hashes = keys.load_hashes(conn) if current.get(db.KEYS) != known.get(db.KEYS) else None
@@ -49,20 +56,23 @@ class Runtime:
 
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        self.db = db.Database(settings.db_path)
+        self.db = db.Database(settings.database, poll_interval_s=settings.change_poll_interval_s)
         self.keys = KeyCache()
         self.fleet = FleetView(on_offline=self._persist_offline)
         self.notifier = SyncNotifier(settings, self.db)
+        self.duties = Duties(settings, self.db, self.notifier)
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
+        self._db_down = False
 
     async def start(self) -> None:
         """Open the database, make sure an admin key exists, load caches, start tasks."""
         await self.db.open()
         await self.db.run(keys.bootstrap_admin_key, self.settings.home, self.settings.admin_key)
-        await self.refresh()
+        await self.refresh(full=True)
         await self.notifier.start()
+        await self.duties.check_leadership()
         self._spawn(self._watch(), "llmlb-watch")
         self._spawn(self._reap(), "llmlb-reap")
 
@@ -74,10 +84,11 @@ class Runtime:
         await self.notifier.close()
         await self.db.close()
 
-    async def refresh(self) -> None:
-        """Reload whichever caches the database says changed."""
+    async def refresh(self, full: bool = False) -> None:
+        """Reload whichever caches the database says changed (``full``: all of them)."""
         async with self._refresh_lock:
-            current, key_hashes, fleet = await self.db.run(_snapshot, self._versions)
+            known = {} if full else self._versions
+            current, key_hashes, fleet = await self.db.run(_snapshot, known)
             if key_hashes is not None:
                 self.keys.replace(key_hashes)
             if fleet is not None:
@@ -87,23 +98,56 @@ class Runtime:
                 MODELS.set(len(fleet[1]))
             self._versions = current
 
+    async def notify(self, node_ids: Iterable[str], model_ids: list[str], action: str) -> None:
+        """Queue a sync notification for each node; the fleet's leader delivers it.
+
+        Raises:
+            llmlb.router.db.DatabaseUnavailable: it could not be queued.
+        """
+        if await self.db.run(outbox.enqueue, list(node_ids), sync_body(model_ids, action)):
+            await self.duties.pump()  # at once when this worker leads; else the leader wakes
+
+    def forget_node(self, node_id: str) -> None:
+        """Stop notifying a node that unregistered (its outbox rows went with it)."""
+        self.notifier.cancel(node_id)
+
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _database_failed(self, what: str, exc: Exception) -> None:
+        self.duties.database_failed()
+        if not self._db_down:
+            self._db_down = True
+            logger.warning("%s: %s; serving from the caches until it is back", what, exc)
+
+    def _database_ok(self) -> None:
+        self.duties.database_ok()
+        if self._db_down:
+            self._db_down = False
+            logger.info("the database is reachable again")
+
     async def _watch(self) -> None:
-        last = await self.db.data_version()
+        loop = asyncio.get_running_loop()
+        full_every = self.settings.full_refresh_s
+        next_full = loop.time() + full_every
         while True:
-            await asyncio.sleep(self.settings.change_poll_interval_s)
             try:
-                current = await self.db.data_version()
-                if current != last:
-                    last = current
-                    await self.refresh()
-            except sqlite3.Error:
-                logger.exception("cannot poll the database for changes")
+                changed = await self.db.wait_for_change(max(0.0, next_full - loop.time()))
+                full = loop.time() >= next_full
+                if full:
+                    next_full = loop.time() + full_every
+                await self.refresh(full=full or self._db_down)
+                if changed or full:
+                    await self.duties.pump()
+                self._database_ok()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep watching; the caches stay
+                self._database_failed("cannot read the database", exc)
+                await asyncio.sleep(min(1.0, full_every))
 
     async def _reap(self) -> None:
         interval = max(0.05, self.settings.heartbeat_interval_s / 2)
@@ -116,16 +160,21 @@ class Runtime:
                 # unread: a busy router must never take a node offline.
                 continue
             try:
-                if await self.db.run(nodes.reap, self.settings.offline_after_s):
+                await self.duties.pump()  # rows whose wake-up was missed
+                if await self.duties.reap():
                     await self.refresh()
-            except sqlite3.Error:
-                logger.exception("cannot mark silent nodes offline")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the next tick tries again
+                self._database_failed("cannot run the fleet's background duties", exc)
 
     def _persist_offline(self, node_id: str) -> None:
         logger.warning("node %s marked offline by the proxy", node_id)
 
         async def persist() -> None:
-            with contextlib.suppress(sqlite3.Error):
+            try:
                 await self.db.run(nodes.mark_offline, node_id)
+            except Exception as exc:  # noqa: BLE001 - this router's cache has it already
+                logger.info("cannot persist node %s offline: %s", node_id, exc)
 
         self._spawn(persist(), f"llmlb-offline-{node_id}")

@@ -14,15 +14,18 @@ class RouterSettings:
 
     Attributes:
         home: ``$LLMLB_HOME``; the generated admin key lives here.
-        db_path: the SQLite file (``lb.db``).
+        db_path: the SQLite file (``lb.db``), used when ``db_url`` is not set.
+        db_url: a ``postgresql://`` URL: the database several routers share.
         max_body_bytes: requests with a larger body get 413.
         heartbeat_interval_s: heartbeat period asked of nodes.
         missed_heartbeats: a node silent for this many periods is offline.
         sync_backoff_base_s: first retry delay of a failed sync notification.
         sync_backoff_max_s: cap of that delay.
         sync_timeout_s: timeout of one sync notification request.
-        change_poll_interval_s: how often a worker checks the database for changes made
-            by other workers (keys, nodes, models).
+        change_poll_interval_s: how often a worker checks SQLite for changes made by
+            other workers (keys, nodes, models); PostgreSQL pushes them (``LISTEN``).
+        full_refresh_s: every this often a worker reloads all its caches anyway (and the
+            active-request counts nodes report).
         hf_endpoint: hub base URL for registrations.
         hf_token: hub token; used for hub calls only, never stored or sent to nodes.
         admin_key: the fixed admin key (``LLMLB_ADMIN_KEY``), if any.
@@ -30,6 +33,7 @@ class RouterSettings:
 
     home: Path
     db_path: Path
+    db_url: str | None = None
     max_body_bytes: int = config.DEFAULT_MAX_BODY_BYTES
     heartbeat_interval_s: float = config.DEFAULT_HEARTBEAT_INTERVAL_S
     missed_heartbeats: int = 3
@@ -37,6 +41,7 @@ class RouterSettings:
     sync_backoff_max_s: float = config.DEFAULT_SYNC_BACKOFF_MAX_S
     sync_timeout_s: float = 10.0
     change_poll_interval_s: float = 0.25
+    full_refresh_s: float = 5.0
     hf_endpoint: str = config.DEFAULT_HF_ENDPOINT
     hf_token: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
@@ -46,11 +51,14 @@ class RouterSettings:
         """Build settings from the environment (through ``llmlb.config``).
 
         Args:
-            db: the ``--db`` flag, when given.
+            db: the ``--db`` flag, when given (a SQLite file or a ``postgresql://`` URL).
         """
+        home = config.llmlb_home().absolute()
+        target = config.router_db(db)
         return cls(
-            home=config.llmlb_home().absolute(),
-            db_path=config.router_db_path(db),
+            home=home,
+            db_path=target if isinstance(target, Path) else home / "lb.db",
+            db_url=target if isinstance(target, str) else None,
             max_body_bytes=config.router_max_body_bytes(),
             heartbeat_interval_s=config.heartbeat_interval_s(),
             sync_backoff_base_s=config.sync_backoff_base_s(),
@@ -59,6 +67,11 @@ class RouterSettings:
             hf_token=config.hf_token(),
             admin_key=config.admin_key(),
         )
+
+    @property
+    def database(self) -> str | Path:
+        """What the router stores its state in: ``db_url``, else ``db_path``."""
+        return self.db_url or self.db_path
 
     @property
     def offline_after_s(self) -> float:
