@@ -471,3 +471,23 @@ def test_bad_tools_are_400_naming_the_tool(batching, patch, param):
     with pytest.raises(ApiError) as err:
         run(engine.chat("local/chat", path, _tool_body(**patch)))
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_echo_with_logprobs_scores_the_prompt_itself(batching):
+    engine, path, run = batching["engine"], batching["path"], batching["run"]
+    scored = run(engine.complete("local/chat", path, {
+        "prompt": "Paris is the capital of France", "max_tokens": 0, "echo": True,
+        "logprobs": 1}))
+    choice = scored["choices"][0]
+    assert choice["text"] == "Paris is the capital of France"
+    assert scored["usage"]["completion_tokens"] == 0
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"][-1] == " France"
+    assert len(logprobs["tokens"]) == scored["usage"]["prompt_tokens"]
+    assert logprobs["token_logprobs"][0] is None  # nothing predicts the first token
+    assert all(lp is not None and lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    # the same number the model gives " France" when asked to continue the shorter prompt
+    asked = run(engine.complete("local/chat", path, {
+        "prompt": "Paris is the capital of", "max_tokens": 1, "temperature": 0, "logprobs": 5}))
+    top = asked["choices"][0]["logprobs"]["top_logprobs"][0]
+    assert top[" France"] == pytest.approx(logprobs["token_logprobs"][-1], abs=0.05)

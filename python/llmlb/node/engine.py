@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 # Prompt tokens one decode may take, and one compute pass (llama.cpp's server defaults).
 N_BATCH = 2048
 N_UBATCH = 512
+# Logits rows one decode step may produce beyond one per slot: scoring a prompt's own tokens
+# (completions ``echo`` + ``logprobs``) takes this many at a time (1 MiB each for Gemma).
+PROMPT_SCORE_ROWS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,7 @@ class Engine:
                     n_seq=slots,
                     n_batch=min(N_BATCH, n_ctx_seq * slots),
                     n_ubatch=min(N_UBATCH, n_ctx_seq * slots),
-                    n_outputs=slots,
+                    n_outputs=max(slots, PROMPT_SCORE_ROWS),
                     threads=self._threads,
                     threads_batch=self._threads_batch,
                 ),
@@ -612,6 +615,7 @@ class Engine:
                     stop=stop,
                     stop_tokens=loaded.turn_stop_tokens,
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
+                    prompt_logprobs=bool(echo) and generation.logprobs,
                     special_tokens=loaded.marker_tokens if tooling else frozenset(),
                     on_release=holding.tick,
                 )

@@ -34,6 +34,7 @@ from llmlb.node.scheduler import (
     ErrorEvent,
     Event,
     Job,
+    PromptLogprobEvent,
     Scheduler,
     StartEvent,
     TokenEvent,
@@ -105,6 +106,7 @@ class Run:
         self.choices = [_Choice() for _ in range(len(jobs) * self.n)]
         self.prompt_tokens = sum(len(j.prompt) for j in jobs)
         self.cached = 0
+        self._prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in jobs]
         self._backlog: list[tuple[int, Event]] = []
         self._closed = False
 
@@ -144,7 +146,7 @@ class Run:
     def finished(self) -> bool:
         return all(c.finish is not None for c in self.choices)
 
-    def _logprob(self, event: TokenEvent) -> TokenLogprob | None:
+    def _logprob(self, event: TokenEvent | PromptLogprobEvent) -> TokenLogprob | None:
         if event.logprob is None:
             return None
         model = self.model
@@ -158,6 +160,13 @@ class Run:
         alternatives = [(*entry(t), lp) for t, lp in top[: self.generation.top_logprobs]]
         return TokenLogprob(token_text, raw, chosen, alternatives)
 
+    def _prompt_entries(self, number: int) -> list[TokenLogprob]:
+        """Logprob entries of prompt ``number``'s tokens (the first one has none)."""
+        first = self.jobs[number].prompt[0]
+        raw = self.model.piece(first)
+        head = TokenLogprob(raw.decode("utf-8", errors="replace"), raw, None, [])
+        return [head, *self._prompt_logprobs[number]]
+
     def _usage(self) -> dict[str, Any]:
         completion = sum(c.tokens for c in self.choices)
         return usage(self.prompt_tokens, completion, self.cached)
@@ -170,6 +179,8 @@ class Run:
                 raise ApiError(500, "inference_failed", event.message)
             if isinstance(event, StartEvent):
                 self.cached += event.cached
+            elif isinstance(event, PromptLogprobEvent):
+                self._prompt_logprobs[number].append(self._logprob(event))
             elif isinstance(event, TokenEvent):
                 choice = self.choices[index]
                 choice.text.append(event.text)
@@ -184,12 +195,13 @@ class Run:
         for index, choice in enumerate(self.choices):
             prefix = self.echo[index // self.n] if self.echo else ""
             logprobs = None
-            if self.generation.logprobs:
-                logprobs = (
-                    chat_logprobs(choice.logprobs)
-                    if self.shaper.chat
-                    else completion_logprobs(choice.logprobs, len(prefix))
-                )
+            if self.generation.logprobs and self.shaper.chat:
+                logprobs = chat_logprobs(choice.logprobs)
+            elif self.generation.logprobs:
+                entries = choice.logprobs
+                if self.echo:
+                    entries = [*self._prompt_entries(index // self.n), *entries]
+                logprobs = completion_logprobs(entries, 0 if self.echo else len(prefix))
             text, finish, calls = prefix + "".join(choice.text), choice.finish, None
             if self.tooling is not None:
                 text, parsed = self.tooling.parse(text)

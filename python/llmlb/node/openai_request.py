@@ -234,9 +234,9 @@ def _sampling(body: dict) -> Sampling:
     )
 
 
-def _max_tokens(body: dict) -> int | None:
+def _max_tokens(body: dict, least: int) -> int | None:
     for name in ("max_completion_tokens", "max_tokens"):
-        value = integer(body, name, 1, None, None)
+        value = integer(body, name, least, None, None)
         if value is not None:
             return value
     return None
@@ -291,7 +291,7 @@ def _generation(body: dict, *, chat: bool) -> Generation:
     return Generation(
         sampling=_sampling(body),
         n=n,
-        max_tokens=_max_tokens(body),
+        max_tokens=_max_tokens(body, 1 if chat else 0),  # completions: 0 scores the prompt
         stop=_stop(body),
         stream=stream,
         include_usage=include_usage,

@@ -58,11 +58,12 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 @dataclass
 class TokenLogprob:
-    """One generated token's logprob entry (with its most likely alternatives)."""
+    """One token's logprob entry (with its most likely alternatives); ``logprob`` is
+    ``None`` for a prompt's first token, which nothing predicts."""
 
     token: str
     raw: bytes
-    logprob: float
+    logprob: float | None
     top: list[tuple[str, bytes, float]] = field(default_factory=list)
 
 
@@ -93,7 +94,9 @@ def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, A
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for t, _raw, lp in e.top} for e in entries],
+        "top_logprobs": [
+            None if e.logprob is None else {t: lp for t, _raw, lp in e.top} for e in entries
+        ],
         "text_offset": offsets,
     }
 

@@ -40,6 +40,15 @@ class TokenEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobEvent:
+    """The logprob of prompt token ``position`` given the tokens before it."""
+
+    position: int
+    token: int
+    logprob: tuple[float, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True, slots=True)
 class StartEvent:
     """The job got its slots: ``cached`` of its ``prompt`` tokens were reused."""
 
@@ -65,7 +74,7 @@ class ErrorEvent:
     message: str
 
 
-Event = TokenEvent | StartEvent | DoneEvent | ErrorEvent
+Event = TokenEvent | StartEvent | DoneEvent | ErrorEvent | PromptLogprobEvent
 
 
 @dataclass(eq=False)
@@ -81,6 +90,8 @@ class Job:
         stop: strings that end a choice (never emitted).
         stop_tokens: token ids that end a choice besides the model's end-of-generation ones.
         top_logprobs: ``None`` for no logprobs, else how many alternatives per token.
+        prompt_logprobs: logprobs of the prompt's own tokens too (completions ``echo``);
+            the whole prompt is then evaluated, no cached prefix reused.
         special_tokens: control tokens whose text is part of the answer (tool-call markers).
         on_release: called once (from the scheduler thread) when the job holds no slot any
             more and never will: finished, failed, cancelled, or dropped while queued.
@@ -94,6 +105,7 @@ class Job:
     stop: tuple[str, ...] = ()
     stop_tokens: frozenset[int] = frozenset()
     top_logprobs: int | None = None
+    prompt_logprobs: bool = False
     special_tokens: frozenset[int] = frozenset()
     on_release: Callable[[], Any] | None = None
     cancelled: bool = False
@@ -240,16 +252,30 @@ class Scheduler:
         if generating:
             budget = min(budget, shape.n_ubatch)
         chunks: list[tuple[_Running, list[int]]] = []
+        scored: list[tuple[_Running, int, int, int]] = []  # run, first row, position, count
+        rows = len(outputs)
         for r in self._running:
             if budget <= 0:
                 break
             if not r.primary or not r.prompt_left:
                 continue
-            take = r.prompt_left[:budget]
+            size = budget
+            if r.job.prompt_logprobs:
+                size = min(size, shape.n_outputs - rows)  # every token is an output row
+                if size <= 0:
+                    continue
+            take = r.prompt_left[:size]
             pos = len(r.slot.tokens)
             last = len(take) == len(r.prompt_left)
+            first = batch.n
             for j, token in enumerate(take):
-                index = batch.add(token, pos + j, r.slot.seq, last and j == len(take) - 1)
+                out = r.job.prompt_logprobs or (last and j == len(take) - 1)
+                index = batch.add(token, pos + j, r.slot.seq, out)
+            if r.job.prompt_logprobs:
+                scored.append((r, first, pos, len(take)))
+                rows += len(take)
+            elif last:
+                rows += 1
             if last:
                 outputs.append((r, index))
             chunks.append((r, take))
@@ -260,6 +286,8 @@ class Scheduler:
         if status != 0:
             self._fail_batch(generating, chunks, status)
             return
+        for r, first, pos, count in scored:
+            self._score_prompt(r, first, pos, count)
         prompt_tokens = 0
         for r, take in chunks:
             r.slot.tokens.extend(take)
@@ -280,6 +308,16 @@ class Scheduler:
         self.stats.completion_tokens += generated
         self._on_step(sequences, prompt_tokens, generated)
 
+    def _score_prompt(self, r: _Running, first: int, pos: int, count: int) -> None:
+        """Emit the logprob of each prompt token that rows ``first…`` predict."""
+        prompt, top = r.job.prompt, r.job.top_logprobs or 0
+        for j in range(count):
+            target = pos + j + 1
+            if target >= len(prompt):
+                break  # the last prompt token predicts the first generated one
+            info = logprobs(self.ctx.logits(first + j), prompt[target], top)
+            r.job.emit(PromptLogprobEvent(target, prompt[target], info))
+
     def _choices_sharing(self, r: _Running) -> list[_Running]:
         """``r`` and, right after its prompt, the other choices that copied its cells."""
         if r.primary and r.generated == 0 and r.job.n > 1:
@@ -296,6 +334,9 @@ class Scheduler:
     def _advance(self, r: _Running, index: int) -> int:
         """Sample ``r``'s next token from output row ``index``; 1 if one was generated."""
         job = r.job
+        if job.max_tokens == 0:  # echo only: the prompt was all that was asked for
+            self._finish(r, "length")
+            return 0
         token = r.sampler.sample(self.ctx, index)
         info = None
         if job.top_logprobs is not None:
@@ -358,6 +399,8 @@ class Scheduler:
 
     def _start(self, job: Job, free: list[_Slot]) -> None:
         slot, keep = self._best_slot(job.prompt, free)
+        if job.prompt_logprobs:
+            keep = 0
         if not self.ctx.seq_rm(slot.seq, keep, -1):
             self.ctx.seq_rm(slot.seq)
             keep = 0
