@@ -284,8 +284,10 @@ class PeerService:
     def _check_token(self, request: Request) -> None:
         expected = self.token()
         presented = bearer_token(request.headers.get("authorization"))
-        if not expected or presented is None or not hmac.compare_digest(
-            presented, expected.encode()
+        if (
+            not expected
+            or presented is None
+            or not hmac.compare_digest(presented, expected.encode())
         ):
             raise self._refuse(
                 "auth",

@@ -465,9 +465,7 @@ class ModelFetch:
                     logger.warning("%s: reporting peer %s failed: %s", self.model_id, node_id, exc)
         return blamed
 
-    def _fetch_sources(
-        self, file: _FileProgress, peer: PeerSource, probe: Any, part: Path
-    ) -> str:
+    def _fetch_sources(self, file: _FileProgress, peer: PeerSource, probe: Any, part: Path) -> str:
         """Fetch ``file``'s ranges from ``peer``, the hub joining when the peer is gone or slow."""
         spec = file.spec
         opts = self.options
