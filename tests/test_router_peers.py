@@ -1,0 +1,81 @@
+"""The router's peer view (:mod:`llmlb.router.peers`): who is listed as a peer, which nodes
+are seeds while nobody has the model, and the fleet credential."""
+
+from __future__ import annotations
+
+import stat
+
+from llmlb.router.peers import NodeModels, fleet_token, peer_plan
+
+REV = "c" * 40
+
+
+def _node(
+    node_id: str, state: str | None = None, revision: str = REV, uploads: int = 0, online=True
+):
+    models = {}
+    if state is not None:
+        models["m"] = {"id": "m", "state": state, "revision": revision, "uploads": uploads}
+    return NodeModels(node_id, f"http://{node_id}:1", online, models)
+
+
+def _plan(requester, nodes, seeds=1, bad=frozenset()):
+    return peer_plan("m", REV, requester, nodes, seeds=seeds, wait_s=30.0, bad=bad)
+
+
+def test_peers_hold_the_model_ready_at_the_manifests_revision_least_busy_first():
+    nodes = [
+        _node("busy", "ready", uploads=5),
+        _node("idle", "ready", uploads=0),
+        _node("old", "ready", revision="a" * 40),
+        _node("placed", "ready", revision=None),
+        _node("loading", "downloading"),
+        _node("gone", "ready", online=False),
+        _node("me"),
+    ]
+    peers, wait = _plan("me", nodes)
+    assert [p.node_id for p in peers] == ["idle", "busy"] and wait is None
+    assert peers[1].uploads == 5 and peers[0].url == "http://idle:1"
+    peers, _ = _plan("me", nodes, bad=frozenset({"idle"}))
+    assert [p.node_id for p in peers] == ["busy"]
+    peers, _ = _plan("idle", nodes)  # never itself
+    assert [p.node_id for p in peers] == ["busy"]
+
+
+def test_one_seed_goes_to_the_hub_while_the_others_wait_for_it():
+    nodes = [_node(f"n{i}") for i in range(5)]
+    answers = {n.node_id: _plan(n.node_id, nodes) for n in nodes}
+    seeds = [node_id for node_id, (_, wait) in answers.items() if wait is None]
+    assert len(seeds) == 1
+    assert all(wait == 30.0 for node_id, (_, wait) in answers.items() if node_id not in seeds)
+    two = [node_id for node_id in answers if _plan(node_id, nodes, seeds=2)[1] is None]
+    assert len(two) == 2 and seeds[0] in two
+    # The seed fails (or goes offline): another node takes its place.
+    failed = [_node(n.node_id, "failed") if n.node_id == seeds[0] else n for n in nodes]
+    others = [n.node_id for n in nodes if n.node_id != seeds[0]]
+    assert sum(_plan(node_id, failed)[1] is None for node_id in others) == 1
+    offline = [n for n in nodes if n.node_id != seeds[0]]
+    assert sum(_plan(node_id, offline)[1] is None for node_id in others) == 1
+
+
+def test_callers_that_are_no_node_of_the_fleet_never_wait():
+    nodes = [_node("a"), _node("b")]
+    assert _plan(None, nodes) == ([], None)
+    assert _plan("stranger", nodes) == ([], None)
+
+
+def test_the_fleet_token_is_stable_derived_and_its_secret_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("LLMLB_FLEET_SECRET", raising=False)
+    fleet_token.cache_clear()
+    token = fleet_token(tmp_path)
+    secret_file = tmp_path / "fleet.key"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert secret_file.read_text() not in token
+    fleet_token.cache_clear()
+    assert fleet_token(tmp_path) == token  # a second worker, or a restart
+    monkeypatch.setenv("LLMLB_FLEET_SECRET", "shared-by-every-router")
+    fleet_token.cache_clear()
+    other = fleet_token(tmp_path / "elsewhere")
+    fleet_token.cache_clear()
+    assert other != token and fleet_token(tmp_path / "again") == other
+    fleet_token.cache_clear()
