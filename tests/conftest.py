@@ -11,7 +11,7 @@ import pytest
 
 from tests.procs import spawner
 
-# PostgreSQL fixtures (postgres_server, postgres_url, own_postgres).
+# PostgreSQL fixtures (postgres_server, postgres_url, own_postgres, db_target).
 pytest_plugins = ["tests.postgres_fixtures"]
 
 GEMMA_CACHE = Path(os.environ.get("LLMLB_TEST_CACHE", Path.home() / ".cache" / "llmlb-tests"))

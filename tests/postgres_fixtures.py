@@ -189,3 +189,11 @@ def own_postgres() -> Iterator[PostgresServer]:
     server = make_server()
     yield server
     server.remove()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request, tmp_path) -> str | Path:
+    """Each backend in turn: a SQLite file, then a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return tmp_path / "lb.db"
+    return request.getfixturevalue("postgres_url")

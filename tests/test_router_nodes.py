@@ -10,8 +10,9 @@ from llmlb.router import db, nodes
 
 
 @pytest.fixture
-def conn(tmp_path):
-    connection = db.open_database(tmp_path / "lb.db")
+def conn(db_target):
+    """A migrated connection, on SQLite and on PostgreSQL in turn."""
+    connection = db.open_database(db_target)
     yield connection
     connection.close()
 

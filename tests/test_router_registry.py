@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-
 import orjson
 import pytest
 from llmlb.errors import (
@@ -38,8 +36,9 @@ def _manifest(*names: str) -> RepoManifest:
 
 
 @pytest.fixture
-def conn(tmp_path):
-    connection = db.open_database(tmp_path / "lb.db")
+def conn(db_target):
+    """A migrated connection, on SQLite and on PostgreSQL in turn."""
+    connection = db.open_database(db_target)
     yield connection
     connection.close()
 
@@ -101,7 +100,7 @@ def test_store_and_read_back(conn):
 
 def test_a_failed_store_leaves_nothing(conn):
     before = db.versions(conn)
-    with pytest.raises(sqlite3.IntegrityError):  # the same file twice breaks the file table
+    with pytest.raises(db.INTEGRITY_ERRORS):  # the same file twice breaks the file table
         registry.store_model(conn, "org/name", _manifest("m.gguf", "m.gguf"), None)
     assert registry.list_models(conn) == []
     assert conn.execute("SELECT COUNT(*) FROM model_files").fetchone()[0] == 0

@@ -18,13 +18,13 @@ def test_backoff_schedule_doubles_to_the_cap():
     assert backoff_delay(10_000, 1.0, 60.0) == 60.0
 
 
-def test_notifier_retries_until_delivered(tmp_path):
+def test_notifier_retries_until_delivered(tmp_path, db_target):
     settings = RouterSettings(
         home=tmp_path, db_path=tmp_path / "lb.db", sync_backoff_base_s=0.01, sync_backoff_max_s=0.02
     )
 
     async def scenario(standin: NodeStandin) -> int:
-        database = db.Database(settings.db_path)
+        database = db.Database(db_target)
         await database.open()
         reg = nodes.Registration.parse({"node_id": "n", "url": standin.url})
         token = await database.run(nodes.register, reg)
