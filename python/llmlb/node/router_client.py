@@ -1,17 +1,42 @@
 """The node's blocking requests to the router: a model's manifest (used by downloads and
 ``llmlb pull``), and reports of peers that served bad bytes (the registration and heartbeat
-loop is :mod:`llmlb.node.sync`)."""
+loop is :mod:`llmlb.node.sync`).
+
+``router_url`` may name several routers of one fleet (``URL1,URL2``, sharing one database):
+each is asked in turn until one answers (:func:`first_router`).
+"""
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
 
 import orjson
 
+from llmlb import config
 from llmlb.errors import ModelNotRegistered, RouterUnavailable
 from llmlb.protocol import Manifest, PeerReport
+
+T = TypeVar("T")
+
+
+def first_router(router_url: str, call: Callable[[str], T]) -> T:
+    """``call(url)`` for each router of ``router_url`` (``URL1,URL2``) in turn, until one does
+    not raise :class:`RouterUnavailable` (other errors, such as a 404, are answers).
+
+    Raises:
+        RouterUnavailable: the last router's failure, when none answered.
+    """
+    urls = config.router_urls(router_url)
+    for url in urls[:-1]:
+        try:
+            return call(url)
+        except RouterUnavailable:
+            continue
+    return call(urls[-1] if urls else router_url)
 
 
 def fetch_manifest(
@@ -30,6 +55,10 @@ def fetch_manifest(
         ModelNotRegistered: the router answered 404.
         RouterUnavailable: the router is unreachable or answered another error.
     """
+    if "," in router_url:
+        return first_router(
+            router_url, lambda url: fetch_manifest(url, api_key, model_id, timeout, node_id)
+        )
     quoted = urllib.parse.quote(model_id, safe="")
     url = f"{router_url.rstrip('/')}/v0/models/registry/{quoted}/manifest.json"
     if node_id:
@@ -60,6 +89,8 @@ def report_peer(
     Raises:
         RouterUnavailable: the router is unreachable or refused the report.
     """
+    if "," in router_url:
+        return first_router(router_url, lambda url: report_peer(url, api_key, report, timeout))
     url = f"{router_url.rstrip('/')}/v0/peers/report"
     headers = {"Content-Type": "application/json"}
     if api_key:
