@@ -81,6 +81,7 @@ def build(source: Path, out: Path, jobs: int) -> None:
     if built is None:
         raise SystemExit(f"no llama-server under {build_dir}")
     shutil.copy2(built, out)
+    shutil.rmtree(build_dir, ignore_errors=True)  # ~100 MB of objects; the binary is static
 
 
 def ensure_server(jobs: int = 2, sdist_dir: Path | None = None) -> Path:

@@ -183,7 +183,7 @@ def node_server(work: Path, store: Path, slots: int, ctx: int, round_no: int) ->
 
 
 def llama_server(binary: Path, work: Path, gguf: Path, template: Path, slots: int, ctx: int,
-                 threads: int, round_no: int) -> Server:
+                 threads: int, round_no: int | str) -> Server:
     """llama.cpp's server with the same slots, per-slot context and threads."""
     port = free_port()
     argv = [str(binary), "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx),
@@ -223,7 +223,7 @@ async def stream(http: aiohttp.ClientSession, url: str, body: dict) -> Stream:
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
-                break
+                continue  # read to the end: a half-read response must not be reused
             event = orjson.loads(data)
             if event.get("usage"):
                 usage = event["usage"]
@@ -240,6 +240,36 @@ async def stream(http: aiohttp.ClientSession, url: str, body: dict) -> Stream:
     tokens = int(usage.get("completion_tokens") or chunks)
     return Stream(ttft=(first or ended) - started, duration=ended - started, tokens=tokens,
                   prompt_tokens=int(usage.get("prompt_tokens") or 0), text="".join(parts))
+
+
+def cpu_stall_us() -> int:
+    """Microseconds tasks on this machine waited for a CPU so far (PSI ``some``; 0 if absent).
+
+    Its growth over a case is the share of that case during which something was runnable but
+    had no core: the machine is shared, and this flags samples taken while it was busy.
+    """
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return 0
+    return int(line.rsplit("total=", 1)[1])
+
+
+def cpu_pressure_avg10() -> float:
+    """The share of the last 10 s some task waited for a CPU (PSI ``some avg10``), 0..1."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return 0.0
+    return float(line.split("avg10=", 1)[1].split()[0]) / 100
+
+
+async def wait_for_quiet(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (at most ``limit_s``) until other work leaves the CPUs mostly free; seconds waited."""
+    started = time.monotonic()
+    while cpu_pressure_avg10() > threshold and time.monotonic() - started < limit_s:
+        await asyncio.sleep(2)
+    return time.monotonic() - started
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -262,7 +292,8 @@ async def wave(url: str, streams: int, max_tokens: int, tag: str, sequential: in
     """``streams`` concurrent requests (or ``sequential`` one-at-a-time ones when 1)."""
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout,
-                                     connector=aiohttp.TCPConnector(limit=0)) as http:
+                                     connector=aiohttp.TCPConnector(limit=0,
+                                                                    force_close=True)) as http:
         endpoint = url + "/v1/completions"
 
         def prompt(i: int) -> str:
@@ -292,7 +323,8 @@ async def multi_turn(url: str, tag: str, reply_tokens: int) -> dict:
     endpoint = url + "/v1/chat/completions"
     messages = [{"role": "user", "content": f"Session {tag}. {ARTICLE}\n\nSummarise the text."}]
     common = {"model": MODEL, "max_tokens": reply_tokens, "temperature": 0, "logit_bias": NO_EOS}
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                     connector=aiohttp.TCPConnector(force_close=True)) as http:
         first = await stream(http, endpoint, {**common, "messages": messages})
         messages += [{"role": "assistant", "content": first.text},
                      {"role": "user", "content": "Now give it a short title."}]
@@ -320,50 +352,29 @@ async def embeddings_rss(server: Server) -> dict:
 # -- one session ----------------------------------------------------------------------
 
 
-SETTING_KEYS = ("n_seq_max", "n_ctx", "n_ctx_seq", "n_batch", "n_ubatch", "causal_attn",
-                "flash_attn", "kv_unified", "swa_full", "n_threads", "n_parallel")
+# What llama-server logs at start (with ``-lv 4``) about the context it made.
+SETTING_PATTERNS = {
+    **{key: rf"llama_context: {key}\s*=\s*(\S+)" for key in (
+        "n_seq_max", "n_ctx", "n_ctx_seq", "n_batch", "n_ubatch", "causal_attn", "flash_attn",
+        "kv_unified")},
+    "flash_attn_resolved": r"Flash Attention (enabled|disabled)",
+    "kv_cache_non_swa_cells": r"creating non-SWA KV cache, size = (\d+) cells",
+    "kv_cache_swa_cells": r"creating\s+SWA KV cache, size = (\d+) cells",
+    "threads": r"system_info: n_threads = (\d+)",
+    "prompt_cache_ram_mib": r"prompt cache is enabled, size limit: (\d+) MiB",
+    "context_checkpoints": r"context checkpoints enabled, max = (\d+)",
+}
 
 
 def settings_from_log(log: Path) -> dict[str, str]:
-    """The context settings llama.cpp logged at start (``llama_context: key = value``)."""
-    found: dict[str, str] = {}
-    try:
-        text = log.read_text(errors="replace")
-    except OSError:
-        return found
-    for key in SETTING_KEYS:
-        match = re.search(rf"\b{key}\s*=\s*(\S+)", text)
+    """The context settings llama-server logged at start."""
+    text = log.read_text(errors="replace")
+    found = {}
+    for key, pattern in SETTING_PATTERNS.items():
+        match = re.search(pattern, text)
         if match:
             found[key] = match.group(1)
     return found
-
-
-async def session(server: Server, plan: Plan, round_no: int) -> dict:
-    """Start ``server``, run every case, measure RSS, stop it."""
-    load = os.getloadavg()
-    await server.start()
-    try:
-        out: dict = {"loadavg_start": load, "cases": {}}
-        async with aiohttp.ClientSession() as http:  # warm-up: loads the node's model
-            await stream(http, server.url + "/v1/completions", completion_body("Hello", 8))
-        for max_tokens in plan.max_tokens:
-            for streams in plan.streams:
-                key = f"{streams}x{max_tokens}"
-                out["cases"][key] = await wave(server.url, streams, max_tokens,
-                                               f"r{round_no}{server.side}{key}", plan.sequential)
-                print(f"  {server.side:5} {key:>7}: {out['cases'][key]['tok_s']:7.1f} tok/s, "
-                      f"TTFT p50 {out['cases'][key]['ttft_p50'] * 1000:7.1f} ms", flush=True)
-        out["multi_turn"] = await multi_turn(server.url, f"r{round_no}{server.side}",
-                                             plan.reply_tokens)
-        print(f"  {server.side:5} multi-turn: first {out['multi_turn']['first_ttft'] * 1000:.1f} ms"
-              f", second {out['multi_turn']['second_ttft'] * 1000:.1f} ms", flush=True)
-        out["rss_mb"] = server.rss_mb()
-        if server.side == "node":
-            out["embeddings"] = await embeddings_rss(server)
-    finally:
-        server.stop()
-    out["settings"] = settings_from_log(server.log) if server.side == "llama" else node_settings()
-    return out
 
 
 def node_settings() -> dict[str, str]:
@@ -375,6 +386,48 @@ def node_settings() -> dict[str, str]:
             "flash_attn": "llama.cpp default (auto)"}
 
 
+async def probe_llama(server: Server) -> dict[str, str]:
+    """Start ``server`` once with verbose logs; what it logs about its context."""
+    server.argv += ["-lv", "4"]
+    await server.start()
+    server.stop()
+    return settings_from_log(server.log)
+
+
+async def session(server: Server, plan: Plan, round_no: int, quiet_wait: float = 0) -> dict:
+    """Start ``server`` (once the machine is quiet), run every case, measure RSS, stop it."""
+    waited = await wait_for_quiet(quiet_wait)
+    load = os.getloadavg()
+    await server.start()
+    try:
+        out: dict = {"loadavg_start": load, "waited_for_quiet_s": waited, "cases": {}}
+        async with aiohttp.ClientSession(  # warm-up: loads the node's model
+                connector=aiohttp.TCPConnector(force_close=True)) as http:
+            await stream(http, server.url + "/v1/completions", completion_body("Hello", 8))
+        for max_tokens in plan.max_tokens:
+            for streams in plan.streams:
+                key = f"{streams}x{max_tokens}"
+                sequential = plan.sequential * (2 if max_tokens <= 64 else 1)
+                stall, started = cpu_stall_us(), time.perf_counter()
+                out["cases"][key] = await wave(server.url, streams, max_tokens,
+                                               f"r{round_no}{server.side}{key}", sequential)
+                out["cases"][key]["cpu_pressure"] = (
+                    (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - started))
+                print(f"  {server.side:5} {key:>7}: {out['cases'][key]['tok_s']:7.1f} tok/s, "
+                      f"TTFT p50 {out['cases'][key]['ttft_p50'] * 1000:7.1f} ms, "
+                      f"CPU pressure {out['cases'][key]['cpu_pressure']:.0%}", flush=True)
+        out["multi_turn"] = await multi_turn(server.url, f"r{round_no}{server.side}",
+                                             plan.reply_tokens)
+        print(f"  {server.side:5} multi-turn: first {out['multi_turn']['first_ttft'] * 1000:.1f} ms"
+              f", second {out['multi_turn']['second_ttft'] * 1000:.1f} ms", flush=True)
+        out["rss_mb"] = server.rss_mb()
+        if server.side == "node":
+            out["embeddings"] = await embeddings_rss(server)
+    finally:
+        server.stop()
+    return out
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one session runs."""
@@ -382,7 +435,7 @@ class Plan:
     rounds: int
     streams: tuple[int, ...]
     max_tokens: tuple[int, ...]
-    sequential: int  # requests, one at a time, in the 1-stream case
+    sequential: int  # requests one at a time in the 1-stream case (twice that up to 64 tokens)
     reply_tokens: int  # answer length of each chat turn
 
 
@@ -390,7 +443,7 @@ QUICK = Plan(rounds=1, streams=(1, 8), max_tokens=(16,), sequential=2, reply_tok
 
 
 def full_plan(rounds: int) -> Plan:
-    return Plan(rounds=rounds, streams=(1, 8, 32), max_tokens=(64, 256), sequential=3,
+    return Plan(rounds=rounds, streams=(1, 8, 32), max_tokens=(64, 256), sequential=2,
                 reply_tokens=32)
 
 
@@ -410,7 +463,7 @@ def summarise(runs: dict[str, list[dict]], plan: Plan) -> dict:
             key = f"{streams}x{max_tokens}"
             row = {"case": key, "streams": streams, "max_tokens": max_tokens}
             for side in ("node", "llama"):
-                for metric in ("tok_s", "ttft_p50", "ttft_p99"):
+                for metric in ("tok_s", "ttft_p50", "ttft_p99", "cpu_pressure"):
                     row[f"{side}_{metric}"] = med([r["cases"][key][metric] for r in runs[side]])
             row["tok_s_ratio"] = row["node_tok_s"] / row["llama_tok_s"]
             row["ttft_p50_ratio"] = row["node_ttft_p50"] / row["llama_ttft_p50"]
@@ -487,8 +540,9 @@ async def bench(args: argparse.Namespace) -> dict:
     binary = args.server or ensure_server()
     gguf = assemble_gemma()
     threads = len(os.sched_getaffinity(0))
-    work = Path(args.keep or tempfile.mkdtemp(prefix="bench-engine-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-engine-", dir=args.keep))
     store = work / "store"
     place_model(store, MODEL, gguf, GEMMA_CHAT_TEMPLATE)
     template = work / "gemma.jinja"
@@ -496,6 +550,8 @@ async def bench(args: argparse.Namespace) -> dict:
     print(f"work dir {work}; {threads} threads; slots {args.slots} x ctx {args.ctx_size}; "
           f"load average {os.getloadavg()}", flush=True)
 
+    settings = {"node": node_settings(), "llama": await probe_llama(
+        llama_server(binary, work, gguf, template, args.slots, args.ctx_size, threads, "probe"))}
     load_before = os.getloadavg()
     started = time.monotonic()
     runs: dict[str, list[dict]] = {"node": [], "llama": []}
@@ -506,7 +562,7 @@ async def bench(args: argparse.Namespace) -> dict:
                       if side == "node" else
                       llama_server(binary, work, gguf, template, args.slots, args.ctx_size,
                                    threads, round_no))
-            runs[side].append(await session(server, plan, round_no))
+            runs[side].append(await session(server, plan, round_no, args.quiet_wait))
     elapsed = time.monotonic() - started
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -525,7 +581,7 @@ async def bench(args: argparse.Namespace) -> dict:
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
             "elapsed_s": elapsed,
-            "settings": {side: runs[side][0]["settings"] for side in runs},
+            "settings": settings,
         },
         "summary": summary,
         "runs": runs,
@@ -540,9 +596,12 @@ def main() -> None:
     parser.add_argument("--ctx-size", type=int, default=1024, help="context per slot C (1024)")
     parser.add_argument("--server", type=Path, default=None,
                         help="a llama-server binary (default: build/cache one)")
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="seconds to wait, before each server's turn, for the shared "
+                        "machine's CPU pressure (PSI avg10) to drop below 25%% (120)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "engine" / "results.json")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="work directory (logs, store) to keep; default a temporary one")
+                        help="keep the run's work directory (logs, store) under DIR")
     args = parser.parse_args()
     results = asyncio.run(bench(args))
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
