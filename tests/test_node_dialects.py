@@ -1,0 +1,574 @@
+"""Unit tests of the Responses and Anthropic Messages translations (llmlb.node.responses_api,
+llmlb.node.anthropic_api, llmlb.node.chat_events, llmlb.anthropic_errors): request bodies into
+chat bodies, and recorded chat chunk streams into each dialect's events, each event checked
+against the official SDK's own type."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import anthropic.types as at
+import orjson
+import pytest
+from llmlb import anthropic_errors
+from llmlb.errors import ApiError
+from llmlb.node import anthropic_api, chat_events, responses_api
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+
+def chunk(delta: dict | None = None, finish: str | None = None) -> dict:
+    """One chat.completion.chunk as the engine sends it."""
+    choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [choice]}
+
+
+def usage_chunk(prompt: int, completion: int) -> dict:
+    use = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": use}
+
+
+def tool_head(index: int, call_id: str, name: str) -> dict:
+    call = {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
+    return chunk({"tool_calls": [call]})
+
+
+def tool_args(index: int, text: str) -> dict:
+    return chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+
+
+ROLE = chunk({"role": "assistant", "content": ""})
+TWO_CALLS = [
+    ROLE,
+    tool_head(0, "call_a", "get_weather"),
+    tool_args(0, '{"city": '),
+    tool_args(0, '"Paris"}'),
+    tool_head(1, "call_b", "get_weather"),
+    tool_args(1, '{"city": "Oslo"}'),
+    chunk(finish="tool_calls"),
+    usage_chunk(30, 12),
+]
+
+
+class Closable:
+    """A recorded chunk stream with the engine iterator's ``aclose``."""
+
+    def __init__(self, chunks: list[dict]):
+        self.chunks = list(chunks)
+        self.closed = False
+
+    def __aiter__(self) -> Closable:
+        return self
+
+    async def __anext__(self) -> dict:
+        if self.closed or not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def _drain(events: AsyncIterator) -> list:
+    return [event async for event in events]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def sse(body: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in body.split(b"\n\n"):
+        if not block.strip():
+            continue
+        head, data = block.split(b"\n", 1)
+        out.append((head.removeprefix(b"event: ").decode(), orjson.loads(data[6:])))
+    return out
+
+
+# -- chat events -----------------------------------------------------------------------
+
+
+def test_chat_events_of_two_tool_calls():
+    events = run(_drain(chat_events.chat_events(Closable(TWO_CALLS))))
+    assert events == [
+        chat_events.ToolCallStart(0, "call_a", "get_weather"),
+        chat_events.ToolCallDelta(0, '{"city": '),
+        chat_events.ToolCallDelta(0, '"Paris"}'),
+        chat_events.ToolCallStart(1, "call_b", "get_weather"),
+        chat_events.ToolCallDelta(1, '{"city": "Oslo"}'),
+        chat_events.Finish("tool_calls"),
+        chat_events.Usage(30, 12, 0),
+    ]
+
+
+def test_stop_string_across_pieces_is_named_and_cancels():
+    source = Closable(
+        [
+            ROLE,
+            chunk({"content": "Hel"}),
+            chunk({"content": "lo wor"}),
+            chunk({"content": "ld"}),
+            chunk(finish="stop"),
+            usage_chunk(5, 4),
+        ]
+    )
+    events = run(_drain(chat_events.chat_events(source, ("xyz", "o w"))))
+    text = "".join(e.text for e in events if isinstance(e, chat_events.TextDelta))
+    assert text == "Hell"
+    assert chat_events.Finish("stop_sequence", "o w") in events
+    assert events[-1] == chat_events.Usage(None, 2)  # cut before the engine counted
+    assert source.closed  # the generation was cancelled
+
+
+def test_first_matching_stop_string_wins():
+    source = Closable([ROLE, chunk({"content": "a. b! c"}), chunk(finish="stop")])
+    events = run(_drain(chat_events.chat_events(source, ("!", "."))))
+    assert chat_events.Finish("stop_sequence", ".") in events
+
+
+def test_failed_run_is_one_failure_event():
+    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
+    events = run(_drain(chat_events.chat_events(Closable([ROLE, {"error": error}]))))
+    assert events == [chat_events.Failure(error)]
+    with pytest.raises(ApiError) as caught:
+        run(chat_events.collect(chat_events.chat_events(Closable([ROLE, {"error": error}]))))
+    assert caught.value.status == 500
+
+
+def test_collect_assembles_tool_calls():
+    answer = run(chat_events.collect(chat_events.chat_events(Closable(TWO_CALLS))))
+    assert [(c.id, c.arguments) for c in answer.tool_calls] == [
+        ("call_a", '{"city": "Paris"}'),
+        ("call_b", '{"city": "Oslo"}'),
+    ]
+    assert answer.finish_reason == "tool_calls" and answer.usage.completion_tokens == 12
+
+
+# -- Responses: request ------------------------------------------------------------------
+
+
+def test_responses_items_become_chat_messages():
+    request = responses_api.parse_request(
+        {
+            "model": "m",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "Sunny"},
+                {"type": "reasoning", "id": "rs_1", "summary": []},
+            ],
+            "tools": [{"type": "function", "name": "w", "parameters": WEATHER}],
+            "tool_choice": {"type": "function", "name": "w"},
+            "max_output_tokens": 20,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": WEATHER}},
+        }
+    )
+    chat = request.chat
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert chat["messages"][1] == {"role": "user", "content": "Weather?"}
+    assert [c["id"] for c in chat["messages"][2]["tool_calls"]] == ["c1", "c2"]
+    assert chat["messages"][3] == {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}
+    assert len(chat["messages"]) == 4
+    assert chat["tools"] == [{"type": "function", "function": {"name": "w", "parameters": WEATHER}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "w"}}
+    assert chat["max_tokens"] == 20
+    assert chat["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "x", "schema": WEATHER},
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"store": True}, "store", "no state"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id", "no state"),
+        ({"conversation": "conv_1"}, "conversation", "no state"),
+        ({"tools": [{"type": "web_search_preview"}]}, "tools[0].type", "web_search_preview"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type", "code_interpreter"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0]",
+            "input_image",
+        ),
+        ({"input": []}, "input", "non-empty"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type", "grammar"),
+        ({"max_output_tokens": 0}, "max_output_tokens", "positive"),
+    ],
+)
+def test_responses_bad_bodies_are_400_naming_the_field(body, param, words):
+    with pytest.raises(ApiError) as caught:
+        responses_api.parse_request({"model": "m", "input": "hi", **body})
+    assert caught.value.status == 400 and caught.value.param == param
+    assert words in caught.value.message
+
+
+# -- Responses: answer -------------------------------------------------------------------
+
+
+class RecordedEngine:
+    """Answers ``chat`` with recorded chunks (streamed) or a recorded completion."""
+
+    def __init__(self, chunks: list[dict] | None = None, answer: dict | None = None):
+        self.chunks, self.answer, self.bodies = chunks, answer, []
+
+    async def chat(self, model_id, path, body, as_sse=True):
+        self.bodies.append(body)
+        return Closable(self.chunks) if body.get("stream") else self.answer
+
+    async def count_chat_tokens(self, model_id, path, body):
+        return 30
+
+
+async def _body(result) -> bytes:
+    return b"".join([part async for part in result])
+
+
+def test_responses_stream_of_two_calls_parses_as_the_sdks_events():
+    engine = RecordedEngine(TWO_CALLS)
+    result = run(
+        responses_api.create(engine, "m", "/p", {"model": "m", "input": "hi", "stream": True})
+    )
+    events = sse(run(_body(result)))
+    adapter = TypeAdapter(ResponseStreamEvent)
+    for kind, data in events:
+        assert kind == data["type"]
+        adapter.validate_python(data)
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    kinds = [k for k, _ in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    final = Response.model_validate(events[-1][1]["response"])
+    assert [(o.call_id, o.arguments) for o in final.output] == [
+        ("call_a", '{"city": "Paris"}'),
+        ("call_b", '{"city": "Oslo"}'),
+    ]
+    assert [d["output_index"] for k, d in events if k == "response.output_item.added"] == [0, 1]
+    assert final.usage.input_tokens == 30 and final.usage.output_tokens == 12
+    assert engine.bodies[0]["stream_options"] == {"include_usage": True}
+
+
+def test_responses_empty_answer_still_has_its_message():
+    engine = RecordedEngine([ROLE, chunk(finish="stop"), usage_chunk(3, 1)])
+    result = run(
+        responses_api.create(engine, "m", "/p", {"model": "m", "input": "hi", "stream": True})
+    )
+    events = sse(run(_body(result)))
+    final = Response.model_validate(events[-1][1]["response"])
+    assert final.status == "completed" and final.output[0].type == "message"
+    assert final.output_text == ""
+
+
+def test_responses_failed_stream_ends_with_response_failed():
+    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
+    engine = RecordedEngine([ROLE, chunk({"content": "Hi"}), {"error": error}])
+    result = run(
+        responses_api.create(engine, "m", "/p", {"model": "m", "input": "hi", "stream": True})
+    )
+    kind, data = sse(run(_body(result)))[-1]
+    assert kind == "response.failed" and data["response"]["status"] == "failed"
+    assert data["response"]["error"] == {"code": "inference_failed", "message": "boom"}
+
+
+def test_responses_whole_answer_with_text_and_a_call():
+    completion = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": "Let me look.",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "w", "arguments": "{}"},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+    }
+    body = run(
+        responses_api.create(
+            RecordedEngine(answer=completion), "m", "/p", {"model": "m", "input": "hi"}
+        )
+    )
+    response = Response.model_validate(body)
+    assert [o.type for o in response.output] == ["message", "function_call"]
+    assert response.output_text == "Let me look." and response.output[1].call_id == "call_1"
+    assert response.usage.total_tokens == 13
+
+
+# -- Anthropic: request ------------------------------------------------------------------
+
+
+def test_anthropic_history_becomes_chat_messages():
+    request = anthropic_api.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}],
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hm", "signature": "s"},
+                        {"type": "text", "text": "Looking."},
+                        {"type": "tool_use", "id": "tu_1", "name": "w", "input": {"city": "P"}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "tu_1",
+                            "content": [{"type": "text", "text": "Sunny"}],
+                        },
+                        {"type": "text", "text": "Thanks"},
+                    ],
+                },
+            ],
+            "tools": [{"name": "w", "description": "weather", "input_schema": WEATHER}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+            "stop_sequences": ["END", "END", ""],
+            "top_k": 5,
+            "temperature": 0.5,
+            "metadata": {"user_id": "u1"},
+        }
+    )
+    chat = request.chat
+    assert chat["messages"] == [
+        {"role": "system", "content": "A\n\nB"},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "Looking.",
+            "tool_calls": [
+                {
+                    "id": "tu_1",
+                    "type": "function",
+                    "function": {"name": "w", "arguments": '{"city":"P"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "tu_1", "content": "Sunny"},
+        {"role": "user", "content": "Thanks"},
+    ]
+    assert chat["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "w", "parameters": WEATHER, "description": "weather"},
+        }
+    ]
+    assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
+    assert "stop" not in chat and request.stop == ("END",)  # matched by the node itself
+    assert (chat["top_k"], chat["temperature"], chat["user"]) == (5, 0.5, "u1")
+
+
+def test_anthropic_named_tool_choice():
+    request = anthropic_api.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "w", "input_schema": WEATHER}],
+            "tool_choice": {"type": "tool", "name": "w"},
+        }
+    )
+    assert request.chat["tool_choice"] == {"type": "function", "function": {"name": "w"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"name": "w"}]}, "tools[0].input_schema"),
+        (
+            {"tool_choice": {"type": "sometimes"}, "tools": [{"name": "w", "input_schema": {}}]},
+            "tool_choice.type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        ({"stop_sequences": "END"}, "stop_sequences"),
+    ],
+)
+def test_anthropic_bad_bodies_are_400_naming_the_field(body, param):
+    base = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ApiError) as caught:
+        anthropic_api.parse_request({k: v for k, v in {**base, **body}.items() if v is not None})
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+# -- Anthropic: answer -------------------------------------------------------------------
+
+
+def test_anthropic_stream_of_text_and_a_tool_use_parses_as_the_sdks_events():
+    chunks = [
+        ROLE,
+        chunk({"content": "Let me "}),
+        chunk({"content": "look."}),
+        *TWO_CALLS[1:4],
+        chunk(finish="tool_calls"),
+        usage_chunk(30, 9),
+    ]
+    body = {
+        "model": "m",
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    events = sse(run(_body(run(anthropic_api.create(RecordedEngine(chunks), "m", "/p", body)))))
+    adapter = TypeAdapter(at.RawMessageStreamEvent)
+    for kind, data in events:
+        assert kind == data["type"]
+        adapter.validate_python(data)
+    assert [k for k, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 30
+    assert events[5][1] == {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}},
+    }
+    assert events[7][1]["delta"] == {"type": "input_json_delta", "partial_json": '"Paris"}'}
+    assert events[9][1]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert events[9][1]["usage"]["output_tokens"] == 9
+
+
+def test_anthropic_whole_answer_names_its_stop_sequence():
+    chunks = [
+        ROLE,
+        chunk({"content": "one, two, thr"}),
+        chunk({"content": "ee, four"}),
+        chunk(finish="stop"),
+        usage_chunk(7, 6),
+    ]
+    engine = RecordedEngine(chunks)
+    body = {
+        "model": "m",
+        "max_tokens": 50,
+        "stop_sequences": ["three"],
+        "messages": [{"role": "user", "content": "count"}],
+    }
+    message = at.Message.model_validate(run(anthropic_api.create(engine, "m", "/p", body)))
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == "three"
+    assert message.content[0].text == "one, two, "
+    assert message.usage.input_tokens == 30  # counted: the cut run never reported it
+    assert "stop" not in engine.bodies[0]
+
+
+def test_anthropic_whole_answer_stop_reasons():
+    def answer(finish: str, calls: list | None = None) -> dict:
+        message = {"role": "assistant", "content": "" if calls else "Hi", "tool_calls": calls}
+        return {
+            "choices": [{"index": 0, "finish_reason": finish, "message": message}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 2},
+        }
+
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    for finish, reason in (("stop", "end_turn"), ("length", "max_tokens")):
+        out = run(anthropic_api.create(RecordedEngine(answer=answer(finish)), "m", "/p", body))
+        assert at.Message.model_validate(out).stop_reason == reason
+    calls = [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"a":1}'}}]
+    out = run(
+        anthropic_api.create(RecordedEngine(answer=answer("tool_calls", calls)), "m", "/p", body)
+    )
+    message = at.Message.model_validate(out)
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, b.input) for b in message.content] == [("tool_use", {"a": 1})]
+
+
+def test_anthropic_failed_stream_ends_with_an_error_event():
+    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    engine = RecordedEngine([ROLE, chunk({"content": "Hi"}), {"error": error}])
+    kind, data = sse(run(_body(run(anthropic_api.create(engine, "m", "/p", body)))))[-1]
+    assert kind == "error"
+    assert data == {"type": "error", "error": {"type": "api_error", "message": "boom"}}
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "overloaded_error"),
+        (529, "overloaded_error"),
+        (409, "invalid_request_error"),
+    ],
+)
+def test_anthropic_error_types_follow_the_status(status, kind):
+    body = orjson.loads(anthropic_errors.from_api_error(ApiError(status, "c", "m")))
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}}
+
+
+def test_anthropic_shaped_bodies_are_not_reshaped():
+    theirs = anthropic_errors.error_body(400, "bad")
+    assert anthropic_errors.from_openai_body(theirs, 400) is theirs
+    ours = ApiError(503, "overloaded", "busy").body()
+    assert orjson.loads(anthropic_errors.from_openai_body(ours, 503))["error"] == {
+        "type": "overloaded_error",
+        "message": "busy",
+    }
