@@ -367,6 +367,8 @@ def test_messages_errors_are_anthropic_shaped(fleet, claude):
     with pytest.raises(anthropic.AuthenticationError) as caught:
         bad_key.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert caught.value.body["error"]["type"] == "authentication_error"
+    wrong_method = call(router, "GET", "/v1/messages", fleet["key"])
+    assert wrong_method.status == 405 and wrong_method.json["type"] == "error"
     # The OpenAI routes keep OpenAI's shape.
     openai_shaped = call(router, "POST", "/v1/responses", "sk-wrong", {"model": MODEL})
     assert openai_shaped.status == 401 and openai_shaped.json["error"]["code"] == "invalid_api_key"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmlb.errors import ApiError
@@ -92,7 +92,6 @@ class ChatAnswer:
     finish_reason: str
     usage: Usage
     stop_sequence: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _usage(raw: dict[str, Any] | None) -> Usage:
