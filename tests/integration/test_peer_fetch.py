@@ -247,3 +247,44 @@ def test_a_lying_peer_is_caught_and_a_peer_nobody_reaches_is_skipped(spawn, tmp_
         elapsed = time.monotonic() - started
         assert reply.status == 206 and reply.body == lie[SHARDS[0]].read_bytes()[:10_000_000]
         assert 1.7 < elapsed < 8, elapsed
+
+
+def test_killing_the_seed_mid_transfer_still_ends_with_every_node_ready(spawn, tmp_path):
+    root = tmp_path / "hub"
+    shards = _write_model(root / "st" / "model")
+    hub = start_hub(spawn, root)
+    router = start_router(spawn, tmp_path / "home", ADMIN, env={"HF_ENDPOINT": hub, **ROUTER_ENV})
+    node_key = create_key(router, ADMIN, "node")
+    nodes = [
+        start_node(
+            spawn,
+            router,
+            node_key,
+            tmp_path / f"store{i}",
+            "--store-all",
+            "--peer-upload-mbps",
+            "80",  # 10 MB/s shared: the transfers from the seed take seconds
+            env={"HF_ENDPOINT": hub},
+        )
+        for i in range(3)
+    ]
+    _register(router, "st/model")
+    seed = wait_until(
+        lambda: next((n for n in nodes if _ready(n, "st/model")), None), timeout=60, message="seed"
+    )
+    others = [n for n in nodes if n is not seed]
+    wait_until(
+        lambda: any(
+            (((model_status(n, "st/model") or {}).get("progress") or {}).get("bytes") or 0) > MIB
+            for n in others
+        ),
+        timeout=30,
+        interval=0.02,
+        message="a transfer from the seed under way",
+    )
+    seed.proc.kill()
+    for node in others:
+        report = wait_until(lambda n=node: _ready(n, "st/model"), timeout=90, message="ready")
+        for name, true in shards.items():
+            assert _sha(node.models_dir / "st" / "model" / name) == _sha(true)
+        assert report["bytes_from_hub"] > 0  # the hub finished what the seed could not

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 600.0
 #: How often a node waiting for a seed's copy asks the router again.
-PEER_POLL_S = 1.0
+PEER_POLL_S = 0.25
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE_S, cap: float = RETRY_MAX_S) -> float:
