@@ -514,6 +514,17 @@ def _paths() -> dict:
         ),
         "/v1/completions": _inference("createCompletion", "Completion, proxied to a node (api)"),
         "/v1/embeddings": _inference("createEmbedding", "Embeddings, proxied to a node (api)"),
+        "/v1/responses": _inference(
+            "createResponse", "Responses API (stateless), proxied to a node (api)"
+        ),
+        "/v1/messages": _inference(
+            "createMessage", "Anthropic Messages API, proxied to a node (api)", "AnthropicError"
+        ),
+        "/v1/messages/count_tokens": _inference(
+            "countMessageTokens",
+            "Anthropic Messages token count, proxied to a node (api)",
+            "AnthropicError",
+        ),
     }
 
 
@@ -537,17 +548,6 @@ def openapi_schema() -> dict:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-        "/v1/responses": _inference(
-            "createResponse", "Responses API (stateless), proxied to a node (api)"
-        ),
-        "/v1/messages": _inference(
-            "createMessage", "Anthropic Messages API, proxied to a node (api)", "AnthropicError"
-        ),
-        "/v1/messages/count_tokens": _inference(
-            "countMessageTokens",
-            "Anthropic Messages token count, proxied to a node (api)",
-            "AnthropicError",
-        ),
                     "description": "`sk-…` key; scopes api, node, admin",
                 },
                 "apiKey": {
