@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.factories import write_safetensors_model
-from tests.hub_fixtures import start_hub
+from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key, model_status, start_node
 from tests.peer_fixtures import FakePeer
 from tests.procs import spawner, wait_until
@@ -24,6 +24,7 @@ from tests.router_fixtures import call, start_router
 ADMIN = "sk-admin-peer-fetch-0123456789"
 MIB = 1 << 20
 ROUTER_ENV = {"LLMLB_HEARTBEAT_INTERVAL_S": "0.3", "LLMLB_PEER_WAIT_S": "60"}
+GEMMA_REPO = "google/gemma-3-270m-it-gguf"
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
 
@@ -63,12 +64,14 @@ def _peer_url(node: str, model: str, filename: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """Hub (request log), router and three ``--store-all`` nodes, the model ready on all."""
+def fleet(tmp_path_factory, gemma_gguf):
+    """Hub (request log), router and four ``--store-all`` nodes; a sharded safetensors model
+    and the real Gemma GGUF registered and ready on all."""
     spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
     try:
         root = tmp_path_factory.mktemp("hub")
         shards = _write_model(root / "st" / "model")
+        make_repo(root, GEMMA_REPO, {gemma_gguf.name: gemma_gguf})
         log = tmp_path_factory.mktemp("log") / "hub.jsonl"
         hub = start_hub(spawn, root, "--log-requests", str(log))
         home = tmp_path_factory.mktemp("home")
@@ -83,12 +86,14 @@ def fleet(tmp_path_factory):
                 "--store-all",
                 env={"HF_ENDPOINT": hub},
             )
-            for i in range(3)
+            for i in range(4)
         ]
         started = time.monotonic()
         _register(router, "st/model")
+        _register(router, GEMMA_REPO)
         for node in nodes:
-            wait_until(lambda n=node: _ready(n, "st/model"), timeout=120, message="ready")
+            for model in ("st/model", GEMMA_REPO.lower()):
+                wait_until(lambda n=node, m=model: _ready(n, m), timeout=180, message=model)
         yield {
             "router": router,
             "hub": hub,
@@ -96,6 +101,7 @@ def fleet(tmp_path_factory):
             "log": log,
             "nodes": nodes,
             "shards": shards,
+            "gemma": gemma_gguf,
             "node_key": node_key,
             "spawn": spawn,
             "seconds": time.monotonic() - started,
@@ -118,18 +124,26 @@ def test_the_hub_serves_each_byte_once_and_peers_serve_the_rest(fleet):
     from_hub = sorted(r.get("bytes_from_hub", 0) for r in reports.values())
     from_peers = sorted(r.get("bytes_from_peers", 0) for r in reports.values())
     # The seed alone took the shards from the hub; files without a sha256 always come from it.
-    assert from_hub == [small, small, small + size], reports
-    assert from_peers == [0, size, size], reports
+    assert from_hub == [small, small, small, small + size], reports
+    assert from_peers == [0, size, size, size], reports
 
     def served() -> int:  # as of the nodes' last heartbeats
         found = call(fleet["router"], "GET", "/v0/nodes", ADMIN).json["nodes"]
         return sum(n["transfer"]["bytes_served"] for n in found)
 
-    wait_until(lambda: served() == 2 * size, timeout=10, message="bytes served reported")
+    wait_until(lambda: served() >= 3 * size, timeout=10, message="bytes served reported")
     assert all(r["revision"] for r in reports.values())
     metrics = call(nodes[0], "GET", "/metrics").body.decode()
     assert "llmlb_node_download_source_bytes_total" in metrics
     assert "llmlb_node_peer_served_bytes_total" in metrics
+
+
+def test_the_real_gguf_reaches_every_node_and_the_hub_serves_it_once(fleet):
+    gemma = fleet["gemma"]
+    expected = _sha(gemma)
+    for node in fleet["nodes"]:
+        assert _sha(node.models_dir / GEMMA_REPO / gemma.name) == expected
+    assert _hub_bytes(fleet["log"], ".gguf") <= 1.05 * gemma.stat().st_size
 
 
 def test_the_peer_route_admits_only_the_fleet_token(fleet):
