@@ -487,6 +487,16 @@ class ModelReport:
 PEER_COUNTERS = ("bytes_from_hub", "bytes_from_peers", "uploads", "bytes_served")
 
 
+def transfer_totals(models: list[dict]) -> dict[str, int]:
+    """A node's per-model :data:`PEER_COUNTERS` summed (its ``transfer`` in the node's status
+    and in ``GET /v0/nodes``)."""
+    totals = dict.fromkeys(PEER_COUNTERS, 0)
+    for report in models:
+        for name in PEER_COUNTERS:
+            totals[name] += int(report.get(name) or 0)
+    return totals
+
+
 def parse_model_reports(value: Any) -> list[dict]:
     """Validate a node's ``models`` list into the wire form of :class:`ModelReport`, one per id
     (the last one wins). ``status`` is accepted for ``state``; a bare string means a ready

@@ -132,6 +132,9 @@ def test_the_hub_serves_each_byte_once_and_peers_serve_the_rest(fleet):
         return sum(n["transfer"]["bytes_served"] for n in found)
 
     wait_until(lambda: served() >= 3 * size, timeout=10, message="bytes served reported")
+    statuses = [call(node, "GET", "/api/models/status").json["transfer"] for node in nodes]
+    assert sum(t["bytes_from_peers"] for t in statuses) >= 3 * size  # both models count
+    assert sum(t["bytes_served"] for t in statuses) >= 3 * size
     assert all(r["revision"] for r in reports.values())
     metrics = call(nodes[0], "GET", "/metrics").body.decode()
     assert "llmlb_node_download_source_bytes_total" in metrics

@@ -5,7 +5,8 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embe
 ``POST /v1/messages/count_tokens`` (:mod:`llmlb.node.anthropic_api`, Anthropic-shaped
 errors), ``GET /v1/models`` (ready models), ``GET /health``, ``GET /ready`` (200 once the first sync
 pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token),
-``GET /api/models/status``. Errors are OpenAI-shaped (``llmlb.errors``).
+``GET /api/models/status``, ``GET|HEAD /v0/peer/files/{model_id}/{filename}`` (other nodes
+of the fleet, :mod:`llmlb.node.peer`). Errors are OpenAI-shaped (``llmlb.errors``).
 
 With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``) or
 ``require_router_token`` (``--router-auth``, on by default off loopback), every ``/v1/*``
@@ -61,7 +62,7 @@ from llmlb.node.peer import routes as peer_routes
 from llmlb.node.resolver import Resolver, RouterAccess
 from llmlb.node.settings import NodeSettings
 from llmlb.node.sync import RouterSync
-from llmlb.protocol import ModelState
+from llmlb.protocol import ModelState, transfer_totals
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,7 @@ async def models_status(request: Request) -> Response:
             "node_id": node.sync.node_id,
             "models": reports,
             "active_requests": node.engine.active_requests(),
+            "transfer": transfer_totals(reports),
         }
     )
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import orjson
 
 from llmlb.errors import ApiError
-from llmlb.protocol import Heartbeat, Registration
+from llmlb.protocol import Heartbeat, Registration, transfer_totals
 from llmlb.router import db
 from llmlb.router.fleet import ModelReport, NodeState, NodeView
-from llmlb.router.peers import NodeModels, transfer_totals
+from llmlb.router.peers import NodeModels
 
 
 @dataclass(frozen=True, slots=True)

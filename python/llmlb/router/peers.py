@@ -168,17 +168,6 @@ class BadPeers:
         return frozenset(self._bad.get(model_id, ()))
 
 
-def transfer_totals(models: Iterable[dict]) -> dict[str, int]:
-    """A node's per-model transfer counters summed (``GET /v0/nodes`` ``transfer``)."""
-    from llmlb.protocol import PEER_COUNTERS
-
-    totals = dict.fromkeys(PEER_COUNTERS, 0)
-    for report in models:
-        for name in PEER_COUNTERS:
-            totals[name] += int(report.get(name) or 0)
-    return totals
-
-
 @functools.cache
 def plan_settings() -> tuple[int, float]:
     """``(seeds, wait_s)`` from the environment (``LLMLB_PEER_SEEDS``, ``LLMLB_PEER_WAIT_S``)."""

@@ -1,4 +1,5 @@
-"""Verified, resumable, atomic model downloads from the hub into the node's store.
+"""Verified, resumable, atomic model downloads from the hub (and from peer nodes of the
+fleet, checked against the same sha256) into the node's store.
 
 One model at a time per store (a file lock), files fetched straight from the hub URLs of the
 router's manifest with ``hf_transfer`` parallel range requests, run in long-lived worker
@@ -12,6 +13,7 @@ Modules, one job each:
 - :mod:`.fetch`: :class:`~.fetch.ModelFetch`, one model's download (prepare, run, cancel).
 - :mod:`.staging`: verified-file records, the download lock and marker, promotion.
 - :mod:`.workers`: the transfer worker processes and their pool (and the child itself).
+- :mod:`.sources`: one file's ranges from peers first and the hub for the rest (in a worker).
 - :mod:`.http`: probes and single-stream GETs, redirects checked hop by hop.
 - :mod:`.allowlist`: which hosts bytes (and the hub token) may come from.
 - :mod:`.options`: :class:`~.options.DownloadOptions` and :class:`~.options.DownloadProgress`.
