@@ -8,14 +8,8 @@ pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token
 ``GET /api/models/status``, ``GET|HEAD /v0/peer/files/{model_id}/{filename}`` (other nodes
 of the fleet, :mod:`llmlb.node.peer`). Errors are OpenAI-shaped (``llmlb.errors``).
 
-With ``require_key`` set (``--require-key`` / ``LLMLB_NODE_REQUIRE_KEY``) or
-``require_router_token`` (``--router-auth``, on by default off loopback), every ``/v1/*``
-route answers 401 ``invalid_api_key`` unless ``Authorization: Bearer`` (or ``x-api-key``)
-carries that key or the router's token for this node (the proxy sends it with every
-forwarded request).
-
-Start-up stays short: llama.cpp (``llama_cpp``) is imported in a background thread when the
-app is created, so ``/ready`` never waits for it while the first request finds it loaded.
+Routes only: who may call them is :mod:`llmlb.node.auth`, the parts behind them are
+:class:`llmlb.node.service.Node`.
 """
 
 from __future__ import annotations
@@ -23,14 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import secrets
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from typing import Any
 
 from starlette.applications import Starlette
@@ -44,118 +34,21 @@ from llmlb.errors import ApiError
 from llmlb.http import (
     JSONResponse,
     api_error_handler,
-    api_key,
     error_response,
     http_error_handler,
     model_id_or_400,
     read_json,
 )
 from llmlb.logs import configure_logging
-from llmlb.model_storage import ModelStorage
 from llmlb.node import anthropic_api, responses_api
-from llmlb.node.download.options import DownloadOptions
-from llmlb.node.engine import Engine, EngineOptions
-from llmlb.node.identity import node_id as persistent_node_id
-from llmlb.node.metrics import CONTENT_TYPE_LATEST, NodeMetrics
-from llmlb.node.peer import PeerService, TransferStats
+from llmlb.node.auth import check_key, check_off_loopback
+from llmlb.node.metrics import CONTENT_TYPE_LATEST
 from llmlb.node.peer import routes as peer_routes
-from llmlb.node.resolver import Resolver, RouterAccess
+from llmlb.node.service import Node
 from llmlb.node.settings import NodeSettings
-from llmlb.node.sync import RouterSync
 from llmlb.protocol import ModelState, transfer_totals
 
 logger = logging.getLogger(__name__)
-
-
-class Node:
-    """The node's components wired together (one per server process)."""
-
-    def __init__(self, settings: NodeSettings):
-        self.settings = settings
-        self.metrics = NodeMetrics()
-        models_dir = settings.models_dir
-        models_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ModelStorage(str(models_dir))
-        router = (
-            RouterAccess(settings.router_url, settings.api_key) if settings.router_url else None
-        )
-        self.engine = Engine(
-            self.store,
-            self.metrics,
-            EngineOptions(
-                max_loaded=settings.max_loaded,
-                concurrency=settings.concurrency,
-                queue_timeout_s=settings.queue_timeout_s,
-                n_ctx=settings.n_ctx,
-                max_tokens=settings.max_tokens,
-                threads=settings.threads,
-                threads_batch=settings.threads_batch,
-            ),
-            template_lookup=lambda model_id: self.resolver.template_for(model_id),
-        )
-        self.resolver = Resolver(
-            self.store,
-            models_dir,
-            router,
-            self.metrics,
-            allowed_hosts=list(settings.allowed_hosts),
-            token=settings.hf_token,
-            options=DownloadOptions(connections=settings.connections),
-            on_change=lambda: self.sync.kick(),
-            after_download=self.engine.load,
-            store_all=settings.store_all,
-            fleet=lambda: (self.sync.node_id, self.sync.peer_token),
-            peer_fetch=settings.peer_fetch,
-            stats=TransferStats(self.metrics.registry),
-        )
-        self.node_id = persistent_node_id(models_dir, settings.url)
-        self.gpu = GpuProbe()
-        self.sync = RouterSync(
-            settings, self.node_id, self.resolver, self.engine, gpu=self.gpu.result
-        )
-        self.peer = PeerService(
-            self.resolver,
-            lambda: self.sync.peer_token,
-            settings.peer_upload_mbps,
-            self.resolver.stats,
-        )
-
-    async def start(self) -> None:
-        """Start syncing with the router (in the background)."""
-        await self.sync.start()
-
-    async def stop(self) -> None:
-        """Stop syncing, cancel downloads, unload models."""
-        await self.sync.close()
-        await self.resolver.close()
-        await self.engine.close()
-
-
-class GpuProbe:
-    """Import llama.cpp and ask it about GPU offload, in a background thread started at once.
-
-    The import costs a noticeable part of a second; doing it off the start-up path keeps
-    ``/ready`` fast, and the first inference request finds the module already imported.
-    """
-
-    def __init__(self) -> None:
-        self._future: Future[dict[str, Any]] = Future()
-        threading.Thread(target=self._probe, name="llama-import", daemon=True).start()
-
-    def _probe(self) -> None:
-        try:
-            from llmlb.node.engine import gpu_offload_supported
-
-            gpu = gpu_offload_supported()
-            info = {"backend": ("metal" if sys.platform == "darwin" else "cuda") if gpu else "cpu"}
-        except Exception as exc:  # noqa: BLE001 - reported as CPU; loading will say more
-            logger.warning("llama.cpp probe failed: %s", exc)
-            info = {"backend": "cpu"}
-        self._future.set_result(info)
-
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """The registration's ``gpu`` object (blocks until the probe finished)."""
-        return self._future.result(timeout)
 
 
 # --- handlers ----------------------------------------------------------------------------
@@ -180,39 +73,6 @@ def _model_id(body: dict) -> str:
     return model_id_or_400(raw)
 
 
-def _check_key(node: Node, request: Request) -> None:
-    """Enforce ``require_key`` / ``require_router_token`` on a ``/v1/*`` request.
-
-    Raises:
-        ApiError: 401 ``invalid_api_key`` when a credential is required and not presented
-            (any header bytes, non-ASCII included, are just a wrong credential).
-    """
-    settings = node.settings
-    if not settings.require_key and not settings.require_router_token:
-        return
-    authorization = request.headers.get("authorization")
-    if settings.require_router_token and node.sync.check_sync_token(authorization):
-        return
-    token = api_key(authorization, request.headers.get("x-api-key"))
-    if (
-        settings.require_key
-        and token is not None
-        and hmac.compare_digest(token, settings.require_key.encode())
-    ):
-        return
-    raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
-
-
-def _check_off_loopback(node: Node, request: Request) -> None:
-    """Status and metrics routes: open on loopback, the router's token or the node's key off it.
-
-    Raises:
-        ApiError: 401 ``invalid_api_key``.
-    """
-    if node.settings.require_router_token:
-        _check_key(node, request)
-
-
 def _anthropic_error(exc: ApiError) -> Response:
     """An error of the Anthropic routes, in Anthropic's shape."""
     body = anthropic_errors.from_api_error(exc)
@@ -227,7 +87,7 @@ def _inference(route: str, method: str | Callable[..., Any], errors=error_respon
         node: Node = request.app.state.node
         status = 200
         try:
-            _check_key(node, request)
+            check_key(node, request)
             body = await _body(request)
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
@@ -303,7 +163,7 @@ async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the models this node can serve now."""
     node: Node = request.app.state.node
     try:
-        _check_key(node, request)
+        check_key(node, request)
     except ApiError as exc:
         return error_response(exc)
     now = int(time.time())
@@ -333,7 +193,7 @@ async def metrics(request: Request) -> Response:
     """``GET /metrics``: Prometheus text (off loopback: the router's token or the node key)."""
     node: Node = request.app.state.node
     try:
-        _check_off_loopback(node, request)
+        check_off_loopback(node, request)
     except ApiError as exc:
         return error_response(exc)
     return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -366,7 +226,7 @@ async def models_status(request: Request) -> Response:
     token or the node key)."""
     node: Node = request.app.state.node
     try:
-        _check_off_loopback(node, request)
+        check_off_loopback(node, request)
     except ApiError as exc:
         return error_response(exc)
     reports = node.sync.model_reports()

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +44,7 @@ from llmlb.node import runtimes
 from llmlb.node.download.fetch import ModelFetch, select_files
 from llmlb.node.download.options import DownloadOptions, DownloadProgress
 from llmlb.node.download.staging import read_marker
+from llmlb.node.events import AsyncSignal, Signal
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.peer import TransferStats
 from llmlb.node.router_client import fetch_manifest, report_peer
@@ -113,12 +114,10 @@ class Resolver:
         allowed_hosts: download allowlist.
         token: hub token (only sent to allowlisted hosts).
         options: downloader tuning.
-        on_change: called on the event loop whenever a model changes state.
-        after_download: awaited once a servable model was downloaded (the node loads it).
         store_all: also download models none of the node's runtimes serves (a node that
             holds models for others).
         fleet: returns ``(node_id, peer_token)`` once the node is registered (``None``, or a
-            ``None`` token: no peers).
+            ``None`` token: no peers); :meth:`Membership.fleet`.
         peer_fetch: download from peers when the router lists some (else the hub only).
         stats: per-model transfer counters (bytes by source, uploads).
     """
@@ -133,8 +132,6 @@ class Resolver:
         allowed_hosts: list[str],
         token: str | None,
         options: DownloadOptions | None = None,
-        on_change: Callable[[], None] | None = None,
-        after_download: Callable[[str, str], Awaitable[None]] | None = None,
         store_all: bool = False,
         fleet: Callable[[], tuple[str, str | None]] | None = None,
         peer_fetch: bool = True,
@@ -147,8 +144,8 @@ class Resolver:
         self.allowed_hosts = allowed_hosts
         self.token = token
         self.options = options or DownloadOptions()
-        self.on_change = on_change or (lambda: None)
-        self.after_download = after_download
+        self.changed = Signal()  # a model changed state (emitted on the event loop)
+        self.downloaded = AsyncSignal()  # (model_id, path): a servable model just arrived
         self.store_all = store_all
         self.states: dict[str, ModelRecord] = {}
         self.manifests: dict[str, Manifest] = {}
@@ -294,7 +291,7 @@ class Resolver:
         else:
             state.since = time.time()
             self.states[model_id] = state
-        self.on_change()
+        self.changed.emit()
 
     def state_of(self, model_id: str) -> ModelRecord | None:
         """Non-ready state of ``model_id`` (downloading, loading, failed) or ``None``."""
@@ -438,10 +435,10 @@ class Resolver:
         path = str(desc.primary_path)
         self._add_available(model_id, desc)
         self._clear_failures(model_id)
-        if self.after_download is not None and runtimes.servable(desc.format):
+        if self.downloaded and runtimes.servable(desc.format):
             self._set(model_id, ModelRecord(ModelState.LOADING, bytes=total, total=total))
             try:
-                await self.after_download(model_id, path)
+                await self.downloaded.emit(model_id, path)
             except Exception as exc:  # noqa: BLE001 - it loads lazily on first use instead
                 logger.warning("%s: load after download failed: %s", model_id, exc)
         self._set(model_id, None)

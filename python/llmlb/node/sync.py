@@ -40,6 +40,7 @@ from llmlb.node import runtimes
 from llmlb.node.download.staging import forget_downloaded, was_downloaded
 from llmlb.node.engine import Engine
 from llmlb.node.identity import node_secret
+from llmlb.node.membership import Membership
 from llmlb.node.resolver import Resolver
 from llmlb.node.settings import NodeSettings
 from llmlb.protocol import PEER_TOKEN_FIELD, Heartbeat, ModelState, Registration
@@ -63,6 +64,8 @@ class RouterSync:
         engine: loaded models (for active requests, unloading on delete).
         gpu: returns the ``gpu`` object of the registration (blocking; called in a thread,
             so a slow probe overlaps the store scan).
+        membership: where the id and the peer credential the router gives are kept for the
+            node's other parts (a private one when ``None``).
     """
 
     def __init__(
@@ -72,11 +75,12 @@ class RouterSync:
         resolver: Resolver,
         engine: Engine,
         gpu: Callable[[], dict[str, Any]],
+        membership: Membership | None = None,
     ):
         self.settings = settings
+        self.membership = membership or Membership(node_id)
         self.routers = config.router_urls(settings.router_url)
         self._router = 0  # index in ``routers`` of the one spoken to now
-        self.node_id = node_id
         # Binds node_id to this node on the router: sent with registrations and heartbeats.
         self.node_secret = node_secret(settings.models_dir, node_id)
         self.resolver = resolver
@@ -86,7 +90,6 @@ class RouterSync:
         self.ready = asyncio.Event()
         self.registered = False
         self.sync_token: str | None = None
-        self.peer_token: str | None = None  # the fleet credential of /v0/peer/* (router's)
         self.interval = settings.heartbeat_interval_s
         self.reconciles = 0
         self._last_reconcile = 0.0
@@ -95,6 +98,24 @@ class RouterSync:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
         self._main: asyncio.Task | None = None
+
+    @property
+    def node_id(self) -> str:
+        """The id this node is registered under."""
+        return self.membership.node_id
+
+    @node_id.setter
+    def node_id(self, value: str) -> None:
+        self.membership.node_id = value
+
+    @property
+    def peer_token(self) -> str | None:
+        """The fleet credential of ``/v0/peer/*`` the router handed out."""
+        return self.membership.peer_token
+
+    @peer_token.setter
+    def peer_token(self, value: str | None) -> None:
+        self.membership.peer_token = value
 
     # -- lifecycle ----------------------------------------------------------------------
 
