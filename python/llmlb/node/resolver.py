@@ -18,6 +18,14 @@ When the answer says a seed is still fetching the model (``peer_wait_s``), it as
 every :data:`PEER_POLL_S` until a peer is ready or that time passed, then goes to the hub. A
 peer whose bytes failed a check is reported to the router and never used for that model
 again by this node.
+
+Load during the hash (:meth:`Resolver.load_during_hash`, given the engine's ``load`` and
+``unload``): a GGUF model starts loading as soon as its bytes landed and passed the native
+layout check, while its sha256 finishes (:mod:`llmlb.node.download.load_ahead`). It stays
+``downloading`` (requests get ``model_not_ready``) until every file verified and the model
+was promoted; a file that fails its check is unloaded, discarded and refetched. The transfer
+worker pool starts with a resolver that talks to a router (in the background), not with the
+first download.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +51,10 @@ from llmlb.errors import (
 )
 from llmlb.node import runtimes
 from llmlb.node.download.fetch import ModelFetch, select_files
+from llmlb.node.download.load_ahead import LoadAhead, LoadFn, UnloadFn
 from llmlb.node.download.options import DownloadOptions, DownloadProgress
 from llmlb.node.download.staging import read_marker
+from llmlb.node.download.workers import shared_pool
 from llmlb.node.events import AsyncSignal, Signal
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.peer import TransferStats
@@ -164,6 +175,16 @@ class Resolver:
         self.bad_peers: dict[str, set[str]] = {}  # per model: peers that served bad bytes
         self._revisions: dict[str, str | None] = {}  # downloaded models' revisions
         self._waits: dict[str, asyncio.Event] = {}  # models waiting for a peer: cancel
+        self._ahead: tuple[LoadFn, UnloadFn] | None = None
+        if router is not None:  # the first download finds its transfer worker started
+            threading.Thread(
+                target=lambda: shared_pool().prestart(1), name="transfer-prestart", daemon=True
+            ).start()
+
+    def load_during_hash(self, load: LoadFn, unload: UnloadFn) -> None:
+        """Load downloaded GGUF models with ``load(model_id, path)`` while their hash
+        finishes; ``unload(model_id)`` drops one whose file then fails its check."""
+        self._ahead = (load, unload)
 
     # -- local store --------------------------------------------------------------------
 
@@ -387,6 +408,12 @@ class Resolver:
         peers, peer_token = self._usable_peers(manifest)
 
         promoted = False
+        loop = asyncio.get_running_loop()
+        ahead = (
+            LoadAhead(loop, model_id, *self._ahead)
+            if self._ahead is not None and fmt == "gguf"
+            else None
+        )
 
         def progress(p: DownloadProgress) -> None:
             nonlocal promoted
@@ -405,16 +432,20 @@ class Resolver:
             peers=peers,
             peer_token=peer_token,
             on_bad_peer=lambda peer, reason: self._bad_peer(model_id, peer, reason),
+            load_ahead=ahead,
         )
         self._fetches[model_id] = fetch
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
         try:
             desc = await loop.run_in_executor(self._pool, fetch.run)
         except DownloadCancelled:
+            if ahead is not None:
+                await ahead.drop("the download was cancelled")
             self._set(model_id, None)
             return None
         except Exception as exc:  # noqa: BLE001 - recorded as the model's failure
+            if ahead is not None:
+                await ahead.drop()
             message = str(exc) if isinstance(exc, DownloadError) else f"{model_id}: {exc!r}"
             logger.error("download failed: %s", message)
             self.metrics.downloads.labels("failed").inc()
@@ -438,6 +469,8 @@ class Resolver:
         if self.downloaded and runtimes.servable(desc.format):
             self._set(model_id, ModelRecord(ModelState.LOADING, bytes=total, total=total))
             try:
+                if ahead is not None:
+                    await ahead.settle()  # the load during the hash, verified now
                 await self.downloaded.emit(model_id, path)
             except Exception as exc:  # noqa: BLE001 - it loads lazily on first use instead
                 logger.warning("%s: load after download failed: %s", model_id, exc)

@@ -79,6 +79,7 @@ class Node:
             membership=self.membership,
         )
         self.resolver.downloaded.subscribe(self.engine.load)
+        self.resolver.load_during_hash(self.engine.load, self.engine.unload)
         self.resolver.changed.subscribe(self.sync.kick)
         self.peer = PeerService(
             self.resolver, self.membership.token, settings.peer_upload_mbps, self.resolver.stats

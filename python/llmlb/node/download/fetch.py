@@ -11,6 +11,10 @@ the peer is gone or slow, :mod:`.sources`), and verified exactly like a hub down
 that fails its check is refetched from the hub alone, and the peers that supplied its bytes
 are reported (``on_bad_peer``) and not asked for anything of this model again. Files without
 a sha256 always come from the hub: a peer's bytes are only ever taken against a digest.
+
+Load ahead: given a :class:`~.load_ahead.LoadAhead`, the model's only GGUF starts loading
+once all its bytes are on disk and its layout is valid (the other files verified), while its
+hash finishes; a file that then fails its check is unloaded before it is discarded.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from llmlb.errors import (
     InsufficientDiskSpace,
     IntegrityError,
 )
-from llmlb.model_storage import staging_dir
+from llmlb.model_storage import inspect_gguf, staging_dir
 from llmlb.node.download.allowlist import no_proxy_entries
 from llmlb.node.download.http import Http
+from llmlb.node.download.load_ahead import LoadAhead
 from llmlb.node.download.options import (
     MIB,
     MIN_FILE_CONNECTIONS,
@@ -149,6 +154,8 @@ class ModelFetch:
         peer_token: the fleet credential presented to them.
         on_bad_peer: called (from a download thread) with a peer whose bytes failed a file's
             check, and the reason.
+        load_ahead: load the model from its landed GGUF while the hash finishes
+            (:mod:`.load_ahead`); nothing is promoted before the check passed either way.
     """
 
     def __init__(
@@ -165,6 +172,7 @@ class ModelFetch:
         peers: Sequence[PeerSource] = (),
         peer_token: str | None = None,
         on_bad_peer: BadPeerCallback | None = None,
+        load_ahead: LoadAhead | None = None,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -189,6 +197,13 @@ class ModelFetch:
         self._peer_files: dict[str, int] = {}  # files in flight per peer
         self.bytes_from_hub = 0  # of verified files
         self.bytes_from_peers = 0
+        self._ahead = load_ahead
+        ggufs = [f for f in self._files if f.filename.endswith(".gguf")]
+        self._ahead_file = (
+            ggufs[0].filename if load_ahead is not None and len(ggufs) == 1 else None
+        )
+        self._verified_names: set[str] = set()
+        self._landed: set[str] = set()  # files loaded ahead of their check
 
     def cancel(self) -> None:
         """Abort the download from another thread."""
@@ -254,6 +269,7 @@ class ModelFetch:
         files_dir = staging / "files"
         files_dir.mkdir(parents=True, exist_ok=True)
         verified = load_verified(self.model_id, staging, files_dir, self._files)
+        self._verified_names = set(verified)
         todo = [f for f in self._files if f.filename not in verified]
         self._state.bytes_done = sum(f.size_bytes for f in self._files if f.filename in verified)
         self._state.files_done = len(self._files) - len(todo)
@@ -284,6 +300,7 @@ class ModelFetch:
                 return
             with self._lock:
                 verified[spec.filename] = {"size": spec.size_bytes, "sha256": digest}
+                self._verified_names.add(spec.filename)
                 write_json(staging / VERIFIED_FILENAME, verified)
                 self._state.files_done += 1
             self._report(force=True)
@@ -341,6 +358,7 @@ class ModelFetch:
                 digest = self._fetch_with_retries(file, part)
                 self._verify(spec, part, digest)
             except Corrupt as exc:
+                self._unland(spec)
                 part.unlink(missing_ok=True)
                 self._restart(file)
                 blamed = self._blame(file, str(exc))
@@ -357,8 +375,10 @@ class ModelFetch:
                 )
                 continue
             except BaseException:
+                self._unland(spec)
                 part.unlink(missing_ok=True)
                 raise
+            self._landed.discard(spec.filename)  # verified: the load ahead stands
             os.replace(part, dest)
             with self._lock:
                 self.bytes_from_hub += file.hub_bytes
@@ -585,6 +605,7 @@ class ModelFetch:
             hasher.join()
             raise Corrupt(f"{spec.filename}: size {size} != expected {spec.size_bytes}")
         transferred = time.monotonic()
+        self._land(spec, part)
         digest = hasher.finish()
         logger.info(
             "%s: %s: %.1f MiB in %.3fs, hash tail %.3fs",
@@ -615,6 +636,29 @@ class ModelFetch:
         except (OSError, ValueError) as exc:  # dropped connection, IncompleteRead, timeout
             raise Transient(f"{url}: {exc}") from None
         return digest.hexdigest()
+
+    # -- load ahead --
+
+    def _land(self, spec: ManifestFile, part: Path) -> None:
+        """Start the load ahead of the hash when ``spec`` is the model's GGUF, every other
+        required file is verified and the landed bytes' header and tensor layout are valid."""
+        if self._ahead is None or spec.filename != self._ahead_file:
+            return
+        others = {f.filename for f in self._files if not f.optional} - {spec.filename}
+        if not others <= self._verified_names:
+            return
+        problems = inspect_gguf(part)["problems"]
+        if problems:
+            logger.info("%s: not loaded ahead: %s", self.model_id, "; ".join(problems))
+            return
+        self._landed.add(spec.filename)
+        self._ahead.landed(part)
+
+    def _unland(self, spec: ManifestFile) -> None:
+        """The landed ``spec`` is discarded: unload what it loaded ahead."""
+        if self._ahead is not None and spec.filename in self._landed:
+            self._landed.discard(spec.filename)
+            self._ahead.discarded()
 
     # -- progress --
 
