@@ -4,8 +4,10 @@ Each run starts a fresh node (``--router ''``, local models only), waits for ``/
 times one streamed ``/v1/completions`` request (one token) from the moment it is sent until
 the first token event arrives; the node loads the model on that first request; the CPU time
 of the node's process group over that request is recorded too. The floor is
-``bench/coldstart/floor.py`` in a fresh process. Node and floor runs alternate so that load
-on the machine hits both alike.
+``bench/coldstart/floor.py`` in a fresh process, and llama.cpp's ``llama-server`` from
+process start to the first token with the node's slots and context
+(``bench/coldstart/server_floor.py``). Node and floor runs alternate so that load on the
+machine hits both alike.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench.coldstart.common import (
     warm,
 )
 from bench.coldstart.nodes import run_json, start_node
+from bench.coldstart.server_floor import server_binary, server_first_token
 
 MODEL_ID = "bench/gemma"
 FLOOR = [PY, str(Path(__file__).with_name("floor.py"))]
@@ -74,7 +77,8 @@ def _floor(gguf: Path, *args: str) -> dict[str, float]:
 def warm_store(work: Path, runs: int) -> dict[str, Any]:
     """Scenario 1: page cache warm."""
     models, gguf = _store(work)
-    node, floor, floor_ctx = [], [], []
+    binary = server_binary()
+    node, floor, floor_ctx, server, server_nw = [], [], [], [], []
     with ProcTree(work / "logs") as tree:
         for _ in range(runs):
             warm([gguf])
@@ -82,6 +86,12 @@ def warm_store(work: Path, runs: int) -> dict[str, Any]:
                 _node_first_token(tree, models, work / "home", gguf, cold=False, prefetch=True)
             )
             warm([gguf])
+            server.append(server_first_token(binary, gguf, work / "logs" / "llama-server.log"))
+            server_nw.append(
+                server_first_token(
+                    binary, gguf, work / "logs" / "llama-server.log", warmup=False
+                )
+            )
             floor.append(_floor(gguf))
             floor_ctx.append(_floor(gguf, "--n-ctx", "4096"))
     node_ttft = stats([r["ttft_s"] for r in node])
@@ -102,15 +112,38 @@ def warm_store(work: Path, runs: int) -> dict[str, Any]:
         "node_cpu": stats([r["cpu_s"] for r in node]).to_dict(),
         "floor_cpu": stats([r["cpu_s"] for r in floor]).to_dict(),
         "floor_n_ctx_4096_cpu": stats([r["cpu_s"] for r in floor_ctx]).to_dict(),
+        **_server_results(node_ttft, server, server_nw),
+    }
+
+
+def _server_results(node_ttft: Any, server: list[dict], server_nw: list[dict]) -> dict[str, Any]:
+    """llama-server's start → first token (with and without its warm-up) and the node's
+    ratio to the faster of the two."""
+    with_warmup = stats([r["total_s"] for r in server])
+    no_warmup = stats([r["total_s"] for r in server_nw])
+    best = min(with_warmup.median, no_warmup.median)
+    return {
+        "server": with_warmup.to_dict(),
+        "server_no_warmup": no_warmup.to_dict(),
+        "vs_server": node_ttft.median / best,
     }
 
 
 def cold_cache(work: Path, runs: int) -> dict[str, Any]:
     """Scenario 2: model files evicted from the page cache, with and without prefetch."""
     models, gguf = _store(work)
-    with_pf, without_pf, floor, floor_pf = [], [], [], []
+    binary = server_binary()
+    with_pf, without_pf, floor, floor_pf, server, server_nw = [], [], [], [], [], []
     with ProcTree(work / "logs") as tree:
         for _ in range(runs):
+            evict([gguf])
+            server.append(server_first_token(binary, gguf, work / "logs" / "llama-server.log"))
+            evict([gguf])
+            server_nw.append(
+                server_first_token(
+                    binary, gguf, work / "logs" / "llama-server.log", warmup=False
+                )
+            )
             with_pf.append(
                 _node_first_token(tree, models, work / "home", gguf, cold=True, prefetch=True)
             )
@@ -133,4 +166,7 @@ def cold_cache(work: Path, runs: int) -> dict[str, Any]:
         "floor_cpu": stats([r["cpu_s"] for r in floor]).to_dict(),
     }
     result["overhead"] = result["node_prefetch_ttft"]["median"] / result["floor"]["median"] - 1
+    result.update(
+        _server_results(stats([r["ttft_s"] for r in with_pf]), server, server_nw)
+    )
     return result

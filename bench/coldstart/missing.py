@@ -120,6 +120,8 @@ def _node_run(
         "downloaded_s": node.downloaded_s(model_id),
         "seen": seen,
         "hash_tails": node.hash_tails(model_id),
+        "after_last_byte_s": node.ready_after_last_byte_s(model_id),
+        "load_s": node.load_s(model_id) if need_loaded else float("nan"),
     }
     http_json(f"{router}/v1/models/{model_id}", "DELETE", key=ADMIN_KEY)
     try:  # the node removes what it downloaded; bounded wait, then clean up ourselves
@@ -393,6 +395,12 @@ def _summarise(
         "baseline_download": stats([r["download_s"] for r in base_runs]).to_dict(),
         "baseline_load": stats([r["load_s"] for r in base_runs]).to_dict(),
         "speedup": base.median / ready.median,
+        "after_last_byte": stats([r["after_last_byte_s"] for r in node_runs]).to_dict(),
+        "node_load": stats([r["load_s"] for r in node_runs]).to_dict(),
+        # per run: last byte → ready beyond the load itself (the overlap's leftover)
+        "beyond_load": stats(
+            [r["after_last_byte_s"] - r["load_s"] for r in node_runs]
+        ).to_dict(),
         "raw_copy_s": size / raw_bps,
         "download_vs_raw": downloaded.median / (size / raw_bps),
     }

@@ -26,6 +26,8 @@ from tests.procs import Proc
 
 _LOAD_SUM = re.compile(rb'^llmlb_node_model_load_seconds_sum\{kind="generate"\} (\S+)$', re.M)
 _DOWNLOADED = re.compile(r"(\S+): downloaded in ([0-9.]+)s")
+_READY_AFTER = re.compile(r"(\S+): ready ([0-9.]+)s after its last byte")
+_LOADED = re.compile(r"(\S+): loaded in ([0-9.]+)s")
 _HASH_TAIL = re.compile(r"(\S+): (\S+): ([0-9.]+) MiB in ([0-9.]+)s, hash tail ([0-9.]+)s")
 
 
@@ -56,6 +58,14 @@ class Node:
                 return float(secs)
         return float("nan")
 
+    def ready_after_last_byte_s(self, model_id: str) -> float:
+        """The node's own "ready Ns after its last byte" for ``model_id`` (from its log)."""
+        return _last(_READY_AFTER.findall(self.proc.log()), model_id)
+
+    def load_s(self, model_id: str) -> float:
+        """The engine's own "loaded in" time of ``model_id``'s last load (from its log)."""
+        return _last(_LOADED.findall(self.proc.log()), model_id)
+
     def hash_tails(self, model_id: str) -> list[tuple[str, float, float, float]]:
         """``(file, MiB, transfer s, hash tail s)`` per parallel-fetched file of ``model_id``."""
         return [
@@ -63,6 +73,11 @@ class Node:
             for mid, f, mib, t, tail in _HASH_TAIL.findall(self.proc.log())
             if mid == model_id
         ]
+
+
+def _last(found: list[tuple[str, str]], model_id: str) -> float:
+    values = [float(secs) for mid, secs in found if mid == model_id]
+    return values[-1] if values else float("nan")
 
 
 def _get_text(url: str) -> bytes:

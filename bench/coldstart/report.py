@@ -21,7 +21,7 @@ def _fmt(value: float, unit: str = "s") -> str:
     if unit == "share":
         return f"{value * 100:.0f}%"
     if unit == "x":
-        return f"{value:.1f}x"
+        return f"{value:.2f}x" if value < 2 else f"{value:.1f}x"
     return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
 
 
@@ -56,6 +56,24 @@ def _derived(
     rows.append([scenario, measure, _fmt(value, unit), "", "", target, verdict])
 
 
+def _server_rows(rows: list[list[str]], label: str, sc: dict, target: bool) -> None:
+    """llama-server start → first token (both variants) and the node's ratio to it."""
+    if "server" not in sc:
+        return
+    _row(rows, label, "llama-server: process start → first token (4 × 4096)", sc["server"])
+    _row(rows, label, "llama-server --no-warmup: start → first token", sc["server_no_warmup"])
+    ratio = sc["vs_server"]
+    _derived(
+        rows,
+        label,
+        "node ÷ faster llama-server (medians)",
+        ratio,
+        "x",
+        "≤ 1.1x" if target else "",
+        ratio <= 1.1 if target else None,
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     """The Markdown table of every measure in ``results`` (see ``run.py``)."""
     rows: list[list[str]] = []
@@ -65,6 +83,7 @@ def table(results: dict[str, Any]) -> str:
         _row(rows, "1 warm", "node: its own load time (prefetch + Llama)", s1["node_load"])
         _row(rows, "1 warm", "floor: Llama(path) + 1 token, fresh process", s1["floor"])
         _row(rows, "1 warm", "floor with the node's n_ctx=4096", s1["floor_n_ctx_4096"])
+        _server_rows(rows, "1 warm", s1, target=True)
         _derived(
             rows,
             "1 warm",
@@ -111,6 +130,7 @@ def table(results: dict[str, Any]) -> str:
         _row(rows, "2 cold", "floor (evicted)", s2["floor"])
         _row(rows, "2 cold", "floor + prefetch_files (evicted)", s2["floor_prefetch"])
         _derived(rows, "2 cold", "node (prefetch) overhead over floor", s2["overhead"], "%")
+        _server_rows(rows, "2 cold", s2, target=False)
         resident = s2["resident_after_evict"]
         if isinstance(resident, dict):
             _derived(
@@ -142,6 +162,18 @@ def table(results: dict[str, Any]) -> str:
                 else:
                     _derived(
                         rows, label, f"{what}: speed-up over snapshot_download", k["speedup"], "x"
+                    )
+                if kind == "gguf" and "after_last_byte" in k:
+                    _row(rows, label, f"{what}: last byte → ready (node log)", k["after_last_byte"])
+                    _row(rows, label, f"{what}: the load alone (engine log)", k["node_load"])
+                    beyond = k["beyond_load"]
+                    _row(
+                        rows,
+                        label,
+                        f"{what}: last byte → ready minus the load (per run)",
+                        beyond,
+                        "≤ 0.1 s" if capped else "",
+                        beyond["median"] <= 0.1 if capped else None,
                     )
                 if not capped:
                     _derived(

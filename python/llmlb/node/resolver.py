@@ -475,6 +475,9 @@ class Resolver:
             except Exception as exc:  # noqa: BLE001 - it loads lazily on first use instead
                 logger.warning("%s: load after download failed: %s", model_id, exc)
         self._set(model_id, None)
+        if promoted and fetch.last_byte_at is not None:
+            after = time.monotonic() - fetch.last_byte_at
+            logger.info("%s: ready %.3fs after its last byte", model_id, after)
         return path
 
     # -- peers --------------------------------------------------------------------------

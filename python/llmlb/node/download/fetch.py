@@ -204,6 +204,7 @@ class ModelFetch:
         )
         self._verified_names: set[str] = set()
         self._landed: set[str] = set()  # files loaded ahead of their check
+        self.last_byte_at: float | None = None  # monotonic time the last byte landed
 
     def cancel(self) -> None:
         """Abort the download from another thread."""
@@ -605,6 +606,7 @@ class ModelFetch:
             hasher.join()
             raise Corrupt(f"{spec.filename}: size {size} != expected {spec.size_bytes}")
         transferred = time.monotonic()
+        self._landed_at(transferred)
         self._land(spec, part)
         digest = hasher.finish()
         logger.info(
@@ -635,7 +637,12 @@ class ModelFetch:
                     self._advance(file, len(block))
         except (OSError, ValueError) as exc:  # dropped connection, IncompleteRead, timeout
             raise Transient(f"{url}: {exc}") from None
+        self._landed_at(time.monotonic())
         return digest.hexdigest()
+
+    def _landed_at(self, when: float) -> None:
+        with self._lock:
+            self.last_byte_at = max(self.last_byte_at or when, when)
 
     # -- load ahead --
 
