@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from bench.engine.build_server import ensure_server, installed_version  # noqa: E402
 
 MODEL = "local/gemma"
+MAX_RETRIES = 60
 GEMMA_EOS = 1
 GEMMA_END_OF_TURN = 106
 # Ban end-of-generation tokens so every request produces exactly max_tokens.
@@ -204,42 +205,57 @@ class Stream:
     tokens: int
     prompt_tokens: int
     text: str
+    rejected: int = 0  # 429 answers before it was accepted
 
 
 async def stream(http: aiohttp.ClientSession, url: str, body: dict) -> Stream:
     """POST ``body`` with ``stream: true``; time to the first non-empty text and to the end."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    first = None
-    chunks = 0
+    first_at: list[float] = []
     usage: dict = {}
     parts: list[str] = []
-    async with http.post(url, json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
+    rejected = 0
+    while True:  # a 429 is retried after its Retry-After, as OpenAI clients do; TTFT includes it
+        async with http.post(url, json=body) as resp:
+            if resp.status == 429 and rejected < MAX_RETRIES:
+                rejected += 1
+                await resp.read()
+                await asyncio.sleep(float(resp.headers.get("Retry-After") or 1))
                 continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                continue  # read to the end: a half-read response must not be reused
-            event = orjson.loads(data)
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or ():
-                text = choice.get("text")
-                if text is None:
-                    text = (choice.get("delta") or {}).get("content")
-                if text:
-                    chunks += 1
-                    parts.append(text)
-                    if first is None:
-                        first = time.perf_counter()
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: {resp.status} {await resp.text()}")
+            await _read_stream(resp, parts, usage, first_at)
+            break
     ended = time.perf_counter()
-    tokens = int(usage.get("completion_tokens") or chunks)
+    first = first_at[0] if first_at else None
+    tokens = int(usage.get("completion_tokens") or len(parts))
     return Stream(ttft=(first or ended) - started, duration=ended - started, tokens=tokens,
-                  prompt_tokens=int(usage.get("prompt_tokens") or 0), text="".join(parts))
+                  prompt_tokens=int(usage.get("prompt_tokens") or 0), text="".join(parts),
+                  rejected=rejected)
+
+
+async def _read_stream(resp: aiohttp.ClientResponse, parts: list[str], usage: dict,
+                       first_at: list[float]) -> None:
+    """Collect a stream's text deltas and usage; when the first text came."""
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            continue  # read to the end: a half-read response must not be reused
+        event = orjson.loads(data)
+        if event.get("usage"):
+            usage.update(event["usage"])
+        for choice in event.get("choices") or ():
+            text = choice.get("text")
+            if text is None:
+                text = (choice.get("delta") or {}).get("content")
+            if text:
+                parts.append(text)
+                if not first_at:
+                    first_at.append(time.perf_counter())
 
 
 def cpu_stall_us() -> int:
@@ -315,7 +331,8 @@ async def wave(url: str, streams: int, max_tokens: int, tag: str, sequential: in
     ttfts = [r.ttft for r in results]
     return {"tok_s": tok_s, "ttft_p50": percentile(ttfts, 0.5), "ttft_p99": percentile(ttfts, 0.99),
             "tokens": [r.tokens for r in results],
-            "short": sum(r.tokens != max_tokens for r in results)}
+            "short": sum(r.tokens != max_tokens for r in results),
+            "rejected_429": sum(r.rejected for r in results)}
 
 
 async def multi_turn(url: str, tag: str, reply_tokens: int) -> dict:
@@ -394,6 +411,29 @@ async def probe_llama(server: Server) -> dict[str, str]:
     return settings_from_log(server.log)
 
 
+# Above this CPU pressure during a case, something besides this benchmark held the CPUs
+# (the benchmark alone shows 10-30 %: client, server and its threads share 2 cores).
+BUSY_PRESSURE = 0.4
+CASE_ATTEMPTS = 3
+
+
+async def quiet_case(run_case, quiet_wait: float) -> dict:
+    """Run a case, again (up to ``CASE_ATTEMPTS``) while the machine was busy during it; keep
+    the attempt with the least CPU pressure. ``run_case(tag)`` runs it once."""
+    best = None
+    for attempt in range(CASE_ATTEMPTS):
+        await wait_for_quiet(quiet_wait)
+        stall, started = cpu_stall_us(), time.perf_counter()
+        result = await run_case(f"a{attempt}")
+        result["cpu_pressure"] = (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - started)
+        result["attempts"] = attempt + 1
+        if best is None or result["cpu_pressure"] < best["cpu_pressure"]:
+            best = result
+        if result["cpu_pressure"] <= BUSY_PRESSURE:
+            break
+    return best
+
+
 async def session(server: Server, plan: Plan, round_no: int, quiet_wait: float = 0) -> dict:
     """Start ``server`` (once the machine is quiet), run every case, measure RSS, stop it."""
     waited = await wait_for_quiet(quiet_wait)
@@ -408,16 +448,17 @@ async def session(server: Server, plan: Plan, round_no: int, quiet_wait: float =
             for streams in plan.streams:
                 key = f"{streams}x{max_tokens}"
                 sequential = plan.sequential * (2 if max_tokens <= 64 else 1)
-                stall, started = cpu_stall_us(), time.perf_counter()
-                out["cases"][key] = await wave(server.url, streams, max_tokens,
-                                               f"r{round_no}{server.side}{key}", sequential)
-                out["cases"][key]["cpu_pressure"] = (
-                    (cpu_stall_us() - stall) / 1e6 / (time.perf_counter() - started))
+                out["cases"][key] = await quiet_case(
+                    lambda tag, k=key, n=streams, m=max_tokens, q=sequential: wave(
+                        server.url, n, m, f"r{round_no}{server.side}{k}{tag}", q),
+                    plan.quiet_wait)
                 print(f"  {server.side:5} {key:>7}: {out['cases'][key]['tok_s']:7.1f} tok/s, "
                       f"TTFT p50 {out['cases'][key]['ttft_p50'] * 1000:7.1f} ms, "
                       f"CPU pressure {out['cases'][key]['cpu_pressure']:.0%}", flush=True)
-        out["multi_turn"] = await multi_turn(server.url, f"r{round_no}{server.side}",
-                                             plan.reply_tokens)
+        out["multi_turn"] = await quiet_case(
+            lambda tag: multi_turn(server.url, f"r{round_no}{server.side}{tag}",
+                                   plan.reply_tokens),
+            plan.quiet_wait)
         print(f"  {server.side:5} multi-turn: first {out['multi_turn']['first_ttft'] * 1000:.1f} ms"
               f", second {out['multi_turn']['second_ttft'] * 1000:.1f} ms", flush=True)
         out["rss_mb"] = server.rss_mb()
@@ -437,6 +478,7 @@ class Plan:
     max_tokens: tuple[int, ...]
     sequential: int  # requests one at a time in the 1-stream case (twice that up to 64 tokens)
     reply_tokens: int  # answer length of each chat turn
+    quiet_wait: float = 30.0  # before each case, wait this long at most for a quiet machine
 
 
 QUICK = Plan(rounds=1, streams=(1, 8), max_tokens=(16,), sequential=2, reply_tokens=8)
@@ -465,6 +507,7 @@ def summarise(runs: dict[str, list[dict]], plan: Plan) -> dict:
             for side in ("node", "llama"):
                 for metric in ("tok_s", "ttft_p50", "ttft_p99", "cpu_pressure"):
                     row[f"{side}_{metric}"] = med([r["cases"][key][metric] for r in runs[side]])
+            row["node_rejected_429"] = sum(r["cases"][key]["rejected_429"] for r in runs["node"])
             row["tok_s_ratio"] = row["node_tok_s"] / row["llama_tok_s"]
             row["ttft_p50_ratio"] = row["node_ttft_p50"] / row["llama_ttft_p50"]
             row["ttft_p99_ratio"] = row["node_ttft_p99"] / row["llama_ttft_p99"]
@@ -577,6 +620,8 @@ async def bench(args: argparse.Namespace) -> dict:
             "ctx_size": args.ctx_size,
             "rounds": plan.rounds,
             "llama_cpp_python": installed_version(),
+            "commit": _git("rev-parse", "HEAD"),
+            "node_changes_uncommitted": _git("status", "--porcelain", "python/llmlb/node"),
             "gguf": str(gguf),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
@@ -586,6 +631,11 @@ async def bench(args: argparse.Namespace) -> dict:
         "summary": summary,
         "runs": runs,
     }
+
+
+def _git(*argv: str) -> str:
+    result = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip()
 
 
 def main() -> None:
@@ -603,6 +653,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the run's work directory (logs, store) under DIR")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so every server started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = asyncio.run(bench(args))
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     meta = results["meta"]
