@@ -348,6 +348,7 @@ def missing_model(
                 router=router,
                 api_key=key,
                 env={"HF_ENDPOINT": hub},
+                extra=("--store-all",),  # the safetensors model too (no runtime serves it)
             )
             if cap is None:  # capped, one GET runs at the cap by construction
                 gguf_url = f"{hub}/{REPOS['gguf']}/resolve/main/{GEMMA_NAME}"
