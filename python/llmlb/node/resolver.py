@@ -25,7 +25,7 @@ layout check, while its sha256 finishes (:mod:`llmlb.node.download.load_ahead`).
 ``downloading`` (requests get ``model_not_ready``) until every file verified and the model
 was promoted; a file that fails its check is unloaded, discarded and refetched. The transfer
 worker pool starts with a resolver that talks to a router (in the background), not with the
-first download.
+first download (:data:`PRESTART_AFTER_S` after the resolver is made).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ RETRY_BASE_S = 1.0
 RETRY_MAX_S = 600.0
 #: How often a node waiting for a seed's copy asks the router again.
 PEER_POLL_S = 0.25
+#: When the transfer worker starts after the resolver: past the node's start-up (``/ready``
+#: does not share the CPU with its interpreter start), well before a realistic first
+#: download (one that comes sooner starts it itself).
+PRESTART_AFTER_S = 1.0
 
 
 def retry_delay(attempts: int, base: float = RETRY_BASE_S, cap: float = RETRY_MAX_S) -> float:
@@ -177,9 +181,9 @@ class Resolver:
         self._waits: dict[str, asyncio.Event] = {}  # models waiting for a peer: cancel
         self._ahead: tuple[LoadFn, UnloadFn] | None = None
         if router is not None:  # the first download finds its transfer worker started
-            threading.Thread(
-                target=lambda: shared_pool().prestart(1), name="transfer-prestart", daemon=True
-            ).start()
+            timer = threading.Timer(PRESTART_AFTER_S, lambda: shared_pool().prestart(1))
+            timer.daemon = True
+            timer.start()
 
     def load_during_hash(self, load: LoadFn, unload: UnloadFn) -> None:
         """Load downloaded GGUF models with ``load(model_id, path)`` while their hash
