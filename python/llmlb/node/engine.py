@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -530,18 +531,7 @@ class Engine:
                 raise req.bad(
                     "response_format", "the JSON schema could not be compiled into a grammar"
                 ) from None
-        return SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            repeat_penalty=s.repeat_penalty,
-            seed=s.seed,
-            logit_bias=dict(s.logit_bias),
-            grammar=grammar,
-        )
+        return dataclasses.replace(s, grammar=grammar)
 
     def _budget(self, loaded: _Loaded, prompts: list[list[int]], wanted: int | None) -> int:
         """``max_tokens`` for these prompts, or 400 ``context_length_exceeded``."""

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from llmlb.errors import ApiError
+from llmlb.node.sampling import SamplingParams
 from llmlb.node.tool_calls import Tool
 
 # OpenAI's limits.
@@ -51,26 +52,12 @@ def bad(param: str, message: str, code: str = "invalid_request_error") -> ApiErr
 
 
 @dataclass(frozen=True, slots=True)
-class Sampling:
-    """Validated sampler fields (token ids in ``logit_bias`` still unchecked)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 40
-    min_p: float = 0.05
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_penalty: float = 1.0
-    seed: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class Generation:
     """What a chat or completion request asks the engine to generate.
 
     Attributes:
-        sampling: sampler settings.
+        sampling: sampler settings (token ids in ``logit_bias`` still unchecked, no grammar
+            yet: the engine checks the one and adds the other).
         n: choices per prompt.
         max_tokens: tokens per choice (``None``: the node's default cap).
         stop: stop strings.
@@ -80,7 +67,7 @@ class Generation:
         user: the end user's id (logged with the request).
     """
 
-    sampling: Sampling
+    sampling: SamplingParams
     n: int = 1
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -217,11 +204,11 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
-def _sampling(body: dict) -> Sampling:
+def _sampling(body: dict) -> SamplingParams:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", "'seed' must be an integer")
-    return Sampling(
+    return SamplingParams(
         temperature=number(body, "temperature", 0.0, 2.0, 1.0),
         top_p=number(body, "top_p", 0.0, 1.0, 1.0),
         top_k=integer(body, "top_k", 0, None, 40) or 0,
