@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/engine/run.py [--quick] [--rounds 3] [--slots 32] [--ctx-size 1024]
+    .venv/bin/python bench/engine/run.py [--quick] [--rounds 2] [--slots 32] [--ctx-size 1024]
         [--server PATH] [--out bench/engine/results.json] [--keep DIR]
 
 Both servers get the same GGUF (the real Gemma 3 270M Q4_K_M), the same slots ``S`` and
@@ -414,7 +414,7 @@ async def probe_llama(server: Server) -> dict[str, str]:
 # Above this CPU pressure during a case, something besides this benchmark held the CPUs
 # (the benchmark alone shows 10-30 %: client, server and its threads share 2 cores).
 BUSY_PRESSURE = 0.4
-CASE_ATTEMPTS = 3
+CASE_ATTEMPTS = 2
 
 
 async def quiet_case(run_case, quiet_wait: float) -> dict:
@@ -478,7 +478,7 @@ class Plan:
     max_tokens: tuple[int, ...]
     sequential: int  # requests one at a time in the 1-stream case (twice that up to 64 tokens)
     reply_tokens: int  # answer length of each chat turn
-    quiet_wait: float = 30.0  # before each case, wait this long at most for a quiet machine
+    quiet_wait: float = 15.0  # before each case, wait this long at most for a quiet machine
 
 
 QUICK = Plan(rounds=1, streams=(1, 8), max_tokens=(16,), sequential=2, reply_tokens=8)
@@ -641,7 +641,7 @@ def _git(*argv: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one short round (smoke test)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of A B (3)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of A B (2)")
     parser.add_argument("--slots", type=int, default=32, help="slots S of both servers (32)")
     parser.add_argument("--ctx-size", type=int, default=1024, help="context per slot C (1024)")
     parser.add_argument("--server", type=Path, default=None,
