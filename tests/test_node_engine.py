@@ -491,3 +491,17 @@ def test_echo_with_logprobs_scores_the_prompt_itself(batching):
         "prompt": "Paris is the capital of", "max_tokens": 1, "temperature": 0, "logprobs": 5}))
     top = asked["choices"][0]["logprobs"]["top_logprobs"][0]
     assert top[" France"] == pytest.approx(logprobs["token_logprobs"][-1], abs=0.05)
+
+
+def test_a_burst_that_fits_the_free_slots_is_not_refused_as_a_queue(store):
+    async def scenario():
+        engine, paths = _engine(store, max_loaded=1, concurrency=8, queue_depth=1)
+        try:
+            await engine.load(A, paths[A])
+            calls = [engine.complete(A, paths[A], _short(f"Burst {i}:")) for i in range(8)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await engine.close()
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, dict) for r in results), results  # no 429 among them

@@ -578,7 +578,8 @@ class Engine:
             )
         max_tokens = self._budget(loaded, prompts, generation.max_tokens)
         sampling = self._sampling(loaded, generation, grammar)
-        if scheduler.waiting() >= self.options.queue_depth:
+        # a burst that free slots will take at the next step is not a queue
+        if scheduler.waiting() - scheduler.free_slots() >= self.options.queue_depth:
             raise ApiError(
                 429,
                 "model_overloaded",

@@ -198,6 +198,10 @@ class Scheduler:
         """Jobs queued for slots."""
         return sum(1 for job in list(self._pending) if not job.cancelled)
 
+    def free_slots(self) -> int:
+        """Slots no job holds right now."""
+        return sum(1 for slot in self._slots if not slot.busy)
+
     def active(self) -> int:
         """Jobs holding slots now."""
         return len({id(r.job) for r in list(self._running)})
