@@ -505,3 +505,22 @@ def test_a_burst_that_fits_the_free_slots_is_not_refused_as_a_queue(store):
 
     results = asyncio.run(scenario())
     assert all(isinstance(r, dict) for r in results), results  # no 429 among them
+
+
+def test_a_request_with_many_prompts_does_not_crowd_out_another_client(store):
+    async def scenario():
+        engine, paths = _engine(store, max_loaded=1, concurrency=1, queue_depth=2)
+        try:
+            await engine.load(A, paths[A])
+            many = {"prompt": [f"Item {i}:" for i in range(10)], "max_tokens": 2,
+                    "temperature": 0}
+            first = asyncio.create_task(engine.complete(A, paths[A], many))
+            await _poll(lambda: engine.active_requests() == 1)
+            other = await engine.complete(A, paths[A], _short())  # not 429: no queue of 9
+            return await first, other
+        finally:
+            await engine.close()
+
+    many, other = asyncio.run(scenario())
+    assert [c["index"] for c in many["choices"]] == list(range(10))
+    assert all(c["text"] for c in many["choices"]) and other["choices"][0]["text"]

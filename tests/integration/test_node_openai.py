@@ -77,6 +77,7 @@ BAD_COMPLETION = [
     ({"logprobs": 9}, "logprobs"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),  # Gemma has no fill-in-the-middle tokens
+    ({"prompt": ["a"] * 129}, "prompt"),  # one request may not fill the queue
 ]
 
 BAD_EMBEDDING = [

@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ from llmlb.node.openai_response import (
 )
 from llmlb.node.sampling import GrammarError, SamplingParams, check_grammar
 from llmlb.node.scheduler import (
+    ErrorEvent,
     Event,
     Job,
     Scheduler,
@@ -589,7 +590,6 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         jobs: list[Job] = []
-        holding = _Countdown(len(prompts), self.metrics.active_requests.dec)
         for number, prompt in enumerate(prompts):
 
             def emit(event: Event, number: int = number) -> None:
@@ -608,7 +608,6 @@ class Engine:
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
                     prompt_logprobs=bool(echo) and generation.logprobs,
                     special_tokens=loaded.marker_tokens if tooling else frozenset(),
-                    on_release=holding.tick,
                 )
             )
         run = Run(
@@ -625,15 +624,11 @@ class Engine:
         )
         loaded.requests += 1
         self.metrics.active_requests.inc()  # down again once the scheduler let go of all jobs
+        feeder = _Feeder(scheduler, jobs, self.metrics.active_requests.dec)
         try:
-            for submitted, job in enumerate(jobs):
-                try:
-                    scheduler.submit(job)
-                except RuntimeError:
-                    for _ in jobs[submitted:]:
-                        holding.tick()
-                    raise ApiError(503, "model_unloading", "the model is being unloaded",
-                                   retry_after=1) from None
+            if not feeder.start():
+                raise ApiError(503, "model_unloading", "the model is being unloaded",
+                               retry_after=1)
             await run.started(self.options.queue_timeout_s)
         except BaseException:
             run.close()
@@ -651,15 +646,50 @@ class Engine:
             self._pool.submit(self._close, loaded)
 
 
-class _Countdown:
-    """Calls ``then`` once, after ``count`` ticks (from any thread)."""
+class _Feeder:
+    """Submits one request's jobs (one per prompt) at most ``scheduler.slots`` at a time,
+    so a request with many prompts never fills the model's queue ahead of other clients;
+    calls ``then`` once every job is released (finished, failed or cancelled)."""
 
-    def __init__(self, count: int, then: Callable[[], Any]):
-        self._left = count
+    def __init__(self, scheduler: Scheduler, jobs: list[Job], then: Callable[[], Any]):
+        self._scheduler = scheduler
+        self._first = jobs[: scheduler.slots]
+        self._later = deque(jobs[scheduler.slots :])
+        self._left = len(jobs)
         self._then = then
         self._lock = threading.Lock()
+        for job in jobs:
+            job.on_release = self._released
 
-    def tick(self) -> None:
+    def start(self) -> bool:
+        """Submit the first jobs; ``False`` (everything released) if the model is closing."""
+        for i, job in enumerate(self._first):
+            try:
+                self._scheduler.submit(job)
+            except RuntimeError:
+                for _ in range(len(self._first) - i + len(self._later)):
+                    self._tick()
+                self._later.clear()
+                return False
+        return True
+
+    def _released(self) -> None:
+        """A job let go of its slots (scheduler thread): count it, submit the next one."""
+        self._tick()
+        while True:
+            with self._lock:
+                job = self._later.popleft() if self._later else None
+            if job is None:
+                return
+            if not job.cancelled:
+                try:
+                    self._scheduler.submit(job)
+                    return
+                except RuntimeError:
+                    job.emit(ErrorEvent("the model was unloaded"))
+            self._tick()  # never submitted: released here
+
+    def _tick(self) -> None:
         with self._lock:
             self._left -= 1
             done = self._left == 0

@@ -495,8 +495,11 @@ def completion_request(body: dict) -> CompletionRequest:
     best_of = integer(body, "best_of", 1, MAX_N, None)
     if best_of is not None and best_of != generation.n:
         raise bad("best_of", "'best_of' other than 'n' is not supported by this node")
+    texts = prompts(body["prompt"], "prompt")
+    if len(texts) * generation.n > MAX_N:
+        raise bad("prompt", f"at most {MAX_N} choices per request (prompts × n)")
     return CompletionRequest(
-        prompts=prompts(body["prompt"], "prompt"),
+        prompts=texts,
         generation=generation,
         echo=boolean(body, "echo"),
         suffix=text(body, "suffix") or None,
