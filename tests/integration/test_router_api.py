@@ -46,11 +46,21 @@ def hub(module_spawn, tmp_path_factory: pytest.TempPathFactory) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def router(module_spawn, tmp_path_factory: pytest.TempPathFactory, hub: str) -> RouterUrl:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def router(
+    request: pytest.FixtureRequest,
+    module_spawn,
+    tmp_path_factory: pytest.TempPathFactory,
+    hub: str,
+) -> RouterUrl:
+    """The router under test, on each backend in turn: its own ``lb.db``, then a fresh
+    PostgreSQL database (the session's server)."""
     home = tmp_path_factory.mktemp("home")
     env = {"HF_ENDPOINT": hub, "LLMLB_MAX_BODY_BYTES": "65536"}
-    return start_router(module_spawn, home, ADMIN, env=env)
+    args: tuple[str, ...] = ()
+    if request.param == "postgresql":
+        args = ("--db", request.getfixturevalue("postgres_server").create_database())
+    return start_router(module_spawn, home, ADMIN, *args, env=env)
 
 
 @pytest.fixture(scope="module")
