@@ -40,13 +40,13 @@ def _assert_schedule(gaps: list[float], expected: list[float], slack: float) -> 
         assert want * 0.9 <= gap <= want + slack, (gaps, expected)
 
 
-def test_backoff_doubles_up_to_the_cap_and_stops_on_unregister(spawn, tmp_path, hub):
+def test_backoff_doubles_up_to_the_cap_and_stops_on_unregister(spawn, tmp_path, hub, db_target):
     env = {
         "HF_ENDPOINT": hub,
         "LLMLB_SYNC_BACKOFF_BASE_S": "0.1",
         "LLMLB_SYNC_BACKOFF_MAX_S": "0.4",
     }
-    router = start_router(spawn, tmp_path / "home", ADMIN, env=env)
+    router = start_router(spawn, tmp_path / "home", ADMIN, "--db", str(db_target), env=env)
     with NodeStandin(failures=6) as node, NodeStandin(failures=10**6) as dead:
         token = _register_node(router, "n1", node.url)
         started = time.monotonic()
