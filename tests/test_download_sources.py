@@ -101,7 +101,9 @@ def test_the_hub_takes_over_from_a_peer_that_dies_or_refuses(tmp_path, servers):
     summary = run_sources(_job(tmp_path, (dying, "peer"), (hub, "hub")), lambda n: None)
     assert (tmp_path / "out.part").read_bytes() == DATA
     roles = _by_role(summary)
-    assert roles["peer"] == 3 * CHUNK and roles["hub"] == len(DATA) - 3 * CHUNK
+    # the peer served what it could before dying (the hub may already have taken a chunk
+    # it was about to serve), the hub all the rest
+    assert 0 < roles["peer"] <= 3 * CHUNK and roles["peer"] + roles["hub"] == len(DATA)
     assert summary[0]["dead"] and "HTTP 500" in summary[0]["error"]
     (tmp_path / "out.part").unlink()
     summary = run_sources(_job(tmp_path, (refusing, "peer"), (hub, "hub")), lambda n: None)

@@ -28,6 +28,9 @@ from tests.procs import free_port, wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 MODEL = "gemma-3-270m"
+# What an answer must hold: visible text. The examples sample (temperature 1) from the base
+# model, which sometimes answers with digits and punctuation only ("#6\n#1\n…").
+ANSWER_TEXT = r"\S"
 ANSWER_S = 10.0  # every example, copied as printed
 STOP_S = 3.0  # Ctrl-C to nothing left
 
@@ -67,7 +70,7 @@ def chat_text(stdout: str, what: str, max_tokens: int) -> str:
     reply = orjson.loads(stdout)
     assert "error" not in reply, f"{what}: {reply}"
     text = reply["choices"][0]["message"]["content"]
-    assert re.search(r"[A-Za-z]", text or ""), f"{what}: {reply}"
+    assert re.search(ANSWER_TEXT, text or ""), f"{what}: {reply}"
     assert 0 < reply["usage"]["completion_tokens"] <= max_tokens, f"{what}: {reply['usage']}"
     return text
 
@@ -152,18 +155,18 @@ def test_readme_and_banner_examples_answer_in_seconds_and_ctrl_c_is_clean(
     chat_text(out, "README curl, default home", max_tokens)
 
     chat = readme_block(".venv/bin/llmlb chat ").replace(".venv/bin/llmlb", str(llmlb))
-    assert re.search(r"[A-Za-z]", timed(["bash", "-c", chat], env, "README llmlb chat"))
+    assert re.search(ANSWER_TEXT, timed(["bash", "-c", chat], env, "README llmlb chat"))
 
     snippet = banner_section(log, "or with Python (pip install openai):")
     out = timed([sys.executable, "-c", snippet], env, "banner Python")
-    assert re.search(r"[A-Za-z]", out), out
+    assert re.search(ANSWER_TEXT, out), out
 
     banner_curl = banner_section(log, "Try it with curl:")
     out = timed(["bash", "-c", banner_curl], env, "banner curl")
     chat_text(out, "banner curl", max_tokens)
 
     out = timed(["bash", "-c", banner_section(log, "or with the CLI:")], env, "banner CLI")
-    assert re.search(r"[A-Za-z]", out), out
+    assert re.search(ANSWER_TEXT, out), out
 
     # A request naming no max_tokens ends at the demo node's cap.
     no_cap = re.sub(r', "max_tokens": \d+', "", banner_curl)
