@@ -82,6 +82,7 @@ class Sampler:
         if params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0:
             add(
                 c.llama_sampler_init_penalties(
+                    model.n_vocab,  # this llama.cpp's signature still takes the vocab size
                     PENALTY_LAST_N,
                     params.repeat_penalty,
                     params.frequency_penalty,
