@@ -33,6 +33,10 @@ def start_router(
 ) -> RouterUrl:
     """Start ``llmlb router`` on a free loopback port; return its base URL once ``/health`` is up.
 
+    Nodes are approved as they register (``LLMLB_NODE_APPROVAL=auto``), so tests that only
+    need traffic to flow need no admin step; pass ``"--node-approval", "manual"`` (or that
+    env) to test enrollment.
+
     Args:
         spawn: the ``spawn`` fixture (the process is stopped when the test ends).
         home: ``$LLMLB_HOME`` (holds ``lb.db``).
@@ -42,7 +46,12 @@ def start_router(
     """
     port = free_port()
     argv = [*LLMLB, "router", "--host", "127.0.0.1", "--port", str(port), *extra_args]
-    full_env = {"LLMLB_HOME": str(home), "LLMLB_ADMIN_KEY": admin_key, **(env or {})}
+    full_env = {
+        "LLMLB_HOME": str(home),
+        "LLMLB_ADMIN_KEY": admin_key,
+        "LLMLB_NODE_APPROVAL": "auto",
+        **(env or {}),
+    }
     proc = spawn(argv, env=full_env, name="router")
     url = RouterUrl(f"http://127.0.0.1:{port}")
     proc.wait_http(f"{url}/health", timeout=60)

@@ -153,6 +153,7 @@ def start_router(tree: ProcTree, home: Path, hub_url: str) -> tuple[str, str]:
     port = free_port()
     argv = [*LLMLB, "router", "--host", "127.0.0.1", "--port", str(port)]
     env = {"LLMLB_HOME": str(home), "LLMLB_ADMIN_KEY": ADMIN_KEY, "HF_ENDPOINT": hub_url}
+    env["LLMLB_NODE_APPROVAL"] = "auto"  # the bench's nodes serve at once
     proc = tree.spawn(argv, env=env, name="router")
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{url}/health", timeout=60)

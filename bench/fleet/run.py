@@ -66,6 +66,7 @@ def one_case(
         env = {
             "LLMLB_HOME": str(work / "home"),
             "LLMLB_ADMIN_KEY": ADMIN,
+            "LLMLB_NODE_APPROVAL": "auto",  # the bench's nodes serve at once
             "HF_ENDPOINT": hub,
             "LLMLB_HEARTBEAT_INTERVAL_S": "0.5",
         }

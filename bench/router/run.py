@@ -158,6 +158,7 @@ class Fleet:
         port = free_port()
         home = self.workdir / f"{name}-home"
         env = {"LLMLB_HOME": str(home), "LLMLB_ADMIN_KEY": ADMIN_KEY}
+        env["LLMLB_NODE_APPROVAL"] = "auto"  # the bench's nodes serve at once
         argv = [sys.executable, "-m", "llmlb.cli.main"]
         if src or granian:
             argv = [sys.executable, str(HERE / "serve.py"), "--granian", granian or "{}"]

@@ -190,6 +190,26 @@ def sync_backoff_max_s() -> float:
     return _env_number("LLMLB_SYNC_BACKOFF_MAX_S", DEFAULT_SYNC_BACKOFF_MAX_S, 0.001)
 
 
+NODE_APPROVAL_MODES = ("auto", "manual")
+DEFAULT_NODE_APPROVAL = "manual"
+
+
+def node_approval() -> str:
+    """``LLMLB_NODE_APPROVAL`` > ``config.json`` ``node_approval`` > ``manual``: whether a node
+    id the router has never approved serves clients at once (``auto``) or waits ``pending``
+    until an admin approves it (``manual``; ``llmlb up`` starts its router with ``auto``).
+
+    Raises:
+        ValueError: the value is neither ``auto`` nor ``manual``, or ``config.json`` is invalid.
+    """
+    value = os.environ.get("LLMLB_NODE_APPROVAL") or load_config_file().get("node_approval")
+    if value is None or value == "":
+        return DEFAULT_NODE_APPROVAL
+    if value not in NODE_APPROVAL_MODES:
+        raise ValueError(f"node approval must be auto or manual, not {value!r}")
+    return value
+
+
 def prometheus_multiproc_dir() -> Path | None:
     """``PROMETHEUS_MULTIPROC_DIR``: set when several router workers share their metrics."""
     value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

@@ -241,23 +241,46 @@ class PeerSource:
 class PeerReport:
     """A ``POST /v0/peers/report`` body: a node tells the router a peer served bad bytes.
 
+    A report counts only when it names its ``reporter``, an approved node, with that node's
+    ``node_secret``; a peer leaves a node's own list on that node's report, and every list
+    on reports from :data:`llmlb.router.peers.REPORT_QUORUM` distinct approved nodes.
+
     Attributes:
         model_id: the model whose file failed its check.
         node_id: the peer that served it.
         reason: what failed (``sha256 … != expected …``).
+        reporter: the reporting node's id.
+        node_secret: the reporting node's secret (proves it speaks for ``reporter``).
     """
 
     model_id: str
     node_id: str
     reason: str = ""
+    reporter: str | None = None
+    node_secret: str | None = field(default=None, repr=False)
 
     SCHEMA: ClassVar[dict] = {
         "type": "object",
         "required": ["model_id", "node_id"],
         "properties": {
             "model_id": {"type": "string"},
-            "node_id": {"type": "string"},
+            "node_id": {"type": "string", "description": "the peer that served bad bytes"},
             "reason": {"type": ["string", "null"], "maxLength": 1000},
+            "reporter": {
+                "type": ["string", "null"],
+                "description": "the reporting node's id; without one the report counts for "
+                "nothing",
+            },
+            "node_secret": {
+                "type": ["string", "null"],
+                "description": f"{_NODE_SECRET_TEXT}) of the reporter (409 node_id_conflict "
+                "otherwise)",
+            },
+            "counted": {
+                "type": "boolean",
+                "readOnly": True,
+                "description": "answer only: whether the report counts (an approved reporter)",
+            },
         },
     }
 
@@ -276,16 +299,40 @@ class PeerReport:
         except InvalidModelId as exc:
             raise _bad(str(exc), "invalid_model_id") from None
         reason = _optional_str(body.get("reason"), "reason") or ""
-        return cls(model_id, validate_node_id(body.get("node_id")), reason[:1000])
+        reporter = body.get("reporter")
+        valid = isinstance(reporter, str) and _NODE_ID.fullmatch(reporter) is not None
+        if reporter is not None and not valid:
+            raise _bad("reporter must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_node_id")
+        return cls(
+            model_id,
+            validate_node_id(body.get("node_id")),
+            reason[:1000],
+            reporter,
+            validate_node_secret(body.get("node_secret")),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form."""
-        return {"model_id": self.model_id, "node_id": self.node_id, "reason": self.reason}
+        """The wire form (the secret included: a node's report to its router)."""
+        data: dict[str, Any] = {
+            "model_id": self.model_id,
+            "node_id": self.node_id,
+            "reason": self.reason,
+        }
+        if self.reporter is not None:
+            data["reporter"] = self.reporter
+            data["node_secret"] = self.node_secret
+        return data
 
 
 #: Field of the router's registration and heartbeat answers carrying the fleet credential:
 #: the bearer token nodes present to each other on ``/v0/peer/*`` (never a router key).
+#: Only approved nodes get it.
 PEER_TOKEN_FIELD = "peer_token"
+
+#: Field of the router's registration and heartbeat answers saying whether the node is
+#: ``approved`` (serves clients, holds the peer token) or ``pending`` (waits for an admin:
+#: ``llmlb nodes approve ID``). Routers from before enrollment do not send it.
+APPROVAL_FIELD = "approval"
 
 
 @dataclass(frozen=True, slots=True)

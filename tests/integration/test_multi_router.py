@@ -24,6 +24,7 @@ REPO = "google/gemma-3-270m-it-gguf"
 MODEL = "google/gemma-3-270m-it-gguf"
 HEARTBEAT_S = 0.4
 ROUTER_ENV = {
+    "LLMLB_NODE_APPROVAL": "auto",
     "LLMLB_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
     "LLMLB_SYNC_BACKOFF_BASE_S": "0.1",
     "LLMLB_SYNC_BACKOFF_MAX_S": "0.2",

@@ -1,4 +1,4 @@
-"""``llmlb models …``, ``llmlb nodes ls``, ``llmlb pull`` and ``llmlb chat``.
+"""``llmlb models …``, ``llmlb nodes ls|approve|revoke``, ``llmlb pull`` and ``llmlb chat``.
 
 ``models`` and ``nodes`` talk to a router's admin API (``--router``/``--api-key``, defaults
 ``LLMLB_ROUTER_URL``/``LLMLB_ADMIN_KEY``). ``pull`` runs on a node machine and downloads a
@@ -25,6 +25,7 @@ from llmlb.cli.api_client import (
     ApiClientError,
     add_client_arguments,
     client_from_args,
+    path_segment,
     report_error,
 )
 from llmlb.cli.progress import ModelProgress, PullDisplay, human_bytes, progress_from_nodes
@@ -59,12 +60,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_client_arguments(rm)
     rm.set_defaults(func=remove_model)
 
-    nodes = subparsers.add_parser("nodes", help="list the router's nodes")
+    nodes = subparsers.add_parser("nodes", help="list, approve and revoke the router's nodes")
     nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION", required=True)
     nodes_ls = nodes_sub.add_parser("ls", help="list nodes with their state and models")
     nodes_ls.add_argument("--json", action="store_true", help="JSON instead of a table")
     add_client_arguments(nodes_ls)
     nodes_ls.set_defaults(func=list_nodes)
+    approve = nodes_sub.add_parser(
+        "approve", help="approve a pending node: it serves clients and joins the peer lists"
+    )
+    approve.add_argument("node_id", metavar="ID")
+    add_client_arguments(approve)
+    approve.set_defaults(func=approve_node, action="approve")
+    revoke = nodes_sub.add_parser(
+        "revoke", help="make a node pending again: no client traffic, out of the peer lists"
+    )
+    revoke.add_argument("node_id", metavar="ID")
+    add_client_arguments(revoke)
+    revoke.set_defaults(func=approve_node, action="revoke")
 
     pull = subparsers.add_parser(
         "pull", help="download a registered model into this machine's store (node side)"
@@ -196,7 +209,8 @@ def remove_model(args: argparse.Namespace) -> int:
 
 
 def list_nodes(args: argparse.Namespace) -> int:
-    """Table of nodes: id, url, status, backend, slots, active requests, models, last seen."""
+    """Table of nodes: id, url, status, approval, backend, slots, active requests, models,
+    last seen."""
     try:
         nodes = client_from_args(args).get("/v0/nodes").get("nodes", [])
     except ApiClientError as exc:
@@ -205,13 +219,15 @@ def list_nodes(args: argparse.Namespace) -> int:
         _print_json(nodes)
         return 0
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("NODE", "URL", "STATUS", "GPU", "SLOTS", "ACTIVE", "MODELS", "LAST SEEN"):
+    columns = ("NODE", "URL", "STATUS", "APPROVAL", "GPU", "SLOTS", "ACTIVE", "MODELS", "LAST SEEN")
+    for column in columns:
         table.add_column(column)
     for node in nodes:
         table.add_row(
             str(node.get("node_id")),
             str(node.get("url")),
             str(node.get("status")),
+            str(node.get("approval") or "-"),
             str((node.get("gpu") or {}).get("backend") or "-"),
             str(node.get("slots")),
             str(node.get("active_requests", 0)),
@@ -219,6 +235,18 @@ def list_nodes(args: argparse.Namespace) -> int:
             str(node.get("last_seen") or "-"),
         )
     _console().print(table)
+    return 0
+
+
+def approve_node(args: argparse.Namespace) -> int:
+    """``POST /v0/nodes/{id}/approve`` (or ``/revoke``)."""
+    try:
+        answer = client_from_args(args).post(
+            f"/v0/nodes/{path_segment(args.node_id)}/{args.action}", {}
+        )
+    except ApiClientError as exc:
+        return report_error(exc)
+    print(f"node {answer.get('node_id', args.node_id)}: {answer.get('approval')}")
     return 0
 
 

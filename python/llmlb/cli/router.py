@@ -54,6 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="end a stream whose node sends nothing for S seconds (default 60; proxy "
         "setting stream_idle_timeout_s)",
     )
+    parser.add_argument(
+        "--node-approval",
+        choices=config.NODE_APPROVAL_MODES,
+        help="manual: a node id never approved joins pending (no client traffic, no peer "
+        "token, in no peer list) until an admin approves it (`llmlb nodes approve ID`); auto: "
+        "every node is approved as it registers (default LLMLB_NODE_APPROVAL, config.json "
+        "node_approval, else manual)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -66,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if args.max_inflight < 1:
             raise SystemExit("--max-inflight must be >= 1")
         os.environ["LLMLB_PROXY_MAX_INFLIGHT"] = str(args.max_inflight)
+    if args.node_approval is not None:
+        os.environ["LLMLB_NODE_APPROVAL"] = args.node_approval
     if args.stream_idle_timeout is not None:
         if not args.stream_idle_timeout > 0:
             raise SystemExit("--stream-idle-timeout must be > 0")
@@ -113,11 +123,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     log.info(
-        "router on http://%s:%d (db %s, %d worker(s))",
+        "router on http://%s:%d (db %s, %d worker(s), node approval %s)",
         args.host,
         args.port,
         _shown(settings.database),
         args.workers,
+        settings.node_approval,
     )
     try:
         Granian(

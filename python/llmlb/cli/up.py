@@ -154,7 +154,9 @@ class _Cluster:
             self._place_demo_model()
         self._check_stop()
         env = self._child_env()
-        self._spawn("router", ["router", "--host", HOST, "--port", str(args.port)], env)
+        # One machine, its own node: zero configuration, so nodes are approved as they join.
+        router_args = ["router", "--host", HOST, "--port", str(args.port)]
+        self._spawn("router", [*router_args, "--node-approval", "auto"], env)
         self._wait(
             lambda: _http_ok(f"{self.router_url}/health"),
             START_TIMEOUT_S,

@@ -56,6 +56,7 @@ from llmlb.node.download.options import DownloadOptions, DownloadProgress
 from llmlb.node.download.staging import read_marker
 from llmlb.node.download.workers import shared_pool
 from llmlb.node.events import AsyncSignal, Signal
+from llmlb.node.identity import node_secret
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.peer import TransferStats
 from llmlb.node.router_client import fetch_manifest, report_peer
@@ -534,11 +535,13 @@ class Resolver:
         self.stats.bad_peers.inc()
         logger.warning("%s: peer %s served bad bytes (%s)", model_id, peer.node_id, reason)
         if self.router is not None:
+            reporter = self.fleet()[0] if self.fleet is not None else None
+            secret = node_secret(self.models_dir, reporter) if reporter else None
             try:
                 report_peer(
                     self.router.url,
                     self.router.api_key,
-                    PeerReport(model_id, peer.node_id, reason),
+                    PeerReport(model_id, peer.node_id, reason, reporter, secret),
                 )
             except RouterUnavailable as exc:
                 logger.warning("%s: %s", model_id, exc)

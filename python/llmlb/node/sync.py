@@ -43,7 +43,13 @@ from llmlb.node.identity import node_secret
 from llmlb.node.membership import Membership
 from llmlb.node.resolver import Resolver
 from llmlb.node.settings import NodeSettings
-from llmlb.protocol import PEER_TOKEN_FIELD, Heartbeat, ModelState, Registration
+from llmlb.protocol import (
+    APPROVAL_FIELD,
+    PEER_TOKEN_FIELD,
+    Heartbeat,
+    ModelState,
+    Registration,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -90,6 +96,7 @@ class RouterSync:
         self.ready = asyncio.Event()
         self.registered = False
         self.sync_token: str | None = None
+        self.approval: str | None = None  # "approved" or "pending" (None: not said)
         self.interval = settings.heartbeat_interval_s
         self.reconciles = 0
         self._last_reconcile = 0.0
@@ -235,11 +242,11 @@ class RouterSync:
             logger.info("registration failed: %s", exc)
             return False
         self.sync_token = answer.get("sync_token")
-        self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
         self.interval = float(answer.get("heartbeat_interval_s") or self.interval)
         self.node_id = answer.get("node_id") or self.node_id
         self.registered = True
         logger.info("registered with %s as %s", self.router_url, self.node_id)
+        self._membership(answer)
         await self.pull_registry()
         return True
 
@@ -334,7 +341,7 @@ class RouterSync:
         ).to_dict()
         try:
             answer = await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
-            self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
+            self._membership(answer)
         except RouterError as exc:
             # 404: the router forgot us; 409: our registration changed (an admin removed the
             # node, maybe another took the id). Register again (and reconcile).
@@ -344,6 +351,24 @@ class RouterSync:
                     return True
             raise
         return False
+
+    def _membership(self, answer: dict[str, Any]) -> None:
+        """Take the approval and peer token of a registration or heartbeat answer."""
+        approval = answer.get(APPROVAL_FIELD)
+        if approval == "pending":
+            self.peer_token = None  # no peer transfers until approved
+            if self.approval != "pending":
+                logger.warning(
+                    "node %s waits for an admin to approve it on the router (llmlb nodes "
+                    "approve %s); until then it gets no client traffic and no peer transfers",
+                    self.node_id,
+                    self.node_id,
+                )
+        else:
+            self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
+            if approval == "approved" and self.approval == "pending":
+                logger.info("node %s approved by the router", self.node_id)
+        self.approval = approval if isinstance(approval, str) else None
 
     # -- sync notifications -------------------------------------------------------------
 

@@ -110,6 +110,22 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
         },
         "CREATE INDEX sync_outbox_node ON sync_outbox (node_id, id)",
     ],
+    # 4: enrollment. A node serves clients, gets the peer token and joins peer lists only once
+    # approved (``approved_at`` NULL: pending); the nodes known before stay approved. Reports
+    # of peers that served bad bytes, one per (model, peer, reporting node), weighed when
+    # peer lists are made.
+    [
+        "ALTER TABLE nodes ADD COLUMN approved_at TEXT",
+        "UPDATE nodes SET approved_at = registered_at",
+        """CREATE TABLE peer_reports (
+            model_id TEXT NOT NULL,
+            node_id TEXT NOT NULL,
+            reporter TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (model_id, node_id, reporter)
+        )""",
+    ],
 ]
 
 

@@ -1,7 +1,8 @@
 """FleetView: one worker's in-memory picture of nodes and models, read by the proxy.
 
 Nothing here touches the database. The app reloads the view (``load``) whenever the
-``fleet`` state version moves; lookups on the hot path are single dict reads.
+``fleet`` state version moves; lookups on the hot path are single dict reads. Nodes still
+pending approval are left out when the view is loaded, so the proxy never sees them.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ class ModelReport:
 
 @dataclass(slots=True)
 class NodeState:
-    """A registered node as the cache holds it."""
+    """A registered node as the cache holds it (``approved``: an admin approved it, or the
+    router approves every node; a pending node is never loaded into the view)."""
 
     view: NodeView
     online: bool
     models: dict[str, ModelReport] = field(default_factory=dict)
     runtimes: tuple[str, ...] = ()
+    approved: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +145,9 @@ class FleetView:
     # -- maintenance ----------------------------------------------------------------------
 
     def load(self, nodes: Iterable[NodeState], models: Iterable[RegisteredModel]) -> None:
-        """Replace the whole picture (after a change in the database)."""
-        self._nodes = {node.view.node_id: node for node in nodes}
+        """Replace the whole picture (after a change in the database); pending nodes are
+        left out."""
+        self._nodes = {node.view.node_id: node for node in nodes if node.approved}
         self._models = {model.id: model for model in models}
         self._reindex()
 

@@ -1,5 +1,15 @@
 """Node registry: registrations and heartbeats (bodies: :mod:`llmlb.protocol`), their
-storage, node credentials, and offline detection."""
+storage, node credentials, enrollment (approval), offline detection, and the reports nodes
+make of peers that served bad bytes.
+
+Enrollment: a node id the router has never approved joins ``pending`` (``approved_at``
+NULL) unless the router approves nodes automatically (``--node-approval auto``). A pending
+node heartbeats and reads the registry like any node, but it is not in the fleet view (no
+client traffic, no sync notifications), gets no peer token and is in nobody's peer list, and
+its peer reports count for nothing. Approval belongs to the credential the id is bound to:
+it survives restarts and re-registrations with that credential, and goes with the row when
+an admin removes the node.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,13 @@ from dataclasses import dataclass
 import orjson
 
 from llmlb.errors import ApiError
-from llmlb.protocol import Heartbeat, Registration, transfer_totals
+from llmlb.protocol import Heartbeat, PeerReport, Registration, transfer_totals
 from llmlb.router import db
 from llmlb.router.fleet import ModelReport, NodeState, NodeView
 from llmlb.router.peers import NodeModels
+
+APPROVED = "approved"
+PENDING = "pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +77,33 @@ def _state_key(models: list[dict]) -> list[tuple[str, str]]:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What a registration gave the node: its fresh sync token, and whether it is approved."""
+
+    token: str
+    approved: bool
+
+    @property
+    def approval(self) -> str:
+        """``approved`` or ``pending``."""
+        return APPROVED if self.approved else PENDING
+
+
 def register(conn: db.Conn, reg: Registration, key: bytes | None = None) -> str:
-    """Insert or replace a node with a fresh sync token; returns the token.
+    """:func:`enroll` with the router's default (manual approval); returns the sync token."""
+    return enroll(conn, reg, key).token
+
+
+def enroll(
+    conn: db.Conn, reg: Registration, key: bytes | None = None, *, auto_approve: bool = False
+) -> Enrollment:
+    """Insert or replace a node with a fresh sync token.
 
     The id is bound to the registration's credential (its ``node_secret``, else ``key``, the
-    request's bearer key); registering a bound id again needs the same credential.
+    request's bearer key); registering a bound id again needs the same credential, and keeps
+    the id's approval. A new id (or one bound to nothing yet) is approved only with
+    ``auto_approve``; else it is pending until :func:`approve`.
 
     Raises:
         ApiError: 409 ``node_id_conflict`` when the id is bound to another credential.
@@ -77,19 +112,23 @@ def register(conn: db.Conn, reg: Registration, key: bytes | None = None) -> str:
     credential = Credential(reg.node_secret, key)
     with db.transaction(conn):
         row = conn.execute(
-            "SELECT credential_hash FROM nodes WHERE id = ?", (reg.node_id,)
+            "SELECT credential_hash, approved_at FROM nodes WHERE id = ?", (reg.node_id,)
         ).fetchone()
         if row is not None and not credential.proves(row[0]):
             raise id_conflict(reg.node_id)
+        # Approval was given to the bound credential; an unbound row's is not inherited.
+        approved_at = row[1] if row is not None and row[0] is not None else None
+        if approved_at is None and auto_approve:
+            approved_at = db.now_iso()
         conn.execute(
             "INSERT INTO nodes (id, url, runtimes, gpu, slots, sync_token, status, models, "
-            "active_requests, registered_at, last_seen, credential_hash) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'online', ?, 0, ?, ?, ?) "
+            "active_requests, registered_at, last_seen, credential_hash, approved_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'online', ?, 0, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET url=excluded.url, runtimes=excluded.runtimes, "
             "gpu=excluded.gpu, slots=excluded.slots, sync_token=excluded.sync_token, "
             "status='online', models=excluded.models, active_requests=0, "
             "registered_at=excluded.registered_at, last_seen=excluded.last_seen, "
-            "credential_hash=excluded.credential_hash",
+            "credential_hash=excluded.credential_hash, approved_at=excluded.approved_at",
             (
                 reg.node_id,
                 reg.url,
@@ -101,19 +140,33 @@ def register(conn: db.Conn, reg: Registration, key: bytes | None = None) -> str:
                 db.now_iso(),
                 db.unix_now(),
                 credential.digest(),
+                approved_at,
             ),
         )
         db.bump(conn, db.FLEET)
-    return token
+    return Enrollment(token, approved_at is not None)
 
 
 def heartbeat(
     conn: db.Conn, node_id: str, beat: Heartbeat, key: bytes | None = None
 ) -> bool:
-    """Record a heartbeat; ``False`` when the node is not registered.
+    """:func:`record_heartbeat`; ``False`` when the node is not registered."""
+    return record_heartbeat(conn, node_id, beat, key) is not None
+
+
+def record_heartbeat(
+    conn: db.Conn,
+    node_id: str,
+    beat: Heartbeat,
+    key: bytes | None = None,
+    *,
+    auto_approve: bool = False,
+) -> bool | None:
+    """Record a heartbeat; returns whether the node is approved (``None``: not registered).
 
     The heartbeat must present the credential the id is bound to (its ``node_secret``, else
-    ``key``, the request's bearer key), so only the node that registered speaks for it.
+    ``key``, the request's bearer key), so only the node that registered speaks for it. With
+    ``auto_approve``, a pending node is approved (a router switched to ``auto``).
 
     Raises:
         ApiError: 409 ``node_id_conflict`` when the id is bound to another credential (its
@@ -121,13 +174,16 @@ def heartbeat(
     """
     with db.transaction(conn):
         row = conn.execute(
-            "SELECT status, models, slots, runtimes, credential_hash FROM nodes WHERE id = ?",
+            "SELECT status, models, slots, runtimes, credential_hash, approved_at "
+            "FROM nodes WHERE id = ?",
             (node_id,),
         ).fetchone()
         if row is None:
-            return False
+            return None
         if not Credential(beat.node_secret, key).proves(row["credential_hash"]):
             raise id_conflict(node_id)
+        approved = row["approved_at"] is not None
+        newly_approved = not approved and auto_approve
         old_models = orjson.loads(row["models"])
         models = beat.models if beat.models is not None else old_models
         slots = beat.slots if beat.slots is not None else row["slots"]
@@ -135,24 +191,55 @@ def heartbeat(
         runtimes = runtimes or row["runtimes"]
         conn.execute(
             "UPDATE nodes SET status='online', models=?, slots=?, runtimes=?, active_requests=?, "
-            "last_seen=? WHERE id = ?",
+            "last_seen=?, approved_at=? WHERE id = ?",
             (
                 orjson.dumps(models).decode(),
                 slots,
                 runtimes,
                 beat.active_requests,
                 db.unix_now(),
+                db.now_iso() if newly_approved else row["approved_at"],
                 node_id,
             ),
         )
         if (
-            row["status"] != "online"
+            newly_approved
+            or row["status"] != "online"
             or slots != row["slots"]
             or runtimes != row["runtimes"]
             or _state_key(models) != _state_key(old_models)
         ):
             db.bump(conn, db.FLEET)
-    return True
+    return approved or newly_approved
+
+
+def approve(conn: db.Conn, node_id: str) -> bool:
+    """Approve a node (idempotent): it joins the fleet view, the peer lists, and gets the peer
+    token with its next heartbeat. ``False`` when the node is not registered."""
+    with db.transaction(conn):
+        changed = conn.execute(
+            "UPDATE nodes SET approved_at = ? WHERE id = ? AND approved_at IS NULL",
+            (db.now_iso(), node_id),
+        ).rowcount
+        if changed:
+            db.bump(conn, db.FLEET)
+            return True
+        return conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+
+
+def revoke(conn: db.Conn, node_id: str) -> bool:
+    """Make an approved node pending again (idempotent): out of the fleet view and the peer
+    lists at once, its reports no longer count. ``False`` when the node is not registered.
+    (The peer token it already holds stays valid: the fleet's secret must change for that.)"""
+    with db.transaction(conn):
+        changed = conn.execute(
+            "UPDATE nodes SET approved_at = NULL WHERE id = ? AND approved_at IS NOT NULL",
+            (node_id,),
+        ).rowcount
+        if changed:
+            db.bump(conn, db.FLEET)
+            return True
+        return conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
 
 
 def unregister(
@@ -174,6 +261,9 @@ def unregister(
         deleted = conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,)).rowcount
         if deleted:
             conn.execute("DELETE FROM sync_outbox WHERE node_id = ?", (node_id,))
+            conn.execute(
+                "DELETE FROM peer_reports WHERE node_id = ? OR reporter = ?", (node_id, node_id)
+            )
             db.bump(conn, db.FLEET)
     return bool(deleted)
 
@@ -222,10 +312,12 @@ def sync_target(conn: db.Conn, node_id: str) -> tuple[str, str] | None:
 
 
 def load_states(conn: db.Conn) -> list[NodeState]:
-    """Every node in the form the fleet cache holds."""
+    """Every node in the form the fleet cache holds (pending ones too: the cache leaves
+    them out)."""
     states = []
     query = (
-        "SELECT id, url, slots, status, models, sync_token, runtimes, active_requests FROM nodes"
+        "SELECT id, url, slots, status, models, sync_token, runtimes, active_requests, "
+        "approved_at FROM nodes"
     )
     for row in conn.execute(query):
         models = {
@@ -238,7 +330,8 @@ def load_states(conn: db.Conn) -> list[NodeState]:
             row["id"], row["url"], row["slots"], row["sync_token"], row["active_requests"]
         )
         runtimes = tuple(orjson.loads(row["runtimes"]))
-        states.append(NodeState(view, row["status"] == "online", models, runtimes))
+        approved = row["approved_at"] is not None
+        states.append(NodeState(view, row["status"] == "online", models, runtimes, approved))
     return states
 
 
@@ -261,6 +354,8 @@ def list_nodes(conn: db.Conn, offline_after_s: float) -> list[dict]:
                 "transfer": transfer_totals(models),
                 "registered_at": row["registered_at"],
                 "last_seen": db.iso_from_unix(row["last_seen"]),
+                "approval": PENDING if row["approved_at"] is None else APPROVED,
+                "approved_at": row["approved_at"],
             }
         )
     return nodes
@@ -275,6 +370,53 @@ def peer_view(conn: db.Conn, offline_after_s: float) -> list[NodeModels]:
             row["url"],
             row["status"] == "online" and row["last_seen"] >= cutoff,
             {m["id"]: m for m in orjson.loads(row["models"])},
+            approved=row["approved_at"] is not None,
         )
-        for row in conn.execute("SELECT id, url, status, last_seen, models FROM nodes")
+        for row in conn.execute(
+            "SELECT id, url, status, last_seen, models, approved_at FROM nodes"
+        )
+    ]
+
+
+def record_peer_report(conn: db.Conn, report: PeerReport, key: bytes | None = None) -> bool:
+    """Store a report that ``report.node_id`` served bad bytes; returns whether it counts.
+
+    It counts when it names its ``reporter``, an approved node other than the peer, and
+    proves to speak for it (the reporter's ``node_secret``, else ``key``, as heartbeats do).
+    A report that counts for nothing (no reporter, a pending or unknown one, the peer itself)
+    is not stored.
+
+    Raises:
+        ApiError: 409 ``node_id_conflict`` when the reporter is bound to another credential.
+    """
+    if report.reporter is None or report.reporter == report.node_id:
+        return False
+    with db.transaction(conn):
+        row = conn.execute(
+            "SELECT credential_hash, approved_at FROM nodes WHERE id = ?", (report.reporter,)
+        ).fetchone()
+        if row is None:
+            return False
+        if not Credential(report.node_secret, key).proves(row[0]):
+            raise id_conflict(report.reporter)
+        if row[1] is None:
+            return False
+        conn.execute(
+            "INSERT INTO peer_reports (model_id, node_id, reporter, reason, created_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(model_id, node_id, reporter) DO UPDATE SET "
+            "reason=excluded.reason, created_at=excluded.created_at",
+            (report.model_id, report.node_id, report.reporter, report.reason, db.now_iso()),
+        )
+    return True
+
+
+def peer_reports(conn: db.Conn, model_id: str) -> list[tuple[str, str]]:
+    """``(peer, reporter)`` of every report of ``model_id`` whose reporter is approved now."""
+    return [
+        (row[0], row[1])
+        for row in conn.execute(
+            "SELECT r.node_id, r.reporter FROM peer_reports r JOIN nodes n ON n.id = r.reporter "
+            "WHERE r.model_id = ? AND n.approved_at IS NOT NULL",
+            (model_id,),
+        )
     ]

@@ -149,7 +149,15 @@ _SCHEMAS: dict[str, Any] = {
             "node_id": {"type": "string"},
             "heartbeat_interval_s": {"type": "number"},
             "sync_token": {"type": "string"},
-            "peer_token": {"type": "string", "description": "fleet credential for /v0/peer/*"},
+            "approval": {
+                "enum": ["approved", "pending"],
+                "description": "pending: waits for an admin (POST /v0/nodes/{node_id}/approve); "
+                "no client traffic and no peer token until then",
+            },
+            "peer_token": {
+                "type": "string",
+                "description": "fleet credential for /v0/peer/* (approved nodes only)",
+            },
         },
     },
     "HeartbeatAck": {
@@ -158,7 +166,15 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "node_id": {"type": "string"},
             "heartbeat_interval_s": {"type": "number"},
-            "peer_token": {"type": "string", "description": "fleet credential for /v0/peer/*"},
+            "approval": {
+                "enum": ["approved", "pending"],
+                "description": "pending: waits for an admin (POST /v0/nodes/{node_id}/approve); "
+                "no client traffic and no peer token until then",
+            },
+            "peer_token": {
+                "type": "string",
+                "description": "fleet credential for /v0/peer/* (approved nodes only)",
+            },
         },
     },
     "Node": {
@@ -175,6 +191,16 @@ _SCHEMAS: dict[str, Any] = {
             "models": {"type": "array", "items": {"type": "object"}},
             "registered_at": {"type": "string"},
             "last_seen": {"type": "string"},
+            "approval": {"enum": ["approved", "pending"]},
+            "approved_at": {"type": ["string", "null"]},
+        },
+    },
+    "NodeApproval": {
+        "type": "object",
+        "required": ["node_id", "approval"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "approval": {"enum": ["approved", "pending"]},
         },
     },
     "TrafficSeries": {
@@ -430,14 +456,15 @@ def _paths() -> dict:
         "/v0/peers/report": {
             "post": {
                 "operationId": "reportPeer",
-                "summary": "A peer served bytes that failed their check (node)",
+                "summary": "A peer served bytes that failed their check (node); weighed: an "
+                "approved reporter's own list at once, every list on reports of 2 approved nodes",
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("PeerReport")}},
                 },
                 "responses": {
                     "202": _json(_ref("PeerReport"), "Recorded"),
-                    **_errors(400, *_AUTH, 413),
+                    **_errors(400, *_AUTH, 409, 413),
                 },
             }
         },
@@ -454,6 +481,7 @@ def _paths() -> dict:
                         _json(_ref("NodeRegistered"), "Registered"),
                         {
                             "nodeHeartbeat": ("node_id", "node_id"),
+                            "approveNode": ("node_id", "node_id"),
                             "unregisterNode": ("node_id", "node_id"),
                         },
                     ),
@@ -488,6 +516,29 @@ def _paths() -> dict:
                 "responses": {
                     "200": _json(_ref("HeartbeatAck"), "Recorded"),
                     **_errors(400, *_AUTH, 404, 409, 413),
+                },
+            }
+        },
+        "/v0/nodes/{node_id}/approve": {
+            "post": {
+                "operationId": "approveNode",
+                "summary": "Approve a pending node: client traffic, peer lists, peer token "
+                "(admin; idempotent)",
+                "parameters": [_NODE_ID_PARAM],
+                "responses": {
+                    "200": _json(_ref("NodeApproval"), "Approved"),
+                    **_errors(400, *_AUTH, 404),
+                },
+            }
+        },
+        "/v0/nodes/{node_id}/revoke": {
+            "post": {
+                "operationId": "revokeNode",
+                "summary": "Make a node pending again (admin; idempotent)",
+                "parameters": [_NODE_ID_PARAM],
+                "responses": {
+                    "200": _json(_ref("NodeApproval"), "Pending"),
+                    **_errors(400, *_AUTH, 404),
                 },
             }
         },

@@ -2,6 +2,11 @@
 model ready at its manifest's revision, which nodes fetch it from the hub first (seeds),
 and peers reported for serving bad bytes.
 
+Only approved nodes are peers, and a pending node asking gets no peers (it holds no peer
+token to fetch with). Reports are weighed (:func:`weigh_reports`): a node's report takes the
+peer off that node's own list at once, and off every list when :data:`REPORT_QUORUM`
+distinct approved nodes reported it, so no single credential evicts a node from the fleet.
+
 A node asking for a manifest (``?node_id=``) gets ``peers``: online nodes that report the
 model ``ready`` at the manifest's revision, least busy uploaders first. When there is none
 yet, the router lets only ``seeds`` nodes (``LLMLB_PEER_SEEDS``, default 1) start from the
@@ -35,8 +40,13 @@ logger = logging.getLogger("llmlb.router")
 FLEET_KEY_FILE = "fleet.key"
 
 PEER_REPORTS = Counter(
-    "llmlb_router_peer_reports_total", "Peers reported for serving bad bytes.", ["node"]
+    "llmlb_router_peer_reports_total",
+    "Peers reported for serving bad bytes (reports by approved nodes).",
+    ["node"],
 )
+
+#: Distinct approved reporters that take a peer off every node's list for a model.
+REPORT_QUORUM = 2
 
 
 # -- the fleet credential ---------------------------------------------------------------------
@@ -86,6 +96,7 @@ class NodeModels:
     url: str
     online: bool
     models: dict[str, dict] = field(default_factory=dict)
+    approved: bool = True
 
     @property
     def uploads(self) -> int:
@@ -112,8 +123,9 @@ def peer_plan(
     Args:
         model_id: the model.
         revision: the manifest's pinned revision (a peer must hold exactly this one).
-        requester: the asking node's id (``None``: not a node, e.g. ``llmlb pull``).
-        nodes: every registered node.
+        requester: the asking node's id (``None``: not a node, e.g. ``llmlb pull``); a
+            pending node gets no peers and no wait.
+        nodes: every registered node (pending ones are never listed).
         seeds: nodes that may fetch from the hub while no peer is ready.
         wait_s: how long the others wait for a peer.
         bad: nodes reported for serving bad bytes of this model (never listed).
@@ -122,7 +134,10 @@ def peer_plan(
         Peers (least busy first) and ``None``, or no peers and the wait (``None``: fetch
         from the hub now).
     """
-    nodes = [node for node in nodes if node.online]
+    nodes = list(nodes)
+    if requester is not None and any(n.node_id == requester and not n.approved for n in nodes):
+        return [], None  # no peer token to fetch with: the hub
+    nodes = [node for node in nodes if node.online and node.approved]
     peers = [
         node
         for node in nodes
@@ -150,22 +165,49 @@ def peer_plan(
     return [], wait_s
 
 
-class BadPeers:
-    """Peers reported for serving bytes that failed the manifest's checks, per model (this
-    worker's memory; the reporting node also never asks that peer for the model again)."""
+def weigh_reports(
+    reports: Iterable[tuple[str, str]], requester: str | None, quorum: int = REPORT_QUORUM
+) -> frozenset[str]:
+    """The peers not to list for ``requester``, from a model's reports.
 
-    def __init__(self) -> None:
-        self._bad: dict[str, set[str]] = {}
+    Args:
+        reports: ``(peer, reporter)`` pairs, reporters approved nodes only.
+        requester: the asking node (``None``: not a node).
+        quorum: distinct reporters that take a peer off every list.
 
-    def report(self, model_id: str, node_id: str, reason: str) -> None:
-        """Record that ``node_id`` served bad bytes of ``model_id``."""
-        self._bad.setdefault(model_id, set()).add(node_id)
+    Returns:
+        Peers that ``requester`` reported itself, and peers ``quorum`` nodes reported.
+    """
+    reporters: dict[str, set[str]] = {}
+    for peer, reporter in reports:
+        reporters.setdefault(peer, set()).add(reporter)
+    return frozenset(
+        peer for peer, who in reporters.items() if len(who) >= quorum or requester in who
+    )
+
+
+def log_report(
+    model_id: str, node_id: str, reason: str, reporter: str | None, counted: bool
+) -> None:
+    """Log a report, and count it when it weighs (``counted``: an approved reporter's)."""
+    if counted:
         PEER_REPORTS.labels(node=node_id).inc()
-        logger.warning("node %s served bad bytes of %s: %s", node_id, model_id, reason)
-
-    def of(self, model_id: str) -> frozenset[str]:
-        """The peers never to list for ``model_id``."""
-        return frozenset(self._bad.get(model_id, ()))
+        logger.warning(
+            "node %s served bad bytes of %s (reported by %s): %s",
+            node_id,
+            model_id,
+            reporter,
+            reason,
+        )
+    else:
+        logger.warning(
+            "node %s served bad bytes of %s, says %s, which is no approved node (not "
+            "counted): %s",
+            node_id,
+            model_id,
+            reporter or "a report naming no reporter",
+            reason,
+        )
 
 
 @functools.cache

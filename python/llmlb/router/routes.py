@@ -15,13 +15,14 @@ from starlette.routing import Route
 from llmlb.errors import ApiError
 from llmlb.http import JSONResponse, api_key, model_id_or_400, read_json
 from llmlb.protocol import (
+    APPROVAL_FIELD,
     PEER_TOKEN_FIELD,
     Heartbeat,
     PeerReport,
     Registration,
     validate_node_id,
 )
-from llmlb.router import dashboard, keys, metrics, nodes, peers, registry
+from llmlb.router import dashboard, db, keys, metrics, nodes, peers, registry
 from llmlb.router.openapi import openapi_schema
 from llmlb.router.responses import authorize
 from llmlb.router.runtime import Runtime
@@ -198,7 +199,9 @@ async def manifest(request: Request) -> Response:
     requester = request.query_params.get("node_id")
     if requester is not None:  # a node asking: who can serve it the files
         requester = validate_node_id(requester)
-        view = await runtime.db.run(nodes.peer_view, runtime.settings.offline_after_s)
+        view, reports = await runtime.db.run(
+            _peer_inputs, model_id, runtime.settings.offline_after_s
+        )
         seeds, wait_s = peers.plan_settings()
         sources, wait = peers.peer_plan(
             model_id,
@@ -207,27 +210,35 @@ async def manifest(request: Request) -> Response:
             view,
             seeds=seeds,
             wait_s=wait_s,
-            bad=_bad_peers(request).of(model_id),
+            bad=peers.weigh_reports(reports, requester),
         )
         found["peers"] = [source.to_dict() for source in sources]
         found["peer_wait_s"] = wait
     return JSONResponse(found)
 
 
-def _bad_peers(request: Request) -> peers.BadPeers:
-    state = request.app.state
-    if not hasattr(state, "bad_peers"):
-        state.bad_peers = peers.BadPeers()
-    return state.bad_peers
+def _peer_inputs(
+    conn: db.Conn, model_id: str, offline_after_s: float
+) -> tuple[list[peers.NodeModels], list[tuple[str, str]]]:
+    return nodes.peer_view(conn, offline_after_s), nodes.peer_reports(conn, model_id)
 
 
 async def report_peer(request: Request) -> Response:
-    """``POST /v0/peers/report`` (node): a peer served bytes that failed their check; it is
-    listed for that model no more."""
+    """``POST /v0/peers/report`` (node): a peer served bytes that failed their check. An
+    approved reporter's report takes the peer off its own list for the model, and off every
+    list once enough approved nodes reported it (:func:`llmlb.router.peers.weigh_reports`)."""
     runtime = _guard(request, "node")
     report = PeerReport.parse(await read_json(request, runtime.settings.max_body_bytes))
-    _bad_peers(request).report(report.model_id, report.node_id, report.reason)
-    return JSONResponse(report.to_dict(), status_code=202)
+    counted = await runtime.db.run(nodes.record_peer_report, report, _bearer(request))
+    peers.log_report(report.model_id, report.node_id, report.reason, report.reporter, counted)
+    answer = {
+        "model_id": report.model_id,
+        "node_id": report.node_id,
+        "reason": report.reason,
+        "reporter": report.reporter,
+        "counted": counted,
+    }
+    return JSONResponse(answer, status_code=202)
 
 
 # -- nodes ---------------------------------------------------------------------------------
@@ -237,22 +248,40 @@ async def register_node(request: Request) -> Response:
     """``POST /v0/nodes`` (node): register (or re-register) a node.
 
     The id is bound to the body's ``node_secret`` (else to the bearer key); another
-    credential gets 409 ``node_id_conflict`` until an admin removes the node.
+    credential gets 409 ``node_id_conflict`` until an admin removes the node. An id never
+    approved joins ``pending`` (no traffic, no peer token) unless the router approves nodes
+    automatically (``--node-approval auto``).
     """
     runtime = _guard(request, "node")
     reg = Registration.parse(await read_json(request, runtime.settings.max_body_bytes))
-    token = await runtime.db.run(nodes.register, reg, _bearer(request))
-    logger.info("node %s registered at %s", reg.node_id, reg.url)
-    await runtime.refresh()
-    return JSONResponse(
-        {
-            "node_id": reg.node_id,
-            "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
-            "sync_token": token,
-            PEER_TOKEN_FIELD: peers.fleet_token(runtime.settings.home),
-        },
-        status_code=201,
+    enrolled = await runtime.db.run(
+        partial(nodes.enroll, auto_approve=runtime.settings.auto_approve), reg, _bearer(request)
     )
+    if enrolled.approved:
+        logger.info("node %s registered at %s", reg.node_id, reg.url)
+    else:
+        logger.warning(
+            "node %s registered at %s and waits for approval (llmlb nodes approve %s)",
+            reg.node_id,
+            reg.url,
+            reg.node_id,
+        )
+    await runtime.refresh()
+    answer = {
+        "node_id": reg.node_id,
+        "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
+        "sync_token": enrolled.token,
+    }
+    return JSONResponse(_membership(runtime, answer, enrolled.approved), status_code=201)
+
+
+def _membership(runtime: Runtime, answer: dict, approved: bool) -> dict:
+    """A registration or heartbeat answer with the node's approval, and the peer token when
+    approved."""
+    answer[APPROVAL_FIELD] = nodes.APPROVED if approved else nodes.PENDING
+    if approved:
+        answer[PEER_TOKEN_FIELD] = peers.fleet_token(runtime.settings.home)
+    return answer
 
 
 async def node_heartbeat(request: Request) -> Response:
@@ -262,16 +291,46 @@ async def node_heartbeat(request: Request) -> Response:
     runtime = _guard(request, "node")
     node_id = validate_node_id(request.path_params["node_id"])
     beat = Heartbeat.parse(await read_json(request, runtime.settings.max_body_bytes))
-    if not await runtime.db.run(nodes.heartbeat, node_id, beat, _bearer(request)):
-        raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
-    await runtime.refresh()
-    return JSONResponse(
-        {
-            "node_id": node_id,
-            "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
-            PEER_TOKEN_FIELD: peers.fleet_token(runtime.settings.home),
-        }
+    approved = await runtime.db.run(
+        partial(nodes.record_heartbeat, auto_approve=runtime.settings.auto_approve),
+        node_id,
+        beat,
+        _bearer(request),
     )
+    if approved is None:
+        raise _node_not_found(node_id)
+    await runtime.refresh()
+    answer = {"node_id": node_id, "heartbeat_interval_s": runtime.settings.heartbeat_interval_s}
+    return JSONResponse(_membership(runtime, answer, approved))
+
+
+def _node_not_found(node_id: str) -> ApiError:
+    return ApiError(404, "node_not_found", f"node {node_id} is not registered")
+
+
+async def approve_node(request: Request) -> Response:
+    """``POST /v0/nodes/{node_id}/approve`` (admin): the node serves clients, joins the peer
+    lists and gets the peer token with its next heartbeat (idempotent)."""
+    return await _set_approval(request, nodes.approve, approved=True)
+
+
+async def revoke_node(request: Request) -> Response:
+    """``POST /v0/nodes/{node_id}/revoke`` (admin): the node is pending again: no client
+    traffic, out of the peer lists (idempotent)."""
+    return await _set_approval(request, nodes.revoke, approved=False)
+
+
+async def _set_approval(
+    request: Request, change: Callable[[db.Conn, str], bool], *, approved: bool
+) -> Response:
+    runtime = _guard(request, "admin")
+    node_id = validate_node_id(request.path_params["node_id"])
+    if not await runtime.db.run(change, node_id):
+        raise _node_not_found(node_id)
+    logger.info("node %s %s by an admin", node_id, "approved" if approved else "revoked")
+    await runtime.refresh()
+    state = nodes.APPROVED if approved else nodes.PENDING
+    return JSONResponse({"node_id": node_id, APPROVAL_FIELD: state})
 
 
 async def unregister_node(request: Request) -> Response:
@@ -282,7 +341,7 @@ async def unregister_node(request: Request) -> Response:
     key = _bearer(request)
     forced = key is not None and runtime.keys.scope_of(key) == "admin"
     if not await runtime.db.run(partial(nodes.unregister, force=forced), node_id, key):
-        raise ApiError(404, "node_not_found", f"node {node_id} is not registered")
+        raise _node_not_found(node_id)
     runtime.forget_node(node_id)
     logger.info("node %s unregistered", node_id)
     await runtime.refresh()
@@ -290,7 +349,7 @@ async def unregister_node(request: Request) -> Response:
 
 
 async def list_nodes(request: Request) -> Response:
-    """``GET /v0/nodes`` (admin): nodes with their state and models."""
+    """``GET /v0/nodes`` (admin): nodes with their state, approval and models."""
     runtime = _guard(request, "admin")
     found = await runtime.db.run(nodes.list_nodes, runtime.settings.offline_after_s)
     return JSONResponse({"nodes": found})
@@ -334,6 +393,8 @@ ROUTES = [
     _route("/v0/peers/report", post=report_peer),
     _route("/v0/nodes", get=list_nodes, post=register_node),
     _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
+    _route("/v0/nodes/{node_id}/approve", post=approve_node),
+    _route("/v0/nodes/{node_id}/revoke", post=revoke_node),
     _route("/v0/nodes/{node_id}", delete=unregister_node),
     _route("/v0/traffic", get=traffic),
     _route("/dashboard", get=dashboard.dashboard_page),

@@ -29,6 +29,9 @@ class RouterSettings:
         hf_endpoint: hub base URL for registrations.
         hf_token: hub token; used for hub calls only, never stored or sent to nodes.
         admin_key: the fixed admin key (``LLMLB_ADMIN_KEY``), if any.
+        node_approval: ``manual`` (a node id never approved joins ``pending``: no client
+            traffic, no peer token, in no peer list, until an admin approves it) or ``auto``
+            (every node is approved when it registers).
     """
 
     home: Path
@@ -45,6 +48,7 @@ class RouterSettings:
     hf_endpoint: str = config.DEFAULT_HF_ENDPOINT
     hf_token: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
+    node_approval: str = config.DEFAULT_NODE_APPROVAL
 
     @classmethod
     def from_env(cls, db: str | Path | None = None) -> RouterSettings:
@@ -66,12 +70,18 @@ class RouterSettings:
             hf_endpoint=config.hf_endpoint(),
             hf_token=config.hf_token(),
             admin_key=config.admin_key(),
+            node_approval=config.node_approval(),
         )
 
     @property
     def database(self) -> str | Path:
         """What the router stores its state in: ``db_url``, else ``db_path``."""
         return self.db_url or self.db_path
+
+    @property
+    def auto_approve(self) -> bool:
+        """Whether nodes are approved as they register (``node_approval`` ``auto``)."""
+        return self.node_approval == "auto"
 
     @property
     def offline_after_s(self) -> float:
