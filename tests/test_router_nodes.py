@@ -6,7 +6,9 @@ import sqlite3
 
 import pytest
 from llmlb.errors import ApiError
+from llmlb.protocol import PeerReport
 from llmlb.router import db, nodes
+from llmlb.router.fleet import FleetView
 
 
 @pytest.fixture
@@ -175,4 +177,92 @@ def test_a_database_from_before_bindings_migrates_and_its_nodes_rebind(tmp_path)
     assert nodes.heartbeat(conn, "n", nodes.Heartbeat.parse({}), b"any")  # unbound: accepted
     nodes.register(conn, _reg(SECRET_A), b"k")  # the next registration binds it
     _conflict(lambda: nodes.register(conn, _reg(SECRET_B), b"k"))
+    conn.close()
+
+
+def _approved_ids(conn) -> list[str]:
+    """The nodes the fleet view would hold (it leaves pending ones out)."""
+    view = FleetView()
+    view.load(nodes.load_states(conn), [])
+    return sorted(node.node_id for node in view.online_nodes())
+
+
+def test_a_new_node_is_pending_until_approved_and_keeps_its_approval(conn):
+    enrolled = nodes.enroll(conn, _reg(SECRET_A), b"k")
+    assert not enrolled.approved and enrolled.approval == "pending"
+    assert nodes.list_nodes(conn, 60)[0]["approval"] == "pending"
+    assert _approved_ids(conn) == []
+    beat = nodes.Heartbeat.parse({"node_secret": SECRET_A})
+    assert nodes.record_heartbeat(conn, "n", beat) is False
+    version = db.versions(conn)["fleet"]
+    assert nodes.approve(conn, "n") and nodes.approve(conn, "n")  # idempotent
+    assert db.versions(conn)["fleet"] == version + 1
+    assert not nodes.approve(conn, "ghost") and not nodes.revoke(conn, "ghost")
+    (listed,) = nodes.list_nodes(conn, 60)
+    assert listed["approval"] == "approved" and listed["approved_at"]
+    assert _approved_ids(conn) == ["n"]
+    # The same credential registering again (a restart, a new URL) keeps the approval.
+    assert nodes.enroll(conn, _reg(SECRET_A, "http://moved"), b"other").approved
+    assert nodes.record_heartbeat(conn, "n", beat)
+    # Revoked: pending again at once; removed: a new registration starts pending.
+    assert nodes.revoke(conn, "n") and _approved_ids(conn) == []
+    assert nodes.approve(conn, "n")
+    assert nodes.unregister(conn, "n", None, force=True)
+    assert not nodes.enroll(conn, _reg(SECRET_A), b"k").approved
+
+
+def test_auto_approval_approves_at_registration_and_heartbeat(conn):
+    assert nodes.enroll(conn, _reg(SECRET_A), b"k", auto_approve=True).approved
+    assert _approved_ids(conn) == ["n"]
+    assert nodes.revoke(conn, "n")
+    beat = nodes.Heartbeat.parse({"node_secret": SECRET_A})
+    assert nodes.record_heartbeat(conn, "n", beat) is False
+    assert nodes.record_heartbeat(conn, "n", beat, auto_approve=True) is True
+    assert _approved_ids(conn) == ["n"]
+    assert nodes.record_heartbeat(conn, "ghost", beat, auto_approve=True) is None
+
+
+def _report(peer: str, reporter: str | None, secret: str | None = None) -> PeerReport:
+    return PeerReport("m", peer, "sha256 mismatch", reporter, secret)
+
+
+def test_only_approved_reporters_proving_their_id_count(conn):
+    secrets_ = {"a": SECRET_A, "b": SECRET_B, "p": "secret-p-0123456789abcdef"}
+    for node_id, secret in secrets_.items():
+        body = {"node_id": node_id, "url": f"http://{node_id}", "node_secret": secret}
+        nodes.enroll(conn, nodes.Registration.parse(body), b"k", auto_approve=node_id != "p")
+    assert not nodes.record_peer_report(conn, _report("a", None))  # names no reporter
+    assert not nodes.record_peer_report(conn, _report("a", "ghost", SECRET_A))  # unknown
+    assert not nodes.record_peer_report(conn, _report("a", "p", secrets_["p"]))  # pending
+    assert not nodes.record_peer_report(conn, _report("a", "a", SECRET_A))  # itself
+    _conflict(lambda: nodes.record_peer_report(conn, _report("p", "a", SECRET_B)))
+    _conflict(lambda: nodes.record_peer_report(conn, _report("p", "a"), b"k"))
+    assert nodes.peer_reports(conn, "m") == []
+    assert nodes.record_peer_report(conn, _report("p", "a", SECRET_A))
+    assert nodes.record_peer_report(conn, _report("p", "a", SECRET_A))  # once per reporter
+    assert nodes.record_peer_report(conn, _report("a", "b", SECRET_B))
+    assert sorted(nodes.peer_reports(conn, "m")) == [("a", "b"), ("p", "a")]
+    # A revoked reporter's reports weigh nothing; a removed node's go with it.
+    assert nodes.revoke(conn, "b")
+    assert nodes.peer_reports(conn, "m") == [("p", "a")]
+    assert nodes.unregister(conn, "a", None, force=True)  # reported and reporter
+    assert conn.execute("SELECT COUNT(*) FROM peer_reports").fetchone()[0] == 0
+
+
+def test_nodes_known_before_enrollment_stay_approved(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    for migration in db.MIGRATIONS[:3]:
+        for statement in migration:
+            old.execute(db.statement_for(statement, db.SQLITE))
+    old.execute(
+        "INSERT INTO nodes (id, url, runtimes, gpu, slots, sync_token, status, models, "
+        "registered_at, last_seen, credential_hash) VALUES ('n', 'http://n', '[]', '{}', 1, "
+        "'t', 'online', '[]', '2025-01-01T00:00:00.000Z', 0, 'h')"
+    )
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    conn = db.open_database(path)
+    assert nodes.list_nodes(conn, 60)[0]["approval"] == "approved"
     conn.close()

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import stat
 
-from llmlb.router.peers import NodeModels, fleet_token, peer_plan
+from llmlb.router.peers import NodeModels, fleet_token, peer_plan, weigh_reports
 
 REV = "c" * 40
 
 
 def _node(
-    node_id: str, state: str | None = None, revision: str = REV, uploads: int = 0, online=True
+    node_id: str,
+    state: str | None = None,
+    revision: str = REV,
+    uploads: int = 0,
+    online=True,
+    approved=True,
 ):
     models = {}
     if state is not None:
         models["m"] = {"id": "m", "state": state, "revision": revision, "uploads": uploads}
-    return NodeModels(node_id, f"http://{node_id}:1", online, models)
+    return NodeModels(node_id, f"http://{node_id}:1", online, models, approved=approved)
 
 
 def _plan(requester, nodes, seeds=1, bad=frozenset()):
@@ -62,6 +67,26 @@ def test_callers_that_are_no_node_of_the_fleet_never_wait():
     nodes = [_node("a"), _node("b")]
     assert _plan(None, nodes) == ([], None)
     assert _plan("stranger", nodes) == ([], None)
+
+
+def test_pending_nodes_are_no_peers_and_get_none():
+    nodes = [_node("ok", "ready"), _node("new", "ready", approved=False), _node("me")]
+    assert [p.node_id for p in _plan("me", nodes)[0]] == ["ok"]
+    assert _plan("new", nodes) == ([], None)  # no peer token to fetch with: the hub
+    waiting = [_node("a"), _node("b"), _node("new", approved=False)]
+    assert _plan("new", waiting) == ([], None)  # never a seed, never waits
+
+
+def test_one_reporter_only_drops_a_peer_from_its_own_list():
+    reports = [("liar", "a")]
+    assert weigh_reports(reports, "a") == {"liar"}
+    assert weigh_reports(reports, "b") == frozenset()
+    assert weigh_reports(reports, None) == frozenset()
+    # The same reporter again is still one; a second approved node makes it everyone's.
+    assert weigh_reports([*reports, ("liar", "a")], "b") == frozenset()
+    both = [*reports, ("liar", "b")]
+    assert weigh_reports(both, "c") == {"liar"} and weigh_reports(both, None) == {"liar"}
+    assert weigh_reports(both, "c", quorum=3) == frozenset()
 
 
 def test_the_fleet_token_is_stable_derived_and_its_secret_private(tmp_path, monkeypatch):

@@ -248,8 +248,13 @@ def test_a_lying_peer_is_caught_and_a_peer_nobody_reaches_is_skipped(spawn, tmp_
         assert liar.requests, "the liar was never asked"
         assert all(auth == f"Bearer {liar.peer_token}" for _, auth, _ in liar.requests)
         assert "served bad bytes" in router.proc.log()
-        asked = call(router, "GET", "/v0/models/registry/st%2Flie/manifest.json?node_id=x", ADMIN)
+        # One node's report takes the liar off that node's list, not off everyone's.
+        reporter = call(node, "GET", "/ready").json["node_id"]
+        path = "/v0/models/registry/st%2Flie/manifest.json?node_id="
+        asked = call(router, "GET", path + reporter, ADMIN)
         assert liar.node_id not in [p["node_id"] for p in asked.json.get("peers", [])]
+        asked = call(router, "GET", path + "x", ADMIN)
+        assert liar.node_id in [p["node_id"] for p in asked.json.get("peers", [])]
         metrics = call(node, "GET", "/metrics").body.decode()
         assert "llmlb_node_bad_peer_files_total 2.0" in metrics or (
             "llmlb_node_bad_peer_files_total 1.0" in metrics
