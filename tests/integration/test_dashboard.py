@@ -388,3 +388,29 @@ def test_phone_width_dark_mode_and_keyboard_only(browser, fleet, tmp_path):
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], f"{view} overflows a phone's width ({width}px)"
             screenshot(browser, page, tmp_path / f"phone-{view}.png")
+
+
+def test_a_pending_node_is_approved_from_the_fleet_view(browser, page, fleet, tmp_path):
+    body = {"node_id": "new-node", "url": free_url(), "node_secret": "new-node-secret-0123456789"}
+    assert call(fleet.router, "POST", "/v0/nodes", fleet.node_key, body).status == 201
+    # This router approves nodes as they join (the fixtures' default); revoked, the node is
+    # pending as on a router with manual approval.
+    revoked = call(fleet.router, "POST", "/v0/nodes/new-node/revoke", ADMIN)
+    assert revoked.status == 200 and revoked.json["approval"] == "pending"
+    sign_in(page, fleet)
+    card = page.locator("#fleet-nodes [data-node='new-node']")
+    expect(card).to_have_attribute("data-approval", "pending")
+    expect(card.locator(".badge.pending")).to_have_text("pending approval")
+    expect(page.locator("#fleet-summary")).to_contain_text("1 pending approval")
+    approved = page.locator(f"#fleet-nodes [data-node='{fleet.node_id}']")
+    expect(approved).to_have_attribute("data-approval", "approved")
+    expect(approved.get_by_role("button")).to_have_count(0)
+    screenshot(browser, page, tmp_path / "fleet-pending.png")
+    card.get_by_role("button", name="Approve new-node").click()
+    expect(card).to_have_attribute("data-approval", "approved")
+    expect(card.get_by_role("status")).to_have_text("Approved new-node: it now serves clients.")
+    expect(card.get_by_role("button")).to_have_count(0)
+    expect(page.locator("#fleet-summary")).not_to_contain_text("pending")
+    listed = call(fleet.router, "GET", "/v0/nodes", ADMIN).json["nodes"]
+    assert {n["node_id"]: n["approval"] for n in listed}["new-node"] == "approved"
+    assert call(fleet.router, "DELETE", "/v0/nodes/new-node", ADMIN).status == 204

@@ -280,18 +280,42 @@ function field(list, label) {
   return value;
 }
 
+// A pending node (never approved) gets no client traffic and no peer token until an admin
+// approves it here, or with `llmlb nodes approve ID`.
 function createNodeCard() {
   const card = el("article", { class: "card node" });
   const title = el("h3");
   const status = el("span", { class: "badge" });
-  card.append(el("header", {}, title, status));
+  const approval = el("span", { class: "badge pending", text: "pending approval", hidden: true });
+  card.append(el("header", {}, title, el("span", { class: "badges" }, approval, status)));
   const facts = el("dl", { class: "facts" });
   card.append(facts);
   const models = el("ul", { class: "chips", "aria-label": "Models on this node" });
   card.append(models);
+  const note = el("p", { class: "result", role: "status", "aria-live": "polite" });
+  const approve = el("button", { type: "button", class: "approve", text: "Approve" });
+  approve.addEventListener("click", async () => {
+    approve.disabled = true;
+    try {
+      const answer = await api("POST", `v0/nodes/${encodeURIComponent(card.dataset.node)}/approve`);
+      setText(note, `Approved ${answer.node_id}: it now serves clients.`);
+      note.className = "result ok";
+      await renderFleet();
+    } catch (error) {
+      setText(note, error instanceof ApiFailure ? error.describe() : String(error));
+      note.className = "result error";
+    } finally {
+      approve.disabled = false;
+    }
+  });
+  const actions = el("div", { class: "card-actions", hidden: true }, approve);
+  card.append(actions, note);
   card.parts = {
     title,
     status,
+    approval,
+    approve,
+    actions,
     url: field(facts, "URL"),
     gpu: field(facts, "GPU"),
     runtimes: field(facts, "Runtimes"),
@@ -312,6 +336,11 @@ function updateNodeCard(card, { node, balancer }) {
   setText(parts.title, node.node_id);
   setText(parts.status, status);
   parts.status.className = `badge ${status.replace(" ", "-")}`;
+  const pending = node.approval === "pending";
+  card.dataset.approval = node.approval || "approved";
+  parts.approval.hidden = !pending;
+  parts.actions.hidden = !pending;
+  parts.approve.setAttribute("aria-label", `Approve ${node.node_id}`);
   setText(parts.url, node.url);
   const gpu = node.gpu || {};
   const extra = Object.entries(gpu)
@@ -347,7 +376,12 @@ async function renderFleet() {
   const [{ nodes }, traffic] = await Promise.all([api("GET", "v0/nodes"), api("GET", "v0/traffic")]);
   const balancer = traffic.balancer || {};
   const online = nodes.filter((node) => node.status === "online").length;
-  setText($("fleet-summary"), `${online} of ${nodes.length} node${nodes.length === 1 ? "" : "s"} online`);
+  const pending = nodes.filter((node) => node.approval === "pending").length;
+  setText(
+    $("fleet-summary"),
+    `${online} of ${nodes.length} node${nodes.length === 1 ? "" : "s"} online` +
+      (pending ? ` · ${pending} pending approval` : ""),
+  );
   $("fleet-empty").hidden = nodes.length > 0;
   syncList(
     $("fleet-nodes"),
