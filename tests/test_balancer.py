@@ -1,4 +1,5 @@
-"""Unit tests of llmlb.router.balancer: node choice, failures and cool-down, the wait queue."""
+"""Unit tests of llmlb.router.balancer: node choice, failures and cool-down, the wait queue,
+the poison log."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import random
 from collections import Counter
 
-from llmlb.router.balancer import Balancer, NodeState, NoPick, WaitQueue
+from llmlb.router.balancer import Balancer, NodeState, NoPick, PoisonLog, WaitQueue
 from llmlb.router.fleet import NodeView
 
 
@@ -213,3 +214,40 @@ def test_wait_queue_timeout_and_front():
         assert order == ["requeued", "late"]
 
     asyncio.run(scenario())
+
+
+def test_a_request_two_nodes_lost_is_poison_until_its_time_is_up():
+    clock = Clock()
+    log = PoisonLog(ttl_s=60.0, clock=clock)
+    assert not log and not log.is_poison(1)
+    assert log.strike(1, "a") is None  # one node lost it: maybe the node's fault
+    assert log.strike(1, "a") is None and not log.is_poison(1)  # the same node again
+    assert log.strike(1, "b") == ["a", "b"]  # a second node: poison, both named
+    assert log.is_poison(1) and not log.is_poison(2)
+    assert log.strike(1, "c") is None  # already poison: reported once
+    log.served(1)  # a poison verdict stands even if some node later answered
+    clock.now += 59.0
+    assert log.is_poison(1)
+    clock.now += 2.0
+    assert not log.is_poison(1) and len(log) == 0  # forgotten after ttl_s
+
+
+def test_a_request_another_node_served_is_forgotten_and_old_strikes_expire():
+    clock = Clock()
+    log = PoisonLog(ttl_s=60.0, clock=clock)
+    log.strike(1, "a")
+    log.served(1)
+    assert log.strike(1, "b") is None  # served in between: a fresh first strike
+    clock.now += 61.0
+    assert log.strike(1, "c") is None  # b's strike expired
+    assert not log.is_poison(1)
+
+
+def test_poison_log_is_bounded():
+    log = PoisonLog(ttl_s=60.0, max_entries=3, clock=Clock())
+    for request in range(5):
+        log.strike(request, "a")
+        log.strike(request, "b")
+    assert len(log) == 3
+    assert not log.is_poison(0) and not log.is_poison(1)  # the oldest went first
+    assert all(log.is_poison(request) for request in (2, 3, 4))

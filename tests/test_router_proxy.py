@@ -111,9 +111,10 @@ async def call(
 
 
 @contextlib.asynccontextmanager
-async def running(fleet: FleetView, **settings):
+async def running(fleet: FleetView, clock=time.monotonic, **settings):
     registry = CollectorRegistry()
-    proxy = InferenceProxy(fleet, ProxySettings(**settings), metrics=ProxyMetrics(registry))
+    metrics = ProxyMetrics(registry)
+    proxy = InferenceProxy(fleet, ProxySettings(**settings), metrics=metrics, clock=clock)
     proxy.registry = registry
     await proxy.start()
     try:
@@ -135,6 +136,16 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+class Clock:
+    """A hand-driven monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_forwards_original_bytes_and_relays_the_answer(mock):
@@ -240,13 +251,26 @@ def test_bad_requests_are_answered_by_the_router(mock):
     asyncio.run(scenario())
 
 
+class WatchedFleet(FleetView):
+    """A fleet view that says when the proxy asked it how a model is doing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+
+    def model_status(self, model_id: str) -> str:
+        self.asked.set()
+        return super().model_status(model_id)
+
+
 def test_model_being_downloaded_is_waited_for(mock):
     async def scenario() -> None:
-        fleet = FleetView()
+        fleet = WatchedFleet()
         load(fleet, node("n1", mock, state="downloading"))
         async with running(fleet, ready_wait_s=10) as proxy:
             task = asyncio.create_task(call(proxy, CHAT))
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(fleet.asked.wait(), 5)  # found no ready node...
+            await asyncio.sleep(0)  # ...and went on to wait for a change
             assert not task.done()
             load(fleet, node("n1", mock))  # the node reports it ready
             res = await asyncio.wait_for(task, 5)
@@ -272,7 +296,7 @@ def test_model_not_ready_in_time_gets_503_with_retry_after(mock):
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("mode", ["fail500", "dead", "slow", "drop"])
+@pytest.mark.parametrize("mode", ["fail500", "down", "dead", "slow", "drop"])
 def test_failover_before_any_byte(mock, mode):
     async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)  # a request arrived: hang up without answering
@@ -283,6 +307,7 @@ def test_failover_before_any_byte(mock, mode):
         dropper = await asyncio.start_server(drop, "127.0.0.1", 0)
         bad_url = {
             "fail500": f"{mock}/_mock/bad-{mode}/fail500",
+            "down": f"{mock}/_mock/bad-{mode}/down",  # 500, and /health 503
             "dead": dead_url(),
             "slow": f"{mock}/_mock/bad-{mode}/sleep3000",
             "drop": f"http://127.0.0.1:{dropper.sockets[0].getsockname()[1]}",
@@ -297,13 +322,24 @@ def test_failover_before_any_byte(mock, mode):
             assert {r.headers["x-llmlb-node"] for r in results} == {"good"}
             retries = sample(proxy, "llmlb_proxy_retries_total", node="bad", model=MODEL)
             assert retries >= 1
-            kind = {"fail500": "status", "dead": "connect", "slow": "timeout", "drop": "disconnect"}
+            kind = {
+                "fail500": "status",
+                "down": "status",
+                "dead": "connect",
+                "slow": "timeout",
+                "drop": "disconnect",
+            }
             errors = sample(
                 proxy, "llmlb_proxy_errors_total", node="bad", model=MODEL, kind=kind[mode]
             )
             assert errors == retries
-            assert not proxy.balancer.nodes["bad"].healthy  # cooled down: no more traffic
-            assert errors <= 6  # the cool-down stopped the attempts on the bad node
+            bad = proxy.balancer.nodes["bad"]
+            if mode == "fail500":  # 500s may be the requests' doing: no cool-down...
+                assert bad.healthy and bad.failures == 0
+            else:  # ...a failed health check, time-outs, lost connections are the node's
+                await until(lambda: not bad.healthy)  # the health check runs in background
+                if mode != "down":
+                    assert errors <= 6  # the cool-down stopped the attempts on the bad node
             if mode == "dead":  # a refused connection takes the node offline in the fleet
                 assert [v.node_id for v in fleet.ready_nodes(MODEL)] == ["good"]
         dropper.close()
@@ -329,25 +365,35 @@ def test_request_refused_by_two_nodes_is_the_requests_fault(mock):
             assert sum(hits.values()) == 8  # two nodes per request, never the third
             assert all(state.healthy for state in proxy.balancer.nodes.values())
             assert all(state.failures == 0 for state in proxy.balancer.nodes.values())
-            assert sample(proxy, "llmlb_proxy_retries_total", node="p0", model=MODEL) + sample(
-                proxy, "llmlb_proxy_retries_total", node="p1", model=MODEL
-            ) + sample(proxy, "llmlb_proxy_retries_total", node="p2", model=MODEL) == 4
+            assert (
+                sample(proxy, "llmlb_proxy_retries_total", node="p0", model=MODEL)
+                + sample(proxy, "llmlb_proxy_retries_total", node="p1", model=MODEL)
+                + sample(proxy, "llmlb_proxy_retries_total", node="p2", model=MODEL)
+                == 4
+            )
 
     asyncio.run(scenario())
 
 
-def test_failing_node_cools_down_after_failures_of_different_requests(mock):
+def test_a_node_answering_500_is_cooled_down_only_when_its_health_check_fails(mock):
     async def scenario() -> None:
         fleet = FleetView()
-        load(fleet, node("f1", f"{mock}/_mock/f1/fail500"))
+        load(fleet, node("s1", f"{mock}/_mock/s1/strict"))
         async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
-            for _ in range(3):  # one request, retried: counts once
-                res = await call(proxy, CHAT)
-                assert res.status == 500 and res.json()["error"]["code"] == "mock_failure"
-            assert proxy.balancer.nodes["f1"].healthy
-            res = await call(proxy, {**CHAT, "seed": 1})  # a second, different request
-            assert res.status == 500
-            res = await call(proxy, CHAT)  # cooled down now
+            # A steady stream of different requests the node refuses with 500 (as a node
+            # did with every penalty): other requests are served all along.
+            for i in range(12):
+                res = await call(proxy, {**CHAT, "temperature": "hot", "seed": i})
+                assert res.status == 500
+                assert (await call(proxy, CHAT)).status == 200
+            state = proxy.balancer.nodes["s1"]
+            assert state.healthy and state.failures == 0
+        load(fleet, node("f1", f"{mock}/_mock/f1/down"))  # 500 to all, and /health 503
+        async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
+            res = await call(proxy, CHAT)
+            assert res.status == 500 and res.json()["error"]["code"] == "mock_failure"
+            await until(lambda: not proxy.balancer.nodes["f1"].healthy)  # checked: cooled
+            res = await call(proxy, CHAT)
             assert res.status == 503 and res.json()["error"]["code"] == "nodes_unavailable"
             assert 1 <= int(res.headers["retry-after"]) <= 30
         load(fleet, node("d1", dead_url()))
@@ -524,3 +570,176 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMLB_PROXY_MAX_RETRIES", "many")
     with pytest.raises(ValueError, match="max_retries"):
         ProxySettings.from_config()
+
+
+class Fragile:
+    """A node on a loopback port that a request's content can break, as a real node's worker
+    crash or a runaway decode would: a body holding ``poison`` makes it hang up without an
+    answer, ``hang`` makes it never answer, ``cut`` gets one SSE event and then a hang-up;
+    other requests get a small JSON answer, ``GET /health`` 200. ``bodies`` records every
+    request body that arrived."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def got(self, marker: bytes) -> int:
+        return sum(marker in body for body in self.bodies)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                if head.startswith(b"POST"):
+                    self.bodies.append(body)
+                if b"poison" in body:
+                    return  # the worker died with the request
+                if b"hang" in body:
+                    await reader.read()  # until the router gives up
+                    return
+                if b"cut" in body:
+                    event = b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(event), event)
+                    )
+                    await writer.drain()
+                    return
+                writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{"ok":true}')
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def reached(nodes: list[Fragile], marker: bytes) -> int:
+    """How many of ``nodes`` received a body holding ``marker`` (a request that arrives on a
+    stale keep-alive connection may be sent to the same node twice: counted once)."""
+    return sum(1 for n in nodes if n.got(marker))
+
+
+@contextlib.asynccontextmanager
+async def fragile_fleet(count: int):
+    nodes = [Fragile() for _ in range(count)]
+    try:
+        yield nodes, [await n.start() for n in nodes]
+    finally:
+        for n in nodes:
+            n.close()
+
+
+def test_a_request_two_nodes_lost_is_poison_and_refused_at_once():
+    clock = Clock()
+
+    async def scenario() -> None:
+        async with fragile_fleet(3) as (nodes, urls):
+            fleet = FleetView()
+            # A node where nothing listens, too: a refused connection never counts.
+            load(fleet, node("dead", dead_url()), *(node(f"f{i}", u) for i, u in enumerate(urls)))
+            # One failure of a request would cool a node down: none may be counted.
+            settings = {"failure_threshold": 1, "cooldown_s": 30, "poison_ttl_s": 60}
+            async with running(fleet, clock=clock, max_retries=3, **settings) as proxy:
+                bad = {**CHAT, "x": "poison"}
+                res = await call(proxy, bad)
+                assert res.status == 502, res.body
+                assert res.json()["error"]["code"] == "poison_request"
+                assert reached(nodes, b"poison") == 2  # one more node, no third
+                arrived = sum(n.got(b"poison") for n in nodes)
+                for _ in range(3):  # an SDK's retries: refused without reaching a node
+                    res = await call(proxy, bad)
+                    assert res.status == 502
+                    assert res.json()["error"]["code"] == "poison_request"
+                assert sum(n.got(b"poison") for n in nodes) == arrived
+                states = [proxy.balancer.nodes[f"f{i}"] for i in range(3)]
+                assert all(s.healthy and s.failures == 0 for s in states)
+                served = {(await call(proxy, {**CHAT, "seed": i})).status for i in range(9)}
+                assert served == {200}  # the fleet serves everyone else
+                poisoned = sample(
+                    proxy, "llmlb_proxy_errors_total", node="", model=MODEL, kind="poison"
+                )
+                assert poisoned == 3
+                # The same on an Anthropic route, in Anthropic's shape.
+                res = await call(
+                    proxy, {**CHAT, "max_tokens": 5, "x": "poison"}, path="/v1/messages"
+                )
+                assert res.status == 502 and res.json()["type"] == "error"
+                assert "two nodes failed" in res.json()["error"]["message"]
+                # Remembered for poison_ttl_s, then tried again.
+                clock.now += 61
+                for n in nodes:
+                    n.bodies.clear()
+                assert (await call(proxy, bad)).json()["error"]["code"] == "poison_request"
+                assert reached(nodes, b"poison") == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_request_two_nodes_timed_out_on_is_poison():
+    async def scenario() -> None:
+        async with fragile_fleet(3) as (nodes, urls):
+            fleet = FleetView()
+            load(fleet, *(node(f"f{i}", u) for i, u in enumerate(urls)))
+            settings = {"failure_threshold": 1, "cooldown_s": 30, "first_byte_timeout_s": 0.3}
+            async with running(fleet, **settings) as proxy:
+                res = await call(proxy, {**CHAT, "x": "hang"})
+                assert res.status == 502 and res.json()["error"]["code"] == "poison_request"
+                assert reached(nodes, b"hang") == 2
+                assert all(s.healthy for s in proxy.balancer.nodes.values())
+                assert (await call(proxy, CHAT)).status == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_request_one_node_lost_goes_to_one_more_node_and_that_node_is_blamed(mock):
+    async def scenario() -> None:
+        async with fragile_fleet(1) as (nodes, urls):
+            fleet = FleetView()
+            load(fleet, node("fragile", urls[0]), node("good", f"{mock}/_mock/one-more/ok"))
+            async with running(fleet, failure_threshold=1, cooldown_s=30) as proxy:
+                for i in range(20):  # until one went to the fragile node first
+                    res = await call(proxy, {**CHAT, "seed": i, "x": "poison"})
+                    assert res.status == 200 and res.headers["x-llmlb-node"] == "good"
+                    if nodes[0].got(b"poison"):
+                        break
+                assert nodes[0].got(b"poison") == 1
+                # The other node served it: the node that lost it was at fault.
+                assert not proxy.balancer.nodes["fragile"].healthy
+                assert len(proxy.poison) == 0  # and the request is not suspect any more
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_stream_two_nodes_cut_is_poison_for_the_next_try():
+    async def scenario() -> None:
+        async with fragile_fleet(2) as (nodes, urls):
+            fleet = FleetView()
+            load(fleet, *(node(f"f{i}", u) for i, u in enumerate(urls)))
+            async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
+                cut = {**CHAT, "stream": True, "x": "cut"}
+                for _ in range(30):  # the client retries a stream that broke
+                    res = await call(proxy, cut)
+                    assert res.status == 200
+                    error = orjson.loads(res.events()[-1])["error"]
+                    assert error["code"] == "upstream_error"
+                    if all(n.got(b"cut") for n in nodes):
+                        break
+                assert all(n.got(b"cut") for n in nodes)
+                res = await call(proxy, cut)  # two nodes broke it: not sent again
+                assert res.status == 502 and res.json()["error"]["code"] == "poison_request"
+                assert all(s.healthy and s.failures == 0 for s in proxy.balancer.nodes.values())
+
+    asyncio.run(scenario())

@@ -242,9 +242,12 @@ def test_close_wakes_a_pending_read():
 
 
 def test_read_timeout_can_change_and_abort_all_ends_requests_in_progress():
+    arrived = asyncio.Event()
+
     async def stalls(reader, writer):
         head, _ = await read_request(reader)
         if b"/head" in head:
+            arrived.set()
             await asyncio.sleep(5)  # never answers
             return
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n")
@@ -265,15 +268,46 @@ def test_read_timeout_can_change_and_abort_all_ends_requests_in_progress():
         assert await streaming.read_some() == b"ab"
         reading = asyncio.ensure_future(streaming.read_some())
         waiting = asyncio.ensure_future(nodes.request(b"POST", "/head", b"{}"))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(arrived.wait(), 2.0)  # the node holds the request now
         assert nodes.busy
         nodes.abort_all("node n1 went offline")
         for pending in (reading, waiting):
-            with pytest.raises(Disconnected, match="went offline"):
+            with pytest.raises(Disconnected, match="went offline") as raised:
                 await asyncio.wait_for(pending, 1.0)
+            assert raised.value.sent  # the node had the request
         assert nodes.closed and not nodes.busy
-        with pytest.raises(Disconnected):  # a closed pool makes no new connection
+        with pytest.raises(Disconnected) as raised:  # a closed pool makes no new connection
             await nodes.request(b"POST", "/x", b"{}")
+        assert not raised.value.sent
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_failures_say_whether_the_request_reached_the_node():
+    """A request that never left the router may go to another node; one a node held may not."""
+
+    async def hangs_up(reader, writer):
+        await read_request(reader)
+        writer.close()
+
+    async def silent(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def scenario():
+        with pytest.raises(ConnectError) as refused:
+            await pool(f"http://127.0.0.1:{free_port()}").request(b"POST", "/x", b"{}")
+        assert not refused.value.sent
+        server, url = await serve(hangs_up)
+        with pytest.raises(Disconnected) as lost:
+            await pool(url).request(b"POST", "/x", b"{}")
+        assert lost.value.sent
+        server.close()
+        server, url = await serve(silent)
+        with pytest.raises(UpstreamTimeout) as late:
+            await pool(url, read_timeout=0.2).request(b"POST", "/x", b"{}")
+        assert late.value.sent
         server.close()
 
     asyncio.run(scenario())

@@ -1,6 +1,6 @@
-"""HTTP helpers shared by the router and the node: JSON bodies with a size limit, JSON and
-error responses, Starlette's error handlers in the OpenAI error shape, model ids from
-requests, API keys (bearer or ``x-api-key``)."""
+"""HTTP helpers shared by the router and the node: JSON bodies with a size and a nesting
+limit, JSON and error responses, Starlette's error handlers in the OpenAI error shape, model
+ids from requests, API keys (bearer or ``x-api-key``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,16 @@ from llmlb.errors import ApiError, error_body
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "JSONResponse",
     "api_error_handler",
     "api_key",
     "bearer_token",
+    "check_depth",
     "error_response",
+    "has_nul",
     "http_error_handler",
+    "json_too_deep",
     "model_id_or_400",
     "read_json",
     "server_error_handler",
@@ -28,6 +32,13 @@ __all__ = [
 ]
 
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of JSON objects and arrays any route of router or node takes (the body's
+own object is level 1); deeper bodies get 400 ``invalid_request_error``. OpenAI's and
+Anthropic's APIs refuse absurd depths too; a chat body needs about 10 levels, a tool's JSON
+schema 2 per level of its own nesting."""
+_CONTAINERS = (dict, list)
 
 
 class JSONResponse(Response):
@@ -44,12 +55,63 @@ def error_response(exc: ApiError) -> Response:
     return Response(exc.body(), exc.status, exc.headers(), media_type="application/json")
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, at most ``limit`` bytes.
+def json_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``value`` (decoded JSON) nests objects and arrays more than ``limit`` deep.
+
+    Walks containers only and stops at ``limit`` levels, so it costs about a microsecond for
+    a 4 KB chat body and never recurses further than ``limit``.
+    """
+    if limit <= 0:
+        return type(value) in _CONTAINERS
+    items = value.values() if type(value) is dict else value if type(value) is list else ()
+    for child in items:  # noqa: SIM110 - a plain loop: any() over a generator costs more
+        if type(child) in _CONTAINERS and json_too_deep(child, limit - 1):
+            return True
+    return False
+
+
+def check_depth(value: Any, param: str | None = None, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse ``value`` (decoded JSON: a body, or a JSON string's content) nested deeper than
+    ``limit``.
 
     Raises:
-        ApiError: 413 ``request_too_large``; 400 ``invalid_request_error`` for malformed JSON
-            or a body that is not an object.
+        ApiError: 400 ``invalid_request_error`` naming ``param`` when given.
+    """
+    if json_too_deep(value, limit):
+        where = f"'{param}'" if param else "the request body"
+        raise ApiError(
+            400,
+            "invalid_request_error",
+            f"{where} nests JSON objects and arrays more than {limit} levels deep",
+            param=param,
+        )
+
+
+def has_nul(value: Any) -> bool:
+    """True when a string anywhere in ``value`` (decoded JSON, keys included) holds a NUL."""
+    if type(value) is str:
+        return "\x00" in value
+    if type(value) is dict:
+        return any("\x00" in key or has_nul(item) for key, item in value.items())
+    if type(value) is list:
+        return any(has_nul(item) for item in value)
+    return False
+
+
+async def read_json(request: Request, limit: int, *, allow_nul: bool = True) -> dict:
+    """The request body as a JSON object, at most ``limit`` bytes and
+    :data:`MAX_JSON_DEPTH` levels deep.
+
+    Args:
+        request: the request.
+        limit: largest body in bytes.
+        allow_nul: ``False`` refuses a NUL character in any string (control-plane routes:
+            PostgreSQL cannot store one, and no name, URL or template needs one).
+
+    Raises:
+        ApiError: 413 ``request_too_large``; 400 ``invalid_request_error`` for malformed JSON,
+            a body that is not an object, nesting beyond :data:`MAX_JSON_DEPTH` or a refused
+            NUL.
     """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -65,6 +127,10 @@ async def read_json(request: Request, limit: int) -> dict:
         raise ApiError(400, "invalid_request_error", f"malformed JSON body: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request_error", "the request body must be a JSON object")
+    check_depth(data)
+    # A NUL reaches a string only as the escape \u0000 (orjson refuses a raw one).
+    if not allow_nul and b"\\u0000" in body and has_nul(data):
+        raise ApiError(400, "invalid_request_error", "strings must not contain NUL characters")
     return data
 
 

@@ -3,6 +3,8 @@
 The balancer keeps, per node, the requests this router process has in flight there and the
 node's recent failures. It knows nothing about HTTP: the proxy asks it for a node among the
 ones the fleet reports ready, tells it how each attempt ended, and probes cooled-down nodes.
+:class:`PoisonLog` remembers the requests that nodes lost or timed out on while holding them,
+so that one that did so twice is never handed to a node again.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class NodeState:
     cooldown_until: float = 0.0
     probing: bool = False
     probe_ok: bool = False  # a probe during the cool-down passed: back when it ends
+    next_check: float = 0.0  # no health check of a node answering 5xx before then
     failed_requests: set[int] = field(default_factory=set, repr=False)
 
     def usable_at(self, now: float) -> bool:
@@ -65,7 +68,8 @@ class Balancer:
     """Least-outstanding-per-slot, power-of-two-choices node picker with affinity.
 
     Args:
-        failure_threshold: consecutive failures that put a node into cool-down.
+        failure_threshold: failures of that many different requests since the node's last
+            success (time-outs, lost connections, cut streams) put it into cool-down.
         cooldown_s: seconds a failing node gets no traffic before it is health-probed.
         affinity_max_keys: bound of the affinity table (oldest entries are dropped).
         on_probe_due: called with a node whose cool-down ended and that needs a health probe.
@@ -196,7 +200,9 @@ class Balancer:
     def record_failure(
         self, state: NodeState, request: int | None = None, *, immediate: bool = False
     ) -> bool:
-        """Count a failed attempt; start a cool-down at the threshold (or at once if ``immediate``).
+        """Count a failure that says the node is unhealthy for everyone (no connection, a
+        time-out, a lost connection or a cut stream, a failed health check; never a request's
+        own 5xx); start a cool-down at the threshold (or at once if ``immediate``).
 
         Args:
             request: identifies the request (a hash of its body): failures of one request,
@@ -221,7 +227,8 @@ class Balancer:
         return False
 
     def forgive(self, state: NodeState, request: int) -> None:
-        """Take back a failure of ``request`` on ``state``: the request was at fault."""
+        """Take back a failure of ``request`` on ``state``: the request was at fault (it does
+        not end a cool-down already started: the health probe does)."""
         if request in state.failed_requests:
             state.failed_requests.discard(request)
             state.failures = max(0, state.failures - 1)
@@ -258,6 +265,82 @@ class Balancer:
             if (state := self._nodes.get(view.node_id)) is not None and not state.healthy
         ]
         return min(left, default=0.0)
+
+
+@dataclass(slots=True)
+class _Suspect:
+    nodes: list[str]  # the nodes that lost the request or timed out on it
+    expires: float
+    poison: bool = False
+
+
+class PoisonLog:
+    """Requests (by a hash of their body) that a node lost (connection closed, stream cut) or
+    timed out on while holding them.
+
+    A request that two different nodes failed that way is *poison*: most likely it kills or
+    hangs whatever node takes it, so it is refused without reaching a node for ``ttl_s``
+    (an SDK's automatic retries of the same body included). Bounded: beyond ``max_entries``
+    the oldest entries are dropped.
+
+    Args:
+        ttl_s: how long a failure (and a poison verdict) is remembered.
+        max_entries: requests remembered at most.
+        clock: monotonic clock (tests inject one).
+    """
+
+    def __init__(
+        self,
+        ttl_s: float = 600.0,
+        max_entries: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.ttl_s = ttl_s
+        self.max_entries = max(1, max_entries)
+        self._clock = clock
+        self._entries: dict[int, _Suspect] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def is_poison(self, request: int) -> bool:
+        """True while ``request`` is remembered as poison."""
+        entry = self._entries.get(request)
+        if entry is None:
+            return False
+        if self._clock() >= entry.expires:
+            del self._entries[request]
+            return False
+        return entry.poison
+
+    def strike(self, request: int, node_id: str) -> list[str] | None:
+        """Record that ``node_id`` lost ``request`` or timed out on it.
+
+        Returns:
+            The nodes that failed it (oldest first) when this failure makes it poison, else
+            ``None``.
+        """
+        now = self._clock()
+        entries = self._entries
+        entry = entries.get(request)
+        if entry is None or now >= entry.expires:
+            entries.pop(request, None)
+            entries[request] = _Suspect([node_id], now + self.ttl_s)
+            if len(entries) > self.max_entries:
+                del entries[next(iter(entries))]
+            return None
+        entry.expires = now + self.ttl_s
+        if entry.poison or node_id in entry.nodes:
+            return None
+        entry.nodes.append(node_id)
+        entry.poison = True
+        return entry.nodes
+
+    def served(self, request: int) -> None:
+        """A node answered ``request`` in full: forget its failures (unless it is poison)."""
+        entry = self._entries.get(request)
+        if entry is not None and not entry.poison:
+            del self._entries[request]
 
 
 class WaitQueue:

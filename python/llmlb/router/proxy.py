@@ -7,7 +7,8 @@ the model ready, sends the unchanged body there over a pooled keep-alive connect
 (:mod:`llmlb.router.upstream`) and relays the answer chunk by chunk. Before any byte reached
 the client, a connect error, a first-byte timeout, a dropped connection or a 5xx (or a node's
 429) moves the request to another node (at most ``max_retries`` more); afterwards a failure
-ends an SSE stream with an OpenAI-shaped error event (and no ``data: [DONE]``).
+ends an SSE stream with an OpenAI-shaped error event (and no ``data: [DONE]``). Bodies nested
+deeper than :data:`llmlb.http.MAX_JSON_DEPTH` get 400 before any node sees them.
 
 The same goes for ``/v1/responses`` and Anthropic's ``/v1/messages`` and
 ``/v1/messages/count_tokens``; on the latter the errors the router itself produces (and a
@@ -15,10 +16,19 @@ stream's closing error event) are in Anthropic's shape (:mod:`llmlb.anthropic_er
 
 Protection of the fleet and of the router itself:
 
-- A request that got a 5xx from two nodes is the request's fault (a "poison" request): it is
-  not retried further and counts against neither node. A node is cooled down only after
-  failures of ``failure_threshold`` *different* requests (by body), and health-probed during
-  its cool-down, so a healthy node is back the moment the cool-down ends.
+- A node is cooled down only on evidence that it fails everyone: a refused connection (at
+  once), a failed health check, or time-outs, lost connections and cut streams of
+  ``failure_threshold`` *different* requests (by body). A node answering 5xx is not: that is
+  most often the request's content; it is health-checked instead (at most once per
+  ``cooldown_s``). A cooled-down node is health-probed during its cool-down, so a healthy
+  node is back the moment the cool-down ends.
+- A request that got a 5xx from two nodes is the request's fault: it is not retried further
+  and counts against neither node.
+- A request a node lost (connection closed after it was sent, stream cut) or timed out on
+  goes to at most one more node; one that two nodes failed that way is *poison*
+  (:class:`~llmlb.router.balancer.PoisonLog`): 502 ``poison_request`` to its client, counted
+  against neither node, and the same body is refused at once for ``poison_ttl_s``. A refused
+  connection (the node never saw the request) fails over freely.
 - Each worker takes at most ``max_inflight`` inference requests at once (queued ones
   included); more get 503 ``overloaded`` with ``Retry-After`` at once. Other routes
   (``/health``, node registration and heartbeats, admin) do not count against it.
@@ -35,6 +45,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from time import perf_counter
 from typing import Any, Protocol
@@ -44,8 +56,9 @@ import orjson
 from llmlb import anthropic_errors, config
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError, error_body
+from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
-from llmlb.router.balancer import Balancer, NodeLike, NodeState, NoPick, WaitQueue
+from llmlb.router.balancer import Balancer, NodeLike, NodeState, NoPick, PoisonLog, WaitQueue
 from llmlb.router.proxy_metrics import ProxyMetrics, default_metrics
 from llmlb.router.upstream import (
     ConnectError,
@@ -98,7 +111,8 @@ class ProxySettings:
         queue_timeout_s: longest wait for a free slot, then 429 with ``Retry-After``.
         ready_wait_s: longest wait for a model that is registered or being downloaded or
             loaded by a node, then 503 ``model_not_ready`` with ``Retry-After``.
-        failure_threshold: failures of that many different requests in a row cool a node down.
+        failure_threshold: time-outs, lost connections or cut streams of that many different
+            requests since a node's last success cool it down.
         cooldown_s: a cooled-down node gets no traffic this long; it is health-probed shortly
             before the end (and again after each failed probe).
         probe_timeout_s: limit of the ``GET <node>/health`` probe.
@@ -106,6 +120,9 @@ class ProxySettings:
         max_body_bytes: largest request body (413 beyond); the router's own limit when hosted
             by the router.
         affinity_max_keys: ``user``/``X-Session-Id`` values remembered for affinity.
+        poison_ttl_s: how long a request that two nodes lost or timed out on is refused
+            (and a single such failure remembered).
+        poison_max_keys: such requests remembered at most (oldest dropped first).
     """
 
     connect_timeout_s: float = 3.0
@@ -123,6 +140,8 @@ class ProxySettings:
     retry_after_s: float = 1.0
     max_body_bytes: int = 16 * 1024 * 1024
     affinity_max_keys: int = 100_000
+    poison_ttl_s: float = 600.0
+    poison_max_keys: int = 4096
 
     @classmethod
     def from_config(cls) -> ProxySettings:
@@ -170,14 +189,22 @@ def _node_pool(state: NodeState, settings: ProxySettings) -> NodePool:
     )
 
 
+# Ways an attempt fails (``_Failure.kind``, and the ``kind`` label of the error metric).
+_BUSY, _STATUS, _CONNECT = "busy", "status", "connect"
+_TIMEOUT, _DISCONNECT = "timeout", "disconnect"
+
+
 @dataclass(slots=True)
 class _Failure:
-    """What the client gets if no other node can take the request."""
+    """What the client gets if no other node can take the request, and how the attempt
+    failed: ``kind`` (busy, status, connect, timeout, disconnect); ``held``: the node had the
+    request when it failed (it may have killed or hung the node)."""
 
     status: int
     body: bytes
     headers: list[tuple[bytes, bytes]]
-    node_status: bool = False  # the node itself answered 5xx (not yet counted against it)
+    kind: str = _STATUS
+    held: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -220,9 +247,17 @@ class InferenceProxy:
         settings: a :class:`ProxySettings`; anything else (the router's settings, ``None``)
             means :meth:`ProxySettings.from_config`, taking ``max_body_bytes`` from it if set.
         metrics: where to count; by default the process-wide metrics in the default registry.
+        clock: monotonic clock of cool-downs and the poison log (tests inject one).
     """
 
-    def __init__(self, fleet: Fleet, settings: Any = None, *, metrics: ProxyMetrics | None = None):
+    def __init__(
+        self,
+        fleet: Fleet,
+        settings: Any = None,
+        *,
+        metrics: ProxyMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.fleet = fleet
         if isinstance(settings, ProxySettings):
             self.settings = settings
@@ -236,7 +271,9 @@ class InferenceProxy:
             cooldown_s=self.settings.cooldown_s,
             affinity_max_keys=self.settings.affinity_max_keys,
             on_probe_due=self._probe_later,
+            clock=clock,
         )
+        self.poison = PoisonLog(self.settings.poison_ttl_s, self.settings.poison_max_keys, clock)
         self.queue = WaitQueue(self.settings.queue_max)
         self.inflight = 0
         overloaded = ApiError(
@@ -377,6 +414,7 @@ class InferenceProxy:
             raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from None
         if type(doc) is not dict:
             raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
+        check_depth(doc)
         raw = doc.get("model")
         if type(raw) is not str:
             raise ApiError(400, "invalid_request_error", "'model' is required and must be a string")
@@ -403,10 +441,16 @@ class InferenceProxy:
 
     async def _forward(self, ex: _Exchange) -> None:
         model = ex.model
+        ex.request = request = hash(ex.body)  # one request's failures count once per node
+        poison = self.poison
+        if poison and poison.is_poison(request):
+            self.metrics.error("", model, "poison")
+            raise _poison_error(self.settings.poison_ttl_s)
         tried: list[str] = []
         failure: _Failure | None = None
-        ex.request = request = hash(ex.body)  # one request's failures count once per node
         status_failed: NodeState | None = None  # first node that answered this request 5xx
+        held_by: NodeState | None = None  # node that lost the request or timed out on it
+        held_kind = _DISCONNECT
         for _ in range(1 + self.settings.max_retries):
             state = await self._acquire(model, ex.affinity_key, tried)
             if state is None:
@@ -416,15 +460,33 @@ class InferenceProxy:
             tried.append(state.node_id)
             failure = await self._attempt(state, ex)
             if failure is None:
+                if held_by is not None:  # another node served it: the first one was at fault
+                    self._blame(held_by, held_kind, request)
                 return
-            if failure.node_status:
-                if status_failed is not None:
-                    # Two nodes refused it: the request is at fault, not the fleet.
-                    self.balancer.forgive(status_failed, request)
+            if failure.held:  # the node may have died or hung of this very request
+                culprits = poison.strike(request, state.node_id)
+                if culprits is not None:
+                    # Two nodes failed it: refused, and counted against neither.
+                    self._forgive(culprits, request)
                     self.metrics.error(state.node_id, model, "poison")
+                    logger.warning("request poisoned nodes %s: refused", ", ".join(culprits))
+                    failure = _poison_failure(self.settings.poison_ttl_s)
+                    held_by = None
+                    break
+                if status_failed is not None:
+                    break  # a node refused it already: suspect, and blamed on neither
+                held_by, held_kind = state, failure.kind  # handed to one more node at most
+            elif failure.kind == _STATUS:
+                self._suspect(state)
+                if status_failed is not None or held_by is not None:
+                    # Two nodes failed it: the request is at fault, not the fleet.
+                    self.metrics.error(state.node_id, model, "poison")
+                    held_by = None
                     break
                 status_failed = state
-                self._failed(state, model, "status", None, request)
+            # A refused connection or a busy node: the node never took it, fail over freely.
+        if held_by is not None:  # no other node could tell whether the request was at fault
+            self._blame(held_by, held_kind, request)
         assert failure is not None  # the first _acquire returns a node or raises
         self.metrics.rejected(failure.status)
         headers, body = failure.headers, failure.body
@@ -511,8 +573,9 @@ class InferenceProxy:
 
         Returns:
             ``None`` once an answer was relayed (or committed to), else a :class:`_Failure`
-            for the caller to fail over or report (a node's own 5xx is not counted against
-            it yet: the caller decides). Releases the node's slot in every case.
+            for the caller to fail over or report (a failure of a request the node held, or a
+            node's own 5xx, is not counted against it yet: the caller decides). Releases the
+            node's slot in every case.
         """
         node_id = state.node_id
         model, request = ex.model, ex.request
@@ -536,16 +599,18 @@ class InferenceProxy:
                 else:
                     payload = await resp.read_some()
             except ConnectError as exc:
-                return self._failed(state, model, "connect", exc, request)
+                return self._failed(state, model, _CONNECT, exc)
             except UpstreamTimeout as exc:
-                return self._failed(state, model, "timeout", exc, request)
+                return self._failed(state, model, _TIMEOUT, exc, request)
             except UpstreamError as exc:
-                return self._failed(state, model, "disconnect", exc, request)
+                return self._failed(state, model, _DISCONNECT, exc, request)
             got = perf_counter()
             headers = [item for item in resp.headers if item[0] not in _DROPPED_HEADERS]
-            if status >= 500 or status == 429:
-                # A busy node (429) is not a failing one; a 5xx is counted by the caller.
-                return _Failure(status, payload, headers, node_status=status != 429)
+            if status == 429:  # a busy node is not a failing one
+                return _Failure(status, payload, headers, _BUSY)
+            if status >= 500:
+                self.metrics.error(node_id, model, _STATUS)
+                return _Failure(status, payload, headers, _STATUS)
             self.balancer.record_success(state)  # any 2xx-4xx: the node works
             if ex.affinity_key is not None:
                 self.balancer.remember(ex.affinity_key, node_id)
@@ -561,7 +626,9 @@ class InferenceProxy:
             metrics.overhead.observe((sent - ex.start) + (perf_counter() - got))
             if not done:
                 resp.read_timeout = self.settings.stream_idle_timeout_s
-                await self._relay(resp, ex, state)
+                done = await self._relay(resp, ex, state)
+            if done and self.poison:
+                self.poison.served(request)
             return None
         finally:
             if resp is not None:
@@ -570,48 +637,105 @@ class InferenceProxy:
             if len(self.queue):
                 self.queue.wake(model)
 
-    async def _relay(self, resp: Response, ex: _Exchange, state: NodeState) -> None:
-        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure."""
+    async def _relay(self, resp: Response, ex: _Exchange, state: NodeState) -> bool:
+        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure.
+
+        Returns:
+            True when the whole answer was relayed.
+        """
         send = ex.send
         try:
             async for chunk in resp:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as exc:
-            self._failed(state, ex.model, "stream", exc, ex.request)
+            self.metrics.error(state.node_id, ex.model, "stream")
+            # The node held the request when its stream broke: counted against it, unless
+            # it is the second node this request broke (poison: counted against neither).
+            culprits = self.poison.strike(ex.request, state.node_id)
+            if culprits is None:
+                self._blame(state, "stream", ex.request, exc)
+            else:
+                self._forgive(culprits, ex.request)
+                self.metrics.error(state.node_id, ex.model, "poison")
+                logger.warning("request poisoned nodes %s: refused", ", ".join(culprits))
             tail = b""
             if ex.sse:  # the stream ends with the error: no [DONE] after it
                 message = f"node {state.node_id} failed mid-answer: {_describe(exc)}"
                 tail = _sse_error(message, anthropic=ex.anthropic)
             await send({"type": "http.response.body", "body": tail, "more_body": False})
-            return
+            return False
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     def _failed(
         self,
         state: NodeState,
         model: str,
         kind: str,
-        exc: BaseException | None,
+        exc: UpstreamError,
         request: int | None = None,
     ) -> _Failure:
-        """Account a failed attempt on ``state`` (``kind``: connect, timeout, disconnect,
-        status, stream) and describe it for the client.
+        """Account a failed attempt on ``state`` (``kind``: connect, timeout, disconnect) and
+        describe it for the client.
 
         A refused connection means nothing listens there: the node is cooled down at once and
-        the fleet told to take it offline (its next heartbeat brings it back).
+        the fleet told to take it offline (its next heartbeat brings it back). A connect
+        time-out counts against the node at once (the request never reached it); the router's
+        own shortage of sockets counts against nothing. A failure of a request the node
+        received (``held``) is left to the caller, which knows whether another node served it.
         """
         self.metrics.error(state.node_id, model, kind)
-        immediate = kind == "connect"
-        if self.balancer.record_failure(state, request, immediate=immediate):
-            logger.warning("node %s cooled down after %s: %s", state.node_id, kind, _describe(exc))
-        if immediate:
+        if kind == _CONNECT:
+            if self.balancer.record_failure(state, immediate=True):
+                logger.warning("node %s cooled down: %s", state.node_id, _describe(exc))
             self.fleet.mark_node_offline(state.node_id)
-            return _error_failure(502, "upstream_error", f"node {state.node_id} is unreachable")
-        if kind == "timeout":
+            message = f"node {state.node_id} is unreachable"
+            return _error_failure(502, "upstream_error", message, kind)
+        held = exc.sent
+        if not held and kind == _TIMEOUT:
+            self._blame(state, kind, request, exc)
+        if kind == _TIMEOUT:
             message = f"node {state.node_id} did not answer in time"
-            return _error_failure(504, "upstream_timeout", message)
+            return _error_failure(504, "upstream_timeout", message, kind, held)
         message = f"node {state.node_id} failed: {_describe(exc)}"
-        return _error_failure(502, "upstream_error", message)
+        return _error_failure(502, "upstream_error", message, kind, held)
+
+    def _blame(
+        self,
+        state: NodeState,
+        kind: str,
+        request: int | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Count a failure against ``state`` (a cool-down at the threshold)."""
+        if self.balancer.record_failure(state, request):
+            logger.warning("node %s cooled down after %s: %s", state.node_id, kind, _describe(exc))
+
+    def _forgive(self, node_ids: list[str], request: int) -> None:
+        """Take back the failures of a poison ``request`` on ``node_ids``."""
+        nodes = self.balancer.nodes
+        for node_id in node_ids:
+            state = nodes.get(node_id)
+            if state is not None:
+                self.balancer.forgive(state, request)
+
+    def _suspect(self, state: NodeState) -> None:
+        """``state``'s node answered 5xx: not counted (a request's content causes most), but
+        health-checked (at most once per ``cooldown_s``); a failed check cools it down."""
+        balancer = self.balancer
+        now = balancer.now()
+        if state.probing or not state.healthy or now < state.next_check:
+            return
+        state.next_check = now + self.settings.cooldown_s
+        self._spawn(self._check(state))
+
+    async def _check(self, state: NodeState) -> None:
+        if await self._health(state) or self.balancer.nodes.get(state.node_id) is not state:
+            return
+        if self.balancer.record_failure(state, immediate=True):
+            logger.warning(
+                "node %s cooled down: it answers 5xx and fails its health check", state.node_id
+            )
 
     # -- nodes ---------------------------------------------------------------------------
 
@@ -725,9 +849,24 @@ def _error_headers(body: bytes, retry_after: float | None = None) -> list[tuple[
     return headers
 
 
-def _error_failure(status: int, code: str, message: str) -> _Failure:
+def _error_failure(status: int, code: str, message: str, kind: str, held: bool = False) -> _Failure:
     body = error_body(message, code, status)
-    return _Failure(status, body, _error_headers(body))
+    return _Failure(status, body, _error_headers(body), kind, held)
+
+
+def _poison_message(ttl_s: float) -> str:
+    return (
+        "two nodes failed this request (connection lost or no answer in time), so it is not "
+        f"sent to another node; the same request is refused for {ttl_s:g} s"
+    )
+
+
+def _poison_failure(ttl_s: float) -> _Failure:
+    return _error_failure(502, "poison_request", _poison_message(ttl_s), "poison")
+
+
+def _poison_error(ttl_s: float) -> ApiError:
+    return ApiError(502, "poison_request", _poison_message(ttl_s))
 
 
 async def _send_error(send: Send, exc: ApiError, anthropic: bool = False) -> None:

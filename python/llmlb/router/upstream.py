@@ -9,7 +9,9 @@ time per proxied request.
 
 Failures raise a subclass of :class:`UpstreamError`: :class:`ConnectError` (no connection),
 :class:`UpstreamTimeout` (connect, first byte, or a silence longer than the read timeout) and
-:class:`Disconnected` (the node hung up or broke the protocol).
+:class:`Disconnected` (the node hung up or broke the protocol). Each says whether the request
+reached the node (:attr:`UpstreamError.sent`): a request that never left the router may go to
+another node freely, one that a node held when it failed may not.
 """
 
 from __future__ import annotations
@@ -36,11 +38,26 @@ _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _D
 
 
 class UpstreamError(Exception):
-    """An exchange with a node failed."""
+    """An exchange with a node failed.
+
+    Attributes:
+        sent: the request was written to a connection to the node (``False`` when no
+            connection could be opened: the node never saw it).
+    """
+
+    sent: bool = True
+
+
+def _unsent(exc: UpstreamError) -> UpstreamError:
+    """``exc``, marked as raised before the request left the router."""
+    exc.sent = False
+    return exc
 
 
 class ConnectError(UpstreamError):
     """No connection to the node (refused, unreachable, unresolvable, TLS failure)."""
+
+    sent = False
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
@@ -521,7 +538,7 @@ class NodePool:
         if self._invalid:
             raise ConnectError(f"unsupported node URL {self.url!r}")
         if self._closed:
-            raise Disconnected(f"the connection pool to {self.url} is closed")
+            raise _unsent(Disconnected(f"the connection pool to {self.url} is closed"))
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -529,10 +546,12 @@ class NodePool:
                     lambda: _Connection(loop), self._host, self._port, ssl=self._ssl
                 )
         except TimeoutError:
-            raise UpstreamTimeout(f"connect timed out after {self.connect_timeout:g} s") from None
+            message = f"connect timed out after {self.connect_timeout:g} s"
+            raise _unsent(UpstreamTimeout(message)) from None
         except OSError as exc:
             if exc.errno in _LOCAL_ERRNOS:  # the router's own shortage says nothing of the node
-                raise Disconnected(f"cannot open a connection to {self.url}: {exc}") from exc
+                message = f"cannot open a connection to {self.url}: {exc}"
+                raise _unsent(Disconnected(message)) from exc
             raise ConnectError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return conn
 
