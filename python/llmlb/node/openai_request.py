@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from llmlb.errors import ApiError
+from llmlb.http import check_depth
 from llmlb.node.sampling import SamplingParams
 from llmlb.node.tool_calls import Tool
 
@@ -367,6 +368,7 @@ def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 param = f"{at}.function.arguments"
                 raise bad(param, f"'{param}' is not JSON") from None
+            check_depth(arguments, f"{at}.function.arguments")
         out.append({"id": call.get("id") or f"call_{j}", "type": "function",
                     "function": {"name": function["name"], "arguments": arguments}})
     return out
@@ -428,7 +430,11 @@ def tool_choice(value: Any, offered: list[Tool]) -> str:
             raise bad("tool_choice", "'tool_choice' is 'required' but no 'tools' are given")
         return value
     if isinstance(value, dict) and value.get("type") == "function":
-        name = (value.get("function") or {}).get("name")
+        function = value.get("function")
+        if not isinstance(function, dict):
+            raise bad("tool_choice.function",
+                      "'tool_choice.function' must be an object with the tool's 'name'")
+        name = function.get("name")
         if any(t.name == name for t in offered):
             return name
         raise bad("tool_choice", f"'tool_choice' names {name!r}, which is not in 'tools'")

@@ -1,8 +1,11 @@
 """Serving this node's verified model files to the other nodes of its fleet.
 
 ``GET``/``HEAD /v0/peer/files/{model_id}/{filename}`` (``model_id`` percent-encoded as one
-path segment, ``filename`` its path in the repo), with ``Range``. Rules, each checked on
-every request:
+path segment, ``filename`` its path in the repo), with ``Range``: one ``bytes=`` range, as
+RFC 9110 reads it (a last position past the end is the end; a first position at or past
+the end, however many digits it has, is 416 ``range_not_satisfiable`` with
+``Content-Range: bytes */<size>``); a malformed or multi-range header is ignored (the whole
+file, 200), as RFC 9110 allows. Rules, each checked on every request:
 
 - only the fleet credential the router hands to registered nodes (``peer_token``) opens it:
   no client key, no router key, no node key;
@@ -39,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, ModelNotRegistered
 from llmlb.http import bearer_token, error_response, model_id_or_400
 from llmlb.node.download.fetch import unsafe_filename
 from llmlb.node.download.staging import file_signature, read_marker
@@ -54,6 +57,7 @@ PREFIX = "/v0/peer/files/"
 MAX_UPLOADS = 64  # transfers (range requests) served at once
 BLOCK = 1 << 20
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_MAX_POSITION_DIGITS = 18  # any longer position is past every file's end (and int() safe)
 
 
 # -- counters -------------------------------------------------------------------------------
@@ -230,11 +234,20 @@ class VerifiedFiles:
 # -- the route --------------------------------------------------------------------------------
 
 
+def _position(digits: str, size: int) -> int:
+    """A range position; any number beyond the file (however many digits) as ``size + 1``."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > _MAX_POSITION_DIGITS:
+        return size + 1
+    return min(int(digits), size + 1)
+
+
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """``(start, end_exclusive)`` of a single ``bytes=`` range; ``None`` for the whole file.
+    """``(start, end_exclusive)`` of a single ``bytes=`` range; ``None`` for the whole file
+    (no header, or one that is malformed: ignored, as RFC 9110 allows).
 
     Raises:
-        ApiError: 416 ``range_not_satisfiable``.
+        ApiError: 416 ``range_not_satisfiable`` (with ``Content-Range: bytes */size``).
     """
     if not header:
         return None
@@ -243,15 +256,31 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = match.groups()
     if first == "":
-        length = int(last)
+        length = _position(last, size)
         if length == 0 or size == 0:
-            raise ApiError(416, "range_not_satisfiable", f"range {header!r} of {size} bytes")
+            raise _unsatisfiable(header, size)
         return max(0, size - length), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or (last != "" and int(last) < start):
-        raise ApiError(416, "range_not_satisfiable", f"range {header!r} of {size} bytes")
+    start = _position(first, size)
+    end = size if last == "" else min(_position(last, size) + 1, size)
+    if start >= size or (last != "" and _position(last, size) < start):
+        raise _unsatisfiable(header, size)
     return start, end
+
+
+class _Unsatisfiable(ApiError):
+    """416, with the ``Content-Range`` that tells the client the file's size."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__(416, "range_not_satisfiable", message)
+        self.size = size
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Content-Range": f"bytes */{self.size}"}
+
+
+def _unsatisfiable(header: str, size: int) -> ApiError:
+    shown = header if len(header) <= 80 else header[:77] + "..."
+    return _Unsatisfiable(f"range {shown!r} is not within the file's {size} bytes", size)
 
 
 class PeerService:
@@ -317,6 +346,11 @@ class PeerService:
         if manifest is None:
             try:
                 manifest = await resolver.manifest(model_id)
+            except ModelNotRegistered:  # e.g. an id with a quantisation the router lacks
+                raise self._refuse(
+                    "not_listed",
+                    ApiError(404, "model_not_found", f"model {model_id} is not registered"),
+                ) from None
             except Exception as exc:  # noqa: BLE001 - no manifest, nothing to check against
                 raise self._refuse(
                     "manifest",

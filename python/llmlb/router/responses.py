@@ -1,17 +1,17 @@
-"""The router's auth helpers; JSON responses, errors and bodies come from ``llmlb.http``
-(re-exported here for the router's modules)."""
+"""The router's auth helpers and its control-plane JSON bodies; JSON responses and errors
+come from ``llmlb.http`` (re-exported here for the router's modules)."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 
+from llmlb import http
 from llmlb.errors import ApiError
 from llmlb.http import (
     JSONResponse,
     api_error_handler,
     error_response,
     http_error_handler,
-    read_json,
     server_error_handler,
     too_large,
 )
@@ -28,6 +28,17 @@ __all__ = [
     "too_large",
     "unauthorized",
 ]
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The JSON object body of a control-plane route (keys, models, nodes, peers): at most
+    ``limit`` bytes and :data:`llmlb.http.MAX_JSON_DEPTH` levels, and no NUL character in any
+    string (PostgreSQL cannot store one; both backends answer the same 400).
+
+    Raises:
+        ApiError: 413 or 400, see :func:`llmlb.http.read_json`.
+    """
+    return await http.read_json(request, limit, allow_nul=False)
 
 
 def unauthorized(status: int) -> ApiError:

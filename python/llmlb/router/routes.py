@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmlb.errors import ApiError
-from llmlb.http import JSONResponse, api_key, model_id_or_400, read_json
+from llmlb.http import JSONResponse, api_key, model_id_or_400
 from llmlb.protocol import (
     APPROVAL_FIELD,
     PEER_TOKEN_FIELD,
@@ -24,7 +24,7 @@ from llmlb.protocol import (
 )
 from llmlb.router import dashboard, db, keys, metrics, nodes, peers, registry
 from llmlb.router.openapi import openapi_schema
-from llmlb.router.responses import authorize
+from llmlb.router.responses import authorize, read_json  # control bodies: no NUL
 from llmlb.router.runtime import Runtime
 
 logger = logging.getLogger("llmlb.router")
@@ -108,7 +108,7 @@ async def delete_key(request: Request) -> Response:
     """``DELETE /v0/keys/{key_id}`` (admin)."""
     runtime = _guard(request, "admin")
     key_id = request.path_params["key_id"]
-    if not await runtime.db.run(keys.delete_key, key_id):
+    if "\x00" in key_id or not await runtime.db.run(keys.delete_key, key_id):
         raise ApiError(404, "key_not_found", f"no key with id {key_id}")
     await runtime.refresh()
     return Response(status_code=204)
