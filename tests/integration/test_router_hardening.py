@@ -1,4 +1,5 @@
-"""Router hardening against a real ``llmlb router`` process: poison requests, the in-flight
+"""Router hardening against a real ``llmlb router`` process: poison requests (refused by two
+nodes, or killing two nodes), what cools a node down (never a request's 500), the in-flight
 limit, abandoned requests, hung and vanished nodes, models no node can serve.
 
 Nodes are the project's mock backend (``bench/router/mock_backend.py``, a real Granian
@@ -41,25 +42,29 @@ class Connection:
     path: str = ""
     opened: float = 0.0
     closed: float | None = None  # when the router closed it
+    body: bytes = b""
 
 
 @dataclass
 class RecordingNode:
     """A node on a loopback port whose behaviour is chosen by the first path segment of its
-    URL: ``hold`` never answers, ``drip`` streams an SSE event every 0.1 s for ever; any
-    other POST gets ``{}``; ``GET /health`` 200. Inference requests are recorded in
-    ``connections``, with the time the router closed each one."""
+    URL: ``hold`` never answers, ``drip`` streams an SSE event every 0.1 s for ever,
+    ``fragile`` hangs up without an answer on a body holding ``deadly`` (as a node whose
+    worker a request kills) and answers others ``{}``; any other POST gets ``{}``;
+    ``GET /health`` 200. Inference requests are recorded in ``connections``, with the time
+    the router closed each one (``fragile`` ones with their body)."""
 
     connections: list[Connection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
+        self._handlers: set[asyncio.Task] = set()
         ready = threading.Event()
 
         def serve() -> None:
             asyncio.set_event_loop(self._loop)
-            server = self._loop.run_until_complete(
+            server = self._server = self._loop.run_until_complete(
                 asyncio.start_server(self._handle, "127.0.0.1", 0)
             )
             self.port = server.sockets[0].getsockname()[1]
@@ -73,6 +78,10 @@ class RecordingNode:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn: Connection | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -82,8 +91,15 @@ class RecordingNode:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length":
                         length = int(value)
-                await reader.readexactly(length)
+                body = await reader.readexactly(length)
                 mode = path.decode().split("/")[1]
+                if method == b"POST" and mode == "fragile":
+                    with self._lock:
+                        self.connections.append(
+                            Connection(path.decode(), time.monotonic(), body=body)
+                        )
+                    if b"deadly" in body:
+                        break  # the worker died with the request: no answer
                 if method == b"GET" or mode not in ("hold", "drip"):
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
                     await writer.drain()
@@ -116,6 +132,13 @@ class RecordingNode:
             return [c for c in self.connections if c.path.startswith(f"/{mode}/")]
 
     def close(self) -> None:
+        async def shutdown() -> None:  # end the connections the router keeps alive, too
+            self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -293,23 +316,70 @@ def test_poison_request_cools_no_node_down(router, api_key, beats, mock):
     assert time.monotonic() - started < 1.0
 
 
-def test_one_node_cooled_down_is_back_when_the_cool_down_ends(router, api_key, beats, mock):
-    model = "poison/one-node"
-    beats.register("single", f"{mock}/_mock/single/strict", ready(model))
+def test_a_steady_stream_of_500s_changes_nothing_for_other_clients(router, api_key, beats, mock):
+    model = "poison/steady-500"
+    beats.register("steady", f"{mock}/_mock/steady/strict", ready(model))
     wait_routed(router, api_key, model)
-    for _ in range(4):  # one bad request retried: counts once
-        assert chat(router, api_key, model, temperature="hot").status == 500
-    assert chat(router, api_key, model).status == 200
-    for bad in ({"temperature": "hot"}, {"stop": 5}, {"seed": "x"}):  # different requests
-        assert chat(router, api_key, model, **bad).status == 500
-    cooled = time.monotonic()
+    # One client sends different requests the node answers 500 (as every penalty was), all
+    # the time; the node used to be cooled down after three of them.
+    bad: list[int] = []
+    stop = threading.Event()
+
+    def refused_all_the_time() -> None:
+        i = 0
+        while not stop.is_set():
+            bad.append(chat(router, api_key, model, temperature="hot", seed=i).status)
+            i += 1
+
+    client = threading.Thread(target=refused_all_the_time, daemon=True)
+    client.start()
+    try:
+        wait_until(lambda: len(bad) >= 5, timeout=10, message="500s under way")
+        others = [chat(router, api_key, model).status for _ in range(20)]
+    finally:
+        stop.set()
+        client.join(15)
+    assert others == [200] * 20
+    assert len(bad) >= 5 and set(bad) == {500}
+
+
+def test_one_node_cooled_down_is_back_when_the_cool_down_ends(router, api_key, beats, recorder):
+    model = "poison/one-node"
+    beats.register("single", f"{recorder.url}/fragile/single", ready(model))
+    wait_routed(router, api_key, model)
+    # Three different requests the node lost (its worker died with them; no other node can
+    # tell whether they were at fault): evidence that the node fails, a cool-down.
+    for i in range(3):
+        reply = chat(router, api_key, model, x=f"deadly {i}")
+        assert reply.status == 502 and reply.json["error"]["code"] == "upstream_error"
     reply = chat(router, api_key, model)
     assert reply.status == 503 and reply.json["error"]["code"] == "nodes_unavailable"
-    # The probe ran during the 1 s cool-down: the first request after it is served.
-    while time.monotonic() < cooled + 1.2:
-        time.sleep(0.05)
-    reply = chat(router, api_key, model)
-    assert reply.status == 200, reply.body
+    # The health probe passes during the 1 s cool-down: served again once it ends.
+    wait_until(lambda: chat(router, api_key, model).status == 200, timeout=10, message="back")
+
+
+def test_a_request_that_kills_two_nodes_is_refused_for_good(router, api_key, beats, recorder):
+    model = "poison/killer"
+    for tag in ("a", "b", "c"):
+        beats.register(f"killed-{tag}", f"{recorder.url}/fragile/{tag}", ready(model))
+    wait_routed(router, api_key, model)
+
+    def reached() -> set[str]:
+        return {c.path.split("/")[2] for c in recorder.requests("fragile") if b"deadly" in c.body}
+
+    reply = chat(router, api_key, model, x="deadly")
+    assert reply.status == 502, reply.body
+    assert reply.json["error"]["code"] == "poison_request"
+    assert len(reached()) == 2  # one more node after the first, never the third
+    arrived = len(recorder.requests("fragile"))
+    for _ in range(3):  # the SDK's automatic retries of the same body
+        reply = chat(router, api_key, model, x="deadly")
+        assert reply.status == 502 and reply.json["error"]["code"] == "poison_request"
+    assert len(recorder.requests("fragile")) == arrived  # not one reached a node
+    # No node was cooled down: every one of them serves the next requests.
+    served = [chat(router, api_key, model, seed=i) for i in range(30)]
+    assert {r.status for r in served} == {200}
+    assert {r.headers["x-llmlb-node"] for r in served} == {"killed-a", "killed-b", "killed-c"}
 
 
 # -- 2: in-flight limit ----------------------------------------------------------------------
