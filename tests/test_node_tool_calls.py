@@ -113,4 +113,72 @@ def test_forced_grammar_names_only_the_allowed_tools():
 def test_a_last_call_cut_short_leaves_the_complete_ones():
     cut = HERMES_TWO[: HERMES_TWO.index('"zone"')]
     content, calls = tc.parse(cut, tc.HERMES, NAMES)
-    assert [c.name for c in calls] == ["get_weather"] and content == "Let me check."
+    assert content == "Let me check."
+    assert [(c.name, c.complete) for c in calls] == [("get_weather", True), ("get_time", False)]
+    assert calls[1].arguments == "{"  # what was written of its arguments
+
+
+# A forced call cut by max_tokens at every point: the markers never stay text; once the
+# name is whole the call is returned with what was written of its arguments.
+FORCED_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("end", range(len(FORCED_CALL) + 1))
+def test_a_call_cut_anywhere_never_leaves_template_text(end):
+    text = FORCED_CALL[:end]
+    name_whole = '"get_weather"' in text
+    args_at = FORCED_CALL.index('{"city"')
+    for forced in (False, True):
+        parser = tc.StreamParser(tc.HERMES, NAMES, forced=forced)
+        pieces = [parser.push(text[i : i + 2]) for i in range(0, len(text), 2)]
+        pieces.append(parser.flush(cut=True))
+        content = "".join(p[0] for p in pieces)
+        calls = [c for p in pieces for c in p[1]]
+        assert content == "", (text, content)
+        if end >= len("<tool_call>"):  # the whole answer parsed at once agrees
+            assert tc.parse(text, tc.HERMES, NAMES)[0] == ""
+        if not name_whole:
+            assert calls == []
+            continue
+        (call,) = calls
+        assert call.name == "get_weather"
+        if call.complete:
+            assert json.loads(call.arguments) == {"city": "Paris"}
+        else:
+            assert FORCED_CALL[args_at:].startswith(call.arguments)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "arguments"),
+    [
+        (tc.LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Pa',
+         '{"city": "Pa'),
+        (tc.LLAMA3, '{"name": "get_time", "parameters": {"zone": "CET"}}; {"name": "get_weather", '
+         '"parameters": {"ci', '{"ci'),
+        (tc.MISTRAL, '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Ro',
+         '{"city": "Ro'),
+        (tc.MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "Ro', '{"city": "Ro'),
+    ],
+)
+def test_other_families_return_a_cut_last_call(kind, text, arguments):
+    content, calls = tc.parse(text, kind, NAMES)
+    assert content == ""
+    assert calls[-1].name == "get_weather" and not calls[-1].complete
+    assert calls[-1].arguments == arguments
+    assert all(c.complete for c in calls[:-1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [(tc.MISTRAL, "[TOOL_CALLS]get_wea"), (tc.MISTRAL, "[TOOL_CALLS][{\"na"),
+     (tc.HERMES, "<tool_call>\n{\"name\": \"get_wea")],
+)
+def test_a_call_cut_inside_its_name_is_dropped(kind, text):
+    assert tc.parse(text, kind, NAMES) == ("", [])
+
+
+def test_repeated_calls_are_recognised_whatever_the_key_order():
+    first = tc.ToolCall("f", '{"a": 1, "b": [2]}')
+    assert first.same_as(tc.ToolCall("f", '{"b": [2], "a": 1}'))
+    assert not first.same_as(tc.ToolCall("f", '{"a": 2, "b": [2]}'))
+    assert not first.same_as(tc.ToolCall("g", '{"a": 1, "b": [2]}'))

@@ -278,11 +278,48 @@ def parse_request(body: dict, *, counting: bool = False) -> MessagesRequest:
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
+    """A call's ``input`` object: its arguments, or for a call ``max_tokens`` cut short the
+    members its arguments got to (as Anthropic's SDKs read a cut ``input_json_delta``)."""
     try:
         value = orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
-        return {}
+        value = _cut_object(arguments)
     return value if isinstance(value, dict) else {}
+
+
+def _cut_object(text: str) -> Any:
+    """The value of a JSON text cut short: its open strings and brackets closed, the
+    member or item it ended inside dropped (``{}`` when nothing is left)."""
+    ends = [len(text)]  # the whole text, then after each ``{``, ``[`` and ``,``, last first
+    in_string = escaped = False
+    for at, char in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[,":
+            ends.insert(1, at + 1)
+    for end in ends[:64]:
+        head = text[:end].rstrip().rstrip(",").rstrip()
+        closers: list[str] = []
+        in_string = escaped = False
+        for char in head:
+            if in_string:
+                escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+            elif char == '"':
+                in_string = True
+            elif char in "{[":
+                closers.append("}" if char == "{" else "]")
+            elif char in "}]" and closers:
+                closers.pop()
+        if escaped:
+            head = head[:-1]
+        candidate = head + ('"' if in_string else "") + "".join(reversed(closers))
+        try:
+            return orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            continue
+    return {}
 
 
 def _stop_reason(finish: str) -> str:

@@ -50,9 +50,51 @@ class Tooling:
     forced: bool
     parallel: bool
 
-    def parse(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
-        content, calls = tool_calls.parse(text, self.kind, self.names)
-        return content, calls if self.parallel else calls[:1]
+
+class _Calls:
+    """One choice's text and tool calls, split as the text arrives.
+
+    The answer ends at the first call that would not be returned: a second call when
+    parallel calls are off, or a call identical to an earlier one (same function, same
+    arguments), which is what a model does when a grammar forces calls and the model
+    cannot stop (a base model repeats its call until ``max_tokens``). A call the answer was
+    cut inside is returned, arguments as written so far, only when ``max_tokens`` cut it
+    (``finish_reason: "length"``), as OpenAI returns a cut answer; never as text.
+    """
+
+    def __init__(self, tooling: Tooling):
+        self.tooling = tooling
+        self.parser = tool_calls.StreamParser(tooling.kind, tooling.names, tooling.forced)
+        self.calls: list[tool_calls.ToolCall] = []
+        self.ended = False
+
+    def push(self, text: str) -> tuple[str, list[tool_calls.ToolCall]]:
+        """The text to emit now and the calls to return, for a delta of the answer."""
+        if self.ended:
+            return "", []
+        content, calls = self.parser.push(text)
+        return content, self._admit(calls)
+
+    def finish(self, text: str, reason: str) -> tuple[str, list[tool_calls.ToolCall]]:
+        """The last delta of an answer that ended with ``reason``: what is left to emit."""
+        content, calls = self.push(text)
+        if self.ended:
+            return content, calls
+        rest, more = self.parser.flush(cut=reason == "length")
+        more = [c for c in more if c.complete or reason == "length"]
+        return content + rest, calls + self._admit(more)
+
+    def _admit(self, calls: list[tool_calls.ToolCall]) -> list[tool_calls.ToolCall]:
+        out = []
+        for call in calls:
+            if (self.calls and not self.tooling.parallel) or any(
+                call.same_as(c) for c in self.calls
+            ):
+                self.ended = True
+                break
+            self.calls.append(call)
+            out.append(call)
+        return out
 
 
 @dataclass
@@ -61,6 +103,8 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None
     tokens: int = 0
+    seen: int = 0  # tokens received so far
+    calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Run:
@@ -109,6 +153,9 @@ class Run:
         self._prompt_logprobs: list[list[TokenLogprob]] = [[] for _ in jobs]
         self._backlog: list[tuple[int, Event]] = []
         self._closed = False
+        self._calls = (
+            [_Calls(tooling) for _ in self.choices] if tooling is not None else None
+        )
 
     def cancel(self) -> None:
         """Stop every job of this request (no-op for finished ones)."""
@@ -131,7 +178,7 @@ class Run:
                     retry_after=1,
                 ) from None
             if isinstance(event, ErrorEvent):
-                raise ApiError(500, "inference_failed", event.message)
+                raise ApiError(event.status, event.code, event.message)
             self._backlog.append((number, event))
             if isinstance(event, StartEvent):
                 return
@@ -171,26 +218,56 @@ class Run:
         completion = sum(c.tokens for c in self.choices)
         return usage(self.prompt_tokens, completion, self.cached)
 
+    def _split(
+        self, index: int, text: str, reason: str | None = None
+    ) -> tuple[str, list[tool_calls.ToolCall]]:
+        """Choice ``index``'s text to emit and calls to return for a delta of its answer
+        (``reason``: the answer ended with this delta). A choice whose answer ends at a call
+        it will not return (see :class:`_Calls`) is finished here with ``tool_calls``."""
+        if self._calls is None:
+            return text, []
+        watch = self._calls[index]
+        content, calls = watch.push(text) if reason is None else watch.finish(text, reason)
+        choice = self.choices[index]
+        if watch.ended and choice.finish is None:
+            choice.finish, choice.tokens = "tool_calls", choice.seen
+        return content, calls
+
+    def _finish_reason(self, index: int) -> str:
+        choice = self.choices[index]
+        calls = self._calls is not None and bool(self._calls[index].calls)
+        return "tool_calls" if calls and choice.finish == "stop" else choice.finish or "stop"
+
     async def collect(self) -> dict[str, Any]:
         """The whole answer."""
         async for number, event in self._events():
             index = number * self.n + getattr(event, "index", 0)
             if isinstance(event, ErrorEvent):
-                raise ApiError(500, "inference_failed", event.message)
+                raise ApiError(event.status, event.code, event.message)
             if isinstance(event, StartEvent):
                 self.cached += event.cached
             elif isinstance(event, PromptLogprobEvent):
                 self._prompt_logprobs[number].append(self._logprob(event))
             elif isinstance(event, TokenEvent):
                 choice = self.choices[index]
-                choice.text.append(event.text)
+                if choice.finish is not None:
+                    continue  # ended at a call it does not return
+                choice.seen += 1
                 entry = self._logprob(event)
                 if entry is not None:
                     choice.logprobs.append(entry)
+                text, calls = self._split(index, event.text)
+                choice.text.append(text)
+                choice.calls.extend(tool_call(c) for c in calls)
             elif isinstance(event, DoneEvent):
                 choice = self.choices[index]
-                choice.text.append(event.text)
-                choice.finish, choice.tokens = event.finish_reason, event.tokens
+                if choice.finish is not None:
+                    continue
+                text, calls = self._split(index, event.text, event.finish_reason)
+                choice.text.append(text)
+                choice.calls.extend(tool_call(c) for c in calls)
+                choice.finish = choice.finish or event.finish_reason
+                choice.tokens = event.tokens
         out = []
         for index, choice in enumerate(self.choices):
             prefix = self.echo[index // self.n] if self.echo else ""
@@ -202,13 +279,11 @@ class Run:
                 if self.echo:
                     entries = [*self._prompt_entries(index // self.n), *entries]
                 logprobs = completion_logprobs(entries, 0 if self.echo else len(prefix))
-            text, finish, calls = prefix + "".join(choice.text), choice.finish, None
-            if self.tooling is not None:
-                text, parsed = self.tooling.parse(text)
-                if parsed:
-                    calls = [tool_call(c) for c in parsed]
-                    finish = "tool_calls" if finish == "stop" else finish
-            out.append(self.shaper.choice(index, text, finish, logprobs, calls))
+            text = prefix + "".join(choice.text)
+            if choice.calls:
+                text = text.strip()
+            finish = self._finish_reason(index)
+            out.append(self.shaper.choice(index, text, finish, logprobs, choice.calls or None))
         return self.shaper.answer(out, self._usage())
 
     def close(self) -> None:
@@ -222,26 +297,13 @@ class Run:
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """Stream chunks as tokens arrive (an ``{"error": …}`` chunk ends a failed run)."""
         shaper = self.shaper
-        parsers = (
-            [tool_calls.StreamParser(self.tooling.kind, self.tooling.names, self.tooling.forced)
-             for _ in self.choices]
-            if self.tooling is not None
-            else None
-        )
         made: list[int] = [0] * len(self.choices)
 
-        def tool_chunks(index: int, text: str, final: bool) -> list[dict[str, Any]]:
-            """Chunks for ``text`` of choice ``index`` with its calls split out."""
-            if parsers is None:
-                return [shaper.chunk(index, text)] if text else []
-            content, calls = parsers[index].push(text)
-            if final:
-                rest, more = parsers[index].flush()
-                content, calls = content + rest, calls + more
+        def pieces(index: int, text: str, reason: str | None = None) -> list[dict[str, Any]]:
+            """Chunks for a delta of choice ``index``: its text, then its calls."""
+            content, calls = self._split(index, text, reason)
             out = [shaper.chunk(index, content)] if content else []
             for call in calls:
-                if made[index] and not self.tooling.parallel:
-                    break
                 for delta in tool_call_deltas(made[index], call):
                     out.append(shaper.chunk(index, None, tool_calls=[delta]))
                 made[index] += 1
@@ -257,34 +319,40 @@ class Run:
             async for number, event in self._events():
                 index = number * self.n + getattr(event, "index", 0)
                 if isinstance(event, ErrorEvent):
-                    error = {"message": event.message, "type": "server_error",
-                             "code": "inference_failed"}
+                    kind = "server_error" if event.status >= 500 else "invalid_request_error"
+                    error = {"message": event.message, "type": kind, "code": event.code}
                     yield {"error": error}
                     return
                 if isinstance(event, StartEvent):
                     self.cached += event.cached
                 elif isinstance(event, TokenEvent):
+                    choice = self.choices[index]
+                    if choice.finish is not None:
+                        continue  # ended at a call it does not return
+                    choice.seen += 1
                     entry = self._logprob(event)
                     if not event.text and entry is None:
                         continue
-                    if entry is not None and parsers is None:
+                    if entry is not None and self._calls is None:
                         logprobs = (
                             chat_logprobs([entry]) if shaper.chat
                             else completion_logprobs([entry], 0)
                         )
                         yield shaper.chunk(index, event.text, logprobs=logprobs)
                         continue
-                    for chunk in tool_chunks(index, event.text, final=False):
+                    for chunk in pieces(index, event.text):
                         yield chunk
+                    if choice.finish is not None:
+                        yield shaper.chunk(index, None, finish=self._finish_reason(index))
                 elif isinstance(event, DoneEvent):
                     choice = self.choices[index]
-                    choice.finish, choice.tokens = event.finish_reason, event.tokens
-                    for chunk in tool_chunks(index, event.text, final=True):
+                    if choice.finish is not None:
+                        continue
+                    for chunk in pieces(index, event.text, event.finish_reason):
                         yield chunk
-                    finish = event.finish_reason
-                    if made[index] and finish == "stop":
-                        finish = "tool_calls"
-                    yield shaper.chunk(index, None, finish=finish)
+                    choice.finish = choice.finish or event.finish_reason
+                    choice.tokens = event.tokens
+                    yield shaper.chunk(index, None, finish=self._finish_reason(index))
             if self.generation.include_usage:
                 yield shaper.usage_chunk(self._usage())
         finally:

@@ -329,12 +329,15 @@ def _text_part(text: str) -> dict[str, Any]:
 
 
 def _output(shape: _Shape, answer: ev.ChatAnswer) -> list[dict[str, Any]]:
+    """The output items; when ``max_output_tokens`` cut the answer, the last one (the text
+    or the call it ended inside) is ``incomplete``."""
     output = []
     if answer.text or not answer.tool_calls:
-        status = "incomplete" if answer.finish_reason == "length" else "completed"
-        output.append(shape.message(answer.text, status))
+        output.append(shape.message(answer.text))
     for call in answer.tool_calls:
         output.append(shape.function_call(call.id, call.name, call.arguments))
+    if answer.finish_reason == "length":
+        output[-1]["status"] = "incomplete"
     return output
 
 
@@ -410,12 +413,13 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
             emit("response.output_item.done", output_index=index, item=done),
         ]
 
-    def close_calls() -> list[bytes]:
+    def close_calls(last_status: str = "completed") -> list[bytes]:
         out = []
-        for call in calls.values():
+        for n, call in enumerate(calls.values(), 1):
             item, index = call["item"], call["index"]
             arguments = "".join(call["arguments"])
-            done = {**item, "arguments": arguments, "status": "completed"}
+            status = last_status if n == len(calls) else "completed"
+            done = {**item, "arguments": arguments, "status": status}
             output.append(done)
             out.append(
                 emit(
@@ -474,7 +478,8 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
                     for chunk in open_text():
                         yield chunk
                 status = "incomplete" if finish == "length" else "completed"
-                for chunk in close_text(status) + close_calls():
+                # the open item is the last one: the text, or the call it was cut inside
+                for chunk in close_text(status) + close_calls(status):
                     yield chunk
             elif isinstance(event, ev.Usage):
                 usage = _usage(event, event.prompt_tokens or 0)

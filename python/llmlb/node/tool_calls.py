@@ -45,11 +45,24 @@ class Tool:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
-    """A parsed call: ``arguments`` as the JSON text OpenAI returns."""
+    """A parsed call: ``arguments`` as the JSON text OpenAI returns.
+
+    ``complete`` is false for a call the answer ended inside (cut by ``max_tokens``): its
+    name is whole, its ``arguments`` are the JSON text written so far, as OpenAI returns a
+    call cut short.
+    """
 
     name: str
     arguments: str
     id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    complete: bool = True
+
+    def same_as(self, other: ToolCall) -> bool:
+        """The same function with the same arguments (key order aside)."""
+        if self.name != other.name:
+            return False
+        mine, theirs = _loads(self.arguments or "{}"), _loads(other.arguments or "{}")
+        return mine is not None and mine == theirs
 
 
 def family(template: str | None) -> str:
@@ -150,6 +163,13 @@ def grammar(tools: list[Tool], kind: str, parallel: bool) -> str:
 
 # -- parsing ---------------------------------------------------------------------------
 
+# The head of a call object whose name is whole: ``{"name": "…", "arguments": `` (or
+# ``"parameters"``), the arguments key optional (the answer may end before it).
+_CALL_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*(?:,\s*"(?:arguments|parameters)"\s*:\s*)?',
+    re.DOTALL,
+)
+
 
 def _call(obj: Any, kind: str) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
@@ -172,17 +192,81 @@ def _loads(text: str) -> Any:
         return None
 
 
+def _cut_call(fragment: str, kind: str, names: set[str]) -> ToolCall | None:
+    """The call an answer ended inside: whole (only its closing marker missing), cut short
+    (its name whole and known: the arguments written so far), or ``None`` (dropped)."""
+    fragment = fragment.strip()
+    whole = _call(_loads(fragment), kind)
+    if whole is not None:
+        return whole if whole.name in names else None
+    head = _CALL_HEAD.match(fragment)
+    if head is None:
+        return None
+    name = _loads(f'"{head.group(1)}"')
+    if name not in names:
+        return None
+    arguments = fragment[head.end() :] if head.group(0).rstrip().endswith(":") else ""
+    return ToolCall(name, arguments, complete=False)
+
+
+def _values(text: str, sep: str) -> tuple[list[Any], str | None]:
+    """The JSON values ``text`` holds one after another (``sep`` between them, an optional
+    ``]`` after the last), and what follows them when that is not one (``None``: nothing)."""
+    decoder = json.JSONDecoder()
+    values: list[Any] = []
+    at = 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text) or text[at] == "]" and values:
+            return values, None
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return values, text[at:]
+        values.append(value)
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at < len(text) and text[at] == sep:
+            at += 1
+
+
+def _json_calls(text: str, kind: str, names: set[str], sep: str) -> list[ToolCall] | None:
+    """Calls written as JSON objects one after another; the last one may be cut short.
+    ``None`` when anything but a last cut call is not a call to a known tool."""
+    values, rest = _values(text, sep)
+    calls = [_call(v, kind) for v in values]
+    if any(c is None or c.name not in names for c in calls):
+        return None
+    if rest is not None:
+        if not rest.lstrip().startswith("{"):
+            return None
+        cut = _cut_call(rest, kind, names)
+        if cut is not None:
+            calls.append(cut)
+    return calls  # type: ignore[return-value]
+
+
 def parse(text: str, kind: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     """Split a finished answer into its text and its calls (only to tools in ``names``).
 
-    Anything that does not parse as a call to a known tool stays text.
+    A call the answer ends inside (cut by ``max_tokens``) never stays text: it is returned
+    with ``complete`` false when its name is whole, else dropped. Anything else that does
+    not parse as a call to a known tool stays text.
     """
     if kind == HERMES:
-        calls = []
+        calls: list[ToolCall] = []
         for match in _HERMES_CALL.finditer(text):
-            call = _call(_loads(match.group(1)), kind)
-            if call is None and not match.group(0).endswith("</tool_call>") and calls:
-                break  # a last call cut short by max_tokens: the complete ones stand
+            inner = match.group(1)
+            if not match.group(0).endswith("</tool_call>"):  # the answer ends in this call
+                inner = inner[: len(inner) - _partial_suffix(inner, "</tool_call>")]
+                if inner.strip() and not inner.lstrip().startswith("{"):
+                    return (text, []) if not calls else (_HERMES_CALL.sub("", text).strip(), calls)
+                cut = _cut_call(inner, kind, names)
+                if cut is not None:
+                    calls.append(cut)
+                return _HERMES_CALL.sub("", text).strip(), calls
+            call = _call(_loads(inner), kind)
             if call is None or call.name not in names:
                 return text, []
             calls.append(call)
@@ -195,24 +279,29 @@ def parse(text: str, kind: str, names: set[str]) -> tuple[str, list[ToolCall]]:
             return text, []
         rest = rest.strip()
         if rest.startswith("["):
-            items = _loads(rest)
-            items = items if isinstance(items, list) else [None]
-        else:  # name[ARGS]{…}[TOOL_CALLS]name[ARGS]{…}
-            items = []
-            for part in rest.split("[TOOL_CALLS]"):
-                name, _, arguments = part.partition("[ARGS]")
-                items.append({"name": name.strip(), "arguments": _loads(arguments)})
-        calls = [_call(item, kind) for item in items]
-        if not calls or any(c is None or c.name not in names for c in calls):
-            return text, []
-        return head.strip(), calls  # type: ignore[return-value]
+            found = _json_calls(rest[1:], kind, names, ",")
+            return (text, []) if found is None else (head.strip(), found)
+        calls = []
+        parts = rest.split("[TOOL_CALLS]")  # name[ARGS]{…}[TOOL_CALLS]name[ARGS]{…}
+        for i, part in enumerate(parts):
+            name, args_marker, arguments = part.partition("[ARGS]")
+            name = name.strip()
+            call = _call({"name": name, "arguments": _loads(arguments)}, kind)
+            if call is not None and call.name in names:
+                calls.append(call)
+                continue
+            if i < len(parts) - 1:
+                return text, []
+            if args_marker and name in names and arguments.lstrip()[:1] in ("", "{"):
+                calls.append(ToolCall(name, arguments.strip(), complete=False))
+            elif args_marker or not any(n.startswith(name) for n in names):
+                return text, []
+        return head.strip(), calls
     body = text.strip().removeprefix("<|python_tag|>").strip()
     if not body.startswith("{"):
         return text, []
-    calls = [_call(_loads(part), kind) for part in body.split(";") if part.strip()]
-    if not calls or any(c is None or c.name not in names for c in calls):
-        return text, []
-    return "", calls  # type: ignore[return-value]
+    found = _json_calls(body, kind, names, ";")
+    return (text, []) if not found else ("", found)
 
 
 class StreamParser:
@@ -239,6 +328,10 @@ class StreamParser:
 
     def push(self, text: str) -> tuple[str, list[ToolCall]]:
         """Add a text delta; the text to emit now and the calls completed by it."""
+        content, calls = self._push(text)
+        return ("" if self.forced else content), calls
+
+    def _push(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buffer += text
         out_text, out_calls = "", []
         while True:
@@ -282,14 +375,19 @@ class StreamParser:
             else:
                 out_text += chunk
 
-    def flush(self) -> tuple[str, list[ToolCall]]:
-        """At the end: the remaining text, and the calls it completes."""
+    def flush(self, cut: bool = False) -> tuple[str, list[ToolCall]]:
+        """At the end: the remaining text, and the calls it completes (the last one with
+        ``complete`` false when the answer ended inside it). ``cut``: the answer was cut
+        short (``max_tokens``), so a call's opening marker it ends with is dropped too."""
         rest, self._buffer = self._buffer, ""
         if not rest:
             return "", []
         text, calls = parse(rest, self.kind, self.names)
+        if cut and not calls:
+            opening = {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]", LLAMA3: "<|python_tag|>"}
+            text = text[: len(text) - _partial_suffix(text, opening[self.kind])]
         self.calls.extend(calls)
-        return text, calls
+        return ("" if self.forced else text), calls
 
 
 def _partial_suffix(text: str, marker: str) -> int:
