@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, ContextLengthExceeded
 from llmlb.node import openai_request as req
 from llmlb.node import tool_calls
 from llmlb.node.chat_format import render_chat
 from llmlb.node.embedder import Embedder, encode
 from llmlb.node.generation import EventStream, Run, Tooling
+from llmlb.node.inference.grammar_budget import GrammarBudgetExceeded, check_schema
+from llmlb.node.inference.grammar_compiler import GrammarCompiler, GrammarRefused
 from llmlb.node.llama_native import (
     Context,
     ContextShape,
@@ -50,7 +52,7 @@ from llmlb.node.metrics import NodeMetrics
 from llmlb.node.openai_response import (
     Shaper,
 )
-from llmlb.node.sampling import GrammarError, SamplingParams, check_grammar
+from llmlb.node.sampling import SamplingParams
 from llmlb.node.scheduler import (
     ErrorEvent,
     Event,
@@ -147,6 +149,7 @@ class Engine:
             max_workers=self.options.max_loaded + 2, thread_name_prefix="llama"
         )
         self._gpu: bool | None = None
+        self.grammars = GrammarCompiler()
         cores = usable_cores()
         self._threads = self.options.threads or cores
         self._threads_batch = self.options.threads_batch or self._threads
@@ -224,7 +227,9 @@ class Engine:
             ids = model.tokenize(marker, add_special=False, parse_special=True)
             if len(ids) == 1:
                 markers.add(ids[0])
-        scheduler = Scheduler(model, ctx, on_step=self._on_step)
+        scheduler = Scheduler(
+            model, ctx, on_step=self._on_step, on_stall=lambda _s: self.metrics.stalled_steps.inc()
+        )
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)
         logger.info(
@@ -311,7 +316,11 @@ class Engine:
             await asyncio.get_running_loop().run_in_executor(self._pool, self._close, loaded)
 
     def _close(self, loaded: _Loaded) -> None:
-        loaded.scheduler.close()
+        if not loaded.scheduler.close():
+            # its decode thread is still inside llama.cpp: freeing the context under it would
+            # crash; the memory is left to the process's exit
+            logger.warning("%s: decode loop did not stop; context left allocated", loaded.model_id)
+            return
         if loaded.embedder is not None:
             loaded.embedder.close()
         loaded.ctx.close()
@@ -322,6 +331,7 @@ class Engine:
         """Unload everything and stop the worker threads."""
         for model_id in list(self._models):
             await self.unload(model_id)
+        await self.grammars.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ---------------------------------------------------------------------
@@ -334,7 +344,7 @@ class Engine:
         request = req.chat_request(body)
         loaded = await self._ensure_loaded(model_id, path)
         prompt = self._chat_prompt(loaded, request)
-        tooling, grammar = self._tooling(loaded, request)
+        tooling, grammar = await self._tooling(loaded, request)
         stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
         return await self._generate(
             loaded,
@@ -386,10 +396,11 @@ class Engine:
                 messages = [{"role": "system", "content": note}, *messages]
         return messages, None
 
-    def _tooling(
+    async def _tooling(
         self, loaded: _Loaded, request: req.ChatRequest
     ) -> tuple[Tooling | None, str | None]:
-        """How calls are recognised in the answer, and the grammar that forces them."""
+        """How calls are recognised in the answer, and the grammar that forces them (every
+        tool's schema is checked, forced or not, so a bad one is refused either way)."""
         if not request.tools or request.tool_choice == "none":
             return None, None
         kind = (
@@ -398,18 +409,25 @@ class Engine:
             else tool_calls.HERMES
         )
         for i, tool in enumerate(request.tools):
+            param = f"tools[{i}].function.parameters"
+            what = f"the parameters schema of tool {tool.name!r}"
             try:
-                check_grammar(loaded.model, tool_calls.grammar([tool], kind, False))
-            except Exception:  # noqa: BLE001 - the converter or llama.cpp refused the schema
-                raise req.bad(
-                    f"tools[{i}].function.parameters",
-                    f"the parameters schema of tool {tool.name!r} cannot be compiled into a "
-                    "grammar",
-                ) from None
+                check_schema(tool.parameters, self.grammars.budget)
+                await self.grammars.tools([dataclasses.asdict(tool)], kind, False)
+            except GrammarBudgetExceeded as exc:
+                raise req.bad(param, f"{what} is over the grammar budget: {exc}") from None
+            except GrammarRefused as exc:
+                raise req.bad(param, f"{what} cannot be compiled into a grammar: {exc}") from None
         forced = request.forced_tools
-        grammar = (
-            tool_calls.grammar(forced, kind, request.parallel_tool_calls) if forced else None
-        )
+        grammar = None
+        if forced:
+            try:
+                grammar = await self.grammars.tools(
+                    [dataclasses.asdict(t) for t in forced], kind, request.parallel_tool_calls
+                )
+            except GrammarRefused as exc:
+                message = f"the tools cannot be compiled into a grammar: {exc}"
+                raise req.bad("tools", message) from None
         names = {t.name for t in request.tools}
         return Tooling(kind, names, bool(forced), request.parallel_tool_calls), grammar
 
@@ -517,45 +535,44 @@ class Engine:
         return data.decode("utf-8", errors="replace")
 
     def _sampling(
-        self, loaded: _Loaded, generation: req.Generation, grammar: str | None = None
+        self, loaded: _Loaded, generation: req.Generation, grammar: str | None
     ) -> SamplingParams:
         s = generation.sampling
         n_vocab = loaded.model.n_vocab
         bad = next((t for t in s.logit_bias if t >= n_vocab), None)
         if bad is not None:
             raise req.bad("logit_bias", f"'logit_bias' token id {bad} is not in the vocabulary")
-        if grammar is None and generation.grammar_schema is not None:
-            grammar = _grammar_for(generation.grammar_schema)
-            try:
-                check_grammar(loaded.model, grammar)
-            except GrammarError:
-                raise req.bad(
-                    "response_format", "the JSON schema could not be compiled into a grammar"
-                ) from None
         return dataclasses.replace(s, grammar=grammar)
 
-    def _budget(self, loaded: _Loaded, prompts: list[list[int]], wanted: int | None) -> int:
-        """``max_tokens`` for these prompts, or 400 ``context_length_exceeded``."""
+    async def _response_grammar(self, schema: dict | str) -> str:
+        """The grammar of ``response_format`` (JSON mode, or a JSON schema), or 400."""
+        if schema == "json_object":
+            from llama_cpp.llama_grammar import JSON_GBNF
+
+            return JSON_GBNF
+        try:
+            check_schema(schema, self.grammars.budget)
+            return await self.grammars.schema(schema)
+        except GrammarBudgetExceeded as exc:
+            raise req.bad(
+                "response_format", f"the JSON schema is over the grammar budget: {exc}"
+            ) from None
+        except GrammarRefused as exc:
+            raise req.bad(
+                "response_format", f"the JSON schema cannot be compiled into a grammar: {exc}"
+            ) from None
+
+    def _budget(
+        self, loaded: _Loaded, prompts: list[list[int]], wanted: int | None, *, chat: bool = True
+    ) -> int:
+        """``max_tokens`` for these prompts, or 400 ``context_length_exceeded`` worded as
+        OpenAI words it (:class:`~llmlb.errors.ContextLengthExceeded`)."""
         limit = loaded.ctx.n_ctx_seq
         longest = max(len(p) for p in prompts)
         room = limit - longest
-        if wanted is None:
-            if room < 1:
-                raise ApiError(
-                    400,
-                    "context_length_exceeded",
-                    f"this model's context is {limit} tokens; the prompt has {longest}",
-                )
-            return min(self.options.max_tokens, room)
-        if wanted > room:
-            raise ApiError(
-                400,
-                "context_length_exceeded",
-                f"this model's context is {limit} tokens; the prompt has {longest} and "
-                f"max_tokens asks for {wanted} more",
-                param="max_tokens",
-            )
-        return wanted
+        if (room < 1) if wanted is None else (wanted > room):
+            raise ContextLengthExceeded(limit, longest, wanted, chat=chat)
+        return min(self.options.max_tokens, room) if wanted is None else wanted
 
     # -- generation -------------------------------------------------------------------
 
@@ -577,7 +594,9 @@ class Engine:
             raise req.bad(
                 "n", f"'n' may be at most {scheduler.slots} on this node (its slots per model)"
             )
-        max_tokens = self._budget(loaded, prompts, generation.max_tokens)
+        max_tokens = self._budget(loaded, prompts, generation.max_tokens, chat=shaper.chat)
+        if grammar is None and generation.grammar_schema is not None:
+            grammar = await self._response_grammar(generation.grammar_schema)
         sampling = self._sampling(loaded, generation, grammar)
         # a burst that free slots will take at the next step is not a queue
         if scheduler.waiting() - scheduler.free_slots() >= self.options.queue_depth:
@@ -695,16 +714,3 @@ class _Feeder:
             done = self._left == 0
         if done:
             self._then()
-
-
-def _grammar_for(schema: dict | str) -> str:
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if schema == "json_object":
-        return JSON_GBNF
-    try:
-        return json_schema_to_gbnf(req.schema_text(schema))
-    except Exception as exc:  # noqa: BLE001 - the converter raises bare exceptions
-        raise req.bad(
-            "response_format", f"the JSON schema is not supported: {exc}"
-        ) from None

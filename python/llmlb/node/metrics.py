@@ -63,6 +63,11 @@ class NodeMetrics:
             registry=r,
         )
         self.peak_batch = 0
+        self.stalled_steps = Counter(
+            "llmlb_node_stalled_steps",
+            "Decode steps the watchdog found running far longer than the model's usual step",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

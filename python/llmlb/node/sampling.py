@@ -54,15 +54,6 @@ class SamplingParams:
     grammar: str | None = None
 
 
-def check_grammar(model: Model, grammar: str) -> None:
-    """Compile ``grammar`` once against ``model``'s vocabulary.
-
-    Raises:
-        GrammarError: llama.cpp rejected it.
-    """
-    Sampler(model, SamplingParams(grammar=grammar)).close()
-
-
 class Sampler:
     """The sampler state of one sequence (free it with :meth:`close`)."""
 

@@ -10,6 +10,12 @@ cancelled sequence leaves at once.
 Prompt reuse: each slot remembers the tokens its KV cells hold. A new job takes the free
 slot sharing the longest prefix with its prompt and evaluates only the rest. ``n > 1``
 evaluates the prompt once, then copies its cells to the other choices' sequences.
+
+Bounds: a sequence whose grammar took longer than ``grammar_token_budget_s`` to pick one
+token ends with a 400 ``grammar_too_complex`` and frees its slot; the others go on. A
+watchdog thread notices a step that runs far longer than the model's usual step, logs it,
+and ends the request whose sampler is running (its client hears at once; the slot is freed
+when llama.cpp returns). :meth:`Scheduler.close` waits a bounded time for the loop.
 """
 
 from __future__ import annotations
@@ -69,9 +75,28 @@ class DoneEvent:
 
 @dataclass(frozen=True, slots=True)
 class ErrorEvent:
-    """The job failed inside llama.cpp."""
+    """The job failed: inside llama.cpp (500), or because of what it asked for (a 4xx)."""
 
     message: str
+    status: int = 500
+    code: str = "inference_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    """Time bounds of the decode loop.
+
+    Attributes:
+        grammar_token_budget_s: the most one sequence's grammar may spend on one token.
+        stall_floor_s, stall_factor: a step is stalled past ``max(floor, factor × the
+            usual step)``; the watchdog then ends the request whose sampler is running.
+        close_timeout_s: how long :meth:`Scheduler.close` waits for the loop to stop.
+    """
+
+    grammar_token_budget_s: float = 1.0
+    stall_floor_s: float = 3.0
+    stall_factor: float = 50.0
+    close_timeout_s: float = 2.0
 
 
 Event = TokenEvent | StartEvent | DoneEvent | ErrorEvent | PromptLogprobEvent
@@ -144,6 +169,7 @@ class SchedulerStats:
     """What the scheduler did, for metrics and tests."""
 
     steps: int = 0
+    stalled_steps: int = 0
     peak_sequences: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -157,6 +183,8 @@ class Scheduler:
         model: the loaded weights.
         ctx: its context (``ctx.shape.n_seq`` sequences).
         on_step: called after each decode with (sequences in the batch, tokens generated).
+        limits: time bounds of the loop.
+        on_stall: called (from the watchdog thread) with a stalled step's seconds so far.
     """
 
     def __init__(
@@ -164,6 +192,8 @@ class Scheduler:
         model: Model,
         ctx: Context,
         on_step: Callable[[int, int, int], Any] | None = None,
+        limits: SchedulerLimits | None = None,
+        on_stall: Callable[[float], Any] | None = None,
     ):
         self.model = model
         self.ctx = ctx
@@ -175,9 +205,18 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closing = False
         self._on_step = on_step or (lambda _seqs, _prompt, _gen: None)
+        self._on_stall = on_stall or (lambda _seconds: None)
+        self.limits = limits or SchedulerLimits()
         self.stats = SchedulerStats()
+        self._step_started = 0.0  # monotonic start of the step running now, 0 between steps
+        self._usual_step = 0.0  # moving average of step durations
+        self._sampling: _Running | None = None  # whose sampler runs now
         self._thread = threading.Thread(target=self._loop, name="llama-decode", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="llama-watchdog", daemon=True
+        )
+        self._watchdog.start()
 
     # -- called from other threads ---------------------------------------------------
 
@@ -211,12 +250,55 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
-    def close(self) -> None:
-        """Stop the loop (running jobs end with an error) and free the context's batch."""
+    def close(self) -> bool:
+        """Stop the loop (running jobs end with an error) and free the context's batch.
+
+        Returns:
+            Whether the loop stopped within ``limits.close_timeout_s``; if not, it is still
+            inside llama.cpp and the context must not be freed under it.
+        """
         with self._cond:
             self._closing = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+            self._cond.notify_all()
+        self._thread.join(timeout=self.limits.close_timeout_s)
+        return not self._thread.is_alive()
+
+    # -- the watchdog ----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        flagged = 0.0  # the start of the step already reported
+        while True:
+            with self._cond:
+                if self._closing:
+                    return
+            started = self._step_started
+            limits = self.limits
+            if started and started != flagged:
+                spent = time.monotonic() - started
+                if spent > max(limits.stall_floor_s, limits.stall_factor * self._usual_step):
+                    flagged = started
+                    self._stalled(spent)
+            time.sleep(min(0.25, limits.stall_floor_s / 4))
+
+    def _stalled(self, spent: float) -> None:
+        self.stats.stalled_steps += 1
+        running = self._sampling
+        logger.warning(
+            "decode step stalled for %.1fs (usual %.3fs)%s",
+            spent,
+            self._usual_step,
+            "; ending the request whose sampler is running" if running else "",
+        )
+        self._on_stall(spent)
+        if running is not None:
+            _fail_job(
+                running.job,
+                ErrorEvent(
+                    f"generating one token took over {spent:.1f}s; the request was ended",
+                    400,
+                    "grammar_too_complex" if running.sampler.grammar else "step_stalled",
+                ),
+            )
 
     # -- the loop --------------------------------------------------------------------
 
@@ -240,6 +322,17 @@ class Scheduler:
         return bool(self._running) or bool(self._pending)
 
     def _step(self) -> None:
+        self._step_started = time.monotonic()
+        try:
+            self._decode_step()
+        finally:
+            spent = time.monotonic() - self._step_started
+            self._step_started = 0.0
+            self._sampling = None
+            usual = self._usual_step
+            self._usual_step = spent if not usual else 0.9 * usual + 0.1 * min(spent, 10 * usual)
+
+    def _decode_step(self) -> None:
         self._drop_cancelled()
         self._admit()
         if not self._running:
@@ -338,10 +431,29 @@ class Scheduler:
     def _advance(self, r: _Running, index: int) -> int:
         """Sample ``r``'s next token from output row ``index``; 1 if one was generated."""
         job = r.job
+        if job.cancelled:  # ended this step (another choice's grammar, the watchdog)
+            return 0
         if job.max_tokens == 0:  # echo only: the prompt was all that was asked for
             self._finish(r, "length")
             return 0
+        self._sampling = r
+        started = time.monotonic()
         token = r.sampler.sample(self.ctx, index)
+        self._sampling = None
+        if r.sampler.grammar is not None:
+            spent = time.monotonic() - started
+            if spent > self.limits.grammar_token_budget_s:
+                logger.warning("a grammar took %.2fs for one token; ending its request", spent)
+                _fail_job(
+                    job,
+                    ErrorEvent(
+                        f"the response grammar took {spent:.2f}s to pick one token (the limit "
+                        f"is {self.limits.grammar_token_budget_s:g}s); simplify the schema",
+                        400,
+                        "grammar_too_complex",
+                    ),
+                )
+                return 0
         info = None
         if job.top_logprobs is not None:
             info = logprobs(self.ctx.logits(index), token, job.top_logprobs)
@@ -479,6 +591,13 @@ class Scheduler:
             if not job.cancelled:
                 job.emit(ErrorEvent(message))
             _job_released(job)
+
+
+def _fail_job(job: Job, event: ErrorEvent) -> None:
+    """End ``job`` with ``event``: it leaves the batch at the next step (any thread)."""
+    if not job.cancelled:
+        job.cancel()
+        job.emit(event)
 
 
 def _job_released(job: Job) -> None:
