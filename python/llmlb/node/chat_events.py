@@ -226,7 +226,8 @@ async def collect(events: AsyncIterator[ChatEvent]) -> ChatAnswer:
                 usage = event
             elif isinstance(event, Failure):
                 message = str(event.error.get("message") or "generation failed")
-                raise ApiError(500, "inference_failed", message)
+                status = 500 if event.error.get("type") == "server_error" else 400
+                raise ApiError(status, str(event.error.get("code") or "inference_failed"), message)
     tool_calls = [
         ToolCall(
             heads[i].id if i in heads else "", heads[i].name if i in heads else "", "".join(parts)

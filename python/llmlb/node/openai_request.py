@@ -535,8 +535,3 @@ def embedding_request(body: dict) -> EmbeddingRequest:
         base64=encoding == "base64",
         dimensions=integer(body, "dimensions", 1, None, None),
     )
-
-
-def schema_text(schema: dict) -> str:
-    """A JSON schema as the text llama.cpp's converter reads."""
-    return orjson.dumps(schema).decode()
