@@ -58,6 +58,7 @@ from llmlb.node.scheduler import (
     Event,
     Job,
     Scheduler,
+    SchedulerLimits,
 )
 from llmlb.node.templates import CHAT_TEMPLATE_FILENAME, turn_stop_strings
 
@@ -90,6 +91,7 @@ class EngineOptions:
             weights), as llama.cpp does by default. Turn off for a llama-cpp-python built
             with ``GGML_NATIVE=ON`` on a CPU that reports AMX without the kernel/VM enabling
             it: ggml's AMX kernels crash there with SIGILL.
+        limits: time bounds of each model's decode loop (grammar per token, watchdog).
     """
 
     max_loaded: int = 2
@@ -101,6 +103,7 @@ class EngineOptions:
     threads: int = 0
     threads_batch: int = 0
     extra_buffer_types: bool = True
+    limits: SchedulerLimits = SchedulerLimits()
 
 
 @dataclass(eq=False)
@@ -228,7 +231,11 @@ class Engine:
             if len(ids) == 1:
                 markers.add(ids[0])
         scheduler = Scheduler(
-            model, ctx, on_step=self._on_step, on_stall=lambda _s: self.metrics.stalled_steps.inc()
+            model,
+            ctx,
+            on_step=self._on_step,
+            limits=self.options.limits,
+            on_stall=lambda _s: self.metrics.stalled_steps.inc(),
         )
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)

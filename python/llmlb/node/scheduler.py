@@ -266,39 +266,33 @@ class Scheduler:
     # -- the watchdog ----------------------------------------------------------------
 
     def _watch(self) -> None:
-        flagged = 0.0  # the start of the step already reported
+        reported = 0.0  # the start of the step already logged and counted
         while True:
             with self._cond:
                 if self._closing:
                     return
-            started = self._step_started
-            limits = self.limits
-            if started and started != flagged:
+            started, limits = self._step_started, self.limits
+            if started:
                 spent = time.monotonic() - started
                 if spent > max(limits.stall_floor_s, limits.stall_factor * self._usual_step):
-                    flagged = started
-                    self._stalled(spent)
+                    if started != reported:
+                        reported = started
+                        self._stalled(spent)
+                    running = self._sampling
+                    if running is not None and not running.job.cancelled:
+                        code = "grammar_too_complex" if running.sampler.grammar else "step_stalled"
+                        message = f"generating one token took over {spent:.1f}s; request ended"
+                        _fail_job(running.job, ErrorEvent(message, 400, code))
             time.sleep(min(0.25, limits.stall_floor_s / 4))
 
     def _stalled(self, spent: float) -> None:
         self.stats.stalled_steps += 1
-        running = self._sampling
         logger.warning(
-            "decode step stalled for %.1fs (usual %.3fs)%s",
+            "decode step stalled for %.1fs (usual %.3fs); a request sampling now is ended",
             spent,
             self._usual_step,
-            "; ending the request whose sampler is running" if running else "",
         )
         self._on_stall(spent)
-        if running is not None:
-            _fail_job(
-                running.job,
-                ErrorEvent(
-                    f"generating one token took over {spent:.1f}s; the request was ended",
-                    400,
-                    "grammar_too_complex" if running.sampler.grammar else "step_stalled",
-                ),
-            )
 
     # -- the loop --------------------------------------------------------------------
 
