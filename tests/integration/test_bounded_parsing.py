@@ -19,6 +19,7 @@ from tests.factories import write_gguf
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key, model_status, place_model, start_node
 from tests.peer_fixtures import FakePeer
+from tests.proc_tree import descendants
 from tests.procs import spawner, wait_until
 from tests.router_fixtures import RouterUrl, call, start_router
 
@@ -80,18 +81,30 @@ def assert_400(reply, route: str, param: str | None = None) -> None:
             assert error["param"] == param, reply.body
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its descendants (a node and its worker), in MiB."""
+    total = 0
+    for each in {pid, *descendants(pid)}:
+        try:
+            with open(f"/proc/{each}/status") as status:
+                total += next(int(x.split()[1]) for x in status if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
 class Chatter:
     """A client chatting through the router the whole time; every answer must be a 200."""
 
-    def __init__(self, router: str, key: str) -> None:
-        self.router, self.key = router, key
+    def __init__(self, router: str, key: str, model: str = MODEL) -> None:
+        self.router, self.key, self.model = router, key, model
         self.statuses: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        body = {"model": MODEL, "messages": USER, "max_tokens": 2}
+        body = {"model": self.model, "messages": USER, "max_tokens": 2}
         while not self._stop.wait(0.2):  # pacing of the load, not synchronisation
             reply = call(self.router, "POST", "/v1/chat/completions", self.key, body, timeout=60)
             self.statuses.append(reply.status)
@@ -147,6 +160,7 @@ def fleet(tmp_path_factory, gemma_gguf) -> Iterator[dict]:
             peer_token = fake.peer_token
         chatter = Chatter(router, key)
         yield {
+            "rss": [rss_mib(node.proc.pid) for node in nodes],
             "router": router,
             "nodes": nodes,
             "key": key,
@@ -286,9 +300,10 @@ def test_peer_route_ranges_of_any_length_and_encoded_ids(fleet):
 def test_every_node_is_alive_and_the_chatting_client_saw_no_failure(fleet):
     fleet["chatter"].check()
     assert len(fleet["chatter"].statuses) >= 3
-    for node in fleet["nodes"]:
+    for node, before in zip(fleet["nodes"], fleet["rss"], strict=True):
         assert node.proc.alive()
         assert call(node, "GET", "/health").status == 200
+        assert rss_mib(node.proc.pid) - before < 200
 
 
 # -- the control plane, on both backends ------------------------------------------------------

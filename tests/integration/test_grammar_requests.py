@@ -1,0 +1,167 @@
+"""Requests whose schemas would crash, freeze or exhaust a node, through a router with two real
+Gemma nodes: each ends in a 400 in its route's error shape within seconds, a client chatting
+the whole time sees only 200s, node memory stays put, and both nodes stay alive and healthy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+
+from tests.integration.test_bounded_parsing import Chatter
+from tests.node_fixtures import create_key, model_status, place_model, start_node
+from tests.proc_tree import descendants
+from tests.procs import spawner, wait_until
+from tests.router_fixtures import call, start_router
+
+ADMIN = "sk-admin-grammar-requests-0123"
+MODEL = "local/gemma-grammar"
+USER = [{"role": "user", "content": "Hi"}]
+HANG_BOUND_S = 60.0  # only a hang or a crash takes this long; each answer is a 400 in ms
+
+
+def _tool(schema: dict) -> dict:
+    return {"type": "function", "function": {"name": "f", "parameters": schema}}
+
+
+def _string(**bounds: object) -> dict:
+    return {"type": "object", "properties": {"s": {"type": "string", **bounds}}}
+
+
+# (what, route, body, the param the error names)
+POISON = [
+    ("maxLength 30000 tool", "/v1/chat/completions",
+     {"tools": [_tool(_string(maxLength=30000))]}, "tools[0].function.parameters"),
+    ("maxLength 20000 response_format", "/v1/chat/completions",
+     {"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": _string(maxLength=20000)}}},
+     "response_format"),
+    ("maxItems 100000 tool", "/v1/chat/completions",
+     {"tools": [_tool({"type": "array", "items": {"type": "integer"}, "maxItems": 100000})]},
+     "tools[0].function.parameters"),
+    ("pattern a{0,100000}", "/v1/chat/completions",
+     {"tools": [_tool(_string(pattern="^a{0,100000}$"))]}, "tools[0].function.parameters"),
+    ("freezing pattern", "/v1/chat/completions",
+     {"response_format": {"type": "json_schema", "json_schema": {
+         "name": "x", "schema": {"type": "string", "pattern": "^(a{0,1000}){0,1000}$"}}}},
+     "response_format"),
+    ("memory bomb", "/v1/chat/completions",
+     {"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": _string(maxLength=10**9)}}},
+     "response_format"),
+    ("enum of 40000", "/v1/chat/completions",
+     {"tools": [_tool({"type": "string", "enum": [f"v{i}" for i in range(40000)]})]},
+     "tools[0].function.parameters"),
+    ("Responses tool", "/v1/responses",
+     {"input": "Hi", "tools": [{"type": "function", "name": "f",
+                                "parameters": _string(maxLength=30000)}]}, None),
+    ("Messages tool", "/v1/messages",
+     {"tools": [{"name": "f", "input_schema": _string(maxLength=30000)}]}, None),
+]
+
+
+def _body(route: str, extra: dict) -> dict:
+    if route == "/v1/responses":
+        return {"model": MODEL, "max_output_tokens": 16, **extra}
+    base = {"model": MODEL, "messages": USER, "max_tokens": 2}
+    return {**base, **extra}
+
+
+def _rss_mib(pid: int) -> float:
+    total = 0
+    for each in {pid, *descendants(pid)}:
+        try:
+            with open(f"/proc/{each}/status") as status:
+                total += next(int(x.split()[1]) for x in status if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, gemma_gguf) -> Iterator[dict]:
+    """A router and two nodes holding Gemma, and a client chatting through them all along."""
+    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
+    chatter = None
+    try:
+        env = {"LLMLB_HEARTBEAT_INTERVAL_S": "0.5"}
+        router = start_router(spawn, tmp_path_factory.mktemp("home"), ADMIN, env=env)
+        node_key = create_key(router, ADMIN, "node")
+        nodes = []
+        for i in range(2):
+            store = tmp_path_factory.mktemp(f"store{i}")
+            place_model(store, MODEL, gemma_gguf, GEMMA_CHAT_TEMPLATE)
+            nodes.append(start_node(spawn, router, node_key, store))
+        for node in nodes:
+            wait_until(
+                lambda n=node: (model_status(n, MODEL) or {}).get("state") == "ready",
+                timeout=120,
+                message="the model ready",
+            )
+        key = create_key(router, ADMIN, "api")
+        body = {"model": MODEL, "messages": USER, "max_tokens": 2}
+        for node in nodes:  # load the model on each node before memory is measured
+            assert call(node, "POST", "/v1/chat/completions", None, body, timeout=120).status == 200
+        wait_until(
+            lambda: call(router, "POST", "/v1/chat/completions", key, body, timeout=60).status
+            == 200,
+            timeout=60,
+            message="the router serves the model",
+        )
+        chatter = Chatter(router, key, MODEL)
+        yield {"router": router, "nodes": nodes, "key": key, "chatter": chatter}
+    finally:
+        if chatter is not None:
+            chatter.stop()
+        stop_all()
+
+
+def test_a_schema_within_the_budget_is_served_and_its_answer_fits(fleet):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    body = _body("/v1/chat/completions", {
+        "max_tokens": 24,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    })
+    reply = call(fleet["router"], "POST", "/v1/chat/completions", fleet["key"], body, timeout=120)
+    assert reply.status == 200, reply.body
+    assert reply.json["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+
+def test_every_poison_schema_is_a_400_in_its_routes_shape_and_harms_no_one(fleet):
+    router, key, nodes = fleet["router"], fleet["key"], fleet["nodes"]
+    rss_before = [_rss_mib(node.proc.pid) for node in nodes]
+    for what, route, extra, param in POISON:
+        for streaming in (False, True):
+            body = _body(route, {**extra, "stream": streaming})
+            started = time.monotonic()
+            reply = call(router, "POST", route, key, body, timeout=HANG_BOUND_S)
+            took = time.monotonic() - started
+            assert reply.status == 400, (what, streaming, reply.status, reply.body)
+            assert took < HANG_BOUND_S, (what, took)
+            if route == "/v1/messages":
+                assert reply.json["type"] == "error", reply.body
+                assert reply.json["error"]["type"] == "invalid_request_error", reply.body
+            else:
+                error = reply.json["error"]
+                assert error["type"] == "invalid_request_error", (what, reply.body)
+                if param is not None:
+                    assert error["param"] == param, (what, reply.body)
+            assert "grammar" in reply.body.decode(), (what, reply.body)
+    for node, before in zip(nodes, rss_before, strict=True):
+        assert node.proc.alive()
+        assert call(node, "GET", "/health", timeout=5).status == 200
+        assert _rss_mib(node.proc.pid) - before < 200, (before, _rss_mib(node.proc.pid))
+    fleet["chatter"].check()
+    assert len(fleet["chatter"].statuses) >= 3
+
+
+def test_sending_the_same_poison_again_is_answered_from_the_cache(fleet):
+    route, extra = POISON[0][1], POISON[0][2]
+    node = fleet["nodes"][0]
+    for _ in range(5):
+        reply = call(node, "POST", route, None, _body(route, extra), timeout=HANG_BOUND_S)
+        assert reply.status == 400
+    assert node.proc.alive()
+    fleet["chatter"].check()
