@@ -156,6 +156,10 @@ def fleet(tmp_path_factory, gemma_gguf) -> Iterator[dict]:
             timeout=60,
             message="the router serves the model",
         )
+        for node in nodes:  # every node loads the model (and its embedding context) first
+            for route in ("/v1/chat/completions", "/v1/embeddings"):
+                reply = call(node, "POST", route, None, body_for(route), timeout=120)
+                assert reply.status == 200, reply.body
         with FakePeer(router, node_key, {}, {}) as fake:  # a registered node gets the token
             peer_token = fake.peer_token
         chatter = Chatter(router, key)
