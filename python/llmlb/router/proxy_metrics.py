@@ -33,7 +33,8 @@ class ProxyMetrics:
     bytes from the node), ``overhead_seconds`` (the router's own time on a request, excluding the
     wait for the node), and gauges ``outstanding{node}``, ``node_cooling{node}``, ``queued``,
     ``inflight``. Error kinds also include ``poison`` (a second node refused the request with a
-    5xx; not counted against it), ``client_gone`` and ``total_timeout``.
+    5xx, or lost it or timed out on it: counted against neither; with ``node=""``, a poison
+    request refused without reaching a node), ``client_gone`` and ``total_timeout``.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
