@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key, place_model, start_node
@@ -25,6 +26,14 @@ MODEL = "local/gemma"
 FAKE_TEXT = "PWNED-BY-A-FAKE-NODE"
 ROUTER_ENV = {"LLMLB_HEARTBEAT_INTERVAL_S": "0.5"}
 MANUAL = ("--node-approval", "manual")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_args(request) -> tuple[str, ...]:
+    """The router's database flags: its SQLite ``lb.db``, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return ()
+    return ("--db", request.getfixturevalue("postgres_url"))
 
 
 class FakeNode:
@@ -171,18 +180,21 @@ def _beat_since(fake: FakeNode, count: int) -> dict | None:
     return fake.beats[-1] if len(fake.beats) > count else None
 
 
-def _restart(spawn, router: RouterUrl) -> None:
-    """Stop the router and start it again on the same port and home (manual approval)."""
+def _restart(spawn, router: RouterUrl, db_args: tuple[str, ...]) -> None:
+    """Stop the router and start it again on the same port, home and database (manual
+    approval)."""
     router.proc.stop()
     port = router.rsplit(":", 1)[1]
-    argv = [*LLMLB, "router", "--host", "127.0.0.1", "--port", port, *MANUAL]
+    argv = [*LLMLB, "router", "--host", "127.0.0.1", "--port", port, *MANUAL, *db_args]
     env = {"LLMLB_HOME": str(router.home), "LLMLB_ADMIN_KEY": ADMIN, **ROUTER_ENV}
     router.proc = spawn(argv, env=env, name="router")
     router.proc.wait_http(f"{router}/health", timeout=60)
 
 
-def test_a_node_key_gets_no_client_traffic_until_an_admin_approves(spawn, tmp_path, gemma_gguf):
-    router = start_router(spawn, tmp_path / "home", ADMIN, *MANUAL, env=ROUTER_ENV)
+def test_a_node_key_gets_no_client_traffic_until_an_admin_approves(
+    spawn, tmp_path, gemma_gguf, db_args
+):
+    router = start_router(spawn, tmp_path / "home", ADMIN, *MANUAL, *db_args, env=ROUTER_ENV)
     node_key = create_key(router, ADMIN, "node")
     api_key = create_key(router, ADMIN, "api")
     store = tmp_path / "store"
@@ -246,7 +258,7 @@ def test_a_node_key_gets_no_client_traffic_until_an_admin_approves(spawn, tmp_pa
         assert "APPROVAL" in table and "approved" in table
 
         # The approval is in the database: it survives a restart and a re-registration.
-        _restart(spawn, router)
+        _restart(spawn, router, db_args)
         wait_until(model_ready, message="the model ready after the restart")
         beats = len(fake.beats)
         answer = wait_until(lambda: _beat_since(fake, beats), message="a heartbeat")
@@ -280,13 +292,13 @@ def _peers_for(router: str, model: str, node_id: str) -> tuple[set[str], Any]:
     return {p["node_id"] for p in reply.json["peers"]}, reply.json["peer_wait_s"]
 
 
-def test_a_stolen_node_credential_cannot_evict_a_peer_from_every_list(spawn, tmp_path):
+def test_a_stolen_node_credential_cannot_evict_a_peer_from_every_list(spawn, tmp_path, db_args):
     root = tmp_path / "hub"
     for repo in ("org/m", "org/n"):
         make_repo(root, repo, {"m-Q4_K_M.gguf": b"GGUF" + bytes(60)})
     hub = start_hub(spawn, root)
     env = {"HF_ENDPOINT": hub, "LLMLB_PEER_WAIT_S": "0", **ROUTER_ENV}
-    router = start_router(spawn, tmp_path / "home", ADMIN, *MANUAL, env=env)
+    router = start_router(spawn, tmp_path / "home", ADMIN, *MANUAL, *db_args, env=env)
     node_key = create_key(router, ADMIN, "node")
     reply = call(router, "POST", "/v1/models/register", ADMIN, {"repo": "org/m"})
     assert reply.status == 201, reply.body
