@@ -329,10 +329,18 @@ class PeerReport:
 #: Only approved nodes get it.
 PEER_TOKEN_FIELD = "peer_token"
 
-#: Field of the router's registration and heartbeat answers saying whether the node is
-#: ``approved`` (serves clients, holds the peer token) or ``pending`` (waits for an admin:
-#: ``llmlb nodes approve ID``). Routers from before enrollment do not send it.
+#: Field of the router's registration and heartbeat answers (and of ``GET /v0/nodes``) saying
+#: whether the node is ``approved`` (serves clients, holds the peer token) or ``pending``
+#: (waits for an admin: ``llmlb nodes approve ID``). Routers from before enrollment do not
+#: send it.
 APPROVAL_FIELD = "approval"
+
+
+class Approval(StrEnum):
+    """A node's standing with the router (:data:`APPROVAL_FIELD`)."""
+
+    APPROVED = "approved"
+    PENDING = "pending"
 
 
 @dataclass(frozen=True, slots=True)

@@ -216,6 +216,9 @@ def test_a_node_key_gets_no_client_traffic_until_an_admin_approves(
     reply = call(router, "POST", "/v0/nodes/no-such-node/approve", ADMIN)
     assert reply.status == 404 and reply.json["error"]["code"] == "node_not_found"
     assert _nodes(router)[node_id]["approval"] == "pending"
+    done = llmlb("nodes", "approve", "no-such-node", "--router", router, "--api-key", ADMIN)
+    assert done.returncode == 1 and "node_not_found" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
     done = llmlb("nodes", "approve", node_id, "--router", router, "--api-key", ADMIN)
     assert done.returncode == 0 and done.stdout == f"node {node_id}: approved\n", done.stderr
     def model_ready() -> bool:

@@ -46,6 +46,7 @@ from llmlb.node.settings import NodeSettings
 from llmlb.protocol import (
     APPROVAL_FIELD,
     PEER_TOKEN_FIELD,
+    Approval,
     Heartbeat,
     ModelState,
     Registration,
@@ -355,9 +356,9 @@ class RouterSync:
     def _membership(self, answer: dict[str, Any]) -> None:
         """Take the approval and peer token of a registration or heartbeat answer."""
         approval = answer.get(APPROVAL_FIELD)
-        if approval == "pending":
+        if approval == Approval.PENDING:
             self.peer_token = None  # no peer transfers until approved
-            if self.approval != "pending":
+            if self.approval != Approval.PENDING:
                 logger.warning(
                     "node %s waits for an admin to approve it on the router (llmlb nodes "
                     "approve %s); until then it gets no client traffic and no peer transfers",
@@ -366,7 +367,7 @@ class RouterSync:
                 )
         else:
             self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
-            if approval == "approved" and self.approval == "pending":
+            if approval == Approval.APPROVED and self.approval == Approval.PENDING:
                 logger.info("node %s approved by the router", self.node_id)
         self.approval = approval if isinstance(approval, str) else None
 

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import orjson
 
 from llmlb.errors import ApiError
-from llmlb.protocol import Heartbeat, PeerReport, Registration, transfer_totals
+from llmlb.protocol import Approval, Heartbeat, PeerReport, Registration, transfer_totals
 from llmlb.router import db
 from llmlb.router.fleet import ModelReport, NodeState, NodeView
 from llmlb.router.peers import NodeModels
 
-APPROVED = "approved"
-PENDING = "pending"
+APPROVED = Approval.APPROVED.value
+PENDING = Approval.PENDING.value
 
 
 @dataclass(frozen=True, slots=True)
