@@ -4,15 +4,20 @@ the whole time sees only 200s, node memory stays put, and both nodes stay alive 
 
 from __future__ import annotations
 
+import http.client
+import os
+import signal
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
+import orjson
 import pytest
 from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.integration.test_bounded_parsing import Chatter
 from tests.node_fixtures import create_key, model_status, place_model, start_node
-from tests.proc_tree import descendants
+from tests.proc_tree import descendants, gone
 from tests.procs import spawner, wait_until
 from tests.router_fixtures import call, start_router
 
@@ -20,6 +25,7 @@ ADMIN = "sk-admin-grammar-requests-0123"
 MODEL = "local/gemma-grammar"
 USER = [{"role": "user", "content": "Hi"}]
 HANG_BOUND_S = 60.0  # only a hang or a crash takes this long; each answer is a 400 in ms
+SIGTERM_BOUND_S = 10.0  # documented: 3 s; the slack is for a machine busy with other work
 
 
 def _tool(schema: dict) -> dict:
@@ -32,33 +38,81 @@ def _string(**bounds: object) -> dict:
 
 # (what, route, body, the param the error names)
 POISON = [
-    ("maxLength 30000 tool", "/v1/chat/completions",
-     {"tools": [_tool(_string(maxLength=30000))]}, "tools[0].function.parameters"),
-    ("maxLength 20000 response_format", "/v1/chat/completions",
-     {"response_format": {"type": "json_schema",
-                          "json_schema": {"name": "x", "schema": _string(maxLength=20000)}}},
-     "response_format"),
-    ("maxItems 100000 tool", "/v1/chat/completions",
-     {"tools": [_tool({"type": "array", "items": {"type": "integer"}, "maxItems": 100000})]},
-     "tools[0].function.parameters"),
-    ("pattern a{0,100000}", "/v1/chat/completions",
-     {"tools": [_tool(_string(pattern="^a{0,100000}$"))]}, "tools[0].function.parameters"),
-    ("freezing pattern", "/v1/chat/completions",
-     {"response_format": {"type": "json_schema", "json_schema": {
-         "name": "x", "schema": {"type": "string", "pattern": "^(a{0,1000}){0,1000}$"}}}},
-     "response_format"),
-    ("memory bomb", "/v1/chat/completions",
-     {"response_format": {"type": "json_schema",
-                          "json_schema": {"name": "x", "schema": _string(maxLength=10**9)}}},
-     "response_format"),
-    ("enum of 40000", "/v1/chat/completions",
-     {"tools": [_tool({"type": "string", "enum": [f"v{i}" for i in range(40000)]})]},
-     "tools[0].function.parameters"),
-    ("Responses tool", "/v1/responses",
-     {"input": "Hi", "tools": [{"type": "function", "name": "f",
-                                "parameters": _string(maxLength=30000)}]}, None),
-    ("Messages tool", "/v1/messages",
-     {"tools": [{"name": "f", "input_schema": _string(maxLength=30000)}]}, None),
+    (
+        "maxLength 30000 tool",
+        "/v1/chat/completions",
+        {"tools": [_tool(_string(maxLength=30000))]},
+        "tools[0].function.parameters",
+    ),
+    (
+        "maxLength 20000 response_format",
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": _string(maxLength=20000)},
+            }
+        },
+        "response_format",
+    ),
+    (
+        "maxItems 100000 tool",
+        "/v1/chat/completions",
+        {"tools": [_tool({"type": "array", "items": {"type": "integer"}, "maxItems": 100000})]},
+        "tools[0].function.parameters",
+    ),
+    (
+        "pattern a{0,100000}",
+        "/v1/chat/completions",
+        {"tools": [_tool(_string(pattern="^a{0,100000}$"))]},
+        "tools[0].function.parameters",
+    ),
+    (
+        "freezing pattern",
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "string", "pattern": "^(a{0,1000}){0,1000}$"},
+                },
+            }
+        },
+        "response_format",
+    ),
+    (
+        "memory bomb",
+        "/v1/chat/completions",
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": _string(maxLength=10**9)},
+            }
+        },
+        "response_format",
+    ),
+    (
+        "enum of 40000",
+        "/v1/chat/completions",
+        {"tools": [_tool({"type": "string", "enum": [f"v{i}" for i in range(40000)]})]},
+        "tools[0].function.parameters",
+    ),
+    (
+        "Responses tool",
+        "/v1/responses",
+        {
+            "input": "Hi",
+            "tools": [{"type": "function", "name": "f", "parameters": _string(maxLength=30000)}],
+        },
+        None,
+    ),
+    (
+        "Messages tool",
+        "/v1/messages",
+        {"tools": [{"name": "f", "input_schema": _string(maxLength=30000)}]},
+        None,
+    ),
 ]
 
 
@@ -78,6 +132,19 @@ def _rss_mib(pid: int) -> float:
         except (OSError, StopIteration):
             continue
     return total / 1024
+
+
+def open_stream(base: str, body: dict) -> http.client.HTTPConnection:
+    """Start a streamed chat on ``base`` and read its first bytes; the caller closes it."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request(
+        "POST", "/v1/chat/completions", orjson.dumps(body), {"Content-Type": "application/json"}
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.read1(64)
+    return conn
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +172,9 @@ def fleet(tmp_path_factory, gemma_gguf) -> Iterator[dict]:
         for node in nodes:  # load the model on each node before memory is measured
             assert call(node, "POST", "/v1/chat/completions", None, body, timeout=120).status == 200
         wait_until(
-            lambda: call(router, "POST", "/v1/chat/completions", key, body, timeout=60).status
-            == 200,
+            lambda: (
+                call(router, "POST", "/v1/chat/completions", key, body, timeout=60).status == 200
+            ),
             timeout=60,
             message="the router serves the model",
         )
@@ -120,10 +188,16 @@ def fleet(tmp_path_factory, gemma_gguf) -> Iterator[dict]:
 
 def test_a_schema_within_the_budget_is_served_and_its_answer_fits(fleet):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    body = _body("/v1/chat/completions", {
-        "max_tokens": 24,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-    })
+    body = _body(
+        "/v1/chat/completions",
+        {
+            "max_tokens": 24,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": schema},
+            },
+        },
+    )
     reply = call(fleet["router"], "POST", "/v1/chat/completions", fleet["key"], body, timeout=120)
     assert reply.status == 200, reply.body
     assert reply.json["choices"][0]["message"]["content"].lstrip().startswith("{")
@@ -165,3 +239,29 @@ def test_sending_the_same_poison_again_is_answered_from_the_cache(fleet):
         assert reply.status == 400
     assert node.proc.alive()
     fleet["chatter"].check()
+
+
+def test_sigterm_ends_a_node_with_answers_and_grammars_in_flight(fleet):
+    """Last in this module: it stops one of the fleet's nodes."""
+    node = fleet["nodes"][1]
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    streams = []
+    for i in range(4):
+        body = _body("/v1/chat/completions", {"max_tokens": 400, "stream": True})
+        if i % 2:
+            spec = {"name": "x", "schema": schema}
+            body["response_format"] = {"type": "json_schema", "json_schema": spec}
+        streams.append(open_stream(node, body))
+    tree = {node.proc.pid, *descendants(node.proc.pid)}
+    assert len(tree) >= 3  # the node, its worker and a grammar compiler at least
+    started = time.monotonic()
+    os.kill(node.proc.pid, signal.SIGTERM)
+    wait_until(
+        lambda: all(gone(pid) for pid in tree),
+        timeout=SIGTERM_BOUND_S,
+        message="the node and all its processes gone",
+    )
+    took = time.monotonic() - started
+    for stream in streams:
+        stream.close()
+    print(f"SIGTERM with 4 streams in flight: every process gone in {took:.2f}s")

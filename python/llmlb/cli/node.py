@@ -192,6 +192,10 @@ def _router_auth(mode: str, host: str) -> bool:
         return host != "localhost"
 
 
+# Seconds a stopping node's worker gets to finish before it is killed (SIGTERM → gone ≤ 3 s).
+STOP_TIMEOUT_S = 2
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve the node until SIGINT/SIGTERM."""
     from llmlb.logs import configure_logging
@@ -224,5 +228,8 @@ def run(args: argparse.Namespace) -> int:
         workers=1,
         factory=True,
         log_access=False,
+        # answers still streaming (or a decode thread inside llama.cpp) never hold a stop
+        # beyond this: the worker is killed, and its children die with it
+        workers_kill_timeout=STOP_TIMEOUT_S,
     ).serve()
     return 0
