@@ -332,21 +332,18 @@ def test_closing_a_stream_stops_generation_within_a_step(batching):
         )
         for _ in range(4):
             await anext(stream)
-        await stream.aclose()
         scheduler = engine._models["local/chat"].scheduler  # noqa: SLF001
-        await _poll(lambda: scheduler.active() == 0, timeout=10)
-        after_close = _metric(batching["metrics"], "llmlb_node_tokens_total",
-                              {"kind": "completion"})
-        await asyncio.sleep(0)  # let any straggling step report
-        return after_close, scheduler
+        await stream.aclose()
+        # The step in flight when the client left may finish; none may start after it.
+        steps, tokens = scheduler.stats.steps, scheduler.stats.completion_tokens
+        await _poll(lambda: scheduler.active() == 0, timeout=60)
+        return steps, tokens, scheduler
 
-    after_close, scheduler = run(scenario())
-    steps = scheduler.stats.steps
-    # nothing generates any more: a later look at the counter shows the same number
-    run(_poll(lambda: scheduler.stats.steps == steps, timeout=5))
-    assert _metric(batching["metrics"], "llmlb_node_tokens_total",
-                   {"kind": "completion"}) == after_close
-    assert engine.active_requests() == 0
+    steps, tokens, scheduler = run(scenario())
+    # Without the close this job would run about 396 more steps (400 tokens, EOS banned).
+    assert scheduler.stats.steps - steps <= 1
+    assert scheduler.stats.completion_tokens - tokens <= 1
+    assert engine.active_requests() == 0 and not scheduler.waiting()
 
 
 def test_base64_embeddings_decode_to_the_unit_norm_float_vectors(batching):
@@ -436,9 +433,12 @@ def test_required_tool_choice_answers_a_parsable_call_streamed_and_not(batching)
     chunks = run(streamed())
     deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
     deltas = [d[0] for d in deltas if d]
-    assert deltas[0]["id"] == deltas[0]["id"] and deltas[0]["function"]["name"] == (
-        call["function"]["name"]
-    )
+    # OpenAI's shape: the first delta carries the call's id, type and name, later ones only
+    # argument pieces (ids are fresh per answer, so only their form is comparable).
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["id"] != call["id"]
+    assert deltas[0]["type"] == "function"
+    assert deltas[0]["function"]["name"] == call["function"]["name"]
+    assert all("id" not in d and "name" not in d["function"] for d in deltas[1:])
     assert len(deltas) >= 3 and all(d["index"] == 0 for d in deltas)
     arguments = "".join(d["function"]["arguments"] for d in deltas)
     assert json.loads(arguments) == json.loads(call["function"]["arguments"])
