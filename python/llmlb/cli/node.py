@@ -75,6 +75,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the context)",
     )
     parser.add_argument(
+        "--cache-ram",
+        type=int,
+        default=-1,
+        metavar="MIB",
+        help="host RAM for prompt states evicted from the slots, all models together "
+        "(default: a quarter of the machine's memory, at most 8192; 0: off)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -169,6 +177,7 @@ def settings_from_args(args: argparse.Namespace):
         queue_timeout_s=args.queue_timeout,
         n_ctx=args.ctx_size,
         max_tokens=args.max_tokens,
+        cache_ram_mib=args.cache_ram if args.cache_ram >= 0 else default_cache_ram_mib(),
         threads=args.threads,
         threads_batch=args.threads_batch,
         connections=args.connections,
@@ -190,6 +199,15 @@ def _router_auth(mode: str, host: str) -> bool:
         return not ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host != "localhost"
+
+
+def default_cache_ram_mib() -> int:
+    """A quarter of this machine's memory, at most 8 GiB (llama.cpp's server default)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1024
+    return int(min(8192, total // 4 // (1 << 20)))
 
 
 # Seconds a stopping node's worker gets to finish before it is killed (SIGTERM → gone ≤ 3 s).

@@ -40,6 +40,7 @@ from llmlb.node.embedder import Embedder, encode
 from llmlb.node.generation import EventStream, Run, Tooling
 from llmlb.node.inference.grammar_budget import GrammarBudgetExceeded, check_schema
 from llmlb.node.inference.grammar_compiler import GrammarCompiler, GrammarRefused
+from llmlb.node.inference.prompt_cache import PromptCache
 from llmlb.node.llama_native import (
     Context,
     ContextShape,
@@ -92,6 +93,8 @@ class EngineOptions:
             with ``GGML_NATIVE=ON`` on a CPU that reports AMX without the kernel/VM enabling
             it: ggml's AMX kernels crash there with SIGILL.
         limits: time bounds of each model's decode loop (grammar per token, watchdog).
+        cache_ram_bytes: host RAM for prompt states evicted from the slots, shared evenly by
+            the resident models (0: off).
     """
 
     max_loaded: int = 2
@@ -104,6 +107,7 @@ class EngineOptions:
     threads_batch: int = 0
     extra_buffer_types: bool = True
     limits: SchedulerLimits = SchedulerLimits()
+    cache_ram_bytes: int = 1 << 30
 
 
 @dataclass(eq=False)
@@ -236,6 +240,8 @@ class Engine:
             on_step=self._on_step,
             limits=self.options.limits,
             on_stall=lambda _s: self.metrics.stalled_steps.inc(),
+            prompt_cache=PromptCache(self.options.cache_ram_bytes // self.options.max_loaded),
+            on_cache=self._on_cache,
         )
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)
@@ -265,6 +271,17 @@ class Engine:
             self.metrics.tokens.labels("completion").inc(generated)
         if prompt_tokens:
             self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+
+    def _on_cache(self, event: str, n: int) -> None:
+        """Called by a decode loop as jobs reuse cells and its RAM cache changes."""
+        metrics = self.metrics
+        if event in ("slot", "ram"):
+            metrics.cached_tokens.labels(event).inc(n)
+            return
+        metrics.prompt_cache_events.labels(event).inc(n)
+        caches = [m.scheduler.prompt_cache for m in list(self._models.values())]
+        metrics.prompt_cache_bytes.set(sum(c.bytes for c in caches if c is not None))
+        metrics.prompt_cache_entries.set(sum(len(c) for c in caches if c is not None))
 
     async def _ensure_loaded(self, model_id: str, path: str) -> _Loaded:
         loaded = self._models.get(model_id)

@@ -223,6 +223,28 @@ class Context:
         """The smallest position ``seq`` still holds, -1 when empty."""
         return int(self._c.llama_memory_seq_pos_min(self.memory, seq))
 
+    def seq_state(self, seq: int) -> np.ndarray:
+        """A copy of ``seq``'s state (its KV cells), restorable with :meth:`set_seq_state`."""
+        c = self._c
+        size = int(c.llama_state_seq_get_size(self.ptr, seq))
+        data = np.empty(size, dtype=np.uint8)
+        written = int(
+            c.llama_state_seq_get_data(
+                self.ptr, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq
+            )
+        )
+        return data[:written]
+
+    def set_seq_state(self, seq: int, state: np.ndarray) -> bool:
+        """Replace ``seq``'s cells by a state :meth:`seq_state` copied; ``False`` on failure
+        (the sequence is then empty)."""
+        c = self._c
+        pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if int(c.llama_state_seq_set_data(self.ptr, pointer, state.size, seq)) > 0:
+            return True
+        self.seq_rm(seq)
+        return False
+
     def close(self) -> None:
         """Free the context."""
         if self.ptr:

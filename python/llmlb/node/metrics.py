@@ -63,6 +63,25 @@ class NodeMetrics:
             registry=r,
         )
         self.peak_batch = 0
+        self.cached_tokens = Counter(
+            "llmlb_node_cached_prompt_tokens",
+            "Prompt tokens reused instead of evaluated, by where their cells came from "
+            "(slot: still in the slot; ram: restored from the RAM prompt cache)",
+            ["source"],
+            registry=r,
+        )
+        self.prompt_cache_bytes = Gauge(
+            "llmlb_node_prompt_cache_bytes", "Bytes of prompt states in the RAM cache", registry=r
+        )
+        self.prompt_cache_entries = Gauge(
+            "llmlb_node_prompt_cache_entries", "Prompt states in the RAM cache", registry=r
+        )
+        self.prompt_cache_events = Counter(
+            "llmlb_node_prompt_cache_events",
+            "RAM prompt cache activity (save, restore, evict)",
+            ["event"],
+            registry=r,
+        )
         self.stalled_steps = Counter(
             "llmlb_node_stalled_steps",
             "Decode steps the watchdog found running far longer than the model's usual step",

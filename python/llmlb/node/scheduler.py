@@ -8,8 +8,11 @@ chunk at most) — and calls ``llama_decode`` once. Jobs join at the next step; 
 cancelled sequence leaves at once.
 
 Prompt reuse: each slot remembers the tokens its KV cells hold. A new job takes the free
-slot sharing the longest prefix with its prompt and evaluates only the rest. ``n > 1``
-evaluates the prompt once, then copies its cells to the other choices' sequences.
+slot sharing the longest prefix with its prompt and evaluates only the rest. Before a slot
+is overwritten, its state is saved in the host-RAM :class:`PromptCache`; a job whose prompt
+shares a longer prefix with a saved state than with any free slot has that state restored
+into its slot. ``n > 1`` evaluates the prompt once, then copies its cells to the other
+choices' sequences.
 
 Bounds: a sequence whose grammar took longer than ``grammar_token_budget_s`` to pick one
 token ends with a 400 ``grammar_too_complex`` and frees its slot; the others go on. A
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmlb.node.inference.prompt_cache import CachedPrompt, PromptCache, common_prefix
 from llmlb.node.llama_native import Batch, Context, Model
 from llmlb.node.sampling import Sampler, SamplingParams, logprobs
 from llmlb.node.text_stream import TextStream
@@ -56,10 +60,12 @@ class PromptLogprobEvent:
 
 @dataclass(frozen=True, slots=True)
 class StartEvent:
-    """The job got its slots: ``cached`` of its ``prompt`` tokens were reused."""
+    """The job got its slots: ``cached`` of its ``prompt`` tokens were reused, from a slot
+    that still held them (``source`` ``"slot"``) or restored from the RAM cache (``"ram"``)."""
 
     prompt: int
     cached: int
+    source: str = "slot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +95,8 @@ class SchedulerLimits:
     Attributes:
         grammar_token_budget_s: the most one sequence's grammar may spend on one token.
         stall_floor_s, stall_factor: a step is stalled past ``max(floor, factor × the
-            usual step)``; the watchdog then ends the request whose sampler is running.
+            usual step)``: the watchdog logs and counts it. A sampler still running after
+            ``max(floor, grammar_token_budget_s)`` has its request ended by the watchdog.
         close_timeout_s: how long :meth:`Scheduler.close` waits for the loop to stop.
     """
 
@@ -173,6 +180,9 @@ class SchedulerStats:
     peak_sequences: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    ram_cached_tokens: int = 0  # of cached_tokens, restored from the RAM cache
+    saves: int = 0
+    restores: int = 0
     completion_tokens: int = 0
 
 
@@ -185,6 +195,10 @@ class Scheduler:
         on_step: called after each decode with (sequences in the batch, tokens generated).
         limits: time bounds of the loop.
         on_stall: called (from the watchdog thread) with a stalled step's seconds so far.
+        prompt_cache: where slot states are saved before their slot is reused (``None``:
+            reuse ends with the slots).
+        on_cache: called with ``("slot" | "ram", cached tokens)`` as each job starts and
+            ``("save" | "restore" | "evict", count)`` as the RAM cache changes.
     """
 
     def __init__(
@@ -194,6 +208,8 @@ class Scheduler:
         on_step: Callable[[int, int, int], Any] | None = None,
         limits: SchedulerLimits | None = None,
         on_stall: Callable[[float], Any] | None = None,
+        prompt_cache: PromptCache | None = None,
+        on_cache: Callable[[str, int], Any] | None = None,
     ):
         self.model = model
         self.ctx = ctx
@@ -207,10 +223,13 @@ class Scheduler:
         self._on_step = on_step or (lambda _seqs, _prompt, _gen: None)
         self._on_stall = on_stall or (lambda _seconds: None)
         self.limits = limits or SchedulerLimits()
+        self.prompt_cache = prompt_cache
+        self._on_cache = on_cache or (lambda _event, _n: None)
         self.stats = SchedulerStats()
         self._step_started = 0.0  # monotonic start of the step running now, 0 between steps
         self._usual_step = 0.0  # moving average of step durations
         self._sampling: _Running | None = None  # whose sampler runs now
+        self._sampling_since = 0.0  # when it started
         self._thread = threading.Thread(target=self._loop, name="llama-decode", daemon=True)
         self._thread.start()
         self._watchdog = threading.Thread(
@@ -272,26 +291,25 @@ class Scheduler:
                 if self._closing:
                     return
             started, limits = self._step_started, self.limits
-            if started:
-                spent = time.monotonic() - started
+            now = time.monotonic()
+            if started and started != reported:
+                spent = now - started
                 if spent > max(limits.stall_floor_s, limits.stall_factor * self._usual_step):
-                    if started != reported:
-                        reported = started
-                        self._stalled(spent)
-                    running = self._sampling
-                    if running is not None and not running.job.cancelled:
-                        code = "grammar_too_complex" if running.sampler.grammar else "step_stalled"
-                        message = f"generating one token took over {spent:.1f}s; request ended"
-                        _fail_job(running.job, ErrorEvent(message, 400, code))
+                    reported = started
+                    self._stalled(spent)
+            running, sampling_since = self._sampling, self._sampling_since
+            bound = max(limits.stall_floor_s, limits.grammar_token_budget_s)
+            if running is not None and not running.job.cancelled and now - sampling_since > bound:
+                code = "grammar_too_complex" if running.sampler.grammar else "step_stalled"
+                spent = now - sampling_since
+                message = f"picking one token took over {spent:.1f}s; the request was ended"
+                logger.warning("a sampler ran for %.1fs; ending its request", spent)
+                _fail_job(running.job, ErrorEvent(message, 400, code))
             time.sleep(min(0.25, limits.stall_floor_s / 4))
 
     def _stalled(self, spent: float) -> None:
         self.stats.stalled_steps += 1
-        logger.warning(
-            "decode step stalled for %.1fs (usual %.3fs); a request sampling now is ended",
-            spent,
-            self._usual_step,
-        )
+        logger.warning("decode step stalled for %.1fs (usual %.3fs)", spent, self._usual_step)
         self._on_stall(spent)
 
     # -- the loop --------------------------------------------------------------------
@@ -430,8 +448,8 @@ class Scheduler:
         if job.max_tokens == 0:  # echo only: the prompt was all that was asked for
             self._finish(r, "length")
             return 0
+        started = self._sampling_since = time.monotonic()
         self._sampling = r
-        started = time.monotonic()
         token = r.sampler.sample(self.ctx, index)
         self._sampling = None
         if r.sampler.grammar is not None:
@@ -509,14 +527,33 @@ class Scheduler:
 
     def _start(self, job: Job, free: list[_Slot]) -> None:
         slot, keep = self._best_slot(job.prompt, free)
+        source = "slot"
         if job.prompt_logprobs:
             keep = 0
+        elif self.prompt_cache is not None:
+            entry, n = self.prompt_cache.best(job.prompt, self.model.n_swa)
+            n = min(n, len(job.prompt) - 1)
+            if entry is not None and n > keep:
+                self._save(slot)
+                if self.ctx.set_seq_state(slot.seq, entry.state):
+                    slot.tokens = list(entry.tokens)
+                    keep, source = n, "ram"
+                    self.stats.restores += 1
+                    self.stats.ram_cached_tokens += n
+                    self._on_cache("restore", 1)
+                else:
+                    slot.tokens.clear()
+                    keep = 0
+        others = [s for s in sorted(free, key=lambda s: s.last_used) if s is not slot]
+        slots = [slot, *others[: job.n - 1]]
+        if keep < len(slot.tokens):
+            self._save(slot)  # what it holds beyond the kept prefix is about to go
+        for other in slots[1:]:
+            self._save(other)
         if not self.ctx.seq_rm(slot.seq, keep, -1):
             self.ctx.seq_rm(slot.seq)
             keep = 0
         del slot.tokens[keep:]
-        others = [s for s in sorted(free, key=lambda s: s.last_used) if s is not slot]
-        slots = [slot, *others[: job.n - 1]]
         samplers: list[Sampler] = []
         try:
             for i in range(job.n):
@@ -527,7 +564,9 @@ class Scheduler:
             raise
         self.stats.cached_tokens += keep
         job.held = job.n
-        job.emit(StartEvent(len(job.prompt), keep))
+        job.emit(StartEvent(len(job.prompt), keep, source))
+        if keep:
+            self._on_cache(source, keep)
         for i, (s, sampler) in enumerate(zip(slots, samplers, strict=True)):
             s.busy = True
             s.last_used = time.monotonic()
@@ -543,14 +582,33 @@ class Scheduler:
                 )
             )
 
+    def _save(self, slot: _Slot) -> None:
+        """Copy ``slot``'s state into the RAM cache (if there is one and it is worth it)."""
+        cache = self.prompt_cache
+        if cache is None or not cache.worth_keeping(slot.tokens):
+            return
+        state = self.ctx.seq_state(slot.seq)
+        evictions = cache.evictions
+        cache.put(CachedPrompt(list(slot.tokens), state, self.ctx.seq_pos_min(slot.seq)))
+        self.stats.saves += 1
+        self._on_cache("save", 1)
+        if cache.evictions > evictions:
+            self._on_cache("evict", cache.evictions - evictions)
+
     def _best_slot(self, prompt: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
         """The free slot whose cells share the longest prefix with ``prompt``, and how many
         of its cells can be kept (at least the prompt's last token is always evaluated, to
-        get its logits)."""
+        get its logits).
+
+        A slot is only taken for its prefix when the prompt continues at least half of what
+        it holds (llama.cpp's server's ``--slot-prompt-similarity``): a prompt sharing just
+        a template's first tokens with a long conversation takes an empty or the least
+        recently used slot instead, and the conversation stays where it is.
+        """
         best, best_len = None, 0
         for slot in free:
-            n = _common_prefix(slot.tokens, prompt)
-            if n > best_len:
+            n = common_prefix(slot.tokens, prompt)
+            if n > best_len and 2 * n >= len(slot.tokens):
                 best, best_len = slot, n
         if best is None:
             return min(free, key=lambda s: (len(s.tokens) > 0, s.last_used)), 0
@@ -599,11 +657,3 @@ def _job_released(job: Job) -> None:
         job.released = True
         if job.on_release is not None:
             job.on_release()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

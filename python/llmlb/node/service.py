@@ -64,6 +64,7 @@ class Node:
                 queue_timeout_s=settings.queue_timeout_s,
                 n_ctx=settings.n_ctx,
                 max_tokens=settings.max_tokens,
+                cache_ram_bytes=settings.cache_ram_mib << 20,
                 threads=settings.threads,
                 threads_batch=settings.threads_batch,
             ),

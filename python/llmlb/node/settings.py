@@ -40,6 +40,7 @@ class NodeSettings:
         queue_timeout_s: wait for a busy model's slot before 429.
         n_ctx: context length of each slot.
         max_tokens: answer length of a request that names no ``max_tokens``.
+        cache_ram_mib: host RAM for prompt states evicted from the slots (0: off).
         threads: decode threads (0: the cores this process may use).
         threads_batch: prompt-processing threads (0: as ``threads``).
         connections: parallel range connections per downloaded file.
@@ -71,6 +72,7 @@ class NodeSettings:
     queue_timeout_s: float = 10.0
     n_ctx: int = 4096
     max_tokens: int = 1024
+    cache_ram_mib: int = 1024
     threads: int = 0
     threads_batch: int = 0
     connections: int = DEFAULT_CONNECTIONS
