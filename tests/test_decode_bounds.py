@@ -71,7 +71,7 @@ def test_the_watchdog_ends_a_stalled_request_while_llama_cpp_is_still_inside_it(
         return original(self, ctx, index)
 
     monkeypatch.setattr(sampling.Sampler, "sample", slow)
-    limits = SchedulerLimits(grammar_token_budget_s=60, stall_floor_s=0.5, stall_factor=1)
+    limits = SchedulerLimits(grammar_token_budget_s=1.0, stall_floor_s=0.5, stall_factor=1)
     engine = _engine(storage, limits)
 
     async def go():
