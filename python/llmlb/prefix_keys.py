@@ -20,6 +20,7 @@ never an answer.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -27,6 +28,8 @@ import orjson
 __all__ = [
     "BLOCK_CHARS",
     "BLOCK_TOKENS",
+    "CacheReport",
+    "CacheReportError",
     "PrefixKeys",
     "answer_key",
     "request_keys",
@@ -265,3 +268,92 @@ def _block_keys(model: str, prompt: Any) -> PrefixKeys:
         ]
         return _chain(seed, blocks)
     return []
+
+
+# -- what a node tells the routers ------------------------------------------------------
+
+# Keys one report may carry, and keys a router keeps per node and model.
+MAX_REPORT_KEYS = 16_384
+MAX_NODE_KEYS = 65_536
+_KEY_MAX = 0xFFFFFFFF
+
+
+class CacheReportError(ValueError):
+    """A cache report that breaks the rules below (the router answers 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheReport:
+    """``POST /v0/nodes/{id}/cache``: prefix keys a node's caches gained and lost.
+
+    A node numbers its reports ``seq`` = 1, 2, … within an ``epoch`` (a random id drawn when
+    its process starts). A ``snapshot`` lists every key the node holds and replaces what the
+    router knew; other reports are deltas. A router that sees a new epoch, or a gap in
+    ``seq``, forgets the node's keys and answers 409 ``cache_resync`` to a delta, after which
+    the node sends a snapshot. Sent within 100 ms of a change to every router of the fleet.
+
+    Attributes:
+        epoch: the node process's id (8-64 characters).
+        seq: this report's number in the epoch.
+        snapshot: ``stored`` is everything the node holds (``removed`` is empty).
+        stored, removed: per model id, keys gained and lost.
+        node_secret: proves the sender is the node (as in heartbeats).
+    """
+
+    epoch: str
+    seq: int
+    snapshot: bool
+    stored: dict[str, list[int]]
+    removed: dict[str, list[int]]
+    node_secret: str | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire body."""
+        body: dict[str, Any] = {
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "snapshot": self.snapshot,
+            "stored": self.stored,
+            "removed": self.removed,
+        }
+        if self.node_secret is not None:
+            body["node_secret"] = self.node_secret
+        return body
+
+    @classmethod
+    def parse(cls, body: Any) -> CacheReport:
+        """Check a wire body.
+
+        Raises:
+            CacheReportError: naming what is wrong.
+        """
+        if type(body) is not dict:
+            raise CacheReportError("the body must be an object")
+        epoch, seq, snapshot = body.get("epoch"), body.get("seq"), body.get("snapshot", False)
+        if type(epoch) is not str or not 8 <= len(epoch) <= 64:
+            raise CacheReportError("epoch must be a string of 8-64 characters")
+        if type(seq) is not int or not 1 <= seq <= 1 << 62:
+            raise CacheReportError("seq must be a positive integer")
+        if type(snapshot) is not bool:
+            raise CacheReportError("snapshot must be a boolean")
+        total = 0
+        parts: list[dict[str, list[int]]] = []
+        for name in ("stored", "removed"):
+            value = body.get(name, {})
+            if type(value) is not dict:
+                raise CacheReportError(f"{name} must be an object of model id -> keys")
+            for model, keys in value.items():
+                if type(keys) is not list or not all(
+                    type(k) is int and 0 <= k <= _KEY_MAX for k in keys
+                ):
+                    raise CacheReportError(f"{name}[{model!r}] must be a list of 32-bit keys")
+                total += len(keys)
+            parts.append(value)
+        if total > MAX_REPORT_KEYS:
+            raise CacheReportError(f"a report carries at most {MAX_REPORT_KEYS} keys")
+        if snapshot and parts[1]:
+            raise CacheReportError("a snapshot removes nothing")
+        secret = body.get("node_secret")
+        if secret is not None and type(secret) is not str:
+            raise CacheReportError("node_secret must be a string")
+        return cls(epoch, seq, snapshot, parts[0], parts[1], secret)
