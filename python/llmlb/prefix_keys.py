@@ -67,17 +67,14 @@ def request_keys(route: str, doc: dict[str, Any]) -> PrefixKeys:
 
 
 def answer_key(
-    route: str,
-    doc: dict[str, Any],
-    keys: PrefixKeys,
-    text: str,
-    calls: list[tuple[str, str]] | None = None,
+    route: str, keys: PrefixKeys, text: str, calls: list[tuple[str, str]] | None = None
 ) -> tuple[int, int] | None:
-    """The key of ``doc``'s prompt followed by the assistant turn ``text`` (and tool
+    """The key of a request's prompt followed by the assistant turn ``text`` (and tool
     ``calls`` as ``(name, arguments JSON)``), as the client sends that turn back.
 
     Args:
-        keys: :func:`request_keys` of ``doc`` (their last key continues the chain).
+        route: the path the request came to.
+        keys: :func:`request_keys` of the request (their last key continues the chain).
     """
     if not keys:
         return None
@@ -288,7 +285,8 @@ class CacheReport:
 
     A node numbers its reports ``seq`` = 1, 2, … within an ``epoch`` (a random id drawn when
     its process starts). A ``snapshot`` lists every key the node holds and replaces what the
-    router knew; other reports are deltas. A router that sees a new epoch, or a gap in
+    router knew, whatever its ``seq`` (the next delta must then be ``seq + 1``); other
+    reports are deltas. A router that sees a new epoch, or a gap in
     ``seq``, forgets the node's keys and answers 409 ``cache_resync`` to a delta, after which
     the node sends a snapshot. Sent within 100 ms of a change to every router of the fleet.
 

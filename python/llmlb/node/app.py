@@ -42,10 +42,12 @@ from llmlb.http import (
 from llmlb.logs import configure_logging
 from llmlb.node import anthropic_api, responses_api
 from llmlb.node.auth import check_key, check_off_loopback
+from llmlb.node.inference.cache_directory import request_origin
 from llmlb.node.metrics import CONTENT_TYPE_LATEST
 from llmlb.node.peer import routes as peer_routes
 from llmlb.node.service import Node
 from llmlb.node.settings import NodeSettings
+from llmlb.prefix_keys import request_keys
 from llmlb.protocol import ModelState, transfer_totals
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,7 @@ def _inference(route: str, method: str | Callable[..., Any], errors=error_respon
         try:
             check_key(node, request)
             body = await _body(request)
+            request_origin.set((request.url.path, request_keys(request.url.path, body)))
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
             run = (

@@ -38,6 +38,7 @@ from llmlb.node import tool_calls
 from llmlb.node.chat_format import render_chat
 from llmlb.node.embedder import Embedder, encode
 from llmlb.node.generation import EventStream, Run, Tooling
+from llmlb.node.inference.cache_directory import CacheDirectory, request_origin
 from llmlb.node.inference.grammar_budget import GrammarBudgetExceeded, check_schema
 from llmlb.node.inference.grammar_compiler import GrammarCompiler, GrammarRefused
 from llmlb.node.inference.prompt_cache import PromptCache
@@ -62,6 +63,7 @@ from llmlb.node.scheduler import (
     SchedulerLimits,
 )
 from llmlb.node.templates import CHAT_TEMPLATE_FILENAME, turn_stop_strings
+from llmlb.prefix_keys import answer_key
 
 __all__ = ["Engine", "EngineOptions", "gpu_offload_supported"]
 
@@ -157,6 +159,7 @@ class Engine:
         )
         self._gpu: bool | None = None
         self.grammars = GrammarCompiler()
+        self.directory = CacheDirectory()
         cores = usable_cores()
         self._threads = self.options.threads or cores
         self._threads_batch = self.options.threads_batch or self._threads
@@ -242,6 +245,8 @@ class Engine:
             on_stall=lambda _s: self.metrics.stalled_steps.inc(),
             prompt_cache=PromptCache(self.options.cache_ram_bytes // self.options.max_loaded),
             on_cache=self._on_cache,
+            directory=self.directory,
+            model_id=model_id,
         )
         elapsed = time.monotonic() - started
         self.metrics.load_seconds.labels("generate").observe(elapsed)
@@ -633,6 +638,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         jobs: list[Job] = []
+        keys, on_answer = self._prefix(prompts, tooling)
         for number, prompt in enumerate(prompts):
 
             def emit(event: Event, number: int = number) -> None:
@@ -651,6 +657,8 @@ class Engine:
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
                     prompt_logprobs=bool(echo) and generation.logprobs,
                     special_tokens=loaded.marker_tokens if tooling else frozenset(),
+                    prefix_keys=keys,
+                    on_answer=on_answer,
                 )
             )
         run = Run(
@@ -682,6 +690,29 @@ class Engine:
             return await run.collect()
         finally:
             run.close()
+
+    @staticmethod
+    def _prefix(
+        prompts: list[list[int]], tooling: Tooling | None
+    ) -> tuple[tuple[int, ...], Callable[[str], int | None] | None]:
+        """The request's prefix keys and how to key its answer (one prompt only: a request
+        of several prompts is not a conversation anyone continues)."""
+        origin = request_origin.get()
+        if origin is None or len(prompts) != 1:
+            return (), None
+        route, keys = origin
+        if not keys:
+            return (), None
+
+        def on_answer(text: str) -> int | None:
+            calls: list[tuple[str, str]] = []
+            if tooling is not None:
+                text, parsed = tool_calls.parse(text, tooling.kind, tooling.names)
+                calls = [(c.name, c.arguments) for c in parsed]
+            key = answer_key(route, keys, text, calls)
+            return key[0] if key is not None else None
+
+        return tuple(k for k, _ in keys), on_answer
 
     def _done(self, loaded: _Loaded) -> None:
         loaded.requests -= 1

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmlb.node.inference.cache_directory import CacheDirectory
 from llmlb.node.inference.prompt_cache import CachedPrompt, PromptCache, common_prefix
 from llmlb.node.llama_native import Batch, Context, Model
 from llmlb.node.sampling import Sampler, SamplingParams, logprobs
@@ -125,6 +126,10 @@ class Job:
         prompt_logprobs: logprobs of the prompt's own tokens too (completions ``echo``);
             the whole prompt is then evaluated, no cached prefix reused.
         special_tokens: control tokens whose text is part of the answer (tool-call markers).
+        prefix_keys: the request's prefix keys (:mod:`llmlb.prefix_keys`): the slot holding
+            its prompt holds them in the :class:`CacheDirectory`.
+        on_answer: given the text of choice 0 once it ended, the key of the conversation
+            continued by that answer (held by its slot too), or ``None``.
         on_release: called once (from the scheduler thread) when the job holds no slot any
             more and never will: finished, failed, cancelled, or dropped while queued.
     """
@@ -139,6 +144,8 @@ class Job:
     top_logprobs: int | None = None
     prompt_logprobs: bool = False
     special_tokens: frozenset[int] = frozenset()
+    prefix_keys: tuple[int, ...] = ()
+    on_answer: Callable[[str], int | None] | None = None
     on_release: Callable[[], Any] | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
@@ -168,6 +175,7 @@ class _Running:
     prompt_left: list[int] = field(default_factory=list)
     next_token: int = -1  # sampled, not yet decoded
     generated: int = 0
+    answer: list[str] = field(default_factory=list)  # text emitted (choice 0, when asked)
     primary: bool = True  # evaluates the prompt (the other choices copy its cells)
 
 
@@ -199,6 +207,8 @@ class Scheduler:
             reuse ends with the slots).
         on_cache: called with ``("slot" | "ram", cached tokens)`` as each job starts and
             ``("save" | "restore" | "evict", count)`` as the RAM cache changes.
+        directory: where the prefix keys its slots and RAM cache hold are kept, under
+            ``model_id``.
     """
 
     def __init__(
@@ -210,6 +220,8 @@ class Scheduler:
         on_stall: Callable[[float], Any] | None = None,
         prompt_cache: PromptCache | None = None,
         on_cache: Callable[[str, int], Any] | None = None,
+        directory: CacheDirectory | None = None,
+        model_id: str = "",
     ):
         self.model = model
         self.ctx = ctx
@@ -225,6 +237,10 @@ class Scheduler:
         self.limits = limits or SchedulerLimits()
         self.prompt_cache = prompt_cache
         self._on_cache = on_cache or (lambda _event, _n: None)
+        self.directory = directory or CacheDirectory()
+        self.model_id = model_id
+        if prompt_cache is not None:
+            prompt_cache.on_drop = lambda entry: self.directory.drop(("ram", id(entry)))
         self.stats = SchedulerStats()
         self._step_started = 0.0  # monotonic start of the step running now, 0 between steps
         self._usual_step = 0.0  # moving average of step durations
@@ -329,6 +345,7 @@ class Scheduler:
         finally:
             self._fail_all("the model was unloaded")
             self._batch.close()
+            self.directory.drop_model(self.model_id)
 
     def _has_work(self) -> bool:
         return bool(self._running) or bool(self._pending)
@@ -475,6 +492,8 @@ class Scheduler:
             return 1
         text = r.text.push(self.model.piece(token, special=token in job.special_tokens))
         job.emit(TokenEvent(r.index, token, text, info))
+        if r.index == 0 and job.on_answer is not None:
+            r.answer.append(text)
         if r.text.stopped:
             self._finish(r, "stop")
         elif r.generated >= job.max_tokens or len(r.slot.tokens) + 1 >= self.n_ctx_seq:
@@ -484,7 +503,12 @@ class Scheduler:
         return 1
 
     def _finish(self, r: _Running, reason: str) -> None:
-        r.job.emit(DoneEvent(r.index, reason, r.generated, r.text.flush()))
+        tail = r.text.flush()
+        r.job.emit(DoneEvent(r.index, reason, r.generated, tail))
+        if r.index == 0 and r.job.on_answer is not None:
+            key = r.job.on_answer("".join(r.answer) + tail)
+            if key is not None:
+                self.directory.add(("slot", self.model_id, r.slot.seq), self.model_id, (key,))
         self._release(r)
 
     def _release(self, r: _Running) -> None:
@@ -563,6 +587,8 @@ class Scheduler:
                 sampler.close()
             raise
         self.stats.cached_tokens += keep
+        for s in slots:
+            self.directory.hold(("slot", self.model_id, s.seq), self.model_id, job.prefix_keys)
         job.held = job.n
         job.emit(StartEvent(len(job.prompt), keep, source))
         if keep:
@@ -589,7 +615,10 @@ class Scheduler:
             return
         state = self.ctx.seq_state(slot.seq)
         evictions = cache.evictions
-        cache.put(CachedPrompt(list(slot.tokens), state, self.ctx.seq_pos_min(slot.seq)))
+        entry = CachedPrompt(list(slot.tokens), state, self.ctx.seq_pos_min(slot.seq))
+        if not cache.put(entry):
+            return
+        self.directory.copy(("slot", self.model_id, slot.seq), ("ram", id(entry)))
         self.stats.saves += 1
         self._on_cache("save", 1)
         if cache.evictions > evictions:
@@ -631,6 +660,7 @@ class Scheduler:
         for r in [r for r in self._running if id(r.job) in failed]:
             self.ctx.seq_rm(r.slot.seq)
             r.slot.tokens.clear()
+            self.directory.drop(("slot", self.model_id, r.slot.seq))
             self._release(r)
 
     def _fail_all(self, message: str) -> None:

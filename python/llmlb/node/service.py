@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from llmlb.model_storage import ModelStorage
+from llmlb.node.cache_reports import CacheReporter
 from llmlb.node.download.options import DownloadOptions
 from llmlb.node.engine import Engine, EngineOptions
 from llmlb.node.identity import node_id as persistent_node_id
@@ -79,6 +80,13 @@ class Node:
             gpu=self.gpu.result,
             membership=self.membership,
         )
+        self.cache_reports = CacheReporter(
+            settings.router_url,
+            settings.api_key,
+            self.membership,
+            self.sync.node_secret,
+            self.engine.directory,
+        )
         self.resolver.downloaded.subscribe(self.engine.load)
         self.resolver.load_during_hash(self.engine.load, self.engine.unload)
         self.resolver.changed.subscribe(self.sync.kick)
@@ -89,9 +97,11 @@ class Node:
     async def start(self) -> None:
         """Start syncing with the router (in the background)."""
         await self.sync.start()
+        await self.cache_reports.start()
 
     async def stop(self) -> None:
         """Stop syncing, cancel downloads, unload models."""
+        await self.cache_reports.close()
         await self.sync.close()
         await self.resolver.close()
         await self.engine.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,11 +48,15 @@ class PromptCache:
     Args:
         limit_bytes: the most the entries may hold together (0: the cache is off).
         min_tokens: shorter prompts are not worth keeping.
+
+    Attributes:
+        on_drop: called with each entry that leaves (evicted, or replaced by a longer one).
     """
 
     def __init__(self, limit_bytes: int, min_tokens: int = 32):
         self.limit_bytes = limit_bytes
         self.min_tokens = min_tokens
+        self.on_drop: Callable[[CachedPrompt], object] = lambda _entry: None
         self._entries: OrderedDict[int, CachedPrompt] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
@@ -66,10 +71,11 @@ class PromptCache:
         # already saved, or a longer entry holds all of it
         return not any(common_prefix(e.tokens, tokens) == len(tokens) for e in self._values())
 
-    def put(self, entry: CachedPrompt) -> None:
-        """Keep ``entry``; drop entries it extends, then the least recently used over the limit."""
+    def put(self, entry: CachedPrompt) -> bool:
+        """Keep ``entry``; drop entries it extends, then the least recently used over the
+        limit. ``False`` when it is larger than the whole cache (not kept)."""
         if entry.size > self.limit_bytes:
-            return
+            return False
         for key, old in list(self._entries.items()):
             if common_prefix(old.tokens, entry.tokens) == len(old.tokens):
                 self._drop(key)
@@ -78,6 +84,7 @@ class PromptCache:
         while self.bytes > self.limit_bytes and self._entries:
             self._drop(next(iter(self._entries)))
             self.evictions += 1
+        return True
 
     def best(self, prompt: list[int], n_swa: int) -> tuple[CachedPrompt | None, int]:
         """The entry sharing the longest usable prefix with ``prompt``, and that length."""
@@ -95,8 +102,8 @@ class PromptCache:
 
     def clear(self) -> None:
         """Drop every entry."""
-        self._entries.clear()
-        self.bytes = 0
+        for key in list(self._entries):
+            self._drop(key)
 
     def _values(self) -> list[CachedPrompt]:
         return list(self._entries.values())
@@ -104,6 +111,7 @@ class PromptCache:
     def _drop(self, key: int) -> None:
         entry = self._entries.pop(key)
         self.bytes -= entry.size
+        self.on_drop(entry)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
