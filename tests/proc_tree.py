@@ -69,3 +69,15 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its descendants (a node and its workers), in MiB."""
+    total = 0
+    for each in {pid, *descendants(pid)}:
+        try:
+            with open(f"/proc/{each}/status") as status:
+                total += next(int(x.split()[1]) for x in status if x.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total / 1024

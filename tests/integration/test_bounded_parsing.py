@@ -19,7 +19,7 @@ from tests.factories import write_gguf
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key, model_status, place_model, start_node
 from tests.peer_fixtures import FakePeer
-from tests.proc_tree import descendants
+from tests.proc_tree import rss_mib
 from tests.procs import spawner, wait_until
 from tests.router_fixtures import RouterUrl, call, start_router
 
@@ -79,18 +79,6 @@ def assert_400(reply, route: str, param: str | None = None) -> None:
         assert error["type"] == "invalid_request_error" and error["message"], reply.body
         if param is not None:
             assert error["param"] == param, reply.body
-
-
-def rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants (a node and its worker), in MiB."""
-    total = 0
-    for each in {pid, *descendants(pid)}:
-        try:
-            with open(f"/proc/{each}/status") as status:
-                total += next(int(x.split()[1]) for x in status if x.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total / 1024
 
 
 class Chatter:

@@ -17,7 +17,7 @@ from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.integration.test_bounded_parsing import Chatter
 from tests.node_fixtures import create_key, model_status, place_model, start_node
-from tests.proc_tree import descendants, gone
+from tests.proc_tree import descendants, gone, rss_mib
 from tests.procs import spawner, wait_until
 from tests.router_fixtures import call, start_router
 
@@ -123,17 +123,6 @@ def _body(route: str, extra: dict) -> dict:
     return {**base, **extra}
 
 
-def _rss_mib(pid: int) -> float:
-    total = 0
-    for each in {pid, *descendants(pid)}:
-        try:
-            with open(f"/proc/{each}/status") as status:
-                total += next(int(x.split()[1]) for x in status if x.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total / 1024
-
-
 def open_stream(base: str, body: dict) -> http.client.HTTPConnection:
     """Start a streamed chat on ``base`` and read its first bytes; the caller closes it."""
     parts = urlsplit(base)
@@ -205,7 +194,7 @@ def test_a_schema_within_the_budget_is_served_and_its_answer_fits(fleet):
 
 def test_every_poison_schema_is_a_400_in_its_routes_shape_and_harms_no_one(fleet):
     router, key, nodes = fleet["router"], fleet["key"], fleet["nodes"]
-    rss_before = [_rss_mib(node.proc.pid) for node in nodes]
+    rss_before = [rss_mib(node.proc.pid) for node in nodes]
     for what, route, extra, param in POISON:
         for streaming in (False, True):
             body = _body(route, {**extra, "stream": streaming})
@@ -226,7 +215,7 @@ def test_every_poison_schema_is_a_400_in_its_routes_shape_and_harms_no_one(fleet
     for node, before in zip(nodes, rss_before, strict=True):
         assert node.proc.alive()
         assert call(node, "GET", "/health", timeout=5).status == 200
-        assert _rss_mib(node.proc.pid) - before < 200, (before, _rss_mib(node.proc.pid))
+        assert rss_mib(node.proc.pid) - before < 200, (before, rss_mib(node.proc.pid))
     fleet["chatter"].check()
     assert len(fleet["chatter"].statuses) >= 3
 
