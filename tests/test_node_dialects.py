@@ -12,8 +12,8 @@ import anthropic.types as at
 import orjson
 import pytest
 from llmlb import anthropic_errors
-from llmlb.errors import ApiError
-from llmlb.node import anthropic_api, chat_events, responses_api
+from llmlb.errors import ApiError, ContextLengthExceeded
+from llmlb.node import anthropic_api, chat_events, openai_request, responses_api
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -211,6 +211,9 @@ def test_responses_items_become_chat_messages():
         ({"input": []}, "input", "non-empty"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type", "grammar"),
         ({"max_output_tokens": 0}, "max_output_tokens", "positive"),
+        ({"reasoning": "high"}, "reasoning", "object"),
+        ({"reasoning": {"effort": "max"}}, "reasoning.effort", "minimal"),
+        ({"reasoning": {"summary": "long"}}, "reasoning.summary", "concise"),
     ],
 )
 def test_responses_bad_bodies_are_400_naming_the_field(body, param, words):
@@ -430,6 +433,10 @@ def test_anthropic_named_tool_choice():
         ),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
         ({"stop_sequences": "END"}, "stop_sequences"),
+        ({"thinking": {"type": "sometimes"}}, "thinking"),
+        ({"thinking": True}, "thinking"),
+        ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 1023}}, "thinking.budget_tokens"),
     ],
 )
 def test_anthropic_bad_bodies_are_400_naming_the_field(body, param):
@@ -572,3 +579,102 @@ def test_anthropic_shaped_bodies_are_not_reshaped():
         "type": "overloaded_error",
         "message": "busy",
     }
+
+
+# -- one rule for reasoning fields in every dialect ---------------------------------------
+
+
+@pytest.mark.parametrize("effort", [None, "none", "minimal", "low", "medium", "high", "xhigh"])
+def test_valid_reasoning_fields_are_accepted_and_change_nothing(effort):
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert openai_request.chat_request({**plain, "reasoning_effort": effort}) == (
+        openai_request.chat_request(plain)
+    )
+    reasoning = {"effort": effort, "summary": "auto"}
+    asked = responses_api.parse_request({"model": "m", "input": "hi", "reasoning": reasoning})
+    assert asked.chat == responses_api.parse_request({"model": "m", "input": "hi"}).chat
+    base = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"},
+                     {"type": "adaptive"}):  # fmt: skip
+        asked = anthropic_api.parse_request({**base, "thinking": thinking})
+        assert asked.chat == anthropic_api.parse_request(base).chat
+
+
+@pytest.mark.parametrize("effort", ["max", 3, {"level": "high"}])
+def test_an_invalid_reasoning_effort_on_chat_is_400_naming_it(effort):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "reasoning_effort": effort}
+    with pytest.raises(ApiError) as caught:
+        openai_request.chat_request(body)
+    assert caught.value.status == 400 and caught.value.param == "reasoning_effort"
+
+
+# -- context overflow in each dialect's words --------------------------------------------
+
+
+def test_context_overflow_is_worded_as_openai_and_anthropic_word_it():
+    asked = ContextLengthExceeded(1024, 40, 2000)
+    assert asked.message.startswith(
+        "This model's maximum context length is 1024 tokens. However, you requested 2040 "
+        "tokens (40 in the messages, 2000 in the completion). Please reduce the length of the "
+        "messages or completion."
+    )
+    body = orjson.loads(asked.body())["error"]
+    assert body["code"] == "context_length_exceeded" and body["param"] == "max_tokens"
+    assert body["type"] == "invalid_request_error"
+    too_long = ContextLengthExceeded(1024, 1500, None)
+    assert too_long.param == "messages"
+    assert "However, your messages resulted in 1500 tokens." in too_long.message
+    legacy = ContextLengthExceeded(1024, 1500, 16, chat=False)
+    assert legacy.param == "prompt" and legacy.message.startswith(
+        "This model's maximum context length is 1024 tokens, however you requested 1516 tokens "
+        "(1500 in your prompt; 16 for the completion)."
+    )
+    renamed = asked.renamed("input", "max_output_tokens")
+    assert renamed.param == "max_output_tokens" and renamed.message == asked.message
+    assert too_long.renamed("input", "max_output_tokens").param == "input"
+    shaped = orjson.loads(anthropic_errors.from_api_error(too_long))["error"]
+    assert shaped == {"type": "invalid_request_error",
+                      "message": "prompt is too long: 1500 tokens > 1023 maximum"}
+    assert orjson.loads(anthropic_errors.from_api_error(asked))["error"]["message"] == (
+        "input length and `max_tokens` exceed context limit: 40 + 2000 > 1024, decrease input "
+        "length or `max_tokens` and try again"
+    )
+
+
+class OverflowingEngine:
+    """Refuses every chat as too long for its context."""
+
+    async def chat(self, model_id, path, body, as_sse=True):
+        raise ContextLengthExceeded(1024, 1500, body.get("max_tokens"))
+
+
+def test_responses_names_its_own_fields_in_a_context_overflow():
+    with pytest.raises(ContextLengthExceeded) as caught:
+        asyncio.run(responses_api.create(OverflowingEngine(), "m", "p",
+                                         {"model": "m", "input": "hi", "max_output_tokens": 4}))
+    assert caught.value.param == "input"
+
+
+# -- a call cut by max_tokens -------------------------------------------------------------
+
+
+def test_responses_and_messages_mark_the_item_a_cut_call_ended_in():
+    cut = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]},
+        "finish_reason": "length"}], "usage": {"prompt_tokens": 9, "completion_tokens": 20}}
+    engine = RecordedEngine(answer=cut)
+    response = asyncio.run(responses_api.create(engine, "m", "p", {"model": "m", "input": "hi"}))
+    Response.model_validate(response)
+    assert response["status"] == "incomplete"
+    (item,) = response["output"]
+    assert item["type"] == "function_call" and item["status"] == "incomplete"
+    assert item["arguments"] == '{"city": "Par'
+    body = {"model": "m", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    message = asyncio.run(anthropic_api.create(engine, "m", "p", body))
+    at.Message.model_validate(message)
+    assert message["stop_reason"] == "max_tokens"
+    (block,) = message["content"]
+    assert block["type"] == "tool_use" and block["input"] == {"city": "Par"}

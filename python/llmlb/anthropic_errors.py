@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, ContextLengthExceeded
 
 # The routes that answer in Anthropic's dialect.
 ANTHROPIC_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
@@ -47,7 +47,9 @@ def error_body(status: int, message: str) -> bytes:
 
 
 def from_api_error(exc: ApiError) -> bytes:
-    """An :class:`ApiError` in Anthropic's shape."""
+    """An :class:`ApiError` in Anthropic's shape (a context overflow in Anthropic's words)."""
+    if isinstance(exc, ContextLengthExceeded):
+        return error_body(exc.status, exc.anthropic_message())
     return error_body(exc.status, exc.message)
 
 

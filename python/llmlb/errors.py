@@ -79,6 +79,89 @@ class ApiError(LlmlbError):
         return {"retry-after": str(max(1, int(round(self.retry_after))))}
 
 
+class ContextLengthExceeded(ApiError):
+    """A prompt and the answer it asks for do not fit the model's context (400
+    ``context_length_exceeded``), raised before any byte is sent.
+
+    Worded as OpenAI words it, which is what clients (LiteLLM, LangChain) recognise; the
+    Anthropic routes answer :meth:`anthropic_message` instead. ``param`` is the prompt's
+    field when the prompt alone leaves no room for an answer, else the answer's length.
+
+    Args:
+        limit: the context, in tokens.
+        prompt: the prompt's tokens (the longest prompt's, for several).
+        completion: the answer's tokens asked for (``max_tokens``), ``None`` when not asked.
+        chat: a chat request (its prompt is ``messages``), else a completion (``prompt``).
+        prompt_param, completion_param: the request's names of the two fields, when they
+            are not chat's or completions' (the Responses API: ``input``,
+            ``max_output_tokens``).
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        prompt: int,
+        completion: int | None,
+        *,
+        chat: bool = True,
+        prompt_param: str | None = None,
+        completion_param: str = "max_tokens",
+    ):
+        self.limit, self.prompt, self.completion, self.chat = limit, prompt, completion, chat
+        self.prompt_param = prompt_param or ("messages" if chat else "prompt")
+        self.completion_param = completion_param
+        requested = prompt + (completion or 0)
+        if chat and completion is None:
+            told = (
+                f"However, your messages resulted in {prompt} tokens. Please reduce the "
+                "length of the messages."
+            )
+        elif chat:
+            told = (
+                f"However, you requested {requested} tokens ({prompt} in the messages, "
+                f"{completion} in the completion). Please reduce the length of the messages or "
+                "completion."
+            )
+        elif completion is None:
+            told = f"however your prompt resulted in {prompt} tokens. Please reduce your prompt."
+        else:
+            told = (
+                f"however you requested {requested} tokens ({prompt} in your prompt; "
+                f"{completion} for the completion). Please reduce your prompt; or completion "
+                "length."
+            )
+        head = f"This model's maximum context length is {limit} tokens" + (
+            ". " if chat else ", "
+        )
+        # openai's SDKs put only the message in the exception's text, where LangChain looks
+        # for the code to raise its ContextOverflowError
+        message = f"{head}{told} (code: context_length_exceeded)"
+        param = self.prompt_param if prompt >= limit else completion_param
+        super().__init__(400, "context_length_exceeded", message, param=param)
+
+    def renamed(self, prompt_param: str, completion_param: str) -> ContextLengthExceeded:
+        """The same error for a dialect that names the two fields otherwise."""
+        return ContextLengthExceeded(
+            self.limit,
+            self.prompt,
+            self.completion,
+            chat=self.chat,
+            prompt_param=prompt_param,
+            completion_param=completion_param,
+        )
+
+    def anthropic_message(self) -> str:
+        """Anthropic's wording (``prompt is too long: …``, which Claude Code and LiteLLM
+        recognise; the prompt's maximum leaves one token to answer)."""
+        if self.prompt >= self.limit or self.completion is None:
+            return f"prompt is too long: {self.prompt} tokens > {self.limit - 1} maximum"
+        return (
+            f"input length and `max_tokens` exceed context limit: {self.prompt} + "
+            f"{self.completion} > {self.limit}, decrease input length or `max_tokens` and try "
+            "again"
+        )
+
+
 class HubError(LlmlbError):
     """Base class of failures talking to the hub while registering a model."""
 

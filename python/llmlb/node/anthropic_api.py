@@ -36,6 +36,7 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 _MAX_STOP_SEQUENCES = 64
 # Blocks a text model cannot use and that clients send back with the history.
 _SKIPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+_THINKING = ("enabled", "disabled", "adaptive")
 
 
 @dataclass(slots=True)
@@ -220,6 +221,22 @@ def _number(body: dict, name: str, hi: float) -> float | None:
     return value
 
 
+def _thinking(body: dict) -> None:
+    """Check ``thinking`` (``enabled`` with ``budget_tokens`` ≥ 1024, ``disabled``,
+    ``adaptive``): valid values are accepted and change nothing, as the node's models do
+    not think (the same rule as ``reasoning_effort`` on chat)."""
+    value = body.get("thinking")
+    if value is None:
+        return
+    if not isinstance(value, dict) or value.get("type") not in _THINKING:
+        raise bad("thinking", f"'thinking' must be an object with 'type' {', '.join(_THINKING)}")
+    if value["type"] == "enabled":
+        budget = value.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1024:
+            raise bad("thinking.budget_tokens",
+                      "'thinking.budget_tokens' must be an integer of at least 1024")
+
+
 def _stop_sequences(body: dict) -> tuple[str, ...]:
     value = body.get("stop_sequences")
     if value is None:
@@ -244,6 +261,7 @@ def parse_request(body: dict, *, counting: bool = False) -> MessagesRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "'model' is required")
+    _thinking(body)
     chat: dict[str, Any] = {"model": model, "messages": _messages(body)}
     max_tokens = body.get("max_tokens")
     if not counting:

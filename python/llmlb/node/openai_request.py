@@ -38,7 +38,6 @@ _CHAT_UNSUPPORTED = {
     "audio": (None,),
     "prediction": (None,),
     "web_search_options": (None,),
-    "reasoning_effort": (None,),
     "function_call": (None, "none", "auto"),
     "functions": (None, []),
     "store": (None, False),
@@ -47,9 +46,26 @@ _CHAT_UNSUPPORTED = {
 }
 
 
+# OpenAI's reasoning efforts. The node's models do not reason: a valid effort (chat's
+# ``reasoning_effort``, Responses' ``reasoning.effort``, Anthropic's ``thinking``) is accepted
+# and changes nothing; any other value is 400 naming the field, the same in every dialect.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
 def bad(param: str, message: str, code: str = "invalid_request_error") -> ApiError:
     """A 400 for the request field ``param``."""
     return ApiError(400, code, message, param=param)
+
+
+def reasoning_effort(value: Any, param: str) -> None:
+    """Check a reasoning effort (``None`` or one of :data:`REASONING_EFFORTS`); a model that
+    does not reason ignores it.
+
+    Raises:
+        ApiError: 400 naming ``param``.
+    """
+    if value is not None and value not in REASONING_EFFORTS:
+        raise bad(param, f"'{param}' must be one of {', '.join(REASONING_EFFORTS)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +399,7 @@ def _check_unsupported(body: dict) -> None:
             raise bad(name, f"'{name}' must be an object")
     for name in ("service_tier", "prompt_cache_key", "safety_identifier"):
         text(body, name)
+    reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
 
 
 def tools(value: Any) -> list[Tool]:

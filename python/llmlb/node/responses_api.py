@@ -23,14 +23,16 @@ from typing import Any
 
 import orjson
 
+from llmlb.errors import ContextLengthExceeded
 from llmlb.node import chat_events as ev
-from llmlb.node.openai_request import bad
+from llmlb.node.openai_request import bad, reasoning_effort
 
 _STATELESS = "this node keeps no state between requests"
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text"})
 # Item types that carry nothing a stateless text model can use again.
 _SKIPPED_ITEMS = frozenset({"reasoning"})
+_SUMMARIES = ("auto", "concise", "detailed")
 
 
 def _new_id(prefix: str) -> str:
@@ -199,6 +201,21 @@ def _response_format(body: dict) -> dict[str, Any] | None:
     raise bad("text.format.type", f"'text.format.type' {kind!r} is not supported")
 
 
+def _reasoning(body: dict) -> None:
+    """Check ``reasoning`` (``effort``, ``summary``): valid values are accepted and change
+    nothing, as the node's models do not reason (see ``REASONING_EFFORTS``)."""
+    value = body.get("reasoning")
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad("reasoning", "'reasoning' must be an object")
+    reasoning_effort(value.get("effort"), "reasoning.effort")
+    for name in ("summary", "generate_summary"):
+        if value.get(name) not in (None, *_SUMMARIES):
+            raise bad(f"reasoning.{name}", f"'reasoning.{name}' must be one of "
+                      f"{', '.join(_SUMMARIES)}")
+
+
 def parse_request(body: dict) -> ResponsesRequest:
     """Validate a Responses body and translate it into a chat body.
 
@@ -215,6 +232,7 @@ def parse_request(body: dict) -> ResponsesRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad("stream", "'stream' must be a boolean")
+    _reasoning(body)
     chat: dict[str, Any] = {"model": body.get("model"), "messages": _messages(body)}
     if body.get("max_output_tokens") is not None:
         value = body["max_output_tokens"]
@@ -349,15 +367,18 @@ async def create(engine: Any, model_id: str, path: str, body: dict) -> dict | As
     """
     request = parse_request(body)
     shape = _Shape(request)
-    if not request.stream:
-        answer = ev.chat_answer(await engine.chat(model_id, path, request.chat, as_sse=False))
-        usage = _usage(answer.usage, answer.usage.prompt_tokens or 0)
-        return shape.response(
-            "completed", _output(shape, answer), usage, finish=answer.finish_reason
-        )
-    chat = {**request.chat, "stream": True, "stream_options": {"include_usage": True}}
-    chunks = await engine.chat(model_id, path, chat, as_sse=False)
-    return _stream(shape, ev.chat_events(chunks))
+    chat = request.chat
+    if request.stream:
+        chat = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        result = await engine.chat(model_id, path, chat, as_sse=False)
+    except ContextLengthExceeded as exc:
+        raise exc.renamed("input", "max_output_tokens") from None
+    if request.stream:
+        return _stream(shape, ev.chat_events(result))
+    answer = ev.chat_answer(result)
+    usage = _usage(answer.usage, answer.usage.prompt_tokens or 0)
+    return shape.response("completed", _output(shape, answer), usage, finish=answer.finish_reason)
 
 
 class _Events:
