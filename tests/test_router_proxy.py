@@ -432,7 +432,8 @@ def test_cooled_down_node_is_health_probed_back(tmp_path):
         fleet = FleetView()
         urls = {"x": f"{base}/_mock/x/ok", "y": f"{other_base}/_mock/y/ok"}
         load(fleet, *(node(n, url) for n, url in urls.items()))
-        async with running(fleet, cooldown_s=0.3) as proxy:
+        # p2c: with prefix routing the same prompt would stay on the node holding it.
+        async with running(fleet, cooldown_s=0.3, routing="p2c") as proxy:
             await asyncio.gather(*(call(proxy, CHAT) for _ in range(4)))
             proc.kill()
             for _ in range(100):  # until a request finds x dead (each one still succeeds)
@@ -472,7 +473,8 @@ def test_affinity_by_user_and_session_header(mock):
     async def scenario() -> None:
         fleet = FleetView()
         load(fleet, node("a", f"{mock}/_mock/aff-a/ok"), node("b", f"{mock}/_mock/aff-b/ok"))
-        async with running(fleet) as proxy:
+        # p2c: with prefix routing the same prompt would stay on one node whoever sends it.
+        async with running(fleet, routing="p2c") as proxy:
             for user in ("alice", "bob", "carol"):
                 served = {
                     (await call(proxy, {**CHAT, "user": user})).headers["x-llmlb-node"]
@@ -709,7 +711,8 @@ def test_a_request_one_node_lost_goes_to_one_more_node_and_that_node_is_blamed(m
         async with fragile_fleet(1) as (nodes, urls):
             fleet = FleetView()
             load(fleet, node("fragile", urls[0]), node("good", f"{mock}/_mock/one-more/ok"))
-            async with running(fleet, failure_threshold=1, cooldown_s=30) as proxy:
+            # p2c: with prefix routing the prompt would stay on the node that answered it.
+            async with running(fleet, failure_threshold=1, cooldown_s=30, routing="p2c") as proxy:
                 for i in range(20):  # until one went to the fragile node first
                     res = await call(proxy, {**CHAT, "seed": i, "x": "poison"})
                     assert res.status == 200 and res.headers["x-llmlb-node"] == "good"

@@ -210,6 +210,26 @@ def node_approval() -> str:
     return value
 
 
+ROUTING_POLICIES = ("prefix", "p2c")
+DEFAULT_ROUTING = "prefix"
+
+
+def routing() -> str:
+    """``LLMLB_ROUTING`` > ``config.json`` ``routing`` > ``prefix``: how the router picks a
+    node: ``prefix`` (one cost for the prompt prefill still to do on a node, from what its
+    cache holds, and its load) or ``p2c`` (least requests in flight of two random nodes).
+
+    Raises:
+        ValueError: the value is neither ``prefix`` nor ``p2c``, or ``config.json`` is invalid.
+    """
+    value = os.environ.get("LLMLB_ROUTING") or load_config_file().get("routing")
+    if value is None or value == "":
+        return DEFAULT_ROUTING
+    if value not in ROUTING_POLICIES:
+        raise ValueError(f"routing must be prefix or p2c, not {value!r}")
+    return value
+
+
 def prometheus_multiproc_dir() -> Path | None:
     """``PROMETHEUS_MULTIPROC_DIR``: set when several router workers share their metrics."""
     value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

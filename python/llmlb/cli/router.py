@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "every node is approved as it registers (default LLMLB_NODE_APPROVAL, config.json "
         "node_approval, else manual)",
     )
+    parser.add_argument(
+        "--routing",
+        choices=config.ROUTING_POLICIES,
+        help="prefix: send each request where one cost of the prompt prefill still to do "
+        "(from what each node's cache holds) and the node's load is least; p2c: least "
+        "requests in flight of two random nodes (default LLMLB_ROUTING, config.json routing, "
+        "else prefix)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -76,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["LLMLB_PROXY_MAX_INFLIGHT"] = str(args.max_inflight)
     if args.node_approval is not None:
         os.environ["LLMLB_NODE_APPROVAL"] = args.node_approval
+    if args.routing is not None:
+        os.environ["LLMLB_ROUTING"] = args.routing
     if args.stream_idle_timeout is not None:
         if not args.stream_idle_timeout > 0:
             raise SystemExit("--stream-idle-timeout must be > 0")
@@ -123,12 +133,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     log.info(
-        "router on http://%s:%d (db %s, %d worker(s), node approval %s)",
+        "router on http://%s:%d (db %s, %d worker(s), node approval %s, routing %s)",
         args.host,
         args.port,
         _shown(settings.database),
         args.workers,
         settings.node_approval,
+        proxy_settings.routing,
     )
     try:
         Granian(

@@ -84,7 +84,7 @@ class RouterApp:
         self.settings = settings
         self.runtime = Runtime(settings)
         self.fleet = self.runtime.fleet
-        self.proxy = InferenceProxy(self.fleet, settings)
+        self.proxy = InferenceProxy(self.fleet, settings, index=self.runtime.index)
         self._keys = self.runtime.keys
         self._max_body = settings.max_body_bytes
         self._too_large = tuple(
@@ -99,7 +99,9 @@ class RouterApp:
             },
         )
         starlette.state.runtime = self.runtime
-        starlette.state.traffic = self.traffic = TrafficHistory(self.proxy.balancer)
+        starlette.state.traffic = self.traffic = TrafficHistory(
+            self.proxy.balancer, index=self.runtime.index
+        )
         self._http = HttpMetricsMiddleware(starlette)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,10 +1,24 @@
-"""Choosing a node for one request: least outstanding per slot, two random choices, affinity.
+"""Choosing a node for one request: one cost for the prefill still to do and the node's load
+(prefix policy), else least outstanding per slot among two random choices; affinity.
 
 The balancer keeps, per node, the requests this router process has in flight there and the
 node's recent failures. It knows nothing about HTTP: the proxy asks it for a node among the
 ones the fleet reports ready, tells it how each attempt ended, and probes cooled-down nodes.
 :class:`PoisonLog` remembers the requests that nodes lost or timed out on while holding them,
 so that one that did so twice is never handed to a node again.
+
+Prefix policy (``--routing prefix``, the default): given a request's prefix keys, the
+:class:`~llmlb.router.prefix_index.PrefixIndex` says how much of its prompt each node holds,
+and every usable node (healthy, fewer requests in flight than slots) costs
+
+    cost = (prompt_chars - cached_chars) / CHARS_PER_TOKEN + LOAD_WEIGHT_TOKENS * load
+
+(``load``: the requests in flight there, from this router or, when busier, as the node last
+reported). The cheapest wins; ties go to the ``user``/``X-Session-Id`` affinity, then to two
+random choices. A holder at its slot count is not usable, so a hot prefix spills to the least
+costly other node, which then builds its own copy. When no node holds any of the prompt, or
+the request has no keys, the choice is the plain two-random-choices rule (``--routing p2c``
+always uses it).
 """
 
 from __future__ import annotations
@@ -17,6 +31,23 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from llmlb.prefix_keys import PrefixKeys
+from llmlb.router.prefix_index import PrefixIndex
+
+# A token is about this many characters of prompt (no tokenizer on the router).
+CHARS_PER_TOKEN = 4
+# What one request in flight on a node costs a new one there, in prompt tokens to prefill: a
+# queued or running request takes about as long as prefilling a few hundred tokens, so a
+# holder of a long prefix keeps winning unless it is several requests busier.
+LOAD_WEIGHT_TOKENS = 256
+
+# Why a node was chosen (``Balancer.reason``; the ``reason`` label of the routing metric).
+PREFIX = "prefix"  # it holds the longest prefix of the prompt among the ready nodes
+LOAD = "load"  # another node holds more of the prompt, but is saturated or busier
+AFFINITY = "affinity"  # the user's or session's node, among equally good ones
+FALLBACK = "fallback"  # no ready node holds any of the prompt (or no keys, or p2c)
+REASONS = (PREFIX, LOAD, AFFINITY, FALLBACK)
 
 
 class NodeLike(Protocol):
@@ -75,6 +106,11 @@ class Balancer:
         on_probe_due: called with a node whose cool-down ended and that needs a health probe.
         clock: monotonic clock (tests inject one).
         rng: random source (tests inject a seeded one).
+        index: what each node's prompt cache holds; ``None``: two random choices only.
+        load_weight: prompt tokens one request in flight is worth in the cost.
+
+    After a successful :meth:`pick`, ``reason`` says why the node was chosen (one of
+    :data:`REASONS`) and ``matched`` how many prompt characters the index says it holds.
     """
 
     def __init__(
@@ -86,7 +122,13 @@ class Balancer:
         on_probe_due: Callable[[NodeState], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        index: PrefixIndex | None = None,
+        load_weight: int = LOAD_WEIGHT_TOKENS,
     ):
+        self.index = index
+        self.load_weight = load_weight
+        self.reason = FALLBACK
+        self.matched = 0
         self.failure_threshold = max(1, failure_threshold)
         self.cooldown_s = cooldown_s
         self.affinity_max_keys = affinity_max_keys
@@ -116,17 +158,24 @@ class Balancer:
         views: Iterable[NodeLike],
         affinity_key: str | None = None,
         exclude: Collection[str] = (),
+        model: str | None = None,
+        keys: PrefixKeys | None = None,
     ) -> NodeState | NoPick:
         """Choose a node among ``views`` (nodes ready for the model), skipping ``exclude``.
 
-        A node is usable when it is healthy and has fewer outstanding requests than slots. The
-        node that last served ``affinity_key`` wins while usable; otherwise two usable nodes are
-        drawn at random and the one with fewer outstanding requests per slot is chosen.
+        A node is usable when it is healthy and has fewer outstanding requests than slots.
+        With ``keys`` (the request's prefix keys for ``model``) and an index where some ready
+        node holds part of the prompt, the usable node of least cost wins (see the module);
+        ties go to the node that last served ``affinity_key``, then to two random choices.
+        Otherwise the node that last served ``affinity_key`` wins while usable, else two
+        usable nodes are drawn at random and the one with fewer outstanding requests per slot
+        is chosen.
 
         Returns:
             The chosen node's state, or a :class:`NoPick` saying why there is none.
         """
         usable: list[NodeState] = []
+        full: list[str] = []  # saturated nodes: their prefixes still count for ``reason``
         saturated = cooling = False
         now = 0.0
         for view in views:
@@ -151,6 +200,7 @@ class Balancer:
                     continue
             if state.outstanding >= state.slots:
                 saturated = True
+                full.append(state.node_id)
                 continue
             usable.append(state)
         count = len(usable)
@@ -158,14 +208,32 @@ class Balancer:
             if saturated:
                 return NoPick.SATURATED
             return NoPick.COOLING if cooling else NoPick.NONE
+        if keys and model is not None and self.index is not None:
+            ids = [state.node_id for state in usable]
+            if full:
+                ids += full
+            found = self.index.longest(model, keys, ids)
+            if found:
+                return self._cheapest(usable, found, keys[-1][1], affinity_key)
+        self.matched = 0
         if count == 1:
+            self.reason = FALLBACK
             return usable[0]
         if affinity_key is not None:
             node_id = self._affinity.get(affinity_key)
             if node_id is not None:
                 for state in usable:
                     if state.node_id == node_id:
+                        self.reason = AFFINITY
                         return state
+        self.reason = FALLBACK
+        return self._two_choices(usable)
+
+    def _two_choices(self, usable: list[NodeState]) -> NodeState:
+        """Of two nodes drawn at random, the one with fewer requests per slot."""
+        count = len(usable)
+        if count == 1:
+            return usable[0]
         rand = self._random
         first = int(rand() * count)
         second = int(rand() * (count - 1))
@@ -176,6 +244,41 @@ class Balancer:
         # there, or what it last reported when other routers keep it busier.
         a_load, b_load = max(a.outstanding, a.reported), max(b.outstanding, b.reported)
         return b if b_load * a.slots < a_load * b.slots else a
+
+    def _cheapest(
+        self,
+        usable: list[NodeState],
+        found: dict[str, int],
+        total: int,
+        affinity_key: str | None,
+    ) -> NodeState:
+        """The usable node of least cost (prefill left + load); sets ``reason``/``matched``."""
+        weight = self.load_weight
+        best = -1
+        tied: list[NodeState] = []
+        for state in usable:
+            load = state.outstanding if state.outstanding >= state.reported else state.reported
+            cost = (total - found.get(state.node_id, 0)) // CHARS_PER_TOKEN + weight * load
+            if best < 0 or cost < best:
+                best = cost
+                tied = [state]
+            elif cost == best:
+                tied.append(state)
+        reason = None
+        chosen = tied[0]
+        if len(tied) > 1:
+            node_id = self._affinity.get(affinity_key) if affinity_key is not None else None
+            for state in tied:
+                if state.node_id == node_id:
+                    chosen, reason = state, AFFINITY
+                    break
+            else:
+                chosen = self._two_choices(tied)
+        matched = found.get(chosen.node_id, 0)
+        if reason is None:
+            reason = PREFIX if matched and matched >= max(found.values()) else LOAD
+        self.reason, self.matched = reason, matched
+        return chosen
 
     def remember(self, affinity_key: str, node_id: str) -> None:
         """Record that ``node_id`` served ``affinity_key`` (bounded; oldest entries go first)."""

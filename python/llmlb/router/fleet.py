@@ -50,13 +50,15 @@ class ModelReport:
 @dataclass(slots=True)
 class NodeState:
     """A registered node as the cache holds it (``approved``: an admin approved it, or the
-    router approves every node; a pending node is never loaded into the view)."""
+    router approves every node; a pending node is never loaded into the view;
+    ``credential``: the digest its id is bound to, see :class:`llmlb.router.nodes.Credential`)."""
 
     view: NodeView
     online: bool
     models: dict[str, ModelReport] = field(default_factory=dict)
     runtimes: tuple[str, ...] = ()
     approved: bool = True
+    credential: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,9 @@ class FleetView:
 
     def __init__(self, on_offline: Callable[[str], None] | None = None) -> None:
         self._on_offline = on_offline
+        self._gone: list[Callable[[str], None]] = []
         self._nodes: dict[str, NodeState] = {}
+        self._members: dict[str, tuple[str | None, bool]] = {}
         self._models: dict[str, RegisteredModel] = {}
         self._ready: dict[str, list[NodeView]] = {}
         self._pending: set[str] = set()
@@ -139,17 +143,45 @@ class FleetView:
             return
         node.online = False
         self._reindex()
+        self._left(node_id)
         if self._on_offline is not None:
             self._on_offline(node_id)
+
+    def on_gone(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback`` with the id of each node that leaves the view or goes offline,
+        or registers again (a new sync token: most likely a restarted node)."""
+        self._gone.append(callback)
+
+    def member(self, node_id: str) -> tuple[str | None, bool] | None:
+        """``(credential digest, approved)`` of a registered node, pending ones included;
+        ``None`` when this view does not know the id."""
+        return self._members.get(node_id)
+
+    def _left(self, node_id: str) -> None:
+        for callback in self._gone:
+            callback(node_id)
 
     # -- maintenance ----------------------------------------------------------------------
 
     def load(self, nodes: Iterable[NodeState], models: Iterable[RegisteredModel]) -> None:
         """Replace the whole picture (after a change in the database); pending nodes are
         left out."""
+        nodes = list(nodes)
+        old = self._nodes
+        self._members = {node.view.node_id: (node.credential, node.approved) for node in nodes}
         self._nodes = {node.view.node_id: node for node in nodes if node.approved}
         self._models = {model.id: model for model in models}
         self._reindex()
+        if self._gone:
+            for node_id, before in old.items():
+                after = self._nodes.get(node_id)
+                if (
+                    after is None
+                    or (before.online and not after.online)
+                    or after.view.token != before.view.token
+                    or after.view.url != before.view.url
+                ):
+                    self._left(node_id)
 
     def _reindex(self) -> None:
         ready: dict[str, list[NodeView]] = {}

@@ -317,7 +317,7 @@ def load_states(conn: db.Conn) -> list[NodeState]:
     states = []
     query = (
         "SELECT id, url, slots, status, models, sync_token, runtimes, active_requests, "
-        "approved_at FROM nodes"
+        "approved_at, credential_hash FROM nodes"
     )
     for row in conn.execute(query):
         models = {
@@ -331,7 +331,16 @@ def load_states(conn: db.Conn) -> list[NodeState]:
         )
         runtimes = tuple(orjson.loads(row["runtimes"]))
         approved = row["approved_at"] is not None
-        states.append(NodeState(view, row["status"] == "online", models, runtimes, approved))
+        states.append(
+            NodeState(
+                view,
+                row["status"] == "online",
+                models,
+                runtimes,
+                approved,
+                row["credential_hash"],
+            )
+        )
     return states
 
 

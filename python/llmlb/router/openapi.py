@@ -6,6 +6,8 @@ from functools import cache
 from typing import Any
 
 from llmlb import __version__, protocol
+from llmlb.prefix_keys import MAX_REPORT_KEYS
+from llmlb.router.prefix_index import MAX_REPORT_BYTES
 
 
 def _ref(name: str) -> dict:
@@ -195,6 +197,53 @@ _SCHEMAS: dict[str, Any] = {
             "approved_at": {"type": ["string", "null"]},
         },
     },
+    "CacheReport": {
+        "type": "object",
+        "description": "What a node's prompt caches gained and lost, as prefix keys per model "
+        "(llmlb.prefix_keys). Reports are numbered seq = 1, 2, ... within the node process's "
+        "epoch; a snapshot lists every key held and replaces what the router knew (then the "
+        "next delta is seq + 1); removed keys apply before stored ones. At most "
+        f"{MAX_REPORT_KEYS} keys and {MAX_REPORT_BYTES} bytes per report; model ids follow "
+        "the model id rules; a snapshot removes nothing.",
+        "required": ["epoch", "seq"],
+        "properties": {
+            "epoch": {"type": "string", "minLength": 8, "maxLength": 64},
+            "seq": {"type": "integer", "minimum": 1, "maximum": 1 << 62},
+            "snapshot": {"type": "boolean", "default": False},
+            "stored": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF},
+                },
+            },
+            "removed": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF},
+                },
+            },
+            "node_secret": {
+                "type": "string",
+                "description": "the node's secret, as in heartbeats (else the bearer key "
+                "proves the node)",
+            },
+        },
+    },
+    "CacheReportAck": {
+        "type": "object",
+        "required": ["node_id", "epoch", "seq", "keys"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "epoch": {"type": "string"},
+            "seq": {"type": "integer"},
+            "keys": {
+                "type": "integer",
+                "description": "keys this router worker now holds for the node",
+            },
+        },
+    },
     "NodeApproval": {
         "type": "object",
         "required": ["node_id", "approval"],
@@ -237,6 +286,19 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "worker": {"type": "integer", "description": "the answering worker's process id"},
+            "routing": {
+                "type": "object",
+                "description": "Prefix-aware routing over the window: models[id][reason] "
+                "counts the nodes chosen by reason (prefix, load, affinity, fallback); "
+                "nodes[id][model] the prompt characters the node answered and how many of "
+                "them the index predicted its cache held; index[id] the keys the answering "
+                "worker's index holds for the node (epoch and seq of its last report).",
+                "properties": {
+                    "models": {"type": "object"},
+                    "nodes": {"type": "object"},
+                    "index": {"type": "object"},
+                },
+            },
         },
     },
     "InferenceRequest": {
@@ -515,6 +577,25 @@ def _paths() -> dict:
                 },
                 "responses": {
                     "200": _json(_ref("HeartbeatAck"), "Recorded"),
+                    **_errors(400, *_AUTH, 404, 409, 413),
+                },
+            }
+        },
+        "/v0/nodes/{node_id}/cache": {
+            "post": {
+                "operationId": "nodeCacheReport",
+                "summary": "What the node's prompt caches gained and lost, for prefix-aware "
+                "routing (node; approved nodes only, 403 node_pending otherwise; 409 "
+                "node_id_conflict for another credential, 409 cache_resync when this router "
+                "needs a snapshot). Nothing is stored in the database: every router keeps its "
+                "own index from the reports every node sends it.",
+                "parameters": [_NODE_ID_PARAM],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CacheReport")}},
+                },
+                "responses": {
+                    "202": _json(_ref("CacheReportAck"), "Applied"),
                     **_errors(400, *_AUTH, 404, 409, 413),
                 },
             }

@@ -37,6 +37,13 @@ Protection of the fleet and of the router itself:
   the router's own ``total_timeout_s``.
 - A stream whose node stays silent for ``stream_idle_timeout_s``, or whose node the fleet
   marks offline, ends at once with an error event.
+
+Prefix-aware routing (``routing`` ``prefix``, the default): for the chat, completions,
+Responses and Messages routes the proxy computes the body's prefix keys
+(:func:`llmlb.prefix_keys.request_keys`, from the body it parsed anyway), the balancer
+weighs what each ready node's cache holds of the prompt (:class:`PrefixIndex`, fed by the
+nodes' cache reports) against its load, and once a node answered, the request's keys are
+recorded as held there (a guess its reports confirm). ``p2c`` computes no keys.
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError, error_body
 from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
+from llmlb.prefix_keys import PrefixKeys, request_keys
 from llmlb.router.balancer import Balancer, NodeLike, NodeState, NoPick, PoisonLog, WaitQueue
+from llmlb.router.prefix_index import PrefixIndex
 from llmlb.router.proxy_metrics import ProxyMetrics, default_metrics
 from llmlb.router.upstream import (
     ConnectError,
@@ -89,6 +98,11 @@ _JSON_HEADER = (b"content-type", b"application/json")
 _NODE_HEADER = b"x-llmlb-node"
 _SESSION_HEADER = b"x-session-id"
 _MAX_CACHED_IDS = 4096
+# Routes whose prompts a node caches: their bodies get prefix keys (count_tokens and
+# embeddings leave nothing in a cache worth routing to).
+_KEYED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+)
 _NOT_READY_RETRY_AFTER_S = 5.0
 
 
@@ -123,6 +137,9 @@ class ProxySettings:
         poison_ttl_s: how long a request that two nodes lost or timed out on is refused
             (and a single such failure remembered).
         poison_max_keys: such requests remembered at most (oldest dropped first).
+        routing: ``prefix`` (one cost for the prefill a node's cache saves and its load) or
+            ``p2c`` (two random choices by requests in flight); ``LLMLB_ROUTING``, not
+            ``LLMLB_PROXY_ROUTING`` (:func:`llmlb.config.routing`).
     """
 
     connect_timeout_s: float = 3.0
@@ -142,6 +159,7 @@ class ProxySettings:
     affinity_max_keys: int = 100_000
     poison_ttl_s: float = 600.0
     poison_max_keys: int = 4096
+    routing: str = config.DEFAULT_ROUTING
 
     @classmethod
     def from_config(cls) -> ProxySettings:
@@ -150,8 +168,8 @@ class ProxySettings:
         Raises:
             ValueError: a value does not parse as its field's type.
         """
-        raw = config.proxy_overrides([f.name for f in fields(cls)])
-        values: dict[str, Any] = {}
+        raw = config.proxy_overrides([f.name for f in fields(cls) if f.name != "routing"])
+        values: dict[str, Any] = {"routing": config.routing()}
         for field in fields(cls):
             if field.name in raw:
                 kind = int if type(field.default) is int else float
@@ -176,6 +194,8 @@ class Fleet(Protocol):
     async def wait_for_change(self, timeout: float) -> None: ...
 
     def mark_node_offline(self, node_id: str) -> None: ...
+
+    def on_gone(self, callback: Callable[[str], None]) -> None: ...
 
 
 def _node_pool(state: NodeState, settings: ProxySettings) -> NodePool:
@@ -225,6 +245,8 @@ class _Exchange:
     affinity_key: str | None
     start: float  # perf_counter() when the request arrived
     request: int = 0
+    keys: PrefixKeys | None = None  # the body's prefix keys (prefix routing only)
+    matched: int = 0  # prompt characters the index says the chosen node holds
     started: bool = False  # http.response.start went out
     sse: bool = False
     finished: bool = False
@@ -248,6 +270,8 @@ class InferenceProxy:
             means :meth:`ProxySettings.from_config`, taking ``max_body_bytes`` from it if set.
         metrics: where to count; by default the process-wide metrics in the default registry.
         clock: monotonic clock of cool-downs and the poison log (tests inject one).
+        index: what the nodes' prompt caches hold (fed by their cache reports); a new one
+            by default. Nodes the fleet loses are forgotten in it.
     """
 
     def __init__(
@@ -257,6 +281,7 @@ class InferenceProxy:
         *,
         metrics: ProxyMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        index: PrefixIndex | None = None,
     ):
         self.fleet = fleet
         if isinstance(settings, ProxySettings):
@@ -266,12 +291,18 @@ class InferenceProxy:
             if limit := getattr(settings, "max_body_bytes", None):
                 self.settings = replace(self.settings, max_body_bytes=limit)
         self.metrics = metrics or default_metrics()
+        self.index = index if index is not None else PrefixIndex()
+        on_gone = getattr(fleet, "on_gone", None)
+        if on_gone is not None:
+            on_gone(self.index.forget)
+        self.prefix = self.settings.routing == "prefix"
         self.balancer = Balancer(
             failure_threshold=self.settings.failure_threshold,
             cooldown_s=self.settings.cooldown_s,
             affinity_max_keys=self.settings.affinity_max_keys,
             on_probe_due=self._probe_later,
             clock=clock,
+            index=self.index if self.prefix else None,
         )
         self.poison = PoisonLog(self.settings.poison_ttl_s, self.settings.poison_max_keys, clock)
         self.queue = WaitQueue(self.settings.queue_max)
@@ -336,9 +367,10 @@ class InferenceProxy:
             body = await self._read_body(receive)
             if body is None:
                 return  # the client went away
-            model, affinity_key = self._parse(body, scope)
+            model, affinity_key, keys = self._parse(body, scope)
             ex = _Exchange(scope, send, asyncio.current_task(), body, model, affinity_key, start)
             ex.anthropic = anthropic
+            ex.keys = keys
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
@@ -406,8 +438,9 @@ class InferenceProxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _parse(self, body: bytes, scope: Scope) -> tuple[str, str | None]:
-        """The normalised model id and the affinity key; nothing else of the body is used."""
+    def _parse(self, body: bytes, scope: Scope) -> tuple[str, str | None, PrefixKeys | None]:
+        """The normalised model id, the affinity key, and the prefix keys (prefix routing,
+        routes whose prompts nodes cache); nothing else of the body is used."""
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -429,13 +462,19 @@ class InferenceProxy:
             self._model_ids[raw] = model
         if type(model) is not str:
             raise ApiError(model.status, model.code, model.message)
+        keys = None
+        if self.prefix and scope["path"] in _KEYED_PATHS:
+            try:
+                keys = request_keys(scope["path"], doc)
+            except Exception:  # noqa: BLE001 - a body the node will refuse: route it anyhow
+                keys = None
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER:
-                return model, "s:" + value.decode("latin-1")
+                return model, "s:" + value.decode("latin-1"), keys
         user = doc.get("user")
         if type(user) is str and user:
-            return model, "u:" + user
-        return model, None
+            return model, "u:" + user, keys
+        return model, None, keys
 
     # -- forwarding ----------------------------------------------------------------------
 
@@ -452,7 +491,7 @@ class InferenceProxy:
         held_by: NodeState | None = None  # node that lost the request or timed out on it
         held_kind = _DISCONNECT
         for _ in range(1 + self.settings.max_retries):
-            state = await self._acquire(model, ex.affinity_key, tried)
+            state = await self._acquire(ex, tried)
             if state is None:
                 break
             if failure is not None:
@@ -499,10 +538,9 @@ class InferenceProxy:
         await ex.send({"type": "http.response.start", "status": failure.status, "headers": headers})
         await ex.send({"type": "http.response.body", "body": body})
 
-    async def _acquire(
-        self, model: str, affinity_key: str | None, tried: list[str]
-    ) -> NodeState | None:
-        """Take a slot on a node ready for ``model``, waiting within the configured bounds.
+    async def _acquire(self, ex: _Exchange, tried: list[str]) -> NodeState | None:
+        """Take a slot on a node ready for ``ex.model``, waiting within the configured bounds
+        (and count why the balancer chose it; ``ex.matched``: what its cache holds).
 
         Returns:
             The node, or ``None`` on a retry when no untried node is left.
@@ -512,15 +550,19 @@ class InferenceProxy:
                 429 when the wait queue is full or the wait for a slot timed out.
         """
         settings = self.settings
+        model, affinity_key, keys = ex.model, ex.affinity_key, ex.keys
         ready_deadline = queue_deadline = queued_since = 0.0
         front = False
         while True:
             views = self.fleet.ready_nodes(model)
             if views:
                 if front or not self.queue.has_waiters(model):
-                    pick = self.balancer.pick(views, affinity_key, tried)
+                    balancer = self.balancer
+                    pick = balancer.pick(views, affinity_key, tried, model, keys)
                     if type(pick) is NodeState:
                         pick.outstanding += 1
+                        ex.matched = balancer.matched
+                        self.metrics.routed(model, balancer.reason)
                         if queued_since:
                             self.metrics.queue_wait(model, perf_counter() - queued_since)
                         return pick
@@ -627,8 +669,13 @@ class InferenceProxy:
             if not done:
                 resp.read_timeout = self.settings.stream_idle_timeout_s
                 done = await self._relay(resp, ex, state)
-            if done and self.poison:
-                self.poison.served(request)
+            if done:
+                if self.poison:
+                    self.poison.served(request)
+                keys = ex.keys
+                if keys and status < 400:  # the node answered: its cache holds the prompt
+                    self.index.learn(node_id, model, keys)
+                    metrics.prompt(node_id, model, keys[-1][1], ex.matched)
             return None
         finally:
             if resp is not None:

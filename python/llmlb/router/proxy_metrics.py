@@ -35,6 +35,13 @@ class ProxyMetrics:
     ``inflight``. Error kinds also include ``poison`` (a second node refused the request with a
     5xx, or lost it or timed out on it: counted against neither; with ``node=""``, a poison
     request refused without reaching a node), ``client_gone`` and ``total_timeout``.
+
+    Prefix-aware routing: ``routing_total{model,reason}`` (why the balancer chose a node:
+    ``prefix``, ``load``, ``affinity``, ``fallback``; see :data:`llmlb.router.balancer.REASONS`),
+    ``prompt_chars_total{node,model}`` (prompt characters of the keyed requests a node
+    answered) and ``predicted_cached_chars_total{node,model}`` (how many of them the index said
+    the node's cache held: compare with the node's own cached-token counters), and the gauge
+    ``prefix_keys{node}`` (keys the index holds for a node).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -64,6 +71,24 @@ class ProxyMetrics:
             "Time from sending a request to a node to its first body bytes.",
             ["node", "model"],
             buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self._routing = Counter(
+            "llmlb_proxy_routing",
+            "Nodes chosen, by why (prefix, load, affinity, fallback).",
+            ["model", "reason"],
+            **kw,
+        )
+        self._prompt_chars = Counter(
+            "llmlb_proxy_prompt_chars",
+            "Prompt characters of the keyed requests a node answered.",
+            ["node", "model"],
+            **kw,
+        )
+        self._cached_chars = Counter(
+            "llmlb_proxy_predicted_cached_chars",
+            "Prompt characters the prefix index predicted a node's cache held.",
+            ["node", "model"],
             **kw,
         )
         self.overhead = Histogram(
@@ -111,6 +136,28 @@ class ProxyMetrics:
         """Count a request the router answered itself with ``code``."""
         self._child(self._rejected, (str(code),)).inc()
 
+    def routed(self, model: str, reason: str) -> None:
+        """Count a node chosen for ``reason``."""
+        key = ("g", model, reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._routing.labels(model, reason)
+        child.inc()
+
+    def prompt(self, node: str, model: str, chars: int, cached: int) -> None:
+        """Count a keyed prompt of ``chars`` characters ``node`` answered, ``cached`` of which
+        the index predicted its cache held."""
+        key = ("p", node, model)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (
+                self._prompt_chars.labels(node, model),
+                self._cached_chars.labels(node, model),
+            )
+        pair[0].inc(chars)
+        if cached:
+            pair[1].inc(cached)
+
     def queue_wait(self, model: str, seconds: float) -> None:
         """Observe the time a request waited for a free slot."""
         self._child(self._queue_wait, (model,)).observe(seconds)
@@ -149,11 +196,21 @@ class _StateCollector(Collector):
         cooling = GaugeMetricFamily(
             "llmlb_proxy_node_cooling", "1 while a node is cooled down.", labels=["node"]
         )
-        for state in list(self._balancer().nodes.values()):
+        balancer = self._balancer()
+        for state in list(balancer.nodes.values()):
             outstanding.add_metric([state.node_id], state.outstanding)
             cooling.add_metric([state.node_id], 0 if state.healthy else 1)
         yield outstanding
         yield cooling
+        if balancer.index is not None:
+            keys = GaugeMetricFamily(
+                "llmlb_proxy_prefix_keys",
+                "Prefix keys the index holds for a node (reported or guessed).",
+                labels=["node"],
+            )
+            for node_id, stats in balancer.index.stats().items():
+                keys.add_metric([node_id], stats["keys"])
+            yield keys
         yield GaugeMetricFamily(
             "llmlb_proxy_queued", "Requests waiting for a free slot.", value=len(self._queue())
         )

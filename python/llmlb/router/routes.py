@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -14,6 +15,8 @@ from starlette.routing import Route
 
 from llmlb.errors import ApiError
 from llmlb.http import JSONResponse, api_key, model_id_or_400
+from llmlb.model_storage import normalize_model_id
+from llmlb.prefix_keys import CacheReport, CacheReportError
 from llmlb.protocol import (
     APPROVAL_FIELD,
     PEER_TOKEN_FIELD,
@@ -24,6 +27,7 @@ from llmlb.protocol import (
 )
 from llmlb.router import dashboard, db, keys, metrics, nodes, peers, registry
 from llmlb.router.openapi import openapi_schema
+from llmlb.router.prefix_index import MAX_REPORT_BYTES, ReportResult
 from llmlb.router.responses import authorize, read_json  # control bodies: no NUL
 from llmlb.router.runtime import Runtime
 
@@ -33,6 +37,11 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 
 REGISTRATIONS = Counter(
     "llmlb_router_model_registrations_total", "Model registrations by result code.", ["result"]
+)
+CACHE_REPORTS = Counter(
+    "llmlb_router_cache_reports_total",
+    "Nodes' cache reports by result (snapshot, delta, resync, invalid, refused).",
+    ["result"],
 )
 
 
@@ -304,6 +313,91 @@ async def node_heartbeat(request: Request) -> Response:
     return JSONResponse(_membership(runtime, answer, approved))
 
 
+async def node_cache(request: Request) -> Response:
+    """``POST /v0/nodes/{node_id}/cache`` (node): what the node's prompt caches gained and
+    lost (:class:`llmlb.prefix_keys.CacheReport`), applied to this worker's prefix index.
+
+    The node must be registered (404 ``node_not_found``), present the credential its id is
+    bound to (409 ``node_id_conflict``) and be approved (403 ``node_pending``). A delta this
+    router cannot apply (a new epoch, a gap in ``seq``, or nothing known of the node yet)
+    gets 409 ``cache_resync``: the node's keys are forgotten until it sends a snapshot.
+    Nothing is written to the database.
+    """
+    runtime = _guard(request, "node")
+    node_id = validate_node_id(request.path_params["node_id"])
+    try:
+        report = _normalized(
+            CacheReport.parse(await read_json(request, MAX_REPORT_BYTES))
+        )
+    except (ApiError, CacheReportError) as exc:
+        CACHE_REPORTS.labels(result="invalid").inc()
+        if isinstance(exc, ApiError):
+            raise
+        raise ApiError(400, "invalid_request_error", f"cache report: {exc}") from None
+    member = runtime.fleet.member(node_id)
+    if member is None:  # registered a moment ago through another worker or router?
+        with contextlib.suppress(Exception):
+            await runtime.refresh()
+        member = runtime.fleet.member(node_id)
+    try:
+        if member is None:
+            raise _node_not_found(node_id)
+        bound, approved = member
+        if not nodes.Credential(report.node_secret, _bearer(request)).proves(bound):
+            raise nodes.id_conflict(node_id)
+        if not approved:
+            raise ApiError(
+                403,
+                "node_pending",
+                f"node {node_id} waits for approval; its cache reports count once approved",
+            )
+    except ApiError:
+        CACHE_REPORTS.labels(result="refused").inc()
+        raise
+    if runtime.index.apply(node_id, report) is ReportResult.RESYNC:
+        CACHE_REPORTS.labels(result="resync").inc()
+        raise ApiError(
+            409,
+            "cache_resync",
+            f"this router cannot apply seq {report.seq} of epoch {report.epoch} to node "
+            f"{node_id}'s cache (a new epoch, a gap, or nothing known of it yet): send a snapshot",
+        )
+    CACHE_REPORTS.labels(result="snapshot" if report.snapshot else "delta").inc()
+    answer = {
+        "node_id": node_id,
+        "epoch": report.epoch,
+        "seq": report.seq,
+        "keys": runtime.index.keys_held(node_id),
+    }
+    return JSONResponse(answer, status_code=202)
+
+
+def _normalized(report: CacheReport) -> CacheReport:
+    """``report`` with its model ids normalised as the proxy routes by them.
+
+    Raises:
+        ApiError: 400 ``invalid_model_id``.
+    """
+    parts = []
+    changed = False
+    for part in (report.stored, report.removed):
+        models: dict[str, list[int]] = {}
+        for model, held in part.items():
+            try:
+                name = normalize_model_id(model)
+            except ValueError as exc:
+                raise ApiError(400, "invalid_model_id", f"cache report: {exc}") from None
+            if name != model or name in models:
+                changed = True
+            models[name] = [*models[name], *held] if name in models else held
+        parts.append(models)
+    if not changed:
+        return report
+    return CacheReport(
+        report.epoch, report.seq, report.snapshot, parts[0], parts[1], report.node_secret
+    )
+
+
 def _node_not_found(node_id: str) -> ApiError:
     return ApiError(404, "node_not_found", f"node {node_id} is not registered")
 
@@ -393,6 +487,7 @@ ROUTES = [
     _route("/v0/peers/report", post=report_peer),
     _route("/v0/nodes", get=list_nodes, post=register_node),
     _route("/v0/nodes/{node_id}/heartbeat", post=node_heartbeat),
+    _route("/v0/nodes/{node_id}/cache", post=node_cache),
     _route("/v0/nodes/{node_id}/approve", post=approve_node),
     _route("/v0/nodes/{node_id}/revoke", post=revoke_node),
     _route("/v0/nodes/{node_id}", delete=unregister_node),

@@ -26,6 +26,7 @@ from llmlb.router import db, keys, nodes, outbox, registry
 from llmlb.router.fleet import FleetView
 from llmlb.router.keys import KeyCache
 from llmlb.router.leader import Duties
+from llmlb.router.prefix_index import PrefixIndex
 from llmlb.router.settings import RouterSettings
 from llmlb.router.sync import SyncNotifier, sync_body
 
@@ -59,6 +60,9 @@ class Runtime:
         self.db = db.Database(settings.database, poll_interval_s=settings.change_poll_interval_s)
         self.keys = KeyCache()
         self.fleet = FleetView(on_offline=self._persist_offline)
+        # What each node's prompt cache holds, from its reports (POST /v0/nodes/{id}/cache)
+        # and this worker's routing; the inference proxy routes by it.
+        self.index = PrefixIndex()
         self.notifier = SyncNotifier(settings, self.db)
         self.duties = Duties(settings, self.db, self.notifier)
         self._versions: dict[str, int] = {}

@@ -6,6 +6,11 @@ Every ``interval_s`` each worker reads the inference proxy's Prometheus counters
 ``PROMETHEUS_MULTIPROC_DIR``) and keeps what changed since the last read, for
 ``window_s``. Sampling the counters rather than hooking the hot path costs a proxied request
 nothing, and every worker shows the whole router's traffic, not only its own.
+
+Prefix-aware routing is summarised over the same window from ``llmlb_proxy_routing_total``
+(why nodes were chosen, per model) and ``llmlb_proxy_prompt_chars_total`` /
+``_predicted_cached_chars_total`` (per node and model: the share of prompt characters the
+index predicted the node's cache held).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from llmlb import config
 from llmlb.router.balancer import Balancer
+from llmlb.router.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
 
@@ -37,7 +43,12 @@ _REQUESTS = "llmlb_proxy_requests_total"
 _ERRORS = "llmlb_proxy_errors_total"
 _REJECTED = "llmlb_proxy_rejected_total"
 _TTFB = "llmlb_proxy_ttfb_seconds_bucket"
-_SAMPLES = frozenset({_REQUESTS, _ERRORS, _REJECTED, _TTFB})
+_ROUTING = "llmlb_proxy_routing_total"
+_PROMPT_CHARS = "llmlb_proxy_prompt_chars_total"
+_CACHED_CHARS = "llmlb_proxy_predicted_cached_chars_total"
+_SAMPLES = frozenset(
+    {_REQUESTS, _ERRORS, _REJECTED, _TTFB, _ROUTING, _PROMPT_CHARS, _CACHED_CHARS}
+)
 # A client that hangs up is not a failure of the router or the node.
 _NOT_ERRORS = frozenset({"client_gone"})
 
@@ -80,10 +91,13 @@ class Counts:
 
 @dataclass(slots=True)
 class Snapshot:
-    """The proxy's counters at one moment."""
+    """The proxy's counters at one moment (``routing``: decisions by (model, reason);
+    ``chars``: (prompt, predicted cached) characters by (node, model))."""
 
     pairs: dict[Key, Counts] = field(default_factory=dict)
     rejected: float = 0.0
+    routing: dict[Key, float] = field(default_factory=dict)
+    chars: dict[Key, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +170,15 @@ def parse_samples(samples: Iterable[Any]) -> Snapshot:
         if name == _REJECTED:
             snap.rejected += value
             continue
+        if name == _ROUTING:
+            pair = (labels.get("model", ""), labels.get("reason", ""))
+            snap.routing[pair] = snap.routing.get(pair, 0.0) + value
+            continue
+        if name in (_PROMPT_CHARS, _CACHED_CHARS):
+            pair = (labels.get("node", ""), labels.get("model", ""))
+            chars = snap.chars.setdefault(pair, [0.0, 0.0])
+            chars[name == _CACHED_CHARS] += value
+            continue
         key = (labels.get("node", ""), labels.get("model", ""))
         counts = snap.pairs.get(key)
         if counts is None:
@@ -227,6 +250,7 @@ class TrafficHistory:
             flight) is reported alongside the history.
         read: where the counters come from (:func:`read_counters`).
         clock: unix time.
+        index: this worker's prefix index (keys held per node, shown with the routing).
     """
 
     def __init__(
@@ -237,14 +261,18 @@ class TrafficHistory:
         window_s: float = WINDOW_S,
         read: Callable[[], Snapshot] = read_counters,
         clock: Callable[[], float] = time.time,
+        index: PrefixIndex | None = None,
     ) -> None:
         self.interval_s = interval_s
         self.window_s = window_s
         self._balancer = balancer
+        self._index = index
         self._read = read
         self._clock = clock
         self._last: Snapshot | None = None
         self._intervals: deque[Interval] = deque(maxlen=max(1, round(window_s / interval_s)))
+        # The snapshots bounding the window (routing is summed over it, not per interval).
+        self._bounds: deque[Snapshot] = deque(maxlen=(self._intervals.maxlen or 1) + 1)
         self._task: asyncio.Task | None = None
         self._cached: dict | None = None
 
@@ -252,6 +280,7 @@ class TrafficHistory:
         """Keep what moved since the previous snapshot (the first one is only a baseline)."""
         now = self._clock() if now is None else now
         last, self._last = self._last, snapshot
+        self._bounds.append(snapshot)
         if last is None:
             return
         pairs = {}
@@ -275,7 +304,10 @@ class TrafficHistory:
         ``ttfb_p95_s`` (``null`` where nothing was answered). ``total.rejected`` counts the
         requests the router answered itself (no model or node to pin them on), also included
         in ``total.errors``. ``balancer`` is the answering worker's view of each node, and
-        ``worker`` its process id.
+        ``worker`` its process id. ``routing`` sums the window: ``models[id]`` the nodes
+        chosen by reason (prefix, load, affinity, fallback), ``nodes[id][model]`` the prompt
+        characters the node answered and how many the index predicted its cache held, and
+        ``index[id]`` the keys the answering worker's index holds for the node.
         """
         if self._cached is None:  # built once per interval, however many pages poll
             intervals = list(self._intervals)
@@ -288,8 +320,34 @@ class TrafficHistory:
                 "total": total,
                 "models": _grouped(intervals, "models"),
                 "nodes": _grouped(intervals, "nodes"),
+                "routing": self._routing(),
             }
-        return {**self._cached, "balancer": self._balancer_state(), "worker": os.getpid()}
+        data = {**self._cached, "balancer": self._balancer_state(), "worker": os.getpid()}
+        if self._index is not None:
+            data["routing"] = {**data["routing"], "index": self._index.stats()}
+        return data
+
+    def _routing(self) -> dict[str, dict]:
+        """Routing decisions and predicted cache hits over the window."""
+        models: dict[str, dict[str, int]] = {}
+        nodes: dict[str, dict[str, dict[str, int]]] = {}
+        if len(self._bounds) >= 2:
+            first, last = self._bounds[0], self._bounds[-1]
+            for (model, reason), value in last.routing.items():
+                diff = value - first.routing.get((model, reason), 0.0)
+                count = round(diff if diff >= 0 else value)
+                if count:
+                    models.setdefault(model, {})[reason] = count
+            for (node, model), (prompt, cached) in last.chars.items():
+                before = first.chars.get((node, model), [0.0, 0.0])
+                if prompt < before[0] or cached < before[1]:  # a counter reset
+                    before = [0.0, 0.0]
+                if prompt - before[0] > 0:
+                    nodes.setdefault(node, {})[model] = {
+                        "prompt_chars": round(prompt - before[0]),
+                        "predicted_cached_chars": round(cached - before[1]),
+                    }
+        return {"models": models, "nodes": nodes}
 
     def _balancer_state(self) -> dict[str, dict]:
         if self._balancer is None:
