@@ -175,3 +175,15 @@ def test_removed_applies_before_stored_in_one_delta():
     index.apply("a", report(1, [7], snapshot=True))
     index.apply("a", report(2, stored=[7], removed=[7]))
     assert index.keys_held("a") == 1
+
+
+def test_an_answer_that_outlived_its_nodes_restart_teaches_nothing():
+    index = PrefixIndex()
+    chain = keys_of(turns(1))
+    index.learn("a", MODEL, chain[:1])
+    before = index.generation("a")
+    index.forget("a")  # the node re-registered while the request was in flight
+    index.learn("a", MODEL, chain, before)
+    assert index.longest(MODEL, chain, ["a"]) == {}
+    index.learn("a", MODEL, chain, index.generation("a"))
+    assert index.longest(MODEL, chain, ["a"]) == {"a": chain[-1][1]}

@@ -90,6 +90,7 @@ class PrefixIndex:
         self._owners: dict[str, dict[int, int]] = {}  # model -> key -> mask of nodes
         self._free: list[int] = []  # bits of forgotten nodes, for reuse
         self._next_bit = 0
+        self._forgotten: dict[str, int] = {}  # times each node id was forgotten
 
     # -- the hot path ----------------------------------------------------------------------
 
@@ -134,10 +135,20 @@ class PrefixIndex:
                     break
         return found
 
-    def learn(self, node_id: str, model: str, keys: PrefixKeys) -> None:
+    def generation(self, node_id: str) -> int:
+        """How many times ``node_id`` was forgotten: pass it to :meth:`learn` from before the
+        request was sent, so an answer that outlived its node's restart teaches nothing."""
+        return self._forgotten.get(node_id, 0)
+
+    def learn(
+        self, node_id: str, model: str, keys: PrefixKeys, generation: int | None = None
+    ) -> None:
         """``keys`` were just sent to ``node_id``: assume it holds them now (a guess that the
-        node's reports confirm, or undo)."""
+        node's reports confirm, or undo); nothing when the node was forgotten since
+        ``generation``."""
         if not keys:
+            return
+        if generation is not None and generation != self._forgotten.get(node_id, 0):
             return
         node = self._node(node_id)
         held = self._held(node, model)
@@ -221,6 +232,7 @@ class PrefixIndex:
         node = self._nodes.pop(node_id, None)
         if node is None:
             return
+        self._forgotten[node_id] = self._forgotten.get(node_id, 0) + 1
         self._clear(node)
         self._free.append(node.mask)
 

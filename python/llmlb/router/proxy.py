@@ -247,6 +247,7 @@ class _Exchange:
     request: int = 0
     keys: PrefixKeys | None = None  # the body's prefix keys (prefix routing only)
     matched: int = 0  # prompt characters the index says the chosen node holds
+    generation: int = 0  # of the chosen node in the index (see PrefixIndex.generation)
     started: bool = False  # http.response.start went out
     sse: bool = False
     finished: bool = False
@@ -562,6 +563,8 @@ class InferenceProxy:
                     if type(pick) is NodeState:
                         pick.outstanding += 1
                         ex.matched = balancer.matched
+                        if keys:
+                            ex.generation = self.index.generation(pick.node_id)
                         self.metrics.routed(model, balancer.reason)
                         if queued_since:
                             self.metrics.queue_wait(model, perf_counter() - queued_since)
@@ -674,7 +677,7 @@ class InferenceProxy:
                     self.poison.served(request)
                 keys = ex.keys
                 if keys and status < 400:  # the node answered: its cache holds the prompt
-                    self.index.learn(node_id, model, keys)
+                    self.index.learn(node_id, model, keys, ex.generation)
                     metrics.prompt(node_id, model, keys[-1][1], ex.matched)
             return None
         finally:
