@@ -292,6 +292,9 @@ def test_register_watch_the_download_serve_and_delete(browser, page, fleet, tmp_
     expect(node_row.locator("[data-chart='rps']")).not_to_have_attribute("data-max", "0")
     drawn = node_row.locator("[data-chart='rps'] polyline, [data-chart='rps'] circle")
     expect(drawn).not_to_have_count(0)
+    # The routing table: three choices, by two random choices (a short prompt has no keys).
+    decisions = page.locator(f"#traffic-routing tbody tr[data-key='{MODEL_ID}']")
+    expect(decisions.locator("td")).to_have_text(["0", "0", "0", "3"], timeout=10_000)
     screenshot(browser, page, tmp_path / "traffic.png")
 
     # Delete it from the page (two clicks: the first only arms the button).

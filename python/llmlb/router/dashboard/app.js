@@ -748,6 +748,52 @@ async function renderTraffic() {
   fillCharts($("traffic-total"), traffic.total, interval);
   trafficRows($("traffic-models"), $("traffic-models-empty"), traffic.models, interval);
   trafficRows($("traffic-nodes"), $("traffic-nodes-empty"), traffic.nodes, interval);
+  routingTables(traffic.routing || {});
+}
+
+const REASONS = ["prefix", "load", "affinity", "fallback"];
+
+function tableRows(table, rows) {
+  const body = table.querySelector("tbody");
+  const text = Number(table.dataset.textColumns || 1);
+  table.hidden = rows.length === 0;
+  syncList(
+    body,
+    rows,
+    (row) => row[0],
+    () => el("tr"),
+    (tr, [, cells]) => {
+      if (tr.children.length !== cells.length) {
+        tr.replaceChildren(
+          ...cells.map((_, i) =>
+            el(i === 0 ? "th" : "td", { scope: i === 0 ? "row" : null, class: i < text ? "text" : null }),
+          ),
+        );
+      }
+      cells.forEach((text, i) => setText(tr.children[i], text));
+    },
+  );
+}
+
+// Prefix-aware routing over the window: decisions by reason per model, and per node the share
+// of prompt characters the router's index predicted were already in the node's cache.
+function routingTables(routing) {
+  const models = Object.entries(routing.models || {}).sort(([a], [b]) => a.localeCompare(b));
+  tableRows(
+    $("traffic-routing"),
+    models.map(([model, reasons]) => [model, [model, ...REASONS.map((r) => String(reasons[r] || 0))]]),
+  );
+  const index = routing.index || {};
+  const cache = [];
+  for (const [node, perModel] of Object.entries(routing.nodes || {}).sort(([a], [b]) => a.localeCompare(b))) {
+    for (const [model, chars] of Object.entries(perModel).sort(([a], [b]) => a.localeCompare(b))) {
+      const share = chars.prompt_chars > 0 ? chars.predicted_cached_chars / chars.prompt_chars : 0;
+      const keys = index[node] ? String(index[node].keys) : "0";
+      cache.push([`${node} ${model}`, [node, model, String(chars.prompt_chars), `${Math.round(share * 100)} %`, keys]]);
+    }
+  }
+  tableRows($("traffic-cache"), cache);
+  $("traffic-routing-empty").hidden = models.length > 0 || cache.length > 0;
 }
 
 // -- keys ---------------------------------------------------------------------------------
