@@ -93,14 +93,20 @@ def test_a_saturated_holder_spills_to_the_least_loaded_node():
     assert bal.pick(fleet, model=MODEL, keys=keys) is NoPick.SATURATED
 
 
-def test_the_reported_load_of_other_routers_counts():
+def test_the_reported_load_breaks_ties_but_does_not_outweigh_a_prefix():
     index = PrefixIndex()
     keys = conversation()
     holding(index, "a", keys[:-1])
     holding(index, "b", keys[:-1])
     bal = balancer(index)
+    # Equal costs: two random choices, which weigh what the nodes last reported.
     fleet = [NodeView("a", "http://a:1", 8, active=5), NodeView("b", "http://b:1", 8)]
     assert {bal.pick(fleet, model=MODEL, keys=keys).node_id for _ in range(20)} == {"b"}
+    # A heartbeat's count comes late (it still counts the turn a just answered): the prefix
+    # a holds alone wins over it.
+    index.forget("b")
+    assert {bal.pick(fleet, model=MODEL, keys=keys).node_id for _ in range(20)} == {"a"}
+    assert bal.reason == PREFIX
 
 
 def test_ties_go_to_affinity_then_to_two_random_choices():

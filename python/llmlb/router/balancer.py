@@ -13,10 +13,14 @@ and every usable node (healthy, fewer requests in flight than slots) costs
 
     cost = (prompt_chars - cached_chars) / CHARS_PER_TOKEN + LOAD_WEIGHT_TOKENS * load
 
-(``load``: the requests in flight there, from this router or, when busier, as the node last
-reported). The cheapest wins; ties go to the ``user``/``X-Session-Id`` affinity, then to two
-random choices. A holder at its slot count is not usable, so a hot prefix spills to the least
-costly other node, which then builds its own copy. When no node holds any of the prompt, or
+(``load``: the requests this router has in flight there). The cheapest wins; ties go to the
+``user``/``X-Session-Id`` affinity, then to two random choices (which also weigh what the
+node last reported of other routers' requests). The count a node reports in its heartbeats
+is left out of the cost: it reaches the router seconds late, and it would count the turn a
+node just finished against the very node that holds that conversation. With several routers
+each one's own count is a fair sample of a node's load (clients spread over the routers).
+A holder at its slot count is not usable, so a hot prefix spills to the least costly other
+node, which then builds its own copy. When no node holds any of the prompt, or
 the request has no keys, the choice is the plain two-random-choices rule (``--routing p2c``
 always uses it).
 """
@@ -257,8 +261,8 @@ class Balancer:
         best = -1
         tied: list[NodeState] = []
         for state in usable:
-            load = state.outstanding if state.outstanding >= state.reported else state.reported
-            cost = (total - found.get(state.node_id, 0)) // CHARS_PER_TOKEN + weight * load
+            prefill = (total - found.get(state.node_id, 0)) // CHARS_PER_TOKEN
+            cost = prefill + weight * state.outstanding
             if best < 0 or cost < best:
                 best = cost
                 tied = [state]
