@@ -376,8 +376,12 @@ def test_a_request_that_kills_two_nodes_is_refused_for_good(router, api_key, bea
         reply = chat(router, api_key, model, x="deadly")
         assert reply.status == 502 and reply.json["error"]["code"] == "poison_request"
     assert len(recorder.requests("fragile")) == arrived  # not one reached a node
-    # No node was cooled down: every one of them serves the next requests.
-    served = [chat(router, api_key, model, seed=i) for i in range(30)]
+    # No node was cooled down: every one of them serves the next requests (each a new
+    # prompt: prefix-aware routing would keep sending one prompt to the node holding it).
+    served = [
+        chat(router, api_key, model, messages=[{"role": "user", "content": f"hi {i}"}])
+        for i in range(30)
+    ]
     assert {r.status for r in served} == {200}
     assert {r.headers["x-llmlb-node"] for r in served} == {"killed-a", "killed-b", "killed-c"}
 
