@@ -185,7 +185,8 @@ async def run_workload(
     """Every conversation of ``work`` against ``urls`` (one URL: a router or proxy; several:
     the oracle's nodes, conversation i to node i mod N)."""
     result = Result(setup, work.name)
-    rng = random.Random(seed)
+    rng = random.Random(f"{setup}/{work.name}/{seed}")
+    salt = rng.randrange(1 << 40)
     schedule = list(range(work.tenants)) * work.turns
     if work.skew:  # tenant 0 sends as many turns as all the others together
         schedule += [0] * (len(schedule) - 2 * work.turns)
@@ -196,7 +197,8 @@ async def run_workload(
 
         async def conversation(c: int) -> None:
             await asyncio.sleep(c * work.stagger_s)
-            system = system_prompt(0 if work.shared_system else c + 1)
+            # prompts of their own per run: no run finds another's in a node's caches
+            system = system_prompt(salt if work.shared_system else salt + c + 1)
             messages = [{"role": "system", "content": system}]
             url = urls[c % len(urls)]
             for turn in range(turns_of[c]):
