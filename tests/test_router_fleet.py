@@ -68,7 +68,7 @@ def test_wait_for_change():
         start = time.monotonic()
         await fleet.wait_for_change(0.05)
         timed_out = time.monotonic() - start
-        waiter = asyncio.create_task(fleet.wait_for_change(5))
+        waiter = asyncio.create_task(fleet.wait_for_change(60))
         await asyncio.sleep(0)
         start = time.monotonic()
         fleet.mark_node_offline("b")
@@ -76,7 +76,7 @@ def test_wait_for_change():
         return timed_out, time.monotonic() - start
 
     timed_out, woke = asyncio.run(scenario())
-    assert timed_out >= 0.05 and woke < 1
+    assert timed_out >= 0.05 and woke < 30  # woken by the change, long before its 60 s
 
 
 def test_only_nodes_that_can_serve_a_model_are_ready_for_it():

@@ -23,6 +23,7 @@ GGUF = b"GGUF" + bytes(1024)
 REPO = "google/gemma-3-270m-it-gguf"
 MODEL = "google/gemma-3-270m-it-gguf"
 HEARTBEAT_S = 0.4
+NOTIFIED_S = 4.0  # a change reaches the other router (its full reload: every 5 s)
 ROUTER_ENV = {
     "LLMLB_NODE_APPROVAL": "auto",
     "LLMLB_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_S),
@@ -107,15 +108,15 @@ def test_two_routers_share_keys_nodes_and_models_and_notify_once(
     logs = a.proc.log() + b.proc.log()
     assert logs.count(f"migrated to schema version {len(db.MIGRATIONS)}") == 1
 
-    # A key created on B works on A; revoked on A, B refuses it within a second.
+    # A key created on B works on A; revoked on A, B refuses it. Both through the change
+    # notification: the bound is below the 5 s full reload that would also bring them, and
+    # far above the notification's latency (milliseconds) on a busy machine.
     created = call(b, "POST", "/v0/keys", ADMIN, {"scope": "api"})
     assert created.status == 201
     key = created.json["key"]
-    wait_until(lambda: call(a, "GET", "/v1/models", key).status == 200, timeout=1.0)
+    wait_until(lambda: call(a, "GET", "/v1/models", key).status == 200, timeout=NOTIFIED_S)
     assert call(a, "DELETE", f"/v0/keys/{created.json['id']}", ADMIN).status == 204
-    revoked = time.monotonic()
-    wait_until(lambda: call(b, "GET", "/v1/models", key).status == 401, timeout=1.0)
-    assert time.monotonic() - revoked < 1.0
+    wait_until(lambda: call(b, "GET", "/v1/models", key).status == 401, timeout=NOTIFIED_S)
 
     leader = leader_of([a, b])
     other = b if leader is a else a
@@ -123,7 +124,7 @@ def test_two_routers_share_keys_nodes_and_models_and_notify_once(
         # A node registered through one router is known to the other.
         reply = call(other, "POST", "/v0/nodes", ADMIN, {"node_id": "n1", "url": node.url})
         assert reply.status == 201
-        wait_until(lambda: node_entry(leader, "n1") is not None, timeout=1.0)
+        wait_until(lambda: node_entry(leader, "n1") is not None, timeout=NOTIFIED_S)
         # Registered through either router (first the one that does not lead): the leader
         # notifies, once.
         for index, repo in enumerate(("acme/first", "acme/second"), start=1):
