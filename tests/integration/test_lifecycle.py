@@ -22,19 +22,20 @@ TRANSFER_WORKER = "llmlb.node.download.workers"
 
 
 def kill_main_and_check(proc: Proc, port: int) -> None:
-    """SIGKILL ``proc`` alone: all its descendants are gone within 2 s, its port is free."""
+    """SIGKILL ``proc`` alone: all its descendants are gone and its port is free (within
+    10 s: they die at once, the bound only catches ones that never do)."""
     tree = descendants(proc.pid)
     assert tree, "the server runs its app in worker processes"
     os.kill(proc.pid, signal.SIGKILL)
     proc.popen.wait(timeout=5)
     left = wait_until(
         lambda: all(gone(pid) for pid in tree),
-        timeout=2.0,
+        timeout=10.0,
         interval=0.02,
         message=f"{[(pid, cmdline(pid)) for pid in tree if not gone(pid)]} to exit",
     )
     assert left
-    wait_until(lambda: port_free(port), timeout=2.0, message=f"port {port} to be free")
+    wait_until(lambda: port_free(port), timeout=10.0, message=f"port {port} to be free")
 
 
 def test_node_sigkill_takes_worker_and_transfer_workers(spawn, tmp_path: Path) -> None:
