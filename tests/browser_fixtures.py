@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
+from tests.requirements import missing
 
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 # Chromium logs a fetch answered 4xx as a console error; a page that shows API errors by
@@ -40,9 +40,7 @@ def chromium_executable() -> str | None:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (.ci/run installs Debian's chromium)")
-    pytest.skip(reason)
+    missing(reason, ".ci/run installs Debian's chromium and the test extra's playwright")
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.procs import free_port, wait_until
+from tests.requirements import missing
 
 SUPERUSER = "postgres"
 
@@ -161,9 +162,8 @@ def make_server() -> PostgresServer:
     CI, where ``.ci/run`` installs it and its absence is a failure)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed (.ci/run installs postgresql)")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        missing("PostgreSQL is not installed (apt-get install postgresql)",
+                ".ci/run installs postgresql")
     server = PostgresServer(bin_dir)
     server.start()
     return server

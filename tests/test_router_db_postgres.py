@@ -10,7 +10,9 @@ import pytest
 from llmlb.protocol import Registration
 from llmlb.router import db, keys, nodes, outbox, registry
 
-pytest.importorskip("psycopg")
+from tests.requirements import require_module
+
+require_module("psycopg", "a dependency of llmlb")  # skipped, or failed under CI
 
 
 @pytest.fixture

@@ -22,9 +22,10 @@ from tests.conftest import GEMMA_NAME
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key, start_node
 from tests.procs import spawner
+from tests.requirements import require_module
 from tests.router_fixtures import call, free_url, start_router
 
-pytest.importorskip("playwright")
+require_module("playwright", "the test extra installs it")  # skipped, or failed under CI
 from playwright.sync_api import expect  # noqa: E402 - only once playwright is known present
 
 ADMIN = "sk-admin-dashboard-test-key"
