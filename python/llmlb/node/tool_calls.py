@@ -13,6 +13,10 @@ A template that never mentions tools gets the tools described in a system messag
 the ``hermes`` syntax. With ``tool_choice`` ``required`` or a named function the output is
 constrained by a grammar built from the tools' JSON schemas (llama-cpp-python's
 converter), so even a small base model answers with a well-formed call.
+
+A call the answer ends inside (cut by ``max_tokens``) never stays text: once its name is
+whole it is a :class:`ToolCall` with ``complete`` false and the arguments written so far, as
+OpenAI returns a cut call; cut inside its name, it is dropped.
 """
 
 from __future__ import annotations
