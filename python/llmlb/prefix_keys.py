@@ -186,7 +186,8 @@ def _chat_items(messages: Any) -> list[tuple[bytes, int]] | None:
         if role == "developer":
             role = "system"
         calls = []
-        for call in message.get("tool_calls") or ():
+        listed = message.get("tool_calls")
+        for call in listed if type(listed) is list else ():
             function = call.get("function") if type(call) is dict else None
             if type(function) is dict:
                 calls.append((str(function.get("name")), _compact(function.get("arguments"))))

@@ -138,16 +138,18 @@ class CacheReporter:
         try:
             async with self._session.post(url, data=orjson.dumps(report.to_json())) as resp:
                 status = resp.status
-                await resp.read()
+                answer = await resp.read()
         except (OSError, TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure: resync
             logger.debug("cache report to %s failed: %s", router.url, exc)
-            status = 0
+            status, answer = 0, b""
         if status in (200, 202, 204):
             self.reports += 1
             router.snapshot_due = False
             if snapshot:
                 router.refreshed = time.monotonic()
             return
-        # lost (unreachable, restarted, not registered yet, asked to resync): start again
+        # lost (unreachable, restarted, not registered yet, asked to resync): start again, at
+        # once when the router asked for a snapshot, else after a pause
         router.snapshot_due = True
-        router.retry_at = time.monotonic() + (0 if status == 409 else RETRY_S)
+        resync = status == 409 and b'"cache_resync"' in answer
+        router.retry_at = time.monotonic() + (0 if resync else RETRY_S)
