@@ -102,7 +102,7 @@ def popen(args: Any, **kwargs: Any) -> subprocess.Popen:
     """
     if threading.current_thread() is threading.main_thread():
         return subprocess.Popen(args, **kwargs)
-    return _spawner_pool().submit(subprocess.Popen, args, **kwargs).result()
+    return _spawner_pool().submit(subprocess.Popen, args, **kwargs).result()  # type: ignore[arg-type]
 
 
 def _spawner_pool() -> ThreadPoolExecutor:

@@ -178,7 +178,7 @@ def _items(route: str, doc: dict[str, Any]) -> list[tuple[bytes, int]] | None:
 def _chat_items(messages: Any) -> list[tuple[bytes, int]] | None:
     if type(messages) is not list:
         return None
-    items = []
+    items: list[tuple[bytes, int]] = []
     for message in messages[:MAX_ITEMS]:
         if type(message) is not dict:
             return items

@@ -53,7 +53,7 @@ _STRINGS = {"type": "array", "items": {"type": "string"}}
 _NODE_SECRET_TEXT = "The node's own secret (16-256 printable ASCII"
 
 
-def _ref(name: str) -> dict:
+def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
@@ -151,7 +151,7 @@ class ManifestFile:
     backends: list[str] = field(default_factory=list)
     format: str | None = None
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": [
             "filename",
@@ -217,7 +217,7 @@ class PeerSource:
     url: str
     uploads: int = 0
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": ["node_id", "url", "uploads"],
         "properties": {
@@ -259,7 +259,7 @@ class PeerReport:
     reporter: str | None = None
     node_secret: str | None = field(default=None, repr=False)
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": ["model_id", "node_id"],
         "properties": {
@@ -285,7 +285,7 @@ class PeerReport:
     }
 
     @classmethod
-    def parse(cls, body: dict) -> PeerReport:
+    def parse(cls, body: dict[str, Any]) -> PeerReport:
         """Validate a report body.
 
         Raises:
@@ -375,7 +375,7 @@ class Manifest:
     peers: tuple[PeerSource, ...] = ()
     peer_wait_s: float | None = None
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": [
             "model_id",
@@ -477,7 +477,7 @@ class ModelReport:
     uploads: int | None = None
     bytes_served: int | None = None
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": ["id"],
         "properties": {
@@ -507,7 +507,7 @@ class ModelReport:
             "bytes_served": {**_BYTES, "description": "bytes served to other nodes"},
         },
     }
-    LIST_SCHEMA: ClassVar[dict] = {
+    LIST_SCHEMA: ClassVar[dict[str, Any]] = {
         "type": ["array", "null"],
         "description": "A node's models; a bare string is a ready model",
         "items": {"anyOf": [{"type": "string"}, _ref("ModelReport")]},
@@ -542,7 +542,7 @@ class ModelReport:
 PEER_COUNTERS = ("bytes_from_hub", "bytes_from_peers", "uploads", "bytes_served")
 
 
-def transfer_totals(models: list[dict]) -> dict[str, int]:
+def transfer_totals(models: list[dict[str, Any]]) -> dict[str, int]:
     """A node's per-model :data:`PEER_COUNTERS` summed (its ``transfer`` in the node's status
     and in ``GET /v0/nodes``)."""
     totals = dict.fromkeys(PEER_COUNTERS, 0)
@@ -552,7 +552,7 @@ def transfer_totals(models: list[dict]) -> dict[str, int]:
     return totals
 
 
-def parse_model_reports(value: Any) -> list[dict]:
+def parse_model_reports(value: Any) -> list[dict[str, Any]]:
     """Validate a node's ``models`` list into the wire form of :class:`ModelReport`, one per id
     (the last one wins). ``status`` is accepted for ``state``; a bare string means a ready
     model.
@@ -567,7 +567,7 @@ def parse_model_reports(value: Any) -> list[dict]:
         return []
     if not isinstance(value, list):
         raise _bad("models must be a list")
-    reports: dict[str, dict] = {}
+    reports: dict[str, dict[str, Any]] = {}
     for item in value:
         if isinstance(item, str):
             item = {"id": item, "state": _READY}
@@ -633,12 +633,12 @@ class Registration:
     node_id: str
     url: str
     runtimes: list[str]
-    gpu: dict
+    gpu: dict[str, Any]
     slots: int
-    models: list[dict]
+    models: list[dict[str, Any]]
     node_secret: str | None = None
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "required": ["url"],
         "properties": {
@@ -660,7 +660,7 @@ class Registration:
     }
 
     @classmethod
-    def parse(cls, body: dict) -> Registration:
+    def parse(cls, body: dict[str, Any]) -> Registration:
         """Validate a registration body.
 
         Raises:
@@ -701,13 +701,13 @@ class Registration:
 class Heartbeat:
     """A ``POST /v0/nodes/{id}/heartbeat`` body; ``None`` fields keep their stored value."""
 
-    models: list[dict] | None
+    models: list[dict[str, Any]] | None
     active_requests: int
     slots: int | None
     runtimes: list[str] | None = None
     node_secret: str | None = None
 
-    SCHEMA: ClassVar[dict] = {
+    SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
         "properties": {
             "models": _ref("ModelReports"),
@@ -723,7 +723,7 @@ class Heartbeat:
     }
 
     @classmethod
-    def parse(cls, body: dict) -> Heartbeat:
+    def parse(cls, body: dict[str, Any]) -> Heartbeat:
         """Validate a heartbeat body.
 
         Raises:
@@ -752,7 +752,7 @@ class Heartbeat:
 
 
 #: The protocol's schemas for the router's OpenAPI ``components.schemas``.
-SCHEMAS: dict[str, dict] = {
+SCHEMAS: dict[str, dict[str, Any]] = {
     "ManifestFile": ManifestFile.SCHEMA,
     "Manifest": Manifest.SCHEMA,
     "PeerSource": PeerSource.SCHEMA,

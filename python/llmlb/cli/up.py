@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmlb import config
 from llmlb.cli import demo
@@ -31,6 +31,9 @@ from llmlb.cli.api_client import ApiClient, ApiClientError
 from llmlb.cli.children import Child, stop_all
 from llmlb.cli.progress import ModelProgress, byte_bar, progress_from_nodes
 from llmlb.private_file import write_private_file
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 HOST = "127.0.0.1"
 API_KEY_FILE = "api.key"
@@ -373,7 +376,7 @@ class _ProgressReporter:
 
     def __init__(self, model_id: str):
         self.model_id = model_id
-        self._bar = None
+        self._bar: Progress | None = None
         self._last_line = ""
 
     def update(self, progress: ModelProgress) -> None:

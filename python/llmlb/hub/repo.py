@@ -206,7 +206,9 @@ def fetch_repo_manifest(
             raise NoSupportedArtifacts(f"{path} in {repo_id} is not valid JSON: {exc}") from None
 
     selection = select_artifacts(listing, filename, read_json)
-    entries = [(path, False, []) for path in selection.required]
+    entries: list[tuple[str, bool, list[str]]] = [
+        (path, False, []) for path in selection.required
+    ]
     entries += [(path, True, backends) for path, backends in selection.optional]
     files = [
         ManifestFile(

@@ -19,6 +19,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -26,6 +27,9 @@ from llmlb import config
 from llmlb.node.inference.cache_directory import CacheDirectory
 from llmlb.node.membership import Membership
 from llmlb.prefix_keys import MAX_REPORT_KEYS, CacheReport
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["CacheReporter"]
 
@@ -74,7 +78,7 @@ class CacheReporter:
         self.reports = 0  # reports accepted, all routers together
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         """Start reporting (returns at once; nothing happens without routers)."""

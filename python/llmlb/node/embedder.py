@@ -114,6 +114,7 @@ class Embedder:
             finally:
                 batch.close()
                 ctx.seq_rm(0)
+        assert first is not None and last is not None  # tokens is never empty
         if self.pooling == "cls":
             vector = first.astype(np.float64)
         elif self.pooling == "last":

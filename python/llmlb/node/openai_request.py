@@ -92,7 +92,7 @@ class Generation:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    grammar_schema: dict | str | None = None
+    grammar_schema: dict[str, Any] | str | None = None
     user: str | None = None
 
 
@@ -145,7 +145,7 @@ class EmbeddingRequest:
 # -- field readers ---------------------------------------------------------------------
 
 
-def number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
+def number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
     """A number in ``[lo, hi]`` (``default`` when absent or null)."""
     value = body.get(name)
     if value is None:
@@ -157,7 +157,9 @@ def number(body: dict, name: str, lo: float, hi: float, default: float) -> float
     return float(value)
 
 
-def integer(body: dict, name: str, lo: int, hi: int | None, default: int | None) -> int | None:
+def integer(
+    body: dict[str, Any], name: str, lo: int, hi: int | None, default: int | None
+) -> int | None:
     """An integer in ``[lo, hi]`` (``default`` when absent or null)."""
     value = body.get(name)
     if value is None:
@@ -170,7 +172,7 @@ def integer(body: dict, name: str, lo: int, hi: int | None, default: int | None)
     return value
 
 
-def boolean(body: dict, name: str, default: bool = False) -> bool:
+def boolean(body: dict[str, Any], name: str, default: bool = False) -> bool:
     """A boolean (``default`` when absent or null)."""
     value = body.get(name)
     if value is None:
@@ -180,7 +182,7 @@ def boolean(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def text(body: dict, name: str) -> str | None:
+def text(body: dict[str, Any], name: str) -> str | None:
     """An optional string."""
     value = body.get(name)
     if value is not None and not isinstance(value, str):
@@ -188,7 +190,7 @@ def text(body: dict, name: str) -> str | None:
     return value
 
 
-def _stop(body: dict) -> tuple[str, ...]:
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     value = body.get("stop")
     if value is None:
         return ()
@@ -201,7 +203,7 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(s for s in value if s)
 
 
-def _logit_bias(body: dict) -> dict[int, float]:
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
     value = body.get("logit_bias")
     if value is None:
         return {}
@@ -221,7 +223,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
     return out
 
 
-def _sampling(body: dict) -> SamplingParams:
+def _sampling(body: dict[str, Any]) -> SamplingParams:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad("seed", "'seed' must be an integer")
@@ -238,7 +240,7 @@ def _sampling(body: dict) -> SamplingParams:
     )
 
 
-def _max_tokens(body: dict, least: int) -> int | None:
+def _max_tokens(body: dict[str, Any], least: int) -> int | None:
     for name in ("max_completion_tokens", "max_tokens"):
         value = integer(body, name, least, None, None)
         if value is not None:
@@ -246,7 +248,7 @@ def _max_tokens(body: dict, least: int) -> int | None:
     return None
 
 
-def _stream(body: dict) -> tuple[bool, bool]:
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = boolean(body, "stream")
     options = body.get("stream_options")
     if options is None:
@@ -258,7 +260,7 @@ def _stream(body: dict) -> tuple[bool, bool]:
     return stream, boolean(options, "include_usage")
 
 
-def _response_format(body: dict) -> dict | str | None:
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | str | None:
     value = body.get("response_format")
     if value is None:
         return None
@@ -280,7 +282,7 @@ def _response_format(body: dict) -> dict | str | None:
     raise bad("response_format", f"'response_format.type' {kind!r} is not supported")
 
 
-def _generation(body: dict, *, chat: bool) -> Generation:
+def _generation(body: dict[str, Any], *, chat: bool) -> Generation:
     stream, include_usage = _stream(body)
     if chat:
         logprobs = boolean(body, "logprobs")
@@ -328,7 +330,7 @@ def _content_text(content: Any, param: str) -> str:
     return "".join(parts)
 
 
-def chat_messages(body: dict) -> list[dict[str, Any]]:
+def chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``messages`` of a chat body, each with ``role`` and text ``content``.
 
     Raises:
@@ -390,7 +392,7 @@ def _history_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _check_unsupported(body: dict) -> None:
+def _check_unsupported(body: dict[str, Any]) -> None:
     for name, allowed in _CHAT_UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
             raise bad(name, f"'{name}' is not supported by this node")
@@ -445,21 +447,21 @@ def tool_choice(value: Any, offered: list[Tool]) -> str:
     if value in ("none", "auto", "required"):
         if value == "required" and not offered:
             raise bad("tool_choice", "'tool_choice' is 'required' but no 'tools' are given")
-        return value
+        return str(value)
     if isinstance(value, dict) and value.get("type") == "function":
         function = value.get("function")
         if not isinstance(function, dict):
             raise bad("tool_choice.function",
                       "'tool_choice.function' must be an object with the tool's 'name'")
         name = function.get("name")
-        if any(t.name == name for t in offered):
+        if isinstance(name, str) and any(t.name == name for t in offered):
             return name
         raise bad("tool_choice", f"'tool_choice' names {name!r}, which is not in 'tools'")
     raise bad("tool_choice",
               "'tool_choice' must be 'none', 'auto', 'required' or a named function")
 
 
-def chat_request(body: dict) -> ChatRequest:
+def chat_request(body: dict[str, Any]) -> ChatRequest:
     """Validate a ``/v1/chat/completions`` body.
 
     Raises:
@@ -506,7 +508,7 @@ def prompts(value: Any, name: str) -> list[str | list[int]]:
     )
 
 
-def completion_request(body: dict) -> CompletionRequest:
+def completion_request(body: dict[str, Any]) -> CompletionRequest:
     """Validate a ``/v1/completions`` body.
 
     Raises:
@@ -532,7 +534,7 @@ def completion_request(body: dict) -> CompletionRequest:
 # -- embeddings ----------------------------------------------------------------------
 
 
-def embedding_request(body: dict) -> EmbeddingRequest:
+def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
     """Validate a ``/v1/embeddings`` body.
 
     Raises:

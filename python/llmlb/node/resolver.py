@@ -367,7 +367,9 @@ class Resolver:
             return task
         state = self.states.get(model_id)
         waiting = state is not None and state.state == ModelState.FAILED and not retry_failed
-        if waiting and (state.retry_at is None or time.time() < state.retry_at):
+        if waiting and state is not None and (
+            state.retry_at is None or time.time() < state.retry_at
+        ):
             done: asyncio.Future = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done  # type: ignore[return-value]

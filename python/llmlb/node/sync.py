@@ -239,7 +239,7 @@ class RouterSync:
             else:
                 logger.info("registration failed: %s", exc)
             return False
-        except (*_client_errors(), TimeoutError) as exc:
+        except (*_client_errors(), TimeoutError) as exc:  # type: ignore[misc]
             logger.info("registration failed: %s", exc)
             return False
         self.sync_token = answer.get("sync_token")
@@ -265,7 +265,7 @@ class RouterSync:
         """
         try:
             body = await self._get("/v0/models")
-        except (*_client_errors(), TimeoutError, RouterError) as exc:
+        except (*_client_errors(), TimeoutError, RouterError) as exc:  # type: ignore[misc]
             logger.warning("cannot list the router's models: %s", exc)
             return False
         registered = [m["id"] for m in body.get("models", []) if isinstance(m, dict)]
@@ -437,7 +437,7 @@ class RouterSync:
             if exc.status >= 500:
                 self._fail_over()
             raise
-        except (*_client_errors(), TimeoutError):
+        except (*_client_errors(), TimeoutError):  # type: ignore[misc]
             self._fail_over()
             raise
 

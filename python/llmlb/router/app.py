@@ -84,7 +84,11 @@ class RouterApp:
         self.settings = settings
         self.runtime = Runtime(settings)
         self.fleet = self.runtime.fleet
-        self.proxy = InferenceProxy(self.fleet, settings, index=self.runtime.index)
+        # proxy.Fleet.ready_nodes says list[NodeLike], which list[NodeView] is not (lists are
+        # invariant); a Sequence there would say what the proxy needs.
+        self.proxy = InferenceProxy(
+            self.fleet, settings, index=self.runtime.index  # type: ignore[arg-type]
+        )
         self._keys = self.runtime.keys
         self._max_body = settings.max_body_bytes
         self._too_large = tuple(

@@ -220,7 +220,7 @@ def schema_version(conn: Conn) -> int:
         return conn.execute("PRAGMA user_version").fetchone()[0]
     from llmlb.router.db_postgres import schema_version as pg_version
 
-    return pg_version(conn)
+    return pg_version(conn)  # type: ignore[arg-type]  # not SQLite: a PgConn
 
 
 def migrate(conn: Conn) -> int:
@@ -235,7 +235,7 @@ def migrate(conn: Conn) -> int:
     if not isinstance(conn, sqlite3.Connection):
         from llmlb.router.db_postgres import migrate as pg_migrate
 
-        return pg_migrate(conn)
+        return pg_migrate(conn)  # type: ignore[arg-type]  # not SQLite: a PgConn
     while True:
         with transaction(conn):
             current = schema_version(conn)
@@ -294,6 +294,7 @@ def open_database(target: str | Path) -> Any:
         A ``sqlite3.Connection``, or a :class:`~llmlb.router.db_postgres.PgConn`; both
         have ``close()``.
     """
+    conn: Any
     if is_postgres_url(target):
         from llmlb.router.db_postgres import open_connection
 

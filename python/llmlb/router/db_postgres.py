@@ -133,7 +133,11 @@ class PgConn:
 
 def open_connection(url: str) -> PgConn:
     """One autocommit connection to ``url`` (the CLI's start-up work)."""
-    return PgConn(psycopg.connect(url, autocommit=True, row_factory=row_factory, **CONNECT_ARGS))
+    return PgConn(
+        psycopg.connect(
+            url, autocommit=True, row_factory=row_factory, **CONNECT_ARGS  # type: ignore[arg-type]
+        )
+    )
 
 
 def schema_version(conn: PgConn) -> int:
@@ -141,7 +145,8 @@ def schema_version(conn: PgConn) -> int:
     row = conn.raw.execute("SELECT to_regclass('llmlb_migrations')").fetchone()
     if row is None or row[0] is None:
         return 0
-    return conn.raw.execute("SELECT COALESCE(MAX(version), 0) FROM llmlb_migrations").fetchone()[0]
+    latest = conn.raw.execute("SELECT COALESCE(MAX(version), 0) FROM llmlb_migrations")
+    return latest.fetchone()[0]  # type: ignore[index]  # an aggregate: always one row
 
 
 def migrate(conn: PgConn) -> int:

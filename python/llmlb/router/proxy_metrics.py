@@ -9,6 +9,7 @@ by a collector, costing the hot path nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -46,7 +47,7 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = REGISTRY if registry is None else registry
-        kw = {"registry": registry}
+        kw: dict[str, Any] = {"registry": registry}
         self._requests = Counter(
             "llmlb_proxy_requests", "Responses relayed from nodes.", ["node", "model", "code"], **kw
         )
@@ -99,7 +100,7 @@ class ProxyMetrics:
         )
         self._registry = registry
         self._collector: Collector | None = None
-        self._children: dict[tuple, object] = {}
+        self._children: dict[tuple, Any] = {}
 
     def _child(self, metric: Counter | Histogram, labels: tuple[str, ...]):
         key = (id(metric), *labels)

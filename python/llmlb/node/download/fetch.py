@@ -537,7 +537,7 @@ class ModelFetch:
             "%s: %s: %.1f MiB from peer %s, %.1f MiB from the hub",
             self.model_id,
             spec.filename,
-            sum(file.peer_bytes.values()) / MIB,
+            sum((file.peer_bytes or {}).values()) / MIB,
             peer.node_id,
             file.hub_bytes / MIB,
         )

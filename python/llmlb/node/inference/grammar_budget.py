@@ -20,7 +20,7 @@ in ``bench/README.md``): any count at most 2,000, nested counts multiplying to a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = ["GrammarBudget", "GrammarBudgetExceeded", "check_gbnf", "check_pattern", "check_schema"]
 
@@ -269,7 +269,7 @@ def _largest_count(body: str) -> int:
     return largest
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 

@@ -216,7 +216,7 @@ class RepoStore:
 
     def repo_ids(self) -> list[str]:
         """Every ``org/name`` directory under the root."""
-        ids = []
+        ids: list[str] = []
         for org in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if org.name.startswith("."):
                 continue

@@ -442,8 +442,8 @@ class HubStandin:
             full = self.faults.find("full", "resolve", request.method, repo_id, path)
             if full is not None and parsed is not None:
                 self._fired(request, full)
-            elif parsed is not None:
-                start, end = parsed  # type: ignore[misc]
+            elif isinstance(parsed, tuple):
+                start, end = parsed
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
         response = web.StreamResponse(status=status, headers=headers)
