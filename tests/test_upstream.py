@@ -311,3 +311,47 @@ def test_failures_say_whether_the_request_reached_the_node():
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_kept_alive_connection_times_reads_by_the_current_wait():
+    """One timer per connection outlives each wait: a timer armed by an earlier, shorter wait
+    does not end a later, longer one early, and a shorter one still ends on time."""
+    answered = []
+    connections = []
+
+    async def answers_late(reader, writer):
+        connections.append(writer)
+        while True:
+            try:
+                head, _ = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            if b"/late" in head:
+                await asyncio.sleep(0.5)
+            if b"/never" in head:
+                await asyncio.sleep(5)
+            answered.append(head.split(b" ")[1])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async def scenario():
+        server, url = await serve(answers_late)
+        nodes = pool(url, read_timeout=0.3)
+        resp = await nodes.request(b"POST", "/now", b"{}")  # arms the timer at +0.3 s
+        assert await resp.read() == b"ok"
+        resp.release()
+        nodes.read_timeout = 2.0
+        started = asyncio.get_running_loop().time()
+        resp = await nodes.request(b"POST", "/late", b"{}")  # same connection, 0.5 s answer
+        assert await resp.read() == b"ok"
+        assert asyncio.get_running_loop().time() - started >= 0.45
+        resp.release()
+        assert answered == [b"/now", b"/late"] and len(connections) == 1
+        nodes.read_timeout = 0.2
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(nodes.request(b"POST", "/never", b"{}"), 3.0)
+        assert asyncio.get_running_loop().time() - started < 1.5  # not the 2 s armed before
+        server.close()
+
+    asyncio.run(scenario())

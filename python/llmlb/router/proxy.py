@@ -117,7 +117,8 @@ class ProxySettings:
         stream_idle_timeout_s: longest silence of a node between two pieces of an answer
             once its first bytes arrived; the stream then ends with an error event.
         total_timeout_s: longest time of a whole request in the router (0: no limit); the
-            node request is cancelled then (504 before the first byte, else an error event).
+            node request is cancelled then (504 before the first byte, else an error event),
+            within a tenth of the limit (at most 1 s) after it passed.
         max_inflight: inference requests one worker takes at once (waiting ones included);
             beyond it, 503 ``overloaded`` with ``Retry-After`` at once.
         max_retries: other nodes tried after a failure before any byte reached the client.
@@ -329,15 +330,19 @@ class InferenceProxy:
         self._clients: dict[str, NodePool] = {}
         self._model_ids: dict[str, str | ApiError] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._exchanges: set[_Exchange] = set()  # requests in flight, for _expire
         self._started = False
 
     async def start(self) -> None:
-        """Start background work (fleet watcher, state gauges); call at lifespan start."""
+        """Start background work (fleet watcher, time limit, state gauges); call at lifespan
+        start."""
         if self._started:
             return
         self._started = True
         self.metrics.watch(self.balancer, self.queue, lambda: self.inflight)
         self._spawn(self._watch_fleet())
+        if self.settings.total_timeout_s > 0:
+            self._spawn(self._expire())
 
     async def close(self) -> None:
         """Stop background work and close every node connection pool."""
@@ -380,12 +385,12 @@ class InferenceProxy:
             self.inflight -= 1
 
     async def _guarded(self, ex: _Exchange, receive: Receive) -> None:
-        """Forward the request, cancelling it when the client leaves or time runs out."""
-        loop = asyncio.get_running_loop()
+        """Forward the request, cancelling it when the client leaves or time runs out (the
+        latter found by :meth:`_expire`: one sweep instead of a timer per request)."""
         task = ex.task
-        watcher = loop.create_task(_watch_client(receive, ex))
-        total = self.settings.total_timeout_s
-        timer = loop.call_later(total, ex.cut, "total_timeout") if total > 0 else None
+        watch = _ClientWatch(receive, ex)
+        exchanges = self._exchanges
+        exchanges.add(ex)
         try:
             await self._forward(ex)
         except asyncio.CancelledError:
@@ -395,9 +400,19 @@ class InferenceProxy:
             await self._cut_short(ex)
         finally:
             ex.finished = True
-            watcher.cancel()
-            if timer is not None:
-                timer.cancel()
+            exchanges.discard(ex)
+            watch.close()
+
+    async def _expire(self) -> None:
+        """Cut every request in the router for longer than ``total_timeout_s``, checking a
+        tenth of the limit (at most a second) apart."""
+        limit = self.settings.total_timeout_s
+        period = min(1.0, limit / 10)
+        while self._started:
+            await asyncio.sleep(period)
+            oldest = perf_counter() - limit
+            for ex in [ex for ex in self._exchanges if ex.start <= oldest]:
+                ex.cut("total_timeout")
 
     async def _cut_short(self, ex: _Exchange) -> None:
         """Answer what can still be answered of a request cancelled for ``ex.reason``."""
@@ -876,13 +891,43 @@ class InferenceProxy:
         task.add_done_callback(self._tasks.discard)
 
 
-async def _watch_client(receive: Receive, ex: _Exchange) -> None:
-    """Cancel the request when its client disconnects."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            ex.cut("client_gone")
+class _ClientWatch:
+    """Cancels ``ex`` when its client disconnects.
+
+    Granian's ``receive()`` returns a future: a callback on it costs a fraction of a task per
+    request awaiting it. Any other awaitable (other ASGI servers, tests) runs as a task.
+    """
+
+    __slots__ = ("_receive", "_ex", "_waiter")
+
+    def __init__(self, receive: Receive, ex: _Exchange) -> None:
+        self._receive = receive
+        self._ex = ex
+        self._arm()
+
+    def _arm(self) -> None:
+        waiter: Any = self._receive()
+        if not asyncio.isfuture(waiter):
+            waiter = asyncio.ensure_future(waiter)
+        self._waiter = waiter
+        waiter.add_done_callback(self._done)
+
+    def _done(self, waiter: Any) -> None:
+        if waiter.cancelled() or self._ex.finished:
             return
+        try:
+            message = waiter.result()
+        except Exception:  # the server failed the receive: nothing left to watch
+            return
+        if message["type"] == "http.disconnect":
+            self._ex.cut("client_gone")
+        else:
+            self._arm()
+
+    def close(self) -> None:
+        """Stop watching (the request is over)."""
+        if not self._waiter.done():
+            self._waiter.cancel()
 
 
 def _describe(exc: BaseException | None) -> str:

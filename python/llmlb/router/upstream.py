@@ -89,6 +89,9 @@ class _Connection(asyncio.Protocol):
         "reusable",
         "idle_since",
         "_waiter",
+        "_deadline",
+        "_timer",
+        "_timer_at",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -97,6 +100,10 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._waiter: asyncio.Future[bool] | None = None
+        # One timer per connection, armed lazily (see wait): no timer per read.
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.reset(True)
 
     def reset(self, expect_body: bool) -> None:
@@ -136,6 +143,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._state == _UNTIL_CLOSE:
             self._finish()
         elif not self.complete and self.error is None:
@@ -282,19 +292,41 @@ class _Connection(asyncio.Protocol):
     async def wait(self, timeout: float) -> None:
         """Wait for more data, the end of the connection or ``timeout`` seconds.
 
+        The connection's one timer stays armed across waits and is moved only when a wait
+        ends earlier than it is set for; when it fires early it re-arms for the current
+        deadline (a timer per read cost more than the rest of a short answer's relay).
+
         Raises:
             UpstreamTimeout: nothing happened within ``timeout``.
         """
         loop = self._loop
+        deadline = self._deadline = loop.time() + timeout
+        timer = self._timer
+        if timer is None or deadline < self._timer_at:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._timer = loop.call_at(deadline, self._expire)
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter)
         try:
             arrived = await waiter
         finally:
-            timer.cancel()
             self._waiter = None
         if not arrived:
             raise UpstreamTimeout(f"no data from the node for {timeout:g} s")
+
+    def _expire(self) -> None:
+        """The timer fired: end a wait past its deadline, re-arm for one still running, and
+        stay disarmed while nothing waits."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._loop.time() >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._expire)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -306,11 +338,6 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None and not self.closed:
             self.transport.abort()
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
 
 
 class Response:
