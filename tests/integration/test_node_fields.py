@@ -310,6 +310,10 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "parameters": {
         "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
         "required": ["zone"]}}}
+# A call is about 26 tokens here (this GGUF spells <tool_call> in five); with parallel calls
+# allowed an answer ends at the first call it would not return (a repeat), so it needs room
+# for three.
+CALLS_ROOM = 128
 TOOLS = {"tools": [WEATHER, TIME], "max_tokens": 48,
          "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
 TOKEN_IDS = "<the token ids of PROMPT>"  # replaced by them in the test
@@ -335,10 +339,12 @@ CHAT_ONLY: list[tuple[str, str, dict, Check]] = [
     ("tool_choice_required_one", "chat",
      {**TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
      tool_calls({"get_weather", "get_time"}, count=1)),
-    ("tool_choice_required", "chat", {**TOOLS, "tool_choice": "required", "temperature": 0},
+    ("tool_choice_required", "chat",
+     {**TOOLS, "tool_choice": "required", "temperature": 0, "max_tokens": CALLS_ROOM},
      tool_calls({"get_weather", "get_time"})),
     ("tool_choice_named", "chat",
-     {**TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     {**TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+      "max_tokens": CALLS_ROOM},
      tool_calls({"get_time"})),
     ("metadata_and_ids", "chat", {"metadata": {"team": "qa"}, "service_tier": "auto",
                                   "prompt_cache_key": "k1", "safety_identifier": "user-1"},
