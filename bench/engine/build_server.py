@@ -53,7 +53,7 @@ def fetch_sdist(version: str, dest: Path) -> Path:
     """Download and extract the sdist of ``llama-cpp-python==version``; returns its root."""
     dest.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "download", "--no-deps",
          "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", str(dest)],
         check=True,
     )
