@@ -316,11 +316,7 @@ class Scheduler:
             running, sampling_since = self._sampling, self._sampling_since
             bound = max(limits.stall_floor_s, limits.grammar_token_budget_s)
             if running is not None and not running.job.cancelled and now - sampling_since > bound:
-                code = "grammar_too_complex" if running.sampler.grammar else "step_stalled"
-                spent = now - sampling_since
-                message = f"picking one token took over {spent:.1f}s; the request was ended"
-                logger.warning("a sampler ran for %.1fs; ending its request", spent)
-                _fail_job(running.job, ErrorEvent(message, 400, code))
+                _end_slow_sampler(running, now - sampling_since, still_running=True)
             time.sleep(min(0.25, limits.stall_floor_s / 4))
 
     def _stalled(self, spent: float) -> None:
@@ -472,16 +468,7 @@ class Scheduler:
         if r.sampler.grammar is not None:
             spent = time.monotonic() - started
             if spent > self.limits.grammar_token_budget_s:
-                logger.warning("a grammar took %.2fs for one token; ending its request", spent)
-                _fail_job(
-                    job,
-                    ErrorEvent(
-                        f"the response grammar took {spent:.2f}s to pick one token (the limit "
-                        f"is {self.limits.grammar_token_budget_s:g}s); simplify the schema",
-                        400,
-                        "grammar_too_complex",
-                    ),
-                )
+                _end_slow_sampler(r, spent, still_running=False)
                 return 0
         info = None
         if job.top_logprobs is not None:
@@ -508,7 +495,7 @@ class Scheduler:
         if r.index == 0 and r.job.on_answer is not None:
             key = r.job.on_answer("".join(r.answer) + tail)
             if key is not None:
-                self.directory.add(("slot", self.model_id, r.slot.seq), self.model_id, (key,))
+                self.directory.add(self._holder(r.slot), self.model_id, (key,))
         self._release(r)
 
     def _release(self, r: _Running) -> None:
@@ -588,7 +575,7 @@ class Scheduler:
             raise
         self.stats.cached_tokens += keep
         for s in slots:
-            self.directory.hold(("slot", self.model_id, s.seq), self.model_id, job.prefix_keys)
+            self.directory.hold(self._holder(s), self.model_id, job.prefix_keys)
         job.held = job.n
         job.emit(StartEvent(len(job.prompt), keep, source))
         if keep:
@@ -608,6 +595,10 @@ class Scheduler:
                 )
             )
 
+    def _holder(self, slot: _Slot) -> tuple[str, str, int]:
+        """``slot``'s name in the cache directory."""
+        return ("slot", self.model_id, slot.seq)
+
     def _save(self, slot: _Slot) -> None:
         """Copy ``slot``'s state into the RAM cache (if there is one and it is worth it)."""
         cache = self.prompt_cache
@@ -618,7 +609,7 @@ class Scheduler:
         entry = CachedPrompt(list(slot.tokens), state, self.ctx.seq_pos_min(slot.seq))
         if not cache.put(entry):
             return
-        self.directory.copy(("slot", self.model_id, slot.seq), ("ram", id(entry)))
+        self.directory.copy(self._holder(slot), ("ram", id(entry)))
         self.stats.saves += 1
         self._on_cache("save", 1)
         if cache.evictions > evictions:
@@ -660,7 +651,7 @@ class Scheduler:
         for r in [r for r in self._running if id(r.job) in failed]:
             self.ctx.seq_rm(r.slot.seq)
             r.slot.tokens.clear()
-            self.directory.drop(("slot", self.model_id, r.slot.seq))
+            self.directory.drop(self._holder(r.slot))
             self._release(r)
 
     def _fail_all(self, message: str) -> None:
@@ -673,6 +664,20 @@ class Scheduler:
             if not job.cancelled:
                 job.emit(ErrorEvent(message))
             _job_released(job)
+
+
+def _end_slow_sampler(r: _Running, spent: float, *, still_running: bool) -> None:
+    """End ``r``'s request: picking one token took ``spent`` seconds (any thread)."""
+    grammar = r.sampler.grammar is not None
+    logger.warning(
+        "picking one token %s %.2fs%s; ending its request",
+        "has taken" if still_running else "took",
+        spent,
+        " (a grammar)" if grammar else "",
+    )
+    advice = "; simplify the schema" if grammar else ""
+    message = f"picking one token took {spent:.2f}s, over the limit{advice}"
+    _fail_job(r.job, ErrorEvent(message, 400, "grammar_too_complex" if grammar else "step_stalled"))
 
 
 def _fail_job(job: Job, event: ErrorEvent) -> None:
