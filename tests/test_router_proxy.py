@@ -746,3 +746,45 @@ def test_a_request_whose_stream_two_nodes_cut_is_poison_for_the_next_try():
                 assert all(s.healthy and s.failures == 0 for s in proxy.balancer.nodes.values())
 
     asyncio.run(scenario())
+
+
+def test_a_quick_answer_leaves_the_client_unwatched_and_a_long_one_watched(mock):
+    """The client's disconnect is watched (a second ``receive()``) only for requests still in
+    the router after ``_WATCH_AFTER_S``: a server's disconnect watch costs thread wake-ups."""
+    from llmlb.router.proxy import _WATCH_AFTER_S
+
+    async def receives(url: str) -> tuple[float, int]:
+        """How long one chat request to a node at ``url`` took, and its receive() calls."""
+        calls = 0
+
+        async def receive() -> dict:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return {"type": "http.request", "body": orjson.dumps(CHAT), "more_body": False}
+            await asyncio.Event().wait()
+            return {}
+
+        async def send(message: dict) -> None:
+            pass
+
+        fleet = FleetView()
+        load(fleet, node("n1", url))
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        async with running(fleet) as proxy:
+            started = time.monotonic()
+            await proxy(scope, receive, send)
+            return time.monotonic() - started, calls
+
+    async def scenario() -> None:
+        took, calls = await receives(mock)
+        assert calls == 1 or took >= _WATCH_AFTER_S  # quick: never watched
+        took, calls = await receives(f"{mock}/_mock/slow/sleep600")
+        assert took >= 0.5 and calls == 2  # watched while the node worked
+
+    asyncio.run(scenario())

@@ -53,6 +53,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from time import perf_counter
@@ -104,6 +105,9 @@ _KEYED_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 )
 _NOT_READY_RETRY_AFTER_S = 5.0
+# A request still in the router this long gets its client's disconnect watched: Granian's watch
+# costs thread wake-ups per request, and a quicker answer has nothing to save by it.
+_WATCH_AFTER_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +259,7 @@ class _Exchange:
     reason: str | None = None
     node: str | None = None
     anthropic: bool = False  # an Anthropic route: the router's errors in Anthropic's shape
+    watch: _ClientWatch | None = None  # the client's disconnect watch, once armed
 
     def cut(self, reason: str) -> None:
         """Cancel the request (unless it is over already)."""
@@ -331,6 +336,8 @@ class InferenceProxy:
         self._model_ids: dict[str, str | ApiError] = {}
         self._tasks: set[asyncio.Task] = set()
         self._exchanges: set[_Exchange] = set()  # requests in flight, for _expire
+        self._unwatched: deque[tuple[_Exchange, Receive]] = deque()  # for _watch_clients
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._started = False
 
     async def start(self) -> None:
@@ -339,8 +346,10 @@ class InferenceProxy:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         self.metrics.watch(self.balancer, self.queue, lambda: self.inflight)
         self._spawn(self._watch_fleet())
+        self._spawn(self._watch_clients())
         if self.settings.total_timeout_s > 0:
             self._spawn(self._expire())
 
@@ -374,7 +383,9 @@ class InferenceProxy:
             if body is None:
                 return  # the client went away
             model, affinity_key, keys = self._parse(body, scope)
-            ex = _Exchange(scope, send, asyncio.current_task(), body, model, affinity_key, start)
+            # With the loop given, no getpid() per call (3.11's get_running_loop makes one).
+            task = asyncio.current_task(self._loop) or asyncio.current_task()
+            ex = _Exchange(scope, send, task, body, model, affinity_key, start)
             ex.anthropic = anthropic
             ex.keys = keys
             await self._guarded(ex, receive)
@@ -385,10 +396,13 @@ class InferenceProxy:
             self.inflight -= 1
 
     async def _guarded(self, ex: _Exchange, receive: Receive) -> None:
-        """Forward the request, cancelling it when the client leaves or time runs out (the
-        latter found by :meth:`_expire`: one sweep instead of a timer per request)."""
+        """Forward the request, cancelling it when the client leaves or time runs out (found
+        by :meth:`_watch_clients` and :meth:`_expire`: no task or timer per request)."""
         task = ex.task
-        watch = _ClientWatch(receive, ex)
+        if self._started:
+            self._unwatched.append((ex, receive))
+        else:
+            ex.watch = _ClientWatch(receive, ex)
         exchanges = self._exchanges
         exchanges.add(ex)
         try:
@@ -401,7 +415,23 @@ class InferenceProxy:
         finally:
             ex.finished = True
             exchanges.discard(ex)
-            watch.close()
+            if ex.watch is not None:
+                ex.watch.close()
+
+    async def _watch_clients(self) -> None:
+        """Watch the client of every request in the router for longer than
+        :data:`_WATCH_AFTER_S` for its disconnect (checking that often)."""
+        pending = self._unwatched
+        while self._started:
+            await asyncio.sleep(_WATCH_AFTER_S)
+            oldest = perf_counter() - _WATCH_AFTER_S
+            while pending and pending[0][0].start <= oldest:
+                ex, receive = pending.popleft()
+                if not ex.finished:
+                    try:
+                        ex.watch = _ClientWatch(receive, ex)
+                    except Exception:  # a server refusing the receive: nothing to watch
+                        logger.debug("cannot watch the client's disconnect", exc_info=True)
 
     async def _expire(self) -> None:
         """Cut every request in the router for longer than ``total_timeout_s``, checking a
