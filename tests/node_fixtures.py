@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
+import pytest
+from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
 
-from tests.procs import LLMLB, Proc, free_port
-from tests.router_fixtures import call
+from tests.procs import LLMLB, Proc, free_port, spawner, wait_until
+from tests.router_fixtures import call, start_router
 
 
 class NodeUrl(str):
@@ -108,3 +111,31 @@ def place_model(models_dir: Path, model_id: str, gguf: Path, template: str | Non
     if template is not None:
         (target / "chat_template.jinja").write_text(template)
     return target
+
+
+@contextlib.contextmanager
+def gemma_behind_router(
+    factory: pytest.TempPathFactory, gemma_gguf: Path, model: str, admin: str
+) -> Iterator[dict]:
+    """A router and one node holding the real Gemma as ``model`` (hand-placed, with its chat
+    template), for a test module: ``{"router", "node", "key"}`` (an api key)."""
+    spawn, stop_all = spawner(factory.mktemp("procs"))
+    try:
+        router = start_router(spawn, factory.mktemp("home"), admin)
+        store = factory.mktemp("store")
+        place_model(store, model, gemma_gguf, GEMMA_CHAT_TEMPLATE)
+        node = start_node(spawn, router, create_key(router, admin, "node"), store)
+        wait_until(
+            lambda: (model_status(node, model) or {}).get("state") == "ready",
+            timeout=60,
+            message="the model ready on the node",
+        )
+        key = create_key(router, admin, "api")
+        wait_until(
+            lambda: call(router, "GET", f"/v1/models/{model}", key).status == 200,
+            timeout=30,
+            message="the router sees the node's model",
+        )
+        yield {"router": router, "node": node, "key": key}
+    finally:
+        stop_all()

@@ -13,11 +13,10 @@ import anthropic
 import openai
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
 
-from tests.node_fixtures import create_key, model_status, place_model, start_node
-from tests.procs import spawner, wait_until
-from tests.router_fixtures import call, start_router
+from tests.node_fixtures import (
+    gemma_behind_router,
+)
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map download
 
@@ -37,26 +36,8 @@ MARKERS = ("<tool_call>", "</tool_call>", "<tool_", '{"name"')
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, gemma_gguf):
     """A router and one node holding Gemma (hand-placed), and an api key."""
-    spawn, stop_all = spawner(tmp_path_factory.mktemp("procs"))
-    try:
-        router = start_router(spawn, tmp_path_factory.mktemp("home"), ADMIN)
-        store = tmp_path_factory.mktemp("store")
-        place_model(store, MODEL, gemma_gguf, GEMMA_CHAT_TEMPLATE)
-        node = start_node(spawn, router, create_key(router, ADMIN, "node"), store)
-        wait_until(
-            lambda: (model_status(node, MODEL) or {}).get("state") == "ready",
-            timeout=60,
-            message="the model ready on the node",
-        )
-        key = create_key(router, ADMIN, "api")
-        wait_until(
-            lambda: call(router, "GET", f"/v1/models/{MODEL}", key).status == 200,
-            timeout=30,
-            message="the router sees the node's model",
-        )
-        yield {"router": router, "node": node, "key": key}
-    finally:
-        stop_all()
+    with gemma_behind_router(tmp_path_factory, gemma_gguf, MODEL, ADMIN) as fleet:
+        yield fleet
 
 
 @pytest.fixture(scope="module")
