@@ -3,20 +3,25 @@ database calls: one registration-sized write transaction and one key lookup, seq
 (latency) and 16 at once (throughput), on a throw-away local PostgreSQL.
 
 Run: ``.venv/bin/pip install asyncpg && .venv/bin/python -m bench.router.db_driver``
-(needs Debian's ``postgresql``; asyncpg is not a dependency of llmlb).
+(needs Debian's ``postgresql``; asyncpg is not a dependency of llmlb). Writes the figures,
+with the date and the load average before and after, to ``bench/results/db_driver.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 from llmlb.router import db
 
 from tests.postgres_fixtures import PostgresServer, postgres_bin
 
 N = 2000
+OUT = Path(__file__).resolve().parents[1] / "results" / "db_driver.json"
 CONCURRENCY = 16
 WRITE = "UPDATE nodes SET status='online', active_requests=?, last_seen=? WHERE id = ?"
 
@@ -109,6 +114,7 @@ def main() -> None:
     bin_dir = postgres_bin()
     if bin_dir is None:
         raise SystemExit("PostgreSQL is not installed")
+    load_before = os.getloadavg()
     server = PostgresServer(bin_dir)
     server.start()
     try:
@@ -116,6 +122,20 @@ def main() -> None:
         apg = asyncio.run(_asyncpg(_seed(server.create_database())))
     finally:
         server.remove()
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "calls_per_measure": N,
+    }
+    figures = {
+        name: {"psycopg_p50_ms": psy[name][0], "psycopg_ops_s": psy[name][1],
+               "asyncpg_p50_ms": apg[name][0], "asyncpg_ops_s": apg[name][1]}
+        for name in psy
+    }  # fmt: skip
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({"meta": meta, "figures": figures}, indent=1) + "\n")
     print(f"{'call':<10} {'psycopg p50 ms':>15} {'ops/s':>8} {'asyncpg p50 ms':>15} {'ops/s':>8}")
     for name in psy:
         (pl, pt), (al, at) = psy[name], apg[name]
