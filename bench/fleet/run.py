@@ -146,6 +146,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     gguf = assemble_gemma()
+    load_before = os.getloadavg()
     results = []
     for mode in args.modes.split(","):
         for n in (int(x) for x in args.nodes.split(",")):
@@ -173,9 +174,12 @@ def main() -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        load = os.getloadavg()
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_before": load_before}
         out.write_bytes(
-            orjson.dumps({"results": results, "loadavg": load}, option=orjson.OPT_INDENT_2)
+            orjson.dumps(
+                {"results": results, "loadavg": os.getloadavg(), "meta": meta},
+                option=orjson.OPT_INDENT_2,
+            )
         )
     return 0
 
