@@ -17,11 +17,23 @@ from pathlib import Path
 LLMLB = [sys.executable, "-m", "llmlb.cli.main"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """An ephemeral loopback port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """An ephemeral loopback port that was free a moment ago, never one handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket
+    is closed, so a test asking for two ports could get one twice; remembering the ports
+    already handed out in this process keeps them distinct.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(
