@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.procs import LLMLB, Proc, free_port, spawner, wait_until
 from tests.router_fixtures import call, start_router

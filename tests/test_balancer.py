@@ -1,4 +1,4 @@
-"""Unit tests of llmlb.router.balancer: node choice, failures and cool-down, the wait queue,
+"""Unit tests of llmlb.router.proxy.balancer: node choice, failures and cool-down, the wait queue,
 the poison log."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import asyncio
 import random
 from collections import Counter
 
-from llmlb.router.balancer import Balancer, NodeState, NoPick, PoisonLog, WaitQueue
-from llmlb.router.fleet import NodeView
+from llmlb.router.control.fleet import NodeView
+from llmlb.router.proxy.balancer import Balancer, NodeState, NoPick, PoisonLog, WaitQueue
 
 
 class Clock:

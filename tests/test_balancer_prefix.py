@@ -7,7 +7,8 @@ import random
 from collections import Counter
 
 from llmlb.prefix_keys import CacheReport, request_keys
-from llmlb.router.balancer import (
+from llmlb.router.control.fleet import NodeView
+from llmlb.router.proxy.balancer import (
     AFFINITY,
     CHARS_PER_TOKEN,
     FALLBACK,
@@ -17,8 +18,7 @@ from llmlb.router.balancer import (
     Balancer,
     NoPick,
 )
-from llmlb.router.fleet import NodeView
-from llmlb.router.prefix_index import PrefixIndex
+from llmlb.router.proxy.prefix_index import PrefixIndex
 
 MODEL = "org/model"
 SYSTEM = "You answer questions about the fleet. " * 100  # ~3,800 characters, ~950 tokens

@@ -1,6 +1,6 @@
 """Unit tests of the parsing bounds: JSON nesting (llmlb.http.json_too_deep, check_depth),
 NUL characters (llmlb.http.has_nul) and the peer route's Range header
-(llmlb.node.peer._parse_range). The same bounds through real processes:
+(llmlb.node.models.peers._parse_range). The same bounds through real processes:
 tests/integration/test_bounded_parsing.py."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import orjson
 import pytest
 from llmlb.errors import ApiError
 from llmlb.http import MAX_JSON_DEPTH, check_depth, has_nul, json_too_deep
-from llmlb.node.peer import _parse_range
+from llmlb.node.models.peers import _parse_range
 
 
 def arrays(depth: int) -> object:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from llmlb.cli.progress import PullDisplay, progress_from_nodes
 from llmlb.model_storage import ModelStorage
-from llmlb.node.download.options import DownloadProgress
+from llmlb.node.models.download.options import DownloadProgress
 
 from tests.factories import write_gguf
 from tests.hub_fixtures import make_repo, start_hub

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 from llmlb import config
-from llmlb.router.settings import RouterSettings
+from llmlb.router.control.settings import RouterSettings
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import time
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
-from llmlb.node import sampling
-from llmlb.node.engine import Engine, EngineOptions
+from llmlb.node.inference import sampling
+from llmlb.node.inference.engine import Engine, EngineOptions
+from llmlb.node.inference.scheduler import SchedulerLimits
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.scheduler import SchedulerLimits
 
 from tests.test_node_engine import _gemma_store
 
@@ -85,7 +85,7 @@ def test_the_watchdog_ends_a_stalled_request_while_llama_cpp_is_still_inside_it(
         finally:
             await engine.close()
 
-    with caplog.at_level(logging.WARNING, logger="llmlb.node.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="llmlb.node.inference.scheduler"):
         error, heard, after = asyncio.run(go())
     assert error.status == 400 and error.code == "grammar_too_complex"
     # the client heard before the stalled call returned (it sleeps stall_s), not after

@@ -1,4 +1,4 @@
-"""Multi-source range transfers (:mod:`llmlb.node.download.sources`) against loopback HTTP
+"""Multi-source range transfers (:mod:`llmlb.node.models.download.sources`) against loopback HTTP
 servers: the hub takes over from a peer that dies or refuses, joins a slow one, and a
 transfer with no source left fails naming them."""
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from llmlb.node.download.sources import TransferFailed, run_sources
+from llmlb.node.models.download.sources import TransferFailed, run_sources
 
 DATA = os.urandom(3 << 20)
 CHUNK = 256 << 10

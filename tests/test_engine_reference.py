@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from llmlb.model_storage import ModelStorage
-from llmlb.node.engine import Engine, EngineOptions
-from llmlb.node.llama_native import gpu_offload_supported, usable_cores
+from llmlb.node.inference.engine import Engine, EngineOptions
+from llmlb.node.inference.llama_native import gpu_offload_supported, usable_cores
 from llmlb.node.metrics import NodeMetrics
 
 from tests.node_fixtures import place_model

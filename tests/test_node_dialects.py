@@ -1,5 +1,5 @@
-"""Unit tests of the Responses and Anthropic Messages translations (llmlb.node.responses_api,
-llmlb.node.anthropic_api, llmlb.node.chat_events, llmlb.anthropic_errors): request bodies into
+"""Unit tests of the Responses and Anthropic Messages translations (llmlb.node.api.responses,
+llmlb.node.api.anthropic, llmlb.node.api.chat_events, llmlb.anthropic_errors): request bodies into
 chat bodies, and recorded chat chunk streams into each dialect's events, each event checked
 against the official SDK's own type."""
 
@@ -13,7 +13,9 @@ import orjson
 import pytest
 from llmlb import anthropic_errors
 from llmlb.errors import ApiError, ContextLengthExceeded
-from llmlb.node import anthropic_api, chat_events, openai_request, responses_api
+from llmlb.node.api import anthropic as anthropic_api
+from llmlb.node.api import chat_events, openai_request
+from llmlb.node.api import responses as responses_api
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 

@@ -18,13 +18,13 @@ from llmlb.errors import (
     IntegrityError,
 )
 from llmlb.model_storage import ModelStorage, staging_dir
-from llmlb.node.download.allowlist import host_allowed, no_proxy_entries
-from llmlb.node.download.fetch import ModelFetch
-from llmlb.node.download.http import Http
-from llmlb.node.download.options import PARALLEL_MIN_BYTES, DownloadOptions, DownloadProgress
-from llmlb.node.download.staging import VERIFIED_FILENAME, was_downloaded
-from llmlb.node.download.workers import TransferPool, shared_pool
-from llmlb.node.hashing import FollowingHasher
+from llmlb.node.models.download.allowlist import host_allowed, no_proxy_entries
+from llmlb.node.models.download.fetch import ModelFetch
+from llmlb.node.models.download.http import Http
+from llmlb.node.models.download.options import PARALLEL_MIN_BYTES, DownloadOptions, DownloadProgress
+from llmlb.node.models.download.staging import VERIFIED_FILENAME, was_downloaded
+from llmlb.node.models.download.workers import TransferPool, shared_pool
+from llmlb.node.models.hashing import FollowingHasher
 from llmlb.protocol import Manifest, ManifestFile
 
 from tests.factories import gguf_bytes, split_name, write_safetensors_model

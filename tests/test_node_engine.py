@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
-from llmlb.node.engine import Engine, EngineOptions
+from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
 
 from tests.node_fixtures import place_model
@@ -140,7 +140,7 @@ def test_two_loaded_models_evict_the_least_recently_used(store, gemma_gguf, tmp_
 
 
 def _gemma_store(tmp_path: Path, gemma_gguf: Path) -> tuple[ModelStorage, str]:
-    from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+    from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
     place_model(tmp_path, "local/chat", gemma_gguf, GEMMA_CHAT_TEMPLATE)
     storage = ModelStorage(tmp_path)

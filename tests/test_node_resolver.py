@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmlb.node import runtimes
-from llmlb.node.resolver import RETRY_MAX_S, ModelRecord, retry_delay
+from llmlb.node.models import runtimes
+from llmlb.node.models.resolver import RETRY_MAX_S, ModelRecord, retry_delay
 
 
 def test_retry_backoff_doubles_from_one_second_to_ten_minutes():

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from llmlb.model_storage import ModelStorage
-from llmlb.node.download.staging import was_downloaded
-from llmlb.node.engine import Engine
+from llmlb.node.fleet.sync import RouterSync
+from llmlb.node.inference.engine import Engine
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.resolver import Resolver, RouterAccess
+from llmlb.node.models.download.staging import was_downloaded
+from llmlb.node.models.resolver import Resolver, RouterAccess
 from llmlb.node.settings import NodeSettings
-from llmlb.node.sync import RouterSync
 
 from tests.factories import gguf_bytes
 from tests.hub_fixtures import make_repo, start_hub

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE, turn_stop_strings
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE, turn_stop_strings
 
 
 def test_gemma_template_stops_at_its_turn_markers() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from llmlb.node import tool_calls as tc
+from llmlb.node.inference import tool_calls as tc
 
 NAMES = {"get_weather", "get_time"}
 

@@ -1,10 +1,10 @@
-"""Tests of llmlb.router.prefix_index: reports (epochs, seq, snapshots), guesses from routing,
+"""Tests of llmlb.router.proxy.prefix_index: reports (epochs, seq, snapshots), guesses from routing,
 bounds, forgetting, and the longest-prefix lookup on real request keys."""
 
 from __future__ import annotations
 
 from llmlb.prefix_keys import CacheReport, request_keys
-from llmlb.router.prefix_index import PrefixIndex, ReportResult
+from llmlb.router.proxy.prefix_index import PrefixIndex, ReportResult
 
 MODEL = "org/model"
 CHAT = "/v1/chat/completions"

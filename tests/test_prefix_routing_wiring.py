@@ -7,9 +7,9 @@ import orjson
 import pytest
 from llmlb import config
 from llmlb.prefix_keys import CacheReport
-from llmlb.router.fleet import FleetView, ModelReport, NodeState, NodeView
-from llmlb.router.prefix_index import PrefixIndex
-from llmlb.router.proxy import InferenceProxy, ProxySettings
+from llmlb.router.control.fleet import FleetView, ModelReport, NodeState, NodeView
+from llmlb.router.proxy.prefix_index import PrefixIndex
+from llmlb.router.proxy.proxy import InferenceProxy, ProxySettings
 
 MODEL = "org/model"
 

@@ -7,7 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from llmlb.node.engine import Engine, EngineOptions
+from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.inference.prompt_cache import CachedPrompt, PromptCache
 from llmlb.node.metrics import NodeMetrics
 

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 from llmlb.protocol import Registration
-from llmlb.router import db, keys, nodes, outbox, registry
+from llmlb.router import db
+from llmlb.router.control import keys, nodes, outbox, registry
 
 from tests.requirements import require_module
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from llmlb.router.fleet import FleetView, ModelReport, NodeState, NodeView, RegisteredModel
+from llmlb.router.control.fleet import FleetView, ModelReport, NodeState, NodeView, RegisteredModel
 
 
 def _node(node_id: str, online: bool = True, **models: str) -> NodeState:

@@ -7,7 +7,8 @@ import stat
 
 import pytest
 from llmlb.errors import ApiError
-from llmlb.router import db, keys
+from llmlb.router import db
+from llmlb.router.control import keys
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ import sqlite3
 import pytest
 from llmlb.errors import ApiError
 from llmlb.protocol import PeerReport
-from llmlb.router import db, nodes
-from llmlb.router.fleet import FleetView
+from llmlb.router import db
+from llmlb.router.control import nodes
+from llmlb.router.control.fleet import FleetView
 
 
 @pytest.fixture

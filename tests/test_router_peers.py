@@ -1,11 +1,11 @@
-"""The router's peer view (:mod:`llmlb.router.peers`): who is listed as a peer, which nodes
+"""The router's peer view (:mod:`llmlb.router.control.peers`): who is listed as a peer, which nodes
 are seeds while nobody has the model, and the fleet credential."""
 
 from __future__ import annotations
 
 import stat
 
-from llmlb.router.peers import NodeModels, fleet_token, peer_plan, weigh_reports
+from llmlb.router.control.peers import NodeModels, fleet_token, peer_plan, weigh_reports
 
 REV = "c" * 40
 

@@ -1,4 +1,4 @@
-"""Tests of llmlb.router.proxy: the InferenceProxy driven in-process over ASGI, forwarding to
+"""Tests of llmlb.router.proxy.proxy: the InferenceProxy driven in-process over ASGI, forwarding to
 real mock backend processes (``bench/router/mock_backend.py``) on loopback ports."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from llmlb.router.fleet import FleetView, ModelReport, NodeView, RegisteredModel
-from llmlb.router.fleet import NodeState as FleetNode
-from llmlb.router.proxy import InferenceProxy, ProxySettings
-from llmlb.router.proxy_metrics import ProxyMetrics
+from llmlb.router.control.fleet import FleetView, ModelReport, NodeView, RegisteredModel
+from llmlb.router.control.fleet import NodeState as FleetNode
+from llmlb.router.proxy.metrics import ProxyMetrics
+from llmlb.router.proxy.proxy import InferenceProxy, ProxySettings
 from prometheus_client import CollectorRegistry
 
 from tests.procs import Proc, free_port
@@ -751,7 +751,7 @@ def test_a_request_whose_stream_two_nodes_cut_is_poison_for_the_next_try():
 def test_a_quick_answer_leaves_the_client_unwatched_and_a_long_one_watched(mock):
     """The client's disconnect is watched (a second ``receive()``) only for requests still in
     the router after ``_WATCH_AFTER_S``: a server's disconnect watch costs thread wake-ups."""
-    from llmlb.router.proxy import _WATCH_AFTER_S
+    from llmlb.router.proxy.proxy import _WATCH_AFTER_S
 
     async def receives(url: str) -> tuple[float, int]:
         """How long one chat request to a node at ``url`` took, and its receive() calls."""

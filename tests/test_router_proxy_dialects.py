@@ -8,7 +8,7 @@ import asyncio
 
 import orjson
 import pytest
-from llmlb.router.fleet import FleetView
+from llmlb.router.control.fleet import FleetView
 
 from tests.test_router_proxy import MODEL, call, dead_url, load, node, running, start_mock
 

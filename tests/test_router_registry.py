@@ -14,7 +14,8 @@ from llmlb.errors import (
 from llmlb.hub.repo import RepoManifest
 from llmlb.model_storage import InvalidModelId
 from llmlb.protocol import ManifestFile
-from llmlb.router import db, registry
+from llmlb.router import db
+from llmlb.router.control import registry
 
 SHA = "a" * 40
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-from llmlb.router import db, nodes
-from llmlb.router.settings import RouterSettings
-from llmlb.router.sync import SyncNotifier, backoff_delay
+from llmlb.router import db
+from llmlb.router.control import nodes
+from llmlb.router.control.settings import RouterSettings
+from llmlb.router.control.sync import SyncNotifier, backoff_delay
 
 from tests.procs import wait_until
 from tests.router_fixtures import NodeStandin

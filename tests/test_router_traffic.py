@@ -1,14 +1,14 @@
-"""Unit tests of ``llmlb.router.traffic``: the dashboard's short traffic history."""
+"""Unit tests of ``llmlb.router.api.traffic``: the dashboard's short traffic history."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
-from llmlb.router.balancer import Balancer
-from llmlb.router.fleet import NodeView
-from llmlb.router.proxy_metrics import ProxyMetrics
-from llmlb.router.traffic import Counts, Snapshot, TrafficHistory, parse_samples, quantile
+from llmlb.router.api.traffic import Counts, Snapshot, TrafficHistory, parse_samples, quantile
+from llmlb.router.control.fleet import NodeView
+from llmlb.router.proxy.balancer import Balancer
+from llmlb.router.proxy.metrics import ProxyMetrics
 from prometheus_client import CollectorRegistry
 
 

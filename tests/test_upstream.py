@@ -1,5 +1,6 @@
-"""Tests of llmlb.router.upstream: the proxy's HTTP/1.1 node client against raw loopback servers
-that answer with hand-written bytes (split at awkward places), so every framing is exercised."""
+"""Tests of llmlb.router.proxy.upstream: the proxy's HTTP/1.1 node client against raw loopback
+servers that answer with hand-written bytes (split at awkward places), so every framing
+is exercised."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
-from llmlb.router.upstream import ConnectError, Disconnected, NodePool, UpstreamTimeout
+from llmlb.router.proxy.upstream import ConnectError, Disconnected, NodePool, UpstreamTimeout
 
 from tests.procs import free_port
 

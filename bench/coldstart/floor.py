@@ -10,8 +10,8 @@ The clock starts after ``import llama_cpp``, which the node has done before the 
 arrives.
 
 Loader settings are llama.cpp's defaults (``Llama(path)``, extra buffer types on), as in the
-node (``llmlb.node.engine`` keeps ``extra_buffer_types=True``); only ``n_ctx`` may be set, to
-compare at the node's context size.
+node (``llmlb.node.inference.engine`` keeps ``extra_buffer_types=True``); only ``n_ctx``
+may be set, to compare at the node's context size.
 """
 
 from __future__ import annotations

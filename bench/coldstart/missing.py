@@ -165,7 +165,7 @@ class _LogTimes(logging.Handler):
 @contextlib.contextmanager
 def _phase_timers(dl: Any) -> Iterator[dict[str, float]]:
     """Time the downloader's phases by wrapping its functions (restored afterwards);
-    ``dl`` is :mod:`llmlb.node.download.fetch`."""
+    ``dl`` is :mod:`llmlb.node.models.download.fetch`."""
     phases: dict[str, float] = {}
     originals = {
         "probe": (dl.Http, "probe"),  # measuring the node's own code
@@ -225,8 +225,8 @@ def verification_share(
     """
     from llmlb.hub.repo import fetch_repo_manifest
     from llmlb.model_storage import ModelStorage
-    from llmlb.node.download import fetch as dl
-    from llmlb.node.hashing import sha256_file
+    from llmlb.node.models.download import fetch as dl
+    from llmlb.node.models.hashing import sha256_file
 
     repo_manifest = fetch_repo_manifest(REPOS[kind], endpoint=hub)
     expected = {f.filename: f.sha256 for f in repo_manifest.files}
@@ -246,7 +246,7 @@ def verification_share(
             return self.digest
 
     handler = _LogTimes()
-    log = logging.getLogger("llmlb.node.download.fetch")
+    log = logging.getLogger("llmlb.node.models.download.fetch")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     hashed, plain, phases_list, serial = [], [], [], []

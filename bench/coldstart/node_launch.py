@@ -18,7 +18,7 @@ NO_PREFETCH_ENV = "LLMLB_BENCH_NO_PREFETCH"
 
 def app_without_prefetch():  # noqa: ANN201 - a Starlette app
     """Granian factory: the node's app with prefetch turned into a no-op."""
-    from llmlb.node.app import app_from_env
+    from llmlb.node.api.app import app_from_env
 
     app = app_from_env()
     app.state.node.store.prefetch = lambda _model_id: 0

@@ -59,7 +59,7 @@ def server_first_token(
 ) -> dict[str, float]:
     """Spawn llama-server over ``gguf``; seconds from spawn to the first streamed token
     (``warmup``: llama-server's default empty decode at start; the node does none)."""
-    from llmlb.node.engine import usable_cores
+    from llmlb.node.inference.engine import usable_cores
 
     threads = threads or usable_cores()
     port = free_port()

@@ -415,7 +415,7 @@ def settings_from_log(log: Path) -> dict[str, str]:
 
 def node_settings() -> dict[str, str]:
     """What the node's engine asks llama.cpp for (it does not log llama.cpp's context lines)."""
-    from llmlb.node import engine
+    from llmlb.node.inference import engine
 
     return {"n_batch": f"min({engine.N_BATCH}, S*C)", "n_ubatch": f"min({engine.N_UBATCH}, S*C)",
             "kv_unified": "false", "swa_full": "false",
@@ -650,7 +650,7 @@ def update_readme(results: dict, readme: Path = README) -> None:
 
 
 async def bench(args: argparse.Namespace) -> dict:
-    from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+    from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
     from tests.conftest import assemble_gemma
     from tests.node_fixtures import place_model

@@ -231,7 +231,7 @@ async def run_workload(
 
 
 def place(store: Path, gguf: Path) -> None:
-    from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+    from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
     target = store / MODEL
     target.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,7 @@ async def fleet_runs(args: argparse.Namespace, work: Path, gguf: Path) -> list[d
 
 async def single_node_runs(args: argparse.Namespace, work: Path, gguf: Path) -> list[dict]:
     """One node against llama-server, 3x more tenants than slots."""
-    from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+    from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
     slots, ctx = 2, args.ctx_size * 2
     binary = ensure_server()

@@ -38,6 +38,8 @@ __all__ = [
 STAGING_DIRNAME = ".staging"
 LOCKS_DIRNAME = ".locks"
 DOWNLOADED_DIRNAME = ".downloaded"
+# Sidecar file in a model directory holding its Jinja chat template.
+CHAT_TEMPLATE_FILENAME = "chat_template.jinja"
 
 
 class InvalidModelId(ValueError):

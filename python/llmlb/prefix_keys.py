@@ -12,7 +12,7 @@ After an answer the node also announces :func:`answer_key`: the key of the reque
 followed by the assistant turn it generated, in the shape the client sends it back, so the
 conversation's next turn matches it without the node seeing it first.
 
-One definition, used by both sides (``llmlb.router.prefix_index`` and the node's cache
+One definition, used by both sides (``llmlb.router.proxy.prefix_index`` and the node's cache
 announcements). Keys are 32-bit: a rare collision makes one request's routing guess wrong,
 never an answer.
 """

@@ -5,7 +5,7 @@ Conventions: ``parse`` validates a body that came over the wire from the other s
 raises :class:`~llmlb.errors.ApiError` 400 naming the bad field (the router's answer);
 ``from_dict`` reads a body from a trusted peer (the router's manifest, read by a node);
 ``to_dict`` gives the JSON-ready wire form. Each type's ``SCHEMA`` is its JSON Schema in the
-router's OpenAPI document (:mod:`llmlb.router.openapi`).
+router's OpenAPI document (:mod:`llmlb.router.api.openapi`).
 
 Model reports, the ``models`` of registrations and heartbeats, travel and are stored as plain
 dicts in their wire form: a node builds them with :meth:`ModelReport.to_dict`, the router
@@ -243,7 +243,7 @@ class PeerReport:
 
     A report counts only when it names its ``reporter``, an approved node, with that node's
     ``node_secret``; a peer leaves a node's own list on that node's report, and every list
-    on reports from :data:`llmlb.router.peers.REPORT_QUORUM` distinct approved nodes.
+    on reports from :data:`llmlb.router.control.peers.REPORT_QUORUM` distinct approved nodes.
 
     Attributes:
         model_id: the model whose file failed its check.

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.factories import write_gguf
 from tests.hub_fixtures import make_repo, start_hub

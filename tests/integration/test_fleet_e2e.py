@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 from openai import OpenAI
 
 from tests.hub_fixtures import make_repo, start_hub

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.node_fixtures import model_status, place_model, start_node
 from tests.procs import spawner, wait_until

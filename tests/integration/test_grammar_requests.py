@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.integration.test_bounded_parsing import Chatter
 from tests.node_fixtures import create_key, model_status, place_model, start_node

@@ -18,7 +18,7 @@ ADMIN = "sk-admin-lifecycle"
 # 64 KB/s per connection a 1 MiB range takes 16 s, so a worker is mid-range (where it writes
 # nothing to the node and would not notice its death) when the node is killed.
 BIG = gguf_bytes(tensors=[("blk.0.weight", [3 << 20], "F32")])
-TRANSFER_WORKER = "llmlb.node.download.workers"
+TRANSFER_WORKER = "llmlb.node.models.download.workers"
 
 
 def kill_main_and_check(proc: Proc, port: int) -> None:

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
-from llmlb.node.engine import Engine, EngineOptions
+from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.resolver import Resolver, RouterAccess
+from llmlb.node.models.resolver import Resolver, RouterAccess
 
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import create_key
@@ -126,7 +126,7 @@ def test_corrupt_file_loaded_during_the_hash_is_dropped_refetched_and_never_serv
 def test_a_resolver_with_a_router_starts_its_transfer_worker_before_any_download(
     monkeypatch, tmp_path
 ):
-    from llmlb.node.download import workers
+    from llmlb.node.models.download import workers
 
     from tests.procs import wait_until
 

@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 from llmlb.router import db
 
 from tests.hub_fixtures import make_repo, start_hub

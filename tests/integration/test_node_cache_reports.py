@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 from llmlb.prefix_keys import CacheReport, answer_key, request_keys
 
 from tests.node_fixtures import model_status, place_model, start_node

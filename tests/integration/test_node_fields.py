@@ -1,6 +1,6 @@
 """Every field the node honours, with a valid non-default value, on a real node.
 
-``llmlb.node.openai_request`` lists what the node honours on ``/v1/chat/completions`` and
+``llmlb.node.api.openai_request`` lists what the node honours on ``/v1/chat/completions`` and
 ``/v1/completions``. Each row below sends one such field with a valid value other than its
 default and asserts a 200 and, where one is observable, its effect: a banned token never
 appears, a boosted one is all there is, a seed repeats, a stop string ends the answer, ``n``
@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.node_fixtures import place_model, start_node
 from tests.procs import spawner
@@ -42,7 +42,7 @@ class Vocab:
     """Token ids and texts of the Gemma GGUF, read in the test process."""
 
     def __init__(self, path: str):
-        from llmlb.node.llama_native import Model
+        from llmlb.node.inference.llama_native import Model
 
         self._model = Model(path, gpu=False)
 

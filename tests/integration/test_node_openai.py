@@ -7,7 +7,7 @@ import time
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.node_fixtures import place_model, start_node
 from tests.procs import spawner, wait_until

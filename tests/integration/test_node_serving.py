@@ -6,7 +6,7 @@ import re
 
 import orjson
 import pytest
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.hub_fixtures import make_repo, start_hub
 from tests.node_fixtures import (

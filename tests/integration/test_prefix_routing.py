@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 from llmlb.prefix_keys import MAX_REPORT_KEYS, answer_key, request_keys
-from llmlb.router.prefix_index import MAX_REPORT_BYTES
+from llmlb.router.proxy.prefix_index import MAX_REPORT_BYTES
 
 from tests.integration.test_multi_router import start_routers
 from tests.integration.test_router_hardening import ADMIN, Beats, start_mock

@@ -7,7 +7,7 @@ empty) the nodes' snapshots bring it back to routing by prefix with no traffic i
 
 from __future__ import annotations
 
-from llmlb.node.templates import GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 
 from tests.node_fixtures import create_key, model_status, place_model, start_node
 from tests.procs import LLMLB, free_port, wait_until

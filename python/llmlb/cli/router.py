@@ -10,7 +10,7 @@ import tempfile
 
 from llmlb import config
 
-APP_FACTORY = "llmlb.router.app:create_app"
+APP_FACTORY = "llmlb.router.api.app:create_app"
 # Seconds a worker gets to finish in-flight requests at shutdown before it is killed.
 WORKERS_KILL_TIMEOUT_S = 10
 # Connections per worker Granian serves beyond the inference limit: room for the requests the
@@ -105,11 +105,11 @@ def run(args: argparse.Namespace) -> int:
     from granian.constants import Interfaces
 
     from llmlb.logs import configure_logging
+    from llmlb.router.control.keys import bootstrap_admin_key
+    from llmlb.router.control.nodes import mark_all_offline, reap
+    from llmlb.router.control.settings import RouterSettings
     from llmlb.router.db import open_database
-    from llmlb.router.keys import bootstrap_admin_key
-    from llmlb.router.nodes import mark_all_offline, reap
-    from llmlb.router.proxy import ProxySettings
-    from llmlb.router.settings import RouterSettings
+    from llmlb.router.proxy.proxy import ProxySettings
 
     configure_logging()
     log = logging.getLogger("llmlb.router")

@@ -503,6 +503,6 @@ def _llmlb_command() -> str:
 
 def _default_model_id(repo: str) -> str:
     """The id the router gives ``repo`` when registered without an explicit id."""
-    from llmlb.router.registry import RegisterRequest
+    from llmlb.router.control.registry import RegisterRequest
 
     return RegisterRequest.parse({"repo": repo}).model_id

@@ -2,7 +2,7 @@
 
 The resolver owns model state; the engine and the sync loop subscribe to what it
 announces (:mod:`llmlb.node.events`), and the id and peer credential the router hands out
-live in one :class:`~llmlb.node.membership.Membership` the parts share, so no part holds a
+live in one :class:`~llmlb.node.models.membership.Membership` the parts share, so no part holds a
 callback into another that holds one back.
 """
 
@@ -15,16 +15,16 @@ from concurrent.futures import Future
 from typing import Any
 
 from llmlb.model_storage import ModelStorage
-from llmlb.node.cache_reports import CacheReporter
-from llmlb.node.download.options import DownloadOptions
-from llmlb.node.engine import Engine, EngineOptions
-from llmlb.node.identity import node_id as persistent_node_id
-from llmlb.node.membership import Membership
+from llmlb.node.fleet.cache_reports import CacheReporter
+from llmlb.node.fleet.sync import RouterSync
+from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.peer import PeerService, TransferStats
-from llmlb.node.resolver import Resolver, RouterAccess
+from llmlb.node.models.download.options import DownloadOptions
+from llmlb.node.models.identity import node_id as persistent_node_id
+from llmlb.node.models.membership import Membership
+from llmlb.node.models.peers import PeerService, TransferStats
+from llmlb.node.models.resolver import Resolver, RouterAccess
 from llmlb.node.settings import NodeSettings
-from llmlb.node.sync import RouterSync
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class GpuProbe:
 
     def _probe(self) -> None:
         try:
-            from llmlb.node.engine import gpu_offload_supported
+            from llmlb.node.inference.engine import gpu_offload_supported
 
             gpu = gpu_offload_supported()
             info = {"backend": ("metal" if sys.platform == "darwin" else "cuda") if gpu else "cpu"}

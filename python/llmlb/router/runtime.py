@@ -22,13 +22,14 @@ from typing import Any
 
 from prometheus_client import Gauge
 
-from llmlb.router import db, keys, nodes, outbox, registry
-from llmlb.router.fleet import FleetView
-from llmlb.router.keys import KeyCache
-from llmlb.router.leader import Duties
-from llmlb.router.prefix_index import PrefixIndex
-from llmlb.router.settings import RouterSettings
-from llmlb.router.sync import SyncNotifier, sync_body
+from llmlb.router import db
+from llmlb.router.control import keys, nodes, outbox, registry
+from llmlb.router.control.fleet import FleetView
+from llmlb.router.control.keys import KeyCache
+from llmlb.router.control.leader import Duties
+from llmlb.router.control.settings import RouterSettings
+from llmlb.router.control.sync import SyncNotifier, sync_body
+from llmlb.router.proxy.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
 

@@ -1,6 +1,12 @@
-"""Inference: turning a validated request into tokens on llama.cpp.
+"""Inference: a validated request turned into tokens on llama.cpp.
 
-Today this package holds the grammar guard (budgets, the isolated compiler, per-token
-bounds); the engine, scheduler and samplers move here with the structure issue. Nothing in
-it imports the node's HTTP routes (``llmlb.node.app`` and the dialect modules).
+Which models are resident (:mod:`.engine`), chat templates and tool prompts
+(:mod:`.chat_format`, :mod:`.templates`, :mod:`.tool_calls`), the grammar guard (budgets,
+the isolated compiler), the scheduler that batches every active slot of one context
+(:mod:`.scheduler`), sampling, generation, the prompt cache in slots and RAM and the
+directory of what they hold, embeddings, and the thin layer over llama.cpp's C API
+(:mod:`.llama_native`).
+
+May import :mod:`llmlb.node.models` (what is on disk) and shared modules; never
+:mod:`llmlb.node.api` (the HTTP dialects read this package, not the reverse).
 """

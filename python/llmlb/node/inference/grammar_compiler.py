@@ -71,7 +71,7 @@ class GrammarCompiler:
 
     async def tools(self, tools: list[dict[str, Any]], kind: str, parallel: bool) -> str:
         """GBNF admitting only calls to ``tools`` (``{name, description, parameters}``
-        each) in ``kind``'s syntax (see :func:`llmlb.node.tool_calls.grammar`).
+        each) in ``kind``'s syntax (see :func:`llmlb.node.inference.tool_calls.grammar`).
 
         Raises:
             GrammarRefused: as :meth:`schema`.

@@ -45,7 +45,7 @@ def build(request: dict[str, Any], budget: GrammarBudget) -> str:
         check_schema(request["schema"], budget)
         grammar = json_schema_to_gbnf(json.dumps(request["schema"]))
     else:
-        from llmlb.node import tool_calls
+        from llmlb.node.inference import tool_calls
 
         tools = [tool_calls.Tool(**tool) for tool in request["tools"]]
         for tool in tools:

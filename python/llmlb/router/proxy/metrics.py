@@ -1,0 +1,235 @@
+"""Prometheus metrics of the inference proxy, cheap on the hot path.
+
+Labelled children are looked up once per label tuple and cached in plain dicts, so a proxied
+request costs a few dict lookups and ``inc``/``observe`` calls. Gauges that mirror the
+balancer's state (outstanding requests, cool-downs, queue length) are computed at scrape time
+by a collector, costing the hot path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llmlb.router.proxy.balancer import Balancer, WaitQueue
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
+
+
+class ProxyMetrics:
+    """The proxy's counters and histograms, registered in ``registry``.
+
+    Metrics (all prefixed ``llmlb_proxy_``): ``requests_total{node,model,code}`` (answers relayed
+    from a node), ``errors_total{node,model,kind}`` (kind: connect, timeout, disconnect, status,
+    stream, client_gone), ``retries_total{node,model}`` (failovers away from ``node``),
+    ``rejected_total{code}`` (answered by the router itself: 400/404/413/429/502/503),
+    ``queue_wait_seconds{model}``, ``ttfb_seconds{node,model}`` (request sent to first body
+    bytes from the node), ``overhead_seconds`` (the router's own time on a request, excluding the
+    wait for the node), and gauges ``outstanding{node}``, ``node_cooling{node}``, ``queued``,
+    ``inflight``. Error kinds also include ``poison`` (a second node refused the request with a
+    5xx, or lost it or timed out on it: counted against neither; with ``node=""``, a poison
+    request refused without reaching a node), ``client_gone`` and ``total_timeout``.
+
+    Prefix-aware routing: ``routing_total{model,reason}`` (why the balancer chose a node:
+    ``prefix``, ``load``, ``affinity``, ``fallback``;
+    see :data:`llmlb.router.proxy.balancer.REASONS`),
+    ``prompt_chars_total{node,model}`` (prompt characters of the keyed requests a node
+    answered) and ``predicted_cached_chars_total{node,model}`` (how many of them the index said
+    the node's cache held: compare with the node's own cached-token counters), and the gauge
+    ``prefix_keys{node}`` (keys the index holds for a node).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        registry = REGISTRY if registry is None else registry
+        kw: dict[str, Any] = {"registry": registry}
+        self._requests = Counter(
+            "llmlb_proxy_requests", "Responses relayed from nodes.", ["node", "model", "code"], **kw
+        )
+        self._errors = Counter(
+            "llmlb_proxy_errors", "Failed attempts on nodes.", ["node", "model", "kind"], **kw
+        )
+        self._retries = Counter(
+            "llmlb_proxy_retries", "Failovers away from a node.", ["node", "model"], **kw
+        )
+        self._rejected = Counter(
+            "llmlb_proxy_rejected", "Requests answered by the router itself.", ["code"], **kw
+        )
+        self._queue_wait = Histogram(
+            "llmlb_proxy_queue_wait_seconds",
+            "Time requests waited for a free slot.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self._ttfb = Histogram(
+            "llmlb_proxy_ttfb_seconds",
+            "Time from sending a request to a node to its first body bytes.",
+            ["node", "model"],
+            buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self._routing = Counter(
+            "llmlb_proxy_routing",
+            "Nodes chosen, by why (prefix, load, affinity, fallback).",
+            ["model", "reason"],
+            **kw,
+        )
+        self._prompt_chars = Counter(
+            "llmlb_proxy_prompt_chars",
+            "Prompt characters of the keyed requests a node answered.",
+            ["node", "model"],
+            **kw,
+        )
+        self._cached_chars = Counter(
+            "llmlb_proxy_predicted_cached_chars",
+            "Prompt characters the prefix index predicted a node's cache held.",
+            ["node", "model"],
+            **kw,
+        )
+        self.overhead = Histogram(
+            "llmlb_proxy_overhead_seconds",
+            "Router's own time per request, excluding the wait for the node.",
+            buckets=_OVERHEAD_BUCKETS,
+            **kw,
+        )
+        self._registry = registry
+        self._collector: Collector | None = None
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Counter | Histogram, labels: tuple[str, ...]):
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, node: str, model: str, code: int) -> None:
+        """Count one answer relayed from ``node``."""
+        key = ("r", node, model, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._requests.labels(node, model, str(code))
+        child.inc()
+
+    def ttfb(self, node: str, model: str, seconds: float) -> None:
+        """Observe a time to first byte."""
+        key = ("t", node, model)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._ttfb.labels(node, model)
+        child.observe(seconds)
+
+    def error(self, node: str, model: str, kind: str) -> None:
+        """Count a failed attempt on ``node``."""
+        self._child(self._errors, (node, model, kind)).inc()
+
+    def retry(self, node: str, model: str) -> None:
+        """Count a failover away from ``node``."""
+        self._child(self._retries, (node, model)).inc()
+
+    def rejected(self, code: int) -> None:
+        """Count a request the router answered itself with ``code``."""
+        self._child(self._rejected, (str(code),)).inc()
+
+    def routed(self, model: str, reason: str) -> None:
+        """Count a node chosen for ``reason``."""
+        key = ("g", model, reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._routing.labels(model, reason)
+        child.inc()
+
+    def prompt(self, node: str, model: str, chars: int, cached: int) -> None:
+        """Count a keyed prompt of ``chars`` characters ``node`` answered, ``cached`` of which
+        the index predicted its cache held."""
+        key = ("p", node, model)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = self._children[key] = (
+                self._prompt_chars.labels(node, model),
+                self._cached_chars.labels(node, model),
+            )
+        pair[0].inc(chars)
+        if cached:
+            pair[1].inc(cached)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        """Observe the time a request waited for a free slot."""
+        self._child(self._queue_wait, (model,)).observe(seconds)
+
+    def watch(
+        self, balancer: Balancer, queue: WaitQueue, inflight: Callable[[], int] | None = None
+    ) -> None:
+        """Export ``balancer``'s and ``queue``'s state (and the requests in flight) as gauges,
+        computed at scrape time."""
+        self.unwatch()
+        self._collector = _StateCollector(lambda: balancer, lambda: queue, inflight)
+        self._registry.register(self._collector)
+
+    def unwatch(self) -> None:
+        """Stop exporting the state gauges."""
+        if self._collector is not None:
+            self._registry.unregister(self._collector)
+            self._collector = None
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        balancer: Callable[[], Balancer],
+        queue: Callable[[], WaitQueue],
+        inflight: Callable[[], int] | None = None,
+    ):
+        self._balancer = balancer
+        self._queue = queue
+        self._inflight = inflight
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        outstanding = GaugeMetricFamily(
+            "llmlb_proxy_outstanding", "Requests in flight per node.", labels=["node"]
+        )
+        cooling = GaugeMetricFamily(
+            "llmlb_proxy_node_cooling", "1 while a node is cooled down.", labels=["node"]
+        )
+        balancer = self._balancer()
+        for state in list(balancer.nodes.values()):
+            outstanding.add_metric([state.node_id], state.outstanding)
+            cooling.add_metric([state.node_id], 0 if state.healthy else 1)
+        yield outstanding
+        yield cooling
+        if balancer.index is not None:
+            keys = GaugeMetricFamily(
+                "llmlb_proxy_prefix_keys",
+                "Prefix keys the index holds for a node (reported or guessed).",
+                labels=["node"],
+            )
+            for node_id, stats in balancer.index.stats().items():
+                keys.add_metric([node_id], stats["keys"])
+            yield keys
+        yield GaugeMetricFamily(
+            "llmlb_proxy_queued", "Requests waiting for a free slot.", value=len(self._queue())
+        )
+        if self._inflight is not None:
+            yield GaugeMetricFamily(
+                "llmlb_proxy_inflight",
+                "Inference requests this worker has in flight (max_inflight bounds it).",
+                value=self._inflight(),
+            )
+
+
+_default: ProxyMetrics | None = None
+
+
+def default_metrics() -> ProxyMetrics:
+    """The process-wide metrics in the default registry (created once)."""
+    global _default
+    if _default is None:
+        _default = ProxyMetrics()
+    return _default
