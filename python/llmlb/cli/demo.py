@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llmlb.files import atomic_write
 from llmlb.node.inference.templates import CHAT_TEMPLATE_FILENAME, GEMMA_CHAT_TEMPLATE
 
 DEMO_MODEL_ID = "gemma-3-270m"
@@ -83,6 +84,4 @@ def _write_template(model_dir: Path) -> None:
     path = model_dir / CHAT_TEMPLATE_FILENAME
     if path.is_file() and path.read_text(encoding="utf-8") == GEMMA_CHAT_TEMPLATE:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(GEMMA_CHAT_TEMPLATE, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, GEMMA_CHAT_TEMPLATE)

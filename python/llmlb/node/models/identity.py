@@ -11,7 +11,6 @@ binds the id to it, so no other credential can take the id over.
 
 from __future__ import annotations
 
-import os
 import secrets
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import orjson
 from filelock import FileLock
 
-from llmlb.private_file import write_private_file
+from llmlb.files import atomic_write
 
 NODE_ID_FILENAME = ".node-id"
 NODE_SECRET_FILENAME = ".node-secret"
@@ -49,9 +48,7 @@ def node_id(models_dir: Path, advertise_url: str) -> str:
             return existing
         new_id = f"node-{uuid.uuid4().hex[:16]}"
         ids[advertise_url] = new_id
-        tmp = path.with_name(f"{NODE_ID_FILENAME}.{os.getpid()}.tmp")
-        tmp.write_bytes(orjson.dumps(ids, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, path)
+        atomic_write(path, orjson.dumps(ids, option=orjson.OPT_INDENT_2))
         return new_id
 
 
@@ -78,5 +75,5 @@ def node_secret(models_dir: Path, node_id: str) -> str:
         if isinstance(existing, str) and existing:
             return existing
         known[node_id] = secrets.token_urlsafe(32)
-        write_private_file(path, orjson.dumps(known, option=orjson.OPT_INDENT_2).decode())
+        atomic_write(path, orjson.dumps(known, option=orjson.OPT_INDENT_2), private=True)
         return known[node_id]

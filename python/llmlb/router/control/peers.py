@@ -24,7 +24,6 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from llmlb import config
+from llmlb.files import atomic_write
 from llmlb.protocol import PeerSource
 
 logger = logging.getLogger("llmlb.router")
@@ -69,19 +69,8 @@ def _file_secret(path: Path) -> str:
     with contextlib.suppress(FileNotFoundError):
         if text := path.read_text().strip():
             return text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secrets.token_urlsafe(32).encode())
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # atomic, and never replaces the file another worker made
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    # never replaces the file another worker made: every worker reads the first one
+    atomic_write(path, secrets.token_urlsafe(32), private=True, replace=False)
     return path.read_text().strip()
 
 

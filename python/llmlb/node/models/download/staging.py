@@ -19,6 +19,7 @@ import orjson
 from filelock import FileLock
 
 from llmlb.errors import DownloadError
+from llmlb.files import atomic_write
 from llmlb.model_storage import CHAT_TEMPLATE_FILENAME, downloaded_marker, lock_path
 from llmlb.protocol import Manifest, ManifestFile
 
@@ -29,9 +30,7 @@ VERIFIED_FILENAME = "verified.json"
 
 def write_json(path: Path, data: object) -> None:
     """Write ``data`` as JSON to ``path`` atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(orjson.dumps(data))
-    os.replace(tmp, path)
+    atomic_write(path, orjson.dumps(data))
 
 
 def model_lock(models_dir: Path, model_id: str) -> FileLock:
