@@ -37,7 +37,7 @@ from llmlb.node.api import openai_request as req
 from llmlb.node.api.openai_response import (
     Shaper,
 )
-from llmlb.node.inference import tool_calls
+from llmlb.node.inference import model_defaults, tool_calls
 from llmlb.node.inference.cache_directory import CacheDirectory, request_origin
 from llmlb.node.inference.chat_format import render_chat
 from llmlb.node.inference.embedder import Embedder, encode
@@ -571,6 +571,8 @@ class Engine:
         bad = next((t for t in s.logit_bias if t >= n_vocab), None)
         if bad is not None:
             raise req.bad("logit_bias", f"'logit_bias' token id {bad} is not in the vocabulary")
+        # Fields the request left unset take the model's stored defaults (model_defaults).
+        s = model_defaults.apply(s, self.store.model_dir(loaded.model_id))
         return dataclasses.replace(s, grammar=grammar)
 
     async def _response_grammar(self, schema: dict | str) -> str:
