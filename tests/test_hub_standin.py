@@ -402,6 +402,32 @@ def test_bandwidth_cap_per_connection(spawn, fault_root: Path) -> None:
     assert time.monotonic() - started >= half / 4e6 * 0.95
 
 
+def test_total_bandwidth_is_shared_by_all_connections(spawn, fault_root: Path) -> None:
+    hub = start_hub(spawn, fault_root, "--total-bandwidth", "4M")
+    url = f"{hub}/org/m/resolve/main/m.gguf"
+    # Two halves in parallel take as long as the whole file at the total rate (not half).
+    half = len(GGUF) // 2
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        parts = list(
+            pool.map(
+                lambda r: _get(url, {"Range": r})[2], [f"bytes=0-{half - 1}", f"bytes={half}-"]
+            )
+        )
+    assert b"".join(parts) == GGUF
+    elapsed = time.monotonic() - started
+    assert elapsed >= len(GGUF) / 4e6 * 0.9  # ~0.79 s at 4 MB/s in all
+    assert elapsed < 20
+
+
+def test_total_and_per_connection_caps_combine(spawn, fault_root: Path) -> None:
+    hub = start_hub(spawn, fault_root, "--total-bandwidth", "40M", "--bandwidth", "2M")
+    url = f"{hub}/org/m/resolve/main/m.gguf"
+    started = time.monotonic()
+    assert _get(url)[2] == GGUF
+    assert time.monotonic() - started >= len(GGUF) / 2e6 * 0.95  # the tighter cap holds
+
+
 def test_require_token(spawn, fault_root: Path) -> None:
     hub = start_hub(spawn, fault_root, "--require-token", "hf_good")
     with pytest.raises(RepositoryNotFoundError):

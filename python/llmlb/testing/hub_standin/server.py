@@ -6,7 +6,8 @@ against it through ``HF_ENDPOINT=http://HOST:PORT``.
 Usage::
 
     python -m llmlb.testing.hub_standin --host 127.0.0.1 --port 8999 --root DIR
-        [--bandwidth BYTES_PER_S] [--fault SPEC ...] [--log-requests FILE]
+        [--bandwidth BYTES_PER_S] [--total-bandwidth BYTES_PER_S] [--fault SPEC ...]
+        [--log-requests FILE]
         [--require-token TOKEN] [--hash-cache FILE]
 
 Repositories are directories ``DIR/<org>/<name>/``; their files (symlinks followed) are served
@@ -38,6 +39,9 @@ Options:
 ``--bandwidth RATE``     per-connection cap on file bodies, bytes/s; suffixes K, M, G (decimal)
                          and Ki, Mi, Gi (binary), e.g. ``25M`` (emulates a CDN's per-connection
                          limit). Default: uncapped.
+``--total-bandwidth RATE``  cap on the file bodies of all connections together, bytes/s (a
+                         site's uplink): one token bucket every connection draws from, in
+                         turn; combines with ``--bandwidth``. Default: uncapped.
 ``--fault SPEC``         inject a fault; repeatable; see :mod:`llmlb.testing.hub_standin.faults`
                          (kinds ``drop``, ``status``, ``corrupt``, ``full``, ``delay``,
                          ``fail-first``, ``redirect-ranges``).
@@ -147,6 +151,7 @@ class HubStandin:
         root: Path,
         *,
         bandwidth: float | None = None,
+        total_bandwidth: float | None = None,
         faults: FaultPlan | None = None,
         log_path: Path | None = None,
         require_token: str | None = None,
@@ -154,6 +159,7 @@ class HubStandin:
     ):
         self.store = RepoStore(root, hash_cache=hash_cache)
         self.bandwidth = bandwidth
+        self.uplink = Uplink(total_bandwidth) if total_bandwidth else None
         self.faults = faults or FaultPlan([])
         self.require_token = require_token
         self._log: IO[bytes] | None = open(log_path, "ab") if log_path else None  # noqa: SIM115
@@ -480,12 +486,16 @@ class HubStandin:
         chunk = stop - start
         if self.bandwidth:
             chunk = int(min(max(self.bandwidth / 50, 16384), 1 << 20))
+        if self.uplink is not None:
+            chunk = min(chunk, self.uplink.chunk)
         began = time.monotonic()
         pos = start
         with open(f.abspath, "rb") as fh:
             while pos < stop:
                 n = min(chunk, stop - pos)
                 try:
+                    if self.uplink is not None:
+                        await self.uplink.take(n)
                     if transport.is_closing():
                         raise ConnectionResetError("client went away")
                     if corrupt_at is not None and pos <= corrupt_at < pos + n:
@@ -515,6 +525,34 @@ class HubStandin:
         await response.write_eof()
 
 
+class Uplink:
+    """A token bucket of ``rate`` bytes/s shared by every connection (burst: 20 ms).
+
+    Waiters are served in arrival order (an asyncio lock), so connections share the rate
+    about equally, whatever their number.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.burst = max(16384.0, rate / 50)
+        self.chunk = int(min(self.burst, 1 << 20))
+        self._tokens = self.burst
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` bytes may be sent."""
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+                self._stamp = now
+                if self._tokens >= n:
+                    self._tokens -= n
+                    return
+                await asyncio.sleep((n - self._tokens) / self.rate)
+
+
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
 
@@ -535,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="RATE",
         help="per-connection cap on file bodies in bytes/s (e.g. 25M)",
+    )
+    parser.add_argument(
+        "--total-bandwidth",
+        type=parse_rate,
+        default=None,
+        metavar="RATE",
+        help="cap on the file bodies of all connections together in bytes/s (e.g. 40M)",
     )
     parser.add_argument(
         "--fault",
@@ -580,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     standin = HubStandin(
         args.root.resolve(),
         bandwidth=args.bandwidth,
+        total_bandwidth=args.total_bandwidth,
         faults=faults,
         log_path=args.log_requests,
         require_token=args.require_token,
