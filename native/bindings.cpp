@@ -5,6 +5,7 @@
 
 #include "gguf.hpp"
 #include "model_id.hpp"
+#include "safetensors.hpp"
 #include "store.hpp"
 
 namespace py = pybind11;
@@ -54,6 +55,7 @@ PYBIND11_MODULE(_model_storage, m) {
   m.def("quant_matches_file_name", &llmlb::quant_matches_file_name, py::arg("quant"), py::arg("file_name"),
         release_gil());
   m.def("validate_file", &llmlb::validate_file, py::arg("path"), release_gil());
+  m.def("is_safe_relative_path", &llmlb::safetensors::shard_name_is_contained, py::arg("name"));
   m.def(
       "quantization_from_file_name",
       [](const std::string& name) -> py::object {

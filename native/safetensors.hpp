@@ -37,8 +37,10 @@ struct Index {
 // names in `out` are views into `text` (or `out.arena`): keep `text` alive while using them.
 void parse_index(const std::string& text, Index& out);
 
-// True when a relative shard name stays inside the model directory (no absolute path,
-// no "." or ".." segment, no backslash or NUL).
+// True when a relative file name stays inside the model directory (not empty, no absolute
+// path or drive letter, no empty, "." or ".." segment, no backslash or NUL). The store's one
+// rule for file names: shard names here, manifest file names through the binding
+// (llmlb.model_storage.is_safe_relative_path).
 bool shard_name_is_contained(std::string_view name);
 
 }  // namespace llmlb::safetensors

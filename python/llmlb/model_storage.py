@@ -24,6 +24,7 @@ __all__ = [
     "ModelStorage",
     "downloaded_marker",
     "inspect_gguf",
+    "is_safe_relative_path",
     "lock_path",
     "normalize_model_id",
     "parse_split_name",
@@ -85,6 +86,16 @@ def parse_split_name(name: str) -> tuple[str, int, int] | None:
     """``(prefix, part, count)`` of a split-GGUF name (``<prefix>-00001-of-00003.gguf``), or
     ``None``: the store's own rule, so the router registers the split sets a node accepts."""
     return _native.parse_split_name(name)
+
+
+def is_safe_relative_path(name: str) -> bool:
+    """Whether a file name of a model stays inside the model's directory: the store's one
+    rule for the names in manifests, peer requests and safetensors indexes.
+
+    A safe name is relative and not empty, ``/``-separated with no empty, ``.`` or ``..``
+    segment, and holds no backslash, NUL or drive letter (``C:``).
+    """
+    return _native.is_safe_relative_path(name)
 
 
 def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:

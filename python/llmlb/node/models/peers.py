@@ -44,7 +44,7 @@ from starlette.responses import Response, StreamingResponse
 
 from llmlb.errors import ApiError, ModelNotRegistered
 from llmlb.http import bearer_token, error_response, model_id_or_400
-from llmlb.node.models.download.fetch import unsafe_filename
+from llmlb.model_storage import is_safe_relative_path
 from llmlb.node.models.download.staging import file_signature, read_marker
 from llmlb.node.models.hashing import sha256_file
 
@@ -330,7 +330,7 @@ class PeerService:
         quoted_id, _, quoted_name = rest.partition("/")
         model_id = model_id_or_400(unquote(quoted_id))
         filename = unquote(quoted_name)
-        if unsafe_filename(filename):
+        if not is_safe_relative_path(filename):
             raise ApiError(400, "invalid_request_error", f"unsafe filename {filename!r}")
         return model_id, filename
 

@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
@@ -42,7 +42,7 @@ from llmlb.errors import (
     InsufficientDiskSpace,
     IntegrityError,
 )
-from llmlb.model_storage import inspect_gguf, staging_dir
+from llmlb.model_storage import inspect_gguf, is_safe_relative_path, staging_dir
 from llmlb.node.models.download.allowlist import no_proxy_entries
 from llmlb.node.models.download.http import Http
 from llmlb.node.models.download.load_ahead import LoadAhead
@@ -88,20 +88,9 @@ def select_files(manifest: Manifest, backends: Iterable[str] | None = None) -> l
     have = frozenset(backends) if backends is not None else local_backends()
     chosen = [f for f in manifest.files if not f.backends or have.intersection(f.backends)]
     for spec in chosen:
-        if unsafe_filename(spec.filename):
+        if not is_safe_relative_path(spec.filename):
             raise DownloadError(f"{manifest.model_id}: unsafe filename {spec.filename!r}")
     return sorted(chosen, key=lambda f: (f.priority, f.filename))
-
-
-def unsafe_filename(filename: str) -> bool:
-    """Whether a manifest filename could leave its model's directory (or is empty)."""
-    return (
-        not filename
-        or PurePosixPath(filename).is_absolute()
-        or any(part in ("", ".", "..") for part in filename.split("/"))
-        or "\\" in filename
-        or "\0" in filename
-    )
 
 
 @dataclass
