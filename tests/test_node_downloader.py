@@ -15,7 +15,7 @@ from llmlb.errors import (
     DownloadError,
     HostNotAllowed,
     InsufficientDiskSpace,
-    IntegrityError,
+    IntegrityCheckFailed,
 )
 from llmlb.model_storage import ModelStorage, staging_dir
 from llmlb.node.models.download.allowlist import host_allowed, no_proxy_entries
@@ -286,7 +286,7 @@ def test_a_failing_file_never_promotes_a_partial_model(spawn, tmp_path):
     )
     store = tmp_path / "store"
     store.mkdir()
-    with pytest.raises(IntegrityError, match="model-00003-of-00003.safetensors: sha256"):
+    with pytest.raises(IntegrityCheckFailed, match="model-00003-of-00003.safetensors: sha256"):
         _fetch(store, hub, files, "org/split").run()
     assert "org/split" not in ModelStorage(store).list_available()
     assert not (store / "org/split").exists()

@@ -58,7 +58,7 @@ def test_router_errors_on_messages_routes_are_anthropic_shaped(mock):
                 "type": "error",
                 "error": {
                     "type": "not_found_error",
-                    "message": "model 'org/other' is not registered",
+                    "message": "model 'org/other' not found",
                 },
             }
             res = await call(proxy, b"{not json", path="/v1/messages/count_tokens")

@@ -1,4 +1,10 @@
-"""Typed errors shared by router, node and CLI, and the OpenAI error body they map to."""
+"""Typed errors shared by router, node and CLI, and the OpenAI error body they map to.
+
+Every error a caller may handle lives here, grouped: the HTTP error (:class:`ApiError`) and
+the constructors of the errors that more than one route answers (one function per code, so
+one code has one message), the model id's error, the hub's errors, and the download's.
+Errors private to one module (a retry signal, a parser's internal failure) stay there.
+"""
 
 from __future__ import annotations
 
@@ -77,6 +83,49 @@ class ApiError(LlmlbError):
         if self.retry_after is None:
             return {}
         return {"retry-after": str(max(1, int(round(self.retry_after))))}
+
+
+def model_not_found(model_id: str) -> ApiError:
+    """404 ``model_not_found``: the router, or a node, knows no model ``model_id``."""
+    return ApiError(404, "model_not_found", f"model '{model_id}' not found")
+
+
+def model_already_registered(model_id: str) -> ApiError:
+    """409 ``model_exists``: registering ``model_id`` a second time."""
+    return ApiError(409, "model_exists", f"model {model_id} is already registered")
+
+
+def key_not_found(key_id: int | str) -> ApiError:
+    """404 ``key_not_found``: no API key with id ``key_id``."""
+    return ApiError(404, "key_not_found", f"no key with id {key_id}")
+
+
+def invalid_model_id(exc: Exception, param: str | None = None) -> ApiError:
+    """400 ``invalid_model_id`` carrying the broken rule (``str(exc)``) and the request
+    field the id came from, when known."""
+    return ApiError(400, "invalid_model_id", str(exc), param=param)
+
+
+def request_too_large(limit: int) -> ApiError:
+    """413 ``request_too_large`` for a body over ``limit`` bytes."""
+    return ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
+
+
+class AmbiguousArtifactsError(ApiError):
+    """400 ``ambiguous_artifacts`` answered to a registration; the error object also lists
+    ``choices`` (the filenames a ``filename`` hint may name)."""
+
+    def __init__(self, message: str, choices: list[str]):
+        super().__init__(
+            400, "ambiguous_artifacts", f"{message} (choose a filename: {', '.join(choices)})"
+        )
+        self.choices = choices
+
+    def body(self) -> bytes:
+        """The error body with ``choices`` added."""
+        data = orjson.loads(super().body())
+        data["error"]["choices"] = self.choices
+        return orjson.dumps(data)
 
 
 class ContextLengthExceeded(ApiError):
@@ -162,6 +211,11 @@ class ContextLengthExceeded(ApiError):
         )
 
 
+class InvalidModelId(ValueError):
+    """A model id breaks the id rules (:func:`llmlb.model_storage.normalize_model_id`); the
+    message names the rule. HTTP routes answer it as 400 ``invalid_model_id``."""
+
+
 class HubError(LlmlbError):
     """Base class of failures talking to the hub while registering a model."""
 
@@ -202,8 +256,9 @@ class InsufficientDiskSpace(DownloadError):
     """The store's file system has less free space than the files still to fetch."""
 
 
-class IntegrityError(DownloadError):
-    """A downloaded file failed its size or SHA-256 check twice."""
+class IntegrityCheckFailed(DownloadError):
+    """A downloaded file failed its size or SHA-256 check twice (not the database's
+    constraint error, :class:`llmlb.router.db.IntegrityError`)."""
 
 
 class ModelNotRegistered(DownloadError):

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from llmlb.errors import ApiError, error_body
+from llmlb.errors import ApiError, error_body, invalid_model_id, request_too_large
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 
 __all__ = [
@@ -136,7 +136,7 @@ async def read_json(request: Request, limit: int, *, allow_nul: bool = True) -> 
 
 def too_large(limit: int) -> ApiError:
     """413 for a body over ``limit`` bytes."""
-    return ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
+    return request_too_large(limit)
 
 
 def model_id_or_400(raw: str, param: str | None = None) -> str:
@@ -149,7 +149,7 @@ def model_id_or_400(raw: str, param: str | None = None) -> str:
     try:
         return normalize_model_id(raw)
     except InvalidModelId as exc:
-        raise ApiError(400, "invalid_model_id", str(exc), param=param) from None
+        raise invalid_model_id(exc, param) from None
 
 
 def bearer_token(authorization: bytes | str | None) -> bytes | None:

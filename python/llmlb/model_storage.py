@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlb import _model_storage as _native
+from llmlb.errors import InvalidModelId
 
 __all__ = [
     "InvalidModelId",
@@ -41,10 +42,6 @@ LOCKS_DIRNAME = ".locks"
 DOWNLOADED_DIRNAME = ".downloaded"
 # Sidecar file in a model directory holding its Jinja chat template.
 CHAT_TEMPLATE_FILENAME = "chat_template.jinja"
-
-
-class InvalidModelId(ValueError):
-    """A model id breaks the id rules; the message names the rule."""
 
 
 _native._set_invalid_model_id_type(InvalidModelId)

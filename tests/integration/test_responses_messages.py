@@ -342,7 +342,7 @@ def test_messages_errors_are_anthropic_shaped(fleet, claude):
         "type": "error",
         "error": {
             "type": "not_found_error",
-            "message": "model 'local/nothing-here' is not registered",
+            "message": "model 'local/nothing-here' not found",
         },
     }
     bad_key = anthropic.Anthropic(base_url=router, api_key="sk-wrong", max_retries=0)

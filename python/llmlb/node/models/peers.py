@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from llmlb.errors import ApiError, ModelNotRegistered
+from llmlb.errors import ApiError, ModelNotRegistered, model_not_found
 from llmlb.http import bearer_token, error_response, model_id_or_400
 from llmlb.model_storage import is_safe_relative_path
 from llmlb.node.models.download.staging import file_signature, read_marker
@@ -340,7 +340,7 @@ class PeerService:
         if resolver.local_path(model_id) is None:  # not in the store, or invalid
             raise self._refuse(
                 "missing",
-                ApiError(404, "model_not_found", f"model {model_id} is not ready on this node"),
+                model_not_found(model_id),
             )
         manifest = resolver.manifests.get(model_id)
         if manifest is None:
@@ -349,7 +349,7 @@ class PeerService:
             except ModelNotRegistered:  # e.g. an id with a quantisation the router lacks
                 raise self._refuse(
                     "not_listed",
-                    ApiError(404, "model_not_found", f"model {model_id} is not registered"),
+                    model_not_found(model_id),
                 ) from None
             except Exception as exc:  # noqa: BLE001 - no manifest, nothing to check against
                 raise self._refuse(

@@ -48,6 +48,7 @@ from llmlb.errors import (
     DownloadError,
     ModelNotRegistered,
     RouterUnavailable,
+    model_not_found,
 )
 from llmlb.node.events import AsyncSignal, Signal
 from llmlb.node.metrics import NodeMetrics
@@ -639,12 +640,7 @@ class Resolver:
             try:
                 await self.manifest(model_id)
             except ModelNotRegistered:
-                raise ApiError(
-                    404,
-                    "model_not_found",
-                    f"model {model_id!r} is neither in this node's store nor "
-                    "registered with the router",
-                ) from None
+                raise model_not_found(model_id) from None
             except RouterUnavailable as exc:
                 raise ApiError(503, "model_not_ready", str(exc), retry_after=5) from None
             fmt = self.format_of(model_id)

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, key_not_found, model_already_registered, model_not_found
 from llmlb.http import JSONResponse, api_key, model_id_or_400
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import CacheReport, CacheReportError
@@ -66,10 +66,6 @@ def _bearer(request: Request) -> bytes | None:
     return api_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-def _model_not_found(model_id: str) -> ApiError:
-    return ApiError(404, "model_not_found", f"model {model_id} is not known")
-
-
 # -- public -------------------------------------------------------------------------------
 
 
@@ -120,7 +116,7 @@ async def delete_key(request: Request) -> Response:
     runtime = _guard(request, "admin")
     key_id = request.path_params["key_id"]
     if "\x00" in key_id or not await runtime.db.run(keys.delete_key, key_id):
-        raise ApiError(404, "key_not_found", f"no key with id {key_id}")
+        raise key_not_found(key_id)
     await runtime.refresh()
     return Response(status_code=204)
 
@@ -136,7 +132,7 @@ async def register_model(request: Request) -> Response:
             await read_json(request, runtime.settings.max_body_bytes)
         )
         if await runtime.db.run(registry.model_exists, req.model_id):
-            raise ApiError(409, "model_exists", f"model {req.model_id} is already registered")
+            raise model_already_registered(req.model_id)
         await runtime.db.run(registry.check_no_conflict, req.model_id)
         manifest = await registry.fetch_manifest(runtime.settings, req)
         row = await runtime.db.run(registry.store_model, req.model_id, manifest, req.chat_template)
@@ -158,7 +154,7 @@ async def delete_model(request: Request) -> Response:
     runtime = _guard(request, "admin")
     model_id = _path_model_id(request)
     if not await runtime.db.run(registry.delete_model, model_id):
-        raise _model_not_found(model_id)
+        raise model_not_found(model_id)
     logger.info("deleted model %s", model_id)
     await runtime.refresh()
     await runtime.notify(
@@ -172,7 +168,7 @@ async def retry_model(request: Request) -> Response:
     runtime = _guard(request, "admin")
     model_id = _path_model_id(request)
     if not await runtime.db.run(registry.model_exists, model_id):
-        raise _model_not_found(model_id)
+        raise model_not_found(model_id)
     node_ids = [node.node_id for node in runtime.fleet.online_nodes()]
     await runtime.notify(node_ids, [model_id], "retry")
     return JSONResponse({"model": model_id, "action": "retry", "nodes": node_ids}, status_code=202)
@@ -190,7 +186,7 @@ async def get_model(request: Request) -> Response:
     model_id = _path_model_id(request)
     entry = runtime.fleet.model_entry(model_id)
     if entry is None:
-        raise _model_not_found(model_id)
+        raise model_not_found(model_id)
     return JSONResponse(entry)
 
 
@@ -206,7 +202,7 @@ async def manifest(request: Request) -> Response:
     model_id = _path_model_id(request)
     found = await runtime.db.run(registry.get_manifest, model_id)
     if found is None:
-        raise _model_not_found(model_id)
+        raise model_not_found(model_id)
     requester = request.query_params.get("node_id")
     if requester is not None:  # a node asking: who can serve it the files
         requester = validate_node_id(requester)

@@ -12,10 +12,13 @@ import orjson
 
 from llmlb.errors import (
     AmbiguousArtifacts,
+    AmbiguousArtifactsError,
     ApiError,
     HubRepoNotFound,
     HubUnavailable,
     NoSupportedArtifacts,
+    invalid_model_id,
+    model_already_registered,
 )
 from llmlb.http import model_id_or_400
 from llmlb.model_storage import InvalidModelId, split_quant
@@ -36,7 +39,7 @@ def _repo_id(repo: str) -> str:
     try:
         return parse_repo_ref(repo)[0]
     except InvalidModelId as exc:
-        raise ApiError(400, "invalid_model_id", str(exc)) from None
+        raise invalid_model_id(exc) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,26 +76,10 @@ class RegisterRequest:
         )
 
 
-class AmbiguousArtifactsError(ApiError):
-    """400 ``ambiguous_artifacts``; the error object also lists ``choices``."""
-
-    def __init__(self, message: str, choices: list[str]):
-        super().__init__(
-            400, "ambiguous_artifacts", f"{message} (choose a filename: {', '.join(choices)})"
-        )
-        self.choices = choices
-
-    def body(self) -> bytes:
-        """The error body with ``choices`` added."""
-        data = orjson.loads(super().body())
-        data["error"]["choices"] = self.choices
-        return orjson.dumps(data)
-
-
 def hub_error_to_api(exc: Exception) -> ApiError:
     """Map a hub failure to the HTTP error the admin sees."""
     if isinstance(exc, InvalidModelId):
-        return ApiError(400, "invalid_model_id", str(exc))
+        return invalid_model_id(exc)
     if isinstance(exc, AmbiguousArtifacts):
         return AmbiguousArtifactsError(str(exc), list(exc.choices))
     if isinstance(exc, NoSupportedArtifacts):
@@ -217,7 +204,7 @@ def store_model(
             db.bump(conn, db.FLEET)
     except db.INTEGRITY_ERRORS:
         if model_exists(conn, model_id):
-            raise ApiError(409, "model_exists", f"model {model_id} is already registered") from None
+            raise model_already_registered(model_id) from None
         raise
     return get_model_row(conn, model_id)  # type: ignore[return-value]
 

@@ -63,7 +63,13 @@ import orjson
 
 from llmlb import anthropic_errors, config
 from llmlb.asgi import Receive, Scope, Send
-from llmlb.errors import ApiError, error_body
+from llmlb.errors import (
+    ApiError,
+    error_body,
+    invalid_model_id,
+    model_not_found,
+    request_too_large,
+)
 from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import PrefixKeys, request_keys
@@ -470,7 +476,7 @@ class InferenceProxy:
         body = message.get("body", b"")
         if not message.get("more_body"):
             if len(body) > limit:
-                raise _too_large(limit)
+                raise request_too_large(limit)
             return body
         parts = [body]
         size = len(body)
@@ -481,7 +487,7 @@ class InferenceProxy:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise request_too_large(limit)
             parts.append(chunk)
         return b"".join(parts)
 
@@ -503,7 +509,7 @@ class InferenceProxy:
             try:
                 model = normalize_model_id(raw)
             except ValueError as exc:
-                model = ApiError(400, "invalid_model_id", str(exc))
+                model = invalid_model_id(exc)
             if len(self._model_ids) >= _MAX_CACHED_IDS:
                 self._model_ids.clear()
             self._model_ids[raw] = model
@@ -643,7 +649,7 @@ class InferenceProxy:
                 return None
             status = self.fleet.model_status(model)
             if status == "unknown":
-                raise ApiError(404, "model_not_found", f"model '{model}' is not registered")
+                raise model_not_found(model)
             if status == "unservable":
                 raise _no_capable_node(model, *self.fleet.incapable(model))
             now = perf_counter()
@@ -1008,10 +1014,6 @@ def _sse_error(
     if anthropic:
         return anthropic_errors.sse_error(status, message)
     return b"data: " + error_body(message, code, status) + b"\n\n"
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", f"request body exceeds {limit} bytes")
 
 
 def _queue_full(model: str, retry_after: float) -> ApiError:

@@ -40,7 +40,7 @@ from llmlb.errors import (
     DownloadError,
     HostNotAllowed,
     InsufficientDiskSpace,
-    IntegrityError,
+    IntegrityCheckFailed,
 )
 from llmlb.model_storage import inspect_gguf, is_safe_relative_path, staging_dir
 from llmlb.node.models.download.allowlist import no_proxy_entries
@@ -353,7 +353,9 @@ class ModelFetch:
                 self._restart(file)
                 blamed = self._blame(file, str(exc))
                 if corrupt_try == 1:
-                    raise IntegrityError(f"{self.model_id}: {exc} (after one refetch)") from None
+                    raise IntegrityCheckFailed(
+                        f"{self.model_id}: {exc} (after one refetch)"
+                    ) from None
                 if blamed:
                     file.hub_only = True
                 logger.warning(
