@@ -69,6 +69,17 @@ def _event(index: int) -> bytes:
 
 
 _EVENTS = [_event(i) for i in range(_STREAM_EVENTS)]
+# The final chunk of ``stream_options.include_usage``: no choices, the usage.
+_USAGE_EVENT = b"data: " + orjson.dumps(
+    {
+        "id": "chatcmpl-mock0000000000000000000000",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "mock",
+        "choices": [],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 19, "total_tokens": 31},
+    }
+) + b"\n\n"
 _DONE = b"data: [DONE]\n\n"
 _JSON = (b"content-type", b"application/json")
 _SSE = (b"content-type", b"text/event-stream")
@@ -178,7 +189,8 @@ async def app(scope, receive, send) -> None:
         await _stream(send, extra, _EVENTS[:3], then_break=True)
         return
     if streaming:
-        await _stream(send, extra, _EVENTS)
+        usage = b'"include_usage":true' in body
+        await _stream(send, extra, [*_EVENTS, _USAGE_EVENT] if usage else _EVENTS)
         return
     payload = _EMBEDDING if path.endswith("/embeddings") else _COMPLETION
     if extra:

@@ -42,7 +42,7 @@ MODELS = Gauge("llmlb_router_models_registered", "Registered models.", multiproc
 def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
     """Versions, plus the key map and/or fleet data whose version moved since ``known``."""
     current = db.versions(conn)
-    key_hashes = keys.load_hashes(conn) if current.get(db.KEYS) != known.get(db.KEYS) else None
+    key_hashes = keys.load_entries(conn) if current.get(db.KEYS) != known.get(db.KEYS) else None
     fleet = None
     if current.get(db.FLEET) != known.get(db.FLEET):
         fleet = (nodes.load_states(conn), registry.load_registered(conn))
@@ -95,7 +95,7 @@ class Runtime:
             known = {} if full else self._versions
             current, key_hashes, fleet = await self.db.run(_snapshot, known)
             if key_hashes is not None:
-                self.keys.replace(key_hashes)
+                self.keys.load(key_hashes)
             if fleet is not None:
                 self.fleet.load(*fleet)
                 for status, count in self.fleet.node_counts().items():

@@ -24,8 +24,9 @@ from llmlb.router.api.metrics import HttpMetricsMiddleware
 from llmlb.router.api.responses import unauthorized
 from llmlb.router.api.routes import ROUTES
 from llmlb.router.api.traffic import TrafficHistory
+from llmlb.router.control.keys import UNAUTHENTICATED, permits
 from llmlb.router.control.settings import RouterSettings
-from llmlb.router.proxy.proxy import InferenceProxy
+from llmlb.router.proxy.proxy import KEY_SCOPE, InferenceProxy
 from llmlb.router.runtime import Runtime
 
 logger = logging.getLogger("llmlb.router")
@@ -133,10 +134,12 @@ class RouterApp:
             elif name == b"x-api-key":
                 x_api_key = value
         anthropic = scope["path"] in anthropic_errors.ANTHROPIC_PATHS
-        denied = self._keys.check(authorization, "api", x_api_key)
+        entry = self._keys.lookup(authorization, x_api_key)
+        denied = UNAUTHENTICATED if entry is None else permits(entry, "api")
         if denied is not None:
             await (_FORBIDDEN if denied == 403 else _UNAUTHENTICATED)[anthropic](send)
             return
+        scope[KEY_SCOPE] = entry  # the proxy admits by its limits and accounts its usage
         if length is not None and length.isdigit() and int(length) > self._max_body:
             await self._too_large[anthropic](send)
             return

@@ -30,6 +30,7 @@ from llmlb.router.api import dashboard, metrics
 from llmlb.router.api.openapi import openapi_schema
 from llmlb.router.api.responses import authorize, read_json  # control bodies: no NUL
 from llmlb.router.control import keys, nodes, peers, registry
+from llmlb.router.control.limits import parse_limits
 from llmlb.router.proxy.prefix_index import MAX_REPORT_BYTES, ReportResult
 from llmlb.router.runtime import Runtime
 
@@ -94,14 +95,26 @@ async def create_key(request: Request) -> Response:
     """``POST /v0/keys`` (admin): returns the new key once."""
     runtime = _guard(request, "admin")
     body = await read_json(request, runtime.settings.max_body_bytes)
-    scope, name = body.get("scope"), body.get("name")
-    if scope not in keys.SCOPES:
-        raise ApiError(400, "invalid_request_error", "scope must be one of api, node, admin")
-    if name is not None and (not isinstance(name, str) or len(name) > 200):
-        raise ApiError(400, "invalid_request_error", "name must be a string (<= 200 chars)")
-    info, key = await runtime.db.run(keys.create_key, scope, name)
+    scope, name, fields = keys.read_key_body(body, creating=True)
+    limits = parse_limits(fields)  # every field checked before anything is written
+    assert scope is not None  # read_key_body checked it
+    info, key = await runtime.db.run(keys.create_key, scope, name, limits)
     await runtime.refresh()
     return JSONResponse({**info.to_dict(), "key": key}, status_code=201)
+
+
+async def update_key(request: Request) -> Response:
+    """``PATCH /v0/keys/{key_id}`` (admin): change a key's name and limits (``null`` removes
+    a limit); answers the key as ``GET /v0/keys`` shows it."""
+    runtime = _guard(request, "admin")
+    key_id = request.path_params["key_id"]
+    body = await read_json(request, runtime.settings.max_body_bytes)
+    _, name, fields = keys.read_key_body(body, creating=False)
+    info = await runtime.db.run(keys.update_key, key_id, fields, name)
+    if info is None:
+        raise key_not_found(key_id)
+    await runtime.refresh()
+    return JSONResponse(info.to_dict())
 
 
 async def list_keys(request: Request) -> Response:
@@ -476,7 +489,7 @@ ROUTES = [
     _route("/openapi.json", get=openapi),
     _route("/metrics", get=metrics_route),
     _route("/v0/keys", get=list_keys, post=create_key),
-    _route("/v0/keys/{key_id}", delete=delete_key),
+    _route("/v0/keys/{key_id}", delete=delete_key, patch=update_key),
     _route("/v1/models/register", post=register_model),
     _route("/v1/models", get=list_models),
     _route("/v1/models/{model_id:path}", get=get_model, delete=delete_model),

@@ -126,6 +126,9 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
             PRIMARY KEY (model_id, node_id, reporter)
         )""",
     ],
+    # 5: a key's limits (rpm, tpm, max_parallel, budget, models, priority, expires_at), one
+    # JSON object validated by llmlb.router.control.limits; NULL: no limits.
+    ["ALTER TABLE api_keys ADD COLUMN limits TEXT"],
 ]
 
 

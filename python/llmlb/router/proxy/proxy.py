@@ -62,7 +62,7 @@ from typing import Any, Protocol
 import orjson
 
 from llmlb import anthropic_errors, config
-from llmlb.asgi import Receive, Scope, Send
+from llmlb.asgi import Message, Receive, Scope, Send
 from llmlb.errors import (
     ApiError,
     error_body,
@@ -73,6 +73,7 @@ from llmlb.errors import (
 from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import PrefixKeys, request_keys
+from llmlb.router.proxy.admission import Admission, KeyState, Ticket, estimate_tokens
 from llmlb.router.proxy.balancer import Balancer, NodeLike, NodeState, NoPick, PoisonLog, WaitQueue
 from llmlb.router.proxy.metrics import ProxyMetrics, default_metrics
 from llmlb.router.proxy.prefix_index import PrefixIndex
@@ -83,6 +84,7 @@ from llmlb.router.proxy.upstream import (
     UpstreamError,
     UpstreamTimeout,
 )
+from llmlb.router.proxy.usage import Usage, UsageTap, ask_for_usage
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ _KEYED_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 )
 _NOT_READY_RETRY_AFTER_S = 5.0
+# Where the router's app leaves the authenticated key (llmlb.router.control.keys.KeyEntry).
+KEY_SCOPE = "llmlb.key"
 # A request still in the router this long gets its client's disconnect watched: Granian's watch
 # costs thread wake-ups per request, and a quicker answer has nothing to save by it.
 _WATCH_AFTER_S = 0.1
@@ -266,6 +270,10 @@ class _Exchange:
     node: str | None = None
     anthropic: bool = False  # an Anthropic route: the router's errors in Anthropic's shape
     watch: _ClientWatch | None = None  # the client's disconnect watch, once armed
+    tap: bool = False  # read the node's usage out of the answer
+    strip_usage: bool = False  # the router asked for the stream's usage chunk: drop it
+    usage: Usage | None = None  # what the node reported
+    status: int = 0  # of the node's answer relayed to the client
 
     def cut(self, reason: str) -> None:
         """Cancel the request (unless it is over already)."""
@@ -320,6 +328,7 @@ class InferenceProxy:
         )
         self.poison = PoisonLog(self.settings.poison_ttl_s, self.settings.poison_max_keys, clock)
         self.queue = WaitQueue(self.settings.queue_max)
+        self.admission = Admission()
         self.inflight = 0
         overloaded = ApiError(
             503,
@@ -385,22 +394,52 @@ class InferenceProxy:
             await send(tail)
             return
         self.inflight += 1
+        ticket: Ticket | None = None
+        ex: _Exchange | None = None
         try:
             body = await self._read_body(receive)
             if body is None:
                 return  # the client went away
-            model, affinity_key, keys = self._parse(body, scope)
+            model, affinity_key, keys, doc = self._parse(body, scope)
+            entry = scope.get(KEY_SCOPE)
+            limits = None if entry is None else entry.limits
+            strip = False
+            if limits is not None:
+                # Every answer to a limited key carries its x-ratelimit-* headers, refusals too.
+                send = self._with_limit_headers(send, self.admission.state(entry.id, limits))
+                ticket = self.admission.admit(
+                    entry.id, limits, model, estimate_tokens(body, doc)
+                )
+                if ask_for_usage(scope["path"], doc):
+                    body, strip = orjson.dumps(doc), True
             # With the loop given, no getpid() per call (3.11's get_running_loop makes one).
             task = asyncio.current_task(self._loop) or asyncio.current_task()
             ex = _Exchange(scope, send, task, body, model, affinity_key, start)
             ex.anthropic = anthropic
             ex.keys = keys
+            if ticket is not None:
+                ex.tap, ex.strip_usage = True, strip
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
             await _send_error(send, exc, anthropic)
         finally:
             self.inflight -= 1
+            if ticket is not None:
+                self.admission.settle(ticket, _tokens_used(ex))
+
+    def _with_limit_headers(self, send: Send, state: KeyState) -> Send:
+        """``send`` adding the key's ``x-ratelimit-*`` headers to the answer's head."""
+        admission = self.admission
+
+        async def limited_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                headers += admission.headers(state)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return limited_send
 
     async def _guarded(self, ex: _Exchange, receive: Receive) -> None:
         """Forward the request, cancelling it when the client leaves or time runs out (found
@@ -491,9 +530,12 @@ class InferenceProxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _parse(self, body: bytes, scope: Scope) -> tuple[str, str | None, PrefixKeys | None]:
-        """The normalised model id, the affinity key, and the prefix keys (prefix routing,
-        routes whose prompts nodes cache); nothing else of the body is used."""
+    def _parse(
+        self, body: bytes, scope: Scope
+    ) -> tuple[str, str | None, PrefixKeys | None, dict[str, Any]]:
+        """The normalised model id, the affinity key, the prefix keys (prefix routing,
+        routes whose prompts nodes cache), and the parsed body (admission of a limited key
+        reads its ``max_tokens``)."""
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -523,11 +565,11 @@ class InferenceProxy:
                 keys = None
         for name, value in scope["headers"]:
             if name == _SESSION_HEADER:
-                return model, "s:" + value.decode("latin-1"), keys
+                return model, "s:" + value.decode("latin-1"), keys, doc
         user = doc.get("user")
         if type(user) is str and user:
-            return model, "u:" + user, keys
-        return model, None, keys
+            return model, "u:" + user, keys, doc
+        return model, None, keys, doc
 
     # -- forwarding ----------------------------------------------------------------------
 
@@ -714,8 +756,18 @@ class InferenceProxy:
             headers.append((_NODE_HEADER, node_id.encode()))
             ex.sse = b"text/event-stream" in (resp.header(b"content-type") or b"")
             ex.started = True
-            await ex.send({"type": "http.response.start", "status": status, "headers": headers})
+            ex.status = status
             done = resp.at_eof()
+            tap = None
+            if ex.tap:
+                tap = UsageTap(ex.sse, ex.strip_usage and ex.sse)
+                if tap.strip:  # the relayed stream is shorter than the node's
+                    headers = [h for h in headers if h[0] != b"content-length"]
+                payload = tap.feed(payload)
+                if done:
+                    payload += tap.finish()
+                    ex.usage = tap.usage
+            await ex.send({"type": "http.response.start", "status": status, "headers": headers})
             await ex.send({"type": "http.response.body", "body": payload, "more_body": not done})
             metrics = self.metrics
             metrics.request(node_id, model, status)
@@ -723,7 +775,7 @@ class InferenceProxy:
             metrics.overhead.observe((sent - ex.start) + (perf_counter() - got))
             if not done:
                 resp.read_timeout = self.settings.stream_idle_timeout_s
-                done = await self._relay(resp, ex, state)
+                done = await self._relay(resp, ex, state, tap)
             if done:
                 if self.poison:
                     self.poison.served(request)
@@ -739,16 +791,29 @@ class InferenceProxy:
             if len(self.queue):
                 self.queue.wake(model)
 
-    async def _relay(self, resp: Response, ex: _Exchange, state: NodeState) -> bool:
-        """Relay the rest of the body chunk by chunk; end SSE with an error event on failure.
+    async def _relay(
+        self, resp: Response, ex: _Exchange, state: NodeState, tap: UsageTap | None = None
+    ) -> bool:
+        """Relay the rest of the body chunk by chunk (through ``tap`` when the usage is read);
+        end SSE with an error event on failure.
 
         Returns:
             True when the whole answer was relayed.
         """
         send = ex.send
         try:
-            async for chunk in resp:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if tap is None:
+                async for chunk in resp:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                async for chunk in resp:
+                    chunk = tap.feed(chunk)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                rest = tap.finish()
+                ex.usage = tap.usage
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": True})
         except UpstreamError as exc:
             self.metrics.error(state.node_id, ex.model, "stream")
             # The node held the request when its stream broke: counted against it, unless
@@ -965,6 +1030,17 @@ class _ClientWatch:
         """Stop watching (the request is over)."""
         if not self._waiter.done():
             self._waiter.cancel()
+
+
+def _tokens_used(ex: _Exchange | None) -> int | None:
+    """Tokens to settle a request's reservation with: the node's report; 0 when no node
+    answered it successfully; ``None`` (the reservation stands) when an answer was cut
+    without a report."""
+    if ex is None or not ex.started or ex.status >= 400:
+        return 0
+    if ex.usage is not None:
+        return ex.usage.total
+    return None
 
 
 def _describe(exc: BaseException | None) -> str:

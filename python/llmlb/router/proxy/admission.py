@@ -1,0 +1,325 @@
+"""Admission of a limited key's requests: rpm, tpm, parallel and budget counters, in memory.
+
+One :class:`Admission` per worker holds a :class:`KeyState` for every key with limits that
+sent a request. :meth:`Admission.admit` decides at once (no I/O): the model allowlist (403
+``model_not_allowed``), ``max_parallel``, ``rpm``, ``tpm`` (429 ``rate_limit_exceeded``) and
+the budget (429 ``insufficient_quota``). An admitted request reserves its tokens (the
+prompt estimate plus its ``max_tokens``) in the minute's window and the budget; its
+:class:`Ticket` is settled from the usage the node reported when it ends, so a burst of long
+requests overshoots ``tpm`` or a budget by no more than the requests already in flight.
+
+Windows are a sliding minute in one-second steps: a request counts against the limit for
+the 60 whole seconds starting at the second it was admitted, so no 60-second span ever
+admits more than ``rpm`` requests (exact on one worker).
+
+Keys without limits never reach this module: the proxy skips it for them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from llmlb.errors import ApiError
+from llmlb.router.control.limits import KeyLimits
+
+WINDOW_S = 60
+# Reservation for a request that names no max_tokens (the node's own cap may be larger; its
+# usage settles the difference).
+DEFAULT_MAX_TOKENS = 256
+# A prompt estimate without a tokenizer: about four bytes of JSON body per token.
+BYTES_PER_TOKEN = 4
+
+
+class Window:
+    """Counts of the last :data:`WINDOW_S` seconds, one bucket per second."""
+
+    __slots__ = ("buckets", "total", "second")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * WINDOW_S
+        self.total = 0
+        self.second = 0
+
+    def _advance(self, second: int) -> None:
+        last = self.second
+        if second <= last:
+            return
+        buckets = self.buckets
+        if second - last >= WINDOW_S:
+            for i in range(WINDOW_S):
+                buckets[i] = 0
+            self.total = 0
+        else:
+            for s in range(last + 1, second + 1):
+                i = s % WINDOW_S
+                self.total -= buckets[i]
+                buckets[i] = 0
+        self.second = second
+
+    def used(self, now: float) -> int:
+        """The count of the last minute."""
+        self._advance(int(now))
+        return self.total
+
+    def add(self, now: float, n: int) -> int:
+        """Count ``n`` at ``now``; returns the second it was counted in."""
+        second = int(now)
+        self._advance(second)
+        self.buckets[second % WINDOW_S] += n
+        self.total += n
+        return second
+
+    def adjust(self, second: int, delta: int) -> None:
+        """Change what was counted at ``second`` by ``delta`` (a settled reservation); nothing
+        when that second left the window."""
+        if self.second - second >= WINDOW_S or second > self.second:
+            return
+        i = second % WINDOW_S
+        delta = max(delta, -self.buckets[i])
+        self.buckets[i] += delta
+        self.total += delta
+
+    def frees_in(self, now: float, excess: int) -> float:
+        """Seconds until at least ``excess`` of the count has left the window."""
+        self._advance(int(now))
+        freed = 0
+        for s in range(self.second - WINDOW_S + 1, self.second + 1):
+            freed += self.buckets[s % WINDOW_S]
+            if freed >= excess:
+                return max(0.0, s + WINDOW_S - now)
+        return float(WINDOW_S)
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float]:
+    """The budget period containing ``now``: its label (``2026-12-07``, ``2026-12``) and the
+    unix time it ends (UTC)."""
+    moment = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        start = calendar.timegm((moment.year, moment.month, moment.day, 0, 0, 0))
+        return moment.strftime("%Y-%m-%d"), float(start + 86400)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return moment.strftime("%Y-%m"), float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def period_start(period: str, now: float) -> float:
+    """The unix time the budget period containing ``now`` began (UTC)."""
+    moment = datetime.fromtimestamp(now, UTC)
+    day = moment.day if period == "day" else 1
+    return float(calendar.timegm((moment.year, moment.month, day, 0, 0, 0)))
+
+
+class KeyState:
+    """One limited key's counters in this worker."""
+
+    __slots__ = (
+        "key_id",
+        "limits",
+        "requests",
+        "tokens",
+        "inflight",
+        "period",
+        "period_end",
+        "spent",
+        "reserved",
+    )
+
+    def __init__(self, key_id: str, limits: KeyLimits) -> None:
+        self.key_id = key_id
+        self.limits = limits
+        self.requests = Window()
+        self.tokens = Window()
+        self.inflight = 0
+        self.period = ""
+        self.period_end = 0.0
+        self.spent = 0  # settled tokens of the budget period (this router, plus what was stored)
+        self.reserved = 0  # tokens reserved by requests in flight
+
+    def roll(self, now: float) -> None:
+        """Start a new budget period when ``now`` left the current one."""
+        period = self.limits.budget_period
+        if period is not None and now >= self.period_end:
+            self.period, self.period_end = period_bounds(period, now)
+            self.spent = 0
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request's reservation, settled once by :meth:`Admission.settle`."""
+
+    state: KeyState
+    second: int
+    reserved: int
+    settled: bool = False
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: ``1s``, ``6m0s``, ``250ms``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+class LimitExceeded(ApiError):
+    """429 (``rate_limit_exceeded`` or ``insufficient_quota``) with ``Retry-After``, or 403
+    ``model_not_allowed``."""
+
+
+class Admission:
+    """The limited keys' counters of one worker.
+
+    Args:
+        clock: wall-clock seconds (budget periods are UTC); tests inject one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.states: dict[str, KeyState] = {}
+
+    def state(self, key_id: str, limits: KeyLimits) -> KeyState:
+        """The counters of ``key_id``, created on first use; new limits replace old ones and
+        the counters carry on."""
+        state = self.states.get(key_id)
+        if state is None:
+            state = self.states[key_id] = KeyState(key_id, limits)
+        elif state.limits is not limits:
+            if state.limits.budget_period != limits.budget_period:
+                state.period_end = 0.0
+            state.limits = limits
+        return state
+
+    def admit(self, key_id: str, limits: KeyLimits, model: str, estimate: int) -> Ticket:
+        """Admit one request of ``key_id`` for ``model`` reserving ``estimate`` tokens.
+
+        Raises:
+            LimitExceeded: 403 for a model outside the allowlist; 429 for a limit reached.
+        """
+        if not limits.allows(model):
+            raise LimitExceeded(
+                403, "model_not_allowed", f"this key may not use model '{model}'", param="model"
+            )
+        now = self.clock()
+        state = self.state(key_id, limits)
+        if limits.max_parallel is not None and state.inflight >= limits.max_parallel:
+            raise LimitExceeded(
+                429,
+                "rate_limit_exceeded",
+                f"this key has {state.inflight} requests in flight, its limit "
+                f"(max_parallel {limits.max_parallel}); retry when one ends",
+                retry_after=1.0,
+            )
+        if limits.rpm is not None:
+            used = state.requests.used(now)
+            if used >= limits.rpm:
+                wait = state.requests.frees_in(now, used - limits.rpm + 1)
+                raise LimitExceeded(
+                    429,
+                    "rate_limit_exceeded",
+                    f"rate limit reached: {limits.rpm} requests per minute for this key; "
+                    f"retry in {wait:.1f} s",
+                    retry_after=wait,
+                )
+        if limits.tpm is not None:
+            used = state.tokens.used(now)
+            if used > 0 and used + estimate > limits.tpm:
+                wait = state.tokens.frees_in(now, used + estimate - limits.tpm)
+                raise LimitExceeded(
+                    429,
+                    "rate_limit_exceeded",
+                    f"rate limit reached: {limits.tpm} tokens per minute for this key "
+                    f"({used} used, this request reserves {estimate}); retry in {wait:.1f} s",
+                    retry_after=wait,
+                )
+        if limits.budget_tokens is not None:
+            state.roll(now)
+            if state.spent + state.reserved >= limits.budget_tokens:
+                raise LimitExceeded(
+                    429,
+                    "insufficient_quota",
+                    f"this key's budget of {limits.budget_tokens} tokens per "
+                    f"{limits.budget_period} is used up; it resets at the next period (UTC)",
+                    retry_after=state.period_end - now,
+                )
+            state.reserved += estimate
+        state.inflight += 1
+        second = state.requests.add(now, 1)
+        if limits.tpm is not None:
+            state.tokens.add(now, estimate)
+        return Ticket(state, second, estimate)
+
+    def settle(self, ticket: Ticket, tokens: int | None) -> None:
+        """End an admitted request: ``tokens`` it used by the node's report (``None``: no
+        report, the reservation stands; 0: it never reached a node)."""
+        if ticket.settled:
+            return
+        ticket.settled = True
+        state = ticket.state
+        state.inflight -= 1
+        used = ticket.reserved if tokens is None else tokens
+        if state.limits.tpm is not None:
+            state.tokens.adjust(ticket.second, used - ticket.reserved)
+        if state.limits.budget_tokens is not None:
+            state.reserved -= ticket.reserved
+            state.roll(self.clock())
+            state.spent += used
+
+    def headers(self, state: KeyState) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers for ``state``'s key as it stands now."""
+        limits = state.limits
+        now = self.clock()
+        out: list[tuple[bytes, bytes]] = []
+        if limits.rpm is not None:
+            used = state.requests.used(now)
+            reset = state.requests.frees_in(now, 1) if used else 0.0
+            out += [
+                (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
+                (b"x-ratelimit-remaining-requests", str(max(0, limits.rpm - used)).encode()),
+                (b"x-ratelimit-reset-requests", _duration(reset).encode()),
+            ]
+        token_limit, remaining, reset = _token_headroom(state, now)
+        if token_limit is not None:
+            out += [
+                (b"x-ratelimit-limit-tokens", str(token_limit).encode()),
+                (b"x-ratelimit-remaining-tokens", str(max(0, remaining)).encode()),
+                (b"x-ratelimit-reset-tokens", _duration(reset).encode()),
+            ]
+        return out
+
+
+def _token_headroom(state: KeyState, now: float) -> tuple[int | None, int, float]:
+    """The tighter of ``tpm`` and the budget: (limit, remaining, seconds to its reset)."""
+    limits = state.limits
+    best: tuple[int | None, int, float] = (None, 0, 0.0)
+    if limits.tpm is not None:
+        used = state.tokens.used(now)
+        reset = state.tokens.frees_in(now, 1) if used else 0.0
+        best = (limits.tpm, limits.tpm - used, reset)
+    if limits.budget_tokens is not None:
+        state.roll(now)
+        left = limits.budget_tokens - state.spent - state.reserved
+        if best[0] is None or left < best[1]:
+            best = (limits.budget_tokens, left, state.period_end - now)
+    return best
+
+
+def estimate_tokens(body: bytes, doc: dict[str, Any]) -> int:
+    """Tokens to reserve for a request: its prompt estimated from the body's size, plus the
+    most it may generate (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``
+    times ``n``; :data:`DEFAULT_MAX_TOKENS` when none is named)."""
+    most = None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = doc.get(name)
+        if type(value) is int and value >= 0:
+            most = value
+            break
+    n = doc.get("n")
+    choices = n if type(n) is int and 1 <= n <= 128 else 1
+    most = DEFAULT_MAX_TOKENS if most is None else most
+    return len(body) // BYTES_PER_TOKEN + 1 + most * choices
