@@ -1,10 +1,15 @@
-"""``llmlb up``: a router and one node on loopback, keys, a model, ready to chat.
+"""``llmlb up``: a router and one node (or ``--nodes N``) on loopback, keys, models, ready
+to chat.
 
-The router and the node run as child processes (``python -m llmlb.cli.main router|node``),
+The router and the nodes run as child processes (``python -m llmlb.cli.main router|node``),
 each leading its own process group and logging to ``$LLMLB_HOME/logs/``. Ctrl-C or SIGTERM
-stops both groups (SIGTERM, then SIGKILL after a short grace, so answers in flight never hold
-it up); they also get SIGTERM if ``llmlb up`` itself is killed. Keys and the demo model
-persist in ``$LLMLB_HOME``, so a second ``llmlb up`` reuses them.
+stops every group at once (SIGTERM, then SIGKILL after a short grace, so answers in flight
+never hold it up); they also get SIGTERM if ``llmlb up`` itself is killed. Keys and the demo
+models persist in ``$LLMLB_HOME``, so a second ``llmlb up`` reuses them.
+
+One node uses the usual store (``$LLMLB_HOME/models``); with ``--nodes N`` node ``i`` has its
+own store ``$LLMLB_HOME/nodes/<i>/models`` (the demo models hard-linked from the usual one)
+and the port ``--node-port + i - 1``.
 """
 
 from __future__ import annotations
@@ -23,17 +28,14 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmlb import config
 from llmlb.cli import demo
 from llmlb.cli.api_client import ApiClient, ApiClientError
 from llmlb.cli.children import Child, stop_all
-from llmlb.cli.progress import ModelProgress, byte_bar, progress_from_nodes
+from llmlb.cli.progress import FleetDownloadDisplay, ModelProgress, progress_from_nodes
 from llmlb.private_file import write_private_file
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
 
 HOST = "127.0.0.1"
 API_KEY_FILE = "api.key"
@@ -42,14 +44,16 @@ ADMIN_KEY_FILE = "admin.key"
 START_TIMEOUT_S = 60.0
 DEMO_READY_TIMEOUT_S = 180.0
 POLL_S = 0.25
-# The node `llmlb up` starts: requests served at once (a second client is never refused
-# while a first one is answered) and, for the bundled base model, the answer length of a
-# request that names no max_tokens (about 4 s on two CPU cores; the base model never ends a
-# turn by itself).
+# The nodes `llmlb up` starts: requests served at once (a second client is never refused
+# while a first one is answered) and, for the demo models, the answer length of a request
+# that names no max_tokens (SmolLM2 ends its answers by itself, mostly within 100 tokens; the
+# cap bounds the base Gemma, which never does, to a few seconds on two CPU cores).
 NODE_SLOTS = 4
-DEMO_MAX_TOKENS = 64
-# Answer length of the examples the banner prints.
-EXAMPLE_MAX_TOKENS = 32
+DEMO_MAX_TOKENS = 256
+# Answer length the banner's examples allow (room for an answer to end by itself).
+EXAMPLE_MAX_TOKENS = 128
+EXAMPLE_PROMPT = "Write a haiku about load balancers."
+MAX_NODES = 16
 
 
 class UpError(Exception):
@@ -64,12 +68,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``llmlb up``."""
     parser = subparsers.add_parser(
         "up",
-        help="start a router and one node on loopback, serving a model",
+        help="start a router and one node (or --nodes N) on loopback, serving a model",
         description="Start a router and one node on 127.0.0.1 under $LLMLB_HOME, create the "
-        "keys they need, serve the bundled demo model, the base (not instruction-tuned) Gemma 3 "
-        f"270M with {DEMO_MAX_TOKENS}-token answers by default (or --model ORG/REPO from the hub), "
-        "and print how to call it. Ctrl-C stops everything; a second run reuses the "
-        "same home, keys and model. Logs go to $LLMLB_HOME/logs/.",
+        "keys they need, serve the demo models (the instruction-tuned SmolLM2-135M-Instruct "
+        f"as {demo.DEMO_MODEL_ID}, and the base Gemma 3 270M as {demo.GEMMA_MODEL_ID}; "
+        f"{DEMO_MAX_TOKENS}-token answers at most unless a request says) or --model ORG/REPO "
+        "from the hub, and print how to call it. Ctrl-C stops everything; a second run reuses "
+        "the same home, keys and models. Logs go to $LLMLB_HOME/logs/.",
     )
     parser.add_argument(
         "--model",
@@ -87,9 +92,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--node-port",
         type=int,
         default=config.DEFAULT_NODE_PORT,
-        help=f"node port (default {config.DEFAULT_NODE_PORT})",
+        help=f"node port, the first one with --nodes (default {config.DEFAULT_NODE_PORT})",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=_node_count,
+        default=1,
+        metavar="N",
+        help=f"start N nodes (1 to {MAX_NODES}; default 1), each with its own store under "
+        "$LLMLB_HOME/nodes/<i>/ and the ports after --node-port",
     )
     parser.set_defaults(func=run)
+
+
+def _node_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_NODES:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_NODES}")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,10 +155,14 @@ class _Cluster:
         self.children = children
         self.home = config.llmlb_home().absolute()
         self.router_url = f"http://{HOST}:{args.port}"
-        self.node_url = f"http://{HOST}:{args.node_port}"
+        self.node_count: int = getattr(args, "nodes", 1)
+        self.node_ports = [args.node_port + i for i in range(self.node_count)]
+        self.node_urls = [f"http://{HOST}:{port}" for port in self.node_ports]
+        self.node_url = self.node_urls[0]
         self.models_dir = Path()
         self.api_key = ""
         self.model_id = ""
+        self.model_ids: list[str] = []
         self.node_started_at = 0.0
 
     # -- start-up -----------------------------------------------------------------------
@@ -149,12 +176,18 @@ class _Cluster:
         except ValueError as exc:
             raise UpError(str(exc)) from None
         _ensure_writable(self.models_dir, "the model store (XLLM_MODELS_DIR)")
-        if args.port == args.node_port:
-            raise UpError("--port and --node-port must differ")
+        if args.port in self.node_ports:
+            raise UpError(
+                "--port and --node-port must differ"
+                if args.port == args.node_port
+                else f"--port {args.port} is one of the {self.node_count} node ports from "
+                f"--node-port {args.node_port}"
+            )
         _ensure_port_free(args.port, "--port")
-        _ensure_port_free(args.node_port, "--node-port")
+        for port in self.node_ports:
+            _ensure_port_free(port, "--node-port")
         if not args.model:
-            self._place_demo_model()
+            self._place_demo_models()
         self._check_stop()
         env = self._child_env()
         # One machine, its own node: zero configuration, so nodes are approved as they join.
@@ -170,16 +203,27 @@ class _Cluster:
         node_key = _ensure_key(admin, self.home / NODE_KEY_FILE, "node", "/v0/models")
         if args.model:
             self.model_id = self._register(admin)
+            self.model_ids = [self.model_id]
         else:
             self.model_id = demo.DEMO_MODEL_ID
+            self.model_ids = list(demo.DEMO_MODEL_IDS)
         node_env = dict(env, LLMLB_NODE_KEY=node_key, LLMLB_ROUTER_URL=self.router_url)
         self.node_started_at = time.time()
-        self._spawn("node", self._node_args(), node_env)
-        self._wait_model_ready(admin)
+        for i in range(self.node_count):
+            name = "node" if self.node_count == 1 else f"node-{i + 1}"
+            self._spawn(name, self._node_args(i), node_env)
+        for model_id in self.model_ids:
+            self._wait_model_ready(admin, model_id)
         self._print_banner(ApiClient(self.router_url, self.api_key))
 
-    def _node_args(self) -> list[str]:
-        """The ``llmlb node`` command line: loopback, our store, demo-suited defaults."""
+    def node_store(self, index: int) -> Path:
+        """Node ``index``'s store (0-based): the usual one for a single node, else its own."""
+        if self.node_count == 1:
+            return self.models_dir
+        return self.home / "nodes" / str(index + 1) / "models"
+
+    def _node_args(self, index: int = 0) -> list[str]:
+        """The ``llmlb node`` command line: loopback, its store, demo-suited defaults."""
         argv = [
             "node",
             "--router",
@@ -187,9 +231,9 @@ class _Cluster:
             "--host",
             HOST,
             "--port",
-            str(self.args.node_port),
+            str(self.node_ports[index]),
             "--models-dir",
-            str(self.models_dir),
+            str(self.node_store(index)),
             "--concurrency",
             str(NODE_SLOTS),
         ]
@@ -197,19 +241,24 @@ class _Cluster:
             argv += ["--max-tokens", str(DEMO_MAX_TOKENS)]
         return argv
 
-    def _place_demo_model(self) -> None:
-        if not demo.is_placed(self.models_dir):  # else only the template is refreshed
-            print(
-                f"llmlb up: placing the demo model in {self.models_dir / demo.DEMO_MODEL_ID}…",
-                file=sys.stderr,
-                flush=True,
-            )
+    def _place_demo_models(self) -> None:
+        """Place the demo models in the usual store, then link them into each node's own."""
+
+        def say(line: str) -> None:
+            print(f"llmlb up: {line}…", file=sys.stderr, flush=True)
+
         try:
-            demo.place_demo_model(self.models_dir)
+            demo.place_demo_models(self.models_dir, say)
+            if self.node_count > 1:
+                for i in range(self.node_count):
+                    store = self.node_store(i)
+                    _ensure_writable(store, f"the store of node {i + 1}")
+                    for model_id in demo.DEMO_MODEL_IDS:
+                        _link_model(self.models_dir / model_id, store / model_id)
         except demo.DemoModelMissing as exc:
             raise UpError(str(exc)) from None
         except OSError as exc:
-            raise UpError(f"cannot place the demo model in {self.models_dir}: {exc}") from None
+            raise UpError(f"cannot place the demo models in {self.models_dir}: {exc}") from None
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -249,26 +298,27 @@ class _Cluster:
             model = {"id": _default_model_id(self.args.model)}
         return str(model["id"])
 
-    def _wait_model_ready(self, admin: ApiClient) -> None:
-        """Wait until our node reports the model ready and the router lists it ready.
+    def _wait_model_ready(self, admin: ApiClient, model_id: str) -> None:
+        """Wait until every node we started reports ``model_id`` ready and the router lists
+        it ready.
 
-        Only nodes registered since this ``llmlb up`` started its node count: the router's
-        database still holds what the previous run's node reported.
+        Only nodes registered since this ``llmlb up`` started its nodes count: the router's
+        database still holds what the previous run's nodes reported.
         """
         deadline = None if self.args.model else time.monotonic() + DEMO_READY_TIMEOUT_S
-        reporter = _ProgressReporter(self.model_id)
+        reporter = FleetDownloadDisplay(model_id, prefix="llmlb up: ")
         try:
             while True:
                 self._check_children()
-                progress = _model_progress(admin, self.model_id, self.node_started_at)
-                if progress.nodes_ready and _model_ready(admin, self.model_id):
+                progress = _model_progress(admin, model_id, self.node_started_at)
+                if progress.nodes_ready >= self.node_count and _model_ready(admin, model_id):
                     return
                 if progress.failed:
-                    raise UpError(f"model {self.model_id} failed on the node: {progress.error}")
+                    raise UpError(f"model {model_id} failed on a node: {progress.error}")
                 reporter.update(progress)
                 if deadline is not None and time.monotonic() > deadline:
                     raise UpError(
-                        f"model {self.model_id} was not ready after {DEMO_READY_TIMEOUT_S:.0f}s;"
+                        f"model {model_id} was not ready after {DEMO_READY_TIMEOUT_S:.0f}s;"
                         f" see {self.home / 'logs'}"
                     )
                 if self.stop.wait(POLL_S):
@@ -285,7 +335,7 @@ class _Cluster:
         print("\n".join(self._banner_lines(ready)), flush=True)
 
     def _banner_lines(self, ready: list[str]) -> list[str]:
-        """What ``llmlb up`` prints once the model is ready: where things are, how to call."""
+        """What ``llmlb up`` prints once the models are ready: where things are, how to call."""
         export = f"export LLMLB_ROUTER_URL={self.router_url}"
         if not config.admin_key():  # else LLMLB_ADMIN_KEY is already the admin key
             export += f" LLMLB_ADMIN_KEY=$(cat {shlex.quote(str(self.home / ADMIN_KEY_FILE))})"
@@ -294,26 +344,40 @@ class _Cluster:
         model = self.model_id
         n = EXAMPLE_MAX_TOKENS
         llmlb = _llmlb_command()
-        chat = f"{llmlb} chat {shlex.quote(model)} 'Write a haiku about load balancers.'"
+        chat = f"{llmlb} chat {shlex.quote(model)} {shlex.quote(EXAMPLE_PROMPT)}"
         chat += f" --max-tokens {n}"
+        talk = f"{llmlb} chat {shlex.quote(model)} --verbose"
         if self.args.port != config.DEFAULT_ROUTER_PORT:
             chat += f" --router {self.router_url}"
+            talk += f" --router {self.router_url}"
+        count = self.node_count
+        nodes = f"node {self.node_url}" if count == 1 else f"{count} nodes"
         lines = [
             "",
-            f"llmlb is up: router {self.router_url}, node {self.node_url}",
+            f"llmlb is up: router {self.router_url}, {nodes}",
             f"  Base URL:  {base}",
             f"  API key:   {key} (kept in {self.home / API_KEY_FILE})",
             f"  Models:    {', '.join(ready) or '(none ready)'}",
+            f"  Nodes:     {count} × {NODE_SLOTS} slots (requests served at once each): "
+            + ", ".join(self.node_urls),
             f"  Home:      {self.home} (logs in {self.home / 'logs'})",
         ]
         if not self.args.model:
             lines += [
                 "",
-                f"{model} is the base (not instruction-tuned) Gemma 3 270M: it continues text",
-                "rather than following instructions, and an answer ends at max_tokens "
-                f"({DEMO_MAX_TOKENS} unless",
-                "the request says). For real answers serve a chat model: llmlb up --model "
-                "ORG/REPO.",
+                f"{model} is SmolLM2-135M-Instruct: it follows short instructions and ends",
+                "its answers by itself, but at 135M parameters its facts and reasoning are often",
+                f"wrong. {demo.GEMMA_MODEL_ID} beside it is the base Gemma 3 270M: it continues "
+                "text,",
+                f"never ends a turn (answers stop at max_tokens, {DEMO_MAX_TOKENS} unless the "
+                "request says).",
+                "For better answers serve a bigger model: llmlb up --model ORG/REPO.",
+            ]
+        if count > 1:
+            lines += [
+                "",
+                f"Watch the balancing: {llmlb} nodes ls (ACTIVE per node), and stop a node's",
+                "process to see the router fail over to the others.",
             ]
         lines += [
             "",
@@ -324,7 +388,7 @@ class _Cluster:
             f"  curl {base}/chat/completions \\",
             f'    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
             f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": '
-            f'"Write a haiku about load balancers."}}], "max_tokens": {n}}}\'',
+            f'"{EXAMPLE_PROMPT}"}}], "max_tokens": {n}}}\'',
             "",
             "or with Python (pip install openai):",
             "  from openai import OpenAI",
@@ -334,8 +398,9 @@ class _Cluster:
             f"      max_tokens={n})",
             "  print(reply.choices[0].message.content)",
             "",
-            "or with the CLI:",
+            "or with the CLI (one question, or a conversation without one):",
             f"  {chat}",
+            f"  {talk}",
             "",
             "Press Ctrl-C to stop.",
         ]
@@ -371,42 +436,6 @@ class _Cluster:
                 raise _Stopped
 
 
-class _ProgressReporter:
-    """Download progress for ``up --model``: a live bar on a terminal, else log lines."""
-
-    def __init__(self, model_id: str):
-        self.model_id = model_id
-        self._bar: Progress | None = None
-        self._last_line = ""
-
-    def update(self, progress: ModelProgress) -> None:
-        if progress.state is None:
-            return
-        if sys.stderr.isatty():
-            self._update_bar(progress)
-            return
-        line = f"llmlb up: {self.model_id}: {progress.describe()}"
-        if line != self._last_line:
-            print(line, file=sys.stderr, flush=True)
-            self._last_line = line
-
-    def _update_bar(self, progress: ModelProgress) -> None:
-        if self._bar is None:
-            self._bar = byte_bar()
-            self._bar.start()
-            self._task = self._bar.add_task(self.model_id, total=progress.total or None)
-        self._bar.update(
-            self._task,
-            completed=progress.bytes,
-            total=progress.total or None,
-            description=f"{self.model_id} ({progress.state})",
-        )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _ensure_writable(path: Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -432,6 +461,32 @@ def _ensure_port_free(port: int, flag: str) -> None:
             raise UpError(
                 f"port {port} on {HOST} is already in use; choose another with {flag}"
             ) from None
+
+
+def _link_model(source: Path, target: Path) -> None:
+    """Give ``target`` (a node's own store) the files of model directory ``source``: hard
+    links, or copies across file systems; a complete copy already there is kept."""
+    files = list(source.iterdir())
+    if (
+        target.is_dir()
+        and sorted(p.name for p in target.iterdir()) == sorted(p.name for p in files)
+        and all((target / p.name).stat().st_size == p.stat().st_size for p in files)
+    ):
+        return
+    staging = target.with_name(f".{target.name}.linking-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for path in source.iterdir():
+            try:
+                os.link(path, staging / path.name)
+            except OSError:
+                shutil.copyfile(path, staging / path.name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _http_ok(url: str) -> bool:

@@ -56,7 +56,7 @@ class ModelDefaults:
 
     def apply(self, params: SamplingParams) -> SamplingParams:
         """``params`` with every field left at the neutral default replaced by this model's."""
-        changes = {
+        changes: dict[str, Any] = {
             name: value
             for name, value in self.values.items()
             if getattr(params, name) == getattr(_NEUTRAL, name)
