@@ -1,0 +1,179 @@
+"""Per-key limits against a real router (``llmlb router``) on SQLite and on PostgreSQL.
+
+Nodes are the project's mock backend (``bench/router/mock_backend.py``), registered and kept
+alive by the test's heartbeats; it reports 12 + 9 tokens for a whole answer and 12 + 19 for
+a stream that asks for its usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.test_router_hardening import ADMIN, Beats, ready, start_mock
+from tests.procs import spawner, wait_until
+from tests.router_fixtures import RouterUrl, call, start_router
+
+MODEL = "tenancy/model"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+
+
+@pytest.fixture(scope="module")
+def module_spawn(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    start, stop_all = spawner(tmp_path_factory.mktemp("logs"))
+    yield start
+    stop_all()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def router(request, module_spawn, tmp_path_factory: pytest.TempPathFactory) -> RouterUrl:
+    home = tmp_path_factory.mktemp("home")
+    args: tuple[str, ...] = ()
+    if request.param == "postgresql":
+        args = ("--db", request.getfixturevalue("postgres_server").create_database())
+    env = {"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
+    return start_router(module_spawn, home, ADMIN, *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def node(router: RouterUrl, module_spawn) -> Iterator[str]:
+    mock = start_mock(module_spawn, "mock-tenancy")[1]
+    beats = Beats(router)
+    beats.register("tenancy-node", f"{mock}/_mock/t/ok", ready(MODEL))
+    key = new_key(router)
+    wait_until(lambda: chat(router, key).status == 200, timeout=15, message="model routed")
+    yield mock
+    beats.close()
+
+
+def new_key(router: str, **limits: object) -> str:
+    reply = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", **limits})
+    assert reply.status == 201, reply.body
+    return reply.json["key"]
+
+
+def key_id(router: str, name: str) -> dict:
+    listed = call(router, "GET", "/v0/keys", ADMIN).json["keys"]
+    return next(k for k in listed if k.get("name") == name)
+
+
+def chat(router: str, key: str, **extra: object):
+    return call(router, "POST", "/v1/chat/completions", key, {**CHAT, **extra})
+
+
+def test_limits_are_stored_shown_and_changed(router):
+    body = {
+        "scope": "api",
+        "name": "team-a",
+        "rpm": 60,
+        "tpm": 5000,
+        "max_parallel": 3,
+        "budget_tokens": 100000,
+        "budget_period": "month",
+        "models": ["Tenancy/*", "org/exact"],
+        "priority": "low",
+        "expires_at": "2099-01-01T00:00:00Z",
+    }
+    created = call(router, "POST", "/v0/keys", ADMIN, body)
+    assert created.status == 201, created.body
+    shown = key_id(router, "team-a")
+    expected = {k: v for k, v in body.items() if k not in ("scope", "name")}
+    expected["models"] = ["tenancy/*", "org/exact"]
+    expected["expires_at"] = "2099-01-01T00:00:00.000Z"
+    assert {k: shown[k] for k in expected} == expected
+    changed = call(
+        router,
+        "PATCH",
+        f"/v0/keys/{shown['id']}",
+        ADMIN,
+        {"rpm": 120, "tpm": None, "priority": "high", "name": "team-a2"},
+    )
+    assert changed.status == 200, changed.body
+    shown = key_id(router, "team-a2")
+    assert shown["rpm"] == 120 and shown["priority"] == "high" and "tpm" not in shown
+    assert call(router, "PATCH", "/v0/keys/key_nope", ADMIN, {"rpm": 1}).status == 404
+    assert call(router, "PATCH", f"/v0/keys/{shown['id']}", created.json["key"], {}).status == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"rpm": -5}, "rpm"),
+        ({"tpm": 10**18}, "tpm"),
+        ({"max_parallel": "many"}, "max_parallel"),
+        ({"budget_tokens": 10}, "budget_period"),
+        ({"models": "org/x"}, "models"),
+        ({"priority": "urgent"}, "priority"),
+        ({"expires_at": "soon"}, "expires_at"),
+        ({"limit": 5}, "limit"),
+        ({"scope": "admin"}, "scope"),
+    ],
+)
+def test_bad_limits_are_400_naming_the_field_and_nothing_is_written(router, body, field):
+    new_key(router, rpm=10)
+    before = call(router, "GET", "/v0/keys", ADMIN).json["keys"]
+    if field != "scope":  # a new key has a scope; changing it is what is refused
+        created = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", "rpm": 10, **body})
+        assert created.status == 400, created.body
+        error = created.json["error"]
+        assert error["param"] == field and field in error["message"]
+    target = next(k for k in before if k["scope"] == "api" and "budget_period" not in k)
+    patched = call(router, "PATCH", f"/v0/keys/{target['id']}", ADMIN, {"rpm": 7, **body})
+    assert patched.status == 400, patched.body
+    assert patched.json["error"]["param"] == field
+    after = call(router, "GET", "/v0/keys", ADMIN).json["keys"]
+    assert after == before  # neither the key nor the change was written
+
+
+def test_each_limit_refuses_with_its_status_code_and_headers(router, node):
+    capped = new_key(router, max_parallel=1, rpm=2)
+    first = chat(router, capped)
+    assert first.status == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert chat(router, capped).status == 200
+    refused = chat(router, capped)
+    assert refused.status == 429 and refused.json["error"]["code"] == "rate_limit_exceeded"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    anthropic = call(
+        router,
+        "POST",
+        "/v1/messages",
+        capped,
+        {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert anthropic.status == 429 and anthropic.json["type"] == "error"
+    assert anthropic.json["error"]["type"] == "rate_limit_error"
+
+    allowlisted = new_key(router, models=["other/*"])
+    refused = chat(router, allowlisted)
+    assert refused.status == 403 and refused.json["error"]["code"] == "model_not_allowed"
+
+    budget = new_key(router, budget_tokens=30, budget_period="day")
+    assert chat(router, budget).status == 200  # 21 tokens
+    streamed = call(router, "POST", "/v1/chat/completions", budget, {**CHAT, "stream": True})
+    assert streamed.status == 200  # 21 + 31 > 30: this one finishes, the next is refused
+    assert b'"usage"' not in streamed.body and streamed.body.endswith(b"data: [DONE]\n\n")
+    refused = chat(router, budget)
+    assert refused.status == 429 and refused.json["error"]["code"] == "insufficient_quota"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+    tpm = new_key(router, tpm=100)
+    answer = chat(router, tpm)  # reserves the prompt estimate + 20, settles 21
+    assert answer.status == 200
+    assert int(answer.headers["x-ratelimit-remaining-tokens"]) < 100
+
+
+def test_an_expired_key_is_401_and_a_new_expiry_brings_it_back(router, node):
+    key = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", "name": "expiring2"})
+    shown = key_id(router, "expiring2")
+    assert chat(router, key.json["key"]).status == 200
+    past = {"expires_at": "2020-01-01T00:00:00Z"}
+    assert call(router, "PATCH", f"/v0/keys/{shown['id']}", ADMIN, past).status == 200
+    refused = chat(router, key.json["key"])
+    assert refused.status == 401 and refused.json["error"]["code"] == "invalid_api_key"
+    cleared = call(router, "PATCH", f"/v0/keys/{shown['id']}", ADMIN, {"expires_at": None})
+    assert cleared.status == 200
+    assert chat(router, key.json["key"]).status == 200
