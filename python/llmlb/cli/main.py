@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = (
     "llmlb.cli.node",
     "llmlb.cli.keys",
     "llmlb.cli.models",
+    "llmlb.cli.chat",
     "llmlb.cli.up",
 )
 # Which module defines each top-level command, so a run imports only the one it needs
@@ -26,7 +27,7 @@ COMMAND_MODULES = {
     "models": "llmlb.cli.models",
     "nodes": "llmlb.cli.models",
     "pull": "llmlb.cli.models",
-    "chat": "llmlb.cli.models",
+    "chat": "llmlb.cli.chat",
     "up": "llmlb.cli.up",
 }
 

@@ -1,19 +1,17 @@
-"""``llmlb models …``, ``llmlb nodes ls|approve|revoke``, ``llmlb pull`` and ``llmlb chat``.
+"""``llmlb models …``, ``llmlb nodes ls|approve|revoke`` and ``llmlb pull``.
 
 ``models`` and ``nodes`` talk to a router's admin API (``--router``/``--api-key``, defaults
 ``LLMLB_ROUTER_URL``/``LLMLB_ADMIN_KEY``). ``pull`` runs on a node machine and downloads a
-registered model into the local store with the node's own downloader. ``chat`` streams one
-answer through the router. Every list command takes ``--json``; errors are one line on
-stderr and a non-zero exit code.
+registered model into the local store with the node's own downloader (``llmlb chat`` is in
+:mod:`llmlb.cli.chat`). Every list command takes ``--json``; errors are one line on stderr
+and a non-zero exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import sys
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -32,7 +30,7 @@ from llmlb.cli.progress import ModelProgress, PullDisplay, human_bytes, progress
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``models``, ``nodes``, ``pull`` and ``chat``."""
+    """Add ``models``, ``nodes`` and ``pull``."""
     models = subparsers.add_parser("models", help="register, list and remove models")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
@@ -102,22 +100,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="node or admin key (default $LLMLB_NODE_KEY, else $LLMLB_ADMIN_KEY)",
     )
     pull.set_defaults(func=pull_model)
-
-    chat = subparsers.add_parser("chat", help="stream one chat answer through the router")
-    chat.add_argument("model_id", metavar="MODEL_ID")
-    chat.add_argument("prompt")
-    chat.add_argument("--max-tokens", type=int, default=256)
-    chat.add_argument(
-        "--router",
-        default=None,
-        help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
-    )
-    chat.add_argument(
-        "--api-key",
-        default=None,
-        help="api key (default $LLMLB_ADMIN_KEY, else $LLMLB_HOME/api.key written by `llmlb up`)",
-    )
-    chat.set_defaults(func=chat_once)
 
 
 # --- models ------------------------------------------------------------------------------
@@ -299,86 +281,6 @@ def pull_model(args: argparse.Namespace) -> int:
         f"{human_bytes(descriptor.size_bytes)})"
     )
     return 0
-
-
-# --- chat --------------------------------------------------------------------------------
-
-
-def chat_once(args: argparse.Namespace) -> int:
-    """Stream the answer to one user message to stdout."""
-    key = args.api_key or config.admin_key() or _saved_api_key()
-    body = {
-        "model": args.model_id,
-        "messages": [{"role": "user", "content": args.prompt}],
-        "max_tokens": args.max_tokens,
-        "stream": True,
-    }
-    try:
-        for piece in stream_chat(args.router or config.router_url(), key, body):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    except ApiClientError as exc:
-        print(file=sys.stdout)
-        return report_error(exc)
-    print()
-    return 0
-
-
-def _saved_api_key() -> str | None:
-    try:
-        return (config.llmlb_home() / "api.key").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def stream_chat(
-    router: str, api_key: str | None, body: dict[str, Any], timeout: float = 300.0
-) -> Iterator[str]:
-    """POST a streaming chat completion; yield the content of each delta.
-
-    Raises:
-        ApiClientError: the router refused the request, or could not be reached.
-    """
-    url = urllib.parse.urlsplit(router)
-    conn_cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    conn = conn_cls(url.hostname or "127.0.0.1", url.port, timeout=timeout)
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    path = url.path.rstrip("/") + "/v1/chat/completions"
-    try:
-        conn.request("POST", path, body=orjson.dumps(body), headers=headers)
-        response = conn.getresponse()
-        if response.status != 200:
-            raise _error_from(response.status, response.read())
-        for raw in response:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return
-            event = orjson.loads(data)
-            if "error" in event:
-                raise _error_from(None, data)
-            for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    yield text
-    except OSError as exc:
-        raise ApiClientError(
-            None, "unreachable", f"cannot reach the router at {router}: {exc}"
-        ) from None
-    finally:
-        conn.close()
-
-
-def _error_from(status: int | None, raw: bytes) -> ApiClientError:
-    try:
-        error = orjson.loads(raw)["error"]
-        return ApiClientError(status, str(error.get("code")), str(error.get("message")))
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return ApiClientError(status, "http_error", raw.decode(errors="replace")[:200])
 
 
 # --- helpers -----------------------------------------------------------------------------
