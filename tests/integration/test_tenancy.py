@@ -7,8 +7,10 @@ a stream that asks for its usage.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 
+import orjson
 import pytest
 
 from tests.integration.test_router_hardening import ADMIN, Beats, ready, start_mock
@@ -177,3 +179,85 @@ def test_an_expired_key_is_401_and_a_new_expiry_brings_it_back(router, node):
     cleared = call(router, "PATCH", f"/v0/keys/{shown['id']}", ADMIN, {"expires_at": None})
     assert cleared.status == 200
     assert chat(router, key.json["key"]).status == 200
+
+
+# -- usage accounting ---------------------------------------------------------------------
+
+
+def _seen_tokens(reply) -> int:
+    """Tokens the client saw in an answer: a whole answer's usage, or a stream's usage chunk."""
+    if reply.json is not None:
+        return reply.json["usage"]["total_tokens"]
+    total = 0
+    for line in reply.body.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            total += orjson.loads(line[6:])["usage"]["total_tokens"]
+    return total
+
+
+def test_usage_per_key_equals_what_the_clients_saw(router, node):
+    call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", "name": "metered"})
+    metered = key_id(router, "metered")
+    created = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", "name": "metered2"})
+    key = created.json["key"]
+    seen = 0
+    for extra in ({}, {"stream": True, "stream_options": {"include_usage": True}}, {}):
+        reply = chat(router, key, **extra)
+        assert reply.status == 200
+        seen += _seen_tokens(reply)
+    unasked = chat(router, key, stream=True)  # the router asks; the client sees no usage
+    assert unasked.status == 200 and b'"usage"' not in unasked.body
+    seen += 31  # the mock's stream usage
+    assert chat(router, key, model="no/such-model").status == 404
+    own = call(router, "GET", "/v0/usage/self", key)
+    assert own.status == 200, own.body
+    rows = {row["model"]: row for row in own.json["usage"]}
+    assert rows[MODEL]["total_tokens"] == seen and rows[MODEL]["requests"] == 4
+    assert rows[MODEL]["prompt_tokens"] == 48 and rows[MODEL]["errors"] == 0
+    assert rows["no/such-model"]["errors"] == 1
+    me = own.json["key"]
+    admin = call(router, "GET", f"/v0/usage?key={me}&group_by=key,node", ADMIN)
+    by_node = {r["node"]: r for r in admin.json["usage"]}
+    assert by_node["tenancy-node"]["total_tokens"] == seen and by_node[""]["errors"] == 1
+    assert {r["key"] for r in admin.json["usage"]} == {me}
+    csv = call(router, "GET", f"/v0/usage?key={me}&group_by=model&format=csv", ADMIN)
+    assert csv.headers["content-type"].startswith("text/csv")
+    lines = csv.body.decode().splitlines()
+    assert lines[0].startswith("model,requests,prompt_tokens")
+    assert f"{MODEL},4,48," in csv.body.decode()
+    # A key cannot read another key's usage.
+    other = call(router, "GET", f"/v0/usage/self?key={metered['id']}", key)
+    assert other.status == 403 and other.json["error"]["param"] == "key"
+    assert call(router, "GET", "/v0/usage", key).status == 403
+    bad = call(router, "GET", "/v0/usage?group_by=colour", ADMIN)
+    assert bad.status == 400 and bad.json["error"]["param"] == "group_by"
+    bad = call(router, "GET", "/v0/usage?from=yesterday", ADMIN)
+    assert bad.status == 400 and bad.json["error"]["param"] == "from"
+
+
+def test_usage_survives_a_sigkill_but_the_last_second(module_spawn, tmp_path, node):
+    """A router of its own on SQLite: usage reaches the file within about a second of each
+    request, so a SIGKILL loses at most that."""
+    home = tmp_path / "home"
+    home.mkdir()
+    own = start_router(module_spawn, home, ADMIN, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"})
+    beats = Beats(own)
+    try:
+        beats.register("kill-node", f"{node}/_mock/k/ok", ready(MODEL))
+        key = new_key(own)
+        wait_until(lambda: chat(own, key).status == 200, timeout=15, message="routed")
+        for _ in range(5):
+            assert chat(own, key).status == 200
+        database = sqlite3.connect(home / "lb.db")
+
+        def stored() -> int:
+            row = database.execute("SELECT SUM(requests) FROM key_usage").fetchone()
+            return int(row[0] or 0)
+
+        wait_until(lambda: stored() >= 6, timeout=3, message="usage written within a second")
+        beats.close()  # no heartbeat to a dead router
+        own.proc.kill()
+        assert stored() == 6
+        database.close()
+    finally:
+        beats.close()

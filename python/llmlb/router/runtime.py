@@ -23,12 +23,13 @@ from typing import Any
 from prometheus_client import Gauge
 
 from llmlb.router import db
-from llmlb.router.control import keys, nodes, outbox, registry
+from llmlb.router.control import keys, nodes, outbox, registry, usage
 from llmlb.router.control.fleet import FleetView
 from llmlb.router.control.keys import KeyCache
 from llmlb.router.control.leader import Duties
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.control.sync import SyncNotifier, sync_body
+from llmlb.router.proxy.admission import Admission
 from llmlb.router.proxy.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
@@ -37,6 +38,8 @@ NODES = Gauge(
     "llmlb_router_nodes", "Registered nodes by status.", ["status"], multiprocess_mode="livemax"
 )
 MODELS = Gauge("llmlb_router_models_registered", "Registered models.", multiprocess_mode="livemax")
+USAGE_FLUSH_S = 1.0  # a SIGKILL loses at most this much usage
+USAGE_COMPACT_S = 3600.0
 
 
 def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
@@ -47,6 +50,20 @@ def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any
     if current.get(db.FLEET) != known.get(db.FLEET):
         fleet = (nodes.load_states(conn), registry.load_registered(conn))
     return current, key_hashes, fleet
+
+
+def _write_usage(
+    conn: db.Conn, rows: usage.Rows, starts: dict[str, float]
+) -> dict[str, int]:
+    """Write ``rows``; return the tokens each budget key used since its period start."""
+    usage.flush(conn, rows)
+    by_start: dict[float, list[str]] = {}
+    for key_id, start in starts.items():
+        by_start.setdefault(start, []).append(key_id)
+    stored: dict[str, int] = {}
+    for start, key_ids in by_start.items():
+        stored.update(usage.spent(conn, key_ids, start))
+    return stored
 
 
 class Runtime:
@@ -66,6 +83,9 @@ class Runtime:
         self.index = PrefixIndex()
         self.notifier = SyncNotifier(settings, self.db)
         self.duties = Duties(settings, self.db, self.notifier)
+        # Limited keys' counters and every key's usage not yet written (the proxy's).
+        self.admission = Admission()
+        self.usage = usage.UsageBook()
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -78,14 +98,20 @@ class Runtime:
         await self.refresh(full=True)
         await self.notifier.start()
         await self.duties.check_leadership()
+        await self.flush_usage()
         self._spawn(self._watch(), "llmlb-watch")
         self._spawn(self._reap(), "llmlb-reap")
+        self._spawn(self._account(), "llmlb-usage")
 
     async def close(self) -> None:
-        """Stop background work and close the database."""
+        """Stop background work, write the last usage and close the database."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.flush_usage()
+        except Exception as exc:  # noqa: BLE001 - closing anyway
+            logger.warning("cannot write the last usage: %s", exc)
         await self.notifier.close()
         await self.db.close()
 
@@ -96,6 +122,9 @@ class Runtime:
             current, key_hashes, fleet = await self.db.run(_snapshot, known)
             if key_hashes is not None:
                 self.keys.load(key_hashes)
+                for entry in key_hashes.values():  # budgets are synced from the first flush
+                    if entry.limits is not None and entry.limits.budget_period is not None:
+                        self.admission.state(entry.id, entry.limits)
             if fleet is not None:
                 self.fleet.load(*fleet)
                 for status, count in self.fleet.node_counts().items():
@@ -115,6 +144,39 @@ class Runtime:
     def forget_node(self, node_id: str) -> None:
         """Stop notifying a node that unregistered (its outbox rows went with it)."""
         self.notifier.cancel(node_id)
+
+    async def flush_usage(self) -> None:
+        """Write the usage counted since the last call, then read back every router's usage
+        of the keys with budgets (their spent tokens).
+
+        Raises:
+            llmlb.router.db.DatabaseUnavailable: the rows stay in memory for the next try.
+        """
+        rows = self.usage.drain()
+        self.admission.begin_flush()
+        starts = self.admission.budgets()
+        try:
+            stored = await self.db.run(_write_usage, rows, starts)
+        except BaseException:
+            self.usage.restore(rows)
+            raise
+        self.admission.synced(stored, starts)
+
+    async def _account(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_compact = loop.time()
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            try:
+                await self.flush_usage()
+                if loop.time() >= next_compact and await self.db.lead():
+                    next_compact = loop.time() + USAGE_COMPACT_S
+                    retention = self.settings.usage_retention_days
+                    await self.db.run(usage.compact, db.unix_now(), retention)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - kept in memory; the next tick retries
+                self._database_failed("cannot write usage", exc)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.create_task(coro, name=name)

@@ -88,7 +88,11 @@ class RouterApp:
         # proxy.Fleet.ready_nodes says list[NodeLike], which list[NodeView] is not (lists are
         # invariant); a Sequence there would say what the proxy needs.
         self.proxy = InferenceProxy(
-            self.fleet, settings, index=self.runtime.index  # type: ignore[arg-type]
+            self.fleet,  # type: ignore[arg-type]
+            settings,
+            index=self.runtime.index,
+            admission=self.runtime.admission,
+            on_usage=self.runtime.usage.add,
         )
         self._keys = self.runtime.keys
         self._max_body = settings.max_body_bytes

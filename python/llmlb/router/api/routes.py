@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from urllib.parse import unquote
 
@@ -28,9 +29,15 @@ from llmlb.protocol import (
 from llmlb.router import db
 from llmlb.router.api import dashboard, metrics
 from llmlb.router.api.openapi import openapi_schema
-from llmlb.router.api.responses import authorize, read_json  # control bodies: no NUL
-from llmlb.router.control import keys, nodes, peers, registry
+from llmlb.router.api.responses import (  # control bodies: no NUL
+    authorize,
+    read_json,
+    unauthorized,
+)
+from llmlb.router.control import keys, nodes, peers, registry, usage
+from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import parse_limits
+from llmlb.router.proxy.admission import period_start
 from llmlb.router.proxy.prefix_index import MAX_REPORT_BYTES, ReportResult
 from llmlb.router.runtime import Runtime
 
@@ -132,6 +139,64 @@ async def delete_key(request: Request) -> Response:
         raise key_not_found(key_id)
     await runtime.refresh()
     return Response(status_code=204)
+
+
+# -- usage ---------------------------------------------------------------------------------
+
+
+async def usage_report(request: Request) -> Response:
+    """``GET /v0/usage?key=&model=&from=&to=&group_by=&format=`` (admin): requests and
+    tokens per group (JSON, or ``format=csv``)."""
+    runtime = _guard(request, "admin")
+    return await _usage_answer(request, runtime, None)
+
+
+async def usage_self(request: Request) -> Response:
+    """``GET /v0/usage/self`` (any valid key): the presenting key's own usage, and its
+    budget when it has one; naming another key in ``key`` is 403."""
+    runtime = _runtime(request)
+    headers = request.headers
+    entry = runtime.keys.lookup(headers.get("authorization"), headers.get("x-api-key"))
+    if entry is None:
+        raise unauthorized(401)
+    asked = request.query_params.get("key")
+    if asked is not None and asked != entry.id:
+        raise ApiError(403, "insufficient_scope", "a key may read only its own usage", param="key")
+    return await _usage_answer(request, runtime, entry)
+
+
+async def _usage_answer(request: Request, runtime: Runtime, own: KeyEntry | None) -> Response:
+    params = request.query_params
+    fmt = params.get("format") or "json"
+    if fmt not in ("json", "csv"):
+        raise ApiError(400, "invalid_request_error", "format is json or csv", param="format")
+    query = usage.parse_query(params, db.unix_now())
+    if own is not None:
+        query = replace(query, key=own.id)
+    with contextlib.suppress(Exception):  # this worker's last second, when it can be written
+        await runtime.flush_usage()
+    rows = await runtime.db.run(usage.query, query)
+    if fmt == "csv":
+        return Response(usage.to_csv(rows, query.group_by), media_type="text/csv")
+    answer: dict = {
+        "from": db.iso_from_unix(query.start),
+        "to": db.iso_from_unix(query.end),
+        "group_by": list(query.group_by),
+        "usage": rows,
+    }
+    if own is not None:
+        answer["key"] = own.id
+        limits = own.limits
+        if limits is not None and limits.budget_period is not None:
+            since = period_start(limits.budget_period, db.unix_now())
+            spent = (await runtime.db.run(usage.spent, [own.id], since)).get(own.id, 0)
+            answer["budget"] = {
+                "budget_tokens": limits.budget_tokens,
+                "budget_period": limits.budget_period,
+                "spent": spent,
+                "remaining": max(0, (limits.budget_tokens or 0) - spent),
+            }
+    return JSONResponse(answer)
 
 
 # -- models --------------------------------------------------------------------------------
@@ -504,6 +569,8 @@ ROUTES = [
     _route("/v0/nodes/{node_id}/revoke", post=revoke_node),
     _route("/v0/nodes/{node_id}", delete=unregister_node),
     _route("/v0/traffic", get=traffic),
+    _route("/v0/usage", get=usage_report),
+    _route("/v0/usage/self", get=usage_self),
     _route("/dashboard", get=dashboard.dashboard_page),
     _route("/dashboard/{name}", get=dashboard.dashboard_file),
 ]

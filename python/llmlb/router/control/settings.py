@@ -49,6 +49,7 @@ class RouterSettings:
     hf_token: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
     node_approval: str = config.DEFAULT_NODE_APPROVAL
+    usage_retention_days: int = 90  # key usage kept this long (hourly roll-ups after a week)
 
     @classmethod
     def from_env(cls, db: str | Path | None = None) -> RouterSettings:

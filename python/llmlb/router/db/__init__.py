@@ -129,6 +129,24 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
     # 5: a key's limits (rpm, tpm, max_parallel, budget, models, priority, expires_at), one
     # JSON object validated by llmlb.router.control.limits; NULL: no limits.
     ["ALTER TABLE api_keys ADD COLUMN limits TEXT"],
+    # 6: usage per key, model, node and minute (span 60), rolled up into hours (span 3600)
+    # after a week (llmlb.router.control.usage).
+    [
+        """CREATE TABLE key_usage (
+            start INTEGER NOT NULL,
+            span INTEGER NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            node TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            cached_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            PRIMARY KEY (start, span, key_id, model, node)
+        )""",
+        "CREATE INDEX key_usage_key ON key_usage (key_id, start)",
+    ],
 ]
 
 

@@ -125,7 +125,9 @@ class KeyState:
         "inflight",
         "period",
         "period_end",
-        "spent",
+        "base",
+        "flushing",
+        "pending",
         "reserved",
     )
 
@@ -137,15 +139,24 @@ class KeyState:
         self.inflight = 0
         self.period = ""
         self.period_end = 0.0
-        self.spent = 0  # settled tokens of the budget period (this router, plus what was stored)
+        # Tokens of the budget period: stored (every router's, as of the last sync), being
+        # written by this worker, and settled here since.
+        self.base = 0
+        self.flushing = 0
+        self.pending = 0
         self.reserved = 0  # tokens reserved by requests in flight
+
+    @property
+    def spent(self) -> int:
+        """Tokens used in the budget period, as far as this worker knows."""
+        return self.base + self.flushing + self.pending
 
     def roll(self, now: float) -> None:
         """Start a new budget period when ``now`` left the current one."""
         period = self.limits.budget_period
         if period is not None and now >= self.period_end:
             self.period, self.period_end = period_bounds(period, now)
-            self.spent = 0
+            self.base = self.flushing = self.pending = 0
 
 
 @dataclass(slots=True)
@@ -268,7 +279,37 @@ class Admission:
         if state.limits.budget_tokens is not None:
             state.reserved -= ticket.reserved
             state.roll(self.clock())
-            state.spent += used
+            state.pending += used
+
+    def budgets(self) -> dict[str, float]:
+        """``{key_id: start of its budget period}`` of every key with a budget seen here."""
+        now = self.clock()
+        out = {}
+        for key_id, state in self.states.items():
+            period = state.limits.budget_period
+            if period is not None:
+                state.roll(now)
+                out[key_id] = period_start(period, now)
+        return out
+
+    def begin_flush(self) -> None:
+        """The usage settled so far is being written (call when draining the usage book)."""
+        for state in self.states.values():
+            if state.limits.budget_period is not None:
+                state.flushing += state.pending
+                state.pending = 0
+
+    def synced(self, stored: dict[str, int], starts: dict[str, float]) -> None:
+        """The write finished and ``stored`` is every router's usage of each budget key since
+        the period start in ``starts`` (from :meth:`budgets`)."""
+        for key_id, start in starts.items():
+            state = self.states.get(key_id)
+            if state is None or state.limits.budget_period is None:
+                continue
+            if period_start(state.limits.budget_period, self.clock()) != start:
+                continue  # the period rolled meanwhile
+            state.base = stored.get(key_id, 0)
+            state.flushing = 0
 
     def headers(self, state: KeyState) -> list[tuple[bytes, bytes]]:
         """OpenAI's ``x-ratelimit-*`` headers for ``state``'s key as it stands now."""

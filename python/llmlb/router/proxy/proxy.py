@@ -113,6 +113,7 @@ _KEYED_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
 )
 _NOT_READY_RETRY_AFTER_S = 5.0
+_NO_USAGE = Usage()
 # Where the router's app leaves the authenticated key (llmlb.router.control.keys.KeyEntry).
 KEY_SCOPE = "llmlb.key"
 # A request still in the router this long gets its client's disconnect watched: Granian's watch
@@ -294,6 +295,11 @@ class InferenceProxy:
         clock: monotonic clock of cool-downs and the poison log (tests inject one).
         index: what the nodes' prompt caches hold (fed by their cache reports); a new one
             by default. Nodes the fleet loses are forgotten in it.
+        admission: the limited keys' counters (the worker's, shared with the runtime that
+            syncs budgets); a new one by default.
+        on_usage: called once per finished request of a key (the app puts the key's
+            :class:`~llmlb.router.control.keys.KeyEntry` in the scope) with ``key_id, model,
+            node, prompt_tokens, cached_tokens, completion_tokens, error``; no I/O allowed.
     """
 
     def __init__(
@@ -304,6 +310,8 @@ class InferenceProxy:
         metrics: ProxyMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         index: PrefixIndex | None = None,
+        admission: Admission | None = None,
+        on_usage: Callable[[str, str, str, int, int, int, bool], None] | None = None,
     ):
         self.fleet = fleet
         if isinstance(settings, ProxySettings):
@@ -328,7 +336,8 @@ class InferenceProxy:
         )
         self.poison = PoisonLog(self.settings.poison_ttl_s, self.settings.poison_max_keys, clock)
         self.queue = WaitQueue(self.settings.queue_max)
-        self.admission = Admission()
+        self.admission = admission if admission is not None else Admission()
+        self.on_usage = on_usage
         self.inflight = 0
         overloaded = ApiError(
             503,
@@ -396,6 +405,7 @@ class InferenceProxy:
         self.inflight += 1
         ticket: Ticket | None = None
         ex: _Exchange | None = None
+        model = ""
         try:
             body = await self._read_body(receive)
             if body is None:
@@ -403,13 +413,15 @@ class InferenceProxy:
             model, affinity_key, keys, doc = self._parse(body, scope)
             entry = scope.get(KEY_SCOPE)
             limits = None if entry is None else entry.limits
-            strip = False
             if limits is not None:
                 # Every answer to a limited key carries its x-ratelimit-* headers, refusals too.
                 send = self._with_limit_headers(send, self.admission.state(entry.id, limits))
                 ticket = self.admission.admit(
                     entry.id, limits, model, estimate_tokens(body, doc)
                 )
+            tap = strip = False
+            if entry is not None and (limits is not None or self.on_usage is not None):
+                tap = True  # the node's usage settles the reservation and is accounted
                 if ask_for_usage(scope["path"], doc):
                     body, strip = orjson.dumps(doc), True
             # With the loop given, no getpid() per call (3.11's get_running_loop makes one).
@@ -417,8 +429,7 @@ class InferenceProxy:
             ex = _Exchange(scope, send, task, body, model, affinity_key, start)
             ex.anthropic = anthropic
             ex.keys = keys
-            if ticket is not None:
-                ex.tap, ex.strip_usage = True, strip
+            ex.tap, ex.strip_usage = tap, strip
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
@@ -427,6 +438,20 @@ class InferenceProxy:
             self.inflight -= 1
             if ticket is not None:
                 self.admission.settle(ticket, _tokens_used(ex))
+            if self.on_usage is not None and model and KEY_SCOPE in scope:
+                self._account(scope[KEY_SCOPE].id, model, ex)
+
+    def _account(self, key_id: str, model: str, ex: _Exchange | None) -> None:
+        """Hand one finished request of a key to the usage book (``ex`` ``None``: refused
+        before it was forwarded)."""
+        on_usage = self.on_usage
+        assert on_usage is not None
+        if ex is None:
+            on_usage(key_id, model, "", 0, 0, 0, True)
+            return
+        error = not ex.started or ex.status >= 400 or ex.reason is not None
+        use = ex.usage or _NO_USAGE
+        on_usage(key_id, model, ex.node or "", use.prompt, use.cached, use.completion, error)
 
     def _with_limit_headers(self, send: Send, state: KeyState) -> Send:
         """``send`` adding the key's ``x-ratelimit-*`` headers to the answer's head."""
