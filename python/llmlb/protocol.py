@@ -1,5 +1,6 @@
 """The node–router protocol: model states, manifests, model reports, registration and
-heartbeat bodies, written once for the router, the node, the CLI and the OpenAPI document.
+heartbeat bodies and the router's answers to them, and the sync notification, written once
+for the router, the node, the CLI and the OpenAPI document.
 
 Conventions: ``parse`` validates a body that came over the wire from the other side and
 raises :class:`~llmlb.errors.ApiError` 400 naming the bad field (the router's answer);
@@ -22,7 +23,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, invalid_model_id
 from llmlb.model_storage import InvalidModelId, normalize_model_id
 
 MAX_COUNT = 1_000_000  # bound on slots, active requests and attempts
@@ -460,6 +461,8 @@ class ModelReport:
         bytes_from_peers: bytes of it that came from other nodes.
         uploads: transfers of the model's files to other nodes in progress.
         bytes_served: bytes of the model this node served to other nodes.
+        serves_peers: ``False`` when the node serves no other node (no upload budget): the
+            router then never lists it as a peer (``None``: it does).
     """
 
     id: str
@@ -476,6 +479,7 @@ class ModelReport:
     bytes_from_peers: int | None = None
     uploads: int | None = None
     bytes_served: int | None = None
+    serves_peers: bool | None = None
 
     SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
@@ -505,6 +509,10 @@ class ModelReport:
             "bytes_from_peers": {**_BYTES, "description": "bytes of its download from peers"},
             "uploads": {**_BYTES, "description": "transfers to other nodes in progress"},
             "bytes_served": {**_BYTES, "description": "bytes served to other nodes"},
+            "serves_peers": {
+                "type": ["boolean", "null"],
+                "description": "false: the node serves no peers (never listed as one)",
+            },
         },
     }
     LIST_SCHEMA: ClassVar[dict[str, Any]] = {
@@ -535,6 +543,8 @@ class ModelReport:
         for name in PEER_COUNTERS:
             if (value := getattr(self, name)) is not None:
                 data[name] = value
+        if self.serves_peers is not None:
+            data["serves_peers"] = self.serves_peers
         return data
 
 
@@ -602,6 +612,11 @@ def parse_model_reports(value: Any) -> list[dict[str, Any]]:
             if not isinstance(servable, bool):
                 raise _bad("servable must be a boolean")
             report["servable"] = servable
+        serves_peers = item.get("serves_peers")
+        if serves_peers is not None:
+            if not isinstance(serves_peers, bool):
+                raise _bad("serves_peers must be a boolean")
+            report["serves_peers"] = serves_peers
         for name in ("attempts", "retry_at", *PEER_COUNTERS):
             if (number := _optional_int(item.get(name), name)) is not None:
                 report[name] = number
@@ -751,6 +766,169 @@ class Heartbeat:
         }
 
 
+_APPROVAL_SCHEMA: dict[str, Any] = {
+    "enum": ["approved", "pending"],
+    "description": "pending: waits for an admin (POST /v0/nodes/{node_id}/approve); "
+    "no client traffic and no peer token until then",
+}
+_PEER_TOKEN_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "description": "fleet credential for /v0/peer/* (approved nodes only)",
+}
+
+
+def _answer_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatAnswer:
+    """The router's answer to a heartbeat (200).
+
+    Attributes:
+        node_id: the id the node is registered under.
+        heartbeat_interval_s: the heartbeat period the router asks for (``None``: keep
+            the node's own).
+        approval: :class:`Approval` (``None``: a router from before enrollment).
+        peer_token: the fleet credential (:data:`PEER_TOKEN_FIELD`), approved nodes only.
+    """
+
+    node_id: str | None
+    heartbeat_interval_s: float | None
+    approval: str | None = None
+    peer_token: str | None = None
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "required": ["node_id", "heartbeat_interval_s"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "heartbeat_interval_s": {"type": "number"},
+            APPROVAL_FIELD: _APPROVAL_SCHEMA,
+            PEER_TOKEN_FIELD: _PEER_TOKEN_SCHEMA,
+        },
+    }
+
+    @staticmethod
+    def _common(data: dict[str, Any]) -> dict[str, Any]:
+        interval = data.get("heartbeat_interval_s")
+        usable = isinstance(interval, int | float) and not isinstance(interval, bool)
+        return {
+            "node_id": _answer_str(data.get("node_id")),
+            "heartbeat_interval_s": float(interval) if usable and interval else None,
+            "approval": data.get(APPROVAL_FIELD)
+            if isinstance(data.get(APPROVAL_FIELD), str)
+            else None,
+            "peer_token": _answer_str(data.get(PEER_TOKEN_FIELD)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeartbeatAnswer:
+        """Read the router's answer (a field of the wrong type reads as absent)."""
+        return cls(**cls._common(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (``approval`` and ``peer_token`` only when set)."""
+        data: dict[str, Any] = {
+            "node_id": self.node_id,
+            "heartbeat_interval_s": self.heartbeat_interval_s,
+        }
+        if self.approval is not None:
+            data[APPROVAL_FIELD] = self.approval
+        if self.peer_token is not None:
+            data[PEER_TOKEN_FIELD] = self.peer_token
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationAnswer(HeartbeatAnswer):
+    """The router's answer to a registration (201): a :class:`HeartbeatAnswer` and the
+    ``sync_token`` the router presents on ``POST /api/models/sync`` (and its proxy on
+    forwarded requests)."""
+
+    sync_token: str | None = None
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "required": ["node_id", "heartbeat_interval_s", "sync_token"],
+        "properties": {
+            "node_id": {"type": "string"},
+            "heartbeat_interval_s": {"type": "number"},
+            "sync_token": {"type": "string"},
+            APPROVAL_FIELD: _APPROVAL_SCHEMA,
+            PEER_TOKEN_FIELD: _PEER_TOKEN_SCHEMA,
+        },
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RegistrationAnswer:
+        """Read the router's answer (a field of the wrong type reads as absent)."""
+        return cls(**cls._common(data), sync_token=_answer_str(data.get("sync_token")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        data = HeartbeatAnswer.to_dict(self)
+        return {"node_id": data.pop("node_id"), **data, "sync_token": self.sync_token}
+
+
+class SyncAction(StrEnum):
+    """What a sync notification asks of a node for the models it names."""
+
+    REGISTER = "register"  # resolve the models (registered or changed)
+    DELETE = "delete"  # remove them (when the node downloaded them)
+    RETRY = "retry"  # resolve them again at once, failed ones included
+
+
+_SYNC_ACTIONS = tuple(action.value for action in SyncAction)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncNotice:
+    """A ``POST /api/models/sync`` body: the router names models that changed.
+
+    Attributes:
+        models: normalised model ids.
+        action: a :class:`SyncAction` value.
+    """
+
+    models: list[str]
+    action: str = SyncAction.REGISTER.value
+
+    SCHEMA: ClassVar[dict[str, Any]] = {
+        "type": "object",
+        "required": ["models"],
+        "properties": {
+            "models": {**_STRINGS, "description": "model ids"},
+            "action": {"enum": list(_SYNC_ACTIONS), "default": SyncAction.REGISTER.value},
+        },
+    }
+
+    @classmethod
+    def parse(cls, body: dict[str, Any]) -> SyncNotice:
+        """Validate a notification body (ids normalised).
+
+        Raises:
+            ApiError: 400 naming the bad field (``invalid_model_id`` for a bad id).
+        """
+        models = body.get("models")
+        action = body.get("action", SyncAction.REGISTER.value)
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise _bad("'models' must be a list of ids")
+        ids: list[str] = []
+        for model_id in models:
+            try:
+                ids.append(normalize_model_id(model_id))
+            except InvalidModelId as exc:
+                raise invalid_model_id(exc, "models") from None
+        if action not in _SYNC_ACTIONS:
+            raise _bad("'action' must be 'register', 'delete' or 'retry'")
+        return cls(models=ids, action=str(action))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form."""
+        return {"models": list(self.models), "action": self.action}
+
+
 #: The protocol's schemas for the router's OpenAPI ``components.schemas``.
 SCHEMAS: dict[str, dict[str, Any]] = {
     "ManifestFile": ManifestFile.SCHEMA,
@@ -761,4 +939,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ModelReports": ModelReport.LIST_SCHEMA,
     "NodeRegistration": Registration.SCHEMA,
     "Heartbeat": Heartbeat.SCHEMA,
+    "NodeRegistered": RegistrationAnswer.SCHEMA,
+    "HeartbeatAck": HeartbeatAnswer.SCHEMA,
+    "SyncNotice": SyncNotice.SCHEMA,
 }

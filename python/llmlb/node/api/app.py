@@ -49,7 +49,7 @@ from llmlb.node.models.peers import routes as peer_routes
 from llmlb.node.service import Node
 from llmlb.node.settings import NodeSettings
 from llmlb.prefix_keys import request_keys
-from llmlb.protocol import ModelState, transfer_totals
+from llmlb.protocol import ModelState, SyncNotice, transfer_totals
 
 logger = logging.getLogger(__name__)
 
@@ -209,20 +209,11 @@ async def models_sync(request: Request) -> Response:
     if not node.sync.check_sync_token(request.headers.get("authorization")):
         return error_response(ApiError(401, "invalid_api_key", "missing or invalid sync token"))
     try:
-        body = await _body(request)
-        models = body.get("models")
-        action = body.get("action", "register")
-        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-            raise ApiError(400, "invalid_request_error", "'models' must be a list of ids")
-        models = [model_id_or_400(m, param="models") for m in models]
-        if action not in ("register", "delete", "retry"):
-            raise ApiError(
-                400, "invalid_request_error", "'action' must be 'register', 'delete' or 'retry'"
-            )
+        notice = SyncNotice.parse(await _body(request))
     except ApiError as exc:
         return error_response(exc)
-    node.sync.handle_sync(action, models)
-    return JSONResponse({"accepted": models, "action": action}, status_code=202)
+    node.sync.handle_sync(notice.action, notice.models)
+    return JSONResponse({"accepted": notice.models, "action": notice.action}, status_code=202)
 
 
 async def models_status(request: Request) -> Response:

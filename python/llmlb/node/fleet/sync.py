@@ -44,12 +44,12 @@ from llmlb.node.models.membership import Membership
 from llmlb.node.models.resolver import Resolver
 from llmlb.node.settings import NodeSettings
 from llmlb.protocol import (
-    APPROVAL_FIELD,
-    PEER_TOKEN_FIELD,
     Approval,
     Heartbeat,
+    HeartbeatAnswer,
     ModelState,
     Registration,
+    RegistrationAnswer,
 )
 
 if TYPE_CHECKING:
@@ -242,12 +242,13 @@ class RouterSync:
         except (*_client_errors(), TimeoutError) as exc:  # type: ignore[misc]
             logger.info("registration failed: %s", exc)
             return False
-        self.sync_token = answer.get("sync_token")
-        self.interval = float(answer.get("heartbeat_interval_s") or self.interval)
-        self.node_id = answer.get("node_id") or self.node_id
+        registered = RegistrationAnswer.from_dict(answer)
+        self.sync_token = registered.sync_token
+        self.interval = registered.heartbeat_interval_s or self.interval
+        self.node_id = registered.node_id or self.node_id
         self.registered = True
         logger.info("registered with %s as %s", self.router_url, self.node_id)
-        self._membership(answer)
+        self._membership(registered)
         await self.pull_registry()
         return True
 
@@ -342,7 +343,7 @@ class RouterSync:
         ).to_dict()
         try:
             answer = await self._post(f"/v0/nodes/{self.node_id}/heartbeat", body)
-            self._membership(answer)
+            self._membership(HeartbeatAnswer.from_dict(answer))
         except RouterError as exc:
             # 404: the router forgot us; 409: our registration changed (an admin removed the
             # node, maybe another took the id). Register again (and reconcile).
@@ -353,9 +354,9 @@ class RouterSync:
             raise
         return False
 
-    def _membership(self, answer: dict[str, Any]) -> None:
+    def _membership(self, answer: HeartbeatAnswer) -> None:
         """Take the approval and peer token of a registration or heartbeat answer."""
-        approval = answer.get(APPROVAL_FIELD)
+        approval = answer.approval
         if approval == Approval.PENDING:
             self.peer_token = None  # no peer transfers until approved
             if self.approval != Approval.PENDING:
@@ -366,10 +367,10 @@ class RouterSync:
                     self.node_id,
                 )
         else:
-            self.peer_token = answer.get(PEER_TOKEN_FIELD) or self.peer_token
+            self.peer_token = answer.peer_token or self.peer_token
             if approval == Approval.APPROVED and self.approval == Approval.PENDING:
                 logger.info("node %s approved by the router", self.node_id)
-        self.approval = approval if isinstance(approval, str) else None
+        self.approval = approval
 
     # -- sync notifications -------------------------------------------------------------
 

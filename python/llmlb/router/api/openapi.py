@@ -144,41 +144,6 @@ _SCHEMAS: dict[str, Any] = {
         },
     },
     **protocol.SCHEMAS,
-    "NodeRegistered": {
-        "type": "object",
-        "required": ["node_id", "heartbeat_interval_s", "sync_token"],
-        "properties": {
-            "node_id": {"type": "string"},
-            "heartbeat_interval_s": {"type": "number"},
-            "sync_token": {"type": "string"},
-            "approval": {
-                "enum": ["approved", "pending"],
-                "description": "pending: waits for an admin (POST /v0/nodes/{node_id}/approve); "
-                "no client traffic and no peer token until then",
-            },
-            "peer_token": {
-                "type": "string",
-                "description": "fleet credential for /v0/peer/* (approved nodes only)",
-            },
-        },
-    },
-    "HeartbeatAck": {
-        "type": "object",
-        "required": ["node_id", "heartbeat_interval_s"],
-        "properties": {
-            "node_id": {"type": "string"},
-            "heartbeat_interval_s": {"type": "number"},
-            "approval": {
-                "enum": ["approved", "pending"],
-                "description": "pending: waits for an admin (POST /v0/nodes/{node_id}/approve); "
-                "no client traffic and no peer token until then",
-            },
-            "peer_token": {
-                "type": "string",
-                "description": "fleet credential for /v0/peer/* (approved nodes only)",
-            },
-        },
-    },
     "Node": {
         "type": "object",
         "required": ["node_id", "url", "status", "slots", "models"],
@@ -674,6 +639,20 @@ def openapi_schema() -> dict:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": _paths(),
+        "webhooks": {
+            "modelsSync": {
+                "post": {
+                    "operationId": "modelsSync",
+                    "summary": "POST <node>/api/models/sync: the router names changed models "
+                    "(bearer: the node's sync_token)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("SyncNotice")}},
+                    },
+                    "responses": {"202": {"description": "Accepted"}},
+                }
+            }
+        },
         "components": {
             "schemas": _SCHEMAS,
             "securitySchemes": {

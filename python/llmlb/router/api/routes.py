@@ -20,10 +20,11 @@ from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import CacheReport, CacheReportError
 from llmlb.protocol import (
     APPROVAL_FIELD,
-    PEER_TOKEN_FIELD,
     Heartbeat,
+    HeartbeatAnswer,
     PeerReport,
     Registration,
+    RegistrationAnswer,
     validate_node_id,
 )
 from llmlb.router import db
@@ -353,21 +354,19 @@ async def register_node(request: Request) -> Response:
             reg.node_id,
         )
     await runtime.refresh()
-    answer = {
-        "node_id": reg.node_id,
-        "heartbeat_interval_s": runtime.settings.heartbeat_interval_s,
-        "sync_token": enrolled.token,
-    }
-    return JSONResponse(_membership(runtime, answer, enrolled.approved), status_code=201)
+    approval, peer_token = _membership(runtime, enrolled.approved)
+    answer = RegistrationAnswer(
+        reg.node_id, runtime.settings.heartbeat_interval_s, approval, peer_token, enrolled.token
+    )
+    return JSONResponse(answer.to_dict(), status_code=201)
 
 
-def _membership(runtime: Runtime, answer: dict, approved: bool) -> dict:
-    """A registration or heartbeat answer with the node's approval, and the peer token when
+def _membership(runtime: Runtime, approved: bool) -> tuple[str, str | None]:
+    """The approval of a registration or heartbeat answer, and the peer token when
     approved."""
-    answer[APPROVAL_FIELD] = nodes.APPROVED if approved else nodes.PENDING
-    if approved:
-        answer[PEER_TOKEN_FIELD] = peers.fleet_token(runtime.settings.home)
-    return answer
+    if not approved:
+        return nodes.PENDING, None
+    return nodes.APPROVED, peers.fleet_token(runtime.settings.home)
 
 
 async def node_heartbeat(request: Request) -> Response:
@@ -386,8 +385,9 @@ async def node_heartbeat(request: Request) -> Response:
     if approved is None:
         raise _node_not_found(node_id)
     await runtime.refresh()
-    answer = {"node_id": node_id, "heartbeat_interval_s": runtime.settings.heartbeat_interval_s}
-    return JSONResponse(_membership(runtime, answer, approved))
+    interval = runtime.settings.heartbeat_interval_s
+    answer = HeartbeatAnswer(node_id, interval, *_membership(runtime, approved))
+    return JSONResponse(answer.to_dict())
 
 
 async def node_cache(request: Request) -> Response:

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 from prometheus_client import Counter
 
+from llmlb.protocol import SyncNotice
 from llmlb.router.control import nodes, outbox
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.db import Database
@@ -40,8 +41,8 @@ _AWAY = ("", "")  # sync target while the database cannot be read
 
 
 def sync_body(model_ids: list[str], action: str) -> bytes:
-    """The ``POST /api/models/sync`` body: ``{"models": [...], "action": ...}``."""
-    return orjson.dumps({"models": model_ids, "action": action})
+    """The ``POST /api/models/sync`` body (:class:`llmlb.protocol.SyncNotice`)."""
+    return orjson.dumps(SyncNotice(model_ids, action).to_dict())
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
