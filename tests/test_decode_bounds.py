@@ -10,9 +10,10 @@ import time
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.inference import sampling
 from llmlb.node.inference.engine import Engine, EngineOptions
-from llmlb.node.inference.scheduler import SchedulerLimits
+from llmlb.node.inference.jobs import SchedulerLimits
 from llmlb.node.metrics import NodeMetrics
 
 from tests.test_node_engine import _gemma_store
@@ -43,9 +44,9 @@ def test_a_grammar_over_its_per_token_budget_ends_only_its_request(tmp_path, gem
 
     async def go():
         try:
-            plain = asyncio.create_task(engine.chat(MODEL, path, _chat(None, 16)))
+            plain = asyncio.create_task(openai_api.chat(engine, MODEL, path, _chat(None, 16)))
             with pytest.raises(ApiError) as caught:
-                await engine.chat(MODEL, path, _chat({"type": "object"}))
+                await openai_api.chat(engine, MODEL, path, _chat({"type": "object"}))
             answer = await plain
             return caught.value, answer
         finally:
@@ -78,9 +79,9 @@ def test_the_watchdog_ends_a_stalled_request_while_llama_cpp_is_still_inside_it(
         try:
             started = time.monotonic()
             with pytest.raises(ApiError) as caught:
-                await engine.chat(MODEL, path, _chat({"type": "object"}))
+                await openai_api.chat(engine, MODEL, path, _chat({"type": "object"}))
             heard = time.monotonic() - started
-            after = await engine.chat(MODEL, path, _chat(None, 4))
+            after = await openai_api.chat(engine, MODEL, path, _chat(None, 4))
             return caught.value, heard, after
         finally:
             await engine.close()
