@@ -129,3 +129,36 @@ def test_sync_delete_removes_only_models_the_node_downloaded(router, tmp_path):
     assert ModelStorage(tmp_path).list_available() == ["local/hand", "org/also-fetched-by-hand"]
     assert not (tmp_path / "org" / "also-fetched").exists()
     assert not was_downloaded(tmp_path, "org/also-fetched")
+
+
+def _handled(router, handler: str) -> float:
+    """Requests the router's ``handler`` answered so far (every status, every worker)."""
+    text = call(router["url"], "GET", "/metrics", ADMIN).body.decode()
+    prefix = "llmlb_router_http_requests_total{"
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and f'handler="{handler}"' in line
+    )
+
+
+@pytest.mark.parametrize("action", ["register", "retry"])
+def test_sync_notice_asks_the_router_for_the_named_models_only(router, tmp_path, action):
+    listed, manifests = _handled(router, "node_models"), _handled(router, "manifest")
+
+    async def scenario():
+        resolver, sync, engine = _parts(router, tmp_path)
+        try:
+            await resolver.refresh()
+            sync.handle_sync(action, ["org/Fetched", "org/never-registered"])
+            await asyncio.gather(*sync._tasks)
+            await asyncio.gather(*list(resolver._tasks.values()))
+            return {r["id"]: r["state"] for r in sync.model_reports()}
+        finally:
+            await resolver.close()
+            await engine.close()
+
+    assert asyncio.run(scenario()) == {"org/fetched": "ready"}  # not org/also-fetched
+    assert was_downloaded(tmp_path, "org/fetched")
+    assert _handled(router, "node_models") == listed  # no /v0/models list
+    assert _handled(router, "manifest") == manifests + 2  # one manifest per named model

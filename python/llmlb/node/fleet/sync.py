@@ -4,7 +4,7 @@ At start the node registers (``POST /v0/nodes``) with the models already in its 
 fetches ``/v0/models`` and resolves each model in the background, then heartbeats every
 ``heartbeat_interval_s`` with per-model state. If the router is unreachable, the node keeps
 serving its local models and retries with backoff. ``POST /api/models/sync`` from the router
-triggers the same reconciliation for the models it names.
+starts resolving the models it names, each asking the router for its own manifest only.
 
 Notifications can be missed (the node was down, or the router restarted and counts nodes
 offline until their next heartbeat), so the node also reconciles with the whole registry every
@@ -253,17 +253,23 @@ class RouterSync:
         return True
 
     async def pull_registry(self, only: list[str] | None = None) -> bool:
-        """Fetch ``/v0/models`` and reconcile the store with it.
+        """Reconcile the store with the router's registry.
 
-        With ``only`` (a sync notification: ``register`` or ``retry``), start resolving those
-        of the named models that are registered, retrying failed ones at once. Without,
-        reconcile everything: resolve every registered model missing here (failed ones whose
-        backoff has passed), and remove the models this node downloaded that are no longer
-        registered.
+        With ``only`` (a sync notification: ``register`` or ``retry``), start resolving the
+        named models missing here, retrying failed ones at once: each resolution asks the
+        router for that model's manifest alone and drops a model the router does not know
+        (no ``/v0/models`` list). Without, fetch ``/v0/models`` and reconcile everything:
+        resolve every registered model missing here (failed ones whose backoff has passed),
+        and remove the models this node downloaded that are no longer registered.
 
         Returns:
-            Whether the router answered.
+            Whether the router answered (``True`` for ``only``: the resolutions ask it).
         """
+        if only is not None:
+            for model_id in dict.fromkeys(only):
+                if model_id not in self.resolver.available and not self.resolver.busy(model_id):
+                    self.resolver.ensure(model_id, retry_failed=True)
+            return True
         try:
             body = await self._get("/v0/models")
         except (*_client_errors(), TimeoutError, RouterError) as exc:  # type: ignore[misc]
@@ -271,23 +277,20 @@ class RouterSync:
             return False
         registered = [m["id"] for m in body.get("models", []) if isinstance(m, dict)]
         for model_id in registered:
-            if only is not None and model_id not in only:
-                continue
             if model_id in self.resolver.available or self.resolver.busy(model_id):
                 continue
-            self.resolver.ensure(model_id, retry_failed=only is not None)
-        if only is None:
-            self._last_reconcile = time.monotonic()
-            self.reconciles += 1
-            known = set(registered)
-            candidates = [m for m in self.resolver.available if m not in known]
-            models_dir = self.resolver.models_dir
-            stale = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: [m for m in candidates if was_downloaded(models_dir, m)]
-            )
-            if stale:
-                logger.info("no longer registered on the router: %s", ", ".join(stale))
-                await self._delete(stale)
+            self.resolver.ensure(model_id, retry_failed=False)
+        self._last_reconcile = time.monotonic()
+        self.reconciles += 1
+        known = set(registered)
+        candidates = [m for m in self.resolver.available if m not in known]
+        models_dir = self.resolver.models_dir
+        stale = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [m for m in candidates if was_downloaded(models_dir, m)]
+        )
+        if stale:
+            logger.info("no longer registered on the router: %s", ", ".join(stale))
+            await self._delete(stale)
         return True
 
     async def _heartbeat_loop(self) -> None:
