@@ -8,6 +8,8 @@ a stream that asks for its usage.
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -261,3 +263,52 @@ def test_usage_survives_a_sigkill_but_the_last_second(module_spawn, tmp_path, no
         database.close()
     finally:
         beats.close()
+
+
+# -- several routers on one PostgreSQL ----------------------------------------------------
+
+
+def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
+    """Two routers, one database, 8 client threads: the fleet admits exactly the key's rpm
+    (leases of the quota; the overshoot stated in llmlb.router.control.quota is clock skew
+    only, none on one machine), and both routers admit part of it."""
+    mock = start_mock(spawn, "mock-fleet")[1]
+    routers = []
+    for index in range(2):
+        home = tmp_path / f"home{index}"
+        home.mkdir()
+        routers.append(
+            start_router(
+                spawn, home, ADMIN, "--db", postgres_url, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
+            )
+        )
+    beats = [Beats(router) for router in routers]
+    try:
+        beats[0].register("fleet-node", f"{mock}/_mock/f/ok", ready(MODEL))
+        warm = new_key(routers[0])
+        for router in routers:
+            wait_until(lambda r=router: chat(r, warm).status == 200, timeout=15, message="routed")
+        limited = new_key(routers[0], rpm=40)
+        wait_until(lambda: chat(routers[1], limited).status == 200, timeout=10, message="key")
+        results: list[tuple[int, int]] = []
+        lock = threading.Lock()
+        deadline = time.monotonic() + 4.0  # well inside one sliding minute
+
+        def client(index: int) -> None:
+            while time.monotonic() < deadline:
+                status = chat(routers[index % 2], limited).status
+                with lock:
+                    results.append((index % 2, status))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        accepted = [router for router, status in results if status == 200]
+        assert {status for _, status in results} <= {200, 429}
+        assert len(accepted) == 40 - 1  # the one sent before the burst counts too
+        assert set(accepted) == {0, 1}
+    finally:
+        for beat in beats:
+            beat.close()

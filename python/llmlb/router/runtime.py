@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Gauge
 
 from llmlb.router import db
-from llmlb.router.control import keys, nodes, outbox, registry, usage
+from llmlb.router.control import keys, nodes, outbox, quota, registry, usage
 from llmlb.router.control.fleet import FleetView
 from llmlb.router.control.keys import KeyCache
 from llmlb.router.control.leader import Duties
+from llmlb.router.control.limits import KeyLimits
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.control.sync import SyncNotifier, sync_body
 from llmlb.router.proxy.admission import Admission
@@ -53,10 +57,16 @@ def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any
 
 
 def _write_usage(
-    conn: db.Conn, rows: usage.Rows, starts: dict[str, float]
+    conn: db.Conn,
+    rows: usage.Rows,
+    starts: dict[str, float],
+    changes: quota.Adjustments,
+    router_id: str,
 ) -> dict[str, int]:
-    """Write ``rows``; return the tokens each budget key used since its period start."""
+    """Write ``rows`` and the quota ``changes``; return the tokens each budget key used since
+    its period start."""
     usage.flush(conn, rows)
+    quota.adjust(conn, changes, router_id)
     by_start: dict[float, list[str]] = {}
     for key_id, start in starts.items():
         by_start.setdefault(start, []).append(key_id)
@@ -84,8 +94,11 @@ class Runtime:
         self.notifier = SyncNotifier(settings, self.db)
         self.duties = Duties(settings, self.db, self.notifier)
         # Limited keys' counters and every key's usage not yet written (the proxy's).
-        self.admission = Admission()
+        # Routers sharing PostgreSQL admit rpm/tpm against leases of the fleet's quota.
+        self.admission = Admission(shared=self.db.shared)
         self.usage = usage.UsageBook()
+        self.router_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._lease_locks: dict[str, asyncio.Lock] = {}
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -155,12 +168,45 @@ class Runtime:
         rows = self.usage.drain()
         self.admission.begin_flush()
         starts = self.admission.budgets()
+        changes = self.admission.drain_adjustments()
         try:
-            stored = await self.db.run(_write_usage, rows, starts)
+            stored = await self.db.run(_write_usage, rows, starts, changes, self.router_id)
         except BaseException:
             self.usage.restore(rows)
+            self.admission.restore_adjustments(changes)
             raise
         self.admission.synced(stored, starts)
+
+    async def lease(
+        self, key_id: str, limits: KeyLimits, needs: list[tuple[str, int, int]]
+    ) -> float | None:
+        """Get this second's slices of ``key_id``'s quota (``needs``: kind, limit, amount)
+        from the database, one request per key at a time.
+
+        Returns:
+            ``None`` when granted, else the seconds until the fleet's window has room (1 s
+            when the database cannot be reached: the router grants nothing it does not hold).
+        """
+        lock = self._lease_locks.get(key_id)
+        if lock is None:
+            lock = self._lease_locks[key_id] = asyncio.Lock()
+        async with lock:
+            admission = self.admission
+            for kind, limit, need in needs:
+                if not admission.lacking(key_id, kind, need):
+                    continue  # another request refilled it meanwhile
+                second = int(admission.clock())
+                try:
+                    granted, used, wait = await self.db.run(
+                        quota.lease, key_id, kind, limit, need, second, self.router_id
+                    )
+                except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
+                    self._database_failed("cannot lease quota", exc)
+                    return 1.0
+                if not granted:
+                    return wait
+                admission.granted(key_id, kind, second, granted, used)
+        return None
 
     async def _account(self) -> None:
         loop = asyncio.get_running_loop()

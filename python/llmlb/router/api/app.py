@@ -93,6 +93,7 @@ class RouterApp:
             index=self.runtime.index,
             admission=self.runtime.admission,
             on_usage=self.runtime.usage.add,
+            lease=self.runtime.lease,
         )
         self._keys = self.runtime.keys
         self._max_body = settings.max_body_bytes

@@ -147,6 +147,18 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
         )""",
         "CREATE INDEX key_usage_key ON key_usage (key_id, start)",
     ],
+    # 7: what each router was granted of a key's per-minute quota, per second
+    # (llmlb.router.control.quota; routers sharing PostgreSQL).
+    [
+        """CREATE TABLE quota_grants (
+            key_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            second INTEGER NOT NULL,
+            router TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            PRIMARY KEY (key_id, kind, second, router)
+        )""",
+    ],
 ]
 
 

@@ -13,6 +13,14 @@ the 60 whole seconds starting at the second it was admitted, so no 60-second spa
 admits more than ``rpm`` requests (exact on one worker).
 
 Keys without limits never reach this module: the proxy skips it for them.
+
+Shared (routers on one PostgreSQL): ``rpm`` and ``tpm`` are admitted against leases of the
+key's quota granted to this worker for the current second
+(:mod:`llmlb.router.control.quota`); when a lease runs short, :meth:`Admission.admit` raises
+:class:`NeedLease` and the proxy asks the runtime for another slice (a database write per
+slice, never per request). What a second's lease did not use, and the difference between a
+request's reserved and reported tokens, go back in the once-a-second batch
+(:meth:`Admission.drain_adjustments`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from llmlb.errors import ApiError
 from llmlb.router.control.limits import KeyLimits
 
 WINDOW_S = 60
+REQUESTS = "requests"
+TOKENS = "tokens"
 # Reservation for a request that names no max_tokens (the node's own cap may be larger; its
 # usage settles the difference).
 DEFAULT_MAX_TOKENS = 256
@@ -129,6 +139,7 @@ class KeyState:
         "flushing",
         "pending",
         "reserved",
+        "leases",
     )
 
     def __init__(self, key_id: str, limits: KeyLimits) -> None:
@@ -145,6 +156,7 @@ class KeyState:
         self.flushing = 0
         self.pending = 0
         self.reserved = 0  # tokens reserved by requests in flight
+        self.leases: dict[str, Lease] = {}  # shared mode: this second's grants by kind
 
     @property
     def spent(self) -> int:
@@ -157,6 +169,25 @@ class KeyState:
         if period is not None and now >= self.period_end:
             self.period, self.period_end = period_bounds(period, now)
             self.base = self.flushing = self.pending = 0
+
+
+@dataclass(slots=True)
+class Lease:
+    """What this worker holds of a key's quota of one kind, granted for ``second``; ``used``:
+    the fleet's grants in the window as of the last grant."""
+
+    second: int = 0
+    left: int = 0
+    used: int = 0
+
+
+class NeedLease(Exception):  # noqa: N818 - a request to the caller, not an error
+    """Shared mode: this worker's lease of ``needs`` (``(kind, limit, amount)``) runs short;
+    get more (:mod:`llmlb.router.control.quota`) and admit again."""
+
+    def __init__(self, needs: list[tuple[str, int, int]]) -> None:
+        super().__init__("lease needed")
+        self.needs = needs
 
 
 @dataclass(slots=True)
@@ -190,9 +221,59 @@ class Admission:
         clock: wall-clock seconds (budget periods are UTC); tests inject one.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, shared: bool = False) -> None:
         self.clock = clock
+        self.shared = shared
         self.states: dict[str, KeyState] = {}
+        # Shared mode: (key_id, kind, second) -> grants to give back (<0) or add (>0).
+        self.adjustments: dict[tuple[str, str, int], int] = {}
+
+    def _lease(self, state: KeyState, kind: str, second: int) -> Lease:
+        """``state``'s lease of ``kind`` for ``second``; an older one's rest is given back."""
+        lease = state.leases.get(kind)
+        if lease is None:
+            lease = state.leases[kind] = Lease(second)
+        elif lease.second != second:
+            if lease.left > 0:
+                self._adjust(state.key_id, kind, lease.second, -lease.left)
+            lease.second, lease.left = second, 0
+        return lease
+
+    def _adjust(self, key_id: str, kind: str, second: int, amount: int) -> None:
+        k = (key_id, kind, second)
+        self.adjustments[k] = self.adjustments.get(k, 0) + amount
+
+    def granted(self, key_id: str, kind: str, second: int, amount: int, used: int) -> None:
+        """A lease of ``amount`` for ``second`` came back from the database."""
+        state = self.states.get(key_id)
+        if state is None:
+            self._adjust(key_id, kind, second, -amount)
+            return
+        now_second = int(self.clock())
+        lease = self._lease(state, kind, max(second, now_second))
+        if lease.second == second:
+            lease.left += amount
+            lease.used = used
+        else:  # granted for a second already over: back at once
+            self._adjust(key_id, kind, second, -amount)
+
+    def lacking(self, key_id: str, kind: str, need: int) -> bool:
+        """Whether the lease of ``kind`` still lacks ``need`` (another request may have
+        refilled it meanwhile)."""
+        state = self.states.get(key_id)
+        if state is None:
+            return True
+        return self._lease(state, kind, int(self.clock())).left < need
+
+    def drain_adjustments(self) -> dict[tuple[str, str, int], int]:
+        """Take the batch of grant returns and charges (to be written)."""
+        out, self.adjustments = self.adjustments, {}
+        return out
+
+    def restore_adjustments(self, changes: dict[tuple[str, str, int], int]) -> None:
+        """Put back a batch whose write failed."""
+        for (key_id, kind, second), amount in changes.items():
+            self._adjust(key_id, kind, second, amount)
 
     def state(self, key_id: str, limits: KeyLimits) -> KeyState:
         """The counters of ``key_id``, created on first use; new limits replace old ones and
@@ -226,7 +307,9 @@ class Admission:
                 f"(max_parallel {limits.max_parallel}); retry when one ends",
                 retry_after=1.0,
             )
-        if limits.rpm is not None:
+        if self.shared and (limits.rpm is not None or limits.tpm is not None):
+            self._check_leases(state, limits, now, estimate)
+        elif limits.rpm is not None:
             used = state.requests.used(now)
             if used >= limits.rpm:
                 wait = state.requests.frees_in(now, used - limits.rpm + 1)
@@ -237,7 +320,7 @@ class Admission:
                     f"retry in {wait:.1f} s",
                     retry_after=wait,
                 )
-        if limits.tpm is not None:
+        if limits.tpm is not None and not self.shared:
             used = state.tokens.used(now)
             if used > 0 and used + estimate > limits.tpm:
                 wait = state.tokens.frees_in(now, used + estimate - limits.tpm)
@@ -263,7 +346,26 @@ class Admission:
         second = state.requests.add(now, 1)
         if limits.tpm is not None:
             state.tokens.add(now, estimate)
+        if self.shared:
+            if limits.rpm is not None:
+                state.leases[REQUESTS].left -= 1
+            if limits.tpm is not None:
+                state.leases[TOKENS].left -= estimate
         return Ticket(state, second, estimate)
+
+    def _check_leases(self, state: KeyState, limits: KeyLimits, now: float, estimate: int) -> None:
+        """Shared mode: raise :class:`NeedLease` unless this second's leases cover one more
+        request of ``estimate`` tokens."""
+        second = int(now)
+        needs = []
+        if limits.rpm is not None and self._lease(state, REQUESTS, second).left < 1:
+            needs.append((REQUESTS, limits.rpm, 1))
+        if limits.tpm is not None:
+            left = self._lease(state, TOKENS, second).left
+            if left < estimate:
+                needs.append((TOKENS, limits.tpm, estimate - left))
+        if needs:
+            raise NeedLease(needs)
 
     def settle(self, ticket: Ticket, tokens: int | None) -> None:
         """End an admitted request: ``tokens`` it used by the node's report (``None``: no
@@ -276,6 +378,13 @@ class Admission:
         used = ticket.reserved if tokens is None else tokens
         if state.limits.tpm is not None:
             state.tokens.adjust(ticket.second, used - ticket.reserved)
+            if self.shared and used != ticket.reserved:
+                lease = state.leases.get(TOKENS)
+                unused = ticket.reserved - used
+                if lease is not None and lease.second == ticket.second and unused > 0:
+                    lease.left += unused  # still this second: reusable at once
+                else:
+                    self._adjust(state.key_id, TOKENS, ticket.second, -unused)
         if state.limits.budget_tokens is not None:
             state.reserved -= ticket.reserved
             state.roll(self.clock())
@@ -319,6 +428,9 @@ class Admission:
         if limits.rpm is not None:
             used = state.requests.used(now)
             reset = state.requests.frees_in(now, 1) if used else 0.0
+            lease = state.leases.get(REQUESTS)
+            if lease is not None:  # shared: the fleet's grants, less what this worker holds
+                used = max(used, lease.used - max(lease.left, 0))
             out += [
                 (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
                 (b"x-ratelimit-remaining-requests", str(max(0, limits.rpm - used)).encode()),
@@ -341,6 +453,9 @@ def _token_headroom(state: KeyState, now: float) -> tuple[int | None, int, float
     if limits.tpm is not None:
         used = state.tokens.used(now)
         reset = state.tokens.frees_in(now, 1) if used else 0.0
+        lease = state.leases.get(TOKENS)
+        if lease is not None:
+            used = max(used, lease.used - max(lease.left, 0))
         best = (limits.tpm, limits.tpm - used, reset)
     if limits.budget_tokens is not None:
         state.roll(now)

@@ -54,7 +54,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields, replace
 from time import perf_counter
 from typing import Any, Protocol
@@ -73,7 +73,14 @@ from llmlb.errors import (
 from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import PrefixKeys, request_keys
-from llmlb.router.proxy.admission import Admission, KeyState, Ticket, estimate_tokens
+from llmlb.router.proxy.admission import (
+    Admission,
+    KeyState,
+    LimitExceeded,
+    NeedLease,
+    Ticket,
+    estimate_tokens,
+)
 from llmlb.router.proxy.balancer import Balancer, NodeLike, NodeState, NoPick, PoisonLog, WaitQueue
 from llmlb.router.proxy.metrics import ProxyMetrics, default_metrics
 from llmlb.router.proxy.prefix_index import PrefixIndex
@@ -300,6 +307,9 @@ class InferenceProxy:
         on_usage: called once per finished request of a key (the app puts the key's
             :class:`~llmlb.router.control.keys.KeyEntry` in the scope) with ``key_id, model,
             node, prompt_tokens, cached_tokens, completion_tokens, error``; no I/O allowed.
+        lease: shared mode (``admission.shared``): gets more of a key's quota
+            (:meth:`llmlb.router.runtime.Runtime.lease`); ``None`` when granted, else the
+            seconds to wait.
     """
 
     def __init__(
@@ -312,6 +322,7 @@ class InferenceProxy:
         index: PrefixIndex | None = None,
         admission: Admission | None = None,
         on_usage: Callable[[str, str, str, int, int, int, bool], None] | None = None,
+        lease: Callable[[str, Any, list], Awaitable[float | None]] | None = None,
     ):
         self.fleet = fleet
         if isinstance(settings, ProxySettings):
@@ -338,6 +349,7 @@ class InferenceProxy:
         self.queue = WaitQueue(self.settings.queue_max)
         self.admission = admission if admission is not None else Admission()
         self.on_usage = on_usage
+        self.lease = lease
         self.inflight = 0
         overloaded = ApiError(
             503,
@@ -416,9 +428,7 @@ class InferenceProxy:
             if limits is not None:
                 # Every answer to a limited key carries its x-ratelimit-* headers, refusals too.
                 send = self._with_limit_headers(send, self.admission.state(entry.id, limits))
-                ticket = self.admission.admit(
-                    entry.id, limits, model, estimate_tokens(body, doc)
-                )
+                ticket = await self._admit(entry.id, limits, model, estimate_tokens(body, doc))
             tap = strip = False
             if entry is not None and (limits is not None or self.on_usage is not None):
                 tap = True  # the node's usage settles the reservation and is accounted
@@ -440,6 +450,29 @@ class InferenceProxy:
                 self.admission.settle(ticket, _tokens_used(ex))
             if self.on_usage is not None and model and KEY_SCOPE in scope:
                 self._account(scope[KEY_SCOPE].id, model, ex)
+
+    async def _admit(self, key_id: str, limits: Any, model: str, estimate: int) -> Ticket:
+        """Admit a limited key's request, leasing more quota when a shared lease runs short.
+
+        Raises:
+            LimitExceeded: 403 or 429.
+        """
+        for _ in range(3):
+            try:
+                return self.admission.admit(key_id, limits, model, estimate)
+            except NeedLease as need:
+                wait = 1.0 if self.lease is None else await self.lease(key_id, limits, need.needs)
+                if wait is not None:
+                    raise LimitExceeded(
+                        429,
+                        "rate_limit_exceeded",
+                        "rate limit reached for this key across the fleet; "
+                        f"retry in {wait:.1f} s",
+                        retry_after=wait,
+                    ) from None
+        raise LimitExceeded(
+            429, "rate_limit_exceeded", "this key's quota is in high demand", retry_after=1.0
+        )
 
     def _account(self, key_id: str, model: str, ex: _Exchange | None) -> None:
         """Hand one finished request of a key to the usage book (``ex`` ``None``: refused

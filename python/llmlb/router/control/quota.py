@@ -1,0 +1,105 @@
+"""Leases of a key's per-minute quota, for routers sharing one PostgreSQL database.
+
+Each router takes a key's ``rpm`` (``requests``) and ``tpm`` (``tokens``) in small slices:
+:func:`lease` grants at most what keeps the sum of every router's grants of the last 60 whole
+seconds within the limit, recorded at the current second (``quota_grants``: one row per key,
+kind, second and router). A router admits requests only against what it was granted in the
+current second; at the next second it returns what it did not use, and it returns (or adds)
+the difference between a request's reserved and reported tokens, both in its once-a-second
+batch (:func:`adjust`). So no 60-second span of whole seconds is granted more than the limit
+fleet-wide, the database sees one write per slice and one batch per second, never one per
+request, and a router that lost the database admits only what it already holds.
+
+Overshoot: none for ``rpm`` beyond the routers' clock skew (a skew of *d* seconds may admit
+*d* seconds' worth more); for ``tpm`` the tokens requests in flight use beyond what they
+reserved (reserved: prompt estimate + ``max_tokens``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from llmlb.router import db
+
+WINDOW_S = 60
+REQUESTS = "requests"
+TOKENS = "tokens"
+# A slice is this fraction of the per-minute limit (at least what the request needs).
+SLICES_PER_MINUTE = 60
+
+
+def slice_size(limit: int, need: int) -> int:
+    """How much to ask for at once: a second's share of the limit, at least ``need``."""
+    return max(need, math.ceil(limit / SLICES_PER_MINUTE))
+
+
+def lease(
+    conn: db.Conn,
+    key_id: str,
+    kind: str,
+    limit: int,
+    need: int,
+    second: int,
+    router: str,
+) -> tuple[int, int, float]:
+    """Grant ``router`` part of ``key_id``'s ``kind`` quota at ``second``.
+
+    Returns:
+        ``(granted, used, retry_after)``: ``granted`` is 0 when the window has less than
+        ``need`` left (a need larger than the whole limit is granted when the window is
+        empty); ``used`` is the fleet's grants in the window after this one; ``retry_after``
+        the seconds until enough leaves the window when nothing was granted.
+    """
+    with db.transaction(conn):
+        rows = conn.execute(
+            "SELECT second, SUM(amount) FROM quota_grants WHERE key_id = ? AND kind = ? "
+            "AND second > ? GROUP BY second ORDER BY second",
+            (key_id, kind, second - WINDOW_S),
+        ).fetchall()
+        used = sum(int(row[1] or 0) for row in rows)
+        left = limit - used
+        if left >= need or (used <= 0 and need > limit):
+            granted = min(max(left, need), slice_size(limit, need))
+            conn.execute(
+                "INSERT INTO quota_grants (key_id, kind, second, router, amount) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, kind, second, router) "
+                "DO UPDATE SET amount = quota_grants.amount + excluded.amount",
+                (key_id, kind, second, router, granted),
+            )
+            conn.execute(
+                "DELETE FROM quota_grants WHERE key_id = ? AND kind = ? AND second <= ?",
+                (key_id, kind, second - WINDOW_S),
+            )
+            return granted, used + granted, 0.0
+        freed = 0
+        excess = need - left
+        for row in rows:
+            freed += int(row[1] or 0)
+            if freed >= excess:
+                return 0, used, float(int(row[0]) + WINDOW_S - second)
+        return 0, used, float(WINDOW_S)
+
+
+Adjustments = dict[tuple[str, str, int], int]  # (key_id, kind, second) -> amount to add
+
+
+def adjust(conn: db.Conn, changes: Adjustments, router: str) -> None:
+    """Apply a second's returns (negative) and extra charges (positive) to this router's
+    grants; rows that left the window are not touched."""
+    if not changes:
+        return
+    with db.transaction(conn):
+        conn.executemany(
+            "INSERT INTO quota_grants (key_id, kind, second, router, amount) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, kind, second, router) "
+            "DO UPDATE SET amount = MAX(quota_grants.amount + excluded.amount, 0)"
+            if db.dialect_of(conn) == db.SQLITE
+            else "INSERT INTO quota_grants (key_id, kind, second, router, amount) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, kind, second, router) "
+            "DO UPDATE SET amount = GREATEST(quota_grants.amount + excluded.amount, 0)",
+            [
+                (key_id, kind, second, router, amount)
+                for (key_id, kind, second), amount in changes.items()
+                if amount
+            ],
+        )
