@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 from llmlb.model_storage import ModelStorage
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.inference.llama_native import gpu_offload_supported, usable_cores
 from llmlb.node.metrics import NodeMetrics
@@ -158,7 +159,7 @@ def _alone(setup, prompt: str | list[int]) -> dict:
     """The engine's answer to ``prompt`` as the first request of a freshly loaded model."""
     engine, run = setup["engine"], setup["run"]
     run(engine.unload(MODEL))
-    answer = run(engine.complete(MODEL, setup["path"], _body(prompt)))
+    answer = run(openai_api.complete(engine, MODEL, setup["path"], _body(prompt)))
     assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     return answer
 
@@ -193,7 +194,9 @@ def test_batched_answers_leave_the_reference_only_at_near_ties(setup):
     engine, path, run, metrics = setup["engine"], setup["path"], setup["run"], setup["metrics"]
 
     async def together():
-        return await asyncio.gather(*(engine.complete(MODEL, path, _body(p)) for p in PROMPTS))
+        return await asyncio.gather(
+            *(openai_api.complete(engine, MODEL, path, _body(p)) for p in PROMPTS)
+        )
 
     run(engine.unload(MODEL))  # every slot empty: no prompt reuses another's cells
     answers = run(together())

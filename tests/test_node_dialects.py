@@ -1,7 +1,7 @@
-"""Unit tests of the Responses and Anthropic Messages translations (llmlb.node.api.responses,
-llmlb.node.api.anthropic, llmlb.node.api.chat_events, llmlb.anthropic_errors): request bodies into
-chat bodies, and recorded chat chunk streams into each dialect's events, each event checked
-against the official SDK's own type."""
+"""Unit tests of the dialects on the typed chat contract (llmlb.node.api.responses,
+llmlb.node.api.anthropic, llmlb.node.api.openai_response, llmlb.node.inference.contract,
+llmlb.anthropic_errors): request bodies into typed chat requests, and recorded typed event
+streams into each dialect's events, each event checked against the official SDK's own type."""
 
 from __future__ import annotations
 
@@ -14,71 +14,44 @@ import pytest
 from llmlb import anthropic_errors
 from llmlb.errors import ApiError, ContextLengthExceeded
 from llmlb.node.api import anthropic as anthropic_api
-from llmlb.node.api import chat_events, openai_request
+from llmlb.node.api import openai_request, openai_response
 from llmlb.node.api import responses as responses_api
+from llmlb.node.inference import contract as ev
+from llmlb.node.inference.contract import Tool, ToolCall
+from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}}
 
-
-def chunk(delta: dict | None = None, finish: str | None = None) -> dict:
-    """One chat.completion.chunk as the engine sends it."""
-    choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [choice]}
-
-
-def usage_chunk(prompt: int, completion: int) -> dict:
-    use = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
-    }
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": use}
-
-
-def tool_head(index: int, call_id: str, name: str) -> dict:
-    call = {
-        "index": index,
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": ""},
-    }
-    return chunk({"tool_calls": [call]})
-
-
-def tool_args(index: int, text: str) -> dict:
-    return chunk({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
-
-
-ROLE = chunk({"role": "assistant", "content": ""})
-TWO_CALLS = [
-    ROLE,
-    tool_head(0, "call_a", "get_weather"),
-    tool_args(0, '{"city": '),
-    tool_args(0, '"Paris"}'),
-    tool_head(1, "call_b", "get_weather"),
-    tool_args(1, '{"city": "Oslo"}'),
-    chunk(finish="tool_calls"),
-    usage_chunk(30, 12),
+TWO_CALLS: list[ev.ChatEvent] = [
+    ev.ToolCallStart(0, "call_a", "get_weather"),
+    ev.ToolCallArgs(0, '{"city": '),
+    ev.ToolCallArgs(0, '"Paris"}'),
+    ev.ToolCallStart(1, "call_b", "get_weather"),
+    ev.ToolCallArgs(1, '{"city": "Oslo"}'),
+    ev.Done("tool_calls"),
+    ev.Usage(30, 12, 0),
 ]
 
 
 class Closable:
-    """A recorded chunk stream with the engine iterator's ``aclose``."""
+    """A recorded event stream with the engine stream's ``aclose``, ``choices`` and
+    ``prompt_tokens``."""
 
-    def __init__(self, chunks: list[dict]):
-        self.chunks = list(chunks)
+    def __init__(self, events: list, prompt_tokens: int = 30):
+        self.events = list(events)
         self.closed = False
+        self.choices = 1
+        self.prompt_tokens = prompt_tokens
 
     def __aiter__(self) -> Closable:
         return self
 
-    async def __anext__(self) -> dict:
-        if self.closed or not self.chunks:
+    async def __anext__(self):
+        if self.closed or not self.events:
             raise StopAsyncIteration
-        return self.chunks.pop(0)
+        return self.events.pop(0)
 
     async def aclose(self) -> None:
         self.closed = True
@@ -102,63 +75,74 @@ def sse(body: bytes) -> list[tuple[str, dict]]:
     return out
 
 
-# -- chat events -----------------------------------------------------------------------
+def answer(text: str, finish: str, calls: list[ToolCall] | None = None, prompt: int = 9,
+           completion: int = 4) -> ev.Answer:  # fmt: skip
+    """A whole answer as the engine returns it."""
+    return ev.Answer([ev.Choice(0, text, finish, calls or [])], ev.Usage(prompt, completion))
 
 
-def test_chat_events_of_two_tool_calls():
-    events = run(_drain(chat_events.chat_events(Closable(TWO_CALLS))))
-    assert events == [
-        chat_events.ToolCallStart(0, "call_a", "get_weather"),
-        chat_events.ToolCallDelta(0, '{"city": '),
-        chat_events.ToolCallDelta(0, '"Paris"}'),
-        chat_events.ToolCallStart(1, "call_b", "get_weather"),
-        chat_events.ToolCallDelta(1, '{"city": "Oslo"}'),
-        chat_events.Finish("tool_calls"),
-        chat_events.Usage(30, 12, 0),
-    ]
+# -- events: stop strings, whole answers, OpenAI chunks ----------------------------------
+
+
+def test_openai_chunks_of_two_tool_calls_parse_as_the_sdks_chunks():
+    shaper = openai_response.Shaper(True, "m")
+    stream = openai_response.SSEStream(shaper, Closable(TWO_CALLS), include_usage=True)
+    body = run(_body(stream))
+    assert body.endswith(b"data: [DONE]\n\n")
+    chunks = [orjson.loads(b[6:]) for b in body.split(b"\n\n") if b.startswith(b"data: {")]
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks[1:6]]
+    assert deltas[0] == {"index": 0, "id": "call_a", "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    assert deltas[1] == {"index": 0, "function": {"arguments": '{"city": '}}
+    assert deltas[3]["index"] == 1 and deltas[3]["id"] == "call_b"
+    assert chunks[6]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[7]["choices"] == [] and chunks[7]["usage"]["total_tokens"] == 42
 
 
 def test_stop_string_across_pieces_is_named_and_cancels():
     source = Closable(
         [
-            ROLE,
-            chunk({"content": "Hel"}),
-            chunk({"content": "lo wor"}),
-            chunk({"content": "ld"}),
-            chunk(finish="stop"),
-            usage_chunk(5, 4),
+            ev.TextDelta("Hel"),
+            ev.TextDelta("lo wor"),
+            ev.TextDelta("ld"),
+            ev.Done("stop"),
+            ev.Usage(5, 4),
         ]
     )
-    events = run(_drain(chat_events.chat_events(source, ("xyz", "o w"))))
-    text = "".join(e.text for e in events if isinstance(e, chat_events.TextDelta))
+    events = run(_drain(ev.cut_at_stop(source, ("xyz", "o w"))))
+    text = "".join(e.text for e in events if isinstance(e, ev.TextDelta))
     assert text == "Hell"
-    assert chat_events.Finish("stop_sequence", "o w") in events
-    assert events[-1] == chat_events.Usage(None, 2)  # cut before the engine counted
+    assert ev.Done("stop_sequence", 0, "o w") in events
+    assert events[-1] == ev.Usage(None, 2)  # cut before the engine counted
     assert source.closed  # the generation was cancelled
 
 
 def test_first_matching_stop_string_wins():
-    source = Closable([ROLE, chunk({"content": "a. b! c"}), chunk(finish="stop")])
-    events = run(_drain(chat_events.chat_events(source, ("!", "."))))
-    assert chat_events.Finish("stop_sequence", ".") in events
+    source = Closable([ev.TextDelta("a. b! c"), ev.Done("stop")])
+    events = run(_drain(ev.cut_at_stop(source, ("!", "."))))
+    assert ev.Done("stop_sequence", 0, ".") in events
 
 
-def test_failed_run_is_one_failure_event():
-    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
-    events = run(_drain(chat_events.chat_events(Closable([ROLE, {"error": error}]))))
-    assert events == [chat_events.Failure(error)]
+def test_failed_run_is_one_error_event():
+    error = ev.Error("boom")
+    events = run(_drain(ev.cut_at_stop(Closable([error]), ("x",))))
+    assert events == [error]
     with pytest.raises(ApiError) as caught:
-        run(chat_events.collect(chat_events.chat_events(Closable([ROLE, {"error": error}]))))
+        run(ev.collect(Closable([ev.TextDelta("Hi"), error])))
     assert caught.value.status == 500
 
 
 def test_collect_assembles_tool_calls():
-    answer = run(chat_events.collect(chat_events.chat_events(Closable(TWO_CALLS))))
-    assert [(c.id, c.arguments) for c in answer.tool_calls] == [
+    result = run(ev.collect(Closable(TWO_CALLS)))
+    (choice,) = result.choices
+    assert [(c.id, c.arguments) for c in choice.tool_calls] == [
         ("call_a", '{"city": "Paris"}'),
         ("call_b", '{"city": "Oslo"}'),
     ]
-    assert answer.finish_reason == "tool_calls" and answer.usage.completion_tokens == 12
+    assert choice.finish_reason == "tool_calls" and result.usage.completion_tokens == 12
 
 
 # -- Responses: request ------------------------------------------------------------------
@@ -183,18 +167,16 @@ def test_responses_items_become_chat_messages():
         }
     )
     chat = request.chat
-    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
-    assert chat["messages"][1] == {"role": "user", "content": "Weather?"}
-    assert [c["id"] for c in chat["messages"][2]["tool_calls"]] == ["c1", "c2"]
-    assert chat["messages"][3] == {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}
-    assert len(chat["messages"]) == 4
-    assert chat["tools"] == [{"type": "function", "function": {"name": "w", "parameters": WEATHER}}]
-    assert chat["tool_choice"] == {"type": "function", "function": {"name": "w"}}
-    assert chat["max_tokens"] == 20
-    assert chat["response_format"] == {
-        "type": "json_schema",
-        "json_schema": {"name": "x", "schema": WEATHER},
-    }
+    assert chat.messages[0] == {"role": "system", "content": "Be brief."}
+    assert chat.messages[1] == {"role": "user", "content": "Weather?"}
+    assert [c["id"] for c in chat.messages[2]["tool_calls"]] == ["c1", "c2"]
+    assert chat.messages[2]["tool_calls"][0]["function"] == {"name": "w", "arguments": {}}
+    assert chat.messages[3] == {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}
+    assert len(chat.messages) == 4
+    assert chat.tools == [Tool("w", "", WEATHER)]
+    assert chat.tool_choice == "w"
+    assert chat.generation.max_tokens == 20
+    assert chat.generation.grammar_schema == WEATHER
 
 
 @pytest.mark.parametrize(
@@ -216,6 +198,7 @@ def test_responses_items_become_chat_messages():
         ({"reasoning": "high"}, "reasoning", "object"),
         ({"reasoning": {"effort": "max"}}, "reasoning.effort", "minimal"),
         ({"reasoning": {"summary": "long"}}, "reasoning.summary", "concise"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "message"),
     ],
 )
 def test_responses_bad_bodies_are_400_naming_the_field(body, param, words):
@@ -229,16 +212,16 @@ def test_responses_bad_bodies_are_400_naming_the_field(body, param, words):
 
 
 class RecordedEngine:
-    """Answers ``chat`` with recorded chunks (streamed) or a recorded completion."""
+    """Answers ``chat`` with recorded events (streamed) or a recorded whole answer."""
 
-    def __init__(self, chunks: list[dict] | None = None, answer: dict | None = None):
-        self.chunks, self.answer, self.bodies = chunks, answer, []
+    def __init__(self, events: list | None = None, answer: ev.Answer | None = None):
+        self.events, self.answer, self.requests = events, answer, []
 
-    async def chat(self, model_id, path, body, as_sse=True):
-        self.bodies.append(body)
-        return Closable(self.chunks) if body.get("stream") else self.answer
+    async def chat(self, model_id, path, request):
+        self.requests.append(request)
+        return Closable(self.events) if request.generation.stream else self.answer
 
-    async def count_chat_tokens(self, model_id, path, body):
+    async def count_chat_tokens(self, model_id, path, request):
         return 30
 
 
@@ -279,11 +262,11 @@ def test_responses_stream_of_two_calls_parses_as_the_sdks_events():
     ]
     assert [d["output_index"] for k, d in events if k == "response.output_item.added"] == [0, 1]
     assert final.usage.input_tokens == 30 and final.usage.output_tokens == 12
-    assert engine.bodies[0]["stream_options"] == {"include_usage": True}
+    assert engine.requests[0].generation.stream
 
 
 def test_responses_empty_answer_still_has_its_message():
-    engine = RecordedEngine([ROLE, chunk(finish="stop"), usage_chunk(3, 1)])
+    engine = RecordedEngine([ev.Done("stop"), ev.Usage(3, 1)])
     result = run(
         responses_api.create(engine, "m", "/p", {"model": "m", "input": "hi", "stream": True})
     )
@@ -294,8 +277,7 @@ def test_responses_empty_answer_still_has_its_message():
 
 
 def test_responses_failed_stream_ends_with_response_failed():
-    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
-    engine = RecordedEngine([ROLE, chunk({"content": "Hi"}), {"error": error}])
+    engine = RecordedEngine([ev.TextDelta("Hi"), ev.Error("boom")])
     result = run(
         responses_api.create(engine, "m", "/p", {"model": "m", "input": "hi", "stream": True})
     )
@@ -305,26 +287,7 @@ def test_responses_failed_stream_ends_with_response_failed():
 
 
 def test_responses_whole_answer_with_text_and_a_call():
-    completion = {
-        "choices": [
-            {
-                "index": 0,
-                "finish_reason": "tool_calls",
-                "message": {
-                    "role": "assistant",
-                    "content": "Let me look.",
-                    "tool_calls": [
-                        {
-                            "id": "call_1",
-                            "type": "function",
-                            "function": {"name": "w", "arguments": "{}"},
-                        }
-                    ],
-                },
-            }
-        ],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
-    }
+    completion = answer("Let me look.", "tool_calls", [ToolCall("w", "{}", id="call_1")])
     body = run(
         responses_api.create(
             RecordedEngine(answer=completion), "m", "/p", {"model": "m", "input": "hi"}
@@ -376,7 +339,7 @@ def test_anthropic_history_becomes_chat_messages():
         }
     )
     chat = request.chat
-    assert chat["messages"] == [
+    assert chat.messages == [
         {"role": "system", "content": "A\n\nB"},
         {"role": "user", "content": "Weather?"},
         {
@@ -386,22 +349,18 @@ def test_anthropic_history_becomes_chat_messages():
                 {
                     "id": "tu_1",
                     "type": "function",
-                    "function": {"name": "w", "arguments": '{"city":"P"}'},
+                    "function": {"name": "w", "arguments": {"city": "P"}},
                 }
             ],
         },
         {"role": "tool", "tool_call_id": "tu_1", "content": "Sunny"},
         {"role": "user", "content": "Thanks"},
     ]
-    assert chat["tools"] == [
-        {
-            "type": "function",
-            "function": {"name": "w", "parameters": WEATHER, "description": "weather"},
-        }
-    ]
-    assert chat["tool_choice"] == "required" and chat["parallel_tool_calls"] is False
-    assert "stop" not in chat and request.stop == ("END",)  # matched by the node itself
-    assert (chat["top_k"], chat["temperature"], chat["user"]) == (5, 0.5, "u1")
+    assert chat.tools == [Tool("w", "weather", WEATHER)]
+    assert chat.tool_choice == "required" and chat.parallel_tool_calls is False
+    assert chat.generation.stop == () and request.stop == ("END",)  # matched by the node itself
+    sampling = chat.generation.sampling
+    assert (sampling.top_k, sampling.temperature, chat.generation.user) == (5, 0.5, "u1")
 
 
 def test_anthropic_named_tool_choice():
@@ -414,7 +373,7 @@ def test_anthropic_named_tool_choice():
             "tool_choice": {"type": "tool", "name": "w"},
         }
     )
-    assert request.chat["tool_choice"] == {"type": "function", "function": {"name": "w"}}
+    assert request.chat.tool_choice == "w"
 
 
 @pytest.mark.parametrize(
@@ -453,12 +412,11 @@ def test_anthropic_bad_bodies_are_400_naming_the_field(body, param):
 
 def test_anthropic_stream_of_text_and_a_tool_use_parses_as_the_sdks_events():
     chunks = [
-        ROLE,
-        chunk({"content": "Let me "}),
-        chunk({"content": "look."}),
-        *TWO_CALLS[1:4],
-        chunk(finish="tool_calls"),
-        usage_chunk(30, 9),
+        ev.TextDelta("Let me "),
+        ev.TextDelta("look."),
+        *TWO_CALLS[0:3],
+        ev.Done("tool_calls"),
+        ev.Usage(30, 9),
     ]
     body = {
         "model": "m",
@@ -497,11 +455,10 @@ def test_anthropic_stream_of_text_and_a_tool_use_parses_as_the_sdks_events():
 
 def test_anthropic_whole_answer_names_its_stop_sequence():
     chunks = [
-        ROLE,
-        chunk({"content": "one, two, thr"}),
-        chunk({"content": "ee, four"}),
-        chunk(finish="stop"),
-        usage_chunk(7, 6),
+        ev.TextDelta("one, two, thr"),
+        ev.TextDelta("ee, four"),
+        ev.Done("stop"),
+        ev.Usage(7, 6),
     ]
     engine = RecordedEngine(chunks)
     body = {
@@ -514,24 +471,20 @@ def test_anthropic_whole_answer_names_its_stop_sequence():
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == "three"
     assert message.content[0].text == "one, two, "
     assert message.usage.input_tokens == 30  # counted: the cut run never reported it
-    assert "stop" not in engine.bodies[0]
+    assert engine.requests[0].generation.stop == ()
 
 
 def test_anthropic_whole_answer_stop_reasons():
-    def answer(finish: str, calls: list | None = None) -> dict:
-        message = {"role": "assistant", "content": "" if calls else "Hi", "tool_calls": calls}
-        return {
-            "choices": [{"index": 0, "finish_reason": finish, "message": message}],
-            "usage": {"prompt_tokens": 4, "completion_tokens": 2},
-        }
+    def whole(finish: str, calls: list | None = None) -> ev.Answer:
+        return answer("" if calls else "Hi", finish, calls, 4, 2)
 
     body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     for finish, reason in (("stop", "end_turn"), ("length", "max_tokens")):
-        out = run(anthropic_api.create(RecordedEngine(answer=answer(finish)), "m", "/p", body))
+        out = run(anthropic_api.create(RecordedEngine(answer=whole(finish)), "m", "/p", body))
         assert at.Message.model_validate(out).stop_reason == reason
-    calls = [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": '{"a":1}'}}]
+    calls = [ToolCall("w", '{"a":1}', id="c1")]
     out = run(
-        anthropic_api.create(RecordedEngine(answer=answer("tool_calls", calls)), "m", "/p", body)
+        anthropic_api.create(RecordedEngine(answer=whole("tool_calls", calls)), "m", "/p", body)
     )
     message = at.Message.model_validate(out)
     assert message.stop_reason == "tool_use"
@@ -539,14 +492,13 @@ def test_anthropic_whole_answer_stop_reasons():
 
 
 def test_anthropic_failed_stream_ends_with_an_error_event():
-    error = {"message": "boom", "type": "server_error", "code": "inference_failed"}
     body = {
         "model": "m",
         "max_tokens": 5,
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
     }
-    engine = RecordedEngine([ROLE, chunk({"content": "Hi"}), {"error": error}])
+    engine = RecordedEngine([ev.TextDelta("Hi"), ev.Error("boom")])
     kind, data = sse(run(_body(run(anthropic_api.create(engine, "m", "/p", body)))))[-1]
     assert kind == "error"
     assert data == {"type": "error", "error": {"type": "api_error", "message": "boom"}}
@@ -647,8 +599,8 @@ def test_context_overflow_is_worded_as_openai_and_anthropic_word_it():
 class OverflowingEngine:
     """Refuses every chat as too long for its context."""
 
-    async def chat(self, model_id, path, body, as_sse=True):
-        raise ContextLengthExceeded(1024, 1500, body.get("max_tokens"))
+    async def chat(self, model_id, path, request):
+        raise ContextLengthExceeded(1024, 1500, request.generation.max_tokens)
 
 
 def test_responses_names_its_own_fields_in_a_context_overflow():
@@ -662,11 +614,8 @@ def test_responses_names_its_own_fields_in_a_context_overflow():
 
 
 def test_responses_and_messages_mark_the_item_a_cut_call_ended_in():
-    cut = {"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {
-        "role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Par'}}]},
-        "finish_reason": "length"}], "usage": {"prompt_tokens": 9, "completion_tokens": 20}}
+    call = ToolCall("get_weather", '{"city": "Par', id="call_1", complete=False)
+    cut = answer("", "length", [call], 9, 20)
     engine = RecordedEngine(answer=cut)
     response = asyncio.run(responses_api.create(engine, "m", "p", {"model": "m", "input": "hi"}))
     Response.model_validate(response)

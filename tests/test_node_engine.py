@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
 
@@ -61,14 +62,14 @@ def test_excess_requests_queue_then_get_429_with_retry_after(store):
                 "stream": True,
                 "logit_bias": {GEMMA_EOS: -100.0},
             }
-            stream = await engine.complete(A, paths[A], long)
+            stream = await openai_api.complete(engine, A, paths[A], long)
             first = await anext(stream)  # generating: the only slot is taken
             assert first.startswith(b"data: ")
             assert engine.active_requests() == 1
-            queued = asyncio.create_task(engine.complete(A, paths[A], _short()))
+            queued = asyncio.create_task(openai_api.complete(engine, A, paths[A], _short()))
             await _poll(lambda: engine.queued(A) == 1)
             with pytest.raises(ApiError) as rejected:
-                await engine.complete(A, paths[A], _short())
+                await openai_api.complete(engine, A, paths[A], _short())
             assert not queued.done()
             await stream.aclose()  # the client goes away: the slot frees, the queued one runs
             result = await asyncio.wait_for(queued, 60)
@@ -88,10 +89,10 @@ def test_queue_timeout_answers_429(store):
         try:
             long = {"prompt": "Hello", "max_tokens": 400, "stream": True}
             long["logit_bias"] = {GEMMA_EOS: -100.0}
-            stream = await engine.complete(A, paths[A], long)
+            stream = await openai_api.complete(engine, A, paths[A], long)
             await anext(stream)
             with pytest.raises(ApiError) as timed_out:
-                await engine.complete(A, paths[A], _short())
+                await openai_api.complete(engine, A, paths[A], _short())
             await stream.aclose()
             return timed_out.value
         finally:
@@ -107,7 +108,7 @@ def test_least_recently_used_model_is_unloaded_with_max_loaded_one(store):
         seen = []
         try:
             for model_id in (A, B, A):
-                result = await engine.complete(model_id, paths[model_id], _short())
+                result = await openai_api.complete(engine, model_id, paths[model_id], _short())
                 assert result["model"] == model_id and result["choices"][0]["text"]
                 seen.append(engine.loaded())
             return seen
@@ -128,7 +129,7 @@ def test_two_loaded_models_evict_the_least_recently_used(store, gemma_gguf, tmp_
         paths["local/c"] = path_c
         try:
             for model_id in (A, B, A, "local/c"):
-                await engine.complete(model_id, paths[model_id], _short())
+                await openai_api.complete(engine, model_id, paths[model_id], _short())
             return engine.loaded()
         finally:
             await engine.close()
@@ -182,10 +183,13 @@ def test_eight_concurrent_requests_share_one_batch_and_match_their_solo_text(bat
     def body(prompt):
         return {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0}
 
-    solo = [run(engine.complete("local/chat", path, body(p)))["choices"][0] for p in PROMPTS]
+    solo = [
+        run(openai_api.complete(engine, "local/chat", path, body(p)))["choices"][0]
+        for p in PROMPTS
+    ]
 
     async def together():
-        calls = (engine.complete("local/chat", path, body(p)) for p in PROMPTS)
+        calls = (openai_api.complete(engine, "local/chat", path, body(p)) for p in PROMPTS)
         return await asyncio.gather(*calls)
 
     batched = [r["choices"][0] for r in run(together())]
@@ -203,8 +207,7 @@ def test_n_choices_share_one_prompt_evaluation(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     prompt_before = _metric(batching["metrics"], "llmlb_node_tokens_total", {"kind": "prompt"})
     result = run(
-        engine.complete(
-            "local/chat",
+        openai_api.complete(engine, "local/chat",
             path,
             {"prompt": "A long time ago in a galaxy far, far away", "max_tokens": 6, "n": 3,
              "temperature": 1.0, "seed": 7},
@@ -221,8 +224,7 @@ def test_n_choices_share_one_prompt_evaluation(batching):
 def test_logprobs_are_real_and_consistent_with_top_logprobs(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     result = run(
-        engine.chat(
-            "local/chat",
+        openai_api.chat(engine, "local/chat",
             path,
             {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5,
              "temperature": 0, "logprobs": True, "top_logprobs": 3},
@@ -249,8 +251,7 @@ def test_json_schema_answer_parses_and_validates(batching):
         "additionalProperties": False,
     }
     result = run(
-        engine.chat(
-            "local/chat",
+        openai_api.chat(engine, "local/chat",
             path,
             {"messages": [{"role": "user", "content": "A city and its rank, as JSON."}],
              "max_tokens": 60, "temperature": 0,
@@ -265,10 +266,10 @@ def test_json_schema_answer_parses_and_validates(batching):
 def test_stop_strings_cut_across_token_boundaries(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     body = {"prompt": "One, two, three, four,", "max_tokens": 20, "temperature": 0}
-    free = run(engine.complete("local/chat", path, body))["choices"][0]["text"]
+    free = run(openai_api.complete(engine, "local/chat", path, body))["choices"][0]["text"]
     assert "six" in free, free  # the model counts on
     stop = free[free.index("six") - 2 : free.index("six") + 2]  # spans ', s' and 'ix'
-    stopped = run(engine.complete("local/chat", path, {**body, "stop": [stop]}))
+    stopped = run(openai_api.complete(engine, "local/chat", path, {**body, "stop": [stop]}))
     choice = stopped["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["text"] == free[: free.index(stop)]
@@ -278,11 +279,12 @@ def test_streamed_and_whole_usage_agree_and_second_turn_reuses_the_prompt(batchi
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     messages = [{"role": "user", "content": "Write one sentence about the sea."}]
     body = {"messages": messages, "max_tokens": 10, "temperature": 0}
-    whole = run(engine.chat("local/chat", path, body))
+    whole = run(openai_api.chat(engine, "local/chat", path, body))
 
     async def streamed():
-        stream = await engine.chat(
-            "local/chat", path, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        stream = await openai_api.chat(
+            engine, "local/chat", path,
+            {**body, "stream": True, "stream_options": {"include_usage": True}},
         )
         return [chunk async for chunk in stream]
 
@@ -300,7 +302,7 @@ def test_streamed_and_whole_usage_agree_and_second_turn_reuses_the_prompt(batchi
         {"role": "assistant", "content": text},
         {"role": "user", "content": "And one about the sky."},
     ]
-    turn = run(engine.chat("local/chat", path, {**body, "messages": second}))
+    turn = run(openai_api.chat(engine, "local/chat", path, {**body, "messages": second}))
     cached = turn["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= whole["usage"]["prompt_tokens"]  # only the new turn was evaluated
 
@@ -310,13 +312,14 @@ def test_too_long_prompt_is_context_length_exceeded_streamed_and_not(batching):
     long_prompt = "word " * 600
     for stream in (False, True):
         with pytest.raises(ApiError) as err:
-            run(engine.complete("local/chat", path, {"prompt": long_prompt, "stream": stream}))
+            run(openai_api.complete(engine, "local/chat", path,
+                                    {"prompt": long_prompt, "stream": stream}))
         assert err.value.status == 400 and err.value.code == "context_length_exceeded"
         with pytest.raises(ApiError) as err:
-            run(engine.complete("local/chat", path,
+            run(openai_api.complete(engine, "local/chat", path,
                                 {"prompt": "Hi", "max_tokens": 600, "stream": stream}))
         assert err.value.code == "context_length_exceeded" and err.value.param == "max_tokens"
-    default = run(engine.complete("local/chat", path, {"prompt": "Hi", "temperature": 0,
+    default = run(openai_api.complete(engine, "local/chat", path, {"prompt": "Hi", "temperature": 0,
                                                        "logit_bias": {GEMMA_EOS: -100}}))
     assert default["usage"]["completion_tokens"] == 24  # the node's default cap
 
@@ -325,8 +328,7 @@ def test_closing_a_stream_stops_generation_within_a_step(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
 
     async def scenario():
-        stream = await engine.complete(
-            "local/chat", path,
+        stream = await openai_api.complete(engine, "local/chat", path,
             {"prompt": "Count:", "max_tokens": 400, "stream": True,
              "logit_bias": {GEMMA_EOS: -100}},
         )
@@ -349,17 +351,18 @@ def test_closing_a_stream_stops_generation_within_a_step(batching):
 def test_base64_embeddings_decode_to_the_unit_norm_float_vectors(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     inputs = ["hello world", "bonjour le monde"]
-    floats = run(engine.embed("local/chat", path, {"input": inputs}))
-    packed = run(engine.embed("local/chat", path, {"input": inputs, "encoding_format": "base64"}))
+    floats = run(openai_api.embed(engine, "local/chat", path, {"input": inputs}))
+    packed = run(openai_api.embed(engine, "local/chat", path,
+                                  {"input": inputs, "encoding_format": "base64"}))
     for plain, encoded in zip(floats["data"], packed["data"], strict=True):
         vector = np.frombuffer(base64.b64decode(encoded["embedding"]), dtype="<f4")
         assert vector.shape == (640,)
         assert np.allclose(vector, np.asarray(plain["embedding"], dtype=np.float32))
         assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-4)
-    tokens = run(engine.embed("local/chat", path, {"input": [[2, 9259, 1902]]}))
+    tokens = run(openai_api.embed(engine, "local/chat", path, {"input": [[2, 9259, 1902]]}))
     assert tokens["usage"]["prompt_tokens"] == 3
     with pytest.raises(ApiError) as err:
-        run(engine.embed("local/chat", path, {"input": "word " * 700}))
+        run(openai_api.embed(engine, "local/chat", path, {"input": "word " * 700}))
     assert err.value.code == "context_length_exceeded"
 
 
@@ -369,11 +372,13 @@ def test_a_queued_request_whose_client_left_never_starts(store):
         try:
             long = {"prompt": "Hello", "max_tokens": 400, "stream": True,
                     "logit_bias": {GEMMA_EOS: -100.0}}
-            stream = await engine.complete(A, paths[A], long)
+            stream = await openai_api.complete(engine, A, paths[A], long)
             await anext(stream)
             scheduler = engine._models[A].scheduler  # noqa: SLF001
             queued = asyncio.create_task(
-                engine.complete(A, paths[A], _short("A prompt that waits for the only slot"))
+                openai_api.complete(
+                    engine, A, paths[A], _short("A prompt that waits for the only slot")
+                )
             )
             await _poll(lambda: engine.queued(A) == 1)
             queued.cancel()  # its client goes away while it waits
@@ -413,7 +418,7 @@ def _tool_body(**extra) -> dict:
 
 def test_required_tool_choice_answers_a_parsable_call_streamed_and_not(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
-    whole = run(engine.chat("local/chat", path, _tool_body(tool_choice="required",
+    whole = run(openai_api.chat(engine, "local/chat", path, _tool_body(tool_choice="required",
                                                            parallel_tool_calls=False)))
     choice = whole["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
@@ -423,12 +428,10 @@ def test_required_tool_choice_answers_a_parsable_call_streamed_and_not(batching)
     assert isinstance(json.loads(call["function"]["arguments"]), dict)
 
     async def streamed():
-        stream = await engine.chat(
-            "local/chat", path,
+        stream = await openai_api.chat(engine, "local/chat", path,
             _tool_body(tool_choice="required", parallel_tool_calls=False, stream=True),
-            as_sse=False,
         )
-        return [chunk async for chunk in stream]
+        return [json.loads(c[6:]) async for c in stream if c.startswith(b"data: {")]
 
     chunks = run(streamed())
     deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
@@ -448,7 +451,7 @@ def test_required_tool_choice_answers_a_parsable_call_streamed_and_not(batching)
 def test_a_named_tool_choice_calls_that_tool(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     choice = {"type": "function", "function": {"name": "get_time"}}
-    result = run(engine.chat("local/chat", path, _tool_body(tool_choice=choice)))
+    result = run(openai_api.chat(engine, "local/chat", path, _tool_body(tool_choice=choice)))
     calls = result["choices"][0]["message"]["tool_calls"]
     assert calls and {c["function"]["name"] for c in calls} == {"get_time"}
     assert "zone" in json.loads(calls[0]["function"]["arguments"])
@@ -469,13 +472,13 @@ def test_a_named_tool_choice_calls_that_tool(batching):
 def test_bad_tools_are_400_naming_the_tool(batching, patch, param):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
     with pytest.raises(ApiError) as err:
-        run(engine.chat("local/chat", path, _tool_body(**patch)))
+        run(openai_api.chat(engine, "local/chat", path, _tool_body(**patch)))
     assert err.value.status == 400 and err.value.param == param
 
 
 def test_echo_with_logprobs_scores_the_prompt_itself(batching):
     engine, path, run = batching["engine"], batching["path"], batching["run"]
-    scored = run(engine.complete("local/chat", path, {
+    scored = run(openai_api.complete(engine, "local/chat", path, {
         "prompt": "Paris is the capital of France", "max_tokens": 0, "echo": True,
         "logprobs": 1}))
     choice = scored["choices"][0]
@@ -487,7 +490,7 @@ def test_echo_with_logprobs_scores_the_prompt_itself(batching):
     assert logprobs["token_logprobs"][0] is None  # nothing predicts the first token
     assert all(lp is not None and lp <= 0 for lp in logprobs["token_logprobs"][1:])
     # the same number the model gives " France" when asked to continue the shorter prompt
-    asked = run(engine.complete("local/chat", path, {
+    asked = run(openai_api.complete(engine, "local/chat", path, {
         "prompt": "Paris is the capital of", "max_tokens": 1, "temperature": 0, "logprobs": 5}))
     top = asked["choices"][0]["logprobs"]["top_logprobs"][0]
     assert top[" France"] == pytest.approx(logprobs["token_logprobs"][-1], abs=0.05)
@@ -498,7 +501,9 @@ def test_a_burst_that_fits_the_free_slots_is_not_refused_as_a_queue(store):
         engine, paths = _engine(store, max_loaded=1, concurrency=8, queue_depth=1)
         try:
             await engine.load(A, paths[A])
-            calls = [engine.complete(A, paths[A], _short(f"Burst {i}:")) for i in range(8)]
+            calls = [
+                openai_api.complete(engine, A, paths[A], _short(f"Burst {i}:")) for i in range(8)
+            ]
             return await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await engine.close()
@@ -514,9 +519,10 @@ def test_a_request_with_many_prompts_does_not_crowd_out_another_client(store):
             await engine.load(A, paths[A])
             many = {"prompt": [f"Item {i}:" for i in range(10)], "max_tokens": 2,
                     "temperature": 0}
-            first = asyncio.create_task(engine.complete(A, paths[A], many))
+            first = asyncio.create_task(openai_api.complete(engine, A, paths[A], many))
             await _poll(lambda: engine.active_requests() == 1)
-            other = await engine.complete(A, paths[A], _short())  # not 429: no queue of 9
+            # not 429: no queue of 9
+            other = await openai_api.complete(engine, A, paths[A], _short())
             return await first, other
         finally:
             await engine.close()

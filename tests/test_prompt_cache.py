@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.inference.prompt_cache import CachedPrompt, PromptCache
 from llmlb.node.metrics import NodeMetrics
@@ -44,10 +45,11 @@ def test_a_conversation_evicted_from_its_slot_is_restored_from_ram(tmp_path, gem
 
     async def conversation(e: Engine) -> tuple[dict, dict]:
         try:
-            first = await e.chat(MODEL, path, _chat(SYSTEM_A, "Where are we?"))
+            first = await openai_api.chat(e, MODEL, path, _chat(SYSTEM_A, "Where are we?"))
             said = first["choices"][0]["message"]["content"]
-            await e.chat(MODEL, path, _chat(SYSTEM_B, "A cake, please."))
-            second = await e.chat(MODEL, path, _chat(SYSTEM_A, "Where are we?", said, "And now?"))
+            await openai_api.chat(e, MODEL, path, _chat(SYSTEM_B, "A cake, please."))
+            again = _chat(SYSTEM_A, "Where are we?", said, "And now?")
+            second = await openai_api.chat(e, MODEL, path, again)
             return first, second
         finally:
             await e.close()

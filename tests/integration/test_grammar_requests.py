@@ -105,7 +105,7 @@ POISON = [
             "input": "Hi",
             "tools": [{"type": "function", "name": "f", "parameters": _string(maxLength=30000)}],
         },
-        None,
+        "tools[0].parameters",  # the client's own path (Messages' errors carry no param)
     ),
     (
         "Messages tool",

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from llmlb.errors import ApiError
 from llmlb.model_storage import ModelStorage
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
 from llmlb.node.models.resolver import Resolver, RouterAccess
@@ -96,7 +97,8 @@ def test_corrupt_file_loaded_during_the_hash_is_dropped_refetched_and_never_serv
         try:
             path = await asyncio.wait_for(resolver.ensure(REPO), timeout=120)
             assert resolver.state_of(REPO) is None  # ready
-            reply = await engine.complete(REPO, path, {"model": REPO, "prompt": "Hello"})
+            body = {"model": REPO, "prompt": "Hello"}
+            reply = await openai_api.complete(engine, REPO, path, body)
             return path, reply
         finally:
             await resolver.close()

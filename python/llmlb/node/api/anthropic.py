@@ -1,19 +1,20 @@
 """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``: Anthropic's Messages API on
-top of the chat engine.
+the typed chat contract.
 
-A Messages body is translated into a chat-completions body (``system`` into a system
-message; ``text``, ``tool_use`` and ``tool_result`` blocks into chat messages, assistant
-``tool_calls`` and ``tool`` messages; ``tools`` with ``input_schema`` into function tools;
-``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` into ``auto`` / ``required`` / a named
-function / ``none``), run by :meth:`llmlb.node.inference.engine.Engine.chat`, and the answer
-reshaped into a ``message`` (``text`` and ``tool_use`` blocks, ``stop_reason``, ``usage``) or, when
-streaming, Anthropic's events (``message_start`` … ``message_stop``).
+The parser reads a Messages body straight into a
+:class:`~llmlb.node.inference.contract.ChatRequest` (``system`` into a system message;
+``text``, ``tool_use`` and ``tool_result`` blocks into the conversation; ``tools`` with
+``input_schema``; ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none``), with 400s naming
+the fields as the client sent them (``tools[0].input_schema``, ``messages[1].content[0]``).
+The engine's answer is rendered as a ``message`` (``text`` and ``tool_use`` blocks,
+``stop_reason``, ``usage``) or, when streaming, Anthropic's events (``message_start`` …
+``message_stop``).
 
-``stop_reason: "stop_sequence"`` needs to know which stop string ended the text, which
-chat's ``finish_reason: "stop"`` does not say. So ``stop_sequences`` are not handed to the
-engine: the text is matched against them here (:func:`llmlb.node.api.chat_events.chat_events`),
-the generation is cancelled at a match, and the answer names the matched string. Its
-``output_tokens`` then counts the tokens received before the cut.
+``stop_reason: "stop_sequence"`` needs to know which stop string ended the text. So
+``stop_sequences`` are not handed to the engine: the text is matched against them here
+(:func:`llmlb.node.inference.contract.cut_at_stop`), the generation is cancelled at a match,
+and the answer names the matched string. Its ``output_tokens`` then counts the tokens
+received before the cut.
 
 Errors are in Anthropic's shape (:mod:`llmlb.anthropic_errors`).
 """
@@ -21,6 +22,7 @@ Errors are in Anthropic's shape (:mod:`llmlb.anthropic_errors`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,21 +31,28 @@ from typing import Any
 import orjson
 
 from llmlb import anthropic_errors
-from llmlb.node.api import chat_events as ev
-from llmlb.node.api.openai_request import bad
+from llmlb.http import check_depth
+from llmlb.node.api import fields as f
+from llmlb.node.api.fields import bad
+from llmlb.node.inference import contract as ev
+from llmlb.node.inference.contract import ChatRequest, FieldPaths, Generation, Tool
+from llmlb.node.inference.sampling import SamplingParams
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _MAX_STOP_SEQUENCES = 64
 # Blocks a text model cannot use and that clients send back with the history.
 _SKIPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 _THINKING = ("enabled", "disabled", "adaptive")
+# The Messages names of the fields the engine checks against the model.
+PATHS = FieldPaths(tool_schema="tools[{}].input_schema")
 
 
 @dataclass(slots=True)
 class MessagesRequest:
-    """A validated Messages body: the chat body to run, the stop strings to match here."""
+    """A validated Messages body: the typed chat request to run, the stop strings to match
+    here."""
 
-    chat: dict[str, Any]
+    chat: ChatRequest
     stop: tuple[str, ...]
     stream: bool
     model: str
@@ -52,24 +61,17 @@ class MessagesRequest:
 # -- request ---------------------------------------------------------------------------
 
 
-def _block_text(block: dict, where: str) -> str:
+def _block_text(block: dict[str, Any], where: str) -> str:
     if not isinstance(block.get("text"), str):
         raise bad(f"{where}.text", f"'{where}.text' must be a string")
-    return block["text"]
+    return str(block["text"])
 
 
 def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise bad(where, f"'{where}' must be a string or a list of content blocks")
-    for j, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise bad(f"{where}[{j}]", f"'{where}[{j}]' must be a content block with a 'type'")
-    return content
+    return f.typed_parts(content, where, noun="a content block", plural="content blocks")
 
 
-def _tool_result_text(block: dict, where: str) -> str:
+def _tool_result_text(block: dict[str, Any], where: str) -> str:
     content = block.get("content", "")
     if isinstance(content, str):
         return content
@@ -82,7 +84,7 @@ def _tool_result_text(block: dict, where: str) -> str:
     return "".join(texts)
 
 
-def _system(body: dict) -> list[dict[str, Any]]:
+def _system(body: dict[str, Any]) -> list[dict[str, Any]]:
     system = body.get("system")
     if system is None:
         return []
@@ -99,7 +101,8 @@ def _system(body: dict) -> list[dict[str, Any]]:
     return [{"role": "system", "content": text}] if text else []
 
 
-def _messages(body: dict) -> list[dict[str, Any]]:
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation, in the chat template's shape."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("messages", "'messages' must be a non-empty list")
@@ -121,7 +124,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             if kind == "text":
                 texts.append(_block_text(block, at))
             elif kind == "tool_use" and role == "assistant":
-                calls.append(_tool_use(block, at))
+                calls.append(_tool_use(block, at, len(calls)))
             elif kind == "tool_result" and role == "user":
                 tool_use_id = block.get("tool_use_id")
                 if not isinstance(tool_use_id, str) or not tool_use_id:
@@ -135,35 +138,28 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             else:
                 raise bad(f"{at}.type", f"{role} content blocks of type {kind!r} are not supported")
         if calls:
-            out.append(
-                {"role": "assistant", "content": "".join(texts) or None, "tool_calls": calls}
-            )
+            out.append({"role": "assistant", "content": "".join(texts), "tool_calls": calls})
         elif texts or role == "assistant":
             out.append({"role": role, "content": "".join(texts)})
+    if not out:
+        raise bad("messages", "'messages' must hold at least one message with content")
     return out
 
 
-def _tool_use(block: dict, where: str) -> dict[str, Any]:
+def _tool_use(block: dict[str, Any], where: str, number: int) -> dict[str, Any]:
+    """A ``tool_use`` block as call ``number`` of an assistant message."""
     if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
         raise bad(where, f"'{where}' needs string 'id' and 'name'")
     arguments = block.get("input", {})
     if not isinstance(arguments, dict):
         raise bad(f"{where}.input", f"'{where}.input' must be an object")
-    return {
-        "id": block["id"],
-        "type": "function",
-        "function": {"name": block["name"], "arguments": orjson.dumps(arguments).decode()},
-    }
+    check_depth(arguments, f"{where}.input")
+    return f.history_call(block["id"] or f"call_{number}", block["name"], arguments)
 
 
-def _tools(body: dict) -> list[dict[str, Any]] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad("tools", "'tools' must be a list")
-    out = []
-    for i, tool in enumerate(tools):
+def _tools(body: dict[str, Any]) -> list[Tool]:
+    out: list[Tool] = []
+    for i, tool in enumerate(f.tool_list(body.get("tools"), message="'tools' must be a list")):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise bad(where, f"'{where}' must be an object")
@@ -179,49 +175,46 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
         schema = tool.get("input_schema")
         if not isinstance(schema, dict):
             raise bad(f"{where}.input_schema", f"'{where}.input_schema' must be an object")
-        function: dict[str, Any] = {"name": tool["name"], "parameters": schema}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        out.append({"type": "function", "function": function})
+        description = tool.get("description")
+        at = (f"{where}.name", f"{where}.input_schema", f"{where}.description")
+        out.append(
+            f.function_tool(
+                tool["name"], description if isinstance(description, str) else None, schema,
+                at=at, offered=out,
+            )
+        )  # fmt: skip
     return out
 
 
-def _tool_choice(body: dict, chat: dict[str, Any]) -> None:
+def _tool_choice(body: dict[str, Any], offered: list[Tool]) -> tuple[str, bool]:
+    """The tool choice and whether parallel calls are allowed."""
     choice = body.get("tool_choice")
     if choice is None:
-        return
+        return ("auto" if offered else "none"), True
     if not isinstance(choice, dict) or not isinstance(choice.get("type"), str):
         raise bad("tool_choice", "'tool_choice' must be an object with a 'type'")
     kind = choice["type"]
-    if kind == "auto":
-        chat["tool_choice"] = "auto"
-    elif kind == "any":
-        chat["tool_choice"] = "required"
-    elif kind == "none":
-        chat["tool_choice"] = "none"
-    elif kind == "tool":
+    named: str | None = None
+    if kind == "tool":
         if not isinstance(choice.get("name"), str) or not choice["name"]:
             raise bad("tool_choice.name", "'tool_choice.name' must name a tool")
-        chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
-    else:
+        named = choice["name"]
+    elif kind not in ("auto", "any", "none"):
         raise bad("tool_choice.type", "'tool_choice.type' must be auto, any, tool or none")
-    if choice.get("disable_parallel_tool_use") is True:
-        chat["parallel_tool_calls"] = False
-    if "tools" not in chat:  # nothing to choose from: as if absent
-        chat.pop("tool_choice", None)
-        chat.pop("parallel_tool_calls", None)
+    if not offered:  # nothing to choose from: as if absent
+        return "none", True
+    parallel = choice.get("disable_parallel_tool_use") is not True
+    if named is not None:
+        return f.named_tool(named, offered, "tool_choice"), parallel
+    return {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
 
 
-def _number(body: dict, name: str, hi: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= hi:
-        raise bad(name, f"'{name}' must be a number between 0 and {hi:g}")
-    return value
+def _number(body: dict[str, Any], name: str, hi: float) -> float | None:
+    message = f"'{name}' must be a number between 0 and {hi:g}"
+    return f.number(body.get(name), name, 0.0, hi, message=message)
 
 
-def _thinking(body: dict) -> None:
+def _thinking(body: dict[str, Any]) -> None:
     """Check ``thinking`` (``enabled`` with ``budget_tokens`` ≥ 1024, ``disabled``,
     ``adaptive``): valid values are accepted and change nothing, as the node's models do
     not think (the same rule as ``reasoning_effort`` on chat)."""
@@ -237,59 +230,70 @@ def _thinking(body: dict) -> None:
                       "'thinking.budget_tokens' must be an integer of at least 1024")
 
 
-def _stop_sequences(body: dict) -> tuple[str, ...]:
-    value = body.get("stop_sequences")
-    if value is None:
-        return ()
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise bad("stop_sequences", "'stop_sequences' must be a list of strings")
-    if len(value) > _MAX_STOP_SEQUENCES:
-        raise bad("stop_sequences", f"'stop_sequences' takes at most {_MAX_STOP_SEQUENCES}")
-    return tuple(dict.fromkeys(s for s in value if s))
+def _stop_sequences(body: dict[str, Any]) -> tuple[str, ...]:
+    value = f.strings(
+        body.get("stop_sequences"), "stop_sequences", _MAX_STOP_SEQUENCES, one=False,
+        kind="'stop_sequences' must be a list of strings",
+        most=f"'stop_sequences' takes at most {_MAX_STOP_SEQUENCES}",
+    )  # fmt: skip
+    return tuple(dict.fromkeys(value))
 
 
-def parse_request(body: dict, *, counting: bool = False) -> MessagesRequest:
-    """Validate a Messages body and translate it into a chat body.
+def parse_request(body: dict[str, Any], *, counting: bool = False) -> MessagesRequest:
+    """Validate a Messages body into a typed chat request.
 
     Args:
         body: the request body.
         counting: for ``count_tokens`` (``max_tokens`` is not needed there).
 
     Raises:
-        ApiError: 400 ``invalid_request_error`` naming the field.
+        ApiError: 400 ``invalid_request_error`` naming the field as the client sent it.
     """
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model", "'model' is required")
     _thinking(body)
-    chat: dict[str, Any] = {"model": model, "messages": _messages(body)}
-    max_tokens = body.get("max_tokens")
+    messages = _messages(body)
+    max_tokens = None
     if not counting:
-        if max_tokens is None:
+        if body.get("max_tokens") is None:
             raise bad("max_tokens", "'max_tokens' is required")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise bad("max_tokens", "'max_tokens' must be a positive integer")
-        chat["max_tokens"] = max_tokens
-    for name, hi in (("temperature", 1.0), ("top_p", 1.0)):
-        value = _number(body, name, hi)
-        if value is not None:
-            chat[name] = value
-    top_k = body.get("top_k")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise bad("top_k", "'top_k' must be a non-negative integer")
-        chat["top_k"] = top_k
-    tools = _tools(body)
-    if tools:
-        chat["tools"] = tools
-    _tool_choice(body, chat)
+        max_tokens = f.integer(
+            body["max_tokens"], "max_tokens", 1, message="'max_tokens' must be a positive integer"
+        )
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
+    top_k = f.integer(
+        body.get("top_k"), "top_k", 0, message="'top_k' must be a non-negative integer"
+    )
+    offered = _tools(body)
+    tool_choice, parallel = _tool_choice(body, offered)
     metadata = body.get("metadata")
+    user = None
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        chat["user"] = metadata["user_id"]
+        user = metadata["user_id"]
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad("stream", "'stream' must be a boolean")
+    generation = Generation(
+        sampling=SamplingParams(
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=40 if top_k is None else top_k,
+        ),
+        max_tokens=max_tokens,
+        stream=bool(stream),
+        include_usage=bool(stream),
+        user=user,
+    )
+    chat = ChatRequest(messages, generation, offered, tool_choice, parallel, PATHS)
     return MessagesRequest(chat, _stop_sequences(body), bool(stream), model)
+
+
+def _streamed(request: ChatRequest) -> ChatRequest:
+    """``request`` asking for events (to match stop sequences on them)."""
+    generation = dataclasses.replace(request.generation, stream=True, include_usage=True)
+    return dataclasses.replace(request, generation=generation)
 
 
 # -- answer ----------------------------------------------------------------------------
@@ -377,17 +381,17 @@ async def create(engine: Any, model_id: str, path: str, body: dict) -> dict | As
     request = parse_request(body)
     message_id = f"msg_{secrets.token_hex(12)}"
     if request.stream:
-        input_tokens = await engine.count_chat_tokens(model_id, path, request.chat)
-        return _stream(
-            request, message_id, input_tokens, await _events(engine, model_id, path, request)
-        )
+        stream = await engine.chat(model_id, path, request.chat)
+        return _stream(request, message_id, stream.prompt_tokens, _cut(stream, request.stop))
     if request.stop:
-        answer = await ev.collect(await _events(engine, model_id, path, request))
+        stream = await engine.chat(model_id, path, _streamed(request.chat))
+        prompt_tokens = stream.prompt_tokens
+        result = await ev.collect(_cut(stream, request.stop))
     else:
-        answer = ev.chat_answer(await engine.chat(model_id, path, request.chat, as_sse=False))
-    input_tokens = answer.usage.prompt_tokens
-    if input_tokens is None:
-        input_tokens = await engine.count_chat_tokens(model_id, path, request.chat)
+        result = await engine.chat(model_id, path, request.chat)
+        prompt_tokens = result.usage.prompt_tokens
+    answer, use = result.choices[0], result.usage
+    input_tokens = use.prompt_tokens if use.prompt_tokens is not None else prompt_tokens
     content: list[dict[str, Any]] = []
     if answer.text or not answer.tool_calls:
         content.append({"type": "text", "text": answer.text})
@@ -400,7 +404,7 @@ async def create(engine: Any, model_id: str, path: str, body: dict) -> dict | As
                 "input": _tool_input(call.arguments),
             }
         )
-    usage = _usage(input_tokens, answer.usage.completion_tokens, answer.usage.cached_tokens)
+    usage = _usage(input_tokens, use.completion_tokens, use.cached_tokens)
     message = _message(request, message_id, content, usage)
     message["stop_reason"] = _stop_reason(answer.finish_reason)
     message["stop_sequence"] = answer.stop_sequence
@@ -413,12 +417,9 @@ async def count_tokens(engine: Any, model_id: str, path: str, body: dict) -> dic
     return {"input_tokens": await engine.count_chat_tokens(model_id, path, request.chat)}
 
 
-async def _events(
-    engine: Any, model_id: str, path: str, request: MessagesRequest
-) -> AsyncIterator[ev.ChatEvent]:
-    chat = {**request.chat, "stream": True, "stream_options": {"include_usage": True}}
-    chunks = await engine.chat(model_id, path, chat, as_sse=False)
-    return ev.chat_events(chunks, request.stop)
+def _cut(events: Any, stop: tuple[str, ...]) -> AsyncIterator[ev.ChatEvent]:
+    """The run's events, cut at the first of ``stop`` (as they are when none)."""
+    return ev.cut_at_stop(events, stop) if stop else events
 
 
 def _sse(kind: str, data: dict[str, Any]) -> bytes:
@@ -436,8 +437,8 @@ async def _stream(
     yield _sse("message_start", {"message": start})
     block = -1  # index of the open content block (-1: none open yet)
     open_kind: str | None = None
-    calls: dict[int, int] = {}  # chat tool index -> block index
-    finish = ev.Finish("stop")
+    calls: dict[int, int] = {}  # call number -> block index
+    finish = ev.Done("stop")
 
     def close() -> list[bytes]:
         nonlocal open_kind
@@ -448,7 +449,11 @@ async def _stream(
 
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         async for event in events:
+            if getattr(event, "index", 0) != 0:
+                continue
             if isinstance(event, ev.TextDelta):
+                if not event.text:
+                    continue
                 if open_kind != "text":
                     for chunk in close():
                         yield chunk
@@ -459,13 +464,13 @@ async def _stream(
                 delta = {"type": "text_delta", "text": event.text}
                 yield _sse("content_block_delta", {"index": block, "delta": delta})
             elif isinstance(event, ev.ToolCallStart):
-                if event.index in calls:
+                if event.call in calls:
                     continue
                 for chunk in close():
                     yield chunk
                 block += 1
                 open_kind = "tool_use"
-                calls[event.index] = block
+                calls[event.call] = block
                 tool = {
                     "type": "tool_use",
                     "id": event.id or f"toolu_{secrets.token_hex(12)}",
@@ -473,12 +478,12 @@ async def _stream(
                     "input": {},
                 }
                 yield _sse("content_block_start", {"index": block, "content_block": tool})
-            elif isinstance(event, ev.ToolCallDelta):
-                if calls.get(event.index) != block or open_kind != "tool_use":
+            elif isinstance(event, ev.ToolCallArgs):
+                if calls.get(event.call) != block or open_kind != "tool_use":
                     continue
                 delta = {"type": "input_json_delta", "partial_json": event.arguments}
                 yield _sse("content_block_delta", {"index": block, "delta": delta})
-            elif isinstance(event, ev.Finish):
+            elif isinstance(event, ev.Done):
                 finish = event
                 if block < 0:  # an empty answer still has its text block
                     block = 0
@@ -495,9 +500,8 @@ async def _stream(
                 usage = {"input_tokens": input_tokens, "output_tokens": event.completion_tokens}
                 yield _sse("message_delta", {"delta": delta, "usage": usage})
                 yield _sse("message_stop", {})
-            elif isinstance(event, ev.Failure):
-                message = str(event.error.get("message") or "generation failed")
-                yield anthropic_errors.sse_error(500, message)
+            elif isinstance(event, ev.Error):
+                yield anthropic_errors.sse_error(500, event.message or "generation failed")
                 return
 
 

@@ -41,6 +41,7 @@ from llmlb.http import (
 )
 from llmlb.logs import configure_logging
 from llmlb.node.api import anthropic as anthropic_api
+from llmlb.node.api import openai_response as openai_api
 from llmlb.node.api import responses as responses_api
 from llmlb.node.api.auth import check_key, check_off_loopback
 from llmlb.node.inference.cache_directory import request_origin
@@ -82,9 +83,10 @@ def _anthropic_error(exc: ApiError) -> Response:
     return Response(body, exc.status, exc.headers(), media_type="application/json")
 
 
-def _inference(route: str, method: str | Callable[..., Any], errors=error_response):
-    """A handler running ``method`` (an engine method's name, or a dialect's function taking
-    the engine first); ``errors`` renders the errors it answers with."""
+def _inference(route: str, method: Callable[..., Any], errors=error_response):
+    """A handler running ``method``, a dialect's function (engine, model id, path, body):
+    it parses the body into the typed contract, runs it, renders the answer; ``errors``
+    renders the errors it answers with."""
 
     async def handler(request: Request) -> Response:
         node: Node = request.app.state.node
@@ -95,12 +97,8 @@ def _inference(route: str, method: str | Callable[..., Any], errors=error_respon
             request_origin.set((request.url.path, request_keys(request.url.path, body)))
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
-            run = (
-                getattr(node.engine, method)
-                if isinstance(method, str)
-                else functools.partial(method, node.engine)
-            )
-            result = await _unless_disconnected(request, run(model_id, path, body))
+            work = method(node.engine, model_id, path, body)
+            result = await _unless_disconnected(request, work)
         except ApiError as exc:
             status = exc.status
             return errors(exc)
@@ -253,9 +251,11 @@ def create_app(settings: NodeSettings) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", _inference("chat", "chat"), methods=["POST"]),
-            Route("/v1/completions", _inference("completions", "complete"), methods=["POST"]),
-            Route("/v1/embeddings", _inference("embeddings", "embed"), methods=["POST"]),
+            Route("/v1/chat/completions", _inference("chat", openai_api.chat), methods=["POST"]),
+            Route(
+                "/v1/completions", _inference("completions", openai_api.complete), methods=["POST"]
+            ),
+            Route("/v1/embeddings", _inference("embeddings", openai_api.embed), methods=["POST"]),
             Route(
                 "/v1/responses", _inference("responses", responses_api.create), methods=["POST"]
             ),

@@ -1,11 +1,12 @@
-"""``POST /v1/responses``: OpenAI's Responses API, stateless, on top of the chat engine.
+"""``POST /v1/responses``: OpenAI's Responses API, stateless, on the typed chat contract.
 
-A Responses body is translated into a chat-completions body (``input`` items into
-``messages``, ``instructions`` into a system message, function ``tools`` and ``tool_choice``
-into chat's shapes, ``text.format`` into ``response_format``, ``max_output_tokens`` into
-``max_tokens``), run by :meth:`llmlb.node.inference.engine.Engine.chat`, and the answer reshaped
-into a ``response`` object, or, when streaming, into the Responses event sequence
-(``response.created`` … ``response.completed``, each with its ``sequence_number``).
+The parser reads a Responses body straight into a
+:class:`~llmlb.node.inference.contract.ChatRequest` (``input`` items into the conversation,
+``instructions`` into a system message, function ``tools`` and ``tool_choice``, ``text.format``
+into the response format, ``max_output_tokens`` into the answer's length), with 400s naming
+the fields as the client sent them (``input[2].arguments``, ``tools[0].parameters``). The
+engine's answer is rendered as a ``response`` object or, when streaming, as the Responses event
+sequence (``response.created`` … ``response.completed``, each with its ``sequence_number``).
 
 The node keeps no state: ``store`` defaults to false, and ``store: true``,
 ``previous_response_id``, ``conversation`` and ``background`` are 400. Built-in tools
@@ -24,8 +25,11 @@ from typing import Any
 import orjson
 
 from llmlb.errors import ContextLengthExceeded
-from llmlb.node.api import chat_events as ev
-from llmlb.node.api.openai_request import bad, reasoning_effort
+from llmlb.node.api import fields as f
+from llmlb.node.api.fields import bad, reasoning_effort
+from llmlb.node.inference import contract as ev
+from llmlb.node.inference.contract import ChatRequest, FieldPaths, Generation, Tool
+from llmlb.node.inference.sampling import SamplingParams
 
 _STATELESS = "this node keeps no state between requests"
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
@@ -33,6 +37,14 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "summary_text"})
 # Item types that carry nothing a stateless text model can use again.
 _SKIPPED_ITEMS = frozenset({"reasoning"})
 _SUMMARIES = ("auto", "concise", "detailed")
+# The Responses names of the fields the engine checks against the model.
+PATHS = FieldPaths(
+    messages="input",
+    max_tokens="max_output_tokens",
+    tools="tools",
+    tool_schema="tools[{}].parameters",
+    response_format="text.format.schema",
+)
 
 
 def _new_id(prefix: str) -> str:
@@ -41,9 +53,10 @@ def _new_id(prefix: str) -> str:
 
 @dataclass(slots=True)
 class ResponsesRequest:
-    """A validated Responses body: the chat body to run and what the answer echoes."""
+    """A validated Responses body: the typed chat request to run and what the answer
+    echoes."""
 
-    chat: dict[str, Any]
+    chat: ChatRequest
     stream: bool
     echo: dict[str, Any]
 
@@ -52,27 +65,11 @@ class ResponsesRequest:
 
 
 def _text_of(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad(where, f"'{where}' must be a string or a list of content parts")
-    texts = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise bad(at, f"'{at}' must be a content part object with a 'type'")
-        if part["type"] == "refusal":
-            texts.append(str(part.get("refusal") or ""))
-            continue
-        if part["type"] not in _TEXT_PARTS:
-            raise bad(at, f"content parts of type {part['type']!r} are not supported (text only)")
-        if not isinstance(part.get("text"), str):
-            raise bad(at, f"'{at}.text' must be a string")
-        texts.append(part["text"])
-    return "".join(texts)
+    return f.content_text(content, where, _TEXT_PARTS, refusal=True)
 
 
-def _messages(body: dict) -> list[dict[str, Any]]:
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation, in the chat template's shape."""
     messages: list[dict[str, Any]] = []
     instructions = body.get("instructions")
     if instructions is not None:
@@ -102,12 +99,12 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             text = _text_of(item["content"], f"{where}.content")
             messages.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "function_call":
-            call = _function_call(item, where)
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)
+                last["tool_calls"].append(_function_call(item, where, len(last["tool_calls"])))
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                call = _function_call(item, where, 0)
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
@@ -120,28 +117,23 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             continue
         else:
             raise bad(f"{where}.type", f"input items of type {kind!r} are not supported")
+    if not messages:
+        raise bad("input", "'input' must hold at least one message")
     return messages
 
 
-def _function_call(item: dict, where: str) -> dict[str, Any]:
+def _function_call(item: dict[str, Any], where: str, number: int) -> dict[str, Any]:
+    """A ``function_call`` item as call ``number`` of an assistant message."""
     for name in ("call_id", "name", "arguments"):
         if not isinstance(item.get(name), str):
             raise bad(f"{where}.{name}", f"'{where}.{name}' must be a string")
-    return {
-        "id": item["call_id"],
-        "type": "function",
-        "function": {"name": item["name"], "arguments": item["arguments"]},
-    }
+    arguments = f.call_arguments(item["arguments"], f"{where}.arguments")
+    return f.history_call(item["call_id"] or f"call_{number}", item["name"], arguments)
 
 
-def _tools(body: dict) -> list[dict[str, Any]] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad("tools", "'tools' must be a list")
-    out = []
-    for i, tool in enumerate(tools):
+def _tools(body: dict[str, Any]) -> list[Tool]:
+    out: list[Tool] = []
+    for i, tool in enumerate(f.tool_list(body.get("tools"), message="'tools' must be a list")):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise bad(where, f"'{where}' must be an object with a 'type'")
@@ -153,28 +145,36 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
             )
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise bad(f"{where}.name", f"'{where}.name' must be a non-empty string")
-        function: dict[str, Any] = {"name": tool["name"]}
-        for name in ("description", "parameters", "strict"):
-            if tool.get(name) is not None:
-                function[name] = tool[name]
-        out.append({"type": "function", "function": function})
+        at = (f"{where}.name", f"{where}.parameters", f"{where}.description")
+        out.append(
+            f.function_tool(
+                tool["name"], tool.get("description"), tool.get("parameters"), at=at, offered=out
+            )
+        )
     return out
 
 
-def _tool_choice(body: dict) -> str | dict[str, Any] | None:
+def _tool_choice(body: dict[str, Any], offered: list[Tool]) -> str:
     choice = body.get("tool_choice")
+    named: str | None = None
     if choice is None or choice in ("none", "auto", "required"):
-        return choice
-    if isinstance(choice, dict) and choice.get("type") == "function":
+        pass
+    elif isinstance(choice, dict) and choice.get("type") == "function":
         if not isinstance(choice.get("name"), str):
             raise bad("tool_choice", "'tool_choice.name' must be a string")
-        return {"type": "function", "function": {"name": choice["name"]}}
-    if isinstance(choice, dict) and isinstance(choice.get("type"), str):
+        named = choice["name"]
+    elif isinstance(choice, dict) and isinstance(choice.get("type"), str):
         raise bad("tool_choice", f"'tool_choice' of type {choice['type']!r} is not supported")
-    raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or a function")
+    else:
+        raise bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or a function")
+    if not offered:  # nothing to choose from: as if absent
+        return "none"
+    if named is not None:
+        return f.named_tool(named, offered, "tool_choice")
+    return str(choice or "auto")
 
 
-def _response_format(body: dict) -> dict[str, Any] | None:
+def _response_format(body: dict[str, Any]) -> dict[str, Any] | str | None:
     text = body.get("text")
     if text is None:
         return None
@@ -189,19 +189,18 @@ def _response_format(body: dict) -> dict[str, Any] | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "json_object"}
+        return "json_object"
     if kind == "json_schema":
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
             raise bad("text.format.schema", "'text.format.schema' must be an object")
-        spec = {"name": fmt.get("name") or "response", "schema": schema}
-        if fmt.get("strict") is not None:
-            spec["strict"] = fmt["strict"]
-        return {"type": "json_schema", "json_schema": spec}
+        if fmt.get("name") and not isinstance(fmt["name"], str):
+            raise bad("text.format.name", "'text.format.name' must be a string")
+        return schema
     raise bad("text.format.type", f"'text.format.type' {kind!r} is not supported")
 
 
-def _reasoning(body: dict) -> None:
+def _reasoning(body: dict[str, Any]) -> None:
     """Check ``reasoning`` (``effort``, ``summary``): valid values are accepted and change
     nothing, as the node's models do not reason (see ``REASONING_EFFORTS``)."""
     value = body.get("reasoning")
@@ -216,11 +215,11 @@ def _reasoning(body: dict) -> None:
                       f"{', '.join(_SUMMARIES)}")
 
 
-def parse_request(body: dict) -> ResponsesRequest:
-    """Validate a Responses body and translate it into a chat body.
+def parse_request(body: dict[str, Any]) -> ResponsesRequest:
+    """Validate a Responses body into a typed chat request.
 
     Raises:
-        ApiError: 400 ``invalid_request_error`` naming the field (``param``).
+        ApiError: 400 ``invalid_request_error`` naming the field as the client sent it.
     """
     if body.get("store") not in (None, False):
         raise bad("store", f"'store' must be false: {_STATELESS}")
@@ -233,24 +232,29 @@ def parse_request(body: dict) -> ResponsesRequest:
     if stream is not None and not isinstance(stream, bool):
         raise bad("stream", "'stream' must be a boolean")
     _reasoning(body)
-    chat: dict[str, Any] = {"model": body.get("model"), "messages": _messages(body)}
-    if body.get("max_output_tokens") is not None:
-        value = body["max_output_tokens"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad("max_output_tokens", "'max_output_tokens' must be a positive integer")
-        chat["max_tokens"] = value
-    for name in ("temperature", "top_p", "parallel_tool_calls", "user"):
-        if body.get(name) is not None:
-            chat[name] = body[name]
-    tools = _tools(body)
-    if tools:
-        chat["tools"] = tools
-    choice = _tool_choice(body)
-    if choice is not None and tools:
-        chat["tool_choice"] = choice
-    response_format = _response_format(body)
-    if response_format is not None:
-        chat["response_format"] = response_format
+    messages = _messages(body)
+    max_tokens = f.integer(
+        body.get("max_output_tokens"), "max_output_tokens", 1,
+        message="'max_output_tokens' must be a positive integer",
+    )  # fmt: skip
+    offered = _tools(body)
+    tool_choice = _tool_choice(body, offered)
+    schema = _response_format(body)
+    temperature = f.number(body.get("temperature"), "temperature", 0.0, 2.0)
+    top_p = f.number(body.get("top_p"), "top_p", 0.0, 1.0)
+    generation = Generation(
+        sampling=SamplingParams(
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+        ),
+        max_tokens=max_tokens,
+        stream=bool(stream),
+        include_usage=bool(stream),
+        grammar_schema=schema,
+        user=f.text(body.get("user"), "user"),
+    )
+    parallel = f.boolean(body.get("parallel_tool_calls"), "parallel_tool_calls", True)
+    chat = ChatRequest(messages, generation, offered, tool_choice, parallel, PATHS)
     echo = {
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
@@ -346,7 +350,7 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _output(shape: _Shape, answer: ev.ChatAnswer) -> list[dict[str, Any]]:
+def _output(shape: _Shape, answer: ev.Choice) -> list[dict[str, Any]]:
     """The output items; when ``max_output_tokens`` cut the answer, the last one (the text
     or the call it ended inside) is ``incomplete``."""
     output = []
@@ -367,17 +371,14 @@ async def create(engine: Any, model_id: str, path: str, body: dict) -> dict | As
     """
     request = parse_request(body)
     shape = _Shape(request)
-    chat = request.chat
-    if request.stream:
-        chat = {**chat, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        result = await engine.chat(model_id, path, chat, as_sse=False)
+        result = await engine.chat(model_id, path, request.chat)
     except ContextLengthExceeded as exc:
-        raise exc.renamed("input", "max_output_tokens") from None
-    if request.stream:
-        return _stream(shape, ev.chat_events(result))
-    answer = ev.chat_answer(result)
-    usage = _usage(answer.usage, answer.usage.prompt_tokens or 0)
+        raise exc.renamed(PATHS.messages, PATHS.max_tokens) from None
+    if not isinstance(result, ev.Answer):
+        return _stream(shape, result)
+    answer = result.choices[0]
+    usage = _usage(result.usage, result.usage.prompt_tokens or 0)
     return shape.response("completed", _output(shape, answer), usage, finish=answer.finish_reason)
 
 
@@ -394,7 +395,7 @@ class _Events:
 
 
 async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIterator[bytes]:
-    """The Responses event sequence of a streamed chat run."""
+    """The Responses event sequence of a streamed chat run (its first choice)."""
     emit = _Events()
     output: list[dict[str, Any]] = []  # finished items, by output index
     text: dict[str, Any] | None = None  # the open message item and its text so far
@@ -457,7 +458,11 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
 
     async with contextlib.aclosing(events):
         async for event in events:
+            if getattr(event, "index", 0) != 0:
+                continue
             if isinstance(event, ev.TextDelta):
+                if not event.text:
+                    continue
                 if text is None:
                     for chunk in close_calls() + open_text():
                         yield chunk
@@ -474,16 +479,16 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
             elif isinstance(event, ev.ToolCallStart):
                 for chunk in close_text("completed"):
                     yield chunk
-                if event.index in calls:
+                if event.call in calls:
                     continue  # a repeated header of the same call
                 for chunk in close_calls():
                     yield chunk
                 item = shape.function_call(event.id, event.name, "", "in_progress")
                 index = len(output)
-                calls[event.index] = {"item": item, "index": index, "arguments": []}
+                calls[event.call] = {"item": item, "index": index, "arguments": []}
                 yield emit("response.output_item.added", output_index=index, item=item)
-            elif isinstance(event, ev.ToolCallDelta):
-                call = calls.get(event.index)
+            elif isinstance(event, ev.ToolCallArgs):
+                call = calls.get(event.call)
                 if call is None:
                     continue
                 call["arguments"].append(event.arguments)
@@ -493,7 +498,7 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
                     output_index=call["index"],
                     delta=event.arguments,
                 )
-            elif isinstance(event, ev.Finish):
+            elif isinstance(event, ev.Done):
                 finish = event.reason
                 if not output and text is None and not calls:
                     for chunk in open_text():
@@ -511,10 +516,10 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
                     else ("response.incomplete")
                 )
                 yield emit(kind, response=final)
-            elif isinstance(event, ev.Failure):
+            elif isinstance(event, ev.Error):
                 error = {
-                    "code": str(event.error.get("code") or "server_error"),
-                    "message": str(event.error.get("message") or "generation failed"),
+                    "code": event.code or "server_error",
+                    "message": event.message or "generation failed",
                 }
                 yield emit(
                     "response.failed", response=shape.response("failed", output, error=error)

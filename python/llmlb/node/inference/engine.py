@@ -12,38 +12,42 @@
 * Chat template: the GGUF's own, else ``chat_template.jinja`` in the model directory, else
   the router manifest's ``chat_template``; without one, chat requests get 400.
 
-Requests are validated by :mod:`llmlb.node.api.openai_request` (400 with ``param``), shaped by
-:mod:`llmlb.node.api.openai_response`, and bounded: a default answer length, a context check
-before any byte is sent, and cancellation within one decode step when the client leaves.
+Requests arrive typed (:mod:`llmlb.node.inference.contract`, parsed by each API dialect),
+are checked against the model once (:mod:`llmlb.node.inference.prompts`) and answered with
+typed events or a whole answer, which each dialect renders. They are bounded: a default answer
+length, a context check before any byte is sent, and cancellation within one decode step when
+the client leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmlb.errors import ApiError, ContextLengthExceeded
-from llmlb.node.api import openai_request as req
-from llmlb.node.api.openai_response import (
-    Shaper,
-)
-from llmlb.node.inference import model_defaults, tool_calls
+from llmlb.errors import ApiError
+from llmlb.node.inference import tool_calls
 from llmlb.node.inference.cache_directory import CacheDirectory, request_origin
-from llmlb.node.inference.chat_format import render_chat
-from llmlb.node.inference.embedder import Embedder, encode
-from llmlb.node.inference.generation import EventStream, Run, Tooling
-from llmlb.node.inference.grammar_budget import GrammarBudgetExceeded, check_schema
-from llmlb.node.inference.grammar_compiler import GrammarCompiler, GrammarRefused
+from llmlb.node.inference.contract import (
+    Answer,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Embeddings,
+    Generation,
+)
+from llmlb.node.inference.embedder import Embedder
+from llmlb.node.inference.generation import ChatStream, Run, Tooling
+from llmlb.node.inference.grammar_compiler import GrammarCompiler
+from llmlb.node.inference.jobs import ErrorEvent, Event, Job, SchedulerLimits
 from llmlb.node.inference.llama_native import (
     Context,
     ContextShape,
@@ -53,15 +57,9 @@ from llmlb.node.inference.llama_native import (
     usable_cores,
 )
 from llmlb.node.inference.prompt_cache import PromptCache
-from llmlb.node.inference.sampling import SamplingParams
-from llmlb.node.inference.scheduler import (
-    ErrorEvent,
-    Event,
-    Job,
-    Scheduler,
-    SchedulerLimits,
-)
-from llmlb.node.inference.templates import CHAT_TEMPLATE_FILENAME, turn_stop_strings
+from llmlb.node.inference.prompts import ModelPrompts, Prepared
+from llmlb.node.inference.scheduler import Scheduler
+from llmlb.node.inference.templates import CHAT_TEMPLATE_FILENAME
 from llmlb.node.metrics import NodeMetrics
 from llmlb.prefix_keys import answer_key
 
@@ -120,11 +118,7 @@ class _Loaded:
     model: Model
     ctx: Context
     scheduler: Scheduler
-    template: str | None
-    bos: str
-    eos: str
-    turn_stop_tokens: frozenset[int]
-    marker_tokens: frozenset[int] = frozenset()
+    prompts: ModelPrompts
     embedder: Embedder | None = None
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     requests: int = 0
@@ -132,7 +126,8 @@ class _Loaded:
 
 
 class Engine:
-    """Serve OpenAI-shaped requests from GGUF models in the store.
+    """Serve typed requests (:mod:`llmlb.node.inference.contract`) from GGUF models in the
+    store.
 
     Args:
         store: a ``llmlb.model_storage.ModelStorage``.
@@ -224,19 +219,16 @@ class Engine:
         except BaseException:
             model.close()
             raise
-        template = self._find_template(model_id, path, model)
-        bos = model.piece(model.token("bos"), special=True).decode(errors="replace")
-        eos = model.piece(model.token("eos"), special=True).decode(errors="replace")
-        turn_tokens = set()
-        for marker in turn_stop_strings(template):
-            ids = model.tokenize(marker, add_special=False, parse_special=True)
-            if len(ids) == 1:
-                turn_tokens.add(ids[0])
-        markers = set()
-        for marker in tool_calls.markers(tool_calls.family(template)):
-            ids = model.tokenize(marker, add_special=False, parse_special=True)
-            if len(ids) == 1:
-                markers.add(ids[0])
+        prompts = ModelPrompts(
+            model_id,
+            model,
+            self._find_template(model_id, path, model),
+            ctx.n_ctx_seq,
+            slots,
+            self.grammars,
+            self.options.max_tokens,
+            str(self.store.model_dir(model_id)),
+        )
         scheduler = Scheduler(
             model,
             ctx,
@@ -259,11 +251,7 @@ class Engine:
             model=model,
             ctx=ctx,
             scheduler=scheduler,
-            template=template,
-            bos=bos if model.token("bos") >= 0 else "",
-            eos=eos if model.token("eos") >= 0 else "",
-            turn_stop_tokens=frozenset(turn_tokens),
-            marker_tokens=frozenset(markers),
+            prompts=prompts,
         )
 
     def _on_step(self, sequences: int, prompt_tokens: int, generated: int) -> None:
@@ -366,122 +354,33 @@ class Engine:
     # -- requests ---------------------------------------------------------------------
 
     async def chat(
-        self, model_id: str, path: str, body: dict, *, as_sse: bool = True
-    ) -> dict | AsyncIterator[Any]:
-        """``/v1/chat/completions``: a response dict, or when ``stream`` SSE bytes (``as_sse``)
-        or the chunk dicts (for the routes that speak other dialects on top of chat)."""
-        request = req.chat_request(body)
+        self, model_id: str, path: str, request: ChatRequest
+    ) -> Answer | ChatStream:
+        """Run a chat request: the whole :class:`Answer`, or when ``stream`` its typed events.
+
+        Raises:
+            ApiError: 400 naming the client's field when the model refuses the request, 429
+                when its slots stay busy, 5xx when it cannot be served.
+        """
         loaded = await self._ensure_loaded(model_id, path)
-        prompt = self._chat_prompt(loaded, request)
-        tooling, grammar = await self._tooling(loaded, request)
-        stop = tuple(dict.fromkeys((*request.generation.stop, *turn_stop_strings(loaded.template))))
-        return await self._generate(
-            loaded,
-            [prompt],
-            request.generation,
-            Shaper(True, model_id),
-            stop=stop,
-            as_sse=as_sse,
-            grammar=grammar,
-            tooling=tooling,
-        )
+        prepared = await loaded.prompts.chat(request)
+        return await self._generate(loaded, prepared, request.generation)
 
-    async def count_chat_tokens(self, model_id: str, path: str, body: dict) -> int:
-        """The prompt tokens a chat body renders to (messages, tools, template)."""
-        request = req.chat_request(body)
+    async def count_chat_tokens(self, model_id: str, path: str, request: ChatRequest) -> int:
+        """The prompt tokens a chat request renders to (messages, tools, template)."""
         loaded = await self._ensure_loaded(model_id, path)
-        return len(self._chat_prompt(loaded, request))
+        return len(loaded.prompts.chat_tokens(request))
 
-    def _chat_prompt(self, loaded: _Loaded, request: req.ChatRequest) -> list[int]:
-        if not loaded.template:
-            raise ApiError(
-                400,
-                "chat_template_missing",
-                f"model {loaded.model_id!r} has no chat template (none in the GGUF, no "
-                f"{CHAT_TEMPLATE_FILENAME}, none in the manifest); use /v1/completions",
-            )
-        messages, tools = self._tool_messages(loaded, request)
-        text = render_chat(
-            loaded.template, messages, bos_token=loaded.bos, eos_token=loaded.eos, tools=tools
-        )
-        return self._tokenize_rendered(loaded, text)
-
-    @staticmethod
-    def _tool_messages(
-        loaded: _Loaded, request: req.ChatRequest
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-        """The messages and tools to render: a template that knows tools gets them as
-        Hugging Face passes them; any other gets them described in a system message."""
-        offered = request.tools if request.tool_choice != "none" else []
-        if tool_calls.template_knows_tools(loaded.template):
-            return request.messages, [t.openai() for t in offered] or None
-        messages = tool_calls.history_as_text(request.messages)
-        if offered:
-            note = tool_calls.instructions(offered)
-            if messages[0]["role"] == "system":
-                first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
-                messages = [first, *messages[1:]]
-            else:
-                messages = [{"role": "system", "content": note}, *messages]
-        return messages, None
-
-    async def _tooling(
-        self, loaded: _Loaded, request: req.ChatRequest
-    ) -> tuple[Tooling | None, str | None]:
-        """How calls are recognised in the answer, and the grammar that forces them (every
-        tool's schema is checked, forced or not, so a bad one is refused either way)."""
-        if not request.tools or request.tool_choice == "none":
-            return None, None
-        kind = (
-            tool_calls.family(loaded.template)
-            if tool_calls.template_knows_tools(loaded.template)
-            else tool_calls.HERMES
-        )
-        for i, tool in enumerate(request.tools):
-            param = f"tools[{i}].function.parameters"
-            what = f"the parameters schema of tool {tool.name!r}"
-            try:
-                check_schema(tool.parameters, self.grammars.budget)
-                await self.grammars.tools([dataclasses.asdict(tool)], kind, False)
-            except GrammarBudgetExceeded as exc:
-                raise req.bad(param, f"{what} is over the grammar budget: {exc}") from None
-            except GrammarRefused as exc:
-                raise req.bad(param, f"{what} cannot be compiled into a grammar: {exc}") from None
-        forced = request.forced_tools
-        grammar = None
-        if forced:
-            try:
-                grammar = await self.grammars.tools(
-                    [dataclasses.asdict(t) for t in forced], kind, request.parallel_tool_calls
-                )
-            except GrammarRefused as exc:
-                message = f"the tools cannot be compiled into a grammar: {exc}"
-                raise req.bad("tools", message) from None
-        names = {t.name for t in request.tools}
-        return Tooling(kind, names, bool(forced), request.parallel_tool_calls), grammar
-
-    async def complete(self, model_id: str, path: str, body: dict) -> dict | AsyncIterator[bytes]:
-        """``/v1/completions``: a response dict, or SSE bytes when ``stream``."""
-        request = req.completion_request(body)
+    async def complete(
+        self, model_id: str, path: str, request: CompletionRequest
+    ) -> Answer | ChatStream:
+        """Run a completion request (``/v1/completions``): the whole answer or its events."""
         loaded = await self._ensure_loaded(model_id, path)
-        prompts = [self._completion_prompt(loaded, p, request.suffix) for p in request.prompts]
-        echo = None
-        if request.echo:
-            echo = [
-                p if isinstance(p, str) else self._detokenize(loaded, p) for p in request.prompts
-            ]
-        return await self._generate(
-            loaded,
-            prompts,
-            request.generation,
-            Shaper(False, model_id),
-            stop=request.generation.stop,
-            echo=echo,
-        )
+        prepared = await loaded.prompts.completion(request)
+        return await self._generate(loaded, prepared, request.generation)
 
-    async def embed(self, model_id: str, path: str, body: dict) -> dict:
-        """``/v1/embeddings``: pooled, unit-norm vectors from the model's embedding context."""
-        request = req.embedding_request(body)
+    async def embed(self, model_id: str, path: str, request: EmbeddingRequest) -> Embeddings:
+        """Pooled, unit-norm vectors from the model's embedding context (``/v1/embeddings``)."""
         if request.dimensions is not None:
             raise ApiError(
                 400,
@@ -512,123 +411,16 @@ class Engine:
             self.metrics.active_requests.dec()
         prompt_tokens = sum(len(t) for t in token_lists)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
-        return {
-            "object": "list",
-            "data": [
-                {"object": "embedding", "index": i, "embedding": encode(v, request.base64)}
-                for i, v in enumerate(vectors)
-            ],
-            "model": model_id,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-        }
-
-    # -- prompts ----------------------------------------------------------------------
-
-    def _tokenize_rendered(self, loaded: _Loaded, text: str) -> list[int]:
-        """Tokens of a rendered chat prompt: special tokens parsed, one BOS at most."""
-        model = loaded.model
-        tokens = model.tokenize(text, add_special=False, parse_special=True)
-        bos = model.token("bos")
-        if model.add_bos and bos >= 0 and (not tokens or tokens[0] != bos):
-            tokens.insert(0, bos)
-        if not tokens:
-            raise req.bad("messages", "the messages render to an empty prompt")
-        return tokens
-
-    def _completion_prompt(
-        self, loaded: _Loaded, prompt: str | list[int], suffix: str | None
-    ) -> list[int]:
-        model = loaded.model
-        if isinstance(prompt, list):
-            bad = next((t for t in prompt if t >= model.n_vocab), None)
-            if bad is not None:
-                raise req.bad("prompt", f"token id {bad} is not in the vocabulary")
-            tokens = list(prompt)
-        else:
-            tokens = model.tokenize(prompt, add_special=True, parse_special=True)
-        if suffix is not None:
-            pre, suf, mid = (model.token(n) for n in ("fim_pre", "fim_suf", "fim_mid"))
-            if min(pre, suf, mid) < 0:
-                raise req.bad("suffix", "this model has no fill-in-the-middle tokens")
-            if tokens and tokens[0] == model.token("bos"):
-                tokens = tokens[1:]
-            tail = model.tokenize(suffix, add_special=False, parse_special=False)
-            tokens = [pre, *tokens, suf, *tail, mid]
-        if not tokens:
-            raise req.bad("prompt", "'prompt' is empty")
-        return tokens
-
-    @staticmethod
-    def _detokenize(loaded: _Loaded, tokens: list[int]) -> str:
-        data = b"".join(loaded.model.piece(t) for t in tokens)
-        return data.decode("utf-8", errors="replace")
-
-    def _sampling(
-        self, loaded: _Loaded, generation: req.Generation, grammar: str | None
-    ) -> SamplingParams:
-        s = generation.sampling
-        n_vocab = loaded.model.n_vocab
-        bad = next((t for t in s.logit_bias if t >= n_vocab), None)
-        if bad is not None:
-            raise req.bad("logit_bias", f"'logit_bias' token id {bad} is not in the vocabulary")
-        # Fields the request left unset take the model's stored defaults (model_defaults).
-        s = model_defaults.apply(s, self.store.model_dir(loaded.model_id))
-        return dataclasses.replace(s, grammar=grammar)
-
-    async def _response_grammar(self, schema: dict | str) -> str:
-        """The grammar of ``response_format`` (JSON mode, or a JSON schema), or 400."""
-        if schema == "json_object":
-            from llama_cpp.llama_grammar import JSON_GBNF
-
-            return JSON_GBNF
-        try:
-            check_schema(schema, self.grammars.budget)
-            return await self.grammars.schema(schema)
-        except GrammarBudgetExceeded as exc:
-            raise req.bad(
-                "response_format", f"the JSON schema is over the grammar budget: {exc}"
-            ) from None
-        except GrammarRefused as exc:
-            raise req.bad(
-                "response_format", f"the JSON schema cannot be compiled into a grammar: {exc}"
-            ) from None
-
-    def _budget(
-        self, loaded: _Loaded, prompts: list[list[int]], wanted: int | None, *, chat: bool = True
-    ) -> int:
-        """``max_tokens`` for these prompts, or 400 ``context_length_exceeded`` worded as
-        OpenAI words it (:class:`~llmlb.errors.ContextLengthExceeded`)."""
-        limit = loaded.ctx.n_ctx_seq
-        longest = max(len(p) for p in prompts)
-        room = limit - longest
-        if (room < 1) if wanted is None else (wanted > room):
-            raise ContextLengthExceeded(limit, longest, wanted, chat=chat)
-        return min(self.options.max_tokens, room) if wanted is None else wanted
+        return Embeddings(vectors, prompt_tokens)
 
     # -- generation -------------------------------------------------------------------
 
     async def _generate(
-        self,
-        loaded: _Loaded,
-        prompts: list[list[int]],
-        generation: req.Generation,
-        shaper: Shaper,
-        *,
-        stop: tuple[str, ...],
-        echo: list[str] | None = None,
-        as_sse: bool = True,
-        grammar: str | None = None,
-        tooling: Tooling | None = None,
-    ) -> dict | AsyncIterator[Any]:
+        self, loaded: _Loaded, prepared: Prepared, generation: Generation
+    ) -> Answer | ChatStream:
+        """Queue a checked request's jobs; its answer, or its events when streaming."""
         scheduler = loaded.scheduler
-        if generation.n > scheduler.slots:
-            raise req.bad(
-                "n", f"'n' may be at most {scheduler.slots} on this node (its slots per model)"
-            )
-        max_tokens = self._budget(loaded, prompts, generation.max_tokens, chat=shaper.chat)
-        if grammar is None and generation.grammar_schema is not None:
-            grammar = await self._response_grammar(generation.grammar_schema)
-        sampling = self._sampling(loaded, generation, grammar)
+        prompts, tooling = prepared.prompts, prepared.tooling
         # a burst that free slots will take at the next step is not a queue
         if scheduler.waiting() - scheduler.free_slots() >= self.options.queue_depth:
             raise ApiError(
@@ -650,15 +442,15 @@ class Engine:
             jobs.append(
                 Job(
                     prompt=prompt,
-                    max_tokens=max_tokens,
-                    sampling=sampling,
+                    max_tokens=prepared.max_tokens,
+                    sampling=prepared.sampling,
                     emit=emit,
                     n=generation.n,
-                    stop=stop,
-                    stop_tokens=loaded.turn_stop_tokens,
+                    stop=prepared.stop,
+                    stop_tokens=loaded.prompts.turn_stop_tokens,
                     top_logprobs=generation.top_logprobs if generation.logprobs else None,
-                    prompt_logprobs=bool(echo) and generation.logprobs,
-                    special_tokens=loaded.marker_tokens if tooling else frozenset(),
+                    prompt_logprobs=bool(prepared.echo) and generation.logprobs,
+                    special_tokens=loaded.prompts.marker_tokens if tooling else frozenset(),
                     prefix_keys=keys,
                     on_answer=on_answer,
                 )
@@ -670,8 +462,7 @@ class Engine:
             jobs,
             events,
             generation,
-            shaper,
-            echo,
+            prepared.echo,
             tooling,
             on_close=lambda: self._done(loaded),
         )
@@ -687,7 +478,7 @@ class Engine:
             run.close()
             raise
         if generation.stream:
-            return EventStream(run, as_sse)
+            return ChatStream(run)
         try:
             return await run.collect()
         finally:

@@ -1,8 +1,10 @@
-"""One request's generation: scheduler events turned into an OpenAI answer or stream.
+"""One request's generation: scheduler events turned into the contract's answer or events.
 
 A :class:`Run` owns the jobs of one request (one per prompt, each with ``n`` choices),
-reads their events from the scheduler thread, and produces either the whole answer or
-stream chunks — with tool calls split out of the text where the request offered tools.
+reads their events from the scheduler thread, and produces either the whole
+:class:`~llmlb.node.inference.contract.Answer` or a stream of typed events
+(:class:`~llmlb.node.inference.contract.TextDelta`, tool calls, :class:`Done`, :class:`Usage`,
+:class:`Error`), with tool calls split out of the text where the request offered tools.
 Closing the stream (or cancelling the wait) cancels the jobs at the next decode step.
 """
 
@@ -12,33 +14,33 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from llmlb.errors import ApiError
-from llmlb.node.api import openai_request as req
-from llmlb.node.api.openai_response import (
-    SSE_DONE,
-    Shaper,
-    TokenLogprob,
-    chat_logprobs,
-    completion_logprobs,
-    sse,
-    tool_call,
-    tool_call_deltas,
-    usage,
-)
 from llmlb.node.inference import tool_calls
-from llmlb.node.inference.llama_native import Model
-from llmlb.node.inference.scheduler import (
+from llmlb.node.inference.contract import (
+    Answer,
+    ChatEvent,
+    Choice,
+    Done,
+    Error,
+    Generation,
+    TextDelta,
+    TokenLogprob,
+    ToolCallArgs,
+    ToolCallStart,
+    Usage,
+)
+from llmlb.node.inference.jobs import (
     DoneEvent,
     ErrorEvent,
     Event,
     Job,
     PromptLogprobEvent,
-    Scheduler,
     StartEvent,
     TokenEvent,
 )
+from llmlb.node.inference.llama_native import Model
+from llmlb.node.inference.scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +106,22 @@ class _Choice:
     finish: str | None = None
     tokens: int = 0
     seen: int = 0  # tokens received so far
-    calls: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[tool_calls.ToolCall] = field(default_factory=list)
+
+
+def call_events(index: int, number: int, call: tool_calls.ToolCall, pieces: int = 3) -> list[
+    ChatEvent
+]:
+    """The events of one call, as OpenAI streams it: id and name first, then the arguments
+    in ``pieces`` pieces (every dialect streams the same pieces)."""
+    size = max(1, -(-len(call.arguments) // pieces))
+    parts = [call.arguments[i : i + size] for i in range(0, len(call.arguments), size)]
+    head: list[ChatEvent] = [ToolCallStart(number, call.id, call.name, index)]
+    return head + [ToolCallArgs(number, p, index) for p in parts]
 
 
 class Run:
-    """The events of one request's jobs, turned into an answer or a stream.
+    """The events of one request's jobs, turned into an answer or a stream of events.
 
     Args:
         scheduler: the model's decode loop the jobs were submitted to.
@@ -117,7 +130,6 @@ class Run:
         jobs: one per prompt.
         events: ``(job number, event)`` pairs from the jobs' ``emit``.
         generation: the validated request fields.
-        shaper: the answer's wire shapes.
         echo: the prompt texts to put before each choice (completions ``echo``).
         tooling: how tool calls are told apart from text (``None``: no tools).
         on_close: called once when the run ends (its hold on the model is released).
@@ -130,8 +142,7 @@ class Run:
         model_id: str,
         jobs: list[Job],
         events: asyncio.Queue[tuple[int, Event]],
-        generation: req.Generation,
-        shaper: Shaper,
+        generation: Generation,
         echo: list[str] | None = None,
         tooling: Tooling | None = None,
         on_close: Callable[[], None] = lambda: None,
@@ -144,7 +155,6 @@ class Run:
         self.jobs = jobs
         self.events = events
         self.generation = generation
-        self.shaper = shaper
         self.echo = echo
         self.n = generation.n
         self.choices = [_Choice() for _ in range(len(jobs) * self.n)]
@@ -214,9 +224,9 @@ class Run:
         head = TokenLogprob(raw.decode("utf-8", errors="replace"), raw, None, [])
         return [head, *self._prompt_logprobs[number]]
 
-    def _usage(self) -> dict[str, Any]:
+    def _usage(self) -> Usage:
         completion = sum(c.tokens for c in self.choices)
-        return usage(self.prompt_tokens, completion, self.cached)
+        return Usage(self.prompt_tokens, completion, self.cached)
 
     def _split(
         self, index: int, text: str, reason: str | None = None
@@ -238,7 +248,7 @@ class Run:
         calls = self._calls is not None and bool(self._calls[index].calls)
         return "tool_calls" if calls and choice.finish == "stop" else choice.finish or "stop"
 
-    async def collect(self) -> dict[str, Any]:
+    async def collect(self) -> Answer:
         """The whole answer."""
         async for number, event in self._events():
             index = number * self.n + getattr(event, "index", 0)
@@ -247,7 +257,9 @@ class Run:
             if isinstance(event, StartEvent):
                 self.cached += event.cached
             elif isinstance(event, PromptLogprobEvent):
-                self._prompt_logprobs[number].append(self._logprob(event))
+                entry = self._logprob(event)
+                if entry is not None:
+                    self._prompt_logprobs[number].append(entry)
             elif isinstance(event, TokenEvent):
                 choice = self.choices[index]
                 if choice.finish is not None:
@@ -258,33 +270,31 @@ class Run:
                     choice.logprobs.append(entry)
                 text, calls = self._split(index, event.text)
                 choice.text.append(text)
-                choice.calls.extend(tool_call(c) for c in calls)
+                choice.calls.extend(calls)
             elif isinstance(event, DoneEvent):
                 choice = self.choices[index]
                 if choice.finish is not None:
                     continue
                 text, calls = self._split(index, event.text, event.finish_reason)
                 choice.text.append(text)
-                choice.calls.extend(tool_call(c) for c in calls)
+                choice.calls.extend(calls)
                 choice.finish = choice.finish or event.finish_reason
                 choice.tokens = event.tokens
         out = []
         for index, choice in enumerate(self.choices):
             prefix = self.echo[index // self.n] if self.echo else ""
             logprobs = None
-            if self.generation.logprobs and self.shaper.chat:
-                logprobs = chat_logprobs(choice.logprobs)
-            elif self.generation.logprobs:
-                entries = choice.logprobs
+            if self.generation.logprobs:
+                logprobs = choice.logprobs
                 if self.echo:
-                    entries = [*self._prompt_entries(index // self.n), *entries]
-                logprobs = completion_logprobs(entries, 0 if self.echo else len(prefix))
+                    logprobs = [*self._prompt_entries(index // self.n), *logprobs]
             text = prefix + "".join(choice.text)
             if choice.calls:
                 text = text.strip()
-            finish = self._finish_reason(index)
-            out.append(self.shaper.choice(index, text, finish, logprobs, choice.calls or None))
-        return self.shaper.answer(out, self._usage())
+            out.append(
+                Choice(index, text, self._finish_reason(index), list(choice.calls), logprobs)
+            )
+        return Answer(out, self._usage())
 
     def close(self) -> None:
         """Cancel what still runs and give the request's hold on the model back (once)."""
@@ -294,34 +304,28 @@ class Run:
         self.cancel()
         self.on_close()
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """Stream chunks as tokens arrive (an ``{"error": …}`` chunk ends a failed run)."""
-        shaper = self.shaper
+    async def stream(self) -> AsyncIterator[ChatEvent]:
+        """Events as tokens arrive; an :class:`Error` ends a failed run, a :class:`Usage`
+        one that did not fail."""
         made: list[int] = [0] * len(self.choices)
 
-        def pieces(index: int, text: str, reason: str | None = None) -> list[dict[str, Any]]:
-            """Chunks for a delta of choice ``index``: its text, then its calls."""
+        def pieces(index: int, text: str, reason: str | None = None) -> list[ChatEvent]:
+            """Events for a delta of choice ``index``: its text, then its calls."""
             content, calls = self._split(index, text, reason)
-            out = [shaper.chunk(index, content)] if content else []
+            out: list[ChatEvent] = [TextDelta(content, index)] if content else []
             for call in calls:
-                for delta in tool_call_deltas(made[index], call):
-                    out.append(shaper.chunk(index, None, tool_calls=[delta]))
+                out.extend(call_events(index, made[index], call))
                 made[index] += 1
             return out
 
         try:
-            if shaper.chat:
+            if self.echo:
                 for index in range(len(self.choices)):
-                    yield shaper.chunk(index, "", role=True)
-            elif self.echo:
-                for index in range(len(self.choices)):
-                    yield shaper.chunk(index, self.echo[index // self.n])
+                    yield TextDelta(self.echo[index // self.n], index)
             async for number, event in self._events():
                 index = number * self.n + getattr(event, "index", 0)
                 if isinstance(event, ErrorEvent):
-                    kind = "server_error" if event.status >= 500 else "invalid_request_error"
-                    error = {"message": event.message, "type": kind, "code": event.code}
-                    yield {"error": error}
+                    yield Error(event.message, event.status, event.code)
                     return
                 if isinstance(event, StartEvent):
                     self.cached += event.cached
@@ -334,62 +338,49 @@ class Run:
                     if not event.text and entry is None:
                         continue
                     if entry is not None and self._calls is None:
-                        logprobs = (
-                            chat_logprobs([entry]) if shaper.chat
-                            else completion_logprobs([entry], 0)
-                        )
-                        yield shaper.chunk(index, event.text, logprobs=logprobs)
+                        yield TextDelta(event.text, index, (entry,))
                         continue
-                    for chunk in pieces(index, event.text):
-                        yield chunk
+                    for item in pieces(index, event.text):
+                        yield item
                     if choice.finish is not None:
-                        yield shaper.chunk(index, None, finish=self._finish_reason(index))
+                        yield Done(self._finish_reason(index), index)
                 elif isinstance(event, DoneEvent):
                     choice = self.choices[index]
                     if choice.finish is not None:
                         continue
-                    for chunk in pieces(index, event.text, event.finish_reason):
-                        yield chunk
+                    for item in pieces(index, event.text, event.finish_reason):
+                        yield item
                     choice.finish = choice.finish or event.finish_reason
                     choice.tokens = event.tokens
-                    yield shaper.chunk(index, None, finish=self._finish_reason(index))
-            if self.generation.include_usage:
-                yield shaper.usage_chunk(self._usage())
+                    yield Done(self._finish_reason(index), index)
+            yield self._usage()
         finally:
             self.close()
 
 
-class EventStream:
-    """A streamed run as SSE bytes (``data: [DONE]`` after a run that did not fail) or as
-    chunk dicts; closing it, even unstarted, ends the run."""
+class ChatStream:
+    """A streamed run's typed events; closing it, even unstarted, ends the run.
 
-    def __init__(self, run: Run, as_sse: bool):
+    Attributes:
+        choices: how many choices the run streams (prompts × ``n``).
+        prompt_tokens: the prompt's tokens (all prompts together).
+    """
+
+    def __init__(self, run: Run):
         self._run = run
-        self._chunks = run.chunks()
-        self._as_sse = as_sse
-        self._failed = False
-        self._ended = False
+        self._events = run.stream()
+        self.choices = len(run.choices)
+        self.prompt_tokens = run.prompt_tokens
 
-    def __aiter__(self) -> EventStream:
+    def __aiter__(self) -> ChatStream:
         return self
 
-    async def __anext__(self) -> Any:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            self._ended = True
-            if self._as_sse and not self._failed:
-                return SSE_DONE
-            raise
-        if "error" in chunk:
-            self._failed = True
-        return sse(chunk) if self._as_sse else chunk
+    async def __anext__(self) -> ChatEvent:
+        return await self._events.__anext__()
 
     async def aclose(self) -> None:
         """Stop generating and release the slots."""
         try:
-            await self._chunks.aclose()
+            await self._events.aclose()  # type: ignore[attr-defined]
         finally:
             self._run.close()
