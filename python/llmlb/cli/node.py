@@ -6,9 +6,14 @@ import argparse
 import ipaddress
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from llmlb import config
-from llmlb.node.settings import DEFAULT_CONNECTIONS, DEFAULT_PEER_UPLOAD_MBPS
+from llmlb.node.models.download.options import DEFAULT_CONNECTIONS
+from llmlb.node.settings import DEFAULT_PEER_UPLOAD_MBPS
+
+if TYPE_CHECKING:
+    from llmlb.node.settings import NodeSettings
 
 APP_FACTORY = "llmlb.node.api.app:app_from_env"
 
@@ -65,6 +70,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seconds a request waits for a busy model before 429 (10)",
     )
     parser.add_argument(
+        "--queue-depth",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests that may wait per model beyond its free slots; more get 429 at once "
+        "(16; 0: none wait)",
+    )
+    parser.add_argument(
         "--ctx-size", type=int, default=4096, help="context length per request slot (4096)"
     )
     parser.add_argument(
@@ -93,6 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="prompt-processing threads (default: as --threads)",
+    )
+    parser.add_argument(
+        "--extra-buffer-types",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let ggml use its extra CPU buffer types (AMX, repacked weights), as llama.cpp "
+        "does (default on; --no-extra-buffer-types where AMX kernels crash with SIGILL)",
     )
     parser.add_argument(
         "--connections",
@@ -144,18 +164,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace):
+def settings_from_args(args: argparse.Namespace) -> NodeSettings:
     """Build :class:`llmlb.node.settings.NodeSettings` from parsed arguments.
 
     Raises:
         ValueError: an argument is out of range.
     """
+    from llmlb.node.inference.engine import EngineOptions
+    from llmlb.node.models.download.options import DownloadOptions
     from llmlb.node.settings import NodeSettings
 
     for name in ("max_loaded", "concurrency", "ctx_size", "connections", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("threads", "threads_batch"):
+    for name in ("threads", "threads_batch", "queue_depth"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
     if args.reconcile_interval <= 0:
@@ -170,17 +192,23 @@ def settings_from_args(args: argparse.Namespace):
         port=args.port,
         advertise_url=args.advertise_url,
         models_dir=config.models_dir(args.models_dir),
-        max_loaded=args.max_loaded,
-        concurrency=args.concurrency,
         allowed_hosts=tuple(dict.fromkeys([*config.default_allowed_hosts(), *args.allow_host])),
         hf_token=config.hf_token(),
-        queue_timeout_s=args.queue_timeout,
-        n_ctx=args.ctx_size,
-        max_tokens=args.max_tokens,
-        cache_ram_mib=args.cache_ram if args.cache_ram >= 0 else default_cache_ram_mib(),
-        threads=args.threads,
-        threads_batch=args.threads_batch,
-        connections=args.connections,
+        engine=EngineOptions(
+            max_loaded=args.max_loaded,
+            concurrency=args.concurrency,
+            queue_timeout_s=args.queue_timeout,
+            queue_depth=args.queue_depth,
+            n_ctx=args.ctx_size,
+            max_tokens=args.max_tokens,
+            threads=args.threads,
+            threads_batch=args.threads_batch,
+            extra_buffer_types=args.extra_buffer_types,
+            cache_ram_bytes=(args.cache_ram if args.cache_ram >= 0 else default_cache_ram_mib())
+            << 20,
+        ),
+        download=DownloadOptions(connections=args.connections),
+        max_body_bytes=config.router_max_body_bytes(),
         heartbeat_interval_s=config.DEFAULT_HEARTBEAT_INTERVAL_S,
         reconcile_interval_s=args.reconcile_interval,
         require_key=args.require_key or config.node_require_key(),

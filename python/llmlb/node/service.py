@@ -17,9 +17,8 @@ from typing import Any
 from llmlb.model_storage import ModelStorage
 from llmlb.node.fleet.cache_reports import CacheReporter
 from llmlb.node.fleet.sync import RouterSync
-from llmlb.node.inference.engine import Engine, EngineOptions
+from llmlb.node.inference.engine import Engine
 from llmlb.node.metrics import NodeMetrics
-from llmlb.node.models.download.options import DownloadOptions
 from llmlb.node.models.identity import node_id as persistent_node_id
 from llmlb.node.models.membership import Membership
 from llmlb.node.models.peers import PeerService, TransferStats
@@ -50,7 +49,7 @@ class Node:
             self.metrics,
             allowed_hosts=list(settings.allowed_hosts),
             token=settings.hf_token,
-            options=DownloadOptions(connections=settings.connections),
+            options=settings.download,
             store_all=settings.store_all,
             fleet=self.membership.fleet,
             peer_fetch=settings.peer_fetch,
@@ -59,16 +58,7 @@ class Node:
         self.engine = Engine(
             self.store,
             self.metrics,
-            EngineOptions(
-                max_loaded=settings.max_loaded,
-                concurrency=settings.concurrency,
-                queue_timeout_s=settings.queue_timeout_s,
-                n_ctx=settings.n_ctx,
-                max_tokens=settings.max_tokens,
-                cache_ram_bytes=settings.cache_ram_mib << 20,
-                threads=settings.threads,
-                threads_batch=settings.threads_batch,
-            ),
+            settings.engine,
             template_lookup=self.resolver.template_for,
         )
         self.gpu = GpuProbe()

@@ -1,23 +1,30 @@
 """Node settings: one immutable object, built by ``llmlb node`` and handed to the app.
 
+The engine's and the downloader's tuning are their own option objects
+(:class:`~llmlb.node.inference.engine.EngineOptions`,
+:class:`~llmlb.node.models.download.options.DownloadOptions`), nested here as they are, so
+each option is written once: the CLI fills them, the service hands them on.
+
 Granian imports the ASGI app in its worker process, so the CLI passes the settings to it as
 JSON in the environment (``llmlb.config.node_settings_json``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from llmlb import config
+from llmlb.node.models.download.options import DownloadOptions
+
+if TYPE_CHECKING:
+    from llmlb.node.inference.engine import EngineOptions
 
 SETTINGS_ENV = "LLMLB_NODE_SETTINGS"
 
-
-# Parallel range connections per downloaded file: measured best (bench/README.md, Cold start).
-DEFAULT_CONNECTIONS = 64
 # Upload budget for peers, megabits/s: a fast LAN's share, well below loopback speeds.
 DEFAULT_PEER_UPLOAD_MBPS = 2000.0
 
@@ -32,18 +39,13 @@ class NodeSettings:
         host, port: where the node listens.
         advertise_url: URL the router uses to reach the node (default from host/port).
         models_dir: the model store root.
-        max_loaded: models resident at once.
-        concurrency: slots per model (sequences of its one llama.cpp context), advertised
-            to the router.
         allowed_hosts: download allowlist.
         hf_token: hub token, sent only to allowlisted hosts.
-        queue_timeout_s: wait for a busy model's slot before 429.
-        n_ctx: context length of each slot.
-        max_tokens: answer length of a request that names no ``max_tokens``.
-        cache_ram_mib: host RAM for prompt states evicted from the slots (0: off).
-        threads: decode threads (0: the cores this process may use).
-        threads_batch: prompt-processing threads (0: as ``threads``).
-        connections: parallel range connections per downloaded file.
+        engine: the engine's options (models resident, slots per model, advertised to the
+            router as ``slots``, queueing, context, threads, prompt-cache RAM …).
+        download: the downloader's options (range connections per file …).
+        max_body_bytes: largest request body (413 beyond): the router's limit
+            (``LLMLB_MAX_BODY_BYTES``), so whatever the router forwards fits.
         heartbeat_interval_s: used until the router tells its own.
         reconcile_interval_s: how often the node re-reads the router's whole registry (to
             catch sync notifications it missed).
@@ -65,17 +67,11 @@ class NodeSettings:
     port: int = config.DEFAULT_NODE_PORT
     advertise_url: str = ""
     models_dir: Path = Path(".")
-    max_loaded: int = 2
-    concurrency: int = 4
     allowed_hosts: tuple[str, ...] = ()
     hf_token: str | None = field(default=None, repr=False)
-    queue_timeout_s: float = 10.0
-    n_ctx: int = 4096
-    max_tokens: int = 1024
-    cache_ram_mib: int = 1024
-    threads: int = 0
-    threads_batch: int = 0
-    connections: int = DEFAULT_CONNECTIONS
+    engine: EngineOptions = field(default_factory=lambda: _engine_options_type()())
+    download: DownloadOptions = field(default_factory=DownloadOptions)
+    max_body_bytes: int = config.DEFAULT_MAX_BODY_BYTES
     heartbeat_interval_s: float = 5.0
     reconcile_interval_s: float = 60.0
     require_key: str | None = field(default=None, repr=False)
@@ -109,6 +105,9 @@ class NodeSettings:
         data = {k: v for k, v in data.items() if k in known}
         data["models_dir"] = Path(data["models_dir"])
         data["allowed_hosts"] = tuple(data.get("allowed_hosts") or ())
+        for name, kind in (("engine", _engine_options_type()), ("download", DownloadOptions)):
+            if isinstance(data.get(name), dict):
+                data[name] = _options(kind, data[name])
         return cls(**data)
 
     @classmethod
@@ -122,3 +121,32 @@ class NodeSettings:
         if not text:
             raise RuntimeError(f"{SETTINGS_ENV} is not set: start the node with `llmlb node`")
         return cls.from_json(text)
+
+
+def _engine_options_type() -> type[EngineOptions]:
+    """:class:`EngineOptions`, imported when first needed: the engine's module is heavy, and
+    every ``llmlb`` command imports this one."""
+    from llmlb.node.inference.engine import EngineOptions
+
+    return EngineOptions
+
+
+_T = TypeVar("_T")
+
+
+def _options(kind: type[_T], data: dict[str, Any]) -> _T:
+    """``kind`` (an options dataclass whose fields all have defaults) from its ``asdict``
+    form: unknown keys dropped, nested option objects and tuples rebuilt."""
+    defaults = kind()
+    known = {f.name for f in fields(kind)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            continue
+        default = getattr(defaults, name)
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _options(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return kind(**values)

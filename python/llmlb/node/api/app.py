@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import secrets
 import time
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from llmlb import anthropic_errors, config, lifecycle
+from llmlb import anthropic_errors, lifecycle
 from llmlb.errors import ApiError
 from llmlb.http import (
     JSONResponse,
@@ -58,16 +57,11 @@ logger = logging.getLogger(__name__)
 # --- handlers ----------------------------------------------------------------------------
 
 
-@functools.cache
-def _body_limit() -> int:
-    """``LLMLB_MAX_BODY_BYTES`` (default 1 MiB): the router's limit, so whatever the router
-    forwards fits."""
-    return config.router_max_body_bytes()
-
-
 async def _body(request: Request) -> dict:
-    """The JSON object body (400 when malformed, 413 ``request_too_large`` above the limit)."""
-    return await read_json(request, _body_limit())
+    """The JSON object body (400 when malformed, 413 ``request_too_large`` above the limit:
+    the router's, read once at start, so whatever the router forwards fits)."""
+    node: Node = request.app.state.node
+    return await read_json(request, node.settings.max_body_bytes)
 
 
 def _model_id(body: dict) -> str:

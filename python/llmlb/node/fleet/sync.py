@@ -188,7 +188,7 @@ class RouterSync:
             url=self.settings.url,
             runtimes=list(runtimes.RUNTIMES),
             gpu=self.gpu,
-            slots=self.settings.concurrency,
+            slots=self.settings.engine.concurrency,
             models=self.model_reports(),
             node_secret=self.node_secret,
         ).to_dict()
@@ -340,7 +340,7 @@ class RouterSync:
         body = Heartbeat(
             models=self.model_reports(),
             active_requests=self.engine.active_requests(),
-            slots=self.settings.concurrency,
+            slots=self.settings.engine.concurrency,
             runtimes=list(runtimes.RUNTIMES),
             node_secret=self.node_secret,
         ).to_dict()
