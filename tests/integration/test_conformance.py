@@ -373,3 +373,42 @@ def test_invalid_reasoning_fields_are_400_naming_the_field(oai, claude):
                                    messages=[{"role": "user", "content": "Hi"}])
         assert caught.value.body["error"]["type"] == "invalid_request_error"
         assert words in caught.value.body["error"]["message"]
+
+
+# -- fields named as the client sent them (issue 27) ----------------------------------
+
+OVER_BUDGET = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 30000}}}
+
+
+def test_each_dialect_names_a_bad_field_as_the_client_sent_it(oai, claude):
+    with pytest.raises(openai.BadRequestError) as caught:  # a content part
+        oai.chat.completions.create(
+            model=MODEL, max_tokens=2,
+            messages=[{"role": "user", "content": [{"type": "input_audio"}]}],
+        )  # fmt: skip
+    assert caught.value.param == "messages[0].content[0]"
+    with pytest.raises(openai.BadRequestError) as caught:  # refused once the model is known
+        oai.responses.create(
+            model=MODEL, input="Hi", max_output_tokens=2,
+            tools=[{"type": "function", "name": "f", "parameters": OVER_BUDGET}],
+        )  # fmt: skip
+    assert caught.value.param == "tools[0].parameters" and "grammar" in str(caught.value)
+    with pytest.raises(openai.BadRequestError) as caught:  # a past call's arguments
+        oai.responses.create(
+            model=MODEL, max_output_tokens=2,
+            input=[{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{x"}],
+        )  # fmt: skip
+    assert caught.value.param == "input[0].arguments"
+    # Anthropic's errors carry no param: the message names the field
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(
+            model=MODEL, max_tokens=2, messages=ASK,
+            tools=[{"name": "bad name!", "input_schema": WEATHER}],
+        )  # fmt: skip
+    assert "'tools[0].name' must match" in str(caught.value)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.create(
+            model=MODEL, max_tokens=2, messages=ASK, tools=[{"name": "f", "input_schema": 3}],
+        )  # fmt: skip
+    assert "'tools[0].input_schema'" in str(caught.value)
+    assert ".function." not in str(caught.value)
