@@ -44,6 +44,7 @@ from llmlb.node.api import openai_response as openai_api
 from llmlb.node.api import responses as responses_api
 from llmlb.node.api.auth import check_key, check_off_loopback
 from llmlb.node.inference.cache_directory import request_origin
+from llmlb.node.inference.scheduler import request_priority
 from llmlb.node.metrics import CONTENT_TYPE_LATEST
 from llmlb.node.models.peers import routes as peer_routes
 from llmlb.node.service import Node
@@ -89,6 +90,7 @@ def _inference(route: str, method: Callable[..., Any], errors=error_response):
             check_key(node, request)
             body = await _body(request)
             request_origin.set((request.url.path, request_keys(request.url.path, body)))
+            request_priority.set(request.headers.get("x-llmlb-priority"))
             model_id = _model_id(body)
             path = await node.resolver.serving_path(model_id)
             work = method(node.engine, model_id, path, body)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,12 @@ class _Running:
     primary: bool = True  # evaluates the prompt (the other choices copy its cells)
 
 
+# The priority the router passed with the request (``X-Llmlb-Priority``: high, normal, low),
+# set by the node's HTTP handler: a waiting job of a higher priority starts first.
+request_priority: ContextVar[str | None] = ContextVar("request_priority", default=None)
+_RANKS = {"high": 0, "normal": 1, "low": 2}
+
+
 class Scheduler:
     """The decode loop of one model.
 
@@ -107,6 +115,7 @@ class Scheduler:
         self._slots = [_Slot(seq) for seq in range(ctx.shape.n_seq)]
         self._batch = Batch(ctx.shape.n_batch)
         self._pending: deque[Job] = deque()
+        self._ranks: weakref.WeakKeyDictionary[Job, int] = weakref.WeakKeyDictionary()
         self._running: list[_Running] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -139,11 +148,24 @@ class Scheduler:
         return len(self._slots)
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; it starts when ``job.n`` slots are free."""
+        """Queue ``job``, behind the waiting jobs of its priority or a higher one
+        (:data:`request_priority`); it starts when ``job.n`` slots are free."""
+        rank = _RANKS.get(request_priority.get() or "normal", 1)
         with self._cond:
             if self._closing:
                 raise RuntimeError("scheduler is closed")
-            self._pending.append(job)
+            pending, ranks = self._pending, self._ranks
+            if rank != 1:
+                ranks[job] = rank
+            if rank == 2 or not ranks:
+                pending.append(job)
+            else:  # before the first waiting job of a lower priority
+                for index, queued in enumerate(pending):
+                    if ranks.get(queued, 1) > rank:
+                        pending.insert(index, job)
+                        break
+                else:
+                    pending.append(job)
             self._cond.notify()
 
     def waiting(self) -> int:

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
+import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -450,8 +451,28 @@ class PoisonLog:
             del self._entries[request]
 
 
+class _ModelQueue:
+    """The waiters of one model, ordered by their weighted-fair-queuing tag."""
+
+    __slots__ = ("heap", "live", "vtime", "last", "seq")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, int, asyncio.Future[bool]]] = []
+        self.live: set[asyncio.Future[bool]] = set()
+        self.vtime = 0.0  # the tag of the waiter woken last
+        self.last: dict[str | None, float] = {}  # each flow's last tag
+        self.seq = 0
+
+
 class WaitQueue:
-    """FIFO of requests waiting for a free slot, per model, with a global bound.
+    """Requests waiting for a free slot, per model, with a global bound; woken by weighted
+    fair queuing across flows (keys).
+
+    Each waiter gets a tag: its flow's previous tag (or the queue's virtual time, if later)
+    plus ``1 / weight``; the smallest tag is woken first. One key's burst thus takes its
+    share (its weight) and no more while others wait: a key sending one request now and
+    then waits behind at most one request of each other key, whatever their backlog. A
+    single flow (or none given) is first come, first served.
 
     Args:
         max_waiters: requests allowed to wait at once (across models); more are refused.
@@ -459,7 +480,7 @@ class WaitQueue:
 
     def __init__(self, max_waiters: int = 1024):
         self.max_waiters = max_waiters
-        self._waiters: dict[str, deque[asyncio.Future[bool]]] = {}
+        self._waiters: dict[str, _ModelQueue] = {}
         self._count = 0
 
     def __len__(self) -> int:
@@ -467,39 +488,58 @@ class WaitQueue:
 
     def has_waiters(self, model_id: str) -> bool:
         """True when some request for ``model_id`` is already waiting."""
-        return bool(self._waiters.get(model_id))
+        queue = self._waiters.get(model_id)
+        return queue is not None and bool(queue.live)
 
     def full(self) -> bool:
         """True when no more requests may wait."""
         return self._count >= self.max_waiters
 
-    async def wait(self, model_id: str, timeout: float, *, front: bool = False) -> bool:
-        """Wait until woken or ``timeout``; ``front`` re-queues a woken request at the head.
+    async def wait(
+        self,
+        model_id: str,
+        timeout: float,
+        *,
+        front: bool = False,
+        flow: str | None = None,
+        weight: float = 1.0,
+    ) -> bool:
+        """Wait until woken or ``timeout``.
+
+        Args:
+            front: a woken request that found no slot after all: back at the head.
+            flow: whose request (a key id); ``weight``: its share (priority).
 
         Returns:
             True when woken, False on timeout.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        queue = self._waiters.setdefault(model_id, deque())
+        queue = self._waiters.get(model_id)
+        if queue is None:
+            queue = self._waiters[model_id] = _ModelQueue()
         if front:
-            queue.appendleft(future)
+            tag = -math.inf
         else:
-            queue.append(future)
+            tag = max(queue.vtime, queue.last.get(flow, 0.0)) + 1.0 / max(weight, 1e-6)
+            queue.last[flow] = tag
+        queue.seq += 1
+        heapq.heappush(queue.heap, (tag, queue.seq, future))
+        queue.live.add(future)
         self._count += 1
         timer = loop.call_later(timeout, _resolve, future, False)
         try:
             return await future
         finally:
             timer.cancel()
-            if future in queue:  # timed out or cancelled: still queued
-                queue.remove(future)
+            if future in queue.live:  # timed out or cancelled: still queued
+                queue.live.discard(future)
                 self._count -= 1
-            if not queue and self._waiters.get(model_id) is queue:
+            if not queue.live and self._waiters.get(model_id) is queue:
                 del self._waiters[model_id]
 
     def wake(self, model_id: str | None = None) -> bool:
-        """Wake the oldest waiter for ``model_id``, else the oldest waiter of some other model.
+        """Wake the first waiter for ``model_id``, else the first waiter of some other model.
 
         Returns:
             True when a waiter was woken.
@@ -518,9 +558,17 @@ class WaitQueue:
 
     def _wake_from(self, model_id: str) -> bool:
         queue = self._waiters.get(model_id)
-        while queue:
-            future = queue.popleft()
+        if queue is None:
+            return False
+        heap, live = queue.heap, queue.live
+        while heap:
+            tag, _, future = heapq.heappop(heap)
+            if future not in live:
+                continue  # timed out or cancelled earlier
+            live.discard(future)
             self._count -= 1
+            if tag > queue.vtime:
+                queue.vtime = tag
             if not future.done():
                 future.set_result(True)
                 return True

@@ -73,6 +73,7 @@ from llmlb.errors import (
 from llmlb.http import check_depth
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import PrefixKeys, request_keys
+from llmlb.router.control.limits import PRIORITY_WEIGHTS
 from llmlb.router.proxy.admission import (
     Admission,
     KeyState,
@@ -282,6 +283,9 @@ class _Exchange:
     strip_usage: bool = False  # the router asked for the stream's usage chunk: drop it
     usage: Usage | None = None  # what the node reported
     status: int = 0  # of the node's answer relayed to the client
+    flow: str | None = None  # the key's id: fair queuing across keys
+    weight: float = PRIORITY_WEIGHTS["normal"]  # its share, by the key's priority
+    priority: bytes = b""  # X-Llmlb-Priority sent to the node (a non-normal priority)
 
     def cut(self, reason: str) -> None:
         """Cancel the request (unless it is over already)."""
@@ -440,6 +444,12 @@ class InferenceProxy:
             ex.anthropic = anthropic
             ex.keys = keys
             ex.tap, ex.strip_usage = tap, strip
+            if entry is not None:
+                ex.flow = entry.id
+                priority = None if limits is None else limits.priority
+                if priority is not None and priority != "normal":
+                    ex.weight = PRIORITY_WEIGHTS[priority]
+                    ex.priority = b"X-Llmlb-Priority: " + priority.encode() + b"\r\n"
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
@@ -740,7 +750,9 @@ class InferenceProxy:
                         queue_deadline = now + settings.queue_timeout_s
                         queued_since = now
                     remaining = queue_deadline - now
-                    if remaining <= 0 or not await self.queue.wait(model, remaining, front=front):
+                    if remaining <= 0 or not await self.queue.wait(
+                        model, remaining, front=front, flow=ex.flow, weight=ex.weight
+                    ):
                         self.metrics.queue_wait(model, perf_counter() - queued_since)
                         raise _queue_full(model, settings.retry_after_s)
                     front = True
@@ -789,7 +801,7 @@ class InferenceProxy:
                 client = self._client(state)
             sent = perf_counter()
             try:
-                resp = await client.request(b"POST", ex.scope["path"], ex.body)
+                resp = await client.request(b"POST", ex.scope["path"], ex.body, ex.priority)
                 status = resp.status
                 if status >= 500 or status == 429:
                     payload = await resp.read()

@@ -476,13 +476,16 @@ class NodePool:
             )  # fmt: skip
         return head
 
-    async def request(self, method: bytes, path: str, body: bytes = b"") -> Response:
+    async def request(
+        self, method: bytes, path: str, body: bytes = b"", extra_headers: bytes = b""
+    ) -> Response:
         """Send ``body`` (JSON) to ``path`` on the node and wait for the answer's head.
 
         Args:
             method: ``b"POST"``, ``b"GET"``...
             path: the route, appended to the node URL's own path.
             body: the request body, sent as it is with ``Content-Type: application/json``.
+            extra_headers: more header lines, each ending in CRLF (e.g. the priority).
 
         Raises:
             ConnectError: no connection could be made.
@@ -490,7 +493,10 @@ class NodePool:
             Disconnected: the node hung up before answering (after one retry on a fresh
                 connection when a reused keep-alive connection turned out to be stale).
         """
-        data = self._request_head(method, path) + str(len(body)).encode() + b"\r\n\r\n" + body
+        data = (
+            self._request_head(method, path) + str(len(body)).encode() + b"\r\n"
+            + extra_headers + b"\r\n" + body
+        )  # fmt: skip
         expect_body = method != b"HEAD"
         conn = self._acquire()
         while True:

@@ -1,0 +1,138 @@
+"""Weighted fair queuing across keys in the router's wait queue
+(llmlb.router.proxy.balancer.WaitQueue), and the priority the proxy passes to the node."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from llmlb.router.control.fleet import FleetView
+from llmlb.router.control.keys import KeyEntry
+from llmlb.router.control.limits import parse_limits
+from llmlb.router.proxy.balancer import WaitQueue
+
+from tests.test_router_admission import limited_call
+from tests.test_router_proxy import CHAT, load, node, running, start_mock
+
+
+@pytest.fixture(scope="module")
+def mock(tmp_path_factory) -> str:
+    proc, base = start_mock(tmp_path_factory.mktemp("mock") / "mock.log")
+    yield base
+    proc.stop()
+
+
+async def _order(arrivals: list[tuple[str, float]]) -> list[str]:
+    """Queue ``arrivals`` (flow, weight) in order, then wake them one at a time."""
+    queue = WaitQueue()
+    woken: list[str] = []
+
+    async def waiter(flow: str, weight: float) -> None:
+        assert await queue.wait("m", 5.0, flow=flow, weight=weight)
+        woken.append(flow)
+
+    tasks = []
+    for flow, weight in arrivals:
+        tasks.append(asyncio.create_task(waiter(flow, weight)))
+        await asyncio.sleep(0)
+    while queue.wake("m"):
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    return woken
+
+
+def test_a_burst_does_not_starve_a_trickle():
+    order = asyncio.run(_order([("a", 2.0)] * 10 + [("b", 2.0)]))
+    assert order.index("b") <= 1  # behind at most one request of the flooding key
+
+
+def test_weights_give_shares_by_priority():
+    order = asyncio.run(_order([("low", 1.0)] * 8 + [("high", 4.0)] * 4))
+    assert order[:4].count("high") >= 3  # high's tags advance four times slower
+    assert order[-1] == "low"
+
+
+def test_one_flow_is_first_come_first_served_and_front_goes_first():
+    async def scenario() -> list[int]:
+        queue = WaitQueue()
+        woken: list[int] = []
+
+        async def waiter(i: int, front: bool = False) -> None:
+            assert await queue.wait("m", 5.0, front=front)
+            woken.append(i)
+
+        tasks = [asyncio.create_task(waiter(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(waiter(99, front=True)))
+        await asyncio.sleep(0)
+        while queue.wake("m"):
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert len(queue) == 0 and not queue.has_waiters("m")
+        return woken
+
+    assert asyncio.run(scenario()) == [99, 0, 1, 2]
+
+
+def test_timed_out_waiters_leave_the_queue():
+    async def scenario() -> None:
+        queue = WaitQueue()
+        assert await queue.wait("m", 0.01, flow="a") is False
+        assert len(queue) == 0 and not queue.wake("m")
+
+    asyncio.run(scenario())
+
+
+def test_the_node_gets_a_limited_keys_priority(mock):
+    async def scenario() -> None:
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/p/echo"))
+        async with running(fleet) as proxy:
+            for priority in ("high", "low"):
+                entry = KeyEntry("key_p", "api", parse_limits({"priority": priority}))
+                res = await limited_call(proxy, CHAT, entry)
+                assert res.status == 200
+                assert orjson.loads(res.body)["headers"]["x-llmlb-priority"] == priority
+            entry = KeyEntry("key_n", "api", parse_limits({"priority": "normal"}))
+            res = await limited_call(proxy, CHAT, entry)
+            assert "x-llmlb-priority" not in orjson.loads(res.body)["headers"]
+
+    asyncio.run(scenario())
+
+
+def test_node_scheduler_starts_a_waiting_high_before_a_low():
+    """The node side: jobs queue by the priority their request carried (the HTTP handler
+    sets ``request_priority`` from ``X-Llmlb-Priority``), first come first served within
+    one priority."""
+    import collections
+    import contextvars
+    import threading
+    import weakref
+
+    from llmlb.node.inference.scheduler import Scheduler, request_priority
+
+    scheduler = Scheduler.__new__(Scheduler)  # the queue alone: no model needed
+    scheduler._pending = collections.deque()
+    scheduler._ranks = weakref.WeakKeyDictionary()
+    scheduler._cond = threading.Condition()
+    scheduler._closing = False
+
+    class FakeJob:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    jobs = []
+    for name, priority in [("low1", "low"), ("n1", None), ("low2", "low"), ("high1", "high"),
+                           ("n2", "normal"), ("high2", "high")]:
+        job = FakeJob(name)
+        jobs.append(job)
+
+        def submit(job=job, priority=priority) -> None:
+            request_priority.set(priority)
+            scheduler.submit(job)
+
+        contextvars.copy_context().run(submit)
+    assert [job.name for job in scheduler._pending] == [
+        "high1", "high2", "n1", "n2", "low1", "low2"
+    ]
