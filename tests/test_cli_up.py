@@ -100,3 +100,73 @@ def test_demo_node_gets_slots_and_a_bounded_default_answer(tmp_path: Path, monke
     assert demo[demo.index("--max-tokens") + 1] == str(up_cli.DEMO_MAX_TOKENS)
     hub = node_args("Org/Chat")  # a chat model of the user's choice keeps the node's default
     assert "--concurrency" in hub and "--max-tokens" not in hub
+
+
+def test_nodes_must_be_a_small_positive_count(tmp_path: Path) -> None:
+    for bad in ("0", "-1", "x", "17"):
+        result = up(tmp_path / "home", "--nodes", bad)
+        assert result.returncode == 2, result.stderr
+        assert "--nodes" in result.stderr and "from 1 to 16" in result.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_node_ports_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    port = free_port()
+    result = up(tmp_path / "home", "--nodes", "3", "--port", str(port + 2), "--node-port",
+                str(port))
+    assert_clear_error(result, f"--port {port + 2}", "one of the 3 node ports")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = up(tmp_path / "home", "--nodes", "2", "--node-port", str(taken - 1))
+        assert_clear_error(result, f"port {taken}", "already in use", "--node-port")
+    assert not (tmp_path / "home" / "lb.db").exists()
+
+
+def test_several_nodes_get_their_own_store_and_the_next_ports(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+    import threading
+
+    from llmlb.cli import up as up_cli
+
+    monkeypatch.setenv("LLMLB_HOME", str(tmp_path))
+    args = argparse.Namespace(model=None, filename=None, port=8080, node_port=9000, nodes=3)
+    cluster = up_cli._Cluster(args, threading.Event(), [])
+    cluster.models_dir = tmp_path / "models"
+    argvs = [cluster._node_args(i) for i in range(3)]
+    assert [a[a.index("--port") + 1] for a in argvs] == ["9000", "9001", "9002"]
+    stores = [a[a.index("--models-dir") + 1] for a in argvs]
+    assert stores == [str(tmp_path / "nodes" / str(i) / "models") for i in (1, 2, 3)]
+    banner = "\n".join(cluster._banner_lines(["smollm2-135m-instruct"]))
+    assert "3 nodes" in banner and f"3 × {up_cli.NODE_SLOTS} slots" in banner
+    for port in (9000, 9001, 9002):
+        assert f"http://127.0.0.1:{port}" in banner
+
+    one = argparse.Namespace(model=None, filename=None, port=8080, node_port=9000, nodes=1)
+    single = up_cli._Cluster(one, threading.Event(), [])
+    single.models_dir = tmp_path / "models"
+    argv = single._node_args(0)
+    assert argv[argv.index("--models-dir") + 1] == str(tmp_path / "models")  # the usual store
+
+
+def test_fleet_progress_prints_a_line_per_state_and_percentages() -> None:
+    import io
+
+    from llmlb.cli.progress import DownloadDisplay, ModelProgress
+
+    out = io.StringIO()
+    with DownloadDisplay("org/m", stream=out, live=False, prefix="llmlb up: ") as display:
+        display.update(ModelProgress())  # no node reports it yet: nothing
+        display.update(ModelProgress("downloading", 10, 40, downloading=1))
+        display.update(ModelProgress("loading"))
+        display.update(ModelProgress("loading"))
+        display.update(ModelProgress("ready", nodes_ready=1))
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("llmlb up: org/m: downloading 10 B / 40 B  (25%)")
+    assert lines[1:] == ["llmlb up: org/m: loading", "llmlb up: org/m: ready"]
+
+    live = io.StringIO()
+    with DownloadDisplay("org/m", stream=live, live=True) as display:
+        display.update(ModelProgress("downloading", 1024, 4096, downloading=2))
+    assert "org/m (downloading)" in live.getvalue() and "1.0/4.0 KiB" in live.getvalue()

@@ -212,12 +212,13 @@ class DownloadDisplay:
         assert self._bar is not None
         if self._total_task is None:
             self._total_task = self._bar.add_task(self.model_id, total=p.bytes_total or None)
-        what = f"{p.files_done}/{p.files_total} files" if p.files_total else str(p.phase)
+        # ``[...]`` would be rich markup unless it holds a slash, as a file count does.
+        what = f"[{p.files_done}/{p.files_total} files]" if p.files_total else f"({p.phase})"
         self._bar.update(
             self._total_task,
             completed=p.bytes_done,
             total=p.bytes_total or None,
-            description=f"{self.model_id} [{what}]",
+            description=f"{self.model_id} {what}",
         )
         if p.filename:
             task = self._file_tasks.get(p.filename)
