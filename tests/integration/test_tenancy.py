@@ -8,15 +8,18 @@ a stream that asks for its usage.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
+from llmlb.router import db
 
 from tests.integration.test_router_hardening import ADMIN, Beats, ready, start_mock
-from tests.procs import spawner, wait_until
+from tests.procs import LLMLB, spawner, wait_until
 from tests.router_fixtures import RouterUrl, call, start_router
 
 MODEL = "tenancy/model"
@@ -312,3 +315,65 @@ def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
     finally:
         for beat in beats:
             beat.close()
+
+
+# -- audit log ------------------------------------------------------------------------------
+
+
+def _audit_verify(router: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*LLMLB, "audit", "verify", "--router", router, "--api-key", ADMIN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_audit_chain_records_admin_actions_and_detects_tampering(
+    request, spawn, tmp_path, backend
+):
+    home = tmp_path / "home"
+    home.mkdir()
+    target: str | Path = home / "lb.db"
+    args: tuple[str, ...] = ()
+    if backend == "postgresql":
+        target = request.getfixturevalue("postgres_url")
+        args = ("--db", str(target))
+    router = start_router(spawn, home, ADMIN, *args)
+    created = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api", "name": "audited", "rpm": 5})
+    key_id_ = created.json["id"]
+    assert call(router, "PATCH", f"/v0/keys/{key_id_}", ADMIN, {"rpm": 9}).status == 200
+    assert call(router, "PATCH", f"/v0/keys/{key_id_}", ADMIN, {"rpm": -1}).status == 400
+    assert call(router, "DELETE", f"/v0/keys/{key_id_}", ADMIN).status == 204
+    log = call(router, "GET", "/v0/audit", ADMIN)
+    assert log.status == 200 and log.json["count"] == 3
+    entries = log.json["entries"]
+    assert [e["action"] for e in entries] == ["key.created", "key.changed", "key.revoked"]
+    assert {e["actor"] for e in entries} == {"key_admin_env"}
+    assert {e["target"] for e in entries} == {key_id_}
+    assert entries[0]["change"] == {"scope": "api", "name": "audited", "rpm": 5}
+    assert entries[1]["change"] == {"rpm": 9}
+    assert created.json["key"].encode() not in log.body and ADMIN.encode() not in log.body
+    assert call(router, "GET", "/v0/audit", created.json["key"]).status == 401  # revoked
+    ok = _audit_verify(router)
+    assert ok.returncode == 0 and "ok: 3 entries" in ok.stdout, ok.stdout + ok.stderr
+
+    conn = db.open_database(target)
+    try:
+        with db.transaction(conn):
+            conn.execute("UPDATE audit_log SET change = ? WHERE seq = 2", ('{"rpm":1000}',))
+        altered = _audit_verify(router)
+        assert altered.returncode == 1 and "entry 2: altered" in altered.stdout
+        with db.transaction(conn):
+            conn.execute("UPDATE audit_log SET change = ? WHERE seq = 2", ('{"rpm":9}',))
+        assert _audit_verify(router).returncode == 0
+        with db.transaction(conn):
+            conn.execute("DELETE FROM audit_log WHERE seq = 2")
+        removed = _audit_verify(router)
+        assert removed.returncode == 1 and "entry 2 is missing" in removed.stdout
+        with db.transaction(conn):
+            conn.execute("DELETE FROM audit_log WHERE seq = 3")
+        assert "ends at entry 1 but 3 were written" in _audit_verify(router).stdout
+    finally:
+        conn.close()

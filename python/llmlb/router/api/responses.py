@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+# Where read_json leaves the parsed body in the request's scope.
+BODY_SCOPE = "llmlb.body"
+
+
 async def read_json(request: Request, limit: int) -> dict:
     """The JSON object body of a control-plane route (keys, models, nodes, peers): at most
     ``limit`` bytes and :data:`llmlb.http.MAX_JSON_DEPTH` levels, and no NUL character in any
@@ -38,7 +42,9 @@ async def read_json(request: Request, limit: int) -> dict:
     Raises:
         ApiError: 413 or 400, see :func:`llmlb.http.read_json`.
     """
-    return await http.read_json(request, limit, allow_nul=False)
+    body = await http.read_json(request, limit, allow_nul=False)
+    request.scope[BODY_SCOPE] = body  # what the audit log records of an admin action
+    return body
 
 
 def unauthorized(status: int) -> ApiError:

@@ -9,6 +9,7 @@ from dataclasses import replace
 from functools import partial
 from urllib.parse import unquote
 
+import orjson
 from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import Response
@@ -31,11 +32,12 @@ from llmlb.router import db
 from llmlb.router.api import dashboard, metrics
 from llmlb.router.api.openapi import openapi_schema
 from llmlb.router.api.responses import (  # control bodies: no NUL
+    BODY_SCOPE,
     authorize,
     read_json,
     unauthorized,
 )
-from llmlb.router.control import keys, nodes, peers, registry, usage
+from llmlb.router.control import audit, keys, nodes, peers, registry, usage
 from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import parse_limits
 from llmlb.router.proxy.admission import period_start
@@ -200,6 +202,60 @@ async def _usage_answer(request: Request, runtime: Runtime, own: KeyEntry | None
     return JSONResponse(answer)
 
 
+# -- audit ---------------------------------------------------------------------------------
+
+# Handlers whose success is an admin action, and the action's name in the audit log.
+AUDITED = {
+    "create_key": "key.created",
+    "update_key": "key.changed",
+    "delete_key": "key.revoked",
+    "register_model": "model.registered",
+    "delete_model": "model.deleted",
+    "retry_model": "model.retried",
+    "approve_node": "node.approved",
+    "revoke_node": "node.revoked",
+    "unregister_node": "node.removed",
+}
+
+
+async def _audit(request: Request, action: str, response: Response) -> None:
+    """Append a succeeded admin action to the audit log: the acting key's id, the target
+    (the path's id, else the id the answer names) and the request's JSON body."""
+    runtime = _runtime(request)
+    entry = runtime.keys.entry_of(_bearer(request))
+    actor = entry.id if entry is not None else ""
+    params = request.path_params
+    target = params.get("key_id") or params.get("node_id") or params.get("model_id") or ""
+    change = request.scope.get(BODY_SCOPE)  # the body the handler read, if any
+    if not target:
+        with contextlib.suppress(Exception):
+            target = str(orjson.loads(bytes(response.body)).get("id") or "")
+    try:
+        await runtime.db.run(audit.append, actor, action, unquote(target), change)
+    except Exception as exc:  # noqa: BLE001 - the action is done; say so loudly
+        logger.error("cannot append %s on %s to the audit log: %s", action, target, exc)
+
+
+async def audit_log(request: Request) -> Response:
+    """``GET /v0/audit?after=&limit=`` (admin): entries oldest first, and ``count``, the
+    number of entries the routers wrote (``llmlb audit verify`` checks the chain)."""
+    runtime = _guard(request, "admin")
+    params = request.query_params
+    try:
+        after = int(params.get("after") or 0)
+        limit = int(params.get("limit") or audit.MAX_PAGE)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_request_error", "after and limit are integers", param="after"
+        ) from None
+    if after < 0 or not 1 <= limit <= audit.MAX_PAGE:
+        raise ApiError(
+            400, "invalid_request_error", f"limit is 1 to {audit.MAX_PAGE}", param="limit"
+        )
+    entries, count = await runtime.db.run(audit.read, after, limit)
+    return JSONResponse({"entries": entries, "count": count})
+
+
 # -- models --------------------------------------------------------------------------------
 
 
@@ -288,7 +344,7 @@ async def manifest(request: Request) -> Response:
         view, reports = await runtime.db.run(
             _peer_inputs, model_id, runtime.settings.offline_after_s
         )
-        seeds, wait_s = peers.plan_settings()
+        seeds, wait_s = runtime.settings.peer_seeds, runtime.settings.peer_wait_s
         sources, wait = peers.peer_plan(
             model_id,
             found["revision"],
@@ -366,7 +422,7 @@ def _membership(runtime: Runtime, approved: bool) -> tuple[str, str | None]:
     approved."""
     if not approved:
         return nodes.PENDING, None
-    return nodes.APPROVED, peers.fleet_token(runtime.settings.home)
+    return nodes.APPROVED, peers.fleet_token(runtime.settings.home, runtime.settings.fleet_secret)
 
 
 async def node_heartbeat(request: Request) -> Response:
@@ -539,7 +595,10 @@ def _by_method(**handlers: Endpoint) -> tuple[Endpoint, list[str]]:
         method = request.method.lower()
         handler = handlers["get"] if method == "head" else handlers[method]
         request.scope["llmlb.handler"] = handler.__name__
-        return await handler(request)
+        response = await handler(request)
+        if handler.__name__ in AUDITED and 200 <= response.status_code < 300:
+            await _audit(request, AUDITED[handler.__name__], response)
+        return response
 
     return dispatch, [method.upper() for method in handlers]
 
@@ -571,6 +630,7 @@ ROUTES = [
     _route("/v0/traffic", get=traffic),
     _route("/v0/usage", get=usage_report),
     _route("/v0/usage/self", get=usage_self),
+    _route("/v0/audit", get=audit_log),
     _route("/dashboard", get=dashboard.dashboard_page),
     _route("/dashboard/{name}", get=dashboard.dashboard_file),
 ]

@@ -159,6 +159,21 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
             PRIMARY KEY (key_id, kind, second, router)
         )""",
     ],
+    # 8: the audit log of admin actions, a hash chain (llmlb.router.control.audit); the
+    # ``audit`` state_version row counts its entries.
+    [
+        """CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            at TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            change TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""",
+        "INSERT INTO state_version (name, version) VALUES ('audit', 0)",
+    ],
 ]
 
 
