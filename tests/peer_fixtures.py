@@ -1,15 +1,21 @@
 """A fake peer for fleet tests: registers with the router as a node that holds a model ready,
-heartbeats, and serves ``/v0/peer/files/…`` with every byte flipped (a lying peer); or holds a
-URL where nothing listens (a peer nobody can reach)."""
+heartbeats, publishes piece maps with the true piece hashes (``/v0/peer/pieces/…``) and serves
+``/v0/peer/files/…`` with every byte flipped (a lying peer); or holds a URL where nothing
+listens (a peer nobody can reach), or one that accepts connections and never answers."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
+
+import orjson
+from llmlb.node.models.pieces import PIECE_SIZE, encode_bits, piece_count
 
 from tests.router_fixtures import call, free_url
 
@@ -25,6 +31,8 @@ class FakePeer:
         files: ``(model_id, filename)`` -> the true file on disk (served flipped).
         models: model id -> revision it claims to hold.
         listen: serve the peer route (else register a URL where nothing listens).
+        hang: accept connections and never answer (with ``listen=False``).
+        state: the state it reports for its models.
     """
 
     def __init__(
@@ -35,6 +43,8 @@ class FakePeer:
         models: dict[str, str],
         *,
         listen: bool = True,
+        hang: bool = False,
+        state: str = "ready",
     ):
         self.router, self.node_key, self.files, self.models = router, node_key, files, models
         self.requests: list[tuple[str, str, str | None]] = []  # (path, authorization, range)
@@ -42,7 +52,14 @@ class FakePeer:
         self.secret = secrets.token_urlsafe(24)
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
+        self.state = state
+        self._hung: socket.socket | None = None
         self.url = free_url()
+        if hang:  # a listening socket nobody accepts from: connects succeed, nothing answers
+            self._hung = socket.socket()
+            self._hung.bind(("127.0.0.1", 0))
+            self._hung.listen(64)
+            self.url = f"http://127.0.0.1:{self._hung.getsockname()[1]}"
         if listen:
             self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
             self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -55,6 +72,9 @@ class FakePeer:
                 peer.requests.append(
                     (self.path, self.headers.get("authorization"), self.headers.get("range"))
                 )
+                if "/v0/peer/pieces/" in self.path:
+                    self._map()
+                    return
                 rest = self.path.split("/v0/peer/files/", 1)[-1]
                 quoted_id, _, quoted_name = rest.partition("/")
                 true = peer.files.get((unquote(quoted_id), unquote(quoted_name)))
@@ -72,13 +92,48 @@ class FakePeer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _map(self) -> None:
+                rest = self.path.split("/v0/peer/pieces/", 1)[-1].partition("?")[0]
+                quoted_id, _, quoted_name = rest.partition("/")
+                model_id = unquote(quoted_id)
+                true = peer.files.get((model_id, unquote(quoted_name)))
+                if true is None:
+                    self.send_error(404)
+                    return
+                data = true.read_bytes()
+                n = piece_count(len(data), PIECE_SIZE)
+                body = orjson.dumps(
+                    {
+                        "size": len(data),
+                        "piece_size": PIECE_SIZE,
+                        "revision": peer.models.get(model_id),
+                        "epoch": "fake",
+                        "seq": n,
+                        "have": encode_bits([True] * n),
+                        "hashes": {
+                            str(i): hashlib.sha256(
+                                data[i * PIECE_SIZE : (i + 1) * PIECE_SIZE]
+                            ).hexdigest()
+                            for i in range(n)
+                        },
+                        "hub": [],
+                        "complete": True,
+                        "uploads": 0,
+                    }
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: object) -> None:
                 pass
 
         return Handler
 
     def _reports(self) -> list[dict]:
-        return [{"id": m, "state": "ready", "revision": r} for m, r in self.models.items()]
+        return [{"id": m, "state": self.state, "revision": r} for m, r in self.models.items()]
 
     def __enter__(self) -> FakePeer:
         if self._server is not None:
@@ -108,3 +163,5 @@ class FakePeer:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        if self._hung is not None:
+            self._hung.close()

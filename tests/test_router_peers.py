@@ -39,12 +39,28 @@ def test_peers_hold_the_model_ready_at_the_manifests_revision_least_busy_first()
         _node("me"),
     ]
     peers, wait = _plan("me", nodes)
-    assert [p.node_id for p in peers] == ["idle", "busy"] and wait is None
+    # Ready ones first (least busy first), then the ones downloading it (they trade pieces).
+    assert [p.node_id for p in peers] == ["idle", "busy", "loading"] and wait is None
     assert peers[1].uploads == 5 and peers[0].url == "http://idle:1"
     peers, _ = _plan("me", nodes, bad=frozenset({"idle"}))
-    assert [p.node_id for p in peers] == ["busy"]
+    assert [p.node_id for p in peers] == ["busy", "loading"]
     peers, _ = _plan("idle", nodes)  # never itself
-    assert [p.node_id for p in peers] == ["busy"]
+    assert [p.node_id for p in peers] == ["busy", "loading"]
+
+
+def test_a_node_downloading_the_model_is_a_peer_so_nobody_waits():
+    nodes = [_node("seed", "downloading"), _node("a"), _node("b")]
+    for requester in ("a", "b"):
+        peers, wait = _plan(requester, nodes)
+        assert [p.node_id for p in peers] == ["seed"] and wait is None
+
+
+def test_a_node_without_an_upload_budget_is_never_listed():
+    nodes = [_node("zero", "ready"), _node("slow", "downloading"), _node("ok", "ready")]
+    nodes.append(_node("me"))
+    nodes[0].models["m"]["serves_peers"] = False
+    nodes[1].models["m"]["serves_peers"] = False
+    assert [p.node_id for p in _plan("me", nodes)[0]] == ["ok"]
 
 
 def test_one_seed_goes_to_the_hub_while_the_others_wait_for_it():

@@ -13,9 +13,17 @@ file, 200), as RFC 9110 allows. Rules, each checked on every request:
   router's manifest lists with a sha256, and whose bytes are known to have that sha256: from
   the record the download wrote at promotion while the file is unchanged (size, mtime,
   inode), else hashed once here (hand-placed files) and remembered while unchanged;
+- while the node downloads a file (not yet promoted), only ranges that lie within pieces it
+  holds verified (:mod:`.pieces`: hashed from the hub's bytes, or checked against their
+  published hash) are served, from the partial file;
 - every byte goes through one upload budget (``--peer-upload-mbps``, a token bucket shared by
   all uploads), and at most :data:`MAX_UPLOADS` run at once (429 beyond), so serving peers
   never starves inference.
+
+``GET /v0/peer/pieces/{model_id}/{filename}[?since=SEQ]``: the piece map of a file this node
+downloads or holds verified (:meth:`llmlb.node.models.pieces.PieceFile.map`); for a verified
+file in the store that no download of this run recorded, the piece hashes are computed once
+from the verified bytes. Same token and budget rules; a node with no budget answers 503.
 
 :class:`TransferStats` keeps the per-model counters the node reports (bytes from the hub and
 from peers of its downloads, uploads in progress and bytes served) and exports them as
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -47,6 +56,7 @@ from llmlb.http import bearer_token, error_response, model_id_or_400
 from llmlb.model_storage import is_safe_relative_path
 from llmlb.node.models.download.staging import file_signature, read_marker
 from llmlb.node.models.hashing import sha256_file
+from llmlb.node.models.pieces import PIECE_SIZE, PieceBoard, PieceFile, hash_pieces
 
 if TYPE_CHECKING:
     from llmlb.node.models.resolver import Resolver
@@ -54,6 +64,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v0/peer/files/"
+PIECES_PREFIX = "/v0/peer/pieces/"
+NODE_ID_HEADER = "x-llmlb-node-id"  # the node asking for a map (it fetches the file too)
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_UPLOADS = 64  # transfers (range requests) served at once
 BLOCK = 1 << 20
 _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
@@ -69,6 +82,8 @@ class _ModelCounters:
     bytes_served: int = 0
     bytes_from_hub: int = 0
     bytes_from_peers: int = 0
+    pieces_served: int = 0
+    by_source: dict[str, int] | None = None  # this run's download bytes: "hub", node ids
 
 
 class TransferStats:
@@ -102,9 +117,38 @@ class TransferStats:
         )
         self.bad_peers = Counter(
             "llmlb_node_bad_peer_files",
-            "Files from a peer that failed their check (refetched from the hub)",
+            "Files in which a peer's bytes failed a check (a piece's published hash, or the "
+            "whole file's sha256); the bytes are fetched again elsewhere",
             registry=r,
         )
+        self.model_source_bytes = Counter(
+            "llmlb_node_download_model_source_bytes",
+            "Verified pieces' bytes downloaded, by model and source (hub, or a peer's node id)",
+            ["model", "source"],
+            registry=r,
+        )
+        self.pieces_served = Counter(
+            "llmlb_node_peer_pieces_served",
+            "Pieces (ranges) of a model served to other nodes",
+            ["model"],
+            registry=r,
+        )
+        self.serves_peers = True  # False: no upload budget; said in every report
+
+    def piece(self, model_id: str, source: str, n: int) -> None:
+        """A verified piece of ``n`` bytes of ``model_id`` came from ``source``."""
+        with self._lock:
+            counters = self._of(model_id)
+            if counters.by_source is None:
+                counters.by_source = {}
+            counters.by_source[source] = counters.by_source.get(source, 0) + n
+        self.model_source_bytes.labels(model_id, source).inc(n)
+
+    def piece_served(self, model_id: str) -> None:
+        """A piece (a range) of ``model_id`` went to a peer in full."""
+        with self._lock:
+            self._of(model_id).pieces_served += 1
+        self.pieces_served.labels(model_id).inc()
 
     def _of(self, model_id: str) -> _ModelCounters:
         return self._models.setdefault(model_id, _ModelCounters())
@@ -144,19 +188,24 @@ class TransferStats:
         with self._lock:
             return sum(c.uploads for c in self._models.values())
 
-    def fields(self, model_id: str) -> dict[str, int]:
-        """The report fields of ``model_id`` (only counters that moved)."""
+    def fields(self, model_id: str) -> dict[str, Any]:
+        """The report fields of ``model_id``: counters that moved, ``bytes_by_source`` and
+        ``pieces_served`` (the node's own status only; the router keeps the counters), and
+        ``serves_peers: false`` when the node has no upload budget."""
+        extra: dict[str, Any] = {} if self.serves_peers else {"serves_peers": False}
         with self._lock:
             counters = self._models.get(model_id)
             if counters is None:
-                return {}
-            data = {
+                return extra
+            data: dict[str, Any] = {
                 "bytes_from_hub": counters.bytes_from_hub,
                 "bytes_from_peers": counters.bytes_from_peers,
                 "uploads": counters.uploads,
                 "bytes_served": counters.bytes_served,
+                "pieces_served": counters.pieces_served,
+                "bytes_by_source": dict(counters.by_source or {}),
             }
-        return {k: v for k, v in data.items() if v}
+        return {**{k: v for k, v in data.items() if v}, **extra}
 
     def forget(self, model_id: str) -> None:
         """Drop a deleted model's counters (its uploads, if any, still end normally)."""
@@ -305,6 +354,8 @@ class PeerService:
         self.stats = stats
         self.budget = UploadBudget(upload_mbps * 1e6 / 8) if upload_mbps > 0 else None
         self.files = VerifiedFiles(resolver.models_dir)
+        self.board: PieceBoard = resolver.board
+        stats.serves_peers = self.budget is not None
 
     def _refuse(self, reason: str, exc: ApiError) -> ApiError:
         self.stats.refused.labels(reason).inc()
@@ -323,10 +374,10 @@ class PeerService:
                 ApiError(401, "invalid_api_key", "the peer route needs this fleet's peer token"),
             )
 
-    def _target(self, request: Request) -> tuple[str, str]:
+    def _target(self, request: Request, prefix: str = PREFIX) -> tuple[str, str]:
         raw = request.scope.get("raw_path") or request.url.path.encode()
         path = raw.decode("latin-1").partition("?")[0]
-        rest = path[len(PREFIX) :] if path.startswith(PREFIX) else ""
+        rest = path[len(prefix) :] if path.startswith(prefix) else ""
         quoted_id, _, quoted_name = rest.partition("/")
         model_id = model_id_or_400(unquote(quoted_id))
         filename = unquote(quoted_name)
@@ -383,47 +434,93 @@ class PeerService:
             )
         return path, spec.size_bytes, digest
 
+    def _open_to_peers(self, request: Request) -> None:
+        self._check_token(request)
+        if self.budget is None:
+            raise self._refuse(
+                "disabled",
+                ApiError(503, "peer_disabled", "this node serves no peers", retry_after=60),
+            )
+
+    def _partial(
+        self, model_id: str, filename: str, header: str | None
+    ) -> tuple[Path, int, tuple[int, int]] | None:
+        """A range of a file this node is still downloading: its path, size and span, when
+        every piece it touches is held verified (``None``: no such download here).
+
+        Raises:
+            ApiError: 404 ``piece_not_held`` for a range beyond the held pieces (or no range).
+        """
+        if self.resolver.local_path(model_id) is not None:
+            return None
+        entry = self.board.get(model_id, filename)
+        if entry is None:
+            return None
+        span = _parse_range(header, entry.size)
+        if span is None:
+            span = (0, entry.size)
+        held, path = self.board.covers(entry, *span)
+        if not held:
+            raise self._refuse(
+                "unverified",
+                ApiError(
+                    404,
+                    "piece_not_held",
+                    f"bytes {span[0]}-{span[1] - 1} of {filename} are not all in verified "
+                    "pieces on this node yet",
+                ),
+            )
+        return path, entry.size, span
+
     async def handle(self, request: Request) -> Response:
         """``GET``/``HEAD /v0/peer/files/{model_id}/{filename}``."""
+        digest: str | None = None
         try:
-            self._check_token(request)
-            if self.budget is None:
-                raise self._refuse(
-                    "disabled",
-                    ApiError(503, "peer_disabled", "this node serves no peers", retry_after=60),
-                )
+            self._open_to_peers(request)
             model_id, filename = self._target(request)
-            path, size, digest = await self._verified(model_id, filename)
-            span = _parse_range(request.headers.get("range"), size)
+            header = request.headers.get("range")
+            partial = self._partial(model_id, filename, header)
+            if partial is not None:
+                path, size, whole = partial
+                span: tuple[int, int] | None = whole if header else None
+            else:
+                path, size, digest = await self._verified(model_id, filename)
+                span = _parse_range(header, size)
+            start, end = span if span is not None else (0, size)
+            fd = os.open(path, os.O_RDONLY)  # held open: a rename meanwhile does not matter
         except ApiError as exc:
             return error_response(exc)
-        start, end = span if span is not None else (0, size)
+        except OSError:  # renamed between the check and the open (promoted): ask again
+            exc = ApiError(503, "file_moving", f"{filename} is being moved", retry_after=1)
+            return error_response(self._refuse("missing", exc))
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Length": str(end - start),
-            "ETag": f'"{digest}"',
             "X-Linked-Size": str(size),
         }
+        if digest is not None:
+            headers["ETag"] = f'"{digest}"'
         status = 200
         if span is not None:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         if request.method == "HEAD":
+            os.close(fd)
             return Response(status_code=status, headers=headers)
         if self.stats.active_uploads() >= MAX_UPLOADS:
+            os.close(fd)
             exc = ApiError(429, "peer_busy", "too many peer transfers", retry_after=1)
             return error_response(self._refuse("busy", exc))
         return StreamingResponse(
-            self._body(model_id, path, start, end),
+            self._body(model_id, fd, start, end),
             status_code=status,
             headers=headers,
             media_type="application/octet-stream",
         )
 
-    async def _body(self, model_id: str, path: Path, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _body(self, model_id: str, fd: int, start: int, end: int) -> AsyncIterator[bytes]:
         assert self.budget is not None
         self.stats.upload_started(model_id)
-        fd = os.open(path, os.O_RDONLY)
         try:
             offset = start
             block = self.budget.block()
@@ -436,17 +533,70 @@ class PeerService:
                 offset += len(data)
                 self.stats.served(model_id, len(data))
                 yield data
+            if offset >= end:
+                self.stats.piece_served(model_id)
         finally:
             with contextlib.suppress(OSError):
                 os.close(fd)
             self.stats.upload_ended(model_id)
 
 
+    async def pieces(self, request: Request) -> Response:
+        """``GET /v0/peer/pieces/{model_id}/{filename}[?since=SEQ]``: the file's piece map."""
+        try:
+            self._open_to_peers(request)
+            model_id, filename = self._target(request, PIECES_PREFIX)
+            raw_since = request.query_params.get("since")
+            try:
+                since = int(raw_since) if raw_since is not None else None
+            except ValueError:
+                raise ApiError(
+                    400, "invalid_request_error", "since must be an integer", param="since"
+                ) from None
+            entry = await self._entry(model_id, filename)
+        except ApiError as exc:
+            return error_response(exc)
+        visitor = request.headers.get(NODE_ID_HEADER)
+        if visitor is not None and not _NODE_ID.fullmatch(visitor):
+            visitor = None
+        data = self.board.map(entry, since, self.stats.active_uploads(), visitor)
+        return Response(orjson.dumps(data), media_type="application/json")
+
+    async def _entry(self, model_id: str, filename: str) -> PieceFile:
+        """The board's entry of a file, or one made from the verified file in the store."""
+        if self.resolver.local_path(model_id) is None:
+            entry = self.board.get(model_id, filename)
+            if entry is None:
+                raise self._refuse(
+                    "missing",
+                    ApiError(404, "file_not_found", f"{filename} of {model_id} is not here"),
+                )
+            return entry
+        entry = self.board.get(model_id, filename)
+        if entry is not None and entry.complete:
+            return entry
+        path, size, _digest = await self._verified(model_id, filename)  # whole-file check
+        hashes = await asyncio.to_thread(hash_pieces, path, size, PIECE_SIZE)
+        made = PieceFile(model_id, filename, size, PIECE_SIZE, None, path, complete=True)
+        for index, digest in enumerate(hashes):
+            made.hashes[index] = digest
+            made.have[index] = 1
+            made.stamps[index] = made.seq = index + 1
+        made.revision = (read_marker(self.resolver.models_dir, model_id) or {}).get("revision")
+        return self.board.adopt(made)
+
+
 def routes(service_of: Callable[[Request], PeerService]) -> list[Any]:
-    """The peer route for a Starlette app; ``service_of`` finds the request's service."""
+    """The peer routes for a Starlette app; ``service_of`` finds the request's service."""
     from starlette.routing import Route
 
     async def peer_files(request: Request) -> Response:
         return await service_of(request).handle(request)
 
-    return [Route(PREFIX + "{rest:path}", peer_files, methods=["GET", "HEAD"])]
+    async def peer_pieces(request: Request) -> Response:
+        return await service_of(request).pieces(request)
+
+    return [
+        Route(PREFIX + "{rest:path}", peer_files, methods=["GET", "HEAD"]),
+        Route(PIECES_PREFIX + "{rest:path}", peer_pieces, methods=["GET"]),
+    ]

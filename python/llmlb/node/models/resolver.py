@@ -60,6 +60,7 @@ from llmlb.node.models.download.staging import read_marker
 from llmlb.node.models.download.workers import shared_pool
 from llmlb.node.models.identity import node_secret
 from llmlb.node.models.peers import TransferStats
+from llmlb.node.models.pieces import PieceBoard
 from llmlb.node.models.router_client import fetch_manifest, report_peer
 from llmlb.protocol import Manifest, ModelReport, ModelState, PeerReport, PeerSource
 
@@ -179,6 +180,7 @@ class Resolver:
         self.peer_fetch = peer_fetch
         self.stats = stats if stats is not None else TransferStats()
         self.bad_peers: dict[str, set[str]] = {}  # per model: peers that served bad bytes
+        self.board = PieceBoard()  # pieces this node holds, for the swarm (peers.py serves)
         self._revisions: dict[str, str | None] = {}  # downloaded models' revisions
         self._waits: dict[str, asyncio.Event] = {}  # models waiting for a peer: cancel
         self._ahead: tuple[LoadFn, UnloadFn] | None = None
@@ -257,6 +259,7 @@ class Resolver:
         self.manifests.pop(model_id, None)
         self._revisions.pop(model_id, None)
         self.bad_peers.pop(model_id, None)
+        self.board.drop(model_id)
         self.stats.forget(model_id)
         self._clear_failures(model_id)
 
@@ -441,6 +444,10 @@ class Resolver:
             peer_token=peer_token,
             on_bad_peer=lambda peer, reason: self._bad_peer(model_id, peer, reason),
             load_ahead=ahead,
+            board=self.board,
+            node_id=self.fleet()[0] if self.fleet is not None else None,
+            refresh_peers=lambda: self._refresh_peers(model_id),
+            on_piece=lambda source, n: self.stats.piece(model_id, source, n),
         )
         self._fetches[model_id] = fetch
         started = time.monotonic()
@@ -500,6 +507,17 @@ class Resolver:
         bad = self.bad_peers.get(manifest.model_id, set())
         peers = [p for p in manifest.peers if p.node_id != node_id and p.node_id not in bad]
         return peers, token
+
+    def _refresh_peers(self, model_id: str) -> list[PeerSource]:
+        """The router's current peers of ``model_id`` for this node (blocking; a swarm
+        download asks while it runs)."""
+        if self.router is None or self.fleet is None:
+            return []
+        node_id = self.fleet()[0]
+        manifest = fetch_manifest(
+            self.router.url, self.router.api_key, model_id, timeout=5.0, node_id=node_id
+        )
+        return self._usable_peers(replace(manifest, model_id=model_id))[0]
 
     async def _wait_for_peers(self, manifest: Manifest) -> Manifest:
         """Ask again while the router says a seed is fetching the model and no peer has it,

@@ -8,13 +8,16 @@ peer off that node's own list at once, and off every list when :data:`REPORT_QUO
 distinct approved nodes reported it, so no single credential evicts a node from the fleet.
 
 A node asking for a manifest (``?node_id=``) gets ``peers``: online nodes that report the
-model ``ready`` at the manifest's revision, least busy uploaders first. When there is none
-yet, the router lets only ``seeds`` nodes (``LLMLB_PEER_SEEDS``, default 1) start from the
-hub: the nodes that need the model are ranked by a hash of (model, node), so every worker
-and every request agrees without any shared state, and the others get ``peer_wait_s``: they
-ask again until a peer is ready or that time passed, then go to the hub. A seed that fails
-or goes offline drops out of the ranking, and the next node takes its place. Every node that
-becomes ready serves the next ones.
+model ``ready`` at the manifest's revision, least busy uploaders first, then the nodes that
+report it ``downloading`` (they trade pieces while they download,
+:mod:`llmlb.node.models.swarm`; each piece map names the revision, which the asking node
+checks). A node that reports ``serves_peers: false`` (no upload budget) is never listed.
+When there is none yet, the router lets only ``seeds`` nodes (``LLMLB_PEER_SEEDS``, default
+1) start from the hub: the nodes that need the model are ranked by a hash of (model, node),
+so every worker and every request agrees without any shared state, and the others get
+``peer_wait_s``: they ask again until a peer is listed (the seed reports ``downloading``, at
+once: a state change sends a heartbeat) or that time passed, then go to the hub. A seed that
+fails or goes offline drops out of the ranking, and the next node takes its place.
 """
 
 from __future__ import annotations
@@ -53,15 +56,16 @@ REPORT_QUORUM = 2
 
 
 @functools.cache
-def fleet_token(home: Path) -> str:
+def fleet_token(home: Path, secret: str | None = None) -> str:
     """The bearer token registered nodes present to each other on ``/v0/peer/*``.
 
-    Derived (HMAC-SHA256) from ``LLMLB_FLEET_SECRET``, else from ``home/fleet.key`` (created
-    once, mode 0600, by whichever worker gets there first), so every worker hands out the
-    same token and none of the secret reaches a node. It is no router key: the router
-    accepts it nowhere.
+    Derived (HMAC-SHA256) from ``secret`` (``LLMLB_FLEET_SECRET``, as the router's settings
+    read it at start; read now when not given), else from ``home/fleet.key`` (created once,
+    mode 0600, by whichever worker gets there first), so every worker hands out the same
+    token and none of the secret reaches a node. It is no router key: the router accepts it
+    nowhere.
     """
-    secret = config.fleet_secret() or _file_secret(Path(home) / FLEET_KEY_FILE)
+    secret = secret or config.fleet_secret() or _file_secret(Path(home) / FLEET_KEY_FILE)
     return "fleet-" + hmac.new(secret.encode(), b"llmlb peer token v1", "sha256").hexdigest()
 
 
@@ -134,11 +138,20 @@ def peer_plan(
         and node.node_id not in bad
         and revision is not None
         and (report := node.models.get(model_id)) is not None
-        and report.get("state") == "ready"
-        and report.get("revision") == revision
+        and report.get("serves_peers") is not False
+        and (
+            (report.get("state") == "ready" and report.get("revision") == revision)
+            or report.get("state") == "downloading"
+        )
     ]
     if peers:
-        peers.sort(key=lambda node: (node.uploads, _rank(model_id, node.node_id)))
+        peers.sort(
+            key=lambda node: (
+                (node.models.get(model_id) or {}).get("state") != "ready",
+                node.uploads,
+                _rank(model_id, node.node_id),
+            )
+        )
         return [PeerSource(node.node_id, node.url, node.uploads) for node in peers], None
     if requester is None or wait_s <= 0 or not any(n.node_id == requester for n in nodes):
         return [], None
@@ -197,9 +210,3 @@ def log_report(
             reporter or "a report naming no reporter",
             reason,
         )
-
-
-@functools.cache
-def plan_settings() -> tuple[int, float]:
-    """``(seeds, wait_s)`` from the environment (``LLMLB_PEER_SEEDS``, ``LLMLB_PEER_WAIT_S``)."""
-    return config.peer_seeds(), config.peer_wait_s()

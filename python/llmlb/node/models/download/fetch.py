@@ -66,6 +66,8 @@ from llmlb.node.models.download.staging import (
 )
 from llmlb.node.models.download.workers import TransferPool, TransferWorker, shared_pool
 from llmlb.node.models.hashing import FollowingHasher, sha256_file
+from llmlb.node.models.pieces import PieceBoard
+from llmlb.node.models.swarm import HubSource, SwarmFile
 from llmlb.protocol import Manifest, ManifestFile, PeerSource
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,13 @@ class ModelFetch:
             check, and the reason.
         load_ahead: load the model from its landed GGUF while the hash finishes
             (:mod:`.load_ahead`); nothing is promoted before the check passed either way.
+        board: the node's piece board: with it (and ``peer_token``, ``node_id``), files with a
+            sha256 are fetched piece by piece from the swarm and the hub
+            (:mod:`llmlb.node.models.swarm`), their pieces published as they land.
+        node_id: this node's id (with ``board``).
+        refresh_peers: returns the router's current peers of the model (blocking; asked
+            twice a second while a swarm download runs).
+        on_piece: called with each verified piece's source (``"hub"`` or a node id) and size.
     """
 
     def __init__(
@@ -162,6 +171,10 @@ class ModelFetch:
         peer_token: str | None = None,
         on_bad_peer: BadPeerCallback | None = None,
         load_ahead: LoadAhead | None = None,
+        board: PieceBoard | None = None,
+        node_id: str | None = None,
+        refresh_peers: Callable[[], Sequence[PeerSource]] | None = None,
+        on_piece: Callable[[str, int], None] | None = None,
     ):
         self.store = store
         self.models_dir = Path(models_dir)
@@ -194,6 +207,10 @@ class ModelFetch:
         self._verified_names: set[str] = set()
         self._landed: set[str] = set()  # files loaded ahead of their check
         self.last_byte_at: float | None = None  # monotonic time the last byte landed
+        self._board = board if peer_token and node_id else None
+        self._node_id = node_id or ""
+        self._refresh_peers = refresh_peers
+        self._on_piece = on_piece
 
     def cancel(self) -> None:
         """Abort the download from another thread."""
@@ -295,12 +312,25 @@ class ModelFetch:
                 self._state.files_done += 1
             self._report(force=True)
 
-        if lanes == 1:
-            for spec in todo:
-                fetch(spec)
-        else:
-            self._fetch_all(fetch, todo, lanes, failed)
+        refresher = self._start_refresher()
+        try:
+            if lanes == 1:
+                for spec in todo:
+                    fetch(spec)
+            else:
+                self._fetch_all(fetch, todo, lanes, failed)
+        finally:
+            if refresher is not None:
+                refresher.set()
         descriptor = promote(self.store, self.models_dir, self.manifest, self._files, staging)
+        if self._board is not None:
+            for spec in self._files:
+                self._board.moved(
+                    self.model_id,
+                    spec.filename,
+                    self.store.model_dir(self.model_id) / spec.filename,
+                    complete=True,
+                )
         self._report(force=True, phase="done")
         return descriptor
 
@@ -349,6 +379,8 @@ class ModelFetch:
                 self._verify(spec, part, digest)
             except Corrupt as exc:
                 self._unland(spec)
+                if self._board is not None:
+                    self._board.drop(self.model_id, spec.filename)
                 part.unlink(missing_ok=True)
                 self._restart(file)
                 blamed = self._blame(file, str(exc))
@@ -372,6 +404,8 @@ class ModelFetch:
                 raise
             self._landed.discard(spec.filename)  # verified: the load ahead stands
             os.replace(part, dest)
+            if self._board is not None:
+                self._board.moved(self.model_id, spec.filename, dest)
             with self._lock:
                 self.bytes_from_hub += file.hub_bytes
                 self.bytes_from_peers += sum((file.peer_bytes or {}).values())
@@ -420,6 +454,8 @@ class ModelFetch:
     def _fetch_once(self, file: _FileProgress, part: Path) -> str:
         spec = file.spec
         file.hub_bytes, file.peer_bytes = 0, {}
+        if self._board is not None and spec.sha256 is not None and not file.hub_only:
+            return self._fetch_swarm(file, part)
         peer = None if file.hub_only or spec.sha256 is None else self._pick_peer()
         try:
             probe = self._http.probe(spec.url, self.model_id)
@@ -444,6 +480,115 @@ class ModelFetch:
         else:
             digest = self._fetch_stream(file, probe.url, part)
         file.hub_bytes = spec.size_bytes
+        return digest
+
+    # -- the swarm --
+
+    def _start_refresher(self) -> threading.Event | None:
+        """Ask for the model's peers twice a second while files download (swarm)."""
+        if self._board is None or self._refresh_peers is None:
+            return None
+        done = threading.Event()
+        refresh = self._refresh_peers
+
+        def loop() -> None:
+            while not done.wait(0.5) and not self._stop.is_set():
+                try:
+                    peers = list(refresh())
+                except Exception as exc:  # noqa: BLE001 - the last list stays
+                    logger.debug("%s: peers not refreshed: %s", self.model_id, exc)
+                    continue
+                with self._lock:
+                    self._peers = peers
+
+        threading.Thread(target=loop, name=f"peers:{self.model_id}", daemon=True).start()
+        return done
+
+    def _swarm_peers(self) -> list[PeerSource]:
+        with self._lock:
+            return [p for p in self._peers if p.node_id not in self._excluded]
+
+    def _fetch_swarm(self, file: _FileProgress, part: Path) -> str:
+        """Fetch ``file`` piece by piece from the swarm and the hub, hashing the whole file
+        as it fills (:mod:`llmlb.node.models.swarm`); returns its streamed sha256."""
+        assert self._board is not None and self._peer_token is not None
+        spec = file.spec
+        try:
+            probe = self._http.probe(spec.url, self.model_id)
+        except (Transient, DownloadError) as exc:
+            name = spec.filename
+            logger.info("%s: %s: the hub is unreachable (%s); peers only", self.model_id, name, exc)
+            probe = None
+        if probe is not None and probe.size is not None and probe.size != spec.size_bytes:
+            raise Corrupt(
+                f"{spec.filename}: the hub serves {probe.size} bytes, the manifest says "
+                f"{spec.size_bytes}"
+            )
+        hub = None
+        if probe is not None and probe.ranges:
+            hub = HubSource(probe.url, self._http.headers_for(probe.url))
+        piece_size = self.options.piece_size
+        entry = self._board.open(
+            self.model_id, spec.filename, spec.size_bytes, piece_size, self.manifest.revision, part
+        )
+        hasher = FollowingHasher(part, spec.size_bytes)
+        hasher.start()
+
+        def on_piece(source: str, n: int) -> None:
+            with self._lock:
+                if source == "hub":
+                    file.hub_bytes += n
+                else:
+                    peer_bytes = file.peer_bytes if file.peer_bytes is not None else {}
+                    peer_bytes[source] = peer_bytes.get(source, 0) + n
+                    file.peer_bytes = peer_bytes
+            self._advance(file, n)
+            hasher.poke()
+            if self._on_piece is not None:
+                self._on_piece(source, n)
+
+        def bad(peer: PeerSource, reason: str) -> None:
+            if self._on_bad_peer is not None:
+                self._on_bad_peer(peer, reason)
+
+        swarm = SwarmFile(
+            entry,
+            self._board,
+            hub=hub,
+            peers=self._swarm_peers,
+            token=self._peer_token,
+            me=self._node_id,
+            excluded=self._excluded,
+            on_bad_peer=bad,
+            on_piece=on_piece,
+            stop=self._stop,
+            lanes=max(1, min(self._connections, 32)),
+            hub_lanes=max(1, min(self._connections, 8)),
+            timeout=self.options.timeout_s,
+        )
+        started = time.monotonic()
+        try:
+            by_source = swarm.run()
+        except BaseException:
+            hasher.abort()
+            hasher.join()
+            self._board.drop(self.model_id, spec.filename)
+            raise
+        transferred = time.monotonic()
+        self._landed_at(transferred)
+        self._land(spec, part)
+        digest = hasher.finish()
+        logger.info(
+            "%s: %s: %.1f MiB in %.3fs (hub %.1f MiB, peers %s), hash tail %.3fs",
+            self.model_id,
+            spec.filename,
+            spec.size_bytes / MIB,
+            transferred - started,
+            by_source.get("hub", 0) / MIB,
+            {k: round(v / MIB, 1) for k, v in by_source.items() if k != "hub"},
+            time.monotonic() - transferred,
+        )
+        self._advance(file, spec.size_bytes - file.done)
         return digest
 
     # -- peers --

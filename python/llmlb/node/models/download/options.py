@@ -52,6 +52,7 @@ class DownloadOptions:
             this long after its start, the hub joins in for the rest.
         peer_min_rate: see ``peer_hub_after_s`` (0: the hub only takes over from a peer
             that is gone).
+        piece_size: bytes per piece of a swarm download (:mod:`llmlb.node.models.pieces`).
     """
 
     connections: int = DEFAULT_CONNECTIONS
@@ -64,6 +65,7 @@ class DownloadOptions:
     peer_connections: int = 8
     peer_hub_after_s: float = 3.0
     peer_min_rate: float = 8 * MIB
+    piece_size: int = 4 * MIB
 
 
 def chunk_size_for(size: int, connections: int) -> int:
