@@ -418,3 +418,33 @@ def test_a_pending_node_is_approved_from_the_fleet_view(browser, page, fleet, tm
     listed = call(fleet.router, "GET", "/v0/nodes", ADMIN).json["nodes"]
     assert {n["node_id"]: n["approval"] for n in listed}["new-node"] == "approved"
     assert call(fleet.router, "DELETE", "/v0/nodes/new-node", ADMIN).status == 204
+
+
+def test_keys_show_their_limits_and_usage_shows_keys_models_and_budgets(
+    browser, page, fleet, tmp_path
+):
+    made = call(
+        fleet.router,
+        "POST",
+        "/v0/keys",
+        ADMIN,
+        {"scope": "api", "name": "metered-team", "rpm": 60, "budget_tokens": 5000,
+         "budget_period": "month"},
+    )
+    assert made.status == 201
+    body = {"model": "metered/nothing", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):  # refused (no such model): counted as requests with errors
+        refused = call(fleet.router, "POST", "/v1/chat/completions", made.json["key"], body)
+        assert refused.status == 404
+    sign_in(page, fleet)
+    show(page, "keys")
+    card = page.locator("#keys-list .card", has_text="metered-team")
+    expect(card).to_contain_text("rpm 60")
+    expect(card).to_contain_text("budget 5000/month")
+    show(page, "usage")
+    row = page.locator("#usage-keys tbody tr", has_text="metered-team")
+    expect(row).to_contain_text("3")
+    expect(row).to_contain_text("5000 of 5000/month")
+    expect(page.locator("#usage-models tbody tr", has_text="metered/nothing")).to_be_visible()
+    expect(page.locator("#usage-chart figure")).to_have_count(1)
+    screenshot(browser, page, tmp_path / "usage.png")

@@ -7,6 +7,7 @@ from typing import Any
 
 from llmlb import __version__, protocol
 from llmlb.prefix_keys import MAX_REPORT_KEYS
+from llmlb.router.api import openapi_tenancy
 from llmlb.router.proxy.prefix_index import MAX_REPORT_BYTES
 
 
@@ -638,7 +639,7 @@ def openapi_schema() -> dict:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"apiKey": []}],
-        "paths": _paths(),
+        "paths": openapi_tenancy.merge_paths(_paths()),
         "webhooks": {
             "modelsSync": {
                 "post": {
@@ -654,7 +655,7 @@ def openapi_schema() -> dict:
             }
         },
         "components": {
-            "schemas": _SCHEMAS,
+            "schemas": {**_SCHEMAS, **openapi_tenancy.SCHEMAS},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",

@@ -170,7 +170,7 @@ async def usage_self(request: Request) -> Response:
 
 async def _usage_answer(request: Request, runtime: Runtime, own: KeyEntry | None) -> Response:
     params = request.query_params
-    fmt = params.get("format") or "json"
+    fmt = params.get("format", "json")
     if fmt not in ("json", "csv"):
         raise ApiError(400, "invalid_request_error", "format is json or csv", param="format")
     query = usage.parse_query(params, db.unix_now())
@@ -248,7 +248,7 @@ async def audit_log(request: Request) -> Response:
         raise ApiError(
             400, "invalid_request_error", "after and limit are integers", param="after"
         ) from None
-    if after < 0 or not 1 <= limit <= audit.MAX_PAGE:
+    if not 0 <= after < 2**62 or not 1 <= limit <= audit.MAX_PAGE:
         raise ApiError(
             400, "invalid_request_error", f"limit is 1 to {audit.MAX_PAGE}", param="limit"
         )

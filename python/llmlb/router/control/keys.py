@@ -132,12 +132,14 @@ def update_key(
 
     Raises:
         ApiError: 400 from :func:`~llmlb.router.control.limits.parse_limits` (nothing is
-            written then).
+            written then); 409 ``key_protected`` for the ``LLMLB_ADMIN_KEY`` key.
     """
     with db.transaction(conn):
         row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             return None
+        if key_id == ENV_ADMIN_KEY_ID:
+            raise ApiError(409, "key_protected", "this admin key is set by LLMLB_ADMIN_KEY")
         info = _row_to_info(row)
         limits = parse_limits(changes, info.limits)
         new_name = info.name if name is _UNSET else name

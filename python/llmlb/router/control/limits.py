@@ -15,6 +15,7 @@ it) and the in-memory caches all see one shape.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -120,9 +121,16 @@ def _bad(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid_limit", f"'{field}': {message}", param=field)
 
 
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
 def _parse_time(text: str, field: str) -> float:
+    """Unix time of an RFC 3339 time (``t``/``z`` in either case, any fraction digits, a
+    leap second read as the second before)."""
+    text = _FRACTION.sub(r"\1", text.upper().replace("Z", "+00:00"))
+    text = re.sub(r":60(?=[.+-]|$)", ":59", text)
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise _bad(field, "must be an RFC 3339 time, e.g. 2027-01-31T00:00:00Z") from None
     if moment.tzinfo is None:
@@ -165,7 +173,10 @@ def _expiry(value: Any) -> str:
     if not isinstance(value, str) or len(value) > 64:
         raise _bad("expires_at", "must be an RFC 3339 time string")
     ts = _parse_time(value, "expires_at")
-    moment = datetime.fromtimestamp(ts, UTC)
+    try:
+        moment = datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise _bad("expires_at", "is out of range") from None
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 

@@ -152,19 +152,27 @@ class UsageQuery:
     group_by: tuple[str, ...]
 
 
+_LATEST = 253402300799  # 9999-12-31T23:59:59Z
+
+
 def _time(value: str, field: str) -> int:
+    bad = ApiError(
+        400,
+        "invalid_request_error",
+        f"'{field}' must be an RFC 3339 time or unix seconds (up to year 9999)",
+        param=field,
+    )
     if value.isdigit():
+        if len(value) > 12 or int(value) > _LATEST:
+            raise bad
         return int(value)
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ApiError(
-            400, "invalid_request_error", f"'{field}' must be an RFC 3339 time or unix seconds",
-            param=field,
-        ) from None
+        raise bad from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
+    return max(0, int(moment.timestamp()))
 
 
 def parse_query(params: Any, now: float) -> UsageQuery:
@@ -179,11 +187,12 @@ def parse_query(params: Any, now: float) -> UsageQuery:
             raise ApiError(
                 400, "invalid_request_error", f"unknown parameter '{name}'", param=name
             )
-    end = _time(params["to"], "to") if params.get("to") else int(now) + 1
-    start = _time(params["from"], "from") if params.get("from") else end - DAY
-    if start > end:
-        raise ApiError(400, "invalid_request_error", "'from' is after 'to'", param="from")
-    raw = params.get("group_by") or "key,model"
+    for name in ("key", "model"):
+        if "\x00" in (params.get(name) or ""):
+            raise ApiError(400, "invalid_request_error", f"'{name}' has a NUL", param=name)
+    end = _time(params["to"], "to") if "to" in params else int(now) + 1
+    start = _time(params["from"], "from") if "from" in params else end - DAY
+    raw = params.get("group_by", "key,model")
     group_by = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
     for part in group_by:
         if part not in GROUPS:
@@ -193,6 +202,10 @@ def parse_query(params: Any, now: float) -> UsageQuery:
                 f"'group_by' takes {', '.join(GROUPS)}; not '{part}'",
                 param="group_by",
             )
+    if not group_by:
+        raise ApiError(
+            400, "invalid_request_error", "'group_by' names no group", param="group_by"
+        )
     if sum(part in _BUCKETS for part in group_by) > 1:
         raise ApiError(
             400, "invalid_request_error", "group by one of minute, hour, day", param="group_by"

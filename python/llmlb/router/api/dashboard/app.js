@@ -4,7 +4,7 @@
 
 const KEY_STORAGE = "llmlb.adminKey";
 const POLL_MS = 1000;
-const VIEWS = ["fleet", "models", "traffic", "keys"];
+const VIEWS = ["fleet", "models", "traffic", "keys", "usage"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -824,6 +824,7 @@ function createKeyCard(key) {
     prefix: field(facts, "Key"),
     id: field(facts, "Id"),
     created: field(facts, "Created"),
+    limits: field(facts, "Limits"),
   };
   card.append(el("div", { class: "card-actions" }, revoke), message);
   return card;
@@ -838,6 +839,84 @@ function updateKeyCard(card, key) {
   setText(parts.prefix, key.prefix);
   setText(parts.id, key.id);
   setText(parts.created, new Date(key.created_at).toLocaleString());
+  setText(parts.limits, describeLimits(key) || "none");
+}
+
+const KEY_FIELDS = new Set(["id", "name", "scope", "prefix", "created_at"]);
+
+// "rpm 60, tpm 10000, budget 1000000/month, models org/*": a key's limits in one line.
+function describeLimits(key) {
+  const parts = [];
+  for (const [name, value] of Object.entries(key)) {
+    if (KEY_FIELDS.has(name) || name === "budget_period") continue;
+    if (name === "budget_tokens") parts.push(`budget ${value}/${key.budget_period}`);
+    else if (name === "models") parts.push(`models ${value.join(" ")}`);
+    else if (name === "expires_at") parts.push(`expires ${new Date(value).toLocaleString()}`);
+    else parts.push(`${name.replace("_", " ")} ${value}`);
+  }
+  return parts.join(", ");
+}
+
+// -- usage --------------------------------------------------------------------------------
+
+let usageFetched = 0;
+
+function utcStart(period) {
+  const now = new Date();
+  const day = period === "day" ? now.getUTCDate() : 1;
+  return Math.floor(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), day) / 1000);
+}
+
+// Tokens per hour of the busiest keys (a chart), the top keys with their budgets left, the
+// top models: the last 24 hours, from GET /v0/usage.
+async function renderUsage(force = false) {
+  if (!force && Date.now() - usageFetched < 10000) return; // written once a second: enough
+  const day = utcStart("day");
+  const month = utcStart("month");
+  const [hourly, byKey, byModel, today, thisMonth, { keys }] = await Promise.all([
+    api("GET", "v0/usage?group_by=key,hour"),
+    api("GET", "v0/usage?group_by=key"),
+    api("GET", "v0/usage?group_by=model"),
+    api("GET", `v0/usage?group_by=key&from=${day}`),
+    api("GET", `v0/usage?group_by=key&from=${month}`),
+    api("GET", "v0/keys"),
+  ]);
+  usageFetched = Date.now();
+  const names = new Map(keys.map((k) => [k.id, k]));
+  const spent = { day: new Map(), month: new Map() };
+  for (const row of today.usage) spent.day.set(row.key, row.total_tokens);
+  for (const row of thisMonth.usage) spent.month.set(row.key, row.total_tokens);
+  const top = [...byKey.usage].sort((a, b) => b.total_tokens - a.total_tokens);
+  $("usage-empty").hidden = top.length > 0;
+  const total = top.reduce((sum, row) => sum + row.total_tokens, 0);
+  setText($("usage-summary"), `${total} tokens, ${top.length} key${top.length === 1 ? "" : "s"}, last 24 hours`);
+  // One chart: tokens per hour of the five busiest keys.
+  const hours = [...new Set(hourly.usage.map((row) => row.hour))].sort();
+  const series = top.slice(0, 5).map((row) => {
+    const byHour = new Map(hourly.usage.filter((r) => r.key === row.key).map((r) => [r.hour, r.total_tokens]));
+    return { label: names.get(row.key)?.name || row.key, values: hours.map((h) => byHour.get(h) ?? 0) };
+  });
+  const chart = $("usage-chart");
+  if (chart.children.length !== 1) chart.replaceChildren(createChart("Tokens per hour, busiest keys", "usage"));
+  drawChart(chart.children[0], series, { format: String });
+  tableRows(
+    $("usage-keys"),
+    top.map((row) => {
+      const key = names.get(row.key);
+      let left = "no budget";
+      if (key && key.budget_tokens) {
+        const used = spent[key.budget_period].get(row.key) || 0;
+        left = `${Math.max(0, key.budget_tokens - used)} of ${key.budget_tokens}/${key.budget_period}`;
+      }
+      return [row.key, [key?.name || "(revoked)", row.key, String(row.requests), String(row.total_tokens), String(row.errors), left]];
+    }),
+  );
+  tableRows(
+    $("usage-models"),
+    [...byModel.usage]
+      .sort((a, b) => b.total_tokens - a.total_tokens)
+      .map((row) => [row.model, [row.model, String(row.requests), String(row.prompt_tokens), String(row.cached_tokens), String(row.completion_tokens)]]),
+  );
 }
 
 async function renderKeys(force = false) {
@@ -903,7 +982,13 @@ function dismissKey() {
 
 // -- start --------------------------------------------------------------------------------
 
-const RENDER = { fleet: renderFleet, models: renderModels, traffic: renderTraffic, keys: renderKeys };
+const RENDER = {
+  fleet: renderFleet,
+  models: renderModels,
+  traffic: renderTraffic,
+  keys: renderKeys,
+  usage: renderUsage,
+};
 
 function start() {
   $("signin-form").addEventListener("submit", signIn);
