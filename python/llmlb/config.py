@@ -230,6 +230,11 @@ def routing() -> str:
     return value
 
 
+def router_settings_json() -> str | None:
+    """``LLMLB_ROUTER_SETTINGS``: the settings ``llmlb router`` hands to its workers."""
+    return os.environ.get("LLMLB_ROUTER_SETTINGS") or None
+
+
 def prometheus_multiproc_dir() -> Path | None:
     """``PROMETHEUS_MULTIPROC_DIR``: set when several router workers share their metrics."""
     value = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

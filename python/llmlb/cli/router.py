@@ -7,8 +7,14 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
 
 from llmlb import config
+
+if TYPE_CHECKING:
+    from llmlb.router.control.settings import RouterSettings
+    from llmlb.router.proxy.proxy import ProxySettings
 
 APP_FACTORY = "llmlb.router.api.app:create_app"
 # Seconds a worker gets to finish in-flight requests at shutdown before it is killed.
@@ -77,25 +83,16 @@ def run(args: argparse.Namespace) -> int:
     """Prepare the database and admin key, then serve until SIGINT/SIGTERM."""
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    # Proxy settings reach the workers through the environment (``LLMLB_PROXY_*``).
-    if args.max_inflight is not None:
-        if args.max_inflight < 1:
-            raise SystemExit("--max-inflight must be >= 1")
-        os.environ["LLMLB_PROXY_MAX_INFLIGHT"] = str(args.max_inflight)
-    if args.node_approval is not None:
-        os.environ["LLMLB_NODE_APPROVAL"] = args.node_approval
-    if args.routing is not None:
-        os.environ["LLMLB_ROUTING"] = args.routing
-    if args.stream_idle_timeout is not None:
-        if not args.stream_idle_timeout > 0:
-            raise SystemExit("--stream-idle-timeout must be > 0")
-        os.environ["LLMLB_PROXY_STREAM_IDLE_TIMEOUT_S"] = str(args.stream_idle_timeout)
-    # Workers read their settings from the environment; set it before anything imports
-    # prometheus_client, which picks its multi-process mode at import time.
+    if args.max_inflight is not None and args.max_inflight < 1:
+        raise SystemExit("--max-inflight must be >= 1")
+    if args.stream_idle_timeout is not None and not args.stream_idle_timeout > 0:
+        raise SystemExit("--stream-idle-timeout must be > 0")
     try:
-        os.environ["LLMLB_ROUTER_DB"] = str(config.router_db(args.db))
+        config.router_db(args.db)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    # Set before anything imports prometheus_client, which picks its multi-process mode at
+    # import time.
     metrics_dir = None
     if args.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="llmlb-metrics-")
@@ -107,18 +104,18 @@ def run(args: argparse.Namespace) -> int:
     from llmlb.logs import configure_logging
     from llmlb.router.control.keys import bootstrap_admin_key
     from llmlb.router.control.nodes import mark_all_offline, reap
-    from llmlb.router.control.settings import RouterSettings
+    from llmlb.router.control.settings import SETTINGS_ENV
     from llmlb.router.db import open_database
-    from llmlb.router.proxy.proxy import ProxySettings
 
     configure_logging()
     log = logging.getLogger("llmlb.router")
     try:
-        settings = RouterSettings.from_env()
-        proxy_settings = ProxySettings.from_config()
+        settings, proxy_settings = _settings(args)
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    # The workers read these settings, and nothing else, from one JSON blob.
+    os.environ[SETTINGS_ENV] = settings.to_json()
     try:
         conn = open_database(settings.database)
     except Exception as exc:  # noqa: BLE001 - no database, no router: say why in one line
@@ -161,6 +158,33 @@ def run(args: argparse.Namespace) -> int:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple[RouterSettings, ProxySettings]:
+    """The router's and its proxy's settings: the flags over the environment and
+    ``config.json``; the proxy's ride in the router's (``RouterSettings.proxy``).
+
+    Raises:
+        ValueError: a setting in the environment or ``config.json`` is invalid.
+    """
+    from llmlb.router.control.settings import RouterSettings
+    from llmlb.router.proxy.proxy import ProxySettings
+
+    settings = RouterSettings.from_env(args.db)
+    if args.node_approval is not None:
+        settings = replace(settings, node_approval=args.node_approval)
+    proxy = ProxySettings.from_config()
+    flags = {
+        "max_inflight": args.max_inflight,
+        "stream_idle_timeout_s": args.stream_idle_timeout,
+        "routing": args.routing,
+    }
+    proxy = replace(
+        proxy,
+        max_body_bytes=settings.max_body_bytes,  # the router's own limit, as in a worker
+        **{name: value for name, value in flags.items() if value is not None},
+    )
+    return replace(settings, proxy=asdict(proxy)), proxy
 
 
 def _shown(target: object) -> str:

@@ -176,10 +176,10 @@ class RouterApp:
 
 
 def create_app() -> RouterApp:
-    """Granian's factory: settings from the environment (``llmlb.config``)."""
+    """Granian's factory: the settings ``llmlb router`` handed over (``llmlb.config``)."""
     lifecycle.die_with_parent()  # a worker never outlives `llmlb router`, even its SIGKILL
     configure_logging()
-    return RouterApp(RouterSettings.from_env())
+    return RouterApp(RouterSettings.for_worker())
 
 
 __all__ = ["INFERENCE_PATHS", "RouterApp", "create_app"]

@@ -344,7 +344,7 @@ async def manifest(request: Request) -> Response:
         view, reports = await runtime.db.run(
             _peer_inputs, model_id, runtime.settings.offline_after_s
         )
-        seeds, wait_s = peers.plan_settings()
+        seeds, wait_s = runtime.settings.peer_seeds, runtime.settings.peer_wait_s
         sources, wait = peers.peer_plan(
             model_id,
             found["revision"],
@@ -422,7 +422,7 @@ def _membership(runtime: Runtime, approved: bool) -> tuple[str, str | None]:
     approved."""
     if not approved:
         return nodes.PENDING, None
-    return nodes.APPROVED, peers.fleet_token(runtime.settings.home)
+    return nodes.APPROVED, peers.fleet_token(runtime.settings.home, runtime.settings.fleet_secret)
 
 
 async def node_heartbeat(request: Request) -> Response:

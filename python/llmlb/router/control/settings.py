@@ -1,11 +1,21 @@
-"""Router settings: one immutable object built from ``llmlb.config`` at start."""
+"""Router settings: one immutable object built from ``llmlb.config`` at start.
+
+``llmlb router`` builds it once (its flags over the environment and ``config.json``) and hands
+it to its Granian workers as one JSON blob in the environment (``LLMLB_ROUTER_SETTINGS``,
+:meth:`RouterSettings.to_json`), as ``llmlb node`` does; a worker reads nothing else.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from llmlb import config
+
+SETTINGS_ENV = "LLMLB_ROUTER_SETTINGS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +42,13 @@ class RouterSettings:
         node_approval: ``manual`` (a node id never approved joins ``pending``: no client
             traffic, no peer token, in no peer list, until an admin approves it) or ``auto``
             (every node is approved when it registers).
+        usage_retention_days: key usage kept this long (hourly roll-ups after a week).
+        peer_seeds: nodes that fetch a model from the hub at once (``LLMLB_PEER_SEEDS``).
+        peer_wait_s: how long the other nodes wait for a seed's copy (``LLMLB_PEER_WAIT_S``).
+        fleet_secret: what the nodes' peer token derives from (``LLMLB_FLEET_SECRET``;
+            ``None``: a ``fleet.key`` file in ``home``).
+        proxy: the inference proxy's settings (``ProxySettings`` fields, the CLI's flags
+            applied); empty: the proxy reads its own (``ProxySettings.from_config``).
     """
 
     home: Path
@@ -49,7 +66,11 @@ class RouterSettings:
     hf_token: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
     node_approval: str = config.DEFAULT_NODE_APPROVAL
-    usage_retention_days: int = 90  # key usage kept this long (hourly roll-ups after a week)
+    usage_retention_days: int = 90
+    peer_seeds: int = config.DEFAULT_PEER_SEEDS
+    peer_wait_s: float = config.DEFAULT_PEER_WAIT_S
+    fleet_secret: str | None = field(default=None, repr=False)
+    proxy: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, db: str | Path | None = None) -> RouterSettings:
@@ -72,7 +93,36 @@ class RouterSettings:
             hf_token=config.hf_token(),
             admin_key=config.admin_key(),
             node_approval=config.node_approval(),
+            peer_seeds=config.peer_seeds(),
+            peer_wait_s=config.peer_wait_s(),
+            fleet_secret=config.fleet_secret(),
         )
+
+    @classmethod
+    def for_worker(cls) -> RouterSettings:
+        """The settings ``llmlb router`` handed to this worker, else (a worker started some
+        other way) :meth:`from_env`.
+
+        Raises:
+            ValueError: a setting in the environment is invalid.
+        """
+        text = config.router_settings_json()
+        return cls.from_json(text) if text else cls.from_env()
+
+    def to_json(self) -> str:
+        """Serialise for the hand-off to the worker processes."""
+        data = asdict(self)
+        data["home"], data["db_path"] = str(self.home), str(self.db_path)
+        return orjson.dumps(data).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> RouterSettings:
+        """Inverse of :meth:`to_json` (unknown keys are ignored)."""
+        data = orjson.loads(text)
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["home"], data["db_path"] = Path(data["home"]), Path(data["db_path"])
+        return cls(**data)
 
     @property
     def database(self) -> str | Path:

@@ -186,6 +186,12 @@ class ProxySettings:
     routing: str = config.DEFAULT_ROUTING
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProxySettings:
+        """The settings from their ``asdict`` form (unknown keys are ignored)."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
+
+    @classmethod
     def from_config(cls) -> ProxySettings:
         """Defaults overridden by ``LLMLB_PROXY_*`` env vars or ``config.json``'s ``proxy``.
 
@@ -331,6 +337,8 @@ class InferenceProxy:
         self.fleet = fleet
         if isinstance(settings, ProxySettings):
             self.settings = settings
+        elif handed := getattr(settings, "proxy", None):  # what `llmlb router` built
+            self.settings = ProxySettings.from_dict(handed)
         else:
             self.settings = ProxySettings.from_config()
             if limit := getattr(settings, "max_body_bytes", None):
