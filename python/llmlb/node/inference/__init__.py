@@ -1,6 +1,8 @@
 """Inference: a validated request turned into tokens on llama.cpp.
 
-Which models are resident (:mod:`.engine`), chat templates and tool prompts
+The typed requests and events every API dialect speaks to the engine (:mod:`.contract`),
+which models are resident (:mod:`.engine`), prompts and their validation against the model
+(:mod:`.prompts`), chat templates and tool prompts
 (:mod:`.chat_format`, :mod:`.templates`, :mod:`.tool_calls`), the grammar guard (budgets,
 the isolated compiler), the scheduler that batches every active slot of one context
 (:mod:`.scheduler`), sampling, generation, the prompt cache in slots and RAM and the
