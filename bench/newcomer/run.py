@@ -56,7 +56,9 @@ def one_run(root: Path) -> dict[str, float]:
         long_answer = LongAnswer(newcomer.port, newcomer.api_key)
         assert long_answer.first_chunk.wait(HANG_S) and long_answer.status == 200
         for example in examples(newcomer, root):
-            out, took[example.what] = run_example(example.argv, example.env, example.what)
+            out, took[example.what] = run_example(
+                example.argv, example.env, example.what, example.stdin
+            )
             example.check(out)
         _answer, took[STOP] = ctrl_c(newcomer, long_answer)
     finally:

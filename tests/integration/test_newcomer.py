@@ -2,8 +2,10 @@
 
 ``llmlb up`` in a fresh home; the README's curl and ``llmlb chat`` lines run as written (only
 the router's port differs, and the README's ``.venv/bin/llmlb`` is this environment's); the
-banner's Python snippet, curl and CLI lines run as printed; each answers text while one long
-answer streams all along (a second client is never refused). Then Ctrl-C with a generation
+banner's Python snippet, curl and CLI lines run as printed (the conversation one with a turn
+on its stdin); each answers text, the curl examples with an answer of the instruction-tuned
+demo model that ends by itself (``finish_reason: "stop"``), while one long answer of the base
+model streams all along (a second client is never refused). Then Ctrl-C with a generation
 in flight: everything is gone and both ports are free.
 
 The bounds here only catch a hang (``HANG_S``): how fast each step is (the README's "within
@@ -34,9 +36,10 @@ from tests.proc_tree import descendants, gone, port_free
 from tests.procs import Proc, free_port, wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-MODEL = "gemma-3-270m"
-# What an answer must hold: visible text. The examples sample (temperature 1) from the base
-# model, which sometimes answers with digits and punctuation only ("#6\n#1\n…").
+MODEL = "smollm2-135m-instruct"
+# The base model: it never ends a turn, so its answer keeps a stream in flight.
+BASE_MODEL = "gemma-3-270m"
+# What an answer must hold: visible text.
 ANSWER_TEXT = r"\S"
 HANG_S = 180.0  # any one step: beyond this it is stuck, not slow (a 32-token answer took
 # 67 s with the machine's 2 cores at load 8)
@@ -57,12 +60,16 @@ def banner_section(log: str, heading: str) -> str:
     return "\n".join(line[2:] for line in lines)
 
 
-def run_example(argv: list[str], env: dict[str, str], what: str) -> tuple[str, float]:
-    """Run ``argv``; it must succeed (within ``HANG_S``). Its stdout, and how long it took."""
+def run_example(
+    argv: list[str], env: dict[str, str], what: str, stdin: str = ""
+) -> tuple[str, float]:
+    """Run ``argv`` with ``stdin``; it must succeed (within ``HANG_S``). Its stdout, and how
+    long it took."""
     began = time.monotonic()
     try:
         result = subprocess.run(
-            argv, env=env, capture_output=True, text=True, timeout=HANG_S, check=False
+            argv, env=env, input=stdin, capture_output=True, text=True, timeout=HANG_S,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"{what}: no answer after {HANG_S:.0f}s") from None
@@ -71,13 +78,17 @@ def run_example(argv: list[str], env: dict[str, str], what: str) -> tuple[str, f
     return result.stdout, took
 
 
-def chat_text(stdout: str, what: str, max_tokens: int) -> str:
-    """The answer text of a chat completion printed as JSON (by curl)."""
+def chat_text(stdout: str, what: str, max_tokens: int, ends: bool = False) -> str:
+    """The answer text of a chat completion printed as JSON (by curl); with ``ends``, an
+    answer that ended by itself before ``max_tokens``."""
     reply = orjson.loads(stdout)
     assert "error" not in reply, f"{what}: {reply}"
     text = reply["choices"][0]["message"]["content"]
     assert re.search(ANSWER_TEXT, text or ""), f"{what}: {reply}"
     assert 0 < reply["usage"]["completion_tokens"] <= max_tokens, f"{what}: {reply['usage']}"
+    if ends:
+        assert reply["choices"][0]["finish_reason"] == "stop", f"{what}: {reply}"
+        assert reply["usage"]["completion_tokens"] < max_tokens, f"{what}: {reply['usage']}"
     return text
 
 
@@ -93,7 +104,7 @@ class LongAnswer:
         self.first_chunk = threading.Event()
         self.status: int | None = None
         body = {
-            "model": MODEL,
+            "model": BASE_MODEL,
             "messages": [{"role": "user", "content": "Tell me a long story."}],
             "max_tokens": 2000,
             "stream": True,
@@ -136,6 +147,7 @@ class Example:
     argv: list[str]
     env: dict[str, str]
     check: Callable[[str], object]
+    stdin: str = ""
 
 
 @dataclass
@@ -161,7 +173,7 @@ def start_newcomer(spawn: Callable[..., Proc], root: Path) -> Newcomer:
     key = re.search(r"API key:\s+(sk-\S+) \(kept in (\S+)\)", log)
     assert key and Path(key.group(2)) == home / "api.key", log
     assert (home / "api.key").read_text().strip() == key.group(1)
-    assert "base (not instruction-tuned) Gemma 3 270M" in log
+    assert f"{MODEL} is SmolLM2-135M-Instruct" in log and BASE_MODEL in log
     return Newcomer(up, home, port, node_port, key.group(1), log)
 
 
@@ -188,23 +200,28 @@ def examples(newcomer: Newcomer, root: Path) -> list[Example]:
     no_cap = re.sub(r', "max_tokens": \d+', "", banner_curl)
     assert no_cap != banner_curl
 
-    def answer(what: str, limit: int) -> Callable[[str], object]:
-        return lambda out: chat_text(out, what, limit)
+    def answer(what: str, limit: int, ends: bool = False) -> Callable[[str], object]:
+        return lambda out: chat_text(out, what, limit, ends)
 
     def text(what: str) -> Callable[[str], object]:
         return lambda out: some_text(out, what)
 
     snippet = banner_section(log, "or with Python (pip install openai):")
-    cli = banner_section(log, "or with the CLI:")
+    one_shot, conversation = banner_section(
+        log, "or with the CLI (one question, or a conversation without one):"
+    ).splitlines()
     return [
-        Example("README curl", ["bash", "-c", curl], env, answer("README curl", max_tokens)),
+        Example("README curl", ["bash", "-c", curl], env,
+                answer("README curl", max_tokens, ends=True)),
         Example("README curl, default home", ["bash", "-c", curl], env_default,
-                answer("README curl, default home", max_tokens)),
+                answer("README curl, default home", max_tokens, ends=True)),
         Example("README llmlb chat", ["bash", "-c", chat], env, text("README llmlb chat")),
         Example("banner Python", [sys.executable, "-c", snippet], env, text("banner Python")),
         Example("banner curl", ["bash", "-c", banner_curl], env,
-                answer("banner curl", max_tokens)),
-        Example("banner CLI", ["bash", "-c", cli], env, text("banner CLI")),
+                answer("banner curl", max_tokens, ends=True)),
+        Example("banner CLI", ["bash", "-c", one_shot], env, text("banner CLI")),
+        Example("banner CLI conversation", ["bash", "-c", conversation], env,
+                text("banner CLI conversation"), stdin="Hello!\nWhat can you do?\n"),
         Example("no max_tokens", ["bash", "-c", no_cap], env,
                 answer("no max_tokens", DEMO_MAX_TOKENS)),
     ]
@@ -245,6 +262,6 @@ def test_readme_and_banner_examples_answer_and_ctrl_c_is_clean(spawn, tmp_path: 
     long_answer = LongAnswer(newcomer.port, newcomer.api_key)
     assert long_answer.first_chunk.wait(HANG_S) and long_answer.status == 200
     for example in examples(newcomer, tmp_path):
-        out, _took = run_example(example.argv, example.env, example.what)
+        out, _took = run_example(example.argv, example.env, example.what, example.stdin)
         example.check(out)
     ctrl_c(newcomer, long_answer)
