@@ -142,7 +142,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         elif texts or role == "assistant":
             out.append({"role": role, "content": "".join(texts)})
     if not out:
-        raise bad("messages", "'messages' must hold at least one message with content")
+        raise bad("messages", "'messages' must be a non-empty list")
     return out
 
 
