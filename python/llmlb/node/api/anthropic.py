@@ -35,8 +35,7 @@ from llmlb.http import check_depth
 from llmlb.node.api import fields as f
 from llmlb.node.api.fields import bad
 from llmlb.node.inference import contract as ev
-from llmlb.node.inference.contract import ChatRequest, FieldPaths, Generation, Tool
-from llmlb.node.inference.sampling import SamplingParams
+from llmlb.node.inference.contract import ChatRequest, FieldPaths, Tool
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _MAX_STOP_SEQUENCES = 64
@@ -275,17 +274,10 @@ def parse_request(body: dict[str, Any], *, counting: bool = False) -> MessagesRe
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad("stream", "'stream' must be a boolean")
-    generation = Generation(
-        sampling=SamplingParams(
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            top_k=40 if top_k is None else top_k,
-        ),
-        max_tokens=max_tokens,
-        stream=bool(stream),
-        include_usage=bool(stream),
-        user=user,
-    )
+    generation = f.generation(
+        temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+        stream=bool(stream), user=user,
+    )  # fmt: skip
     chat = ChatRequest(messages, generation, offered, tool_choice, parallel, PATHS)
     return MessagesRequest(chat, _stop_sequences(body), bool(stream), model)
 

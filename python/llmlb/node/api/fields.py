@@ -15,7 +15,8 @@ import orjson
 
 from llmlb.errors import ApiError
 from llmlb.http import check_depth
-from llmlb.node.inference.contract import Tool
+from llmlb.node.inference.contract import Generation, Tool
+from llmlb.node.inference.sampling import SamplingParams
 
 # OpenAI's limit on the tools of one request.
 MAX_TOOLS = 128
@@ -173,6 +174,32 @@ def function_tool(
     if not isinstance(description, str):
         raise bad(about_at, f"'{about_at}' must be a string")
     return Tool(name, description, parameters)
+
+
+def generation(
+    *,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+    stream: bool,
+    top_k: int | None = None,
+    grammar_schema: dict[str, Any] | str | None = None,
+    user: str | None = None,
+) -> Generation:
+    """What a Responses or Messages request asks to generate (one choice, no stop strings
+    for the engine, no logprobs): the sampler's defaults where a field was absent."""
+    return Generation(
+        sampling=SamplingParams(
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=40 if top_k is None else top_k,
+        ),
+        max_tokens=max_tokens,
+        stream=stream,
+        include_usage=stream,
+        grammar_schema=grammar_schema,
+        user=user,
+    )
 
 
 def named_tool(name: Any, offered: list[Tool], path: str) -> str:

@@ -28,8 +28,7 @@ from llmlb.errors import ContextLengthExceeded
 from llmlb.node.api import fields as f
 from llmlb.node.api.fields import bad, reasoning_effort
 from llmlb.node.inference import contract as ev
-from llmlb.node.inference.contract import ChatRequest, FieldPaths, Generation, Tool
-from llmlb.node.inference.sampling import SamplingParams
+from llmlb.node.inference.contract import ChatRequest, FieldPaths, Tool
 
 _STATELESS = "this node keeps no state between requests"
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
@@ -242,17 +241,10 @@ def parse_request(body: dict[str, Any]) -> ResponsesRequest:
     schema = _response_format(body)
     temperature = f.number(body.get("temperature"), "temperature", 0.0, 2.0)
     top_p = f.number(body.get("top_p"), "top_p", 0.0, 1.0)
-    generation = Generation(
-        sampling=SamplingParams(
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-        ),
-        max_tokens=max_tokens,
-        stream=bool(stream),
-        include_usage=bool(stream),
-        grammar_schema=schema,
-        user=f.text(body.get("user"), "user"),
-    )
+    generation = f.generation(
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, stream=bool(stream),
+        grammar_schema=schema, user=f.text(body.get("user"), "user"),
+    )  # fmt: skip
     parallel = f.boolean(body.get("parallel_tool_calls"), "parallel_tool_calls", True)
     chat = ChatRequest(messages, generation, offered, tool_choice, parallel, PATHS)
     echo = {
