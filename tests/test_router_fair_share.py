@@ -10,7 +10,7 @@ import pytest
 from llmlb.router.control.fleet import FleetView
 from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import parse_limits
-from llmlb.router.proxy.balancer import WaitQueue
+from llmlb.router.proxy.balancer import WaitPlace, WaitQueue
 
 from tests.test_router_admission import limited_call
 from tests.test_router_proxy import CHAT, load, node, running, start_mock
@@ -136,3 +136,40 @@ def test_node_scheduler_starts_a_waiting_high_before_a_low():
     assert [job.name for job in scheduler._pending] == [
         "high1", "high2", "n1", "n2", "low1", "low2"
     ]
+
+
+def test_waiters_woken_without_a_slot_keep_their_place_and_a_newcomer_is_not_behind_them():
+    """The fleet changed (wake_all): every waiter looks for a slot, finds none and waits
+    again at the place it had; a request of another key arriving then still goes second."""
+
+    async def scenario() -> list[str]:
+        queue = WaitQueue()
+        served: list[str] = []
+        rewait = asyncio.Event()
+
+        async def waiter(name: str, flow: str, first_wake_is_spurious: bool) -> None:
+            place = WaitPlace()
+            front = False
+            while True:
+                assert await queue.wait("m", 5.0, front=front, flow=flow, weight=2.0, place=place)
+                if first_wake_is_spurious and not rewait.is_set():
+                    front = True  # no slot after all: wait again
+                    continue
+                served.append(name)
+                return
+
+        tasks = [asyncio.create_task(waiter(f"a{i}", "a", True)) for i in range(5)]
+        await asyncio.sleep(0)
+        queue.wake_all()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        rewait.set()
+        tasks.append(asyncio.create_task(waiter("b", "b", False)))
+        await asyncio.sleep(0)
+        while queue.wake("m"):
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        return served
+
+    order = asyncio.run(scenario())
+    assert order.index("b") <= 1, order

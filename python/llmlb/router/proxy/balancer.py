@@ -451,6 +451,16 @@ class PoisonLog:
             del self._entries[request]
 
 
+class WaitPlace:
+    """A request's place in the wait queue, kept across its waits: woken without finding a
+    slot, it waits again with the tag it had, not behind requests that came later."""
+
+    __slots__ = ("tag",)
+
+    def __init__(self) -> None:
+        self.tag: float | None = None
+
+
 class _ModelQueue:
     """The waiters of one model, ordered by their weighted-fair-queuing tag."""
 
@@ -503,12 +513,15 @@ class WaitQueue:
         front: bool = False,
         flow: str | None = None,
         weight: float = 1.0,
+        place: WaitPlace | None = None,
     ) -> bool:
         """Wait until woken or ``timeout``.
 
         Args:
-            front: a woken request that found no slot after all: back at the head.
+            front: a woken request that found no slot after all: back at the head (at the
+                tag ``place`` kept, when given).
             flow: whose request (a key id); ``weight``: its share (priority).
+            place: the request's place across its waits.
 
         Returns:
             True when woken, False on timeout.
@@ -518,11 +531,15 @@ class WaitQueue:
         queue = self._waiters.get(model_id)
         if queue is None:
             queue = self._waiters[model_id] = _ModelQueue()
-        if front:
+        if place is not None and place.tag is not None:
+            tag = place.tag
+        elif front:
             tag = -math.inf
         else:
-            tag = max(queue.vtime, queue.last.get(flow, 0.0)) + 1.0 / max(weight, 1e-6)
+            tag = max(_now_tag(queue), queue.last.get(flow, 0.0)) + 1.0 / max(weight, 1e-6)
             queue.last[flow] = tag
+            if place is not None:
+                place.tag = tag
         queue.seq += 1
         heapq.heappush(queue.heap, (tag, queue.seq, future))
         queue.live.add(future)
@@ -573,6 +590,17 @@ class WaitQueue:
                 future.set_result(True)
                 return True
         return False
+
+
+def _now_tag(queue: _ModelQueue) -> float:
+    """The queue's virtual time: the tag at its head (waiters woken but not served keep
+    theirs), else the tag woken last."""
+    heap, live = queue.heap, queue.live
+    while heap and heap[0][2] not in live:
+        heapq.heappop(heap)
+    if heap and heap[0][0] != -math.inf:
+        return min(heap[0][0], queue.vtime)
+    return queue.vtime
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:

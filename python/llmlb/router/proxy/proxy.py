@@ -82,7 +82,15 @@ from llmlb.router.proxy.admission import (
     Ticket,
     estimate_tokens,
 )
-from llmlb.router.proxy.balancer import Balancer, NodeLike, NodeState, NoPick, PoisonLog, WaitQueue
+from llmlb.router.proxy.balancer import (
+    Balancer,
+    NodeLike,
+    NodeState,
+    NoPick,
+    PoisonLog,
+    WaitPlace,
+    WaitQueue,
+)
 from llmlb.router.proxy.metrics import ProxyMetrics, default_metrics
 from llmlb.router.proxy.prefix_index import PrefixIndex
 from llmlb.router.proxy.upstream import (
@@ -724,6 +732,7 @@ class InferenceProxy:
         model, affinity_key, keys = ex.model, ex.affinity_key, ex.keys
         ready_deadline = queue_deadline = queued_since = 0.0
         front = False
+        place = WaitPlace()  # its fair-queuing tag, kept when woken without a slot
         while True:
             views = self.fleet.ready_nodes(model)
             if views:
@@ -759,7 +768,7 @@ class InferenceProxy:
                         queued_since = now
                     remaining = queue_deadline - now
                     if remaining <= 0 or not await self.queue.wait(
-                        model, remaining, front=front, flow=ex.flow, weight=ex.weight
+                        model, remaining, front=front, flow=ex.flow, weight=ex.weight, place=place
                     ):
                         self.metrics.queue_wait(model, perf_counter() - queued_since)
                         raise _queue_full(model, settings.retry_after_s)
