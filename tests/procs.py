@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -36,21 +37,46 @@ def free_port() -> int:
             return port
 
 
+def _deadline(timeout: float, message: str) -> Callable[[], None]:
+    """A check that raises ``TimeoutError`` once ``timeout`` seconds from now have passed."""
+    end = time.monotonic() + timeout
+
+    def check() -> None:
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+
+    return check
+
+
 def wait_until(
     predicate: Callable[[], object],
     timeout: float = 30.0,
     interval: float = 0.05,
     message: str = "condition",
 ) -> object:
-    """Poll ``predicate`` until it returns something truthy; ``TimeoutError`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+    """Poll ``predicate`` until it returns something truthy; ``TimeoutError`` at the deadline.
+
+    The one polling helper of the tests (:func:`wait_until_async` inside an event loop).
+    """
+    check = _deadline(timeout, message)
+    while not (result := predicate()):
+        check()
         time.sleep(interval)
+    return result
+
+
+async def wait_until_async(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> object:
+    """:func:`wait_until` for a coroutine: the event loop runs while it waits."""
+    check = _deadline(timeout, message)
+    while not (result := predicate()):
+        check()
+        await asyncio.sleep(interval)
+    return result
 
 
 def http_status(

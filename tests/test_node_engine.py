@@ -6,8 +6,6 @@ import asyncio
 import base64
 import json
 import math
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jsonschema
@@ -20,6 +18,7 @@ from llmlb.node.inference.engine import Engine, EngineOptions
 from llmlb.node.metrics import NodeMetrics
 
 from tests.node_fixtures import place_model
+from tests.procs import wait_until_async
 
 A, B = "local/gemma-a", "local/gemma-b"
 GEMMA_EOS = 1  # <eos>: banned where a generation must keep its slot until the test closes it
@@ -38,14 +37,6 @@ def _engine(store: Path, **options) -> tuple[Engine, dict[str, str]]:
     storage = ModelStorage(store)
     paths = {m: str(storage.resolve(m).primary_path) for m in (A, B)}
     return Engine(storage, NodeMetrics(), EngineOptions(n_ctx=512, **options)), paths
-
-
-async def _poll(predicate: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 def _short(prompt: str = "Paris is the capital of") -> dict:
@@ -67,7 +58,7 @@ def test_excess_requests_queue_then_get_429_with_retry_after(store):
             assert first.startswith(b"data: ")
             assert engine.active_requests() == 1
             queued = asyncio.create_task(openai_api.complete(engine, A, paths[A], _short()))
-            await _poll(lambda: engine.queued(A) == 1)
+            await wait_until_async(lambda: engine.queued(A) == 1)
             with pytest.raises(ApiError) as rejected:
                 await openai_api.complete(engine, A, paths[A], _short())
             assert not queued.done()
@@ -338,7 +329,7 @@ def test_closing_a_stream_stops_generation_within_a_step(batching):
         await stream.aclose()
         # The step in flight when the client left may finish; none may start after it.
         steps, tokens = scheduler.stats.steps, scheduler.stats.completion_tokens
-        await _poll(lambda: scheduler.active() == 0, timeout=60)
+        await wait_until_async(lambda: scheduler.active() == 0, timeout=60)
         return steps, tokens, scheduler
 
     steps, tokens, scheduler = run(scenario())
@@ -380,12 +371,12 @@ def test_a_queued_request_whose_client_left_never_starts(store):
                     engine, A, paths[A], _short("A prompt that waits for the only slot")
                 )
             )
-            await _poll(lambda: engine.queued(A) == 1)
+            await wait_until_async(lambda: engine.queued(A) == 1)
             queued.cancel()  # its client goes away while it waits
-            await _poll(lambda: engine.queued(A) == 0)
+            await wait_until_async(lambda: engine.queued(A) == 0)
             evaluated = scheduler.stats.prompt_tokens
             await stream.aclose()
-            await _poll(lambda: scheduler.active() == 0 and not scheduler.waiting())
+            await wait_until_async(lambda: scheduler.active() == 0 and not scheduler.waiting())
             return evaluated, scheduler.stats.prompt_tokens
         finally:
             await engine.close()
@@ -520,7 +511,7 @@ def test_a_request_with_many_prompts_does_not_crowd_out_another_client(store):
             many = {"prompt": [f"Item {i}:" for i in range(10)], "max_tokens": 2,
                     "temperature": 0}
             first = asyncio.create_task(openai_api.complete(engine, A, paths[A], many))
-            await _poll(lambda: engine.active_requests() == 1)
+            await wait_until_async(lambda: engine.active_requests() == 1)
             # not 429: no queue of 9
             other = await openai_api.complete(engine, A, paths[A], _short())
             return await first, other

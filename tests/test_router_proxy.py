@@ -20,7 +20,7 @@ from llmlb.router.proxy.metrics import ProxyMetrics
 from llmlb.router.proxy.proxy import InferenceProxy, ProxySettings
 from prometheus_client import CollectorRegistry
 
-from tests.procs import Proc, free_port
+from tests.procs import Proc, free_port, wait_until_async
 
 MOCK = Path(__file__).resolve().parents[1] / "bench" / "router" / "mock_backend.py"
 MODEL = "org/model"
@@ -125,14 +125,6 @@ async def running(fleet: FleetView, clock=time.monotonic, **settings):
 
 def sample(proxy: InferenceProxy, name: str, **labels: str) -> float:
     return proxy.registry.get_sample_value(name, labels) or 0.0
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -337,7 +329,8 @@ def test_failover_before_any_byte(mock, mode):
             if mode == "fail500":  # 500s may be the requests' doing: no cool-down...
                 assert bad.healthy and bad.failures == 0
             else:  # ...a failed health check, time-outs, lost connections are the node's
-                await until(lambda: not bad.healthy)  # the health check runs in background
+                # the health check runs in background
+                await wait_until_async(lambda: not bad.healthy)
                 if mode != "down":
                     assert errors <= 6  # the cool-down stopped the attempts on the bad node
             if mode == "dead":  # a refused connection takes the node offline in the fleet
@@ -392,7 +385,8 @@ def test_a_node_answering_500_is_cooled_down_only_when_its_health_check_fails(mo
         async with running(fleet, failure_threshold=2, cooldown_s=30) as proxy:
             res = await call(proxy, CHAT)
             assert res.status == 500 and res.json()["error"]["code"] == "mock_failure"
-            await until(lambda: not proxy.balancer.nodes["f1"].healthy)  # checked: cooled
+            # checked: cooled
+            await wait_until_async(lambda: not proxy.balancer.nodes["f1"].healthy)
             res = await call(proxy, CHAT)
             assert res.status == 503 and res.json()["error"]["code"] == "nodes_unavailable"
             assert 1 <= int(res.headers["retry-after"]) <= 30
