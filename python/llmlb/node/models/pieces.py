@@ -42,7 +42,7 @@ MIB = 1 << 20
 #: Default piece size: large enough that a request's overhead (a round trip, a map entry of
 #: 70 bytes) is lost in the transfer, small enough that a 250 MB file gives a swarm of eight
 #: about 60 pieces to spread (measured in bench/fleet).
-PIECE_SIZE = 4 * MIB
+PIECE_SIZE = 1 * MIB
 
 
 def piece_count(size: int, piece_size: int) -> int:

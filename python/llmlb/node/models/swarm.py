@@ -137,7 +137,10 @@ class SwarmFile:
             verified piece.
         stop: set to abort.
         lanes: connections at once (all sources).
-        hub_lanes: of which at most this many to the hub.
+        hub_lanes: of which at most this many to the hub, shared out among the swarm's
+            members (each takes ``hub_lanes / members``, at least 2), so a site keeps about
+            this many connections to the hub whatever its size, and the last pieces to come
+            from a congested uplink are few.
         timeout: socket timeout of every request.
         poll_s: how often a peer's map is asked for.
         idle_hub_s: a lane idle this long takes any missing piece from the hub.
@@ -375,7 +378,8 @@ class SwarmFile:
                 waiting = now < self._grace_until and any(
                     not p.heard and not p.dead for p in self._peers.values()
                 )
-                allowed = min(self.hub_lanes, 1 + self._hub_landed)
+                share = max(2, -(-self.hub_lanes // len(self._owners[0] or (self.me,))))
+                allowed = min(share, 1 + self._hub_landed)
                 if not waiting and not self._hub_dead and self._hub_inflight < allowed:
                     idle[0] = idle[0] or now
                     hub_piece = self._pick_hub_piece(now - idle[0] >= self.idle_hub_s)

@@ -563,7 +563,7 @@ class ModelFetch:
             on_piece=on_piece,
             stop=self._stop,
             lanes=max(1, min(self._connections, 32)),
-            hub_lanes=max(1, min(self._connections, 8)),
+            hub_lanes=max(1, min(self._connections, 16)),
             timeout=self.options.timeout_s,
         )
         started = time.monotonic()

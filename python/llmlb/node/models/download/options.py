@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from llmlb.node.models.pieces import PIECE_SIZE
+
 # Files smaller than this are fetched with one plain GET (parallel ranges do not pay off).
 PARALLEL_MIN_BYTES = 8 << 20
 # Fewest range connections a large file gets when several share the budget.
@@ -65,7 +67,7 @@ class DownloadOptions:
     peer_connections: int = 8
     peer_hub_after_s: float = 3.0
     peer_min_rate: float = 8 * MIB
-    piece_size: int = 4 * MIB
+    piece_size: int = PIECE_SIZE
 
 
 def chunk_size_for(size: int, connections: int) -> int:
