@@ -391,7 +391,7 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
     emit = _Events()
     output: list[dict[str, Any]] = []  # finished items, by output index
     text: dict[str, Any] | None = None  # the open message item and its text so far
-    calls: dict[int, dict[str, Any]] = {}  # open function_call items by chat tool index
+    calls: dict[int, dict[str, Any]] = {}  # open function_call items by call number
     finish = "stop"
     yield emit("response.created", response=shape.response("in_progress", []))
     yield emit("response.in_progress", response=shape.response("in_progress", []))

@@ -109,9 +109,9 @@ class _Choice:
     calls: list[tool_calls.ToolCall] = field(default_factory=list)
 
 
-def call_events(index: int, number: int, call: tool_calls.ToolCall, pieces: int = 3) -> list[
-    ChatEvent
-]:
+def call_events(
+    index: int, number: int, call: tool_calls.ToolCall, pieces: int = 3
+) -> list[ChatEvent]:
     """The events of one call, as OpenAI streams it: id and name first, then the arguments
     in ``pieces`` pieces (every dialect streams the same pieces)."""
     size = max(1, -(-len(call.arguments) // pieces))
