@@ -265,6 +265,8 @@ def test_register_watch_the_download_serve_and_delete(browser, page, fleet, tmp_
     expect(placement).to_have_attribute("data-state", "ready", timeout=60_000)
     assert placement.locator("progress").evaluate("bar => bar.value") == 1
     expect(placement).to_contain_text("ready to serve")
+    # The model across the fleet: nodes ready, the share of the fleet's copies on disk.
+    expect(card).to_contain_text("1 of 1 node ready · 100 % of the fleet's copies on disk")
     screenshot(browser, page, tmp_path / "models-ready.png")
 
     # Inference through the router moves the traffic charts, per model and per node.

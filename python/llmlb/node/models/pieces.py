@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1 << 20
-#: Default piece size: large enough that a request's overhead (a round trip, a map entry of
-#: 70 bytes) is lost in the transfer, small enough that a 250 MB file gives a swarm of eight
-#: about 60 pieces to spread (measured in bench/fleet).
+#: Default piece size. Behind a congested uplink every hub connection moves its piece
+#: slowly, and the pieces in flight (connections x piece size) land together at the end:
+#: with 4 MiB pieces and 32 connections that was 128 MiB, seconds after the hub's last byte;
+#: 1 MiB keeps it near 16 MiB while a request's overhead (a round trip, a map entry of 70
+#: bytes, ~1 ms of CPU) stays small beside a piece (bench/README.md, Fleet).
 PIECE_SIZE = 1 * MIB
 
 

@@ -475,6 +475,7 @@ function createModelCard(item) {
     format: field(facts, "Format"),
     size: field(facts, "Size"),
     file: field(facts, "File"),
+    fleet: field(facts, "Fleet"),
     nodes,
   };
   return card;
@@ -570,6 +571,29 @@ function updateModelCard(card, item) {
   syncList(parts.nodes, placements, (p) => p.node.node_id, createPlacement, updatePlacement);
   const ready = placements.filter((p) => p.report && p.report.state === "ready").length;
   card.dataset.ready = String(ready);
+  setText(parts.fleet, fleetProgress(placements, model, ready));
+}
+
+// The model across the fleet: nodes ready, the share of all their bytes on disk (pieces
+// trade between downloading nodes), and how much of it came from peers rather than the hub.
+function fleetProgress(placements, model, ready) {
+  const online = placements.filter((p) => p.node.status === "online");
+  let done = 0;
+  let total = 0;
+  let hub = 0;
+  let peers = 0;
+  for (const { report } of online) {
+    const size = (report && report.progress && report.progress.total) || model.size_bytes || 0;
+    total += size;
+    if (report && report.state === "ready") done += size;
+    else if (report && report.progress) done += Math.min(size, report.progress.bytes || 0);
+    hub += (report && report.bytes_from_hub) || 0;
+    peers += (report && report.bytes_from_peers) || 0;
+  }
+  let text = `${ready} of ${online.length} node${online.length === 1 ? "" : "s"} ready`;
+  if (total) text += ` · ${Math.floor((100 * done) / total)} % of the fleet's copies on disk`;
+  if (hub + peers) text += ` · ${Math.round((100 * peers) / (hub + peers))} % from peers`;
+  return text;
 }
 
 async function renderModels() {
