@@ -524,8 +524,12 @@ class ModelFetch:
                 f"{spec.filename}: the hub serves {probe.size} bytes, the manifest says "
                 f"{spec.size_bytes}"
             )
+        if probe is not None and not probe.ranges:  # a hub without ranges: no pieces, then
+            digest = self._fetch_stream(file, probe.url, part)
+            file.hub_bytes = spec.size_bytes
+            return digest
         hub = None
-        if probe is not None and probe.ranges:
+        if probe is not None:
             hub = HubSource(probe.url, self._http.headers_for(probe.url))
         piece_size = self.options.piece_size
         entry = self._board.open(
