@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import orjson
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 DEFAULT_ROUTER_PORT = 8080
 DEFAULT_NODE_PORT = 32769
@@ -190,6 +195,21 @@ def sync_backoff_max_s() -> float:
     return _env_number("LLMLB_SYNC_BACKOFF_MAX_S", DEFAULT_SYNC_BACKOFF_MAX_S, 0.001)
 
 
+def _choice(env: str, key: str, choices: tuple[str, ...], default: str, what: str) -> str:
+    """The environment variable ``env`` > ``config.json``'s ``key`` > ``default``, one of
+    ``choices``.
+
+    Raises:
+        ValueError: the value is not one of ``choices``, or ``config.json`` is invalid.
+    """
+    value = os.environ.get(env) or load_config_file().get(key)
+    if value is None or value == "":
+        return default
+    if value not in choices:
+        raise ValueError(f"{what} must be {' or '.join(choices)}, not {value!r}")
+    return value
+
+
 NODE_APPROVAL_MODES = ("auto", "manual")
 DEFAULT_NODE_APPROVAL = "manual"
 
@@ -202,12 +222,13 @@ def node_approval() -> str:
     Raises:
         ValueError: the value is neither ``auto`` nor ``manual``, or ``config.json`` is invalid.
     """
-    value = os.environ.get("LLMLB_NODE_APPROVAL") or load_config_file().get("node_approval")
-    if value is None or value == "":
-        return DEFAULT_NODE_APPROVAL
-    if value not in NODE_APPROVAL_MODES:
-        raise ValueError(f"node approval must be auto or manual, not {value!r}")
-    return value
+    return _choice(
+        "LLMLB_NODE_APPROVAL",
+        "node_approval",
+        NODE_APPROVAL_MODES,
+        DEFAULT_NODE_APPROVAL,
+        "node approval",
+    )
 
 
 ROUTING_POLICIES = ("prefix", "p2c")
@@ -222,12 +243,29 @@ def routing() -> str:
     Raises:
         ValueError: the value is neither ``prefix`` nor ``p2c``, or ``config.json`` is invalid.
     """
-    value = os.environ.get("LLMLB_ROUTING") or load_config_file().get("routing")
-    if value is None or value == "":
-        return DEFAULT_ROUTING
-    if value not in ROUTING_POLICIES:
-        raise ValueError(f"routing must be prefix or p2c, not {value!r}")
-    return value
+    return _choice("LLMLB_ROUTING", "routing", ROUTING_POLICIES, DEFAULT_ROUTING, "routing")
+
+
+def settings_from_dict(
+    kind: type[_T], data: dict[str, Any], **convert: Callable[[Any], Any]
+) -> _T:
+    """A settings dataclass from its JSON hand-off form (``dataclasses.asdict``, then JSON).
+
+    Args:
+        kind: the dataclass.
+        data: its fields; keys it does not know (from a newer or older version) are dropped.
+        convert: per field, what turns the JSON value back into the field's type (``Path``,
+            ``tuple``, a nested settings class's reader).
+    """
+    names = {f.name for f in fields(kind)}  # type: ignore[arg-type]
+    return kind(
+        **{k: convert[k](v) if k in convert else v for k, v in data.items() if k in names}
+    )
+
+
+def settings_to_json(settings: object) -> str:
+    """The JSON hand-off form of a settings dataclass (paths as strings)."""
+    return orjson.dumps(asdict(settings), default=str).decode()  # type: ignore[call-overload]
 
 
 def router_settings_json() -> str | None:

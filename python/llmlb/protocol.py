@@ -850,14 +850,8 @@ class RegistrationAnswer(HeartbeatAnswer):
 
     SCHEMA: ClassVar[dict[str, Any]] = {
         "type": "object",
-        "required": ["node_id", "heartbeat_interval_s", "sync_token"],
-        "properties": {
-            "node_id": {"type": "string"},
-            "heartbeat_interval_s": {"type": "number"},
-            "sync_token": {"type": "string"},
-            APPROVAL_FIELD: _APPROVAL_SCHEMA,
-            PEER_TOKEN_FIELD: _PEER_TOKEN_SCHEMA,
-        },
+        "required": [*HeartbeatAnswer.SCHEMA["required"], "sync_token"],
+        "properties": {**HeartbeatAnswer.SCHEMA["properties"], "sync_token": {"type": "string"}},
     }
 
     @classmethod

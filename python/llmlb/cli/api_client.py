@@ -6,6 +6,7 @@ import argparse
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -114,9 +115,34 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="admin key (default $LLMLB_ADMIN_KEY)")
 
 
+def client_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    **defaults: object,
+) -> argparse.ArgumentParser:
+    """A subcommand that talks to the router: ``--router``/``--api-key`` added and ``func``
+    (with ``defaults``) set; its own arguments are added on the parser it returns."""
+    parser = sub.add_parser(name, help=help)
+    add_client_arguments(parser)
+    parser.set_defaults(func=func, **defaults)
+    return parser
+
+
 def client_from_args(args: argparse.Namespace) -> ApiClient:
     """An :class:`ApiClient` from ``--router``/``--api-key`` or their env defaults."""
     return ApiClient(args.router or config.router_url(), args.api_key or config.admin_key())
+
+
+def delete_and_say(args: argparse.Namespace, path: str, done: str) -> int:
+    """``DELETE path`` on the router; print ``done`` (exit 0) or the error (exit 1)."""
+    try:
+        client_from_args(args).delete(path)
+    except ApiClientError as exc:
+        return report_error(exc)
+    print(done)
+    return 0
 
 
 def report_error(exc: ApiClientError) -> int:

@@ -9,8 +9,9 @@ from typing import Any
 
 from llmlb.cli.api_client import (
     ApiClientError,
-    add_client_arguments,
+    client_command,
     client_from_args,
+    delete_and_say,
     path_segment,
     report_error,
 )
@@ -23,30 +24,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("keys", help="create, list and revoke API keys")
     sub = parser.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
 
-    create = sub.add_parser("create", help="create a key and print it (shown once)")
+    create = client_command(sub, "create", create_key, "create a key and print it (shown once)")
     create.add_argument("--scope", required=True, choices=SCOPES)
     create.add_argument("--name", help="a label for the key")
     _add_limit_arguments(create)
-    add_client_arguments(create)
-    create.set_defaults(func=create_key)
 
-    update = sub.add_parser(
-        "update", help="change a key's name or limits ('none' removes a limit)"
+    update = client_command(
+        sub, "update", update_key, "change a key's name or limits ('none' removes a limit)"
     )
     update.add_argument("id", help="key id, as `llmlb keys ls` shows it")
     update.add_argument("--name", help="a new label for the key")
     _add_limit_arguments(update)
-    add_client_arguments(update)
-    update.set_defaults(func=update_key)
 
-    ls = sub.add_parser("ls", help="list keys (never the keys themselves)")
-    add_client_arguments(ls)
-    ls.set_defaults(func=list_keys)
-
-    revoke = sub.add_parser("revoke", help="revoke a key by id")
+    client_command(sub, "ls", list_keys, "list keys (never the keys themselves)")
+    revoke = client_command(sub, "revoke", revoke_key, "revoke a key by id")
     revoke.add_argument("id", help="key id, as `llmlb keys ls` shows it")
-    add_client_arguments(revoke)
-    revoke.set_defaults(func=revoke_key)
 
 
 # (flag, body field, kind): kind int, str or list (comma-separated); "none" sends null.
@@ -158,9 +150,4 @@ def list_keys(args: argparse.Namespace) -> int:
 
 def revoke_key(args: argparse.Namespace) -> int:
     """Revoke one key."""
-    try:
-        client_from_args(args).delete(f"/v0/keys/{path_segment(args.id)}")
-    except ApiClientError as exc:
-        return report_error(exc)
-    print(f"revoked {args.id}")
-    return 0
+    return delete_and_say(args, f"/v0/keys/{path_segment(args.id)}", f"revoked {args.id}")

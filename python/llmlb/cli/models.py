@@ -21,8 +21,9 @@ from rich.table import Table
 from llmlb import config
 from llmlb.cli.api_client import (
     ApiClientError,
-    add_client_arguments,
+    client_command,
     client_from_args,
+    delete_and_say,
     path_segment,
     report_error,
 )
@@ -34,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser("models", help="register, list and remove models")
     sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
-    reg = sub.add_parser("register", help="register a hub model; nodes then download it")
+    reg = client_command(
+        sub, "register", register_model, "register a hub model; nodes then download it"
+    )
     reg.add_argument("repo", help="hub repo (Org/Name) or its URL")
     reg.add_argument("--filename", help="which artifact when the repo has several")
     reg.add_argument("--revision", help="branch, tag or commit (default main)")
@@ -45,37 +48,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Jinja chat template file, for models whose GGUF has none",
     )
     reg.add_argument("--json", action="store_true", help="print the stored model as JSON")
-    add_client_arguments(reg)
-    reg.set_defaults(func=register_model)
-
-    ls = sub.add_parser("ls", help="list models with their ready nodes and download progress")
+    ls = client_command(
+        sub, "ls", list_models, "list models with their ready nodes and download progress"
+    )
     ls.add_argument("--json", action="store_true", help="JSON instead of a table")
-    add_client_arguments(ls)
-    ls.set_defaults(func=list_models)
-
-    rm = sub.add_parser("rm", help="unregister a model (nodes delete their downloaded copy)")
+    rm = client_command(
+        sub, "rm", remove_model, "unregister a model (nodes delete their downloaded copy)"
+    )
     rm.add_argument("model_id", metavar="ID")
-    add_client_arguments(rm)
-    rm.set_defaults(func=remove_model)
 
     nodes = subparsers.add_parser("nodes", help="list, approve and revoke the router's nodes")
     nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION", required=True)
-    nodes_ls = nodes_sub.add_parser("ls", help="list nodes with their state and models")
+    nodes_ls = client_command(nodes_sub, "ls", list_nodes, "list nodes with their state and models")
     nodes_ls.add_argument("--json", action="store_true", help="JSON instead of a table")
-    add_client_arguments(nodes_ls)
-    nodes_ls.set_defaults(func=list_nodes)
-    approve = nodes_sub.add_parser(
-        "approve", help="approve a pending node: it serves clients and joins the peer lists"
-    )
-    approve.add_argument("node_id", metavar="ID")
-    add_client_arguments(approve)
-    approve.set_defaults(func=approve_node, action="approve")
-    revoke = nodes_sub.add_parser(
-        "revoke", help="make a node pending again: no client traffic, out of the peer lists"
-    )
-    revoke.add_argument("node_id", metavar="ID")
-    add_client_arguments(revoke)
-    revoke.set_defaults(func=approve_node, action="revoke")
+    for action, text in (
+        ("approve", "approve a pending node: it serves clients and joins the peer lists"),
+        ("revoke", "make a node pending again: no client traffic, out of the peer lists"),
+    ):
+        client_command(nodes_sub, action, approve_node, text, action=action).add_argument(
+            "node_id", metavar="ID"
+        )
 
     pull = subparsers.add_parser(
         "pull", help="download a registered model into this machine's store (node side)"
@@ -179,12 +171,8 @@ def _progress_dict(progress: ModelProgress) -> dict[str, Any]:
 
 def remove_model(args: argparse.Namespace) -> int:
     """``DELETE /v1/models/{id}``."""
-    try:
-        client_from_args(args).delete(f"/v1/models/{_quote_id(args.model_id)}")
-    except ApiClientError as exc:
-        return report_error(exc)
-    print(f"removed {args.model_id}")
-    return 0
+    path = f"/v1/models/{_quote_id(args.model_id)}"
+    return delete_and_say(args, path, f"removed {args.model_id}")
 
 
 # --- nodes -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING
 
 from llmlb import config
+from llmlb.cli.serving import add_bind_arguments
 from llmlb.node.models.download.options import DEFAULT_CONNECTIONS
 from llmlb.node.settings import DEFAULT_PEER_UPLOAD_MBPS
 
@@ -34,13 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"LLMLB_ROUTER_URL or {config.DEFAULT_ROUTER_URL}); '' serves local models only",
     )
     parser.add_argument("--api-key", default=None, help="node-scope key (LLMLB_NODE_KEY)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=config.DEFAULT_NODE_PORT,
-        help=f"port to bind ({config.DEFAULT_NODE_PORT})",
-    )
+    add_bind_arguments(parser, config.DEFAULT_NODE_PORT)
     parser.add_argument(
         "--advertise-url",
         default="",

@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 from llmlb import config
+from llmlb.cli.serving import add_bind_arguments
 
 if TYPE_CHECKING:
     from llmlb.router.control.settings import RouterSettings
@@ -33,13 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the router (registry, keys, load-balancing proxy)",
         description="Run the router under $LLMLB_HOME (LLMLB_ADMIN_KEY fixes the admin key).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=config.DEFAULT_ROUTER_PORT,
-        help=f"port to bind ({config.DEFAULT_ROUTER_PORT})",
-    )
+    add_bind_arguments(parser, config.DEFAULT_ROUTER_PORT)
     parser.add_argument(
         "--db",
         help="SQLite file (default LLMLB_ROUTER_DB, config.json db, $LLMLB_HOME/lb.db), or "

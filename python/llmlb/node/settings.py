@@ -11,7 +11,9 @@ JSON in the environment (``llmlb.config.node_settings_json``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -92,23 +94,20 @@ class NodeSettings:
 
     def to_json(self) -> str:
         """Serialise for the hand-off to the server process."""
-        data = asdict(self)
-        data["models_dir"] = str(self.models_dir)
-        data["allowed_hosts"] = list(self.allowed_hosts)
-        return orjson.dumps(data).decode()
+        return config.settings_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> NodeSettings:
         """Inverse of :meth:`to_json`."""
-        data = orjson.loads(text)
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["models_dir"] = Path(data["models_dir"])
-        data["allowed_hosts"] = tuple(data.get("allowed_hosts") or ())
-        for name, kind in (("engine", _engine_options_type()), ("download", DownloadOptions)):
-            if isinstance(data.get(name), dict):
-                data[name] = _options(kind, data[name])
-        return cls(**data)
+        engine = _engine_options_type()
+        return config.settings_from_dict(
+            cls,
+            orjson.loads(text),
+            models_dir=Path,
+            allowed_hosts=lambda hosts: tuple(hosts or ()),
+            engine=lambda data: _options(engine, data),
+            download=lambda data: _options(DownloadOptions, data),
+        )
 
     @classmethod
     def from_env(cls) -> NodeSettings:
@@ -138,15 +137,11 @@ def _options(kind: type[_T], data: dict[str, Any]) -> _T:
     """``kind`` (an options dataclass whose fields all have defaults) from its ``asdict``
     form: unknown keys dropped, nested option objects and tuples rebuilt."""
     defaults = kind()
-    known = {f.name for f in fields(kind)}  # type: ignore[arg-type]
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        if name not in known:
-            continue
-        default = getattr(defaults, name)
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _options(type(default), value)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        values[name] = value
-    return kind(**values)
+    convert: dict[str, Callable[[Any], Any]] = {}
+    for option in fields(kind):  # type: ignore[arg-type]
+        default = getattr(defaults, option.name)
+        if is_dataclass(default):
+            convert[option.name] = functools.partial(_options, type(default))
+        elif isinstance(default, tuple):
+            convert[option.name] = tuple
+    return config.settings_from_dict(kind, data, **convert)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -34,22 +35,12 @@ def node_id(models_dir: Path, advertise_url: str) -> str:
     Returns:
         A stable id such as ``node-3f2a…``.
     """
-    models_dir.mkdir(parents=True, exist_ok=True)
-    path = models_dir / NODE_ID_FILENAME
-    with FileLock(str(path) + ".lock"):
-        try:
-            ids = orjson.loads(path.read_bytes())
-            if not isinstance(ids, dict):
-                ids = {}
-        except (FileNotFoundError, orjson.JSONDecodeError):
-            ids = {}
-        existing = ids.get(advertise_url)
-        if isinstance(existing, str) and existing:
-            return existing
-        new_id = f"node-{uuid.uuid4().hex[:16]}"
-        ids[advertise_url] = new_id
-        atomic_write(path, orjson.dumps(ids, option=orjson.OPT_INDENT_2))
-        return new_id
+    return _persisted(
+        models_dir / NODE_ID_FILENAME,
+        advertise_url,
+        lambda: f"node-{uuid.uuid4().hex[:16]}",
+        private=False,
+    )
 
 
 def node_secret(models_dir: Path, node_id: str) -> str:
@@ -62,8 +53,15 @@ def node_secret(models_dir: Path, node_id: str) -> str:
     Returns:
         256 random bits, url-safe base64.
     """
-    models_dir.mkdir(parents=True, exist_ok=True)
-    path = models_dir / NODE_SECRET_FILENAME
+    return _persisted(
+        models_dir / NODE_SECRET_FILENAME, node_id, lambda: secrets.token_urlsafe(32), private=True
+    )
+
+
+def _persisted(path: Path, key: str, make: Callable[[], str], *, private: bool) -> str:
+    """``key``'s value in the JSON object file ``path``, made and added (atomically, under a
+    cross-process lock) on first use; an unreadable file counts as empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         try:
             known = orjson.loads(path.read_bytes())
@@ -71,9 +69,9 @@ def node_secret(models_dir: Path, node_id: str) -> str:
                 known = {}
         except (FileNotFoundError, orjson.JSONDecodeError):
             known = {}
-        existing = known.get(node_id)
+        existing = known.get(key)
         if isinstance(existing, str) and existing:
             return existing
-        known[node_id] = secrets.token_urlsafe(32)
-        atomic_write(path, orjson.dumps(known, option=orjson.OPT_INDENT_2), private=True)
-        return known[node_id]
+        known[key] = value = make()
+        atomic_write(path, orjson.dumps(known, option=orjson.OPT_INDENT_2), private=private)
+        return value

@@ -7,7 +7,7 @@ it to its Granian workers as one JSON blob in the environment (``LLMLB_ROUTER_SE
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,18 +111,12 @@ class RouterSettings:
 
     def to_json(self) -> str:
         """Serialise for the hand-off to the worker processes."""
-        data = asdict(self)
-        data["home"], data["db_path"] = str(self.home), str(self.db_path)
-        return orjson.dumps(data).decode()
+        return config.settings_to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> RouterSettings:
         """Inverse of :meth:`to_json` (unknown keys are ignored)."""
-        data = orjson.loads(text)
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["home"], data["db_path"] = Path(data["home"]), Path(data["db_path"])
-        return cls(**data)
+        return config.settings_from_dict(cls, orjson.loads(text), home=Path, db_path=Path)
 
     @property
     def database(self) -> str | Path:

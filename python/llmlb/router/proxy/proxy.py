@@ -196,8 +196,7 @@ class ProxySettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProxySettings:
         """The settings from their ``asdict`` form (unknown keys are ignored)."""
-        known = {field.name for field in fields(cls)}
-        return cls(**{name: value for name, value in data.items() if name in known})
+        return config.settings_from_dict(cls, data)
 
     @classmethod
     def from_config(cls) -> ProxySettings:
