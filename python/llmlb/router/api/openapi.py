@@ -19,6 +19,11 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _request(schema: str) -> dict:
+    """A required JSON request body of the component ``schema``."""
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
 def _errors(*statuses: int, schema: str = "Error") -> dict:
     texts = {
         400: "Invalid request",
@@ -295,10 +300,7 @@ def _inference(operation_id: str, summary: str, errors: str = "Error") -> dict:
             "operationId": operation_id,
             "summary": summary,
             "tags": ["inference"],
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("InferenceRequest")}},
-            },
+            "requestBody": _request("InferenceRequest"),
             "responses": {
                 "200": {
                     "description": "The node's answer, relayed unchanged (JSON or SSE)",
@@ -341,10 +343,7 @@ def _paths() -> dict:
             "post": {
                 "operationId": "createKey",
                 "summary": "Create a key (admin); the key is returned once",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("KeyCreate")}},
-                },
+                "requestBody": _request("KeyCreate"),
                 "responses": {
                     "201": _linked(
                         _json(_ref("NewKey"), "Created"), {"revokeKey": ("key_id", "id")}
@@ -385,10 +384,7 @@ def _paths() -> dict:
             "post": {
                 "operationId": "registerModel",
                 "summary": "Register a hub model (admin)",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("RegisterModel")}},
-                },
+                "requestBody": _request("RegisterModel"),
                 "responses": {
                     "201": _linked(
                         _json({"type": "object"}, "Registered"),
@@ -486,10 +482,7 @@ def _paths() -> dict:
                 "operationId": "reportPeer",
                 "summary": "A peer served bytes that failed their check (node); weighed: an "
                 "approved reporter's own list at once, every list on reports of 2 approved nodes",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("PeerReport")}},
-                },
+                "requestBody": _request("PeerReport"),
                 "responses": {
                     "202": _json(_ref("PeerReport"), "Recorded"),
                     **_errors(400, *_AUTH, 409, 413),
@@ -500,10 +493,7 @@ def _paths() -> dict:
             "post": {
                 "operationId": "registerNode",
                 "summary": "Register a node (node)",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("NodeRegistration")}},
-                },
+                "requestBody": _request("NodeRegistration"),
                 "responses": {
                     "201": _linked(
                         _json(_ref("NodeRegistered"), "Registered"),
@@ -537,10 +527,7 @@ def _paths() -> dict:
                 "operationId": "nodeHeartbeat",
                 "summary": "Heartbeat with per-model state (node)",
                 "parameters": [_NODE_ID_PARAM],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("Heartbeat")}},
-                },
+                "requestBody": _request("Heartbeat"),
                 "responses": {
                     "200": _json(_ref("HeartbeatAck"), "Recorded"),
                     **_errors(400, *_AUTH, 404, 409, 413),
@@ -556,10 +543,7 @@ def _paths() -> dict:
                 "needs a snapshot). Nothing is stored in the database: every router keeps its "
                 "own index from the reports every node sends it.",
                 "parameters": [_NODE_ID_PARAM],
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref("CacheReport")}},
-                },
+                "requestBody": _request("CacheReport"),
                 "responses": {
                     "202": _json(_ref("CacheReportAck"), "Applied"),
                     **_errors(400, *_AUTH, 404, 409, 413),
@@ -646,10 +630,7 @@ def openapi_schema() -> dict:
                     "operationId": "modelsSync",
                     "summary": "POST <node>/api/models/sync: the router names changed models "
                     "(bearer: the node's sync_token)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("SyncNotice")}},
-                    },
+                    "requestBody": _request("SyncNotice"),
                     "responses": {"202": {"description": "Accepted"}},
                 }
             }

@@ -216,30 +216,32 @@ def record_heartbeat(
 def approve(conn: db.Conn, node_id: str) -> bool:
     """Approve a node (idempotent): it joins the fleet view, the peer lists, and gets the peer
     token with its next heartbeat. ``False`` when the node is not registered."""
-    with db.transaction(conn):
-        changed = conn.execute(
-            "UPDATE nodes SET approved_at = ? WHERE id = ? AND approved_at IS NULL",
-            (db.now_iso(), node_id),
-        ).rowcount
-        if changed:
-            db.bump(conn, db.FLEET)
-            return True
-        return conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+    return _set_approval(conn, node_id, "approved_at IS NULL", db.now_iso())
 
 
 def revoke(conn: db.Conn, node_id: str) -> bool:
     """Make an approved node pending again (idempotent): out of the fleet view and the peer
     lists at once, its reports no longer count. ``False`` when the node is not registered.
     (The peer token it already holds stays valid: the fleet's secret must change for that.)"""
+    return _set_approval(conn, node_id, "approved_at IS NOT NULL", None)
+
+
+def _set_approval(conn: db.Conn, node_id: str, unless: str, approved_at: str | None) -> bool:
+    """Set the node's ``approved_at`` where ``unless`` holds; whether the node exists."""
     with db.transaction(conn):
-        changed = conn.execute(
-            "UPDATE nodes SET approved_at = NULL WHERE id = ? AND approved_at IS NOT NULL",
-            (node_id,),
-        ).rowcount
-        if changed:
-            db.bump(conn, db.FLEET)
+        sql = f"UPDATE nodes SET approved_at = ? WHERE id = ? AND {unless}"
+        if _change_fleet(conn, sql, (approved_at, node_id)):
             return True
         return conn.execute("SELECT 1 FROM nodes WHERE id = ?", (node_id,)).fetchone() is not None
+
+
+def _change_fleet(conn: db.Conn, sql: str, params: tuple = ()) -> int:
+    """Run the ``UPDATE`` ``sql`` (in the caller's transaction) and tell every worker the
+    fleet changed when it changed a row; returns the rows changed."""
+    changed = conn.execute(sql, params).rowcount
+    if changed:
+        db.bump(conn, db.FLEET)
+    return changed
 
 
 def unregister(
@@ -271,11 +273,9 @@ def unregister(
 def mark_offline(conn: db.Conn, node_id: str) -> None:
     """Mark one node offline (until its next heartbeat)."""
     with db.transaction(conn):
-        changed = conn.execute(
-            "UPDATE nodes SET status='offline' WHERE id = ? AND status='online'", (node_id,)
-        ).rowcount
-        if changed:
-            db.bump(conn, db.FLEET)
+        _change_fleet(
+            conn, "UPDATE nodes SET status='offline' WHERE id = ? AND status='online'", (node_id,)
+        )
 
 
 def mark_all_offline(conn: db.Conn) -> int:
@@ -286,23 +286,18 @@ def mark_all_offline(conn: db.Conn) -> int:
     shared database runs :func:`reap` instead: the other routers' nodes are live.)
     """
     with db.transaction(conn):
-        changed = conn.execute("UPDATE nodes SET status='offline' WHERE status='online'").rowcount
-        if changed:
-            db.bump(conn, db.FLEET)
-    return changed
+        return _change_fleet(conn, "UPDATE nodes SET status='offline' WHERE status='online'")
 
 
 def reap(conn: db.Conn, offline_after_s: float) -> int:
     """Mark offline every online node silent for longer than ``offline_after_s``."""
     cutoff = db.unix_now() - offline_after_s
     with db.transaction(conn):
-        changed = conn.execute(
+        return _change_fleet(
+            conn,
             "UPDATE nodes SET status='offline' WHERE status='online' AND last_seen < ?",
             (cutoff,),
-        ).rowcount
-        if changed:
-            db.bump(conn, db.FLEET)
-    return changed
+        )
 
 
 def sync_target(conn: db.Conn, node_id: str) -> tuple[str, str] | None:

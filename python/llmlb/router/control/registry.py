@@ -248,16 +248,7 @@ def get_manifest(conn: db.Conn, model_id: str) -> dict | None:
     if row is None:
         return None
     files = tuple(
-        ManifestFile(
-            filename=f["filename"],
-            format=f["format"],
-            size_bytes=f["size_bytes"],
-            sha256=f["sha256"],
-            url=f["url"],
-            priority=f["priority"],
-            optional=bool(f["optional"]),
-            backends=orjson.loads(f["backends"]),
-        )
+        ManifestFile.from_dict({**dict(f), "backends": orjson.loads(f["backends"])})
         for f in conn.execute(
             "SELECT * FROM model_files WHERE model_id = ? ORDER BY priority, filename",
             (model_id,),

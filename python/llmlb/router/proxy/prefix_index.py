@@ -301,13 +301,9 @@ class PrefixIndex:
         owners = self._owners.get(model)
         if owners is None:
             return
-        mask = owners.get(key, 0) & ~node.mask
-        if mask:
-            owners[key] = mask
-        else:
-            owners.pop(key, None)
-            if not owners:
-                del self._owners[model]
+        _keep_owners(owners, key, ~node.mask)
+        if not owners:
+            del self._owners[model]
 
     def _clear(self, node: _Node) -> None:
         """Drop every key of ``node`` (its bit stays its own)."""
@@ -317,11 +313,7 @@ class PrefixIndex:
             if owners is None:
                 continue
             for key in held:
-                mask = owners.get(key, 0) & clear
-                if mask:
-                    owners[key] = mask
-                else:
-                    owners.pop(key, None)
+                _keep_owners(owners, key, clear)
             if not owners:
                 del self._owners[model]
         node.models = {}
@@ -339,3 +331,12 @@ class PrefixIndex:
             held = node.models.get(model)
             if held is not None and key in held:
                 self._remove(node, model, held, key)
+
+
+def _keep_owners(owners: dict[int, int], key: int, keep: int) -> None:
+    """Keep only the ``keep`` bits of ``key``'s owner mask; forget the key when none is left."""
+    mask = owners.get(key, 0) & keep
+    if mask:
+        owners[key] = mask
+    else:
+        owners.pop(key, None)

@@ -807,14 +807,7 @@ class InferenceProxy:
         resp: Response | None = None
         ex.node = node_id
         try:
-            client = self._clients.get(node_id)
-            if (
-                client is None
-                or client.closed
-                or client.url != state.url
-                or client.token != state.token
-            ):
-                client = self._client(state)
+            client = self._client(state)
             sent = perf_counter()
             try:
                 resp = await client.request(b"POST", ex.scope["path"], ex.body, ex.priority)
@@ -993,8 +986,12 @@ class InferenceProxy:
     # -- nodes ---------------------------------------------------------------------------
 
     def _client(self, state: NodeState) -> NodePool:
+        """The node's connection pool: the open one for its URL and token, else a new one (an
+        old one is closed)."""
         old = self._clients.get(state.node_id)
         if old is not None:
+            if not old.closed and old.url == state.url and old.token == state.token:
+                return old
             self._spawn(old.close())
         client = self._clients[state.node_id] = _node_pool(state, self.settings)
         return client
@@ -1034,14 +1031,7 @@ class InferenceProxy:
     async def _health(self, state: NodeState) -> bool:
         """``GET <node>/health`` answered 200 within ``probe_timeout_s``."""
         try:
-            client = self._clients.get(state.node_id)
-            if (
-                client is None
-                or client.closed
-                or client.url != state.url
-                or client.token != state.token
-            ):
-                client = self._client(state)
+            client = self._client(state)
             async with asyncio.timeout(self.settings.probe_timeout_s):
                 resp = await client.request(b"GET", "/health")
                 try:
