@@ -125,6 +125,8 @@ def test_node_ports_are_checked_before_anything_starts(tmp_path: Path) -> None:
         taken = busy.getsockname()[1]
         result = up(tmp_path / "home", "--nodes", "2", "--node-port", str(taken - 1))
         assert_clear_error(result, f"port {taken}", "already in use", "--node-port")
+    result = up(tmp_path / "home", "--nodes", "3", "--node-port", "65534")
+    assert_clear_error(result, "--node-port 65534", "1-65535")
     assert not (tmp_path / "home" / "lb.db").exists()
 
 

@@ -183,6 +183,8 @@ class _Cluster:
                 else f"--port {args.port} is one of the {self.node_count} node ports from "
                 f"--node-port {args.node_port}"
             )
+        if not (args.node_port > 0 and self.node_ports[-1] <= 65535):
+            raise UpError(f"--node-port {args.node_port}: the node ports must lie in 1-65535")
         _ensure_port_free(args.port, "--port")
         for port in self.node_ports:
             _ensure_port_free(port, "--node-port")
