@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         metavar="ORG/REPO",
-        help="register this hub model (and download it) instead of the bundled demo model",
+        help="register this hub model (and download it) instead of the demo models",
     )
     parser.add_argument("--filename", help="with --model: which GGUF of the repo to use")
     parser.add_argument(
