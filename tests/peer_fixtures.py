@@ -20,6 +20,7 @@ from llmlb.node.models.pieces import PIECE_SIZE, encode_bits, piece_count
 from tests.router_fixtures import call, free_url
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+_FLIP = bytes(b ^ 0xFF for b in range(256))  # every byte of a lie
 
 
 class FakePeer:
@@ -53,6 +54,9 @@ class FakePeer:
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self.state = state
+        self._lock = threading.Lock()
+        self._cache: dict[Path, bytes] = {}
+        self._piece_hashes: dict[Path, dict[str, str]] = {}
         self._hung: socket.socket | None = None
         self.url = free_url()
         if hang:  # a listening socket nobody accepts from: connects succeed, nothing answers
@@ -81,10 +85,10 @@ class FakePeer:
                 if true is None:
                     self.send_error(404)
                     return
-                data = true.read_bytes()
+                data = peer._bytes(true)
                 match = _RANGE.fullmatch(self.headers.get("range") or "")
                 start, end = (int(match[1]), int(match[2]) + 1) if match else (0, len(data))
-                body = bytes(b ^ 0xFF for b in data[start:end])
+                body = data[start:end].translate(_FLIP)
                 self.send_response(206 if match else 200)
                 if match:
                     self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
@@ -100,7 +104,7 @@ class FakePeer:
                 if true is None:
                     self.send_error(404)
                     return
-                data = true.read_bytes()
+                data = peer._bytes(true)
                 n = piece_count(len(data), PIECE_SIZE)
                 body = orjson.dumps(
                     {
@@ -110,12 +114,7 @@ class FakePeer:
                         "epoch": "fake",
                         "seq": n,
                         "have": encode_bits([True] * n),
-                        "hashes": {
-                            str(i): hashlib.sha256(
-                                data[i * PIECE_SIZE : (i + 1) * PIECE_SIZE]
-                            ).hexdigest()
-                            for i in range(n)
-                        },
+                        "hashes": peer._hashes(true),
                         "hub": [],
                         "complete": True,
                         "uploads": 0,
@@ -131,6 +130,24 @@ class FakePeer:
                 pass
 
         return Handler
+
+    def _bytes(self, path: Path) -> bytes:
+        """The true file, read once."""
+        with self._lock:
+            if path not in self._cache:
+                self._cache[path] = path.read_bytes()
+            return self._cache[path]
+
+    def _hashes(self, path: Path) -> dict[str, str]:
+        """The true piece hashes of ``path``, computed once."""
+        with self._lock:
+            if path not in self._piece_hashes:
+                data = path.read_bytes()
+                self._piece_hashes[path] = {
+                    str(i): hashlib.sha256(data[i * PIECE_SIZE : (i + 1) * PIECE_SIZE]).hexdigest()
+                    for i in range(piece_count(len(data), PIECE_SIZE))
+                }
+            return self._piece_hashes[path]
 
     def _reports(self) -> list[dict]:
         return [{"id": m, "state": self.state, "revision": r} for m, r in self.models.items()]
