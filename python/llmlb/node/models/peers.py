@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -57,6 +57,7 @@ from llmlb.model_storage import is_safe_relative_path
 from llmlb.node.models.download.staging import file_signature, read_marker
 from llmlb.node.models.hashing import sha256_file
 from llmlb.node.models.pieces import PIECE_SIZE, PieceBoard, PieceFile, hash_pieces
+from llmlb.prometheus import Declare
 
 if TYPE_CHECKING:
     from llmlb.node.models.resolver import Resolver
@@ -96,42 +97,34 @@ class TransferStats:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._models: dict[str, _ModelCounters] = {}
         self._lock = threading.Lock()
-        r = registry if registry is not None else CollectorRegistry()
-        self.source_bytes = Counter(
+        m = Declare(registry if registry is not None else CollectorRegistry())
+        self.source_bytes = m.counter(
             "llmlb_node_download_source_bytes",
             "Verified model bytes downloaded, by source (hub|peer)",
-            ["source"],
-            registry=r,
+            "source",
         )
-        self.served_bytes = Counter(
-            "llmlb_node_peer_served_bytes", "Model bytes served to other nodes", registry=r
+        self.served_bytes = m.counter(
+            "llmlb_node_peer_served_bytes", "Model bytes served to other nodes"
         )
-        self.uploads = Gauge(
-            "llmlb_node_peer_uploads", "Transfers to other nodes in progress", registry=r
+        self.uploads = m.gauge("llmlb_node_peer_uploads", "Transfers to other nodes in progress")
+        self.refused = m.counter(
+            "llmlb_node_peer_refused", "Peer requests refused, by reason", "reason"
         )
-        self.refused = Counter(
-            "llmlb_node_peer_refused",
-            "Peer requests refused, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.bad_peers = Counter(
+        self.bad_peers = m.counter(
             "llmlb_node_bad_peer_files",
             "Files in which a peer's bytes failed a check (a piece's published hash, or the "
             "whole file's sha256); the bytes are fetched again elsewhere",
-            registry=r,
         )
-        self.model_source_bytes = Counter(
+        self.model_source_bytes = m.counter(
             "llmlb_node_download_model_source_bytes",
             "Verified pieces' bytes downloaded, by model and source (hub, or a peer's node id)",
-            ["model", "source"],
-            registry=r,
+            "model",
+            "source",
         )
-        self.pieces_served = Counter(
+        self.pieces_served = m.counter(
             "llmlb_node_peer_pieces_served",
             "Pieces (ranges) of a model served to other nodes",
-            ["model"],
-            registry=r,
+            "model",
         )
         self.serves_peers = True  # False: no upload budget; said in every report
 

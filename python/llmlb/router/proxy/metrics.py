@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from llmlb.prometheus import Declare
 from llmlb.router.proxy.balancer import Balancer, WaitQueue
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -48,56 +49,54 @@ class ProxyMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = REGISTRY if registry is None else registry
-        kw: dict[str, Any] = {"registry": registry}
-        self._requests = Counter(
-            "llmlb_proxy_requests", "Responses relayed from nodes.", ["node", "model", "code"], **kw
+        m = Declare(registry)
+        self._requests = m.counter(
+            "llmlb_proxy_requests", "Responses relayed from nodes.", "node", "model", "code"
         )
-        self._errors = Counter(
-            "llmlb_proxy_errors", "Failed attempts on nodes.", ["node", "model", "kind"], **kw
+        self._errors = m.counter(
+            "llmlb_proxy_errors", "Failed attempts on nodes.", "node", "model", "kind"
         )
-        self._retries = Counter(
-            "llmlb_proxy_retries", "Failovers away from a node.", ["node", "model"], **kw
+        self._retries = m.counter(
+            "llmlb_proxy_retries", "Failovers away from a node.", "node", "model"
         )
-        self._rejected = Counter(
-            "llmlb_proxy_rejected", "Requests answered by the router itself.", ["code"], **kw
+        self._rejected = m.counter(
+            "llmlb_proxy_rejected", "Requests answered by the router itself.", "code"
         )
-        self._queue_wait = Histogram(
+        self._queue_wait = m.histogram(
             "llmlb_proxy_queue_wait_seconds",
             "Time requests waited for a free slot.",
-            ["model"],
+            "model",
             buckets=_LATENCY_BUCKETS,
-            **kw,
         )
-        self._ttfb = Histogram(
+        self._ttfb = m.histogram(
             "llmlb_proxy_ttfb_seconds",
             "Time from sending a request to a node to its first body bytes.",
-            ["node", "model"],
+            "node",
+            "model",
             buckets=_LATENCY_BUCKETS,
-            **kw,
         )
-        self._routing = Counter(
+        self._routing = m.counter(
             "llmlb_proxy_routing",
             "Nodes chosen, by why (prefix, load, affinity, fallback).",
-            ["model", "reason"],
-            **kw,
+            "model",
+            "reason",
         )
-        self._prompt_chars = Counter(
+        self._prompt_chars = m.counter(
             "llmlb_proxy_prompt_chars",
             "Prompt characters of the keyed requests a node answered.",
-            ["node", "model"],
-            **kw,
+            "node",
+            "model",
         )
-        self._cached_chars = Counter(
+        self._cached_chars = m.counter(
             "llmlb_proxy_predicted_cached_chars",
             "Prompt characters the prefix index predicted a node's cache held.",
-            ["node", "model"],
-            **kw,
+            "node",
+            "model",
         )
-        self.overhead = Histogram(
+        self.overhead = m.histogram(
             "llmlb_proxy_overhead_seconds",
             "Router's own time per request, excluding the wait for the node.",
             buckets=_OVERHEAD_BUCKETS,
-            **kw,
         )
         self._registry = registry
         self._collector: Collector | None = None
