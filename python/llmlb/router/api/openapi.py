@@ -75,30 +75,12 @@ _SCHEMAS: dict[str, Any] = {
             }
         },
     },
-    "Key": {
-        "type": "object",
-        "required": ["id", "scope", "prefix", "created_at"],
-        "properties": {
-            "id": {"type": "string"},
-            "name": {"type": ["string", "null"]},
-            "scope": {"enum": ["api", "node", "admin"]},
-            "prefix": {"type": "string"},
-            "created_at": {"type": "string"},
-        },
-    },
+    # Key and KeyCreate (with the key's limits): openapi_tenancy.SCHEMAS
     "NewKey": {
         "allOf": [
             _ref("Key"),
             {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}},
         ]
-    },
-    "KeyCreate": {
-        "type": "object",
-        "required": ["scope"],
-        "properties": {
-            "scope": {"enum": ["api", "node", "admin"]},
-            "name": {"type": ["string", "null"], "maxLength": 200},
-        },
     },
     "RegisterModel": {
         "type": "object",
