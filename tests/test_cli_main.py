@@ -38,6 +38,7 @@ def _minimal(command: str) -> list[str]:
     return {
         "storage": ["ls"],
         "keys": ["ls"],
+        "audit": ["verify"],
         "models": ["ls"],
         "nodes": ["ls"],
         "pull": ["some/model"],

@@ -113,11 +113,11 @@ def test_window_slides_by_the_second():
     window = Window()
     window.add(100.2, 3)
     window.add(130.0, 2)
-    assert window.used(159.9) == 5
-    assert window.used(160.0) == 2  # the second 100 left the window
-    assert window.frees_in(160.0, 1) == pytest.approx(30.0)
+    assert window.used(160.9) == 5  # 100.2 counts until 161.0: a full minute after
+    assert window.used(161.0) == 2  # the second 100 left the window
+    assert window.frees_in(161.0, 1) == pytest.approx(30.0)
     window.adjust(130, -2)
-    assert window.used(160.0) == 0
+    assert window.used(161.0) == 0
     assert window.used(10_000.0) == 0
 
 
@@ -130,13 +130,13 @@ def test_rpm_refuses_with_retry_after_and_admits_after_reset():
     with pytest.raises(LimitExceeded) as info:
         admission.admit("k", limits, MODEL, 10)
     assert info.value.status == 429 and info.value.code == "rate_limit_exceeded"
-    assert info.value.retry_after == pytest.approx(59.5)
-    clock.now = 1060.0  # the second 1000 left the sliding minute
+    assert info.value.retry_after == pytest.approx(60.5)
+    clock.now = 1061.0  # the second 1000 left the sliding minute
     admission.admit("k", limits, MODEL, 10)
     headers = dict(admission.headers(admission.states["k"]))
     assert headers[b"x-ratelimit-limit-requests"] == b"3"
     assert headers[b"x-ratelimit-remaining-requests"] == b"2"
-    assert headers[b"x-ratelimit-reset-requests"] == b"1m0s"
+    assert headers[b"x-ratelimit-reset-requests"] == b"1m1s"
 
 
 def test_max_parallel_and_allowlist():

@@ -2,8 +2,8 @@
 
 Each entry records when, which key acted (its id: never a key), the action, its target and
 the change (the request's JSON body), and ``hash = sha256(prev_hash + canonical entry)``;
-the first entry's ``prev_hash`` is :data:`GENESIS`. ``state_version`` row ``audit`` counts
-the entries, so removing the newest ones shows too. :func:`verify` finds a removed, inserted
+the first entry's ``prev_hash`` is :data:`GENESIS`. ``audit_head`` counts the entries, so
+removing the newest ones shows too. :func:`verify` finds a removed, inserted
 or altered row; ``llmlb audit verify`` runs it over ``GET /v0/audit``.
 """
 
@@ -17,7 +17,6 @@ import orjson
 from llmlb.router import db
 
 GENESIS = "0" * 64
-AUDIT = "audit"  # the state_version row counting entries
 MAX_PAGE = 1000
 # Body fields never recorded, should a body ever carry one.
 _SECRET_FIELDS = frozenset({"key", "token", "sync_token", "hf_token", "password", "secret"})
@@ -72,7 +71,7 @@ def append(conn: db.Conn, actor: str, action: str, target: str, change: Any) -> 
                 digest,
             ),
         )
-        conn.execute("UPDATE state_version SET version = ? WHERE name = ?", (seq, AUDIT))
+        conn.execute("UPDATE audit_head SET entries = ? WHERE id = 1", (seq,))
     return {**entry, "prev_hash": prev, "hash": digest}
 
 
@@ -83,7 +82,7 @@ def read(conn: db.Conn, after: int = 0, limit: int = MAX_PAGE) -> tuple[list[dic
         "WHERE seq > ? ORDER BY seq LIMIT ?",
         (after, min(limit, MAX_PAGE)),
     ).fetchall()
-    count = conn.execute("SELECT version FROM state_version WHERE name = ?", (AUDIT,)).fetchone()
+    count = conn.execute("SELECT entries FROM audit_head WHERE id = 1").fetchone()
     entries = [
         {
             "seq": int(row[0]),

@@ -1,14 +1,15 @@
 """Leases of a key's per-minute quota, for routers sharing one PostgreSQL database.
 
 Each router takes a key's ``rpm`` (``requests``) and ``tpm`` (``tokens``) in small slices:
-:func:`lease` grants at most what keeps the sum of every router's grants of the last 60 whole
-seconds within the limit, recorded at the current second (``quota_grants``: one row per key,
-kind, second and router). A router admits requests only against what it was granted in the
-current second; at the next second it returns what it did not use, and it returns (or adds)
-the difference between a request's reserved and reported tokens, both in its once-a-second
-batch (:func:`adjust`). So no 60-second span of whole seconds is granted more than the limit
-fleet-wide, the database sees one write per slice and one batch per second, never one per
-request, and a router that lost the database admits only what it already holds.
+:func:`lease` grants at most what keeps the sum of every router's grants of the last 61
+one-second buckets (a full minute after any moment of the oldest) within the limit, recorded
+at the current second (``quota_grants``: one row per key, kind, second and router). A router
+admits requests only against what it was granted in the current second; at the next second
+it returns what it did not use, and it returns (or adds) the difference between a request's
+reserved and reported tokens, both in its once-a-second batch (:func:`adjust`). So no
+60-second span is granted more than the limit fleet-wide, the database sees one write per
+slice and one batch per second, never one per request, and a router that lost the database
+admits only what it already holds.
 
 Overshoot: none for ``rpm`` beyond the routers' clock skew (a skew of *d* seconds may admit
 *d* seconds' worth more); for ``tpm`` the tokens requests in flight use beyond what they
@@ -21,7 +22,7 @@ import math
 
 from llmlb.router import db
 
-WINDOW_S = 60
+WINDOW_S = 61  # one-second buckets: a grant of second s counts until s + 61 (see admission)
 REQUESTS = "requests"
 TOKENS = "tokens"
 # A slice is this fraction of the per-minute limit (at least what the request needs).

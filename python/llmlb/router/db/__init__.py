@@ -159,8 +159,8 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
             PRIMARY KEY (key_id, kind, second, router)
         )""",
     ],
-    # 8: the audit log of admin actions, a hash chain (llmlb.router.control.audit); the
-    # ``audit`` state_version row counts its entries.
+    # 8: the audit log of admin actions, a hash chain (llmlb.router.control.audit), and the
+    # count of its entries (so removing the newest shows too).
     [
         """CREATE TABLE audit_log (
             seq INTEGER PRIMARY KEY,
@@ -172,7 +172,8 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
             prev_hash TEXT NOT NULL,
             hash TEXT NOT NULL
         )""",
-        "INSERT INTO state_version (name, version) VALUES ('audit', 0)",
+        "CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL)",
+        "INSERT INTO audit_head (id, entries) VALUES (1, 0)",
     ],
 ]
 

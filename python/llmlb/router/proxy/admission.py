@@ -8,9 +8,9 @@ prompt estimate plus its ``max_tokens``) in the minute's window and the budget; 
 :class:`Ticket` is settled from the usage the node reported when it ends, so a burst of long
 requests overshoots ``tpm`` or a budget by no more than the requests already in flight.
 
-Windows are a sliding minute in one-second steps: a request counts against the limit for
-the 60 whole seconds starting at the second it was admitted, so no 60-second span ever
-admits more than ``rpm`` requests (exact on one worker).
+Windows are a sliding minute in one-second steps: a request counts against the limit from
+the second it was admitted until 61 seconds after that second began, so no 60-second span
+ever admits more than ``rpm`` requests (exact on one worker).
 
 Keys without limits never reach this module: the proxy skips it for them.
 
@@ -36,7 +36,10 @@ from typing import Any
 from llmlb.errors import ApiError
 from llmlb.router.control.limits import KeyLimits
 
-WINDOW_S = 60
+# The sliding minute in one-second buckets: 61 of them, so a request admitted anywhere in
+# second s still counts until s + 61, a full minute after it came whatever its fraction: no
+# 60-second span ever admits more than the limit (the price: up to a second more to wait).
+WINDOW_S = 61
 REQUESTS = "requests"
 TOKENS = "tokens"
 # Reservation for a request that names no max_tokens (the node's own cap may be larger; its
@@ -49,17 +52,19 @@ BYTES_PER_TOKEN = 4
 class Window:
     """Counts of the last :data:`WINDOW_S` seconds, one bucket per second."""
 
-    __slots__ = ("buckets", "total", "second")
+    __slots__ = ("buckets", "total", "second", "_frees_at")
 
     def __init__(self) -> None:
         self.buckets = [0] * WINDOW_S
         self.total = 0
         self.second = 0
+        self._frees_at: float | None = None  # when the oldest count leaves (cached)
 
     def _advance(self, second: int) -> None:
         last = self.second
         if second <= last:
             return
+        self._frees_at = None
         buckets = self.buckets
         if second - last >= WINDOW_S:
             for i in range(WINDOW_S):
@@ -81,6 +86,8 @@ class Window:
         """Count ``n`` at ``now``; returns the second it was counted in."""
         second = int(now)
         self._advance(second)
+        if not self.total:
+            self._frees_at = None
         self.buckets[second % WINDOW_S] += n
         self.total += n
         return second
@@ -94,6 +101,18 @@ class Window:
         delta = max(delta, -self.buckets[i])
         self.buckets[i] += delta
         self.total += delta
+        if not self.buckets[i]:  # it may have been the oldest count
+            self._frees_at = None
+
+    def next_free(self, now: float) -> float:
+        """Seconds until the oldest count leaves the window (0 when empty); computed once a
+        second (it is in every answer's headers)."""
+        self._advance(int(now))
+        if not self.total:
+            return 0.0
+        if self._frees_at is None:
+            self._frees_at = now + self.frees_in(now, 1)
+        return max(0.0, self._frees_at - now)
 
     def frees_in(self, now: float, excess: int) -> float:
         """Seconds until at least ``excess`` of the count has left the window."""
@@ -427,7 +446,7 @@ class Admission:
         out: list[tuple[bytes, bytes]] = []
         if limits.rpm is not None:
             used = state.requests.used(now)
-            reset = state.requests.frees_in(now, 1) if used else 0.0
+            reset = state.requests.next_free(now)
             lease = state.leases.get(REQUESTS)
             if lease is not None:  # shared: the fleet's grants, less what this worker holds
                 used = max(used, lease.used - max(lease.left, 0))
@@ -452,7 +471,7 @@ def _token_headroom(state: KeyState, now: float) -> tuple[int | None, int, float
     best: tuple[int | None, int, float] = (None, 0, 0.0)
     if limits.tpm is not None:
         used = state.tokens.used(now)
-        reset = state.tokens.frees_in(now, 1) if used else 0.0
+        reset = state.tokens.next_free(now)
         lease = state.leases.get(TOKENS)
         if lease is not None:
             used = max(used, lease.used - max(lease.left, 0))
