@@ -118,6 +118,11 @@ class _FileProgress:
 
 BadPeerCallback = Callable[[PeerSource, str], None]
 
+# A swarm download's GGUF is loaded ahead of its hash only when this much is left to hash:
+# pieces land out of order, and when the hash is nearly done the file is renamed before the
+# load has opened it.
+AHEAD_MIN_TAIL = 64 * MIB
+
 
 def peer_file_url(peer: PeerSource, model_id: str, filename: str) -> str:
     """Where ``peer`` serves ``filename`` of ``model_id`` (``/v0/peer/files/{id}/{name}``)."""
@@ -580,7 +585,8 @@ class ModelFetch:
             raise
         transferred = time.monotonic()
         self._landed_at(transferred)
-        self._land(spec, part)
+        if spec.size_bytes - hasher.hashed > AHEAD_MIN_TAIL:  # else the hash ends first
+            self._land(spec, part)
         digest = hasher.finish()
         logger.info(
             "%s: %s: %.1f MiB in %.3fs (hub %.1f MiB, peers %s), hash tail %.3fs",
