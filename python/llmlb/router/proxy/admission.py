@@ -159,6 +159,7 @@ class KeyState:
         "pending",
         "reserved",
         "leases",
+        "header_cache",
     )
 
     def __init__(self, key_id: str, limits: KeyLimits) -> None:
@@ -176,6 +177,7 @@ class KeyState:
         self.pending = 0
         self.reserved = 0  # tokens reserved by requests in flight
         self.leases: dict[str, Lease] = {}  # shared mode: this second's grants by kind
+        self.header_cache: tuple[Any, tuple[bytes, ...]] | None = None
 
     @property
     def spent(self) -> int:
@@ -440,48 +442,69 @@ class Admission:
             state.flushing = 0
 
     def headers(self, state: KeyState) -> list[tuple[bytes, bytes]]:
-        """OpenAI's ``x-ratelimit-*`` headers for ``state``'s key as it stands now."""
+        """OpenAI's ``x-ratelimit-*`` headers for ``state``'s key as it stands now (limits and
+        resets rendered once a second, the remaining counts each time)."""
         limits = state.limits
         now = self.clock()
+        requests, tokens = state.requests, state.tokens
+        used_requests = requests.used(now)
+        used_tokens = tokens.used(now)
+        key = (int(now), limits, used_requests == 0, used_tokens == 0)
+        cache = state.header_cache
+        if cache is None or cache[0] != key:
+            cache = state.header_cache = (key, _rendered(state, now))
+        rpm_b, requests_reset_b, tpm_b, tokens_reset_b, budget_b, budget_reset_b = cache[1]
         out: list[tuple[bytes, bytes]] = []
         if limits.rpm is not None:
-            used = state.requests.used(now)
-            reset = state.requests.next_free(now)
             lease = state.leases.get(REQUESTS)
             if lease is not None:  # shared: the fleet's grants, less what this worker holds
-                used = max(used, lease.used - max(lease.left, 0))
+                used_requests = max(used_requests, lease.used - max(lease.left, 0))
             out += [
-                (b"x-ratelimit-limit-requests", str(limits.rpm).encode()),
-                (b"x-ratelimit-remaining-requests", str(max(0, limits.rpm - used)).encode()),
-                (b"x-ratelimit-reset-requests", _duration(reset).encode()),
+                (_LIMIT_REQUESTS, rpm_b),
+                (_REMAINING_REQUESTS, str(max(0, limits.rpm - used_requests)).encode()),
+                (_RESET_REQUESTS, requests_reset_b),
             ]
-        token_limit, remaining, reset = _token_headroom(state, now)
+        token_limit = None
+        if limits.tpm is not None:
+            lease = state.leases.get(TOKENS)
+            if lease is not None:
+                used_tokens = max(used_tokens, lease.used - max(lease.left, 0))
+            token_limit, remaining, reset_b = tpm_b, limits.tpm - used_tokens, tokens_reset_b
+        if limits.budget_tokens is not None:
+            state.roll(now)
+            left = limits.budget_tokens - state.spent - state.reserved
+            if token_limit is None or left < remaining:
+                token_limit, remaining, reset_b = budget_b, left, budget_reset_b
         if token_limit is not None:
             out += [
-                (b"x-ratelimit-limit-tokens", str(token_limit).encode()),
-                (b"x-ratelimit-remaining-tokens", str(max(0, remaining)).encode()),
-                (b"x-ratelimit-reset-tokens", _duration(reset).encode()),
+                (_LIMIT_TOKENS, token_limit),
+                (_REMAINING_TOKENS, str(max(0, remaining)).encode()),
+                (_RESET_TOKENS, reset_b),
             ]
         return out
 
 
-def _token_headroom(state: KeyState, now: float) -> tuple[int | None, int, float]:
-    """The tighter of ``tpm`` and the budget: (limit, remaining, seconds to its reset)."""
+_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
+_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
+_RESET_REQUESTS = b"x-ratelimit-reset-requests"
+_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+_RESET_TOKENS = b"x-ratelimit-reset-tokens"
+
+
+def _rendered(state: KeyState, now: float) -> tuple[bytes, ...]:
+    """The limits and resets of ``state``'s headers, as bytes (rpm, its reset, tpm, its
+    reset, budget, its reset)."""
     limits = state.limits
-    best: tuple[int | None, int, float] = (None, 0, 0.0)
-    if limits.tpm is not None:
-        used = state.tokens.used(now)
-        reset = state.tokens.next_free(now)
-        lease = state.leases.get(TOKENS)
-        if lease is not None:
-            used = max(used, lease.used - max(lease.left, 0))
-        best = (limits.tpm, limits.tpm - used, reset)
-    if limits.budget_tokens is not None:
-        state.roll(now)
-        left = limits.budget_tokens - state.spent - state.reserved
-        if best[0] is None or left < best[1]:
-            best = (limits.budget_tokens, left, state.period_end - now)
-    return best
+    state.roll(now)
+    return (
+        str(limits.rpm).encode(),
+        _duration(state.requests.next_free(now)).encode(),
+        str(limits.tpm).encode(),
+        _duration(state.tokens.next_free(now)).encode(),
+        str(limits.budget_tokens).encode(),
+        _duration(max(0.0, state.period_end - now)).encode(),
+    )
 
 
 def estimate_tokens(body: bytes, doc: dict[str, Any]) -> int:
