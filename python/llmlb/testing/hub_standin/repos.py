@@ -24,6 +24,8 @@ from pathlib import Path, PurePosixPath
 
 import orjson
 
+from llmlb.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 #: Files at least this large are stored in LFS (the hub rejects plain git files over 10 MB).
@@ -164,10 +166,7 @@ class HashCache:
         except (OSError, orjson.JSONDecodeError):
             pass
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(orjson.dumps(self._entries))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, orjson.dumps(self._entries))
             self._dirty = False
         except OSError as exc:
             logger.warning("could not write hash cache %s: %s", self.path, exc)
