@@ -31,6 +31,10 @@ def test_shared_codes_have_one_message() -> None:
         "key_not_found",
         "no key with id 7",
     )
+    unauthorized = errors.invalid_api_key("sync token")
+    assert (unauthorized.status, unauthorized.code) == (401, "invalid_api_key")
+    assert unauthorized.message == "missing or invalid sync token"
+    assert _error(unauthorized)["type"] == "authentication_error"
     big = errors.request_too_large(1024)
     assert (big.status, big.code, big.message) == (
         413,

@@ -85,6 +85,12 @@ class ApiError(LlmlbError):
         return {"retry-after": str(max(1, int(round(self.retry_after))))}
 
 
+def invalid_api_key(credential: str) -> ApiError:
+    """401 ``invalid_api_key``: the request carries no ``credential`` (the route's: an API key,
+    the node's sync token, the fleet's peer token), or a wrong one."""
+    return ApiError(401, "invalid_api_key", f"missing or invalid {credential}")
+
+
 def model_not_found(model_id: str) -> ApiError:
     """404 ``model_not_found``: the router, or a node, knows no model ``model_id``."""
     return ApiError(404, "model_not_found", f"model '{model_id}' not found")

@@ -29,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llmlb import anthropic_errors, lifecycle
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, invalid_api_key
 from llmlb.http import (
     JSONResponse,
     api_error_handler,
@@ -201,7 +201,7 @@ async def models_sync(request: Request) -> Response:
     """``POST /api/models/sync``: the router names changed models; reconcile in background."""
     node: Node = request.app.state.node
     if not node.sync.check_sync_token(request.headers.get("authorization")):
-        return error_response(ApiError(401, "invalid_api_key", "missing or invalid sync token"))
+        return error_response(invalid_api_key("sync token"))
     try:
         notice = SyncNotice.parse(await _body(request))
     except ApiError as exc:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from llmlb.errors import ApiError
+from llmlb.errors import invalid_api_key
 from llmlb.http import api_key
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def check_key(node: Node, request: Request) -> None:
         and hmac.compare_digest(token, settings.require_key.encode())
     ):
         return
-    raise ApiError(401, "invalid_api_key", "missing or invalid API key for this node")
+    raise invalid_api_key("API key for this node")
 
 
 def check_off_loopback(node: Node, request: Request) -> None:

@@ -51,7 +51,7 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from llmlb.errors import ApiError, ModelNotRegistered, model_not_found
+from llmlb.errors import ApiError, ModelNotRegistered, invalid_api_key, model_not_found
 from llmlb.http import bearer_token, error_response, model_id_or_400
 from llmlb.model_storage import is_safe_relative_path
 from llmlb.node.models.download.staging import file_signature, read_marker
@@ -364,7 +364,7 @@ class PeerService:
         ):
             raise self._refuse(
                 "auth",
-                ApiError(401, "invalid_api_key", "the peer route needs this fleet's peer token"),
+                invalid_api_key("peer token of this fleet"),
             )
 
     def _target(self, request: Request, prefix: str = PREFIX) -> tuple[str, str]:

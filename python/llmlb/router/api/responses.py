@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from llmlb import http
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, invalid_api_key
 from llmlb.http import (
     JSONResponse,
     api_error_handler,
@@ -51,9 +51,7 @@ def unauthorized(status: int) -> ApiError:
     """401 ``invalid_api_key`` or 403 ``insufficient_scope``."""
     if status == FORBIDDEN:
         return ApiError(403, "insufficient_scope", "this key's scope does not allow this route")
-    return ApiError(
-        401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer or x-api-key)"
-    )
+    return invalid_api_key("API key (Authorization: Bearer or x-api-key)")
 
 
 def authorize(request: Request, keys: KeyCache, scope: str | None) -> None:
