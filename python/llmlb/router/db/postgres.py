@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,14 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from llmlb.router import db
+from llmlb.router.db.base import (
+    CHANGE_CHANNEL,
+    POSTGRESQL,
+    DatabaseUnavailable,
+    IntegrityError,
+    now_iso,
+)
+from llmlb.router.db.schema import MIGRATIONS, check_version, statement_for
 
 logger = logging.getLogger("llmlb.router.db")
 
@@ -49,14 +55,6 @@ CONNECT_ARGS: dict[str, Any] = {
     "keepalives_interval": 2,
     "keepalives_count": 2,
 }
-
-_TYPES = re.compile(r"\b(INTEGER|REAL)\b")
-
-
-def widen_types(statement: str) -> str:
-    """A portable DDL statement with SQLite's 64-bit INTEGER and REAL as PostgreSQL's BIGINT
-    and DOUBLE PRECISION."""
-    return _TYPES.sub(lambda m: "BIGINT" if m[1] == "INTEGER" else "DOUBLE PRECISION", statement)
 
 
 @functools.lru_cache(maxsize=512)
@@ -109,7 +107,7 @@ class PgConn:
         try:
             return self.raw.execute(_placeholders(sql), params)
         except psycopg.errors.IntegrityError as exc:
-            raise db.IntegrityError(str(exc)) from exc
+            raise IntegrityError(str(exc)) from exc
 
     def executemany(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         """Run one statement once per parameter tuple."""
@@ -117,7 +115,7 @@ class PgConn:
             with self.raw.cursor() as cursor:
                 cursor.executemany(_placeholders(sql), params)
         except psycopg.errors.IntegrityError as exc:
-            raise db.IntegrityError(str(exc)) from exc
+            raise IntegrityError(str(exc)) from exc
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[PgConn]:
@@ -167,14 +165,14 @@ def migrate(conn: PgConn) -> int:
         while True:
             with raw.transaction():
                 current = schema_version(conn)
-                db.check_version(current)
-                if current == len(db.MIGRATIONS):
+                check_version(current)
+                if current == len(MIGRATIONS):
                     return current
-                for statement in db.MIGRATIONS[current]:
-                    raw.execute(db.statement_for(statement, db.POSTGRESQL))
+                for statement in MIGRATIONS[current]:
+                    raw.execute(statement_for(statement, POSTGRESQL))
                 raw.execute(
                     "INSERT INTO llmlb_migrations (version, applied_at) VALUES (%s, %s)",
-                    (current + 1, db.now_iso()),
+                    (current + 1, now_iso()),
                 )
             logger.info("database migrated to schema version %d", current + 1)
     finally:
@@ -182,9 +180,9 @@ def migrate(conn: PgConn) -> int:
             raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_LOCK,))
 
 
-def _unavailable(exc: BaseException) -> db.DatabaseUnavailable:
+def _unavailable(exc: BaseException) -> DatabaseUnavailable:
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return db.DatabaseUnavailable(detail[:200])
+    return DatabaseUnavailable(detail[:200])
 
 
 class PostgresBackend:
@@ -298,7 +296,7 @@ class PostgresBackend:
             try:
                 if conn is None:
                     conn = psycopg.connect(self.url, autocommit=True, **CONNECT_ARGS)
-                    conn.execute(f"LISTEN {db.CHANGE_CHANNEL}")
+                    conn.execute(f"LISTEN {CHANGE_CHANNEL}")
                     delay = 0.1
                     self._signal()  # anything may have changed while disconnected
                 if not self._leader and polls % 2 == 0:

@@ -17,6 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from llmlb.router.db.base import SQLITE, transaction
+from llmlb.router.db.schema import MIGRATIONS, check_version, statement_for
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: every worker leads
@@ -34,6 +37,28 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version recorded in the file (``PRAGMA user_version``)."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations, each in its own transaction; returns the new version.
+
+    Raises:
+        RuntimeError: the database was written by a newer llmlb.
+    """
+    while True:
+        with transaction(conn):
+            current = schema_version(conn)
+            check_version(current)
+            if current == len(MIGRATIONS):
+                return current
+            for statement in MIGRATIONS[current]:
+                conn.execute(statement_for(statement, SQLITE))
+            conn.execute(f"PRAGMA user_version = {current + 1}")
 
 
 class FileLeadership:
@@ -85,7 +110,6 @@ class SqliteBackend:
 
     async def open(self) -> None:
         """Connect (twice: one connection writes, one watches) and migrate."""
-        from llmlb.router.db import migrate
 
         def _open() -> None:
             self._conn = connect(self.path)
