@@ -59,6 +59,13 @@ def routed(router: str, reason: str) -> float:
     return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
 
 
+def counted(router: str, name: str, node: str) -> float:
+    """A ``{model,node}`` counter of the router's proxy for ``node``."""
+    text = call(router, "GET", "/metrics", ADMIN).body.decode()
+    line = f'llmlb_proxy_{name}_total{{model="{MODEL}",node="{node}"}} '
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(line))
+
+
 def test_the_next_turn_finds_its_node_and_a_restarted_router_learns_from_snapshots(
     spawn, tmp_path, gemma_gguf
 ):
@@ -88,6 +95,24 @@ def test_the_next_turn_finds_its_node_and_a_restarted_router_learns_from_snapsho
     assert node == home
     assert usage2["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"]
     assert routed(router, "prefix") == 1
+
+    # What the node reported it took from its cache is counted beside what the index
+    # predicted, and the Traffic view shows both shares.
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in (usage, usage2)]
+    assert counted(router, "reported_cached_tokens", home) == sum(cached)
+    assert counted(router, "reported_prompt_tokens", home) == (
+        usage["prompt_tokens"] + usage2["prompt_tokens"]
+    )
+    assert counted(router, "predicted_cached_chars", home) > 0
+
+    def traffic_row() -> dict | None:
+        nodes = call(router, "GET", "/v0/traffic", ADMIN).json["routing"]["nodes"]
+        row = nodes.get(home, {}).get(MODEL)
+        return row if row and row["reported_cached_tokens"] == sum(cached) else None
+
+    row = wait_until(traffic_row, timeout=30, message="the Traffic view's cache row")
+    assert row["reported_prompt_tokens"] == usage["prompt_tokens"] + usage2["prompt_tokens"]
+    assert 0 < row["predicted_cached_chars"] <= row["prompt_chars"]
 
     # Every node reports what it holds: wait until this router has both nodes' keys.
     def indexed() -> bool:

@@ -76,6 +76,7 @@ class Node:
             self.membership,
             self.sync.node_secret,
             self.engine.directory,
+            keepalive_s=lambda: self.sync.interval,
         )
         self.resolver.downloaded.subscribe(self.engine.load)
         self.resolver.load_during_hash(self.engine.load, self.engine.unload)

@@ -6,7 +6,10 @@ A :class:`CacheReporter` task wakes when the :class:`CacheDirectory` changes, wa
 keeps its own index, so several routers route alike without a message bus or a database
 write. A router that has not heard from this process yet, missed a report (unreachable,
 restarted, 409 ``cache_resync``) or is due for a refresh (every ``SNAPSHOT_EVERY_S``) gets a
-snapshot instead of the changes. Why posts and not a stream per router: reports are small
+snapshot instead of the changes. A router that heard nothing for one ``keepalive_s`` (the
+heartbeat interval) gets an empty delta: a router restarted meanwhile answers it with 409
+``cache_resync``, so it learns what this node holds within a heartbeat, not at the next
+change or refresh. Why posts and not a stream per router: reports are small
 and bursty (a few keys per answer), a post is answered with the router's verdict (a
 resync is asked for by status code), and a router restart needs no reconnect logic.
 """
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +52,7 @@ class _Router:
     snapshot_due: bool = True
     retry_at: float = 0.0
     refreshed: float = 0.0
+    sent: float = 0.0  # last report accepted
 
 
 class CacheReporter:
@@ -59,6 +64,8 @@ class CacheReporter:
         membership: the node's id in the fleet.
         node_secret: binds the id to this node (as in heartbeats).
         directory: what the caches hold.
+        keepalive_s: how long a router may hear nothing before it gets an empty delta
+            (called each time: the heartbeat interval the router set).
     """
 
     def __init__(
@@ -68,7 +75,9 @@ class CacheReporter:
         membership: Membership,
         node_secret: str | None,
         directory: CacheDirectory,
+        keepalive_s: Callable[[], float] = lambda: 5.0,
     ):
+        self.keepalive_s = keepalive_s
         self.routers = [_Router(url) for url in config.router_urls(router_url)]
         self.api_key = api_key
         self.membership = membership
@@ -119,7 +128,8 @@ class CacheReporter:
                     router.snapshot_due = True
                 if router.snapshot_due and now < router.retry_at:
                     continue
-                if not router.snapshot_due and not stored and not removed:
+                quiet = now - router.sent >= self.keepalive_s()
+                if not router.snapshot_due and not stored and not removed and not quiet:
                     continue
                 await self._send(router, stored, removed)
 
@@ -127,6 +137,7 @@ class CacheReporter:
         now = time.monotonic()
         due = [r.retry_at - now for r in self.routers if r.snapshot_due]
         due += [r.refreshed + SNAPSHOT_EVERY_S - now for r in self.routers]
+        due += [r.sent + self.keepalive_s() - now for r in self.routers]
         return max(0.05, min(due, default=SNAPSHOT_EVERY_S))
 
     async def _send(
@@ -148,6 +159,7 @@ class CacheReporter:
             status, answer = 0, b""
         if status in (200, 202, 204):
             self.reports += 1
+            router.sent = time.monotonic()
             router.snapshot_due = False
             if snapshot:
                 router.refreshed = time.monotonic()

@@ -46,9 +46,11 @@ _TTFB = "llmlb_proxy_ttfb_seconds_bucket"
 _ROUTING = "llmlb_proxy_routing_total"
 _PROMPT_CHARS = "llmlb_proxy_prompt_chars_total"
 _CACHED_CHARS = "llmlb_proxy_predicted_cached_chars_total"
-_SAMPLES = frozenset(
-    {_REQUESTS, _ERRORS, _REJECTED, _TTFB, _ROUTING, _PROMPT_CHARS, _CACHED_CHARS}
-)
+_REPORTED_PROMPT = "llmlb_proxy_reported_prompt_tokens_total"
+_REPORTED_CACHED = "llmlb_proxy_reported_cached_tokens_total"
+# Position of each prompt counter in a snapshot's ``chars`` entry.
+_PROMPT_SERIES = {_PROMPT_CHARS: 0, _CACHED_CHARS: 1, _REPORTED_PROMPT: 2, _REPORTED_CACHED: 3}
+_SAMPLES = frozenset({_REQUESTS, _ERRORS, _REJECTED, _TTFB, _ROUTING, *_PROMPT_SERIES})
 # A client that hangs up is not a failure of the router or the node.
 _NOT_ERRORS = frozenset({"client_gone"})
 
@@ -92,7 +94,8 @@ class Counts:
 @dataclass(slots=True)
 class Snapshot:
     """The proxy's counters at one moment (``routing``: decisions by (model, reason);
-    ``chars``: (prompt, predicted cached) characters by (node, model))."""
+    ``chars``: by (node, model), prompt characters, the index's predicted cached characters,
+    and the prompt and cached tokens the node reported)."""
 
     pairs: dict[Key, Counts] = field(default_factory=dict)
     rejected: float = 0.0
@@ -174,10 +177,10 @@ def parse_samples(samples: Iterable[Any]) -> Snapshot:
             pair = (labels.get("model", ""), labels.get("reason", ""))
             snap.routing[pair] = snap.routing.get(pair, 0.0) + value
             continue
-        if name in (_PROMPT_CHARS, _CACHED_CHARS):
+        series = _PROMPT_SERIES.get(name)
+        if series is not None:
             pair = (labels.get("node", ""), labels.get("model", ""))
-            chars = snap.chars.setdefault(pair, [0.0, 0.0])
-            chars[name == _CACHED_CHARS] += value
+            snap.chars.setdefault(pair, [0.0, 0.0, 0.0, 0.0])[series] += value
             continue
         key = (labels.get("node", ""), labels.get("model", ""))
         counts = snap.pairs.get(key)
@@ -328,7 +331,8 @@ class TrafficHistory:
         return data
 
     def _routing(self) -> dict[str, dict]:
-        """Routing decisions and predicted cache hits over the window."""
+        """Routing decisions, predicted cache hits and the nodes' reported ones over the
+        window."""
         models: dict[str, dict[str, int]] = {}
         nodes: dict[str, dict[str, dict[str, int]]] = {}
         if len(self._bounds) >= 2:
@@ -338,14 +342,19 @@ class TrafficHistory:
                 count = round(diff if diff >= 0 else value)
                 if count:
                     models.setdefault(model, {})[reason] = count
-            for (node, model), (prompt, cached) in last.chars.items():
-                before = first.chars.get((node, model), [0.0, 0.0])
-                if prompt < before[0] or cached < before[1]:  # a counter reset
-                    before = [0.0, 0.0]
-                if prompt - before[0] > 0:
+            for (node, model), now in last.chars.items():
+                before = first.chars.get((node, model), [0.0, 0.0, 0.0, 0.0])
+                if any(a < b for a, b in zip(now, before, strict=True)):  # a counter reset
+                    before = [0.0, 0.0, 0.0, 0.0]
+                prompt, predicted, reported, reported_cached = (
+                    round(a - b) for a, b in zip(now, before, strict=True)
+                )
+                if prompt > 0:
                     nodes.setdefault(node, {})[model] = {
-                        "prompt_chars": round(prompt - before[0]),
-                        "predicted_cached_chars": round(cached - before[1]),
+                        "prompt_chars": prompt,
+                        "predicted_cached_chars": predicted,
+                        "reported_prompt_tokens": reported,
+                        "reported_cached_tokens": reported_cached,
                     }
         return {"models": models, "nodes": nodes}
 

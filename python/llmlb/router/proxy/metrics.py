@@ -43,7 +43,9 @@ class ProxyMetrics:
     see :data:`llmlb.router.proxy.balancer.REASONS`),
     ``prompt_chars_total{node,model}`` (prompt characters of the keyed requests a node
     answered) and ``predicted_cached_chars_total{node,model}`` (how many of them the index said
-    the node's cache held: compare with the node's own cached-token counters), and the gauge
+    the node's cache held), beside ``reported_prompt_tokens_total{node,model}`` and
+    ``reported_cached_tokens_total{node,model}`` (what the node's usage said it took from its
+    cache for the same requests: the predicted share against the reported one), and the gauge
     ``prefix_keys{node}`` (keys the index holds for a node).
     """
 
@@ -90,6 +92,18 @@ class ProxyMetrics:
         self._cached_chars = m.counter(
             "llmlb_proxy_predicted_cached_chars",
             "Prompt characters the prefix index predicted a node's cache held.",
+            "node",
+            "model",
+        )
+        self._reported_prompt = m.counter(
+            "llmlb_proxy_reported_prompt_tokens",
+            "Prompt tokens of the keyed requests a node answered, as the node reported them.",
+            "node",
+            "model",
+        )
+        self._reported_cached = m.counter(
+            "llmlb_proxy_reported_cached_tokens",
+            "Of those, the tokens the node reported it took from its cache.",
             "node",
             "model",
         )
@@ -145,19 +159,33 @@ class ProxyMetrics:
             child = self._children[key] = self._routing.labels(model, reason)
         child.inc()
 
-    def prompt(self, node: str, model: str, chars: int, cached: int) -> None:
+    def prompt(
+        self,
+        node: str,
+        model: str,
+        chars: int,
+        cached: int,
+        reported: tuple[int, int] | None = None,
+    ) -> None:
         """Count a keyed prompt of ``chars`` characters ``node`` answered, ``cached`` of which
-        the index predicted its cache held."""
+        the index predicted its cache held, and the node's own ``reported`` (prompt tokens,
+        cached tokens) when its answer carried usage."""
         key = ("p", node, model)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = self._children[key] = (
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
                 self._prompt_chars.labels(node, model),
                 self._cached_chars.labels(node, model),
+                self._reported_prompt.labels(node, model),
+                self._reported_cached.labels(node, model),
             )
-        pair[0].inc(chars)
+        children[0].inc(chars)
         if cached:
-            pair[1].inc(cached)
+            children[1].inc(cached)
+        if reported is not None and reported[0]:
+            children[2].inc(reported[0])
+            if reported[1]:
+                children[3].inc(reported[1])
 
     def queue_wait(self, model: str, seconds: float) -> None:
         """Observe the time a request waited for a free slot."""

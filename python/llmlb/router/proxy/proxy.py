@@ -861,7 +861,9 @@ class InferenceProxy:
                 keys = ex.keys
                 if keys and status < 400:  # the node answered: its cache holds the prompt
                     self.index.learn(node_id, model, keys, ex.generation)
-                    metrics.prompt(node_id, model, keys[-1][1], ex.matched)
+                    use = ex.usage
+                    reported = None if use is None else (use.prompt, use.cached)
+                    metrics.prompt(node_id, model, keys[-1][1], ex.matched, reported)
             return None
         finally:
             if resp is not None:

@@ -800,7 +800,8 @@ function tableRows(table, rows) {
 }
 
 // Prefix-aware routing over the window: decisions by reason per model, and per node the share
-// of prompt characters the router's index predicted were already in the node's cache.
+// of prompt characters the router's index predicted were already in the node's cache, beside
+// the share of prompt tokens the node reported it took from its cache.
 function routingTables(routing) {
   const models = Object.entries(routing.models || {}).sort(([a], [b]) => a.localeCompare(b));
   tableRows(
@@ -812,8 +813,14 @@ function routingTables(routing) {
   for (const [node, perModel] of Object.entries(routing.nodes || {}).sort(([a], [b]) => a.localeCompare(b))) {
     for (const [model, chars] of Object.entries(perModel).sort(([a], [b]) => a.localeCompare(b))) {
       const share = chars.prompt_chars > 0 ? chars.predicted_cached_chars / chars.prompt_chars : 0;
+      const reported = chars.reported_prompt_tokens > 0
+        ? `${Math.round((chars.reported_cached_tokens / chars.reported_prompt_tokens) * 100)} %`
+        : "–";
       const keys = index[node] ? String(index[node].keys) : "0";
-      cache.push([`${node} ${model}`, [node, model, String(chars.prompt_chars), `${Math.round(share * 100)} %`, keys]]);
+      cache.push([
+        `${node} ${model}`,
+        [node, model, String(chars.prompt_chars), `${Math.round(share * 100)} %`, reported, keys],
+      ]);
     }
   }
   tableRows($("traffic-cache"), cache);
