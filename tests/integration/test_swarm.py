@@ -126,6 +126,14 @@ def test_pieces_move_between_nodes_before_any_node_is_promoted(spawn, tmp_path):
             assert _sha(node.models_dir / "st" / "model" / name) == _sha(path)
     # Each byte came from the hub about once: well under the three copies of three nodes.
     assert _hub_bytes(log) < 2 * size
+    # A ready node keeps serving: its map holds every piece, with the true hashes.
+    true = shards[SHARDS[1]].read_bytes()
+    count = -(-len(true) // PIECE_SIZE)
+    for node in nodes:
+        reply = call(node, "GET", _path("pieces", "st/model", SHARDS[1]), token)
+        assert reply.status == 200 and reply.json["complete"], reply.body
+        assert decode_bits(reply.json["have"], count) == [True] * count
+        assert reply.json["hashes"]["0"] == hashlib.sha256(true[:PIECE_SIZE]).hexdigest()
 
 
 def test_zero_budget_nodes_are_never_asked_and_a_silent_peer_costs_no_timeout(spawn, tmp_path):
