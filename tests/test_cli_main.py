@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from llmlb.cli.main import COMMAND_MODULES, SUBCOMMAND_MODULES, build_parser
+import pytest
+from llmlb.cli.main import COMMAND_MODULES, SUBCOMMAND_MODULES, build_parser, main
 
 from tests.procs import LLMLB
+from tests.router_fixtures import free_url
 
 
 def test_version_prints_the_installed_version():
@@ -55,3 +57,29 @@ def test_a_command_imports_only_its_own_module():
     loaded = result.stdout.strip()
     assert "llmlb.cli.storage" in loaded
     assert "llmlb.cli.up" not in loaded and "llmlb.cli.models" not in loaded
+
+
+ROUTER_COMMANDS = [
+    ["keys", "ls"],
+    ["keys", "create", "--scope", "api"],
+    ["keys", "update", "key-1", "--rpm", "60"],
+    ["keys", "revoke", "key-1"],
+    ["audit", "ls"],
+    ["audit", "verify"],
+    ["models", "register", "org/name"],
+    ["models", "ls"],
+    ["models", "rm", "org/name"],
+    ["nodes", "ls"],
+    ["nodes", "approve", "node-1"],
+    ["nodes", "revoke", "node-1"],
+]
+
+
+@pytest.mark.parametrize("argv", ROUTER_COMMANDS, ids=" ".join)
+def test_a_router_command_reports_an_unreachable_router_in_one_line(argv, capsys):
+    code = main([*argv, "--router", free_url(), "--api-key", "sk-test"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: ") and "cannot reach the router" in err
+    assert len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import urllib.error
 import urllib.request
@@ -105,14 +106,17 @@ def path_segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--router`` and ``--api-key`` with their documented defaults."""
+def add_client_arguments(
+    parser: argparse.ArgumentParser, key_help: str = "admin key (default $LLMLB_ADMIN_KEY)"
+) -> None:
+    """Add ``--router`` and ``--api-key`` with their documented defaults (``key_help``: the
+    key's, for a command whose key is not the admin key)."""
     parser.add_argument(
         "--router",
         default=None,
         help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
     )
-    parser.add_argument("--api-key", default=None, help="admin key (default $LLMLB_ADMIN_KEY)")
+    parser.add_argument("--api-key", default=None, help=key_help)
 
 
 def client_command(
@@ -123,11 +127,26 @@ def client_command(
     **defaults: object,
 ) -> argparse.ArgumentParser:
     """A subcommand that talks to the router: ``--router``/``--api-key`` added and ``func``
-    (with ``defaults``) set; its own arguments are added on the parser it returns."""
+    (with ``defaults``) set; its own arguments are added on the parser it returns. An
+    :class:`ApiClientError` ``func`` raises is one line on stderr and exit code 1
+    (:func:`report_error`)."""
     parser = sub.add_parser(name, help=help)
     add_client_arguments(parser)
-    parser.set_defaults(func=func, **defaults)
+    parser.set_defaults(func=_reporting(func), **defaults)
     return parser
+
+
+def _reporting(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``func``, with an :class:`ApiClientError` it raises reported (exit code 1)."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ApiClientError as exc:
+            return report_error(exc)
+
+    return run
 
 
 def client_from_args(args: argparse.Namespace) -> ApiClient:

@@ -6,13 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from llmlb.cli.api_client import (
-    ApiClient,
-    ApiClientError,
-    add_client_arguments,
-    client_from_args,
-    report_error,
-)
+from llmlb.cli.api_client import ApiClient, client_command, client_from_args
 from llmlb.router.control.audit import MAX_PAGE, verify
 
 
@@ -20,12 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``audit`` subcommand group."""
     parser = subparsers.add_parser("audit", help="the audit log of admin actions")
     sub = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    ls = sub.add_parser("ls", help="list the entries, oldest first")
-    add_client_arguments(ls)
-    ls.set_defaults(func=list_entries)
-    check = sub.add_parser("verify", help="check the hash chain of the whole log")
-    add_client_arguments(check)
-    check.set_defaults(func=verify_log)
+    client_command(sub, "ls", list_entries, "list the entries, oldest first")
+    client_command(sub, "verify", verify_log, "check the hash chain of the whole log")
 
 
 def _fetch_all(client: ApiClient) -> tuple[list[dict[str, Any]], int]:
@@ -43,10 +33,7 @@ def _fetch_all(client: ApiClient) -> tuple[list[dict[str, Any]], int]:
 
 def list_entries(args: argparse.Namespace) -> int:
     """Print one line per entry: seq, time, actor, action, target."""
-    try:
-        entries, _ = _fetch_all(client_from_args(args))
-    except ApiClientError as exc:
-        return report_error(exc)
+    entries, _ = _fetch_all(client_from_args(args))
     for entry in entries:
         print(
             f"{entry['seq']:>6}  {entry['at']}  {entry['actor'] or '-':<22}  "
@@ -57,10 +44,7 @@ def list_entries(args: argparse.Namespace) -> int:
 
 def verify_log(args: argparse.Namespace) -> int:
     """Print ``ok`` and the number of entries, or each problem found (exit 1)."""
-    try:
-        entries, count = _fetch_all(client_from_args(args))
-    except ApiClientError as exc:
-        return report_error(exc)
+    entries, count = _fetch_all(client_from_args(args))
     problems = verify(entries, count)
     if problems:
         for problem in problems:

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import orjson
 
 from llmlb import config
-from llmlb.cli.api_client import ApiClientError, report_error
+from llmlb.cli.api_client import ApiClientError, add_client_arguments, report_error
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -46,15 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="after each answer, a timing line on stderr: TTFT, tokens/s, cached prompt tokens",
     )
-    parser.add_argument(
-        "--router",
-        default=None,
-        help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
-    )
-    parser.add_argument(
-        "--api-key",
-        default=None,
-        help="api key (default $LLMLB_ADMIN_KEY, else $LLMLB_HOME/api.key written by `llmlb up`)",
+    add_client_arguments(
+        parser,
+        key_help="api key (default $LLMLB_ADMIN_KEY, else $LLMLB_HOME/api.key written by "
+        "`llmlb up`)",
     )
     parser.set_defaults(func=chat)
 

@@ -7,14 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from llmlb.cli.api_client import (
-    ApiClientError,
-    client_command,
-    client_from_args,
-    delete_and_say,
-    path_segment,
-    report_error,
-)
+from llmlb.cli.api_client import client_command, client_from_args, delete_and_say, path_segment
 
 SCOPES = ("api", "node", "admin")
 
@@ -82,10 +75,7 @@ def create_key(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"scope": args.scope, **_limit_fields(args)}
     if args.name:
         body["name"] = args.name
-    try:
-        created = client_from_args(args).post("/v0/keys", body)
-    except ApiClientError as exc:
-        return report_error(exc)
+    created = client_from_args(args).post("/v0/keys", body)
     print(created["key"])
     return 0
 
@@ -98,10 +88,7 @@ def update_key(args: argparse.Namespace) -> int:
     if not body:
         print("nothing to change: give --name or a limit flag", file=sys.stderr)
         return 2
-    try:
-        key = client_from_args(args).request("PATCH", f"/v0/keys/{path_segment(args.id)}", body)
-    except ApiClientError as exc:
-        return report_error(exc)
+    key = client_from_args(args).request("PATCH", f"/v0/keys/{path_segment(args.id)}", body)
     print(f"updated {args.id}: {_describe_limits(key) or 'no limits'}")
     return 0
 
@@ -122,10 +109,7 @@ def _describe_limits(key: dict[str, Any]) -> str:
 
 def list_keys(args: argparse.Namespace) -> int:
     """Print one line per key: id, scope, prefix, created, name, limits."""
-    try:
-        found = client_from_args(args).get("/v0/keys")["keys"]
-    except ApiClientError as exc:
-        return report_error(exc)
+    found = client_from_args(args).get("/v0/keys")["keys"]
     rows = [("ID", "SCOPE", "PREFIX", "CREATED", "NAME", "LIMITS")]
     rows += [
         (

@@ -20,12 +20,11 @@ from rich.table import Table
 
 from llmlb import config
 from llmlb.cli.api_client import (
-    ApiClientError,
+    add_client_arguments,
     client_command,
     client_from_args,
     delete_and_say,
     path_segment,
-    report_error,
 )
 from llmlb.cli.progress import ModelProgress, PullDisplay, human_bytes, progress_from_nodes
 
@@ -81,15 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST",
         help="also download from this host (repeatable)",
     )
-    pull.add_argument(
-        "--router",
-        default=None,
-        help="router URL (default $LLMLB_ROUTER_URL or http://127.0.0.1:8080)",
-    )
-    pull.add_argument(
-        "--api-key",
-        default=None,
-        help="node or admin key (default $LLMLB_NODE_KEY, else $LLMLB_ADMIN_KEY)",
+    add_client_arguments(
+        pull, key_help="node or admin key (default $LLMLB_NODE_KEY, else $LLMLB_ADMIN_KEY)"
     )
     pull.set_defaults(func=pull_model)
 
@@ -113,10 +105,7 @@ def register_model(args: argparse.Namespace) -> int:
                 body["chat_template"] = fh.read()
         except OSError as exc:
             return _fail(f"cannot read {args.chat_template}: {exc.strerror or exc}")
-    try:
-        model = client_from_args(args).post("/v1/models/register", body)
-    except ApiClientError as exc:
-        return report_error(exc)
+    model = client_from_args(args).post("/v1/models/register", body)
     if args.json:
         _print_json(model)
         return 0
@@ -132,11 +121,8 @@ def register_model(args: argparse.Namespace) -> int:
 def list_models(args: argparse.Namespace) -> int:
     """Table of models: id, format, size, ready nodes, download progress."""
     client = client_from_args(args)
-    try:
-        entries = client.get("/v1/models").get("data", [])
-        nodes = client.get("/v0/nodes").get("nodes", [])
-    except ApiClientError as exc:
-        return report_error(exc)
+    entries = client.get("/v1/models").get("data", [])
+    nodes = client.get("/v0/nodes").get("nodes", [])
     rows = []
     for entry in entries:
         progress = progress_from_nodes(nodes, entry["id"])
@@ -181,10 +167,7 @@ def remove_model(args: argparse.Namespace) -> int:
 def list_nodes(args: argparse.Namespace) -> int:
     """Table of nodes: id, url, status, approval, backend, slots, active requests, models,
     last seen."""
-    try:
-        nodes = client_from_args(args).get("/v0/nodes").get("nodes", [])
-    except ApiClientError as exc:
-        return report_error(exc)
+    nodes = client_from_args(args).get("/v0/nodes").get("nodes", [])
     if args.json:
         _print_json(nodes)
         return 0
@@ -210,12 +193,9 @@ def list_nodes(args: argparse.Namespace) -> int:
 
 def approve_node(args: argparse.Namespace) -> int:
     """``POST /v0/nodes/{id}/approve`` (or ``/revoke``)."""
-    try:
-        answer = client_from_args(args).post(
-            f"/v0/nodes/{path_segment(args.node_id)}/{args.action}", {}
-        )
-    except ApiClientError as exc:
-        return report_error(exc)
+    answer = client_from_args(args).post(
+        f"/v0/nodes/{path_segment(args.node_id)}/{args.action}", {}
+    )
     print(f"node {answer.get('node_id', args.node_id)}: {answer.get('approval')}")
     return 0
 
