@@ -478,11 +478,12 @@ class WaitQueue:
     """Requests waiting for a free slot, per model, with a global bound; woken by weighted
     fair queuing across flows (keys).
 
-    Each waiter gets a tag: its flow's previous tag (or the queue's virtual time, if later)
-    plus ``1 / weight``; the smallest tag is woken first. One key's burst thus takes its
-    share (its weight) and no more while others wait: a key sending one request now and
-    then waits behind at most one request of each other key, whatever their backlog. A
-    single flow (or none given) is first come, first served.
+    Start-time fair queuing: each waiter gets a start tag, the later of the queue's virtual
+    time (the start tag of the waiter woken last) and the end of its flow's previous waiter
+    (whose start plus ``1 / weight``); the smallest start is woken first. One key's burst
+    thus takes its share (its weight) and no more while others wait, and a key sending one
+    request now and then goes next, whatever the others' backlog. A single flow (or none
+    given) is first come, first served.
 
     Args:
         max_waiters: requests allowed to wait at once (across models); more are refused.
@@ -535,9 +536,9 @@ class WaitQueue:
             tag = place.tag
         elif front:
             tag = -math.inf
-        else:
-            tag = max(_now_tag(queue), queue.last.get(flow, 0.0)) + 1.0 / max(weight, 1e-6)
-            queue.last[flow] = tag
+        else:  # start-time fair queuing: ordered by start tags
+            tag = max(_now_tag(queue), queue.last.get(flow, 0.0))
+            queue.last[flow] = tag + 1.0 / max(weight, 1e-6)  # where its next one starts
             if place is not None:
                 place.tag = tag
         queue.seq += 1

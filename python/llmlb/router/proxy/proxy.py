@@ -62,7 +62,7 @@ from typing import Any, Protocol
 import orjson
 
 from llmlb import anthropic_errors, config
-from llmlb.asgi import Message, Receive, Scope, Send
+from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import (
     ApiError,
     error_body,
@@ -296,6 +296,7 @@ class _Exchange:
     strip_usage: bool = False  # the router asked for the stream's usage chunk: drop it
     usage: Usage | None = None  # what the node reported
     status: int = 0  # of the node's answer relayed to the client
+    rated: KeyState | None = None  # a limited key's counters: x-ratelimit-* on its answer
     flow: str | None = None  # the key's id: fair queuing across keys
     weight: float = PRIORITY_WEIGHTS["normal"]  # its share, by the key's priority
     priority: bytes = b""  # X-Llmlb-Priority sent to the node (a non-normal priority)
@@ -436,6 +437,7 @@ class InferenceProxy:
         self.inflight += 1
         ticket: Ticket | None = None
         ex: _Exchange | None = None
+        rated: KeyState | None = None  # a limited key's counters: its answers' headers
         model = ""
         try:
             body = await self._read_body(receive)
@@ -446,8 +448,12 @@ class InferenceProxy:
             limits = None if entry is None else entry.limits
             if limits is not None:
                 # Every answer to a limited key carries its x-ratelimit-* headers, refusals too.
-                send = self._with_limit_headers(send, self.admission.state(entry.id, limits))
-                ticket = await self._admit(entry.id, limits, model, estimate_tokens(body, doc))
+                rated = self.admission.state(entry.id, limits)
+                estimate = estimate_tokens(body, doc)
+                try:
+                    ticket = self.admission.admit(entry.id, limits, model, estimate)
+                except NeedLease as need:
+                    ticket = await self._admit_leased(entry.id, limits, model, estimate, need)
             tap = strip = False
             if entry is not None and (limits is not None or self.on_usage is not None):
                 tap = True  # the node's usage settles the reservation and is accounted
@@ -459,6 +465,7 @@ class InferenceProxy:
             ex.anthropic = anthropic
             ex.keys = keys
             ex.tap, ex.strip_usage = tap, strip
+            ex.rated = rated
             if entry is not None:
                 ex.flow = entry.id
                 priority = None if limits is None else limits.priority
@@ -468,7 +475,8 @@ class InferenceProxy:
             await self._guarded(ex, receive)
         except ApiError as exc:
             self.metrics.rejected(exc.status)
-            await _send_error(send, exc, anthropic)
+            extra = None if rated is None else self.admission.headers(rated)
+            await _send_error(send, exc, anthropic, extra)
         finally:
             self.inflight -= 1
             if ticket is not None:
@@ -476,25 +484,27 @@ class InferenceProxy:
             if self.on_usage is not None and model and KEY_SCOPE in scope:
                 self._account(scope[KEY_SCOPE].id, model, ex)
 
-    async def _admit(self, key_id: str, limits: Any, model: str, estimate: int) -> Ticket:
-        """Admit a limited key's request, leasing more quota when a shared lease runs short.
+    async def _admit_leased(
+        self, key_id: str, limits: Any, model: str, estimate: int, need: NeedLease
+    ) -> Ticket:
+        """Admit a limited key's request whose shared lease ran short: lease more, admit again.
 
         Raises:
             LimitExceeded: 403 or 429.
         """
         for _ in range(3):
+            wait = 1.0 if self.lease is None else await self.lease(key_id, limits, need.needs)
+            if wait is not None:
+                raise LimitExceeded(
+                    429,
+                    "rate_limit_exceeded",
+                    f"rate limit reached for this key across the fleet; retry in {wait:.1f} s",
+                    retry_after=wait,
+                )
             try:
                 return self.admission.admit(key_id, limits, model, estimate)
-            except NeedLease as need:
-                wait = 1.0 if self.lease is None else await self.lease(key_id, limits, need.needs)
-                if wait is not None:
-                    raise LimitExceeded(
-                        429,
-                        "rate_limit_exceeded",
-                        "rate limit reached for this key across the fleet; "
-                        f"retry in {wait:.1f} s",
-                        retry_after=wait,
-                    ) from None
+            except NeedLease as again:
+                need = again
         raise LimitExceeded(
             429, "rate_limit_exceeded", "this key's quota is in high demand", retry_after=1.0
         )
@@ -510,19 +520,6 @@ class InferenceProxy:
         error = not ex.started or ex.status >= 400 or ex.reason is not None
         use = ex.usage or _NO_USAGE
         on_usage(key_id, model, ex.node or "", use.prompt, use.cached, use.completion, error)
-
-    def _with_limit_headers(self, send: Send, state: KeyState) -> Send:
-        """``send`` adding the key's ``x-ratelimit-*`` headers to the answer's head."""
-        admission = self.admission
-
-        async def limited_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                headers += admission.headers(state)
-                message = {**message, "headers": headers}
-            await send(message)
-
-        return limited_send
 
     async def _guarded(self, ex: _Exchange, receive: Receive) -> None:
         """Forward the request, cancelling it when the client leaves or time runs out (found
@@ -583,7 +580,9 @@ class InferenceProxy:
         with contextlib.suppress(Exception):  # the client may be gone too
             if not ex.started:
                 self.metrics.rejected(504)
-                await _send_error(ex.send, ApiError(504, "upstream_timeout", message), ex.anthropic)
+                extra = None if ex.rated is None else self.admission.headers(ex.rated)
+                error = ApiError(504, "upstream_timeout", message)
+                await _send_error(ex.send, error, ex.anthropic, extra)
             else:
                 tail = _sse_error(message, "upstream_timeout", 504, ex.anthropic) if ex.sse else b""
                 await ex.send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -713,6 +712,8 @@ class InferenceProxy:
                 body = reshaped
                 headers = [h for h in headers if h[0] != b"content-length"]
                 headers.append((b"content-length", str(len(body)).encode()))
+        if ex.rated is not None:
+            headers = [*headers, *self.admission.headers(ex.rated)]
         await ex.send({"type": "http.response.start", "status": failure.status, "headers": headers})
         await ex.send({"type": "http.response.body", "body": body})
 
@@ -846,6 +847,8 @@ class InferenceProxy:
                 if done:
                     payload += tap.finish()
                     ex.usage = tap.usage
+            if ex.rated is not None:
+                headers += self.admission.headers(ex.rated)
             await ex.send({"type": "http.response.start", "status": status, "headers": headers})
             await ex.send({"type": "http.response.body", "body": payload, "more_body": not done})
             metrics = self.metrics
@@ -1155,9 +1158,16 @@ def _poison_error(ttl_s: float) -> ApiError:
     return ApiError(502, "poison_request", _poison_message(ttl_s))
 
 
-async def _send_error(send: Send, exc: ApiError, anthropic: bool = False) -> None:
+async def _send_error(
+    send: Send,
+    exc: ApiError,
+    anthropic: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = anthropic_errors.from_api_error(exc) if anthropic else exc.body()
     headers = _error_headers(body, exc.retry_after)
+    if extra:
+        headers += extra
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
