@@ -9,7 +9,8 @@ pass finished), ``GET /metrics``, ``POST /api/models/sync`` (router's sync token
 of the fleet, :mod:`llmlb.node.models.peers`). Errors are OpenAI-shaped (``llmlb.errors``).
 
 Routes only: who may call them is :mod:`llmlb.node.api.auth`, the parts behind them are
-:class:`llmlb.node.service.Node`.
+:class:`llmlb.node.service.Node`. An :class:`ApiError` a route raises is answered by
+:func:`llmlb.http.api_error_handler` (the inference routes answer their own, to count them).
 """
 
 from __future__ import annotations
@@ -160,10 +161,7 @@ async def _guard(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: the models this node can serve now."""
     node: Node = request.app.state.node
-    try:
-        check_key(node, request)
-    except ApiError as exc:
-        return error_response(exc)
+    check_key(node, request)
     now = int(time.time())
     reports = node.sync.model_reports()
     ids = sorted(r["id"] for r in reports if r["state"] == ModelState.READY and r.get("servable"))
@@ -190,10 +188,7 @@ async def ready(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """``GET /metrics``: Prometheus text (off loopback: the router's token or the node key)."""
     node: Node = request.app.state.node
-    try:
-        check_off_loopback(node, request)
-    except ApiError as exc:
-        return error_response(exc)
+    check_off_loopback(node, request)
     return Response(node.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -202,10 +197,7 @@ async def models_sync(request: Request) -> Response:
     node: Node = request.app.state.node
     if not node.sync.check_sync_token(request.headers.get("authorization")):
         return error_response(invalid_api_key("sync token"))
-    try:
-        notice = SyncNotice.parse(await _body(request))
-    except ApiError as exc:
-        return error_response(exc)
+    notice = SyncNotice.parse(await _body(request))
     node.sync.handle_sync(notice.action, notice.models)
     return JSONResponse({"accepted": notice.models, "action": notice.action}, status_code=202)
 
@@ -214,10 +206,7 @@ async def models_status(request: Request) -> Response:
     """``GET /api/models/status``: per-model state and progress (off loopback: the router's
     token or the node key)."""
     node: Node = request.app.state.node
-    try:
-        check_off_loopback(node, request)
-    except ApiError as exc:
-        return error_response(exc)
+    check_off_loopback(node, request)
     reports = node.sync.model_reports()
     loaded = set(node.engine.loaded())
     for report in reports:
