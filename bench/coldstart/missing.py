@@ -166,10 +166,12 @@ class _LogTimes(logging.Handler):
 def _phase_timers(dl: Any) -> Iterator[dict[str, float]]:
     """Time the downloader's phases by wrapping its functions (restored afterwards);
     ``dl`` is :mod:`llmlb.node.models.download.fetch`."""
+    from llmlb.node.models.download import fetch_core as core
+
     phases: dict[str, float] = {}
     originals = {
-        "probe": (dl.Http, "probe"),  # measuring the node's own code
-        "transfer": (dl.TransferWorker, "run"),
+        "probe": (core.Http, "probe"),  # measuring the node's own code
+        "transfer": (core.TransferWorker, "run"),
         "promote": (dl, "promote"),  # the function ModelFetch calls
     }
     saved = {name: getattr(cls, attr) for name, (cls, attr) in originals.items()}
@@ -226,7 +228,9 @@ def verification_share(
     from llmlb.hub.repo import fetch_repo_manifest
     from llmlb.model_storage import ModelStorage
     from llmlb.node.models.download import fetch as dl
+    from llmlb.node.models.download import fetch_core as core
     from llmlb.node.models.hashing import sha256_file
+    from llmlb.protocol import Manifest
 
     repo_manifest = fetch_repo_manifest(REPOS[kind], endpoint=hub)
     expected = {f.filename: f.sha256 for f in repo_manifest.files}
@@ -251,8 +255,8 @@ def verification_share(
     log.setLevel(logging.INFO)
     hashed, plain, phases_list, serial = [], [], [], []
     cpu: dict[str, list[dict[str, float]]] = {"with_hash": [], "without_hash": []}
-    real = dl.FollowingHasher
-    pool = dl.shared_pool()
+    real = core.FollowingHasher
+    pool = core.shared_pool()
 
     def cpu_now() -> dict[str, float]:
         return {
@@ -266,8 +270,8 @@ def verification_share(
             for hashing in (True, False) if i >= 0 else (False,):
                 store_dir = work / f"verify-{i}-{int(hashing)}"
                 model_id = f"bench/verify-{i}"
-                manifest = dl.Manifest.from_dict({**repo_manifest.to_dict(), "model_id": model_id})
-                dl.FollowingHasher = real if hashing else NoHash
+                manifest = Manifest.from_dict({**repo_manifest.to_dict(), "model_id": model_id})
+                core.FollowingHasher = real if hashing else NoHash
                 fetch = dl.ModelFetch(
                     ModelStorage(store_dir), store_dir, manifest, allowed_hosts=["127.0.0.1"]
                 )
@@ -295,7 +299,7 @@ def verification_share(
                     plain.append(total)
                 shutil.rmtree(store_dir, ignore_errors=True)
     finally:
-        dl.FollowingHasher = real
+        core.FollowingHasher = real
         log.removeHandler(handler)
     with_hash, without = stats(hashed), stats(plain)
     names = sorted({k for p in phases_list for k in p})

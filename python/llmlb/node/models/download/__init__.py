@@ -11,6 +11,8 @@ SHA-256 check. Verified files survive a crash or a kill and are not fetched agai
 Modules, one job each:
 
 - :mod:`.fetch`: :class:`~.fetch.ModelFetch`, one model's download (prepare, run, cancel).
+- :mod:`.fetch_core`: a download's shared state, transfers, load ahead and progress.
+- :mod:`.peer_fetch`: one file from a peer (the hub joining) or from the swarm.
 - :mod:`.staging`: verified-file records, the download lock and marker, promotion.
 - :mod:`.workers`: the transfer worker processes and their pool (and the child itself).
 - :mod:`.sources`: one file's ranges from peers first and the hub for the rest (in a worker).
