@@ -173,3 +173,33 @@ def test_waiters_woken_without_a_slot_keep_their_place_and_a_newcomer_is_not_beh
 
     order = asyncio.run(scenario())
     assert order.index("b") <= 1, order
+
+
+def test_a_flooding_key_does_not_hold_back_another_keys_request(mock):
+    """Through the proxy: a node with one slot, key A queues eight requests, key B sends one
+    after them; B is served after the request in progress and at most one queued request of
+    A, not after A's backlog."""
+
+    async def scenario() -> list[str]:
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/slow/sleep100", slots=1))
+        finished: list[str] = []
+        async with running(fleet) as proxy:
+            key_a = KeyEntry("key_a", "api", None)
+            key_b = KeyEntry("key_b", "api", None)
+
+            async def send(name: str, entry: KeyEntry) -> None:
+                res = await limited_call(proxy, CHAT, entry)
+                assert res.status == 200
+                finished.append(name)
+
+            flood = [asyncio.create_task(send(f"a{i}", key_a)) for i in range(8)]
+            while len(proxy.queue) < 7:  # one in progress, seven waiting
+                await asyncio.sleep(0.005)
+            trickle = asyncio.create_task(send("b", key_b))
+            await asyncio.gather(*flood, trickle)
+        return finished
+
+    order = asyncio.run(scenario())
+    # After the one in progress and at most one queued of A (FIFO would make it last).
+    assert order.index("b") <= 2, order

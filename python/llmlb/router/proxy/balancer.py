@@ -482,8 +482,8 @@ class WaitQueue:
     time (the start tag of the waiter woken last) and the end of its flow's previous waiter
     (whose start plus ``1 / weight``); the smallest start is woken first. One key's burst
     thus takes its share (its weight) and no more while others wait, and a key sending one
-    request now and then goes next, whatever the others' backlog. A single flow (or none
-    given) is first come, first served.
+    request now and then waits behind at most one queued request of each other key,
+    whatever their backlog. A single flow (or none given) is first come, first served.
 
     Args:
         max_waiters: requests allowed to wait at once (across models); more are refused.
