@@ -407,6 +407,54 @@ def test_anthropic_bad_bodies_are_400_naming_the_field(body, param):
     assert caught.value.status == 400 and caught.value.param == param
 
 
+_RESPONSES = {"model": "m", "input": "hi"}
+_MESSAGES = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize(
+    ("parse", "base", "tool", "param", "message"),
+    [
+        (
+            responses_api.parse_request,
+            _RESPONSES,
+            {"type": "web_search_preview"},
+            "tools[0].type",
+            "the built-in tool 'web_search_preview' is not available on this node "
+            "(only 'function' tools are)",
+        ),
+        (
+            responses_api.parse_request,
+            _RESPONSES,
+            {"type": "function", "name": ""},
+            "tools[0].name",
+            "'tools[0].name' must be a non-empty string",
+        ),
+        (
+            anthropic_api.parse_request,
+            _MESSAGES,
+            {"type": "web_search_20250305", "name": "web_search"},
+            "tools[0].type",
+            "the built-in tool 'web_search_20250305' is not available on this node "
+            "(only custom tools with an 'input_schema' are)",
+        ),
+        (
+            anthropic_api.parse_request,
+            _MESSAGES,
+            {"name": 5, "input_schema": {}},
+            "tools[0].name",
+            "'tools[0].name' must be a non-empty string",
+        ),
+    ],
+)
+def test_a_built_in_or_unnamed_tool_is_worded_alike_in_responses_and_messages(
+    parse, base, tool, param, message
+):
+    with pytest.raises(ApiError) as caught:
+        parse({**base, "tools": [tool]})
+    assert caught.value.status == 400 and caught.value.param == param
+    assert caught.value.message == message
+
+
 # -- Anthropic: answer -------------------------------------------------------------------
 
 

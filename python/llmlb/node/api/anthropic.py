@@ -164,13 +164,8 @@ def _tools(body: dict[str, Any]) -> list[Tool]:
             raise bad(where, f"'{where}' must be an object")
         kind = tool.get("type")
         if kind not in (None, "custom"):
-            raise bad(
-                f"{where}.type",
-                f"the built-in tool {kind!r} is not available on this node (only custom "
-                "tools with an 'input_schema' are)",
-            )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad(f"{where}.name", f"'{where}.name' must be a non-empty string")
+            raise f.builtin_tool(where, kind, "custom tools with an 'input_schema'")
+        name = f.tool_name(tool, where)
         schema = tool.get("input_schema")
         if not isinstance(schema, dict):
             raise bad(f"{where}.input_schema", f"'{where}.input_schema' must be an object")
@@ -178,7 +173,7 @@ def _tools(body: dict[str, Any]) -> list[Tool]:
         at = (f"{where}.name", f"{where}.input_schema", f"{where}.description")
         out.append(
             f.function_tool(
-                tool["name"], description if isinstance(description, str) else None, schema,
+                name, description if isinstance(description, str) else None, schema,
                 at=at, offered=out,
             )
         )  # fmt: skip

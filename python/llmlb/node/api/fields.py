@@ -151,6 +151,23 @@ def tool_list(value: Any, path: str = "tools", message: str | None = None) -> li
     return value
 
 
+def builtin_tool(where: str, kind: Any, available: str) -> ApiError:
+    """The 400 for a built-in (hosted) tool at ``where``, which no node runs; ``available``
+    names the tools the dialect accepts."""
+    return bad(
+        f"{where}.type",
+        f"the built-in tool {kind!r} is not available on this node (only {available} are)",
+    )
+
+
+def tool_name(tool: dict[str, Any], where: str) -> str:
+    """The ``name`` of the tool object at ``where``: a non-empty string."""
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad(f"{where}.name", f"'{where}.name' must be a non-empty string")
+    return name
+
+
 def function_tool(
     name: Any,
     description: Any,

@@ -137,17 +137,12 @@ def _tools(body: dict[str, Any]) -> list[Tool]:
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise bad(where, f"'{where}' must be an object with a 'type'")
         if tool["type"] != "function":
-            raise bad(
-                f"{where}.type",
-                f"the built-in tool {tool['type']!r} is not available on this node "
-                "(only 'function' tools are)",
-            )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise bad(f"{where}.name", f"'{where}.name' must be a non-empty string")
+            raise f.builtin_tool(where, tool["type"], "'function' tools")
+        name = f.tool_name(tool, where)
         at = (f"{where}.name", f"{where}.parameters", f"{where}.description")
         out.append(
             f.function_tool(
-                tool["name"], tool.get("description"), tool.get("parameters"), at=at, offered=out
+                name, tool.get("description"), tool.get("parameters"), at=at, offered=out
             )
         )
     return out
