@@ -18,7 +18,7 @@ import orjson
 import pytest
 from llmlb.router import db
 
-from tests.integration.test_router_hardening import ADMIN, Beats, ready, start_mock
+from tests.integration.test_router_hardening import ADMIN, Beats, Stream, ready, start_mock
 from tests.procs import LLMLB, spawner, wait_until
 from tests.router_fixtures import RouterUrl, call, start_router
 
@@ -171,6 +171,34 @@ def test_each_limit_refuses_with_its_status_code_and_headers(router, node):
     answer = chat(router, tpm)  # reserves the prompt estimate + 20, settles 21
     assert answer.status == 200
     assert int(answer.headers["x-ratelimit-remaining-tokens"]) < 100
+
+
+def test_max_parallel_admits_again_when_the_running_request_ends(router, node):
+    beats = Beats(router)
+    try:
+        beats.register("drip-node", f"{node}/_mock/d/drip300", ready("tenancy/drip"))
+        key = new_key(router, max_parallel=1)
+        wait_until(
+            lambda: chat(router, key, model="tenancy/drip").status == 200,
+            timeout=15,
+            message="drip model routed",
+        )
+        running = Stream(router, key, {"model": "tenancy/drip"})
+        try:
+            assert running.event() is not None  # in flight now
+            refused = chat(router, key, model="tenancy/drip")
+            assert refused.status == 429 and refused.json["error"]["code"] == "rate_limit_exceeded"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert running.rest()[-1] == b"[DONE]"  # the running one finishes
+        finally:
+            running.close()
+        wait_until(
+            lambda: chat(router, key, model="tenancy/drip").status == 200,
+            timeout=5,
+            message="admitted again once the running request ended",
+        )
+    finally:
+        beats.close()
 
 
 def test_an_expired_key_is_401_and_a_new_expiry_brings_it_back(router, node):
