@@ -11,7 +11,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from llmlb.errors import ApiError
+from llmlb.errors import ApiError, invalid_model_id
+from llmlb.model_storage import InvalidModelId, normalize_model_id
 
 MAX_COUNT = 1_000_000  # bound on slots, active requests and attempts
 MAX_BYTES = 1 << 60  # bound on sizes, progress and times
@@ -38,11 +39,19 @@ _NODE_SECRET = re.compile(r"[\x21-\x7e]{16,256}")
 _STATE_ENUM = {"enum": list(MODEL_STATES)}
 _BYTES = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_BYTES}
 _STRINGS = {"type": "array", "items": {"type": "string"}}
-_NODE_SECRET_TEXT = "The node's own secret (16-256 printable ASCII"
 
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _node_secret_schema(role: str) -> dict[str, Any]:
+    """The schema of a body's ``node_secret``; ``role`` ends its description (what the secret
+    does in that body)."""
+    return {
+        "type": ["string", "null"],
+        "description": f"The node's own secret (16-256 printable ASCII){role}",
+    }
 
 
 # --- validation of bodies from the other side ------------------------------------------
@@ -69,6 +78,27 @@ def _optional_str(value: Any, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _bad(f"{name} must be a string")
     return value
+
+
+def _optional_bool(value: Any, name: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise _bad(f"{name} must be a boolean")
+    return value
+
+
+def _model_id(value: Any, message: str) -> str:
+    """A model id from a body, normalised.
+
+    Raises:
+        ApiError: 400 ``message`` when ``value`` is not a string, ``invalid_model_id`` when it
+            breaks the id rules.
+    """
+    if not isinstance(value, str):
+        raise _bad(message)
+    try:
+        return normalize_model_id(value)
+    except InvalidModelId as exc:
+        raise invalid_model_id(exc) from None
 
 
 def validate_node_id(value: Any) -> str:

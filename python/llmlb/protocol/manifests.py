@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.protocol.fields import (
     _NODE_ID,
-    _NODE_SECRET_TEXT,
     _STRINGS,
     _bad,
+    _model_id,
+    _node_secret_schema,
     _optional_str,
     _ref,
     validate_node_id,
@@ -168,11 +168,9 @@ class PeerReport:
                 "description": "the reporting node's id; without one the report counts for "
                 "nothing",
             },
-            "node_secret": {
-                "type": ["string", "null"],
-                "description": f"{_NODE_SECRET_TEXT}) of the reporter (409 node_id_conflict "
-                "otherwise)",
-            },
+            "node_secret": _node_secret_schema(
+                " of the reporter (409 node_id_conflict otherwise)"
+            ),
             "counted": {
                 "type": "boolean",
                 "readOnly": True,
@@ -188,13 +186,7 @@ class PeerReport:
         Raises:
             ApiError: 400 naming the bad field.
         """
-        raw_id = body.get("model_id")
-        if not isinstance(raw_id, str):
-            raise _bad("model_id must be a string")
-        try:
-            model_id = normalize_model_id(raw_id)
-        except InvalidModelId as exc:
-            raise _bad(str(exc), "invalid_model_id") from None
+        model_id = _model_id(body.get("model_id"), "model_id must be a string")
         reason = _optional_str(body.get("reason"), "reason") or ""
         reporter = body.get("reporter")
         valid = isinstance(reporter, str) and _NODE_ID.fullmatch(reporter) is not None

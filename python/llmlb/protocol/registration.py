@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from llmlb.protocol.fields import (
-    _NODE_SECRET_TEXT,
     _STRINGS,
     MAX_COUNT,
     _bad,
     _int,
+    _node_secret_schema,
     _ref,
     _runtimes,
     validate_node_id,
@@ -65,11 +65,9 @@ class Registration:
             },
             "slots": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
             "models": _ref("ModelReports"),
-            "node_secret": {
-                "type": ["string", "null"],
-                "description": f"{_NODE_SECRET_TEXT}): binds node_id to it; without one the "
-                "id is bound to the bearer key",
-            },
+            "node_secret": _node_secret_schema(
+                ": binds node_id to it; without one the id is bound to the bearer key"
+            ),
         },
     }
 
@@ -128,11 +126,9 @@ class Heartbeat:
             "active_requests": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_COUNT},
             "slots": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT},
             "runtimes": {**_STRINGS, "type": ["array", "null"]},
-            "node_secret": {
-                "type": ["string", "null"],
-                "description": f"{_NODE_SECRET_TEXT}): the one it registered with (409 "
-                "node_id_conflict otherwise)",
-            },
+            "node_secret": _node_secret_schema(
+                ": the one it registered with (409 node_id_conflict otherwise)"
+            ),
         },
     }
 

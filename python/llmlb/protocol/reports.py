@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.protocol.fields import (
     _BYTES,
     _READY,
     _STATE_ENUM,
     MODEL_STATES,
     _bad,
+    _model_id,
+    _optional_bool,
     _optional_int,
     _optional_str,
     _ref,
@@ -109,30 +110,19 @@ class ModelReport:
         data: dict[str, Any] = {"id": self.id, "state": self.state}
         if self.progress is not None:
             data["progress"] = {"bytes": self.progress[0], "total": self.progress[1]}
-        if self.error is not None:
-            data["error"] = self.error
-        if self.format is not None:
-            data["format"] = self.format
-        if self.size_bytes is not None:
-            data["size_bytes"] = self.size_bytes
-        if self.servable is not None:
-            data["servable"] = self.servable
-        if self.attempts is not None:
-            data["attempts"] = self.attempts
-        if self.retry_at is not None:
-            data["retry_at"] = self.retry_at
-        if self.revision is not None:
-            data["revision"] = self.revision
-        for name in PEER_COUNTERS:
+        for name in _OPTIONAL_FIELDS:
             if (value := getattr(self, name)) is not None:
                 data[name] = value
-        if self.serves_peers is not None:
-            data["serves_peers"] = self.serves_peers
         return data
 
 
 #: Per-model transfer counters of a report (hub vs. peers, uploads to peers).
 PEER_COUNTERS = ("bytes_from_hub", "bytes_from_peers", "uploads", "bytes_served")
+# The fields of a report's wire form that are left out when unknown, in their order.
+_OPTIONAL_FIELDS = (
+    "error", "format", "size_bytes", "servable", "attempts", "retry_at", "revision",
+    *PEER_COUNTERS, "serves_peers",
+)  # fmt: skip
 
 
 def transfer_totals(models: list[dict[str, Any]]) -> dict[str, int]:
@@ -166,13 +156,7 @@ def parse_model_reports(value: Any) -> list[dict[str, Any]]:
             item = {"id": item, "state": _READY}
         if not isinstance(item, dict):
             raise _bad("each entry of models must be an object")
-        raw_id = item.get("id")
-        if not isinstance(raw_id, str):
-            raise _bad("each model needs a string id")
-        try:
-            model_id = normalize_model_id(raw_id)
-        except InvalidModelId as exc:
-            raise _bad(str(exc), "invalid_model_id") from None
+        model_id = _model_id(item.get("id"), "each model needs a string id")
         state = item.get("state", item.get("status", _READY))
         if state not in MODEL_STATES:
             raise _bad(f"model state must be one of {', '.join(MODEL_STATES)}")
@@ -190,16 +174,9 @@ def parse_model_reports(value: Any) -> list[dict[str, Any]]:
                 report[name] = text
         if (size := _optional_int(item.get("size_bytes"), "size_bytes")) is not None:
             report["size_bytes"] = size
-        servable = item.get("servable")
-        if servable is not None:
-            if not isinstance(servable, bool):
-                raise _bad("servable must be a boolean")
-            report["servable"] = servable
-        serves_peers = item.get("serves_peers")
-        if serves_peers is not None:
-            if not isinstance(serves_peers, bool):
-                raise _bad("serves_peers must be a boolean")
-            report["serves_peers"] = serves_peers
+        for name in ("servable", "serves_peers"):
+            if (flag := _optional_bool(item.get(name), name)) is not None:
+                report[name] = flag
         for name in ("attempts", "retry_at", *PEER_COUNTERS):
             if (number := _optional_int(item.get(name), name)) is not None:
                 report[name] = number
