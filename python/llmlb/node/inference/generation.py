@@ -243,6 +243,15 @@ class Run:
             choice.finish, choice.tokens = "tool_calls", choice.seen
         return content, calls
 
+    def _token(self, index: int, event: TokenEvent) -> tuple[_Choice, TokenLogprob | None] | None:
+        """Count a token of choice ``index``: the choice and the token's logprob entry, or
+        ``None`` when the choice already ended (at a call it does not return)."""
+        choice = self.choices[index]
+        if choice.finish is not None:
+            return None
+        choice.seen += 1
+        return choice, self._logprob(event)
+
     def _finish_reason(self, index: int) -> str:
         choice = self.choices[index]
         calls = self._calls is not None and bool(self._calls[index].calls)
@@ -261,11 +270,9 @@ class Run:
                 if entry is not None:
                     self._prompt_logprobs[number].append(entry)
             elif isinstance(event, TokenEvent):
-                choice = self.choices[index]
-                if choice.finish is not None:
-                    continue  # ended at a call it does not return
-                choice.seen += 1
-                entry = self._logprob(event)
+                if (token := self._token(index, event)) is None:
+                    continue
+                choice, entry = token
                 if entry is not None:
                     choice.logprobs.append(entry)
                 text, calls = self._split(index, event.text)
@@ -330,11 +337,9 @@ class Run:
                 if isinstance(event, StartEvent):
                     self.cached += event.cached
                 elif isinstance(event, TokenEvent):
-                    choice = self.choices[index]
-                    if choice.finish is not None:
-                        continue  # ended at a call it does not return
-                    choice.seen += 1
-                    entry = self._logprob(event)
+                    if (token := self._token(index, event)) is None:
+                        continue
+                    choice, entry = token
                     if not event.text and entry is None:
                         continue
                     if entry is not None and self._calls is None:
