@@ -60,9 +60,16 @@ def test_env_admin_key_is_installed_and_replaced(conn, tmp_path):
     keys.bootstrap_admin_key(conn, tmp_path, "sk-second")
     assert keys.load_hashes(conn) == {keys.hash_key("sk-second"): "admin"}
     assert not (tmp_path / keys.ADMIN_KEY_FILE).exists()
-    with pytest.raises(ApiError) as err:
-        keys.delete_key(conn, keys.ENV_ADMIN_KEY_ID)
-    assert err.value.status == 409 and err.value.code == "key_protected"
+    for change in (
+        lambda: keys.delete_key(conn, keys.ENV_ADMIN_KEY_ID),
+        lambda: keys.update_key(conn, keys.ENV_ADMIN_KEY_ID, {"rpm": 5}),
+    ):
+        with pytest.raises(ApiError) as err:
+            change()
+        assert err.value.status == 409 and err.value.code == "key_protected"
+        assert err.value.message == "this admin key is set by LLMLB_ADMIN_KEY"
+    assert keys.update_key(conn, "no-such-key", {"rpm": 5}) is None
+    assert keys.delete_key(conn, "no-such-key") is False
 
 
 def test_generated_admin_key_file(conn, tmp_path, caplog):

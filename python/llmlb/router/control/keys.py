@@ -124,6 +124,16 @@ def _insert(conn: db.Conn, info: KeyInfo, key_hash: str) -> None:
 _UNSET: Any = object()
 
 
+def _refuse_env_admin_key(key_id: str) -> None:
+    """Refuse to change or revoke the ``LLMLB_ADMIN_KEY`` key (it is set again at every start).
+
+    Raises:
+        ApiError: 409 ``key_protected`` when ``key_id`` is that key.
+    """
+    if key_id == ENV_ADMIN_KEY_ID:
+        raise ApiError(409, "key_protected", "this admin key is set by LLMLB_ADMIN_KEY")
+
+
 def update_key(
     conn: db.Conn, key_id: str, changes: dict[str, Any], name: Any = _UNSET
 ) -> KeyInfo | None:
@@ -138,8 +148,7 @@ def update_key(
         row = conn.execute("SELECT * FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             return None
-        if key_id == ENV_ADMIN_KEY_ID:
-            raise ApiError(409, "key_protected", "this admin key is set by LLMLB_ADMIN_KEY")
+        _refuse_env_admin_key(key_id)
         info = _row_to_info(row)
         limits = parse_limits(changes, info.limits)
         new_name = info.name if name is _UNSET else name
@@ -204,8 +213,7 @@ def delete_key(conn: db.Conn, key_id: str) -> bool:
         row = conn.execute("SELECT scope FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         if row is None:
             return False
-        if key_id == ENV_ADMIN_KEY_ID:
-            raise ApiError(409, "key_protected", "this admin key is set by LLMLB_ADMIN_KEY")
+        _refuse_env_admin_key(key_id)
         if row[0] == "admin":
             admins = conn.execute("SELECT COUNT(*) FROM api_keys WHERE scope = 'admin'").fetchone()
             if admins[0] <= 1:
