@@ -125,19 +125,11 @@ class ProxyMetrics:
 
     def request(self, node: str, model: str, code: int) -> None:
         """Count one answer relayed from ``node``."""
-        key = ("r", node, model, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(node, model, str(code))
-        child.inc()
+        self._child(self._requests, (node, model, str(code))).inc()
 
     def ttfb(self, node: str, model: str, seconds: float) -> None:
         """Observe a time to first byte."""
-        key = ("t", node, model)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._ttfb.labels(node, model)
-        child.observe(seconds)
+        self._child(self._ttfb, (node, model)).observe(seconds)
 
     def error(self, node: str, model: str, kind: str) -> None:
         """Count a failed attempt on ``node``."""
@@ -153,11 +145,7 @@ class ProxyMetrics:
 
     def routed(self, model: str, reason: str) -> None:
         """Count a node chosen for ``reason``."""
-        key = ("g", model, reason)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._routing.labels(model, reason)
-        child.inc()
+        self._child(self._routing, (model, reason)).inc()
 
     def prompt(
         self,
