@@ -39,31 +39,25 @@ _MODEL_ENTRY = {
     "pattern": r"^[a-z0-9_-][a-z0-9._-]*(/[a-z0-9_-][a-z0-9._-]*)*(/|\*)?$",
     "description": "a model id, or a prefix ending in `/` or `*`",
 }
+
+
+def _count_limit(maximum: int, description: str) -> dict[str, Any]:
+    """A limit that is a count from 1 to ``maximum`` (null: no limit)."""
+    return {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": maximum,
+        "description": description,
+    }
+
+
 _LIMIT_PROPERTIES: dict[str, Any] = {
-    "rpm": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": MAX_RATE,
-        "description": "requests per minute (a sliding minute)",
-    },
-    "tpm": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": MAX_RATE,
-        "description": "prompt + completion tokens per minute",
-    },
-    "max_parallel": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": MAX_PARALLEL,
-        "description": "requests in flight at once",
-    },
-    "budget_tokens": {
-        "type": ["integer", "null"],
-        "minimum": 1,
-        "maximum": 10**15,
-        "description": "tokens per budget_period (429 insufficient_quota beyond)",
-    },
+    "rpm": _count_limit(MAX_RATE, "requests per minute (a sliding minute)"),
+    "tpm": _count_limit(MAX_RATE, "prompt + completion tokens per minute"),
+    "max_parallel": _count_limit(MAX_PARALLEL, "requests in flight at once"),
+    "budget_tokens": _count_limit(
+        10**15, "tokens per budget_period (429 insufficient_quota beyond)"
+    ),
     "budget_period": {"enum": ["day", "month", None], "description": "UTC day or month"},
     "models": {
         "type": ["array", "null"],
