@@ -112,6 +112,17 @@ class ApiFailure extends Error {
   }
 }
 
+// A failed call's message: the API's error and code, or the exception's own text.
+function failureText(error) {
+  return error instanceof ApiFailure ? error.describe() : String(error);
+}
+
+// A form's result line showing a failed call.
+function showFailure(node, error) {
+  setText(node, failureText(error));
+  node.className = "result error";
+}
+
 const session = {
   get key() {
     return sessionStorage.getItem(KEY_STORAGE);
@@ -302,8 +313,7 @@ function createNodeCard() {
       note.className = "result ok";
       await renderFleet();
     } catch (error) {
-      setText(note, error instanceof ApiFailure ? error.describe() : String(error));
-      note.className = "result error";
+      showFailure(note, error);
     } finally {
       approve.disabled = false;
     }
@@ -458,8 +468,7 @@ function createModelCard(item) {
       $("reg-result").className = "result ok";
       await renderModels();
     } catch (error) {
-      setText(message, error instanceof ApiFailure ? error.describe() : String(error));
-      message.className = "result error";
+      showFailure(message, error);
     }
   });
   card.append(el("header", {}, title, remove));
@@ -496,7 +505,7 @@ function createPlacement(item) {
       const count = answer.nodes.length;
       setText(note, `Retry requested: ${count} node${count === 1 ? "" : "s"} notified.`);
     } catch (error) {
-      setText(note, error instanceof ApiFailure ? error.describe() : String(error));
+      setText(note, failureText(error));
     } finally {
       retry.disabled = false;
     }
@@ -635,8 +644,7 @@ async function registerModel(event) {
     $("register-form").reset();
     await renderModels();
   } catch (error) {
-    setText(result, error instanceof ApiFailure ? error.describe() : String(error));
-    result.className = "result error";
+    showFailure(result, error);
   } finally {
     button.disabled = false;
   }
@@ -843,7 +851,7 @@ function createKeyCard(key) {
       $("key-result").className = "result ok";
       await renderKeys(true);
     } catch (error) {
-      setText(message, error instanceof ApiFailure ? error.describe() : String(error));
+      setText(message, failureText(error));
     }
   });
   card.append(el("header", {}, title, scope));
@@ -980,8 +988,7 @@ async function createKey(event) {
     $("new-key-value").select();
     await renderKeys(true);
   } catch (error) {
-    setText(result, error instanceof ApiFailure ? error.describe() : String(error));
-    result.className = "result error";
+    showFailure(result, error);
   } finally {
     button.disabled = false;
   }
