@@ -405,3 +405,49 @@ def test_audit_chain_records_admin_actions_and_detects_tampering(
         assert "ends at entry 1 but 3 were written" in _audit_verify(router).stdout
     finally:
         conn.close()
+
+
+# -- CLI ------------------------------------------------------------------------------------
+
+
+def _cli(router: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*LLMLB, *args, "--router", router, "--api-key", ADMIN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_sets_shows_and_changes_limits_and_reads_usage(router, node):
+    made = _cli(
+        router, "keys", "create", "--scope", "api", "--name", "cli-limited", "--rpm", "30",
+        "--models", "tenancy/*,org/x", "--budget-tokens", "900", "--budget-period", "day",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert key.startswith("sk-")
+    listed = _cli(router, "keys", "ls")
+    line = next(row for row in listed.stdout.splitlines() if "cli-limited" in row)
+    assert "rpm=30" in line and "models=tenancy/*,org/x" in line and "budget_tokens=900" in line
+    key_id_ = line.split()[0]
+    changed = _cli(router, "keys", "update", key_id_, "--rpm", "none", "--priority", "high")
+    assert changed.returncode == 0, changed.stderr
+    assert "priority=high" in changed.stdout and "rpm" not in changed.stdout
+    bad = _cli(router, "keys", "update", key_id_, "--tpm", "-3")
+    assert bad.returncode == 1 and "tpm" in bad.stderr and "invalid_limit" in bad.stderr
+    assert _cli(router, "keys", "update", key_id_).returncode == 2  # nothing to change
+
+    assert chat(router, key).status == 200  # 21 tokens
+    table = _cli(router, "usage", "--key", key_id_, "--group-by", "key,model")
+    assert table.returncode == 0, table.stderr
+    row = next(r for r in table.stdout.splitlines() if r.startswith(key_id_))
+    assert row.split()[1:4] == [MODEL, "1", "12"]
+    csv_out = _cli(router, "usage", "--key", key_id_, "--group-by", "model", "--csv")
+    assert csv_out.stdout.splitlines()[1].startswith(f"{MODEL},1,12,0,9,21,0")
+    own = subprocess.run(
+        [*LLMLB, "usage", "--self", "--router", router, "--api-key", key],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert own.returncode == 0, own.stderr
+    assert "budget: 21 of 900 tokens this day (879 left)" in own.stdout
