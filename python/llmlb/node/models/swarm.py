@@ -146,6 +146,8 @@ class SwarmFile:
         idle_hub_s: a lane idle this long takes any missing piece from the hub.
         per_peer: requests in flight to one peer at most.
         grace_s: the hub waits at most this long for the listed peers' first maps.
+        follow: for a URL the hub redirects a piece to, the headers to send there, or
+            ``None`` when its host is not allowed (no redirect is followed without it).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class SwarmFile:
         idle_hub_s: float = 1.0,
         per_peer: int = 4,
         grace_s: float = 1.0,
+        follow: Callable[[str], dict[str, str] | None] | None = None,
     ):
         self.entry, self.board = entry, board
         self.hub = hub
@@ -179,6 +182,7 @@ class SwarmFile:
         self.lanes, self.hub_lanes = max(1, lanes), max(1, hub_lanes)
         self.timeout, self.poll_s, self.idle_hub_s = timeout, poll_s, idle_hub_s
         self.per_peer = max(1, per_peer)
+        self.follow = follow
         self._created = time.monotonic()
         self._grace_until = self._created + grace_s
         n = entry.count
@@ -196,6 +200,8 @@ class SwarmFile:
         self._hub_failures = 0
         self._hub_dead = hub is None
         self._error: str | None = None
+        self._hub_error: str | None = None
+        self.refused: str | None = None  # a redirect of the hub's to a host not allowed
         self._stall_since = 0.0
         self._cond = threading.Condition()
         self._done = threading.Event()
@@ -390,7 +396,10 @@ class SwarmFile:
                         idle[0] = 0.0
                         return hub_piece, None, None
                 if self._stalled():
-                    self._error = "the hub failed and no peer holds the missing pieces"
+                    self._error = (
+                        f"the hub failed ({self._hub_error or 'unreachable'}) and no peer "
+                        "holds the missing pieces"
+                    )
                     self._done.set()
                     self._cond.notify_all()
                     return None
@@ -537,6 +546,10 @@ class SwarmFile:
         resp = conn.getresponse()
         if resp.status != 206:
             resp.read()
+            location = resp.getheader("Location")
+            if 300 <= resp.status < 400 and location and url == getattr(self.hub, "url", None):
+                self._redirected(urllib.parse.urljoin(url, location))
+                raise _PieceFailed(f"HTTP {resp.status} to {location} for bytes {start}-{end - 1}")
             fatal = resp.status in (400, 401, 403, 410) or 300 <= resp.status < 400
             raise _PieceFailed(f"HTTP {resp.status} for bytes {start}-{end - 1}", fatal=fatal)
         expected = f"bytes {start}-{end - 1}/{self.entry.size}"
@@ -551,6 +564,18 @@ class SwarmFile:
                 raise _PieceFailed(f"connection closed after {got} of {end - start} bytes")
             got += n
         return view
+
+    def _redirected(self, url: str) -> None:
+        """The hub sent a piece elsewhere: follow when the host is allowed (its headers then,
+        the hub token only for allowlisted hosts), else give the hub up (:attr:`refused`)."""
+        with self._cond:
+            if self.follow is not None and self.follow(url) is not None:
+                self.hub = HubSource(url, self.follow(url) or {})
+                return
+            self.refused = url
+            self._hub_dead = True
+            self._error = f"the hub redirected to {url}, a host not allowed"
+            self._cond.notify_all()
 
     def _landed(self, index: int, peer: _Peer | None, n: int, seconds: float) -> None:
         source = HUB if peer is None else peer.node_id
@@ -584,6 +609,7 @@ class SwarmFile:
                 if fatal or self._hub_failures >= MAX_HUB_FAILURES:
                     self._hub_dead = True
                     self._error = f"the hub: {exc}"
+                self._hub_error = str(exc)
                 pause = 0.1 * self._hub_failures
             else:
                 peer.inflight -= 1

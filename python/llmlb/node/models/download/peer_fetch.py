@@ -15,7 +15,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from llmlb.errors import DownloadError
+from llmlb.errors import DownloadError, HostNotAllowed
 from llmlb.node.models.download.fetch_core import FetchCore, _FileProgress
 from llmlb.node.models.download.options import MIB, chunk_size_for
 from llmlb.node.models.download.signals import Corrupt, Transient
@@ -62,6 +62,14 @@ class PeerFetch(FetchCore):
         threading.Thread(target=loop, name=f"peers:{self.model_id}", daemon=True).start()
         return done
 
+    def _follow(self, url: str) -> dict[str, str] | None:
+        """Headers for a hub redirect's target, or ``None`` when its host is not allowed."""
+        try:
+            self._http.check(url, self.model_id)
+        except HostNotAllowed:
+            return None
+        return self._http.headers_for(url)
+
     def _swarm_peers(self) -> list[PeerSource]:
         with self._lock:
             return [p for p in self._peers if p.node_id not in self._excluded]
@@ -74,6 +82,8 @@ class PeerFetch(FetchCore):
         try:
             probe = self._http.probe(spec.url, self.model_id)
         except (Transient, DownloadError) as exc:
+            if not self._swarm_peers():
+                raise  # nobody else to ask: the hub's own reason
             name = spec.filename
             logger.info("%s: %s: the hub is unreachable (%s); peers only", self.model_id, name, exc)
             probe = None
@@ -127,6 +137,7 @@ class PeerFetch(FetchCore):
             lanes=max(1, min(self._connections, 32)),
             hub_lanes=max(1, min(self._connections, 16)),
             timeout=self.options.timeout_s,
+            follow=self._follow,
         )
         started = time.monotonic()
         try:
@@ -135,6 +146,13 @@ class PeerFetch(FetchCore):
             hasher.abort()
             hasher.join()
             self._board.drop(self.model_id, spec.filename)
+            if swarm.refused is not None:
+                host = urllib.parse.urlparse(swarm.refused).hostname
+                raise HostNotAllowed(
+                    f"{self.model_id}: {spec.filename}: the hub redirected the transfer to "
+                    f"{swarm.refused}: host {host!r} is not on the download allowlist "
+                    f"({', '.join(self._http.allowed_hosts)}); no byte was taken from it"
+                ) from None
             raise
         transferred = time.monotonic()
         self._landed_at(transferred)
