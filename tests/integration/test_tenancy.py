@@ -451,3 +451,28 @@ def test_cli_sets_shows_and_changes_limits_and_reads_usage(router, node):
     )  # fmt: skip
     assert own.returncode == 0, own.stderr
     assert "budget: 21 of 900 tokens this day (879 left)" in own.stdout
+
+
+def test_rpm_is_exact_across_the_workers_of_one_router_on_sqlite(spawn, tmp_path):
+    """Two workers of one router on SQLite lease the key's quota from the file, as routers
+    on PostgreSQL do: the router admits the rpm, not the rpm per worker."""
+    mock = start_mock(spawn, "mock-workers")[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
+    router = start_router(spawn, home, ADMIN, "--workers", "2", env=env)
+    beats = Beats(router)
+    try:
+        beats.register("workers-node", f"{mock}/_mock/w/ok", ready(MODEL))
+        warm = new_key(router)
+        wait_until(lambda: chat(router, warm).status == 200, timeout=15, message="routed")
+        limited = new_key(router, rpm=30)
+        wait_until(  # both workers know the key (the model list is not rate limited)
+            lambda: all(call(router, "GET", "/v1/models", limited).status == 200 for _ in range(8)),
+            timeout=10,
+            message="the key in every worker",
+        )
+        statuses = [chat(router, limited).status for _ in range(80)]  # a new connection each
+        assert statuses.count(200) == 30 and set(statuses) == {200, 429}
+    finally:
+        beats.close()

@@ -165,7 +165,7 @@ def _settings(args: argparse.Namespace) -> tuple[RouterSettings, ProxySettings]:
     from llmlb.router.control.settings import RouterSettings
     from llmlb.router.proxy.proxy import ProxySettings
 
-    settings = RouterSettings.from_env(args.db)
+    settings = replace(RouterSettings.from_env(args.db), workers=args.workers)
     if args.node_approval is not None:
         settings = replace(settings, node_approval=args.node_approval)
     proxy = ProxySettings.from_config()

@@ -43,6 +43,8 @@ class RouterSettings:
             traffic, no peer token, in no peer list, until an admin approves it) or ``auto``
             (every node is approved when it registers).
         usage_retention_days: key usage kept this long (hourly roll-ups after a week).
+        workers: the router's worker processes (``--workers``); with more than one, each
+            takes leases of a limited key's rpm/tpm from the database, as routers do.
         peer_seeds: nodes that fetch a model from the hub at once (``LLMLB_PEER_SEEDS``).
         peer_wait_s: how long the other nodes wait for a seed's copy (``LLMLB_PEER_WAIT_S``).
         fleet_secret: what the nodes' peer token derives from (``LLMLB_FLEET_SECRET``;
@@ -67,6 +69,7 @@ class RouterSettings:
     admin_key: str | None = field(default=None, repr=False)
     node_approval: str = config.DEFAULT_NODE_APPROVAL
     usage_retention_days: int = 90
+    workers: int = 1
     peer_seeds: int = config.DEFAULT_PEER_SEEDS
     peer_wait_s: float = config.DEFAULT_PEER_WAIT_S
     fleet_secret: str | None = field(default=None, repr=False)
