@@ -8,7 +8,9 @@ import random
 from collections import Counter
 
 from llmlb.router.control.fleet import NodeView
-from llmlb.router.proxy.balancer import Balancer, NodeState, NoPick, PoisonLog, WaitQueue
+from llmlb.router.proxy.balancer import Balancer, NodeState, NoPick
+from llmlb.router.proxy.poison import PoisonLog
+from llmlb.router.proxy.wait_queue import WaitQueue
 
 
 class Clock:

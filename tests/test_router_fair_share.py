@@ -1,5 +1,5 @@
 """Weighted fair queuing across keys in the router's wait queue
-(llmlb.router.proxy.balancer.WaitQueue), and the priority the proxy passes to the node."""
+(llmlb.router.proxy.wait_queue.WaitQueue), and the priority the proxy passes to the node."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from llmlb.router.control.fleet import FleetView
 from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import parse_limits
-from llmlb.router.proxy.balancer import WaitPlace, WaitQueue
+from llmlb.router.proxy.wait_queue import WaitPlace, WaitQueue
 
 from tests.test_router_admission import limited_call
 from tests.test_router_proxy import CHAT, load, node, running, start_mock

@@ -23,7 +23,7 @@ from llmlb.router.proxy.answers import (
     _queue_full,
     _sse_error,
 )
-from llmlb.router.proxy.balancer import NodeState, NoPick, PoisonLog, WaitPlace
+from llmlb.router.proxy.balancer import NodeState, NoPick
 from llmlb.router.proxy.exchange import (
     _BUSY,
     _CONNECT,
@@ -34,9 +34,11 @@ from llmlb.router.proxy.exchange import (
     _Failure,
 )
 from llmlb.router.proxy.node_care import NodeCare
+from llmlb.router.proxy.poison import PoisonLog
 from llmlb.router.proxy.prefix_index import PrefixIndex
 from llmlb.router.proxy.upstream import ConnectError, Response, UpstreamError, UpstreamTimeout
 from llmlb.router.proxy.usage import UsageTap
+from llmlb.router.proxy.wait_queue import WaitPlace
 
 logger = logging.getLogger("llmlb.router.proxy.proxy")  # one name for the proxy's log
 

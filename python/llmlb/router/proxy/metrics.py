@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from llmlb.prometheus import Declare
-from llmlb.router.proxy.balancer import Balancer, WaitQueue
+from llmlb.router.proxy.balancer import Balancer
+from llmlb.router.proxy.wait_queue import WaitQueue
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _OVERHEAD_BUCKETS = (

@@ -14,11 +14,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from llmlb.router.proxy.answers import _describe, _error_failure
-from llmlb.router.proxy.balancer import Balancer, NodeLike, NodeState, WaitQueue
+from llmlb.router.proxy.balancer import Balancer, NodeLike, NodeState
 from llmlb.router.proxy.exchange import _CONNECT, _TIMEOUT, _Failure
 from llmlb.router.proxy.metrics import ProxyMetrics
 from llmlb.router.proxy.settings import ProxySettings
 from llmlb.router.proxy.upstream import NodePool, UpstreamError
+from llmlb.router.proxy.wait_queue import WaitQueue
 
 logger = logging.getLogger("llmlb.router.proxy.proxy")  # one name for the proxy's log
 

@@ -26,7 +26,7 @@ Protection of the fleet and of the router itself:
   and counts against neither node.
 - A request a node lost (connection closed after it was sent, stream cut) or timed out on
   goes to at most one more node; one that two nodes failed that way is *poison*
-  (:class:`~llmlb.router.proxy.balancer.PoisonLog`): 502 ``poison_request`` to its client, counted
+  (:class:`~llmlb.router.proxy.poison.PoisonLog`): 502 ``poison_request`` to its client, counted
   against neither node, and the same body is refused at once for ``poison_ttl_s``. A refused
   connection (the node never saw the request) fails over freely.
 - Each worker takes at most ``max_inflight`` inference requests at once (queued ones
@@ -82,15 +82,17 @@ from llmlb.router.proxy.admission import (
     estimate_tokens,
 )
 from llmlb.router.proxy.answers import _error_headers, _send_error, _sse_error
-from llmlb.router.proxy.balancer import Balancer, PoisonLog, WaitQueue
+from llmlb.router.proxy.balancer import Balancer
 from llmlb.router.proxy.exchange import _ClientWatch, _Exchange, _tokens_used
 from llmlb.router.proxy.forward import Forwarder
 from llmlb.router.proxy.metrics import ProxyMetrics, default_metrics
 from llmlb.router.proxy.node_care import Fleet
+from llmlb.router.proxy.poison import PoisonLog
 from llmlb.router.proxy.prefix_index import PrefixIndex
 from llmlb.router.proxy.settings import ProxySettings
 from llmlb.router.proxy.upstream import NodePool
 from llmlb.router.proxy.usage import Usage, ask_for_usage
+from llmlb.router.proxy.wait_queue import WaitQueue
 
 logger = logging.getLogger(__name__)
 
