@@ -45,7 +45,9 @@ def test_node_sigkill_takes_worker_and_transfer_workers(spawn, tmp_path: Path) -
     router = start_router(spawn, tmp_path / "home", ADMIN, env={"HF_ENDPOINT": hub})
     key = create_key(router, ADMIN, "node")
     store = tmp_path / "store"
-    node = start_node(spawn, router, key, store, env={"HF_ENDPOINT": hub})
+    # Hub only: a fleet node's swarm download runs in the node's own threads, not in a
+    # transfer worker; this is about the workers hf_transfer runs in.
+    node = start_node(spawn, router, key, store, "--no-peer-fetch", env={"HF_ENDPOINT": hub})
     assert call(router, "POST", "/v1/models/register", ADMIN, {"repo": "org/big"}).status == 201
 
     def busy_transfer_workers() -> list[int]:
