@@ -23,9 +23,10 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from llmlb.testing.hub_standin.app import parse_range
 from llmlb.testing.hub_standin.faults import parse_fault
 from llmlb.testing.hub_standin.repos import LFS_THRESHOLD_BYTES, git_blob_id, is_lfs
-from llmlb.testing.hub_standin.server import parse_range, parse_rate
+from llmlb.testing.hub_standin.server import parse_rate
 
 from tests.hub_fixtures import HubUrl, make_repo, start_hub
 from tests.procs import spawner, wait_until
