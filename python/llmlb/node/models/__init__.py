@@ -1,6 +1,7 @@
 """A node's models on disk: their states, the serve decision, downloads and peers.
 
-:mod:`.resolver` owns model state (node-first resolution, delete, retry), :mod:`.download`
+:mod:`.resolver` owns model state (node-first resolution, delete, retry) over
+:mod:`.table` (the store's models, records and reports), :mod:`.download`
 fetches verified files from the hub and peers, :mod:`.peers` serves this node's verified
 files to the fleet, :mod:`.hashing` hashes files while they land, :mod:`.runtimes` says what
 this node's runtimes can serve, :mod:`.router_client` is the one async client for the

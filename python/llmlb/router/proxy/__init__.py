@@ -1,9 +1,13 @@
 """The data plane: each inference request from a client to a node and back.
 
-:mod:`.proxy` streams requests and answers, :mod:`.balancer` picks a node by one cost
-(prefix still to prefill + load) and holds the wait queue, :mod:`.prefix_index` is the cache
-index behind that cost, :mod:`.upstream` the pooled HTTP/1.1 connections to nodes,
-:mod:`.metrics` the proxy's counters.
+:mod:`.proxy` is the ASGI app (reading, admission, watches), :mod:`.forward` picks, fails
+over and relays, :mod:`.node_care` keeps node pools, probes and failure counts,
+:mod:`.exchange` one request's state, :mod:`.answers` the router's own error answers,
+:mod:`.settings` the proxy's tuning; :mod:`.balancer` picks a node by one cost (prefix still
+to prefill + load), :mod:`.wait_queue` holds requests waiting for a slot (fair share),
+:mod:`.poison` the requests nodes failed, :mod:`.prefix_index` is the cache index behind
+that cost, :mod:`.upstream` the pooled HTTP/1.1 connections to nodes, :mod:`.admission` and
+:mod:`.usage` the keys' limits and usage, :mod:`.metrics` the proxy's counters.
 
 May import :mod:`llmlb.router.control` and :mod:`llmlb.router.db`; never
 :mod:`llmlb.router.api`.
