@@ -12,7 +12,12 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from llmlb.node.models.download.sources import TransferFailed, run_sources
+from llmlb.node.models.download.sources import (
+    SourceFailed,
+    TransferFailed,
+    read_range,
+    run_sources,
+)
 
 DATA = os.urandom(3 << 20)
 CHUNK = 256 << 10
@@ -125,3 +130,47 @@ def test_no_source_left_fails_naming_them(tmp_path, servers):
     with pytest.raises(TransferFailed, match="HTTP 404") as caught:
         run_sources(_job(tmp_path, (peer, "peer")), lambda n: None)
     assert caught.value.detail[0]["dead"] is True
+
+
+class Answer:
+    """A 206 answer: its Content-Range and a body that may end early."""
+
+    def __init__(self, content_range: str | None, body: bytes):
+        self.content_range, self.body = content_range, body
+
+    def getheader(self, name: str) -> str | None:
+        return self.content_range if name == "Content-Range" else None
+
+    def read(self) -> bytes:
+        body, self.body = self.body, b""
+        return body
+
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), len(self.body), 7)  # a few bytes at a time
+        view[:n] = self.body[:n]
+        self.body = self.body[n:]
+        return n
+
+
+def test_read_range_fills_the_buffer_with_exactly_the_range():
+    buf = bytearray(64)
+    answer = Answer("bytes 10-29/100", DATA[10:30])
+    view = read_range(answer, buf, 10, 30, 100, wrong_range_fatal=True)
+    assert bytes(view) == DATA[10:30]
+
+
+@pytest.mark.parametrize("fatal", [True, False])
+def test_read_range_refuses_another_range_as_the_caller_says(fatal):
+    with pytest.raises(SourceFailed) as failed:
+        read_range(Answer("bytes 0-19/100", DATA[:20]), bytearray(20), 10, 30, 100,
+                   wrong_range_fatal=fatal)  # fmt: skip
+    assert failed.value.fatal is fatal
+    assert str(failed.value) == "Content-Range 'bytes 0-19/100' != 'bytes 10-29/100'"
+
+
+def test_read_range_fails_a_short_body_without_giving_the_source_up():
+    with pytest.raises(SourceFailed) as failed:
+        read_range(Answer("bytes 10-29/100", DATA[10:25]), bytearray(20), 10, 30, 100,
+                   wrong_range_fatal=True)  # fmt: skip
+    assert not failed.value.fatal
+    assert str(failed.value) == "connection closed after 15 of 20 bytes"

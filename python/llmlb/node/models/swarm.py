@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from llmlb.node.models.download.signals import Transient
+from llmlb.node.models.download.sources import SourceFailed, read_range
 from llmlb.node.models.pieces import PieceBoard, PieceFile, decode_bits, piece_span
 from llmlb.protocol import PeerSource
 
@@ -93,14 +94,6 @@ class _Peer:
     @property
     def node_id(self) -> str:
         return self.source.node_id
-
-
-class _PieceFailed(Exception):
-    """A piece could not be fetched from a source (``fatal``: never ask it again)."""
-
-    def __init__(self, message: str, fatal: bool = False):
-        super().__init__(message)
-        self.fatal = fatal
 
 
 def _score(filename: str, index: int, member: str) -> bytes:
@@ -510,7 +503,7 @@ class SwarmFile:
                     written = 0
                     while written < len(view):
                         written += os.pwrite(self._fd, view[written:], start + written)
-                except (_PieceFailed, OSError, http.client.HTTPException) as exc:
+                except (SourceFailed, OSError, http.client.HTTPException) as exc:
                     conn = conns.pop(url, None)
                     if conn is not None:
                         conn.close()
@@ -549,21 +542,10 @@ class SwarmFile:
             location = resp.getheader("Location")
             if 300 <= resp.status < 400 and location and url == getattr(self.hub, "url", None):
                 self._redirected(urllib.parse.urljoin(url, location))
-                raise _PieceFailed(f"HTTP {resp.status} to {location} for bytes {start}-{end - 1}")
+                raise SourceFailed(f"HTTP {resp.status} to {location} for bytes {start}-{end - 1}")
             fatal = resp.status in (400, 401, 403, 410) or 300 <= resp.status < 400
-            raise _PieceFailed(f"HTTP {resp.status} for bytes {start}-{end - 1}", fatal=fatal)
-        expected = f"bytes {start}-{end - 1}/{self.entry.size}"
-        if (resp.getheader("Content-Range") or "").strip() != expected:
-            resp.read()
-            raise _PieceFailed(f"Content-Range {resp.getheader('Content-Range')!r} != {expected!r}")
-        view = memoryview(buf)[: end - start]
-        got = 0
-        while got < len(view):
-            n = resp.readinto(view[got:])
-            if not n:
-                raise _PieceFailed(f"connection closed after {got} of {end - start} bytes")
-            got += n
-        return view
+            raise SourceFailed(f"HTTP {resp.status} for bytes {start}-{end - 1}", fatal=fatal)
+        return read_range(resp, buf, start, end, self.entry.size, wrong_range_fatal=False)
 
     def _redirected(self, url: str) -> None:
         """The hub sent a piece elsewhere: follow when the host is allowed (its headers then,

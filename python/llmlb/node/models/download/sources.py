@@ -213,22 +213,43 @@ class _Transfer:
             resp.read()
             fatal = resp.status in FATAL_STATUSES or 300 <= resp.status < 400
             raise SourceFailed(f"HTTP {resp.status} for bytes {start}-{end - 1}", fatal=fatal)
-        expected = f"bytes {start}-{end - 1}/{self.size}"
-        if (resp.getheader("Content-Range") or "").strip() != expected:
-            resp.read()
-            raise SourceFailed(
-                f"Content-Range {resp.getheader('Content-Range')!r} != {expected!r}", fatal=True
-            )
-        view = memoryview(buf)[: end - start]
-        got = 0
-        while got < len(view):
-            n = resp.readinto(view[got:])
-            if not n:
-                raise SourceFailed(f"connection closed after {got} of {end - start} bytes")
-            got += n
+        view = read_range(resp, buf, start, end, self.size, wrong_range_fatal=True)
         written = 0
-        while written < got:
-            written += os.pwrite(self.fd, view[written:got], start + written)
+        while written < len(view):
+            written += os.pwrite(self.fd, view[written:], start + written)
+
+
+def read_range(
+    resp: http.client.HTTPResponse,
+    buf: bytearray,
+    start: int,
+    end: int,
+    size: int,
+    *,
+    wrong_range_fatal: bool,
+) -> memoryview:
+    """Read a 206 answer's bytes ``start`` to ``end - 1`` of a ``size``-byte file into ``buf``;
+    returns the view of ``buf`` they fill.
+
+    Raises:
+        SourceFailed: the answer's Content-Range is another range (``fatal`` as
+            ``wrong_range_fatal`` says), or the connection closed before the last byte.
+    """
+    expected = f"bytes {start}-{end - 1}/{size}"
+    if (resp.getheader("Content-Range") or "").strip() != expected:
+        resp.read()
+        raise SourceFailed(
+            f"Content-Range {resp.getheader('Content-Range')!r} != {expected!r}",
+            fatal=wrong_range_fatal,
+        )
+    view = memoryview(buf)[: end - start]
+    got = 0
+    while got < len(view):
+        n = resp.readinto(view[got:])
+        if not n:
+            raise SourceFailed(f"connection closed after {got} of {end - start} bytes")
+        got += n
+    return view
 
 
 def run_sources(job: dict, progress: Callable[[int], None]) -> list[dict]:
