@@ -212,12 +212,7 @@ class FetchCore:
                 hasher.join()
                 refused = self._http.refused(str(exc))
                 if refused is not None:
-                    host = urllib.parse.urlparse(refused).hostname
-                    raise HostNotAllowed(
-                        f"{self.model_id}: {spec.filename}: the hub redirected the transfer to "
-                        f"{refused}: host {host!r} is not on the download allowlist "
-                        f"({', '.join(self._http.allowed_hosts)}); no byte was taken from it"
-                    ) from None
+                    raise self._redirect_refused(spec, refused) from None
                 raise
             except BaseException:
                 hasher.abort()
@@ -231,17 +226,40 @@ class FetchCore:
         transferred = time.monotonic()
         self._landed_at(transferred)
         self._land(spec, part)
+        return self._hashed(file, hasher, started, transferred), result
+
+    def _redirect_refused(self, spec: ManifestFile, url: str) -> HostNotAllowed:
+        """The error of a transfer the hub redirected to ``url``, off the allowlist."""
+        host = urllib.parse.urlparse(url).hostname
+        return HostNotAllowed(
+            f"{self.model_id}: {spec.filename}: the hub redirected the transfer to "
+            f"{url}: host {host!r} is not on the download allowlist "
+            f"({', '.join(self._http.allowed_hosts)}); no byte was taken from it"
+        )
+
+    def _hashed(
+        self,
+        file: _FileProgress,
+        hasher: FollowingHasher,
+        started: float,
+        transferred: float,
+        sources: str = "",
+    ) -> str:
+        """The digest of a transferred file once ``hasher`` read its tail; logs the transfer
+        (``sources``: where its bytes came from) and the hash tail, and counts the file done."""
+        spec = file.spec
         digest = hasher.finish()
         logger.info(
-            "%s: %s: %.1f MiB in %.3fs, hash tail %.3fs",
+            "%s: %s: %.1f MiB in %.3fs%s, hash tail %.3fs",
             self.model_id,
             spec.filename,
             spec.size_bytes / MIB,
             transferred - started,
+            sources,
             time.monotonic() - transferred,
         )
         self._advance(file, spec.size_bytes - file.done)
-        return digest, result
+        return digest
 
     def _fetch_stream(self, file: _FileProgress, url: str, part: Path) -> str:
         import hashlib

@@ -147,30 +147,15 @@ class PeerFetch(FetchCore):
             hasher.join()
             self._board.drop(self.model_id, spec.filename)
             if swarm.refused is not None:
-                host = urllib.parse.urlparse(swarm.refused).hostname
-                raise HostNotAllowed(
-                    f"{self.model_id}: {spec.filename}: the hub redirected the transfer to "
-                    f"{swarm.refused}: host {host!r} is not on the download allowlist "
-                    f"({', '.join(self._http.allowed_hosts)}); no byte was taken from it"
-                ) from None
+                raise self._redirect_refused(spec, swarm.refused) from None
             raise
         transferred = time.monotonic()
         self._landed_at(transferred)
         if spec.size_bytes - hasher.hashed > AHEAD_MIN_TAIL:  # else the hash ends first
             self._land(spec, part)
-        digest = hasher.finish()
-        logger.info(
-            "%s: %s: %.1f MiB in %.3fs (hub %.1f MiB, peers %s), hash tail %.3fs",
-            self.model_id,
-            spec.filename,
-            spec.size_bytes / MIB,
-            transferred - started,
-            by_source.get("hub", 0) / MIB,
-            {k: round(v / MIB, 1) for k, v in by_source.items() if k != "hub"},
-            time.monotonic() - transferred,
-        )
-        self._advance(file, spec.size_bytes - file.done)
-        return digest
+        peers = {k: round(v / MIB, 1) for k, v in by_source.items() if k != "hub"}
+        sources = f" (hub {by_source.get('hub', 0) / MIB:.1f} MiB, peers {peers})"
+        return self._hashed(file, hasher, started, transferred, sources)
 
     # -- peers --
 
