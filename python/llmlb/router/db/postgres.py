@@ -34,7 +34,7 @@ from llmlb.router.db.base import (
     IntegrityError,
     now_iso,
 )
-from llmlb.router.db.schema import MIGRATIONS, check_version, statement_for
+from llmlb.router.db.schema import run_migration
 
 logger = logging.getLogger("llmlb.router.db")
 
@@ -165,11 +165,8 @@ def migrate(conn: PgConn) -> int:
         while True:
             with raw.transaction():
                 current = schema_version(conn)
-                check_version(current)
-                if current == len(MIGRATIONS):
+                if not run_migration(current, POSTGRESQL, raw.execute):
                     return current
-                for statement in MIGRATIONS[current]:
-                    raw.execute(statement_for(statement, POSTGRESQL))
                 raw.execute(
                     "INSERT INTO llmlb_migrations (version, applied_at) VALUES (%s, %s)",
                     (current + 1, now_iso()),

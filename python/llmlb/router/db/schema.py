@@ -8,6 +8,7 @@ without importing the package that imports them.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from llmlb.router.db.base import POSTGRESQL, SQLITE
 
@@ -172,6 +173,22 @@ def statement_for(statement: str | dict[str, str], dialect: str) -> str:
     if dialect == POSTGRESQL:
         return widen_types(statement)
     return statement
+
+
+def run_migration(current: int, dialect: str, execute: Callable[[str], object]) -> bool:
+    """Run the migration that follows schema version ``current``, each statement in
+    ``dialect`` through ``execute`` (the caller's transaction and version record around it);
+    ``False`` when ``current`` is the last version, nothing run.
+
+    Raises:
+        RuntimeError: ``current`` is past the last migration (a newer llmlb wrote it).
+    """
+    check_version(current)
+    if current == len(MIGRATIONS):
+        return False
+    for statement in MIGRATIONS[current]:
+        execute(statement_for(statement, dialect))
+    return True
 
 
 def check_version(current: int) -> None:

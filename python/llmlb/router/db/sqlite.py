@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from llmlb.router.db.base import SQLITE, transaction
-from llmlb.router.db.schema import MIGRATIONS, check_version, statement_for
+from llmlb.router.db.schema import run_migration
 
 try:
     import fcntl
@@ -53,11 +53,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     while True:
         with transaction(conn):
             current = schema_version(conn)
-            check_version(current)
-            if current == len(MIGRATIONS):
+            if not run_migration(current, SQLITE, conn.execute):
                 return current
-            for statement in MIGRATIONS[current]:
-                conn.execute(statement_for(statement, SQLITE))
             conn.execute(f"PRAGMA user_version = {current + 1}")
 
 
