@@ -476,3 +476,31 @@ def test_rpm_is_exact_across_the_workers_of_one_router_on_sqlite(spawn, tmp_path
         assert statuses.count(200) == 30 and set(statuses) == {200, 429}
     finally:
         beats.close()
+
+
+def test_a_router_that_lost_the_database_grants_no_more_than_it_holds(
+    spawn, tmp_path, own_postgres
+):
+    """PostgreSQL stops: a limited key gets at most what the router's current lease holds
+    (a second's share of its rpm), then 429; an unlimited key is served from the caches."""
+    mock = start_mock(spawn, "mock-outage")[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    url = own_postgres.create_database()
+    router = start_router(spawn, home, ADMIN, "--db", url, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"})
+    beats = Beats(router)
+    try:
+        beats.register("outage-node", f"{mock}/_mock/o/ok", ready(MODEL))
+        free = new_key(router)
+        wait_until(lambda: chat(router, free).status == 200, timeout=15, message="routed")
+        limited = new_key(router, rpm=600)  # leased 10 at a time
+        assert chat(router, limited).status == 200
+        beats.close()  # no heartbeat into a router without its database
+        own_postgres.stop()
+        statuses = [chat(router, limited).status for _ in range(40)]
+        assert statuses.count(200) <= 10 and statuses.count(429) >= 30, statuses
+        refused = chat(router, limited)
+        assert refused.status == 429 and refused.json["error"]["code"] == "rate_limit_exceeded"
+        assert chat(router, free).status == 200  # no limits: nothing to lease
+    finally:
+        beats.close()

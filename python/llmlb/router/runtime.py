@@ -44,6 +44,7 @@ NODES = Gauge(
 MODELS = Gauge("llmlb_router_models_registered", "Registered models.", multiprocess_mode="livemax")
 USAGE_FLUSH_S = 1.0  # a SIGKILL loses at most this much usage
 USAGE_COMPACT_S = 3600.0
+LEASE_BACKOFF_S = 1.0  # after a failed lease, refuse beyond what is held this long at once
 
 
 def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
@@ -100,6 +101,7 @@ class Runtime:
         self.usage = usage.UsageBook()
         self.router_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._lease_locks: dict[str, asyncio.Lock] = {}
+        self._lease_failed_at = -LEASE_BACKOFF_S  # loop time of the last failed lease
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -188,6 +190,9 @@ class Runtime:
             ``None`` when granted, else the seconds until the fleet's window has room (1 s
             when the database cannot be reached: the router grants nothing it does not hold).
         """
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._lease_failed_at < LEASE_BACKOFF_S:
+            return LEASE_BACKOFF_S  # the database just failed: no wait on it per request
         lock = self._lease_locks.get(key_id)
         if lock is None:
             lock = self._lease_locks[key_id] = asyncio.Lock()
@@ -202,8 +207,9 @@ class Runtime:
                         quota.lease, key_id, kind, limit, need, second, self.router_id
                     )
                 except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
+                    self._lease_failed_at = loop.time()
                     self._database_failed("cannot lease quota", exc)
-                    return 1.0
+                    return LEASE_BACKOFF_S
                 if not granted:
                     return wait
                 admission.granted(key_id, kind, second, granted, used)
