@@ -31,11 +31,13 @@ piece:
    other node is fetching go first.
 
 Nothing here decides that the file is good: the caller verifies the whole file's SHA-256.
+
+The choice of the next piece (1-3 above) is :class:`~.swarm_choice.PieceChoice`, which
+:class:`SwarmFile` builds on; this module runs the map pollers and the lanes.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.client
 import logging
@@ -44,18 +46,18 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 
 from llmlb.node.models.download.signals import Transient
 from llmlb.node.models.download.sources import SourceFailed, read_range
 from llmlb.node.models.pieces import PieceBoard, PieceFile, decode_bits, piece_span
+from llmlb.node.models.swarm_choice import HUB, PieceChoice, _Peer
 from llmlb.protocol import PeerSource
 
 logger = logging.getLogger(__name__)
 
-HUB = "hub"
 MAX_HUB_FAILURES = 8  # in a row, before the hub is given up for this attempt
 MAX_PEER_FAILURES = 3  # in a row, before a peer is given up for this file
 
@@ -74,33 +76,6 @@ class HubSource:
     headers: dict[str, str]
 
 
-@dataclass
-class _Peer:
-    source: PeerSource
-    epoch: str | None = None
-    seq: int = -1
-    have: list[bool] = field(default_factory=list)
-    hashes: dict[int, str] = field(default_factory=dict)
-    hub: set[int] = field(default_factory=set)
-    uploads: int = 0
-    inflight: int = 0
-    failures: int = 0
-    resting_until: float = 0.0
-    dead: bool = False
-    heard: bool = False  # its map answered (or failed) at least once
-    member: bool = False  # its last map was of this file: it shares out the hub's pieces
-    claims: dict[int, float] = field(default_factory=dict)  # hub piece -> first seen claimed
-
-    @property
-    def node_id(self) -> str:
-        return self.source.node_id
-
-
-def _score(filename: str, index: int, member: str) -> bytes:
-    """Rendezvous score of ``member`` for piece ``index`` (the highest owns it)."""
-    return hashlib.sha256(f"{member}\0{filename}\0{index}".encode()).digest()
-
-
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urllib.parse.urlsplit(url)
     cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
@@ -112,7 +87,7 @@ def _target(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-class SwarmFile:
+class SwarmFile(PieceChoice):
     """Fetch one file's pieces into ``entry.path`` from the swarm and the hub.
 
     Args:
@@ -341,146 +316,6 @@ class SwarmFile:
             peer.have = []
             self._cond.notify_all()
 
-    # -- choosing -------------------------------------------------------------------------
-
-    def _holders(self, index: int) -> tuple[str | None, list[_Peer], int]:
-        """The hash most live holders publish for ``index``, the holders that publish it and
-        are not saturated, and how many publish it in all."""
-        votes: dict[str, list[_Peer]] = {}
-        now = time.monotonic()
-        for peer in self._peers.values():
-            if peer.dead or index >= len(peer.have) or not peer.have[index]:
-                continue
-            digest = peer.hashes.get(index)
-            if digest is not None:
-                votes.setdefault(digest, []).append(peer)
-        if not votes:
-            return None, [], 0
-        digest, holders = max(votes.items(), key=lambda kv: (len(kv[1]), kv[0]))
-        free = [p for p in holders if p.inflight < self.per_peer and p.resting_until <= now]
-        return digest, free, len(holders)
-
-    def _next(self, idle: list[float]) -> tuple[int, _Peer | None, str | None] | None:
-        """The next ``(piece, peer or None for the hub, expected hash)``; ``None``: stop."""
-        with self._cond:
-            while True:
-                if self._done.is_set() or self._missing == 0 or self.stop.is_set():
-                    return None
-                pick = self._pick_peer_piece()
-                if pick is not None:
-                    index, peer, digest = pick
-                    self._inflight[index] = peer.node_id
-                    peer.inflight += 1
-                    idle[0] = 0.0
-                    return index, peer, digest
-                now = time.monotonic()
-                waiting = now < self._grace_until and any(
-                    not p.heard and not p.dead for p in self._peers.values()
-                )
-                share = max(2, -(-self.hub_lanes // len(self._owners[0] or (self.me,))))
-                allowed = min(share, 1 + self._hub_landed)
-                if not waiting and not self._hub_dead and self._hub_inflight < allowed:
-                    idle[0] = idle[0] or now
-                    hub_piece = self._pick_hub_piece(now - idle[0] >= self.idle_hub_s)
-                    if hub_piece is not None:
-                        self._inflight[hub_piece] = HUB
-                        self._hub_inflight += 1
-                        self.board.claim(self.entry, hub_piece, True)
-                        idle[0] = 0.0
-                        return hub_piece, None, None
-                if self._stalled():
-                    self._error = (
-                        f"the hub failed ({self._hub_error or 'unreachable'}) and no peer "
-                        "holds the missing pieces"
-                    )
-                    self._done.set()
-                    self._cond.notify_all()
-                    return None
-                self._cond.wait(0.05)
-
-    def _pick_peer_piece(self) -> tuple[int, _Peer, str] | None:
-        best: tuple[int, int] | None = None
-        choice: tuple[int, _Peer, str] | None = None
-        for index, held in enumerate(self._have):
-            if held or index in self._inflight:
-                continue
-            digest, free, count = self._holders(index)
-            if digest is None or not free:
-                continue
-            if best is None or (count, index) < best:
-                peer = min(free, key=lambda p: (p.inflight, p.uploads, p.node_id))
-                best, choice = (count, index), (index, peer, digest)
-        return choice
-
-    def _rankings(self) -> list[tuple[str, ...]]:
-        """Each piece's members in rendezvous order (owner first), cached per member set."""
-        live = [p.node_id for p in self._peers.values() if p.member and not p.dead]
-        gone = {p.node_id for p in self._peers.values() if p.dead} | self.excluded
-        visitors = [v for v in self.board.visitors(self.entry, 3.0) if v not in gone]
-        members = tuple(sorted({self.me, *live, *visitors}))
-        if members != self._owners[0]:
-            name = self.entry.filename
-
-            rankings = [
-                tuple(sorted(members, key=functools.partial(_score, name, i), reverse=True))
-                for i in range(self.entry.count)
-            ]
-            self._owners = (members, rankings)
-        return self._owners[1]
-
-    def _pick_hub_piece(self, idle: bool) -> int | None:
-        claimed: set[int] = set()
-        for peer in self._peers.values():
-            if not peer.dead:
-                claimed |= peer.hub
-        rankings = self._rankings()
-        now = time.monotonic()
-        patience = 3 * self._hub_piece_s + self.idle_hub_s
-        if self._hub_samples == 0:  # no hub piece landed anywhere yet: they are in flight
-            patience = max(patience, 3 * (now - self._created) + self.idle_hub_s)
-        late: list[int] = []
-        for index, held in enumerate(self._have):
-            if held or index in self._inflight or self._holders(index)[0] is not None:
-                continue  # a peer holds it: it comes from there
-            rank = rankings[index].index(self.me)
-            if rank == 0 and index not in claimed:
-                return index
-            # Another node's (or being fetched elsewhere): the next in the piece's ranking
-            # steps in first when it stays missing, the one after that later, and so on.
-            waited = now - self._waiting_since.setdefault(index, now)
-            if idle and waited >= patience * max(1, rank):
-                late.append(index)
-        if not late:
-            return None
-        return min(late, key=lambda i: (i in claimed, i))
-
-    def _hub_time(self, seconds: float, index: int) -> None:
-        """Fold one hub piece's time (here, or seen in a peer's map) into the average
-        (full pieces only: a short last piece says little)."""
-        start, end = piece_span(index, self.entry.size, self.entry.piece_size)
-        if end - start < self.entry.piece_size:
-            return
-        self._hub_samples += 1
-        weight = 1.0 if self._hub_samples == 1 else 0.2
-        self._hub_piece_s += weight * (seconds - self._hub_piece_s)
-
-    def _stalled(self) -> bool:
-        """The hub is gone, nothing is in flight and no live peer holds a missing piece: at
-        once when no live peer is left, else once that lasted ``timeout``."""
-        if (
-            not self._hub_dead
-            or self._inflight
-            or any(
-                not held and self._holders(i)[0] is not None for i, held in enumerate(self._have)
-            )
-        ):
-            self._stall_since = 0.0
-            return False
-        if not any(not p.dead for p in self._peers.values()):
-            return True
-        now = time.monotonic()
-        self._stall_since = self._stall_since or now
-        return now - self._stall_since >= self.timeout
 
     # -- fetching ---------------------------------------------------------------------------
 
