@@ -7,6 +7,7 @@ a stream that asks for its usage.
 
 from __future__ import annotations
 
+import http.client
 import sqlite3
 import subprocess
 import threading
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from llmlb.node.inference.templates import GEMMA_CHAT_TEMPLATE
 from llmlb.router import db
 
 from tests.integration.test_router_hardening import ADMIN, Beats, Stream, ready, start_mock
+from tests.node_fixtures import place_model, start_node
 from tests.procs import LLMLB, spawner, wait_until
 from tests.router_fixtures import RouterUrl, call, start_router
 
@@ -504,3 +507,55 @@ def test_a_router_that_lost_the_database_grants_no_more_than_it_holds(
         assert chat(router, free).status == 200  # no limits: nothing to lease
     finally:
         beats.close()
+
+
+# -- priority on the node -----------------------------------------------------------------
+
+GEMMA = "google/gemma-3-270m-it"
+GEMMA_ENDS = {"1": -100, "106": -100}  # <eos>, <end_of_turn>: generation runs to max_tokens
+
+
+def test_the_node_starts_a_waiting_high_request_before_a_low_one(spawn, tmp_path, gemma_gguf):
+    """A node with one slot (the real Gemma): while a long request holds it, a ``low`` request
+    and then a ``high`` one wait; the ``high`` one starts first."""
+    store = tmp_path / "store"
+    place_model(store, GEMMA, gemma_gguf, GEMMA_CHAT_TEMPLATE)
+    node = start_node(spawn, "", None, store, "--concurrency", "1", "--queue-timeout", "300")
+    body = {"model": GEMMA, "messages": [{"role": "user", "content": "Count."}],
+            "logit_bias": GEMMA_ENDS, "stream": True}  # fmt: skip
+    wait_until(
+        lambda: call(node, "POST", "/v1/chat/completions", None, {**body, "max_tokens": 2}).status
+        == 200,
+        timeout=60,
+        message="the model served",
+    )
+    first_token: dict[str, float] = {}
+
+    def stream(name: str, priority: str | None, max_tokens: int) -> threading.Thread:
+        host, port = node.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        headers = {"Content-Type": "application/json"}
+        if priority:
+            headers["X-Llmlb-Priority"] = priority
+        conn.request("POST", "/v1/chat/completions", orjson.dumps(
+            {**body, "max_tokens": max_tokens}), headers)  # fmt: skip
+
+        def read() -> None:
+            resp = conn.getresponse()
+            assert resp.status == 200
+            while line := resp.readline():
+                if b'"content"' in line and name not in first_token:
+                    first_token[name] = time.monotonic()
+            conn.close()
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        return thread
+
+    holder = stream("holder", "low", 48)
+    wait_until(lambda: "holder" in first_token, timeout=60, message="the slot taken")
+    low = stream("low", "low", 2)
+    high = stream("high", "high", 2)
+    for thread in (holder, low, high):
+        thread.join(timeout=180)
+    assert first_token["high"] < first_token["low"], first_token
