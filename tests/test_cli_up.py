@@ -142,6 +142,8 @@ def test_several_nodes_get_their_own_store_and_the_next_ports(tmp_path: Path, mo
     cluster.models_dir = tmp_path / "models"
     argvs = [cluster._node_args(i) for i in range(3)]
     assert [a[a.index("--port") + 1] for a in argvs] == ["9000", "9001", "9002"]
+    cores = max(1, len(os.sched_getaffinity(0)))
+    assert {a[a.index("--threads") + 1] for a in argvs} == {str(max(1, cores // 3))}
     stores = [a[a.index("--models-dir") + 1] for a in argvs]
     assert stores == [str(tmp_path / "nodes" / str(i) / "models") for i in (1, 2, 3)]
     banner = "\n".join(cluster._banner_lines(["smollm2-135m-instruct"]))
@@ -154,6 +156,7 @@ def test_several_nodes_get_their_own_store_and_the_next_ports(tmp_path: Path, mo
     single.models_dir = tmp_path / "models"
     argv = single._node_args(0)
     assert argv[argv.index("--models-dir") + 1] == str(tmp_path / "models")  # the usual store
+    assert "--threads" not in argv  # one node: the node's default, every core
 
 
 def test_fleet_progress_prints_a_line_per_state_and_percentages() -> None:

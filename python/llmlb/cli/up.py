@@ -241,6 +241,10 @@ class _Cluster:
         ]
         if not self.args.model:
             argv += ["--max-tokens", str(DEMO_MAX_TOKENS)]
+        if self.node_count > 1:
+            # Nodes on one machine share its cores: llama.cpp's threads wait for each other
+            # at every step, so more threads than cores makes every node crawl.
+            argv += ["--threads", str(max(1, _usable_cores() // self.node_count))]
         return argv
 
     def _place_demo_models(self) -> None:
@@ -463,6 +467,14 @@ def _ensure_port_free(port: int, flag: str) -> None:
             raise UpError(
                 f"port {port} on {HOST} is already in use; choose another with {flag}"
             ) from None
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _link_model(source: Path, target: Path) -> None:
