@@ -210,6 +210,13 @@ def generation(
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             top_k=40 if top_k is None else top_k,
+            given=frozenset(
+                name
+                for name, value in zip(
+                    ("temperature", "top_p", "top_k"), (temperature, top_p, top_k), strict=True
+                )
+                if value is not None
+            ),
         ),
         max_tokens=max_tokens,
         stream=stream,

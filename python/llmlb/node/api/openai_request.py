@@ -96,6 +96,19 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
     return out
 
 
+# The sampler fields a chat or completions body may set (a model's stored defaults fill in
+# the others).
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+)
+
+
 def sampling(body: dict[str, Any]) -> SamplingParams:
     """The sampler settings of a body (OpenAI's names and ranges; llama.cpp's knobs)."""
     seed = body.get("seed")
@@ -111,6 +124,7 @@ def sampling(body: dict[str, Any]) -> SamplingParams:
         repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, 1.0) or 1.0,
         seed=seed,
         logit_bias=_logit_bias(body),
+        given=frozenset(name for name in SAMPLING_FIELDS if body.get(name) is not None),
     )
 
 

@@ -9,12 +9,11 @@ anyone may hand-place one beside a GGUF), for example::
     {"temperature": 0.2, "top_p": 0.9, "repeat_penalty": 1.1}
 
 The engine applies it where the sampling parameters of a request are built: every field of
-the file replaces the node's neutral default (:class:`SamplingParams`'s), and only when the
-request left the field at that neutral default. A request that sends the neutral value
-itself (``"repeat_penalty": 1.0``) cannot be told apart from one that sent nothing, so it
-gets the model's default too; any other value it sends wins. A file that is missing, not
-JSON, or holds a field out of range is ignored field by field (logged once), never an error
-of the request.
+the file replaces the node's default (:class:`SamplingParams`'s) for a request that did not
+set that field itself (:attr:`SamplingParams.given`); whatever a request sends wins, the
+neutral value too (``"repeat_penalty": 1.0`` turns the model's penalty off). A file that is
+missing, not JSON, or holds a field out of range is ignored field by field (logged once),
+never an error of the request.
 """
 
 from __future__ import annotations
@@ -45,7 +44,6 @@ FIELDS: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
     "repeat_penalty": (0.0, 10.0),
 }
-_NEUTRAL = SamplingParams()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +53,9 @@ class ModelDefaults:
     values: dict[str, float | int] = dataclasses.field(default_factory=dict)
 
     def apply(self, params: SamplingParams) -> SamplingParams:
-        """``params`` with every field left at the neutral default replaced by this model's."""
+        """``params`` with every field the request did not set replaced by this model's."""
         changes: dict[str, Any] = {
-            name: value
-            for name, value in self.values.items()
-            if getattr(params, name) == getattr(_NEUTRAL, name)
+            name: value for name, value in self.values.items() if name not in params.given
         }
         return dataclasses.replace(params, **changes) if changes else params
 

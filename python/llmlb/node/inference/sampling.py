@@ -40,6 +40,8 @@ class SamplingParams:
         seed: the draw's seed (``None``: random).
         logit_bias: token id -> bias added to its logit.
         grammar: a GBNF grammar the output must match (``None``: free text).
+        given: the names of the fields above the request set itself (the others are
+            defaults, which a model's stored defaults may replace).
     """
 
     temperature: float = 1.0
@@ -52,6 +54,7 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    given: frozenset[str] = frozenset()
 
 
 class Sampler:
