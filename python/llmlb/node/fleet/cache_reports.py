@@ -137,7 +137,8 @@ class CacheReporter:
         now = time.monotonic()
         due = [r.retry_at - now for r in self.routers if r.snapshot_due]
         due += [r.refreshed + SNAPSHOT_EVERY_S - now for r in self.routers]
-        due += [r.sent + self.keepalive_s() - now for r in self.routers]
+        keepalive = self.keepalive_s()  # (a router owed a snapshot waits for its retry_at)
+        due += [r.sent + keepalive - now for r in self.routers if not r.snapshot_due]
         return max(0.05, min(due, default=SNAPSHOT_EVERY_S))
 
     async def _send(
