@@ -13,8 +13,6 @@ import os
 import re
 import subprocess
 
-import anthropic
-import openai
 import pytest
 from llmlb.cli.demo import SMOLLM2_DEFAULTS
 
@@ -45,20 +43,6 @@ def chatml(system: str, user: str) -> str:
 def fleet(tmp_path_factory, smollm2_gguf):
     with smollm2_behind_router(tmp_path_factory, smollm2_gguf, MODEL, ADMIN) as fleet:
         yield fleet
-
-
-@pytest.fixture(scope="module")
-def oai(fleet):
-    return openai.OpenAI(
-        base_url=f"{fleet['router']}/v1", api_key=fleet["key"], max_retries=0, timeout=120
-    )
-
-
-@pytest.fixture(scope="module")
-def claude(fleet):
-    return anthropic.Anthropic(
-        base_url=fleet["router"], api_key=fleet["key"], max_retries=0, timeout=120
-    )
 
 
 @pytest.fixture(scope="module")

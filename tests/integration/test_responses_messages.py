@@ -54,21 +54,6 @@ def fleet(tmp_path_factory, gemma_gguf):
         yield fleet
 
 
-@pytest.fixture(scope="module")
-def oai(fleet):
-    return openai.OpenAI(
-        base_url=f"{fleet['router']}/v1", api_key=fleet["key"], max_retries=0, timeout=120
-    )
-
-
-@pytest.fixture(scope="module")
-def claude(fleet):
-    # The Anthropic SDK sends the key as x-api-key (no Authorization header).
-    return anthropic.Anthropic(
-        base_url=fleet["router"], api_key=fleet["key"], max_retries=0, timeout=120
-    )
-
-
 def _function_tool() -> dict:
     return {
         "type": "function",
