@@ -114,16 +114,16 @@ def place_model(models_dir: Path, model_id: str, gguf: Path, template: str | Non
 
 
 @contextlib.contextmanager
-def gemma_behind_router(
-    factory: pytest.TempPathFactory, gemma_gguf: Path, model: str, admin: str
+def model_behind_router(
+    factory: pytest.TempPathFactory, place: Callable[[Path], object], model: str, admin: str
 ) -> Iterator[dict]:
-    """A router and one node holding the real Gemma as ``model`` (hand-placed, with its chat
-    template), for a test module: ``{"router", "node", "key"}`` (an api key)."""
+    """A router and one node whose store ``place`` filled with ``model``, for a test module,
+    once the router sees the model ready: ``{"router", "node", "key"}`` (an api key)."""
     spawn, stop_all = spawner(factory.mktemp("procs"))
     try:
         router = start_router(spawn, factory.mktemp("home"), admin)
         store = factory.mktemp("store")
-        place_model(store, model, gemma_gguf, GEMMA_CHAT_TEMPLATE)
+        place(store)
         node = start_node(spawn, router, create_key(router, admin, "node"), store)
         wait_until(
             lambda: (model_status(node, model) or {}).get("state") == "ready",
@@ -139,6 +139,19 @@ def gemma_behind_router(
         yield {"router": router, "node": node, "key": key}
     finally:
         stop_all()
+
+
+def gemma_behind_router(
+    factory: pytest.TempPathFactory, gemma_gguf: Path, model: str, admin: str
+) -> contextlib.AbstractContextManager[dict]:
+    """A router and one node holding the real Gemma as ``model`` (hand-placed, with its chat
+    template), for a test module: ``{"router", "node", "key"}`` (an api key)."""
+    return model_behind_router(
+        factory,
+        lambda store: place_model(store, model, gemma_gguf, GEMMA_CHAT_TEMPLATE),
+        model,
+        admin,
+    )
 
 
 def place_smollm2(models_dir: Path, gguf: Path, model: str = "smollm2-135m-instruct") -> Path:
@@ -151,30 +164,12 @@ def place_smollm2(models_dir: Path, gguf: Path, model: str = "smollm2-135m-instr
     return target
 
 
-@contextlib.contextmanager
 def smollm2_behind_router(
     factory: pytest.TempPathFactory, smollm2_gguf: Path, model: str, admin: str
-) -> Iterator[dict]:
+) -> contextlib.AbstractContextManager[dict]:
     """A router and one node holding the real SmolLM2-135M-Instruct as ``model`` (its ChatML
     template is in the GGUF; its sampling defaults beside it), for a test module:
     ``{"router", "node", "key"}`` (an api key)."""
-    spawn, stop_all = spawner(factory.mktemp("procs"))
-    try:
-        router = start_router(spawn, factory.mktemp("home"), admin)
-        store = factory.mktemp("store")
-        place_smollm2(store, smollm2_gguf, model)
-        node = start_node(spawn, router, create_key(router, admin, "node"), store)
-        wait_until(
-            lambda: (model_status(node, model) or {}).get("state") == "ready",
-            timeout=60,
-            message="the model ready on the node",
-        )
-        key = create_key(router, admin, "api")
-        wait_until(
-            lambda: call(router, "GET", f"/v1/models/{model}", key).status == 200,
-            timeout=30,
-            message="the router sees the node's model",
-        )
-        yield {"router": router, "node": node, "key": key}
-    finally:
-        stop_all()
+    return model_behind_router(
+        factory, lambda store: place_smollm2(store, smollm2_gguf, model), model, admin
+    )
