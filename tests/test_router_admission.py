@@ -5,7 +5,6 @@ InferenceProxy enforcing them in-process against the real mock backend."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import orjson
 import pytest
@@ -17,7 +16,16 @@ from llmlb.router.proxy.admission import Admission, LimitExceeded, Window, perio
 from llmlb.router.proxy.proxy import KEY_SCOPE
 from llmlb.router.proxy.usage import UsageTap, ask_for_usage
 
-from tests.test_router_proxy import CHAT, MODEL, Result, load, node, running, start_mock
+from tests.test_router_proxy import (
+    CHAT,
+    MODEL,
+    Result,
+    call,
+    load,
+    node,
+    running,
+    start_mock,
+)
 
 
 @pytest.fixture(scope="module")
@@ -242,30 +250,9 @@ async def limited_call(
     proxy, payload: dict, entry: KeyEntry | None, path: str = "/v1/chat/completions"
 ) -> Result:
     """One request through the proxy as the app hands it over: with the key's entry."""
-    body = orjson.dumps(payload)
-    scope = {"type": "http", "method": "POST", "path": path, "headers": []}
-    if entry is not None:
-        scope[KEY_SCOPE] = entry
-    delivered = False
-    result = Result(0, {}, b"")
-
-    async def receive() -> dict:
-        nonlocal delivered
-        if delivered:
-            await asyncio.Event().wait()
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.start":
-            result.status = message["status"]
-            result.headers = {k.decode(): v.decode() for k, v in message["headers"]}
-        else:
-            result.chunks.append((time.monotonic(), message.get("body", b"")))
-
-    await proxy(scope, receive, send)
-    result.body = b"".join(chunk for _, chunk in result.chunks)
-    return result
+    return await call(
+        proxy, payload, path, scope_extra=None if entry is None else {KEY_SCOPE: entry}
+    )
 
 
 def _entry(**limits) -> KeyEntry:

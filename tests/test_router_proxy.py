@@ -76,14 +76,17 @@ async def call(
     path: str = "/v1/chat/completions",
     headers: tuple[tuple[bytes, bytes], ...] = (),
     disconnect_after: float | None = None,
+    scope_extra: dict | None = None,
 ) -> Result:
-    """One request through the proxy's ASGI interface (the client may hang up after a while)."""
+    """One request through the proxy's ASGI interface (the client may hang up after a while;
+    ``scope_extra``: what the app adds to the scope, such as the key's entry)."""
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     scope = {
         "type": "http",
         "method": "POST",
         "path": path,
         "headers": [(b"content-type", b"application/json"), *headers],
+        **(scope_extra or {}),
     }
     delivered = False
     result = Result(0, {}, b"")
