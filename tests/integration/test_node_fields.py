@@ -246,7 +246,12 @@ SCHEMA = {
 
 
 def matches_schema(x: Exchange) -> None:
+    """The answer is valid JSON under the schema, even with raw control characters (which
+    JSON strings may not hold) pushed as hard as logit_bias pushes."""
     jsonschema.validate(json.loads(x.answer["choices"][0]["message"]["content"]), SCHEMA)
+    controls = {str(x.vocab.id(c)): 100 for c in ("\n", "\t", "\n\n")}
+    pushed = x.send({"logit_bias": controls})["choices"][0]["message"]["content"]
+    jsonschema.validate(json.loads(pushed), SCHEMA)
 
 
 def tool_calls(names: set[str] | None, count: int | None = None) -> Callable[[Exchange], None]:

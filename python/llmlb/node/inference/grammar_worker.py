@@ -28,6 +28,7 @@ from llmlb.node.inference.grammar_budget import (
     check_gbnf,
     check_schema,
 )
+from llmlb.node.inference.schema_grammar import schema_gbnf
 
 # Stack of the thread that parses: well below the 8 MiB of the node's decode threads.
 PARSE_STACK_BYTES = 1024 * 1024
@@ -40,10 +41,8 @@ def build(request: dict[str, Any], budget: GrammarBudget) -> str:
         ValueError: the converter, the budget or llama.cpp refused it (the message says why).
     """
     if "schema" in request:
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
         check_schema(request["schema"], budget)
-        grammar = json_schema_to_gbnf(json.dumps(request["schema"]))
+        grammar = schema_gbnf(request["schema"])
     else:
         from llmlb.node.inference import tool_calls
 

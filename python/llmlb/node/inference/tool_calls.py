@@ -27,6 +27,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmlb.node.inference.schema_grammar import schema_gbnf
+
 HERMES, LLAMA3, MISTRAL = "hermes", "llama3", "mistral"
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -145,12 +147,10 @@ def grammar(tools: list[Tool], kind: str, parallel: bool) -> str:
     Raises:
         ValueError: the converter cannot turn a schema into a grammar.
     """
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     schema = {"anyOf": [call_schema(t, kind) for t in tools]} if len(tools) > 1 else (
         call_schema(tools[0], kind)
     )
-    rules = json_schema_to_gbnf(json.dumps(schema))
+    rules = schema_gbnf(schema)
     rules = re.sub(r"^root ::=", "tool-call ::=", rules, flags=re.MULTILINE)
     if kind == HERMES:
         one, sep = '"<tool_call>" space tool-call space "</tool_call>"', "space"
