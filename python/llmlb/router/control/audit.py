@@ -1,8 +1,9 @@
 """The audit log: every admin action, appended with a hash chain.
 
 Each entry records when, which key acted (its id: never a key), the action, its target and
-the change (the request's JSON body), and ``hash = sha256(prev_hash + canonical entry)``;
-the first entry's ``prev_hash`` is :data:`GENESIS`. ``audit_head`` counts the entries, so
+the change (the request's JSON body, the value of every secret field redacted: :func:`scrub`),
+and ``hash = sha256(prev_hash + canonical entry)``; the first entry's ``prev_hash`` is
+:data:`GENESIS`. ``audit_head`` counts the entries, so
 removing the newest ones shows too. :func:`verify` finds a removed, inserted
 or altered row; ``llmlb audit verify`` runs it over ``GET /v0/audit``.
 """
@@ -10,6 +11,7 @@ or altered row; ``llmlb audit verify`` runs it over ``GET /v0/audit``.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -18,8 +20,26 @@ from llmlb.router import db
 
 GENESIS = "0" * 64
 MAX_PAGE = 1000
-# Body fields never recorded, should a body ever carry one.
-_SECRET_FIELDS = frozenset({"key", "token", "sync_token", "hf_token", "password", "secret"})
+# A body field is a secret when one word of its name is one of these (words split at any
+# non-alphanumeric character and at camelCase humps: ``hf_token``, ``node_secret``,
+# ``x-api-key``, ``Authorization``, ``apiKey``; not ``budget_tokens``).
+SECRET_WORDS = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "authorization",
+        "credential",
+        "credentials",
+        "cookie",
+    }
+)
+REDACTED = "[redacted]"
+_HUMP = re.compile(r"([a-z0-9])([A-Z])")
+_WORD = re.compile(r"[a-z0-9]+")
 
 
 def _canonical(entry: dict[str, Any]) -> bytes:
@@ -32,10 +52,16 @@ def entry_hash(prev_hash: str, entry: dict[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + _canonical(entry)).hexdigest()
 
 
+def is_secret_field(name: str) -> bool:
+    """Whether a body field named ``name`` holds a secret (see :data:`SECRET_WORDS`)."""
+    return not SECRET_WORDS.isdisjoint(_WORD.findall(_HUMP.sub(r"\1_\2", name).lower()))
+
+
 def scrub(change: Any) -> Any:
-    """``change`` without secret-looking fields (at any depth)."""
+    """``change`` with the value of every secret field (:func:`is_secret_field`, at any
+    depth) replaced by :data:`REDACTED`: the entry shows that one was sent, never what."""
     if isinstance(change, dict):
-        return {k: scrub(v) for k, v in change.items() if k.lower() not in _SECRET_FIELDS}
+        return {k: REDACTED if is_secret_field(k) else scrub(v) for k, v in change.items()}
     if isinstance(change, list):
         return [scrub(v) for v in change]
     return change

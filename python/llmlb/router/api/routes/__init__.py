@@ -19,6 +19,7 @@ from llmlb.router.api.routes.common import Endpoint, _guard
 from llmlb.router.api.routes.keys import (
     AUDITED,
     _audit,
+    audit_actor,
     audit_log,
     create_key,
     delete_key,
@@ -76,9 +77,10 @@ def _by_method(**handlers: Endpoint) -> tuple[Endpoint, list[str]]:
         method = request.method.lower()
         handler = handlers["get"] if method == "head" else handlers[method]
         request.scope["llmlb.handler"] = handler.__name__
+        actor = audit_actor(request) if handler.__name__ in AUDITED else ""
         response = await handler(request)
         if handler.__name__ in AUDITED and 200 <= response.status_code < 300:
-            await _audit(request, AUDITED[handler.__name__], response)
+            await _audit(request, AUDITED[handler.__name__], actor, response)
         return response
 
     return dispatch, [method.upper() for method in handlers]

@@ -153,12 +153,18 @@ AUDITED = {
 }
 
 
-async def _audit(request: Request, action: str, response: Response) -> None:
-    """Append a succeeded admin action to the audit log: the acting key's id, the target
-    (the path's id, else the id the answer names) and the request's JSON body."""
+def audit_actor(request: Request) -> str:
+    """The id of the key presenting ``request`` (``""`` when none is valid). Read before the
+    action runs: a key that revokes or expires itself is still the actor of that change."""
+    entry = _runtime(request).keys.entry_of(_bearer(request))
+    return entry.id if entry is not None else ""
+
+
+async def _audit(request: Request, action: str, actor: str, response: Response) -> None:
+    """Append a succeeded admin action to the audit log: the acting key's id (from
+    :func:`audit_actor`), the target (the path's id, else the id the answer names) and the
+    request's JSON body (secret fields redacted: :func:`llmlb.router.control.audit.scrub`)."""
     runtime = _runtime(request)
-    entry = runtime.keys.entry_of(_bearer(request))
-    actor = entry.id if entry is not None else ""
     params = request.path_params
     target = params.get("key_id") or params.get("node_id") or params.get("model_id") or ""
     change = request.scope.get(BODY_SCOPE)  # the body the handler read, if any
