@@ -231,6 +231,43 @@ def node_approval() -> str:
     )
 
 
+DEFAULT_USAGE_RETENTION_DAYS = 90
+# Minute rows are rolled up into hours after a week: a shorter retention would delete them first.
+MIN_USAGE_RETENTION_DAYS = 8
+MAX_USAGE_RETENTION_DAYS = 36_500
+
+
+def usage_retention_days(cli_value: int | str | None = None) -> int:
+    """Days the router keeps key usage: ``--usage-retention-days`` >
+    ``LLMLB_USAGE_RETENTION_DAYS`` > ``config.json`` ``usage_retention_days`` > 90.
+
+    Raises:
+        ValueError: the value (named with its source) is not a whole number of days from
+            :data:`MIN_USAGE_RETENTION_DAYS` to :data:`MAX_USAGE_RETENTION_DAYS`, or
+            ``config.json`` is invalid.
+    """
+    source, value = "--usage-retention-days", cli_value
+    if value is None:
+        source, value = "LLMLB_USAGE_RETENTION_DAYS", os.environ.get("LLMLB_USAGE_RETENTION_DAYS")
+        if not value:  # unset or empty
+            source = "config.json usage_retention_days"
+            value = load_config_file().get("usage_retention_days")
+    if value is None:
+        return DEFAULT_USAGE_RETENTION_DAYS
+    days = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        days = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        days = int(value.strip())
+    if days is None or not MIN_USAGE_RETENTION_DAYS <= days <= MAX_USAGE_RETENTION_DAYS:
+        raise ValueError(
+            f"{source}={value!r}: usage retention is a whole number of days from "
+            f"{MIN_USAGE_RETENTION_DAYS} (hourly roll-ups begin after a week) to "
+            f"{MAX_USAGE_RETENTION_DAYS}"
+        )
+    return days
+
+
 ROUTING_POLICIES = ("prefix", "p2c")
 DEFAULT_ROUTING = "prefix"
 

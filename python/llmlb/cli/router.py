@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "requests in flight of two random nodes (default LLMLB_ROUTING, config.json routing, "
         "else prefix)",
     )
+    parser.add_argument(
+        "--usage-retention-days",
+        metavar="DAYS",
+        help="days key usage is kept, 8 to 36500 (minute rows become hours after a week; "
+        "default LLMLB_USAGE_RETENTION_DAYS, config.json usage_retention_days, else 90)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -125,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         conn.close()
     log.info(
-        "router on http://%s:%d (db %s, %d worker(s), node approval %s, routing %s)",
+        "router on http://%s:%d (db %s, %d worker(s), node approval %s, routing %s, "
+        "usage kept %d days)",
         args.host,
         args.port,
         _shown(settings.database),
         args.workers,
         settings.node_approval,
         proxy_settings.routing,
+        settings.usage_retention_days,
     )
     try:
         Granian(
@@ -168,6 +176,9 @@ def _settings(args: argparse.Namespace) -> tuple[RouterSettings, ProxySettings]:
     settings = replace(RouterSettings.from_env(args.db), workers=args.workers)
     if args.node_approval is not None:
         settings = replace(settings, node_approval=args.node_approval)
+    if args.usage_retention_days is not None:
+        retention = config.usage_retention_days(args.usage_retention_days)
+        settings = replace(settings, usage_retention_days=retention)
     proxy = ProxySettings.from_config()
     flags = {
         "max_inflight": args.max_inflight,

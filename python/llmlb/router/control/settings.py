@@ -42,7 +42,9 @@ class RouterSettings:
         node_approval: ``manual`` (a node id never approved joins ``pending``: no client
             traffic, no peer token, in no peer list, until an admin approves it) or ``auto``
             (every node is approved when it registers).
-        usage_retention_days: key usage kept this long (hourly roll-ups after a week).
+        usage_retention_days: days key usage is kept (``--usage-retention-days``,
+            ``LLMLB_USAGE_RETENTION_DAYS``; 8 to 36500, default 90; hourly roll-ups after a
+            week).
         workers: the router's worker processes (``--workers``); with more than one, each
             takes leases of a limited key's rpm/tpm from the database, as routers do.
         peer_seeds: nodes that fetch a model from the hub at once (``LLMLB_PEER_SEEDS``).
@@ -68,7 +70,7 @@ class RouterSettings:
     hf_token: str | None = field(default=None, repr=False)
     admin_key: str | None = field(default=None, repr=False)
     node_approval: str = config.DEFAULT_NODE_APPROVAL
-    usage_retention_days: int = 90
+    usage_retention_days: int = config.DEFAULT_USAGE_RETENTION_DAYS
     workers: int = 1
     peer_seeds: int = config.DEFAULT_PEER_SEEDS
     peer_wait_s: float = config.DEFAULT_PEER_WAIT_S
@@ -96,6 +98,7 @@ class RouterSettings:
             hf_token=config.hf_token(),
             admin_key=config.admin_key(),
             node_approval=config.node_approval(),
+            usage_retention_days=config.usage_retention_days(),
             peer_seeds=config.peer_seeds(),
             peer_wait_s=config.peer_wait_s(),
             fleet_secret=config.fleet_secret(),

@@ -4,7 +4,8 @@ The proxy adds every finished request of a key to this worker's :class:`UsageBoo
 in memory, no I/O); the runtime drains it into ``key_usage`` once a second (:func:`flush`,
 one transaction of upserts), so a SIGKILL loses at most the last second. Rows are per
 minute (``span`` 60) for :data:`MINUTE_ROWS_S` (a week), then rolled up into hours (``span``
-3600) and deleted after the retention (90 days by default) by :func:`compact`.
+3600) and deleted after the retention (``--usage-retention-days``, 90 by default) by
+:func:`compact`.
 
 :func:`query` answers ``GET /v0/usage`` (and ``/v0/usage/self``); :func:`spent` the tokens a
 key used since a time (its budget period).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from llmlb import config
 from llmlb.errors import ApiError
 from llmlb.router import db
 
@@ -24,7 +26,7 @@ MINUTE = 60
 HOUR = 3600
 DAY = 86400
 MINUTE_ROWS_S = 7 * DAY  # minute rows older than this are rolled up into hours
-DEFAULT_RETENTION_DAYS = 90
+DEFAULT_RETENTION_DAYS = config.DEFAULT_USAGE_RETENTION_DAYS
 COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "errors")
 GROUPS = ("key", "model", "node", "minute", "hour", "day")
 _COLUMNS = {"key": "key_id", "model": "model", "node": "node"}
@@ -104,8 +106,9 @@ def flush(conn: db.Conn, rows: Rows) -> None:
 
 
 def compact(conn: db.Conn, now: float, retention_days: int = DEFAULT_RETENTION_DAYS) -> int:
-    """Roll minute rows older than a week up into hours and delete rows past the retention;
-    returns the rows removed."""
+    """Roll minute rows older than a week up into hours and delete every row that began more
+    than ``retention_days`` before ``now`` (the router's ``usage_retention_days``, at least
+    8: longer than the minute rows last); returns the rows removed."""
     cutoff = int(now) - MINUTE_ROWS_S
     cutoff -= cutoff % HOUR  # whole hours only, so an hour is rolled up once
     expired = int(now) - retention_days * DAY
