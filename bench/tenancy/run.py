@@ -10,12 +10,20 @@ project's mock backend (``bench/router/mock_backend.py``).
   for comparison, B sending with A's key (one flow: first come, first served).
 - ``rpm``: two routers on one PostgreSQL, a key with ``rpm``, 8 client threads split over
   both for ``--rpm-seconds``: the share of ``rpm x minutes`` the fleet accepted.
+- ``tpm``: the same two routers, a key with ``tpm``, 8 client threads for ``--tpm-seconds``,
+  twice: requests reserving more than they use, then less; the tokens the clients were
+  given, the most in any 60 seconds against ``tpm`` and the bound the design states.
+- ``budget``: the same, keys with a small daily ``budget_tokens`` (``--budget``, 3 keys per
+  budget, one after another): the tokens given against the budget.
 - ``tokens``: streamed and whole answers; the tokens ``GET /v0/usage`` counts for the key
   against the sum of the usage the clients saw.
 
-    python bench/tenancy/run.py [--duration 8] [--rounds 3] [--rpm-seconds 120] [--only ...]
+    python bench/tenancy/run.py [--duration 8] [--rounds 3] [--rpm-seconds 120]
+        [--tpm 30000] [--tpm-seconds 120] [--budget 5000 50000] [--budget-seconds 15]
+        [--only ...]
 
-Writes ``bench/tenancy/results.json``; ``bench/tenancy/README.md`` has the figures.
+Updates the phases it ran in ``bench/tenancy/results.json`` (each with the load average
+before and after); ``bench/tenancy/README.md`` has the figures.
 """
 
 from __future__ import annotations
@@ -200,7 +208,91 @@ def bench_fair(fleet: Fleet, seconds: float) -> dict:
     }
 
 
-# -- rpm across two routers ------------------------------------------------------------------
+# -- limits across two routers on one PostgreSQL ---------------------------------------------
+
+
+def _two_routers(fleet: Fleet, database: str, name: str) -> list[str]:
+    """Two routers on ``database`` in front of one mock node with 4096 slots."""
+    backend = fleet.mock()
+    urls = []
+    for index in range(2):
+        port = free_port()
+        env = {
+            "LLMLB_HOME": str(fleet.workdir / f"{name}-home{index}"),
+            "LLMLB_ADMIN_KEY": ADMIN_KEY,
+            "LLMLB_NODE_APPROVAL": "auto",
+        }
+        argv = [sys.executable, "-m", "llmlb.cli.main", "router", "--port", str(port)]
+        proc = fleet.spawn([*argv, "--db", database], f"{name}-router{index}", env)
+        urls.append(f"http://127.0.0.1:{port}")
+        wait_http(urls[-1] + "/health", proc)
+    register(fleet, urls[0], f"{name}-node", backend.url, MODEL, 4096)
+    warm = new_key(urls[0])
+    for url in urls:
+        wait_routed(url, warm, MODEL)
+    return urls
+
+
+# (seconds since the start when sent, router index, HTTP status, total_tokens the client saw)
+Outcome = tuple[float, int, int | None, int]
+
+
+def _hammer(urls: list[str], key: str, body: dict, seconds: float, threads: int = 8) -> list:
+    """``threads`` clients, split over ``urls``, send ``body`` with ``key`` back to back for
+    ``seconds``; every answer as an :data:`Outcome`."""
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    start = time.monotonic()
+    stop = start + seconds
+
+    def client(index: int) -> None:
+        url = urls[index % len(urls)] + "/v1/chat/completions"
+        mine = []
+        while (sent := time.monotonic()) < stop:
+            status, raw = http("POST", url, body, key)
+            tokens = json.loads(raw)["usage"]["total_tokens"] if status == 200 else 0
+            mine.append((sent - start, index % len(urls), status, tokens))
+        with lock:
+            outcomes.extend(mine)
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sorted(outcomes)
+
+
+def _counts(outcomes: list[Outcome]) -> dict:
+    accepted = [o for o in outcomes if o[2] == 200]
+    return {
+        "accepted": len(accepted),
+        "refused": sum(o[2] == 429 for o in outcomes),
+        "other": sum(o[2] not in (200, 429) for o in outcomes),
+        "accepted_per_router": [sum(o[1] == r for o in accepted) for r in (0, 1)],
+        "tokens": sum(o[3] for o in accepted),
+        "tokens_per_router": [sum(o[3] for o in accepted if o[1] == r) for r in (0, 1)],
+    }
+
+
+def _max_in_span(outcomes: list[Outcome], span: float = 60.0) -> int:
+    """The most tokens accepted in any ``span`` seconds (by the clients' send times)."""
+    accepted = [(o[0], o[3]) for o in outcomes if o[2] == 200]
+    best = total = first = 0
+    for at, tokens in accepted:
+        total += tokens
+        while accepted[first][0] <= at - span:
+            total -= accepted[first][1]
+            first += 1
+        best = max(best, total)
+    return best
+
+
+def _reserved(body: dict) -> int:
+    """What the router reserves for ``body`` as the bench's client sends it."""
+    from llmlb.router.proxy.admission import estimate_tokens
+
+    return estimate_tokens(json.dumps(body).encode(), body)
 
 
 def bench_rpm(fleet: Fleet, seconds: float, rpm: int) -> dict:
@@ -208,44 +300,92 @@ def bench_rpm(fleet: Fleet, seconds: float, rpm: int) -> dict:
 
     server = make_server()
     try:
-        database = server.create_database()
-        backend = fleet.mock()
-        urls = []
-        for index in range(2):
-            port = free_port()
-            env = {
-                "LLMLB_HOME": str(fleet.workdir / f"rpm-home{index}"),
-                "LLMLB_ADMIN_KEY": ADMIN_KEY,
-                "LLMLB_NODE_APPROVAL": "auto",
-            }
-            argv = [sys.executable, "-m", "llmlb.cli.main", "router", "--port", str(port)]
-            proc = fleet.spawn([*argv, "--db", database], f"rpm-router{index}", env)
-            urls.append(f"http://127.0.0.1:{port}")
-            wait_http(urls[-1] + "/health", proc)
-        register(fleet, urls[0], "rpm-node", backend.url, MODEL, 4096)
-        warm = new_key(urls[0])
-        for url in urls:
-            wait_routed(url, warm, MODEL)
+        urls = _two_routers(fleet, server.create_database(), "rpm")
         key = new_key(urls[0], rpm=rpm)
-        counts = {"accepted": 0, "refused": 0, "other": 0}
-        lock = threading.Lock()
-        stop = time.monotonic() + seconds
-
-        def client(index: int) -> None:
-            url = urls[index % 2]
-            while time.monotonic() < stop:
-                status, _ = http("POST", url + "/v1/chat/completions", {"model": MODEL}, key)
-                kind = "accepted" if status == 200 else "refused" if status == 429 else "other"
-                with lock:
-                    counts[kind] += 1
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        counts = _counts(_hammer(urls, key, {"model": MODEL}, seconds))
         allowed = rpm * seconds / 60
         return {**counts, "rpm": rpm, "seconds": seconds, "share": counts["accepted"] / allowed}
+    finally:
+        server.remove()
+
+
+def bench_tpm(fleet: Fleet, seconds: float, tpm: int) -> dict:
+    """A key with ``tpm``, 8 clients over two routers for ``seconds``, twice: requests that
+    reserve more than the 21 tokens they use (``max_tokens`` 32), and requests that reserve
+    less (``max_tokens`` 1: the usage the node reports beyond the reservation is charged
+    after the answer)."""
+    from llmlb.router.control.quota import slice_size
+
+    from tests.postgres_fixtures import make_server
+
+    server = make_server()
+    try:
+        urls = _two_routers(fleet, server.create_database(), "tpm")
+        out: dict = {"tpm": tpm, "seconds": seconds, "slice": slice_size(tpm, 1)}
+        for case, max_tokens in (("reserved", 32), ("under_reserved", 1)):
+            body = {"model": MODEL, "max_tokens": max_tokens}
+            key = new_key(urls[0], tpm=tpm)
+            outcomes = _hammer(urls, key, body, seconds)
+            counts = _counts(outcomes)
+            reserved = _reserved(body)
+            used = max(o[3] for o in outcomes if o[2] == 200)
+            # The design's bound on tokens in any minute: the limit, plus a router's current
+            # slice each (granted, maybe not yet returned), plus what the requests in flight
+            # (one per client) use beyond their reservation.
+            bound = tpm + 2 * out["slice"] + 8 * max(0, used - reserved)
+            peak = _max_in_span(outcomes)
+            out[case] = {
+                **counts,
+                "max_tokens": max_tokens,
+                "reserved_per_request": reserved,
+                "used_per_request": used,
+                "max_tokens_in_60s": peak,
+                "max_60s_over_limit": peak / tpm,
+                "share_of_limit_x_minutes": counts["tokens"] / (tpm * seconds / 60),
+                "stated_bound_60s": bound,
+            }
+            print(case, json.dumps(out[case]), flush=True)
+        return out
+    finally:
+        server.remove()
+
+
+def bench_budget(fleet: Fleet, seconds: float, budgets: list[int], trials: int) -> dict:
+    """For each of ``budgets``, ``trials`` keys with that daily ``budget_tokens``, one after
+    another, each hammered by 8 clients over two routers for ``seconds``: the tokens the
+    clients were given against the budget. Each router admits against its own spending and
+    every router's written usage, read once a second."""
+    from tests.postgres_fixtures import make_server
+
+    server = make_server()
+    try:
+        urls = _two_routers(fleet, server.create_database(), "budget")
+        body = {"model": MODEL, "max_tokens": 32}
+        out: dict = {"seconds": seconds, "reserved_per_request": _reserved(body), "budgets": {}}
+        for budget in budgets:
+            runs = []
+            for _ in range(trials):
+                key = new_key(urls[0], budget_tokens=budget, budget_period="day")
+                outcomes = _hammer(urls, key, body, seconds)
+                accepted = [o for o in outcomes if o[2] == 200]
+                counts = _counts(outcomes)
+                run = {
+                    **counts,
+                    "over_budget": counts["tokens"] / budget,
+                    # how fast the fleet spent it: the other router sees a router's usage
+                    # about a second after it was used
+                    "last_accepted_at_s": accepted[-1][0] if accepted else None,
+                    "tokens_per_s": counts["tokens"] / max(accepted[-1][0], 1e-3)
+                    if accepted
+                    else 0.0,
+                }
+                runs.append(run)
+                print("budget", budget, json.dumps(run), flush=True)
+            out["budgets"][str(budget)] = {
+                "runs": runs,
+                "median_over_budget": statistics.median(r["over_budget"] for r in runs),
+            }
+        return out
     finally:
         server.remove()
 
@@ -275,6 +415,9 @@ def bench_tokens(fleet: Fleet, requests: int) -> dict:
     return {"requests": requests, "client_tokens": seen, "counted_tokens": counted}
 
 
+PHASES = ("tokens", "fair", "cpu", "rpm", "tpm", "budget")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per cpu run (8)")
@@ -282,15 +425,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fair-seconds", type=float, default=20.0, help="per fair phase (20)")
     parser.add_argument("--rpm-seconds", type=float, default=120.0, help="rpm phase (120)")
     parser.add_argument("--rpm", type=int, default=600, help="the key's rpm (600)")
-    parser.add_argument("--only", nargs="*", choices=["cpu", "fair", "rpm", "tokens"])
+    parser.add_argument("--tpm-seconds", type=float, default=120.0, help="per tpm case (120)")
+    parser.add_argument("--tpm", type=int, default=30000, help="the key's tpm (30000)")
+    parser.add_argument("--budget-seconds", type=float, default=15.0, help="per budget key (15)")
+    parser.add_argument(
+        "--budget", type=int, nargs="+", default=[5000, 50000], help="daily budgets (5000 50000)"
+    )
+    parser.add_argument("--budget-trials", type=int, default=3, help="keys per budget (3)")
+    parser.add_argument("--only", nargs="*", choices=[*PHASES])
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
-    wanted = set(args.only or ["cpu", "fair", "rpm", "tokens"])
-    results: dict = {"load_before": os.getloadavg()}
+    wanted = set(args.only or PHASES)
+    results: dict = json.loads(args.out.read_text()) if args.out.exists() else {}
     with tempfile.TemporaryDirectory(prefix="llmlb-tenancy-") as tmp:
-        for name in ("tokens", "fair", "cpu", "rpm"):
+        for name in PHASES:
             if name not in wanted:
                 continue
+            load_before = os.getloadavg()
             fleet = Fleet(Path(tmp) / name)
             fleet.workdir.mkdir()
             try:
@@ -300,13 +451,21 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = bench_fair(fleet, args.fair_seconds)
                 elif name == "rpm":
                     results[name] = bench_rpm(fleet, args.rpm_seconds, args.rpm)
+                elif name == "tpm":
+                    results[name] = bench_tpm(fleet, args.tpm_seconds, args.tpm)
+                elif name == "budget":
+                    results[name] = bench_budget(
+                        fleet, args.budget_seconds, args.budget, args.budget_trials
+                    )
                 else:
                     results[name] = bench_tokens(fleet, 40)
             finally:
                 fleet.stop()
+            results[name]["load_before"] = load_before
             results[name]["load_after"] = os.getloadavg()
+            results[name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             print(name, json.dumps(results[name]), flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+            args.out.write_text(json.dumps(results, indent=2) + "\n")  # each phase as it ends
     return 0
 
 

@@ -12,8 +12,11 @@ slice and one batch per second, never one per request, and a router that lost th
 admits only what it already holds.
 
 Overshoot: none for ``rpm`` beyond the routers' clock skew (a skew of *d* seconds may admit
-*d* seconds' worth more); for ``tpm`` the tokens requests in flight use beyond what they
-reserved (reserved: prompt estimate + ``max_tokens``).
+*d* seconds' worth more); for ``tpm`` the tokens requests use beyond what they reserved
+(reserved: prompt estimate + ``max_tokens``) until the batch charges it: the requests in
+flight and those that ended since the last batch. ``bench/tenancy`` (two routers, 8 clients,
+``tpm`` 30 000): 99.9 % of the limit in any minute when requests reserve more than they use,
+102.3 % when each uses 9 tokens more than it reserved.
 """
 
 from __future__ import annotations
