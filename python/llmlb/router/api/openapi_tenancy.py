@@ -154,7 +154,11 @@ SCHEMAS: dict[str, Any] = {
             "actor": {"type": "string", "description": "the acting key's id"},
             "action": {"type": "string"},
             "target": {"type": "string"},
-            "change": {},
+            "change": {
+                "description": "the request's JSON body (null when it had none); a field whose "
+                "name holds a secret word (key, token, secret, password, authorization, "
+                'credential, cookie) has the value "[redacted]"'
+            },
             "prev_hash": {"type": "string"},
             "hash": {"type": "string"},
         },
