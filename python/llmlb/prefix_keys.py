@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from llmlb import _model_storage as _native
+
 __all__ = [
     "BLOCK_CHARS",
     "BLOCK_TOKENS",
@@ -60,6 +62,12 @@ def request_keys(route: str, doc: dict[str, Any]) -> PrefixKeys:
         return []
     if route == COMPLETIONS:
         return _block_keys(model, doc.get("prompt"))
+    if route == CHAT:
+        messages = doc.get("messages")
+        if type(messages) is not list:
+            return []
+        seed = _seed(model, doc.get("tools"))
+        return _native.chat_prefix_keys(seed, messages, MAX_ITEMS, EDGE_CHARS, _chat_item)
     items = _items(route, doc)
     if items is None:
         return []
@@ -81,8 +89,8 @@ def answer_key(
     last, length = keys[-1]
     if route == COMPLETIONS:
         return None  # the next prompt's blocks are keyed as they come (see _block_keys)
-    item = _assistant(text, calls or [])
-    return zlib.crc32(item, last), length + _covered(item, text)
+    item, covered = _assistant(text, calls or [])
+    return zlib.crc32(item, last), length + covered
 
 
 # -- canonical items ------------------------------------------------------------------
@@ -108,12 +116,8 @@ def _chain(seed: int, items: list[tuple[bytes, int]]) -> PrefixKeys:
     return keys
 
 
-def _covered(item: bytes, text: str) -> int:
-    return len(item) + max(0, len(text) - 2 * EDGE_CHARS)
-
-
-def _assistant(text: str, calls: list[tuple[str, str]]) -> bytes:
-    return _item("assistant", text, [(name, _compact(arguments)) for name, arguments in calls])[0]
+def _assistant(text: str, calls: list[tuple[str, str]]) -> tuple[bytes, int]:
+    return _item("assistant", text, [(name, _compact(arguments)) for name, arguments in calls])
 
 
 def _item(role: str, text: str, calls: list[tuple[str, str]] | None = None) -> tuple[bytes, int]:
@@ -166,8 +170,6 @@ def _text(content: Any) -> str:
 
 
 def _items(route: str, doc: dict[str, Any]) -> list[tuple[bytes, int]] | None:
-    if route == CHAT:
-        return _chat_items(doc.get("messages"))
     if route == RESPONSES:
         return _responses_items(doc)
     if route.startswith(MESSAGES):
@@ -175,24 +177,21 @@ def _items(route: str, doc: dict[str, Any]) -> list[tuple[bytes, int]] | None:
     return None
 
 
-def _chat_items(messages: Any) -> list[tuple[bytes, int]] | None:
-    if type(messages) is not list:
-        return None
-    items: list[tuple[bytes, int]] = []
-    for message in messages[:MAX_ITEMS]:
-        if type(message) is not dict:
-            return items
-        role = message.get("role")
-        if role == "developer":
-            role = "system"
-        calls = []
-        listed = message.get("tool_calls")
-        for call in listed if type(listed) is list else ():
-            function = call.get("function") if type(call) is dict else None
-            if type(function) is dict:
-                calls.append((str(function.get("name")), _compact(function.get("arguments"))))
-        items.append(_item(str(role), _text(message.get("content")), calls))
-    return items
+def _chat_item(message: dict[str, Any]) -> tuple[bytes, int]:
+    """The item of one chat message. The chain over a list of messages runs in the native
+    extension (about 0.1 µs a message against 1 µs here), which keys the common messages
+    itself with the same bytes and calls this for the others; a list ends at its first
+    message that is not an object."""
+    role = message.get("role")
+    if role == "developer":
+        role = "system"
+    calls = []
+    listed = message.get("tool_calls")
+    for call in listed if type(listed) is list else ():
+        function = call.get("function") if type(call) is dict else None
+        if type(function) is dict:
+            calls.append((str(function.get("name")), _compact(function.get("arguments"))))
+    return _item(str(role), _text(message.get("content")), calls)
 
 
 def _responses_items(doc: dict[str, Any]) -> list[tuple[bytes, int]] | None:
