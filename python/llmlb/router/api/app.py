@@ -9,6 +9,7 @@ request goes to the ``InferenceProxy`` untouched. On the Anthropic routes
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -162,6 +163,9 @@ class RouterApp:
                     logger.exception("router failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                # What start-up made lives as long as the worker: out of the collector's
+                # generations, so that its collections walk only what requests leave behind.
+                gc.freeze()
                 logger.info("worker %d ready", os.getpid())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

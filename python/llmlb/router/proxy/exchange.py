@@ -62,6 +62,7 @@ class _Exchange:
     node: str | None = None
     anthropic: bool = False  # an Anthropic route: the router's errors in Anthropic's shape
     watch: _ClientWatch | None = None  # the client's disconnect watch, once armed
+    receive: Receive | None = None  # the client's receive, until its watch is armed
     tap: bool = False  # read the node's usage out of the answer
     strip_usage: bool = False  # the router asked for the stream's usage chunk: drop it
     usage: Usage | None = None  # what the node reported

@@ -247,7 +247,8 @@ class Forwarder(NodeCare):
             if ex.affinity_key is not None:
                 self.balancer.remember(ex.affinity_key, node_id)
             headers.append((_NODE_HEADER, node_id.encode()))
-            ex.sse = b"text/event-stream" in (resp.header(b"content-type") or b"")
+            # find(), not `in`: bytes' `in` first tries its argument as an int (an exception).
+            ex.sse = (resp.header(b"content-type") or b"").find(b"text/event-stream") >= 0
             ex.started = True
             ex.status = status
             done = resp.at_eof()

@@ -1,13 +1,17 @@
 """Prometheus metrics of the inference proxy, cheap on the hot path.
 
-Labelled children are looked up once per label tuple and cached in plain dicts, so a proxied
-request costs a few dict lookups and ``inc``/``observe`` calls. Gauges that mirror the
-balancer's state (outstanding requests, cool-downs, queue length) are computed at scrape time
-by a collector, costing the hot path nothing.
+Labelled children are looked up once per label tuple and cached in plain dicts as their
+value's own ``inc`` (a histogram: its sum's and its buckets'), so a proxied request costs a
+few dict lookups and lock-guarded additions, not three Python frames of checks per
+``inc``/``observe``; the values are prometheus_client's own (multiprocess ones included), so
+what a scrape shows is unchanged. Gauges that mirror the balancer's state (outstanding
+requests, cool-downs, queue length) are computed at scrape time by a collector, costing the
+hot path nothing.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +27,38 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _OVERHEAD_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 )  # fmt: skip
+
+
+def _adder(child: Any) -> Callable[[float], None]:
+    """``child.inc`` (a labelled counter), without its per-call checks where its value is
+    reachable (the checks only refuse what the proxy never does: negative amounts, unlabelled
+    parents)."""
+    value = getattr(child, "_value", None)
+    inc = getattr(value, "inc", None)
+    return inc if callable(inc) else child.inc
+
+
+class _Observer:
+    """``child.observe`` (a labelled histogram) as a bisection into its bucket values; the
+    child's own ``observe`` where they are not reachable."""
+
+    __slots__ = ("observe", "_sum", "_bounds", "_buckets")
+
+    def __init__(self, child: Any) -> None:
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(getattr(child, "_sum", None), "inc", None)
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            self.observe: Callable[[float], None] = child.observe
+            return
+        self._sum = total
+        self._bounds = list(bounds)  # the last is +Inf: every amount lands in a bucket
+        self._buckets = [bucket.inc for bucket in buckets]
+        self.observe = self._observe
+
+    def _observe(self, amount: float) -> None:
+        self._sum(amount)
+        self._buckets[bisect_left(self._bounds, amount)](1)
 
 
 class ProxyMetrics:
@@ -108,45 +144,59 @@ class ProxyMetrics:
             "node",
             "model",
         )
-        self.overhead = m.histogram(
+        self.overhead_histogram = m.histogram(
             "llmlb_proxy_overhead_seconds",
             "Router's own time per request, excluding the wait for the node.",
             buckets=_OVERHEAD_BUCKETS,
         )
+        self.overhead = _Observer(self.overhead_histogram)  # its observe(): per request
         self._registry = registry
         self._collector: Collector | None = None
         self._children: dict[tuple, Any] = {}
 
-    def _child(self, metric: Counter | Histogram, labels: tuple[str, ...]):
+    def _inc(self, metric: Counter, *labels: str) -> Callable[[float], None]:
+        """The cached adder of ``metric``'s child for ``labels``."""
         key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        inc = self._children.get(key)
+        if inc is None:
+            inc = self._children[key] = _adder(metric.labels(*labels))
+        return inc
+
+    def _observer(self, metric: Histogram, *labels: str) -> Callable[[float], None]:
+        """The cached ``observe`` of ``metric``'s child for ``labels``."""
+        key = (id(metric), *labels)
+        observe = self._children.get(key)
+        if observe is None:
+            observe = self._children[key] = _Observer(metric.labels(*labels)).observe
+        return observe
 
     def request(self, node: str, model: str, code: int) -> None:
         """Count one answer relayed from ``node``."""
-        self._child(self._requests, (node, model, str(code))).inc()
+        key = ("r", node, model, code)
+        inc = self._children.get(key)
+        if inc is None:
+            inc = self._children[key] = _adder(self._requests.labels(node, model, str(code)))
+        inc(1)
 
     def ttfb(self, node: str, model: str, seconds: float) -> None:
         """Observe a time to first byte."""
-        self._child(self._ttfb, (node, model)).observe(seconds)
+        self._observer(self._ttfb, node, model)(seconds)
 
     def error(self, node: str, model: str, kind: str) -> None:
         """Count a failed attempt on ``node``."""
-        self._child(self._errors, (node, model, kind)).inc()
+        self._inc(self._errors, node, model, kind)(1)
 
     def retry(self, node: str, model: str) -> None:
         """Count a failover away from ``node``."""
-        self._child(self._retries, (node, model)).inc()
+        self._inc(self._retries, node, model)(1)
 
     def rejected(self, code: int) -> None:
         """Count a request the router answered itself with ``code``."""
-        self._child(self._rejected, (str(code),)).inc()
+        self._inc(self._rejected, str(code))(1)
 
     def routed(self, model: str, reason: str) -> None:
         """Count a node chosen for ``reason``."""
-        self._child(self._routing, (model, reason)).inc()
+        self._inc(self._routing, model, reason)(1)
 
     def prompt(
         self,
@@ -162,23 +212,26 @@ class ProxyMetrics:
         key = ("p", node, model)
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = (
-                self._prompt_chars.labels(node, model),
-                self._cached_chars.labels(node, model),
-                self._reported_prompt.labels(node, model),
-                self._reported_cached.labels(node, model),
+            children = self._children[key] = tuple(
+                _adder(metric.labels(node, model))
+                for metric in (
+                    self._prompt_chars,
+                    self._cached_chars,
+                    self._reported_prompt,
+                    self._reported_cached,
+                )
             )
-        children[0].inc(chars)
+        children[0](chars)
         if cached:
-            children[1].inc(cached)
+            children[1](cached)
         if reported is not None and reported[0]:
-            children[2].inc(reported[0])
+            children[2](reported[0])
             if reported[1]:
-                children[3].inc(reported[1])
+                children[3](reported[1])
 
     def queue_wait(self, model: str, seconds: float) -> None:
         """Observe the time a request waited for a free slot."""
-        self._child(self._queue_wait, (model,)).observe(seconds)
+        self._observer(self._queue_wait, model)(seconds)
 
     def watch(
         self, balancer: Balancer, queue: WaitQueue, inflight: Callable[[], int] | None = None

@@ -58,7 +58,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from time import perf_counter
@@ -69,7 +68,7 @@ import orjson
 from llmlb import anthropic_errors
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.errors import ApiError, invalid_model_id, request_too_large
-from llmlb.http import check_depth
+from llmlb.http import MAX_JSON_DEPTH, check_depth
 from llmlb.model_storage import normalize_model_id
 from llmlb.prefix_keys import PrefixKeys, request_keys
 from llmlb.router.control.limits import PRIORITY_WEIGHTS
@@ -195,8 +194,8 @@ class InferenceProxy(Forwarder):
         self._clients: dict[str, NodePool] = {}
         self._model_ids: dict[str, str | ApiError] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._exchanges: set[_Exchange] = set()  # requests in flight, for _expire
-        self._unwatched: deque[tuple[_Exchange, Receive]] = deque()  # for _watch_clients
+        # Requests in flight, for _expire and _watch_clients.
+        self._exchanges: set[_Exchange] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._started = False
 
@@ -243,10 +242,18 @@ class InferenceProxy(Forwarder):
         rated: KeyState | None = None  # a limited key's counters: its answers' headers
         model = ""
         try:
-            body = await self._read_body(receive)
+            length = session = None
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    length = value
+                elif name == _SESSION_HEADER and session is None:
+                    session = value
+            body = await self._read_body(
+                receive, int(length) if length is not None and length.isdigit() else -1
+            )
             if body is None:
                 return  # the client went away
-            model, affinity_key, keys, doc = self._parse(body, scope)
+            model, affinity_key, keys, doc = self._parse(body, scope, session)
             entry = scope.get(KEY_SCOPE)
             limits = None if entry is None else entry.limits
             if limits is not None:
@@ -329,7 +336,7 @@ class InferenceProxy(Forwarder):
         by :meth:`_watch_clients` and :meth:`_expire`: no task or timer per request)."""
         task = ex.task
         if self._started:
-            self._unwatched.append((ex, receive))
+            ex.receive = receive  # watched by _watch_clients once it has been here a while
         else:
             ex.watch = _ClientWatch(receive, ex)
         exchanges = self._exchanges
@@ -349,18 +356,23 @@ class InferenceProxy(Forwarder):
 
     async def _watch_clients(self) -> None:
         """Watch the client of every request in the router for longer than
-        :data:`_WATCH_AFTER_S` for its disconnect (checking that often)."""
-        pending = self._unwatched
+        :data:`_WATCH_AFTER_S` for its disconnect (checking that often: a look at each
+        request in flight, where a queue of every request would cost each one more)."""
         while self._started:
             await asyncio.sleep(_WATCH_AFTER_S)
             oldest = perf_counter() - _WATCH_AFTER_S
-            while pending and pending[0][0].start <= oldest:
-                ex, receive = pending.popleft()
-                if not ex.finished:
-                    try:
-                        ex.watch = _ClientWatch(receive, ex)
-                    except Exception:  # a server refusing the receive: nothing to watch
-                        logger.debug("cannot watch the client's disconnect", exc_info=True)
+            due = [
+                ex
+                for ex in self._exchanges
+                if ex.receive is not None and ex.start <= oldest and not ex.finished
+            ]
+            for ex in due:
+                receive, ex.receive = ex.receive, None
+                assert receive is not None
+                try:
+                    ex.watch = _ClientWatch(receive, ex)
+                except Exception:  # a server refusing the receive: nothing to watch
+                    logger.debug("cannot watch the client's disconnect", exc_info=True)
 
     async def _expire(self) -> None:
         """Cut every request in the router for longer than ``total_timeout_s``, checking a
@@ -392,13 +404,16 @@ class InferenceProxy(Forwarder):
 
     # -- request -------------------------------------------------------------------------
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, length: int = -1) -> bytes | None:
+        """The request's body (``None``: the client went away); ``length``: its
+        ``Content-Length`` (-1 unknown): a first message holding all of it ends the read
+        without waiting for the server's empty last one."""
         limit = self.settings.max_body_bytes
         message = await receive()
         if message["type"] != "http.request":
             return None
         body = message.get("body", b"")
-        if not message.get("more_body"):
+        if not message.get("more_body") or len(body) == length:
             if len(body) > limit:
                 raise request_too_large(limit)
             return body
@@ -416,18 +431,20 @@ class InferenceProxy(Forwarder):
         return b"".join(parts)
 
     def _parse(
-        self, body: bytes, scope: Scope
+        self, body: bytes, scope: Scope, session: bytes | None = None
     ) -> tuple[str, str | None, PrefixKeys | None, dict[str, Any]]:
-        """The normalised model id, the affinity key, the prefix keys (prefix routing,
-        routes whose prompts nodes cache), and the parsed body (admission of a limited key
-        reads its ``max_tokens``)."""
+        """The normalised model id, the affinity key (``session``: the request's
+        ``X-Session-Id``, else the body's ``user``), the prefix keys (prefix routing, routes
+        whose prompts nodes cache), and the parsed body (admission of a limited key reads its
+        ``max_tokens``)."""
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise ApiError(400, "invalid_request_error", "request body is not valid JSON") from None
         if type(doc) is not dict:
             raise ApiError(400, "invalid_request_error", "request body must be a JSON object")
-        check_depth(doc)
+        if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH:  # else it cannot nest deeper
+            check_depth(doc)
         raw = doc.get("model")
         if type(raw) is not str:
             raise ApiError(400, "invalid_request_error", "'model' is required and must be a string")
@@ -448,9 +465,8 @@ class InferenceProxy(Forwarder):
                 keys = request_keys(scope["path"], doc)
             except Exception:  # noqa: BLE001 - a body the node will refuse: route it anyhow
                 keys = None
-        for name, value in scope["headers"]:
-            if name == _SESSION_HEADER:
-                return model, "s:" + value.decode("latin-1"), keys, doc
+        if session is not None:
+            return model, "s:" + session.decode("latin-1"), keys, doc
         user = doc.get("user")
         if type(user) is str and user:
             return model, "u:" + user, keys, doc

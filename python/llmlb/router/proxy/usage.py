@@ -116,19 +116,15 @@ class UsageTap:
             self._whole.append(chunk)
             return chunk
         data = self._pending + chunk if self._pending else chunk
-        if (
-            not self.strip
-            and not self._pending
-            and _USAGE not in data
-            and (not data or data.endswith(b"\n\n"))
-        ):
-            return data  # whole events with nothing to read in them
+        # find(), not `in`: bytes' `in` first tries its argument as an int (an exception).
+        if not self._pending and (not data or data.endswith(b"\n\n")) and data.find(_USAGE) < 0:
+            return data  # whole events with nothing to read (or strip) in them
         end = data.rfind(b"\n\n")
         if end < 0:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2 :]
-        if _USAGE not in complete:
+        if complete.find(_USAGE) < 0:
             return complete
         kept: list[bytes] = []
         for event in complete.split(b"\n\n")[:-1]:
@@ -159,7 +155,7 @@ class UsageTap:
         if not self.sse:
             whole = b"".join(self._whole)
             self._whole = []
-            if _USAGE in whole:
+            if whole.rfind(_USAGE) >= 0:  # at the end, where answers put it
                 with contextlib.suppress(orjson.JSONDecodeError):
                     self.usage = _find_usage(orjson.loads(whole)) or self.usage
             return b""
