@@ -1,6 +1,7 @@
 #include "prefix_item.hpp"
 
 #include <array>
+#include <cstring>
 
 namespace llmlb::prefix {
 namespace {
@@ -76,9 +77,26 @@ std::uint32_t crc32(std::string_view data, std::uint32_t seed) {
   return ~c;
 }
 
+// Whether one of the 8 bytes of `x` is a control character, `"` or `\`.
+bool any_escape(std::uint64_t x) {
+  constexpr std::uint64_t ones = 0x0101010101010101u, highs = 0x8080808080808080u;
+  const std::uint64_t quote = x ^ (ones * '"'), slash = x ^ (ones * '\\');
+  const std::uint64_t below = (x - ones * 0x20) & ~x;
+  return ((below | ((quote - ones) & ~quote) | ((slash - ones) & ~slash)) & highs) != 0;
+}
+
 void append_json_chars(std::string& out, std::string_view utf8) {
   std::size_t run = 0;  // start of the bytes not yet copied
-  for (std::size_t i = 0; i < utf8.size(); ++i) {
+  const std::size_t size = utf8.size();
+  for (std::size_t i = 0; i < size; ++i) {
+    if (i + 8 <= size && (i & 7) == 0) {  // skip clean words whole
+      std::uint64_t word;
+      std::memcpy(&word, utf8.data() + i, 8);
+      if (!any_escape(word)) {
+        i += 7;
+        continue;
+      }
+    }
     const auto b = static_cast<unsigned char>(utf8[i]);
     if (!kEscape.needs[b]) continue;
     out.append(utf8.substr(run, i - run));
