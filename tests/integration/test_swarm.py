@@ -7,18 +7,21 @@ costs no time-out."""
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
+from llmlb.node.models.identity import FLEET_CREDENTIAL_FILENAME, fleet_credential
 from llmlb.node.models.pieces import PIECE_SIZE, decode_bits
 
 from tests.factories import write_safetensors_model
 from tests.hub_fixtures import start_hub
 from tests.node_fixtures import create_key, model_status, start_node
 from tests.peer_fixtures import FakePeer
-from tests.procs import wait_until
+from tests.procs import LLMLB, wait_until
 from tests.router_fixtures import call, start_router
 
 ADMIN = "sk-admin-swarm-0123456789"
@@ -180,3 +183,45 @@ def test_zero_budget_nodes_are_never_asked_and_a_silent_peer_costs_no_timeout(sp
     metrics = call(zero, "GET", "/metrics").body.decode()
     assert 'llmlb_node_peer_refused_total{reason="disabled"}' not in metrics
     assert "llmlb_node_peer_served_bytes_total 0.0" in metrics
+
+
+def test_llmlb_pull_on_a_node_machine_fetches_from_the_fleet(spawn, tmp_path):
+    root = tmp_path / "hub"
+    shards = _write_model(root / "st" / "model")
+    size = sum(p.stat().st_size for p in shards.values())
+    log = tmp_path / "hub.jsonl"
+    hub = start_hub(spawn, root, "--log-requests", str(log))
+    router = start_router(spawn, tmp_path / "home", ADMIN, env={"HF_ENDPOINT": hub, **ROUTER_ENV})
+    node_key = create_key(router, ADMIN, "node")
+    seed = start_node(
+        spawn, router, node_key, tmp_path / "seed", "--store-all", env={"HF_ENDPOINT": hub}
+    )
+    assert call(router, "POST", "/v1/models/register", ADMIN, {"repo": "st/model"}).status == 201
+    wait_until(lambda: _state(seed, "st/model") == "ready", timeout=120, message="seed ready")
+    from_hub = _hub_bytes(log)
+    assert from_hub >= size
+
+    # A node machine: its node (which does not store safetensors models itself) was approved,
+    # so the store holds the fleet's credential, and `llmlb pull` there fetches from the seed.
+    machine = tmp_path / "machine"
+    start_node(spawn, router, node_key, machine, env={"HF_ENDPOINT": hub})
+    wait_until(lambda: fleet_credential(machine) is not None, timeout=30, message="credential")
+    assert (machine / FLEET_CREDENTIAL_FILENAME).stat().st_mode & 0o777 == 0o600
+    env = {"LLMLB_ROUTER_URL": router, "LLMLB_NODE_KEY": node_key, "HF_ENDPOINT": hub}
+    pulled = _pull(machine, env)
+    assert pulled.returncode == 0, pulled.stderr
+    for name, path in shards.items():
+        assert _sha(machine / "st" / "model" / name) == _sha(path)
+    assert _hub_bytes(log) - from_hub < size // 4  # the bytes came from the seed
+
+    # Elsewhere (no approved node in the store), the same pull goes to the hub.
+    elsewhere = _pull(tmp_path / "elsewhere", env)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert _hub_bytes(log) - from_hub >= size
+
+
+def _pull(store: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LLMLB, "pull", "st/model", "--models-dir", str(store)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=180, check=False,
+    )  # fmt: skip

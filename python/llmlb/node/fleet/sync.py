@@ -39,7 +39,7 @@ from llmlb.model_storage import InvalidModelId, normalize_model_id
 from llmlb.node.inference.engine import Engine
 from llmlb.node.models import runtimes
 from llmlb.node.models.download.staging import forget_downloaded, was_downloaded
-from llmlb.node.models.identity import node_secret
+from llmlb.node.models.identity import node_secret, save_fleet_credential
 from llmlb.node.models.membership import Membership
 from llmlb.node.models.resolver import Resolver
 from llmlb.node.settings import NodeSettings
@@ -123,6 +123,11 @@ class RouterSync:
 
     @peer_token.setter
     def peer_token(self, value: str | None) -> None:
+        if value != self.membership.peer_token:
+            try:  # for `llmlb pull` on this machine
+                save_fleet_credential(self.settings.models_dir, self.node_id, value)
+            except OSError as exc:
+                logger.warning("cannot record the fleet credential: %s", exc)
         self.membership.peer_token = value
 
     # -- lifecycle ----------------------------------------------------------------------
