@@ -33,7 +33,7 @@ from llmlb.router.control.leader import Duties
 from llmlb.router.control.limits import KeyLimits
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.control.sync import SyncNotifier, sync_body
-from llmlb.router.proxy.admission import Admission
+from llmlb.router.proxy.admission import BUDGET_IDLE_S, Admission, LimitExceeded
 from llmlb.router.proxy.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
@@ -62,12 +62,14 @@ def _write_usage(
     rows: usage.Rows,
     starts: dict[str, float],
     changes: quota.Adjustments,
+    budget_changes: quota.BudgetChanges,
     router_id: str,
 ) -> dict[str, int]:
-    """Write ``rows`` and the quota ``changes``; return the tokens each budget key used since
-    its period start."""
+    """Write ``rows`` and the quota and budget lease changes; return the tokens each budget
+    key used since its period start."""
     usage.flush(conn, rows)
     quota.adjust(conn, changes, router_id)
+    quota.adjust_budgets(conn, budget_changes, router_id)
     by_start: dict[float, list[str]] = {}
     for key_id, start in starts.items():
         by_start.setdefault(start, []).append(key_id)
@@ -124,6 +126,7 @@ class Runtime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.admission.release_budgets()  # what this router holds goes back to the fleet
         try:
             await self.flush_usage()
         except Exception as exc:  # noqa: BLE001 - closing anyway
@@ -169,14 +172,20 @@ class Runtime:
             llmlb.router.db.DatabaseUnavailable: the rows stay in memory for the next try.
         """
         rows = self.usage.drain()
-        self.admission.begin_flush()
-        starts = self.admission.budgets()
-        changes = self.admission.drain_adjustments()
+        admission = self.admission
+        admission.begin_flush()
+        starts = admission.budgets()
+        changes = admission.drain_adjustments()
+        admission.release_budgets(BUDGET_IDLE_S)
+        budget_changes = admission.drain_budget_adjustments()
         try:
-            stored = await self.db.run(_write_usage, rows, starts, changes, self.router_id)
+            stored = await self.db.run(
+                _write_usage, rows, starts, changes, budget_changes, self.router_id
+            )
         except BaseException:
             self.usage.restore(rows)
-            self.admission.restore_adjustments(changes)
+            admission.restore_adjustments(changes)
+            admission.restore_budget_adjustments(budget_changes)
             raise
         self.admission.synced(stored, starts)
 
@@ -186,9 +195,15 @@ class Runtime:
         """Get this second's slices of ``key_id``'s quota (``needs``: kind, limit, amount)
         from the database, one request per key at a time.
 
+        A budget (kind :data:`quota.BUDGET`) is leased for its period; when the fleet's
+        leases have used it up the request is refused at once.
+
         Returns:
             ``None`` when granted, else the seconds until the fleet's window has room (1 s
             when the database cannot be reached: the router grants nothing it does not hold).
+
+        Raises:
+            LimitExceeded: 429 ``insufficient_quota``: the period's budget is leased out.
         """
         loop = asyncio.get_running_loop()
         if loop.time() - self._lease_failed_at < LEASE_BACKOFF_S:
@@ -201,6 +216,10 @@ class Runtime:
             for kind, limit, need in needs:
                 if not admission.lacking(key_id, kind, need):
                     continue  # another request refilled it meanwhile
+                if kind == quota.BUDGET:
+                    if not await self._lease_budget(key_id, limit, need):
+                        return LEASE_BACKOFF_S
+                    continue
                 second = int(admission.clock())
                 try:
                     granted, used, wait = await self.db.run(
@@ -214,6 +233,36 @@ class Runtime:
                     return wait
                 admission.granted(key_id, kind, second, granted, used)
         return None
+
+    async def _lease_budget(self, key_id: str, budget: int, total: int) -> bool:
+        """Lease a slice of ``key_id``'s budget for its current period, so that this router
+        holds at least ``total``; ``False`` when the database failed.
+
+        Raises:
+            LimitExceeded: 429 ``insufficient_quota``: the fleet leased the whole budget.
+        """
+        admission = self.admission
+        period, since, end, held = admission.budget_lease(key_id)
+        need = max(1, total - held)
+        try:
+            granted, _ = await self.db.run(
+                quota.lease_budget, key_id, period, since, budget, need, held, self.router_id
+            )
+        except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
+            self._lease_failed_at = asyncio.get_running_loop().time()
+            self._database_failed("cannot lease budget", exc)
+            return False
+        if not granted:
+            state = admission.states[key_id]
+            raise LimitExceeded(
+                429,
+                "insufficient_quota",
+                f"this key's budget of {budget} tokens per {state.limits.budget_period} is "
+                "used up across the fleet; it resets at the next period (UTC)",
+                retry_after=max(1.0, end - admission.clock()),
+            )
+        admission.budget_granted(key_id, period, granted)
+        return True
 
     async def _account(self) -> None:
         loop = asyncio.get_running_loop()

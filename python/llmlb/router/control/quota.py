@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 from llmlb.router import db
+from llmlb.router.control import usage
 
 WINDOW_S = 61  # one-second buckets: a grant of second s counts until s + 61 (see admission)
 REQUESTS = "requests"
@@ -106,4 +107,85 @@ def adjust(conn: db.Conn, changes: Adjustments, router: str) -> None:
                 for (key_id, kind, second), amount in changes.items()
                 if amount
             ],
+        )
+
+
+# -- budgets ---------------------------------------------------------------------------------
+
+BUDGET = "budget"
+# A budget slice is this fraction of the budget (at least what the request needs).
+BUDGET_SLICES = 64
+
+
+def budget_slice(budget: int, need: int) -> int:
+    """How much of a budget to lease at once: ``budget`` / :data:`BUDGET_SLICES`, at least
+    ``need``."""
+    return max(need, math.ceil(budget / BUDGET_SLICES))
+
+
+def lease_budget(
+    conn: db.Conn,
+    key_id: str,
+    period: str,
+    since: float,
+    budget: int,
+    need: int,
+    held: int,
+    router: str,
+) -> tuple[int, int]:
+    """Lease ``router`` part of ``key_id``'s ``budget`` for ``period`` (its label; it began
+    at ``since``), ``router`` holding ``held`` unused and lacking ``need`` more.
+
+    The grant is made while the period's leases, less what the asking router holds, are
+    below the budget (one router: while spent + reserved < budget, the rule of a router that
+    leases nothing); it is a slice (:func:`budget_slice`) capped by what is left, at least
+    ``need``. So the fleet's leases never exceed the budget by more than the reservation of
+    the request that crossed it. The first lease of a period counts the usage stored for it
+    before (router ``''``); rows of older periods of the key are deleted.
+
+    Returns:
+        ``(granted, leased)``: ``granted`` 0 when the budget is used up (leased); ``leased``
+        the period's leases fleet-wide after this one.
+    """
+    with db.transaction(conn):
+        conn.execute("DELETE FROM budget_leases WHERE key_id = ? AND period < ?", (key_id, period))
+        row = conn.execute(
+            "SELECT COUNT(*), SUM(amount) FROM budget_leases WHERE key_id = ? AND period = ?",
+            (key_id, period),
+        ).fetchone()
+        leased = int(row[1] or 0)
+        if not row[0]:
+            leased = usage.spent(conn, [key_id], since).get(key_id, 0)
+            conn.execute(
+                "INSERT INTO budget_leases (key_id, period, router, amount) VALUES (?, ?, '', ?)",
+                (key_id, period, leased),
+            )
+        if leased - held >= budget:
+            return 0, leased
+        granted = max(need, min(budget_slice(budget, need), budget - leased))
+        conn.execute(
+            "INSERT INTO budget_leases (key_id, period, router, amount) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (key_id, period, router) "
+            "DO UPDATE SET amount = budget_leases.amount + excluded.amount",
+            (key_id, period, router, granted),
+        )
+        return granted, leased + granted
+
+
+BudgetChanges = dict[tuple[str, str], int]  # (key_id, period) -> amount to add
+
+
+def adjust_budgets(conn: db.Conn, changes: BudgetChanges, router: str) -> None:
+    """Apply returns (negative) and extra charges (positive: tokens used beyond the
+    reservations) to this router's budget leases; a period whose rows are gone is skipped."""
+    params = [
+        (amount, key_id, period, router) for (key_id, period), amount in changes.items() if amount
+    ]
+    if not params:
+        return
+    with db.transaction(conn):
+        conn.executemany(
+            "UPDATE budget_leases SET amount = amount + ? "
+            "WHERE key_id = ? AND period = ? AND router = ?",
+            params,
         )

@@ -154,6 +154,18 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
         "CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL)",
         "INSERT INTO audit_head (id, entries) VALUES (1, 0)",
     ],
+    # 9: what each router leased of a key's budget for one period (``2026-12-07``,
+    # ``2026-12``), net of what it gave back, plus a row of router '' for the usage of the
+    # period before its first lease (llmlb.router.control.quota; routers sharing a database).
+    [
+        """CREATE TABLE budget_leases (
+            key_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            router TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            PRIMARY KEY (key_id, period, router)
+        )""",
+    ],
 ]
 
 

@@ -42,6 +42,9 @@ from llmlb.router.control.limits import KeyLimits
 WINDOW_S = 61
 REQUESTS = "requests"
 TOKENS = "tokens"
+BUDGET = "budget"
+# Shared mode: a key's budget lease unused this long goes back to the fleet.
+BUDGET_IDLE_S = 5.0
 # Reservation for a request that names no max_tokens (the node's own cap may be larger; its
 # usage settles the difference).
 DEFAULT_MAX_TOKENS = 256
@@ -159,6 +162,8 @@ class KeyState:
         "pending",
         "reserved",
         "leases",
+        "budget_held",
+        "budget_used_at",
         "header_cache",
     )
 
@@ -177,6 +182,10 @@ class KeyState:
         self.pending = 0
         self.reserved = 0  # tokens reserved by requests in flight
         self.leases: dict[str, Lease] = {}  # shared mode: this second's grants by kind
+        # Shared mode: tokens of the period's budget leased here and not yet reserved, and
+        # when a request last reserved some (an idle lease goes back).
+        self.budget_held = 0
+        self.budget_used_at = 0.0
         self.header_cache: tuple[Any, tuple[bytes, ...]] | None = None
 
     @property
@@ -190,6 +199,7 @@ class KeyState:
         if period is not None and now >= self.period_end:
             self.period, self.period_end = period_bounds(period, now)
             self.base = self.flushing = self.pending = 0
+            self.budget_held = 0  # the old period's lease lapses
 
 
 @dataclass(slots=True)
@@ -204,7 +214,8 @@ class Lease:
 
 class NeedLease(Exception):  # noqa: N818 - a request to the caller, not an error
     """Shared mode: this worker's lease of ``needs`` (``(kind, limit, amount)``) runs short;
-    get more (:mod:`llmlb.router.control.quota`) and admit again."""
+    get more (:mod:`llmlb.router.control.quota`) and admit again. For :data:`BUDGET` the
+    amount is what the lease must hold in all (the request's reservation)."""
 
     def __init__(self, needs: list[tuple[str, int, int]]) -> None:
         super().__init__("lease needed")
@@ -219,6 +230,7 @@ class Ticket:
     second: int
     reserved: int
     settled: bool = False
+    period: str = ""  # shared budgets: the period whose lease it reserved from
 
 
 def _duration(seconds: float) -> str:
@@ -248,6 +260,8 @@ class Admission:
         self.states: dict[str, KeyState] = {}
         # Shared mode: (key_id, kind, second) -> grants to give back (<0) or add (>0).
         self.adjustments: dict[tuple[str, str, int], int] = {}
+        # Shared mode: (key_id, period) -> budget leases to give back (<0) or charge (>0).
+        self.budget_adjustments: dict[tuple[str, str], int] = {}
 
     def _lease(self, state: KeyState, kind: str, second: int) -> Lease:
         """``state``'s lease of ``kind`` for ``second``; an older one's rest is given back."""
@@ -284,7 +298,57 @@ class Admission:
         state = self.states.get(key_id)
         if state is None:
             return True
+        if kind == BUDGET:
+            state.roll(self.clock())
+            return state.budget_held < need
         return self._lease(state, kind, int(self.clock())).left < need
+
+    def budget_lease(self, key_id: str) -> tuple[str, float, float, int]:
+        """The budget period of ``key_id`` now: its label, start and end (unix time), and the
+        tokens of its lease held here."""
+        state = self.states[key_id]
+        now = self.clock()
+        state.roll(now)
+        period = state.limits.budget_period
+        assert period is not None
+        return state.period, period_start(period, now), state.period_end, state.budget_held
+
+    def budget_granted(self, key_id: str, period: str, amount: int) -> None:
+        """A lease of ``amount`` of ``key_id``'s budget for ``period`` came back from the
+        database (given back at once when the period rolled meanwhile)."""
+        state = self.states.get(key_id)
+        if state is not None:
+            state.roll(self.clock())
+            if state.period == period:
+                state.budget_held += amount
+                state.budget_used_at = self.clock()
+                return
+        self._adjust_budget(key_id, period, -amount)
+
+    def _adjust_budget(self, key_id: str, period: str, amount: int) -> None:
+        k = (key_id, period)
+        self.budget_adjustments[k] = self.budget_adjustments.get(k, 0) + amount
+
+    def release_budgets(self, idle_s: float = 0.0) -> None:
+        """Give back the budget leases of keys that reserved nothing for ``idle_s`` (0: all
+        of them, as on shutdown); written by the next batch."""
+        now = self.clock()
+        for state in self.states.values():
+            if state.budget_held > 0 and now - state.budget_used_at >= idle_s:
+                state.roll(now)
+                if state.budget_held > 0:
+                    self._adjust_budget(state.key_id, state.period, -state.budget_held)
+                    state.budget_held = 0
+
+    def drain_budget_adjustments(self) -> dict[tuple[str, str], int]:
+        """Take the batch of budget lease returns and charges (to be written)."""
+        out, self.budget_adjustments = self.budget_adjustments, {}
+        return out
+
+    def restore_budget_adjustments(self, changes: dict[tuple[str, str], int]) -> None:
+        """Put back a batch of budget changes whose write failed."""
+        for (key_id, period), amount in changes.items():
+            self._adjust_budget(key_id, period, amount)
 
     def drain_adjustments(self) -> dict[tuple[str, str, int], int]:
         """Take the batch of grant returns and charges (to be written)."""
@@ -328,8 +392,9 @@ class Admission:
                 f"(max_parallel {limits.max_parallel}); retry when one ends",
                 retry_after=1.0,
             )
+        needs = None
         if self.shared and (limits.rpm is not None or limits.tpm is not None):
-            self._check_leases(state, limits, now, estimate)
+            needs = self._check_leases(state, limits, now, estimate)
         elif limits.rpm is not None:
             used = state.requests.used(now)
             if used >= limits.rpm:
@@ -362,7 +427,18 @@ class Admission:
                     f"{limits.budget_period} is used up; it resets at the next period (UTC)",
                     retry_after=state.period_end - now,
                 )
+            if self.shared and state.budget_held < estimate:
+                needs = needs or []
+                needs.append((BUDGET, limits.budget_tokens, estimate))  # to hold in all
+        if needs:
+            raise NeedLease(needs)
+        period = ""
+        if limits.budget_tokens is not None:
             state.reserved += estimate
+            if self.shared:
+                state.budget_held -= estimate
+                state.budget_used_at = now
+                period = state.period
         state.inflight += 1
         second = state.requests.add(now, 1)
         if limits.tpm is not None:
@@ -372,11 +448,13 @@ class Admission:
                 state.leases[REQUESTS].left -= 1
             if limits.tpm is not None:
                 state.leases[TOKENS].left -= estimate
-        return Ticket(state, second, estimate)
+        return Ticket(state, second, estimate, period=period)
 
-    def _check_leases(self, state: KeyState, limits: KeyLimits, now: float, estimate: int) -> None:
-        """Shared mode: raise :class:`NeedLease` unless this second's leases cover one more
-        request of ``estimate`` tokens."""
+    def _check_leases(
+        self, state: KeyState, limits: KeyLimits, now: float, estimate: int
+    ) -> list[tuple[str, int, int]]:
+        """Shared mode: what this second's leases lack to cover one more request of
+        ``estimate`` tokens (``(kind, limit, amount)``; empty when nothing)."""
         second = int(now)
         needs = []
         if limits.rpm is not None and self._lease(state, REQUESTS, second).left < 1:
@@ -385,8 +463,7 @@ class Admission:
             left = self._lease(state, TOKENS, second).left
             if left < estimate:
                 needs.append((TOKENS, limits.tpm, estimate - left))
-        if needs:
-            raise NeedLease(needs)
+        return needs
 
     def settle(self, ticket: Ticket, tokens: int | None) -> None:
         """End an admitted request: ``tokens`` it used by the node's report (``None``: no
@@ -410,6 +487,13 @@ class Admission:
             state.reserved -= ticket.reserved
             state.roll(self.clock())
             state.pending += used
+            if ticket.period and ticket.period == state.period:
+                # Shared: what it did not use goes back into the lease; what it used beyond
+                # its reservation comes out of the lease, the rest is charged to it.
+                state.budget_held += ticket.reserved - used
+                if state.budget_held < 0:
+                    self._adjust_budget(state.key_id, state.period, -state.budget_held)
+                    state.budget_held = 0
 
     def budgets(self) -> dict[str, float]:
         """``{key_id: start of its budget period}`` of every key with a budget seen here."""
