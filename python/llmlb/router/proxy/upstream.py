@@ -156,68 +156,76 @@ class _Connection(asyncio.Protocol):
     # -- parser ---------------------------------------------------------------------------
 
     def _parse(self) -> None:
-        while self._buf:
-            state = self._state
-            buf = self._buf
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD_BYTES:
-                        raise Disconnected("answer headers too large")
-                    return
-                self._buf = buf[end + 4 :]
-                self._head(buf[:end])
-            elif state in (_LENGTH, _CHUNK_DATA):
-                remaining = self._remaining
-                if len(buf) <= remaining:
-                    piece, self._buf = buf, b""
-                else:
-                    piece, self._buf = buf[:remaining], buf[remaining:]
-                self._push(piece)
-                self._remaining = remaining = remaining - len(piece)
-                if not remaining:
-                    if state == _LENGTH:
-                        self._finish()
+        """Decode what the buffer holds; a position moves through it and only the pieces of
+        body are sliced out (slicing the rest off at each step copied a stream's buffer once
+        per chunk)."""
+        buf = self._buf
+        size = len(buf)
+        pos = 0
+        try:
+            while pos < size:
+                state = self._state
+                if state == _HEAD:
+                    end = buf.find(b"\r\n\r\n", pos)
+                    if end < 0:
+                        if size - pos > _MAX_HEAD_BYTES:
+                            raise Disconnected("answer headers too large")
+                        return
+                    head, pos = buf[pos:end], end + 4
+                    self._head(head)
+                elif state in (_LENGTH, _CHUNK_DATA):
+                    remaining = self._remaining
+                    if size - pos <= remaining:
+                        piece, pos = buf[pos:] if pos else buf, size
                     else:
-                        self._state = _CHUNK_END
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise Disconnected("chunk size line too long")
-                    return
-                try:
-                    size = int(buf[:end].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise Disconnected("invalid chunk size") from None
-                self._buf = buf[end + 2 :]
-                if size:
-                    self._remaining = size
-                    self._state = _CHUNK_DATA
-                else:
-                    self._state = _TRAILER
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    raise Disconnected("chunk not followed by CRLF")
-                self._buf = buf[2:]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILER:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_HEAD_BYTES:
-                        raise Disconnected("trailers too large")
-                    return
-                self._buf = buf[end + 2 :]
-                if end == 0:
-                    self._finish()
-            elif state == _UNTIL_CLOSE:
-                self._buf = b""
-                self._push(buf)
-            else:  # _DONE: bytes beyond the answer; never reuse this connection
-                self._buf = b""
-                self.reusable = False
+                        piece, pos = buf[pos : pos + remaining], pos + remaining
+                    self._push(piece)
+                    self._remaining = remaining = remaining - len(piece)
+                    if not remaining:
+                        if state == _LENGTH:
+                            self._finish()
+                        else:
+                            self._state = _CHUNK_END
+                elif state == _CHUNK_SIZE:
+                    end = buf.find(b"\r\n", pos)
+                    if end < 0:
+                        if size - pos > _MAX_CHUNK_LINE:
+                            raise Disconnected("chunk size line too long")
+                        return
+                    try:
+                        chunk = int(buf[pos:end].split(b";", 1)[0], 16)
+                    except ValueError:
+                        raise Disconnected("invalid chunk size") from None
+                    pos = end + 2
+                    if chunk:
+                        self._remaining = chunk
+                        self._state = _CHUNK_DATA
+                    else:
+                        self._state = _TRAILER
+                elif state == _CHUNK_END:
+                    if size - pos < 2:
+                        return
+                    if buf[pos : pos + 2] != b"\r\n":
+                        raise Disconnected("chunk not followed by CRLF")
+                    pos += 2
+                    self._state = _CHUNK_SIZE
+                elif state == _TRAILER:
+                    end = buf.find(b"\r\n", pos)
+                    if end < 0:
+                        if size - pos > _MAX_HEAD_BYTES:
+                            raise Disconnected("trailers too large")
+                        return
+                    line_start, pos = pos, end + 2
+                    if end == line_start:
+                        self._finish()
+                elif state == _UNTIL_CLOSE:
+                    self._push(buf[pos:] if pos else buf)
+                    pos = size
+                else:  # _DONE: bytes beyond the answer; never reuse this connection
+                    pos = size
+                    self.reusable = False
+        finally:
+            self._buf = b"" if pos >= size else buf[pos:] if pos else buf
 
     def _head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
