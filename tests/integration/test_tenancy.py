@@ -348,6 +348,81 @@ def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
             beat.close()
 
 
+def _reserves(body: dict) -> int:
+    """What the router reserves for a chat body (llmlb.router.proxy.admission)."""
+    return len(orjson.dumps(body)) // 4 + 1 + body["max_tokens"]
+
+
+def test_a_budget_holds_across_two_routers_and_runs_out_mid_stream(spawn, tmp_path, postgres_url):
+    """Two routers, one database, requests alternating between them: the tokens given
+    against a daily budget stay within the stated bound (llmlb.router.control.quota: the
+    budget + the reservation of the request that crossed it + what requests use beyond their
+    reservation, none here) and short of it by less than a request; then both routers refuse
+    with 429 ``insufficient_quota``. A stream admitted before the budget ran out on the other
+    router finishes, and its tokens count."""
+    mock = start_mock(spawn, "mock-budget")[1]
+    routers = []
+    for index in range(2):
+        home = tmp_path / f"home{index}"
+        home.mkdir()
+        routers.append(
+            start_router(
+                spawn, home, ADMIN, "--db", postgres_url, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
+            )
+        )
+    beats = Beats(routers[0])
+    try:
+        beats.register("budget-node", f"{mock}/_mock/b/ok", ready(MODEL))
+        beats.register("budget-drip", f"{mock}/_mock/d/drip300", ready("tenancy/drip"))
+        warm = new_key(routers[0])
+        for router in routers:
+            for model in (MODEL, "tenancy/drip"):
+                wait_until(
+                    lambda r=router, m=model: chat(r, warm, model=m).status == 200,
+                    timeout=15,
+                    message="routed",
+                )
+        reservation = _reserves(CHAT)  # the mock uses 21 of them
+        budget = 3200  # slices of 50
+        limited = new_key(routers[0], budget_tokens=budget, budget_period="day")
+        given, refusals, index = 0, 0, 0
+        while refusals < 2:  # one refusal by each router in a row: the budget is leased out
+            reply = chat(routers[index % 2], limited)
+            index += 1
+            if reply.status == 200:
+                given += reply.json["usage"]["total_tokens"]
+                refusals = 0
+                continue
+            assert reply.status == 429 and reply.json["error"]["code"] == "insufficient_quota"
+            refusals += 1
+            assert index < 1000, "never ran out"
+        assert budget - reservation < given <= budget + reservation, given
+        for router in routers:
+            refused = chat(router, limited)
+            assert refused.status == 429 and refused.json["error"]["code"] == "insufficient_quota"
+            assert int(refused.headers["retry-after"]) >= 1
+
+        small = new_key(routers[0], budget_tokens=200, budget_period="day")
+        running = Stream(routers[0], small, {"model": "tenancy/drip"})
+        try:
+            assert running.event() is not None  # admitted and in flight on router 0
+            spent = 0
+            while (reply := chat(routers[1], small)).status == 200:
+                spent += reply.json["usage"]["total_tokens"]
+            assert reply.status == 429 and reply.json["error"]["code"] == "insufficient_quota"
+            assert running.rest()[-1] == b"[DONE]"  # the running one finishes
+        finally:
+            running.close()
+        # The stream reported no usage: its reservation stands as what it used.
+        streamed = _reserves({**CHAT, "model": "tenancy/drip", "stream": True})
+        assert spent + streamed <= 200 + reservation
+        for router in routers:
+            refused = chat(router, small)
+            assert refused.status == 429 and refused.json["error"]["code"] == "insufficient_quota"
+    finally:
+        beats.close()
+
+
 # -- audit log ------------------------------------------------------------------------------
 
 
