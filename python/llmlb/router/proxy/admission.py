@@ -20,7 +20,11 @@ key's quota granted to this worker for the current second
 :class:`NeedLease` and the proxy asks the runtime for another slice (a database write per
 slice, never per request). What a second's lease did not use, and the difference between a
 request's reserved and reported tokens, go back in the once-a-second batch
-(:meth:`Admission.drain_adjustments`).
+(:meth:`Admission.drain_adjustments`). A budget is admitted against a lease of the key's
+budget for its period (:attr:`KeyState.budget_held`, leased by
+:func:`llmlb.router.control.quota.lease_budget`); unused reservations go back into it, the
+lease itself when idle or at shutdown (:meth:`Admission.release_budgets`,
+:meth:`Admission.drain_budget_adjustments`).
 """
 
 from __future__ import annotations
