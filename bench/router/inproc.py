@@ -97,6 +97,7 @@ async def _drive(url: str, requests: int, concurrency: int, routing: str, stream
     first = {"type": "http.request", "body": body, "more_body": True}
     last = {"type": "http.request", "body": b"", "more_body": False}
     statuses: dict[int, int] = {}
+    sends = 0
 
     async def one() -> None:
         given = 0
@@ -112,6 +113,8 @@ async def _drive(url: str, requests: int, concurrency: int, routing: str, stream
             return {}
 
         async def send(message: dict) -> None:
+            nonlocal sends
+            sends += 1
             if message["type"] == "http.response.start":
                 statuses[message["status"]] = statuses.get(message["status"], 0) + 1
 
@@ -134,6 +137,7 @@ async def _drive(url: str, requests: int, concurrency: int, routing: str, stream
 
     await batch(min(requests, 1000))  # warm-up: connections, caches
     statuses.clear()
+    sends = 0
     cpu, wall = time.process_time(), time.perf_counter()
     await batch(requests)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -143,6 +147,7 @@ async def _drive(url: str, requests: int, concurrency: int, routing: str, stream
         "statuses": statuses,
         "cpu_us_per_request": cpu * 1e6 / requests,
         "requests_per_s": requests / wall,
+        "sends_per_request": sends / requests,
     }
 
 
@@ -161,9 +166,7 @@ def main() -> int:
 
     proc, url = _start_mock()
     try:
-        result = uvloop.run(
-            _drive(url, args.requests, args.concurrency, args.routing, args.stream)
-        )
+        result = uvloop.run(_drive(url, args.requests, args.concurrency, args.routing, args.stream))
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -128,10 +128,10 @@ class UsageTap:
             return complete
         kept: list[bytes] = []
         for event in complete.split(b"\n\n")[:-1]:
-            if _USAGE in event and self._read_event(event):
+            if event.find(_USAGE) >= 0 and self._read_event(event):
                 continue
-            kept.append(event + b"\n\n")
-        return b"".join(kept)
+            kept.append(event)
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
     def _read_event(self, event: bytes) -> bool:
         """Read the usage out of one event; ``True`` when the event is to be dropped."""
