@@ -560,7 +560,8 @@ def test_a_router_that_lost_the_database_grants_no_more_than_it_holds(
     spawn, tmp_path, own_postgres
 ):
     """PostgreSQL stops: a limited key gets at most what the router's current lease holds
-    (a second's share of its rpm), then 429; an unlimited key is served from the caches."""
+    (a second's share of its rpm; what is left of its budget slice), then 429; an unlimited
+    key is served from the caches."""
     mock = start_mock(spawn, "mock-outage")[1]
     home = tmp_path / "home"
     home.mkdir()
@@ -572,9 +573,15 @@ def test_a_router_that_lost_the_database_grants_no_more_than_it_holds(
         free = new_key(router)
         wait_until(lambda: chat(router, free).status == 200, timeout=15, message="routed")
         limited = new_key(router, rpm=600)  # leased 10 at a time
+        budgeted = new_key(router, budget_tokens=6400, budget_period="day")  # slices of 100
         assert chat(router, limited).status == 200
+        assert chat(router, budgeted).status == 200  # holds 100 - 21 (the mock's usage)
         beats.close()  # no heartbeat into a router without its database
         own_postgres.stop()
+        statuses = [chat(router, budgeted).status for _ in range(10)]
+        admitted = statuses.count(200)
+        assert admitted >= 1 and admitted * 21 + _reserves(CHAT) <= 100, statuses
+        assert statuses == [200] * admitted + [429] * (10 - admitted), statuses
         statuses = [chat(router, limited).status for _ in range(40)]
         assert statuses.count(200) <= 10 and statuses.count(429) >= 30, statuses
         refused = chat(router, limited)

@@ -176,7 +176,8 @@ class Runtime:
         admission.begin_flush()
         starts = admission.budgets()
         changes = admission.drain_adjustments()
-        admission.release_budgets(BUDGET_IDLE_S)
+        if not self._db_down:  # else kept: admitted against until the database is back
+            admission.release_budgets(BUDGET_IDLE_S)
         budget_changes = admission.drain_budget_adjustments()
         try:
             stored = await self.db.run(
