@@ -419,8 +419,20 @@ def test_a_budget_holds_across_two_routers_and_runs_out_mid_stream(spawn, tmp_pa
         for router in routers:
             refused = chat(router, small)
             assert refused.status == 429 and refused.json["error"]["code"] == "insufficient_quota"
+        listed = call(routers[0], "GET", "/v0/keys", ADMIN).json["keys"]
+        limited_id = next(k["id"] for k in listed if k.get("budget_tokens") == budget)
     finally:
         beats.close()
+    for router in routers:  # a router that shuts down gives back what it holds
+        assert router.proc.stop() == 0
+    conn = db.open_database(postgres_url)
+    try:
+        row = conn.execute(
+            "SELECT SUM(amount) FROM budget_leases WHERE key_id = ?", (limited_id,)
+        ).fetchone()
+    finally:
+        conn.close()
+    assert int(row[0]) == given  # leased = spent once nothing is held
 
 
 # -- audit log ------------------------------------------------------------------------------
