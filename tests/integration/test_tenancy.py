@@ -359,7 +359,8 @@ def test_a_budget_holds_across_two_routers_and_runs_out_mid_stream(spawn, tmp_pa
     budget + the reservation of the request that crossed it + what requests use beyond their
     reservation, none here) and short of it by less than a request; then both routers refuse
     with 429 ``insufficient_quota``. A stream admitted before the budget ran out on the other
-    router finishes, and its tokens count."""
+    router finishes, and its tokens count. Routers that shut down give back what they held:
+    the leases in the database then equal the tokens given."""
     mock = start_mock(spawn, "mock-budget")[1]
     routers = []
     for index in range(2):
