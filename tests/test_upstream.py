@@ -116,6 +116,39 @@ def test_chunked_answer_split_anywhere_is_decoded_piece_by_piece():
     asyncio.run(scenario())
 
 
+def test_a_chunked_answer_arriving_in_one_read_is_decoded_whole():
+    """Head, every chunk and the trailer in one buffer (a quick node's whole stream): the
+    parser walks it in one pass and leaves the connection reusable."""
+    events = [b"data: %d %s\n\n" % (i, b"x" * i) for i in range(40)]
+    wire = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    for event in events:
+        wire += b"%x\r\n" % len(event) + event + b"\r\n"
+    wire += b"0\r\n\r\n"
+
+    async def handler(reader, writer):
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(wire)
+            await writer.drain()
+
+    async def scenario():
+        server, url = await serve(handler)
+        client = pool(url)
+        for _ in range(2):  # the second answer on the same, reused connection
+            resp = await client.request(b"POST", "/v1/completions", b"{}")
+            assert resp.status == 200
+            assert await resp.read() == b"".join(events)
+            assert resp.at_eof()
+            resp.release()
+        assert len(client._idle) == 1
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
 def test_body_until_close_and_connection_close_are_not_reused():
     connections = []
 

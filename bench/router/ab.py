@@ -19,6 +19,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,10 +35,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=5, help="seconds per run")
     parser.add_argument("--direct", action="store_true", help="also measure the bare backend")
+    parser.add_argument("--out", type=Path, help="write the summary and every run here (JSON)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="llmlb-bench-ab-"))
     fleet = Fleet(workdir)
     results: dict[tuple[str, str], list] = {}
+    every: list[dict] = []  # every run, counted or not, with the 1-min load after it
+    load_before = list(os.getloadavg())
     try:
         direct = fleet.mock()
         setups = [direct] if args.direct else []
@@ -56,6 +61,8 @@ def main() -> int:
                         run = run_streams(setup, int(conc), args.duration, rnd)
                     else:
                         run = run_wrk(setup, int(conc), args.duration, rnd, workdir)
+                    run.extra["load1"] = os.getloadavg()[0]
+                    every.append(asdict(run))
                     if run.counted:
                         results.setdefault((setup.name, workload), []).append(run)
                     cpu = run.cpu_ms_per_req and round(run.cpu_ms_per_req, 4)
@@ -86,6 +93,18 @@ def main() -> int:
             + " ".join(f"{k}={v and round(v, 4)}" for k, v in row.items())
         )
     print(json.dumps(summary))
+    if args.out:
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(sys.argv),
+            "rounds": args.rounds,
+            "duration": args.duration,
+            "load_before": load_before,
+            "load_after": list(os.getloadavg()),
+        }
+        args.out.write_text(
+            json.dumps({"meta": meta, "summary": summary, "runs": every}, indent=1) + "\n"
+        )
     return 0
 
 
