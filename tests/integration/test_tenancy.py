@@ -302,11 +302,8 @@ def test_usage_survives_a_sigkill_but_the_last_second(module_spawn, tmp_path, no
 # -- several routers on one PostgreSQL ----------------------------------------------------
 
 
-def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
-    """Two routers, one database, 8 client threads: the fleet admits exactly the key's rpm
-    (leases of the quota; the overshoot stated in llmlb.router.control.quota is clock skew
-    only, none on one machine), and both routers admit part of it."""
-    mock = start_mock(spawn, "mock-fleet")[1]
+def _two_routers(spawn, tmp_path: Path, postgres_url: str) -> list[RouterUrl]:
+    """Two routers on one PostgreSQL database, each with its own home."""
     routers = []
     for index in range(2):
         home = tmp_path / f"home{index}"
@@ -316,6 +313,15 @@ def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
                 spawn, home, ADMIN, "--db", postgres_url, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
             )
         )
+    return routers
+
+
+def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
+    """Two routers, one database, 8 client threads: the fleet admits exactly the key's rpm
+    (leases of the quota; the overshoot stated in llmlb.router.control.quota is clock skew
+    only, none on one machine), and both routers admit part of it."""
+    mock = start_mock(spawn, "mock-fleet")[1]
+    routers = _two_routers(spawn, tmp_path, postgres_url)
     beats = [Beats(router) for router in routers]
     try:
         beats[0].register("fleet-node", f"{mock}/_mock/f/ok", ready(MODEL))
@@ -362,15 +368,7 @@ def test_a_budget_holds_across_two_routers_and_runs_out_mid_stream(spawn, tmp_pa
     router finishes, and its tokens count. Routers that shut down give back what they held:
     the leases in the database then equal the tokens given."""
     mock = start_mock(spawn, "mock-budget")[1]
-    routers = []
-    for index in range(2):
-        home = tmp_path / f"home{index}"
-        home.mkdir()
-        routers.append(
-            start_router(
-                spawn, home, ADMIN, "--db", postgres_url, env={"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
-            )
-        )
+    routers = _two_routers(spawn, tmp_path, postgres_url)
     beats = Beats(routers[0])
     try:
         beats.register("budget-node", f"{mock}/_mock/b/ok", ready(MODEL))
