@@ -184,3 +184,12 @@ def test_a_budget_request_using_more_than_it_reserved_is_charged_and_idle_leases
     clock.now += 86400  # the next period: a lease of the old one lapses
     state.budget_held = 7
     assert admission.lacking("k", quota.BUDGET, 1) and state.budget_held == 0
+
+
+def test_lapsed_budget_leases_are_dropped_a_month_later(conn):
+    for period in ("2026-10-31", "2026-11", "2026-11-01", "2026-12-07"):
+        quota.lease_budget(conn, period, period, DAY_START - 90 * 86400, 640, 5, 0, "a")
+    # only before November: the seed row (router '') and a's of 2026-10-31
+    assert quota.drop_lapsed_budgets(conn, DAY_START) == 2
+    rows = conn.execute("SELECT DISTINCT period FROM budget_leases ORDER BY period").fetchall()
+    assert [r[0] for r in rows] == ["2026-11", "2026-11-01", "2026-12-07"]

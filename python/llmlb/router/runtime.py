@@ -276,6 +276,7 @@ class Runtime:
                     next_compact = loop.time() + USAGE_COMPACT_S
                     retention = self.settings.usage_retention_days
                     await self.db.run(usage.compact, db.unix_now(), retention)
+                    await self.db.run(quota.drop_lapsed_budgets, db.unix_now())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - kept in memory; the next tick retries

@@ -26,11 +26,13 @@ request needs) while the period's leases, less what the asking router holds, are
 budget; the router admits against what it holds, puts a request's unused reservation back
 into it and takes what a request used beyond its reservation out of it (the rest charged in
 the batch, :func:`adjust_budgets`). An idle lease (no reservation for 5 s) and a closing
-router's lease go back in the batch; at the period's end a lease lapses; a SIGKILLed
+router's lease go back in the batch; at the period's end a lease lapses (its rows go at
+the key's next lease, or a month later, :func:`drop_lapsed_budgets`); a SIGKILLed
 router's lease (less than a slice + one reservation) is lost to the period. A router that
-lost the database admits only against what it holds (then 429 ``rate_limit_exceeded``,
-``Retry-After`` 1 s); one whose lease the fleet cannot refill refuses with 429
-``insufficient_quota`` until the next period.
+lost the database keeps what it holds and admits only against it (then 429
+``rate_limit_exceeded``, ``Retry-After`` 1 s); one whose lease the fleet cannot refill (the
+budget is leased out) refuses with 429 ``insufficient_quota``, ``Retry-After`` the period's
+end.
 
 Overshoot of a budget: the fleet's leases never exceed the budget by more than the
 reservation of the request that crossed it, so the tokens given are at most the budget + one
@@ -46,6 +48,7 @@ back each other's usage once a second had given 2.0x and 1.19-1.33x.
 from __future__ import annotations
 
 import math
+import time
 
 from llmlb.router import db
 from llmlb.router.control import usage
@@ -213,3 +216,14 @@ def adjust_budgets(conn: db.Conn, changes: BudgetChanges, router: str) -> None:
             "WHERE key_id = ? AND period = ? AND router = ?",
             params,
         )
+
+
+def drop_lapsed_budgets(conn: db.Conn, now: float) -> int:
+    """Delete the budget leases of periods before the previous calendar month (UTC), whatever
+    the key (:func:`lease_budget` deletes a key's older periods only when it leases again);
+    returns the rows removed. A month back, so a router whose clock lags cannot lose the
+    rows of a period it still leases."""
+    cutoff = time.strftime("%Y-%m", time.gmtime(now - 32 * 86400))
+    with db.transaction(conn):
+        removed = conn.execute("DELETE FROM budget_leases WHERE period < ?", (cutoff,)).rowcount
+    return max(0, removed or 0)
