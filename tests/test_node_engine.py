@@ -521,3 +521,39 @@ def test_a_request_with_many_prompts_does_not_crowd_out_another_client(store):
     many, other = asyncio.run(scenario())
     assert [c["index"] for c in many["choices"]] == list(range(10))
     assert all(c["text"] for c in many["choices"]) and other["choices"][0]["text"]
+
+
+def test_running_sequences_keep_consecutive_ids_whatever_order_slots_freed_in(store):
+    """With one KV stream per sequence, llama.cpp computes only runs of consecutive sequence
+    ids together: the batch lists sequences in id order, and a new job takes a free slot next
+    to the running ones, so steps are not split into one compute pass per sequence."""
+
+    async def generate(engine, paths, prompt: str, tokens: int) -> dict:
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                "logit_bias": {GEMMA_EOS: -100}}
+        return await openai_api.complete(engine, A, paths[A], body)
+
+    async def scenario():
+        engine, paths = _engine(store, max_loaded=1, concurrency=4)
+        try:
+            await engine.load(A, paths[A])
+            scheduler = engine._models[A].scheduler  # noqa: SLF001
+            # fill every slot, then free them in a scrambled order: 2, 0, 3, 1
+            for i, tokens in enumerate((3, 1, 4, 2)):
+                await generate(engine, paths, f"Slot {i} holds this:", tokens)
+            for seq, last_used in zip((2, 0, 3, 1), range(4), strict=True):
+                scheduler._slots[seq].last_used = float(last_used)  # noqa: SLF001
+            split = scheduler.stats.split_steps
+            pair = await asyncio.gather(*(generate(engine, paths, f"Pair {i}:", 12)
+                                          for i in range(2)))
+            after_pair = scheduler.stats.split_steps
+            four = await asyncio.gather(*(generate(engine, paths, f"Four {i}:", 12)
+                                          for i in range(4)))
+            return split, after_pair, scheduler.stats.split_steps, pair + four
+        finally:
+            await engine.close()
+
+    before, after_pair, after_four, answers = asyncio.run(scenario())
+    assert all(a["usage"]["completion_tokens"] == 12 for a in answers)
+    assert after_pair == before  # two jobs: adjacent slots, not the two least recently used
+    assert after_four == after_pair  # four jobs: the batch in id order

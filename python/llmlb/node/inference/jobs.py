@@ -138,6 +138,7 @@ class SchedulerStats:
     """What the scheduler did, for metrics and tests."""
 
     steps: int = 0
+    split_steps: int = 0  # steps whose sequence ids were not one run (several compute passes)
     stalled_steps: int = 0
     peak_sequences: int = 0
     prompt_tokens: int = 0

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,32 +262,23 @@ class Scheduler:
         self._admit()
         if not self._running:
             return
+        generating = [r for r in self._running if r.next_token >= 0]
+        chunks = self._prompt_chunks(len(generating))
         batch = self._batch
         batch.clear()
         outputs: list[tuple[_Running, int]] = []
-        generating = [r for r in self._running if r.next_token >= 0]
-        for r in generating:
-            pos = len(r.slot.tokens)
-            outputs.append((r, batch.add(r.next_token, pos, r.slot.seq, True)))
-        shape = self.ctx.shape
-        budget = shape.n_batch - batch.n
-        if generating:
-            budget = min(budget, shape.n_ubatch)
-        chunks: list[tuple[_Running, list[int]]] = []
         scored: list[tuple[_Running, int, int, int]] = []  # run, first row, position, count
-        rows = len(outputs)
-        for r in self._running:
-            if budget <= 0:
-                break
-            if not r.primary or not r.prompt_left:
-                continue
-            size = budget
-            if r.job.prompt_logprobs:
-                size = min(size, shape.n_outputs - rows)  # every token is an output row
-                if size <= 0:
-                    continue
-            take = r.prompt_left[:size]
+        # In sequence order: with one KV stream per sequence, llama.cpp puts into one compute
+        # pass only sequences whose ids follow each other in the batch (seq, seq + 1, …); any
+        # other order splits a step into as many passes as there are runs of ids.
+        work: list[tuple[_Running, list[int] | None]] = [(r, None) for r in generating]
+        work += chunks
+        work.sort(key=lambda item: item[0].slot.seq)
+        for r, take in work:
             pos = len(r.slot.tokens)
+            if take is None:
+                outputs.append((r, batch.add(r.next_token, pos, r.slot.seq, True)))
+                continue
             last = len(take) == len(r.prompt_left)
             first = batch.n
             for j, token in enumerate(take):
@@ -295,13 +286,8 @@ class Scheduler:
                 index = batch.add(token, pos + j, r.slot.seq, out)
             if r.job.prompt_logprobs:
                 scored.append((r, first, pos, len(take)))
-                rows += len(take)
-            elif last:
-                rows += 1
             if last:
                 outputs.append((r, index))
-            chunks.append((r, take))
-            budget -= len(take)
         if batch.n == 0:
             return
         status = self.ctx.decode(batch)
@@ -318,6 +304,9 @@ class Scheduler:
         for r in generating:
             r.slot.tokens.append(r.next_token)
         self.stats.steps += 1
+        seqs = [r.slot.seq for r, _ in work]
+        if any(b != a + 1 for a, b in zip(seqs, seqs[1:], strict=False)):
+            self.stats.split_steps += 1
         sequences = len(generating) + len(chunks)
         self.stats.peak_sequences = max(self.stats.peak_sequences, sequences)
         self.stats.prompt_tokens += prompt_tokens
@@ -329,6 +318,35 @@ class Scheduler:
                 generated += self._advance(choice, index)
         self.stats.completion_tokens += generated
         self._on_step(sequences, prompt_tokens, generated)
+
+    def _prompt_chunks(self, generating: int) -> list[tuple[_Running, list[int]]]:
+        """The prompt tokens each starting sequence evaluates this step, first come first
+        served, beside ``generating`` sequences' one token each (at most ``n_ubatch`` prompt
+        tokens then, so that a long prompt delays them by one pass at most)."""
+        shape = self.ctx.shape
+        budget = shape.n_batch - generating
+        if generating:
+            budget = min(budget, shape.n_ubatch)
+        chunks: list[tuple[_Running, list[int]]] = []
+        rows = generating
+        for r in self._running:
+            if budget <= 0:
+                break
+            if not r.primary or not r.prompt_left:
+                continue
+            size = budget
+            if r.job.prompt_logprobs:
+                size = min(size, shape.n_outputs - rows)  # every token is an output row
+                if size <= 0:
+                    continue
+            take = r.prompt_left[:size]
+            if r.job.prompt_logprobs:
+                rows += len(take)
+            elif len(take) == len(r.prompt_left):
+                rows += 1
+            chunks.append((r, take))
+            budget -= len(take)
+        return chunks
 
     def _score_prompt(self, r: _Running, first: int, pos: int, count: int) -> None:
         """Emit the logprob of each prompt token that rows ``first…`` predict."""
@@ -455,8 +473,9 @@ class Scheduler:
                 else:
                     slot.tokens.clear()
                     keep = 0
-        others = [s for s in sorted(free, key=lambda s: s.last_used) if s is not slot]
-        slots = [slot, *others[: job.n - 1]]
+        slots = [slot]
+        for _ in range(job.n - 1):
+            slots.append(self._fresh_slot([s for s in free if s not in slots], slots))
         if keep < len(slot.tokens):
             self._save(slot)  # what it holds beyond the kept prefix is about to go
         for other in slots[1:]:
@@ -515,6 +534,27 @@ class Scheduler:
         if cache.evictions > evictions:
             self._on_cache("evict", cache.evictions - evictions)
 
+    def _fresh_slot(self, free: list[_Slot], taken: Sequence[_Slot]) -> _Slot:
+        """The free slot to overwrite: one next to the most sequences in use (``taken`` ones
+        too), so that the running sequences' ids stay in few runs of consecutive ids, which
+        llama.cpp computes in one pass each; then an empty one; then the least recently
+        used one (its cells are the least likely to be asked for again)."""
+
+        def in_use(seq: int) -> bool:
+            if not 0 <= seq < len(self._slots):
+                return False
+            neighbour = self._slots[seq]
+            return neighbour.busy or neighbour in taken
+
+        return min(
+            free,
+            key=lambda s: (
+                -(in_use(s.seq - 1) + in_use(s.seq + 1)),
+                len(s.tokens) > 0,
+                s.last_used,
+            ),
+        )
+
     def _best_slot(self, prompt: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
         """The free slot whose cells share the longest prefix with ``prompt``, and how many
         of its cells can be kept (at least the prompt's last token is always evaluated, to
@@ -531,7 +571,7 @@ class Scheduler:
             if n > best_len and 2 * n >= len(slot.tokens):
                 best, best_len = slot, n
         if best is None:
-            return min(free, key=lambda s: (len(s.tokens) > 0, s.last_used)), 0
+            return self._fresh_slot(free, ()), 0
         keep = min(best_len, len(prompt) - 1)
         n_swa = self.model.n_swa
         if keep > 0 and n_swa > 0 and self.ctx.seq_pos_min(best.seq) > max(0, keep - n_swa):
