@@ -270,6 +270,11 @@ def _counts(outcomes: list[Outcome]) -> dict:
         "accepted": len(accepted),
         "refused": sum(o[2] == 429 for o in outcomes),
         "other": sum(o[2] not in (200, 429) for o in outcomes),
+        # what the others were (None: no answer within 10 s, or the connection failed)
+        "other_statuses": {
+            str(status): sum(o[2] == status for o in outcomes)
+            for status in {o[2] for o in outcomes} - {200, 429}
+        },
         "accepted_per_router": [sum(o[1] == r for o in accepted) for r in (0, 1)],
         "tokens": sum(o[3] for o in accepted),
         "tokens_per_router": [sum(o[3] for o in accepted if o[1] == r) for r in (0, 1)],
