@@ -56,12 +56,45 @@ def _admit_with_leases(admission: Admission, conn, router: str, limits, estimate
                 if kind == quota.BUDGET:
                     _lease_budget(admission, conn, router, limit, amount)
                     continue
+                if kind == quota.PARALLEL:
+                    _lease_slots(admission, conn, router, limit)
+                    continue
                 second = int(admission.clock())
                 got, used, _ = quota.lease(conn, "k", kind, limit, amount, second, router)
                 if not got:
                     raise LimitExceeded(429, "rate_limit_exceeded", "fleet") from None
                 admission.granted("k", kind, second, got, used)
     raise AssertionError("no lease")
+
+
+def _lease_slots(admission: Admission, conn, router: str, limit: int) -> None:
+    """What the runtime does for parallel slots (Runtime._lease_slots)."""
+    held = admission.slots_held("k")
+    need = admission.states["k"].inflight + 1 - held
+    now = admission.clock()
+    got = quota.lease_parallel(conn, "k", limit, need, held, now, router)
+    if not got:
+        raise LimitExceeded(429, "rate_limit_exceeded", "fleet")
+    admission.slots_granted("k", held + got, now)
+
+
+def _renew(admission: Admission, conn, router: str, idle_s: float = 3.0) -> None:
+    """What the runtime's batch does with parallel slots (Runtime.renew_slots)."""
+    held = admission.slots_to_renew(idle_s)
+    if held is None:
+        return
+    now = admission.clock()
+    alive, wanted = quota.renew_parallel(conn, held, now, router)
+    admission.slots_renewed(alive, now)
+    quota.give_back_parallel(conn, admission.give_back_wanted(wanted), router)
+
+
+def _slots_in_db(conn, now: float) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT router, amount FROM parallel_leases WHERE key_id = 'k' AND expires_at > ?",
+        (now,),
+    ).fetchall()
+    return {row[0]: int(row[1]) for row in rows if int(row[1])}
 
 
 def _lease_budget(admission: Admission, conn, router: str, budget: int, total: int) -> None:
@@ -193,3 +226,109 @@ def test_lapsed_budget_leases_are_dropped_a_month_later(conn):
     assert quota.drop_lapsed_budgets(conn, DAY_START) == 2
     rows = conn.execute("SELECT DISTINCT period FROM budget_leases ORDER BY period").fetchall()
     assert [r[0] for r in rows] == ["2026-11", "2026-11-01", "2026-12-07"]
+
+
+# -- parallel slots -------------------------------------------------------------------------
+
+
+def test_parallel_slots_are_granted_while_the_fleet_holds_at_most_max_parallel(conn):
+    now = 9000.0
+    assert quota.lease_parallel(conn, "k", 4, 1, 0, now, "a") == 1  # slices of ceil(4/8) = 1
+    assert quota.lease_parallel(conn, "k", 4, 2, 1, now, "a") == 2  # a holds 3 now
+    assert quota.lease_parallel(conn, "k", 4, 2, 0, now, "b") == 0  # only 1 left: refused
+    assert quota.lease_parallel(conn, "k", 4, 1, 0, now, "b") == 1
+    assert quota.lease_parallel(conn, "k", 4, 1, 3, now, "a") == 0
+    assert _slots_in_db(conn, now) == {"a": 3, "b": 1}
+    assert quota.lease_parallel(conn, "k", 16, 1, 0, now, "c") == 2  # slices of 16/8
+    wanted = conn.execute(
+        "SELECT router, wanted_at FROM parallel_leases WHERE wanted_at IS NOT NULL"
+    ).fetchall()
+    assert [(row[0], float(row[1])) for row in wanted] == [("a", now)]  # refused last
+
+
+def test_a_dead_routers_slots_return_when_its_lease_expires(conn):
+    now = 9100.0
+    assert quota.lease_parallel(conn, "k", 2, 2, 0, now, "dead") == 2
+    assert quota.lease_parallel(conn, "k", 2, 1, 0, now + quota.PARALLEL_TTL_S - 0.1, "b") == 0
+    # never renewed: expired at now + TTL, its row deleted by the next lease
+    later = now + quota.PARALLEL_TTL_S
+    assert quota.lease_parallel(conn, "k", 2, 1, 0, later, "b") == 1
+    routers = [row[0] for row in conn.execute("SELECT router FROM parallel_leases")]
+    assert routers == ["b"]
+    assert quota.drop_expired_parallel(conn, later + quota.PARALLEL_TTL_S) == 1
+
+
+def test_renewal_keeps_slots_and_gives_back_idle_ones(conn):
+    clock = Clock(9200.0)
+    a, b = Admission(clock, shared=True), Admission(clock, shared=True)
+    limits = parse_limits({"max_parallel": 2})
+    first = _admit_with_leases(a, conn, "a", limits)
+    second = _admit_with_leases(a, conn, "a", limits)
+    with pytest.raises(LimitExceeded):  # a holds both: b may not start a third
+        _admit_with_leases(b, conn, "b", limits)
+    for _ in range(12):  # renewed every second: a's slots outlive the TTL
+        clock.now += 1
+        _renew(a, conn, "a")
+    assert _slots_in_db(conn, clock.now) == {"a": 2} and a.slots_held("k") == 2
+    a.settle(first, 5)  # the end of a request frees its slot here, no write
+    assert _slots_in_db(conn, clock.now) == {"a": 2}
+    clock.now += 2.9
+    _renew(a, conn, "a")  # idle for less than PARALLEL_IDLE_S: kept
+    assert _slots_in_db(conn, clock.now) == {"a": 2}
+    clock.now += 0.1
+    _renew(a, conn, "a")
+    assert _slots_in_db(conn, clock.now) == {"a": 1} and a.slots_held("k") == 1
+    _admit_with_leases(b, conn, "b", limits)  # the slot a gave back
+    a.settle(second, 5)
+    _renew(a, conn, "a", idle_s=0.0)  # shutdown: every free slot goes back
+    assert _slots_in_db(conn, clock.now) == {"b": 1} and a.slots_held("k") == 0
+
+
+def test_a_slot_idle_on_one_router_goes_to_the_router_that_wants_it(conn):
+    clock = Clock(9300.0)
+    a, b = Admission(clock, shared=True), Admission(clock, shared=True)
+    limits = parse_limits({"max_parallel": 3})
+    tickets = [_admit_with_leases(a, conn, "a", limits) for _ in range(3)]
+    for ticket in tickets[:2]:
+        a.settle(ticket, 5)  # two slots free on a, not yet idle long enough
+    with pytest.raises(LimitExceeded):
+        _admit_with_leases(b, conn, "b", limits)  # refused: b now wants one
+    clock.now += 1
+    _renew(a, conn, "a")  # a's next batch: b wants the key, a's free slots go back
+    assert a.slots_held("k") == 1 and _slots_in_db(conn, clock.now) == {"a": 1}
+    _admit_with_leases(b, conn, "b", limits)
+    _admit_with_leases(b, conn, "b", limits)
+    with pytest.raises(LimitExceeded):  # 1 on a, 2 on b: the fleet is full
+        _admit_with_leases(b, conn, "b", limits)
+    with pytest.raises(LimitExceeded):
+        _admit_with_leases(a, conn, "a", limits)
+
+
+def test_a_router_that_cannot_renew_holds_nothing_before_its_slots_expire(conn):
+    clock = Clock(9400.0)
+    a, b = Admission(clock, shared=True), Admission(clock, shared=True)
+    limits = parse_limits({"max_parallel": 2})
+    ticket = _admit_with_leases(a, conn, "a", limits)
+    _admit_with_leases(a, conn, "a", limits)  # a holds 2: b is refused
+    a.settle(ticket, 5)
+    # The database is lost to a: no renewal. Until TTL - margin a admits on what it holds.
+    clock.now += quota.PARALLEL_TTL_S - quota.PARALLEL_MARGIN_S - 0.1
+    late = a.admit("k", limits, "m", 1)
+    with pytest.raises(LimitExceeded):  # both in flight on a: the local cap
+        a.admit("k", limits, "m", 1)
+    clock.now += 0.1
+    assert a.slots_held("k") == 0  # lapsed here, while still valid in the database
+    assert _slots_in_db(conn, clock.now) == {"a": 2}
+    a.settle(late, 5)
+    with pytest.raises(NeedLease):  # it must lease (the runtime refuses without a database)
+        a.admit("k", limits, "m", 1)
+    with pytest.raises(LimitExceeded):
+        _admit_with_leases(b, conn, "b", limits)
+    clock.now += quota.PARALLEL_MARGIN_S  # expired in the database: b may have them
+    _admit_with_leases(b, conn, "b", limits)
+    # a's database is back: its batch finds its row expired and holds nothing; its request
+    # in flight must be covered before another starts there.
+    _renew(a, conn, "a")
+    assert a.slots_held("k") == 0
+    with pytest.raises(LimitExceeded):
+        _admit_with_leases(a, conn, "a", limits)

@@ -33,7 +33,12 @@ from llmlb.router.control.leader import Duties
 from llmlb.router.control.limits import KeyLimits
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.control.sync import SyncNotifier, sync_body
-from llmlb.router.proxy.admission import BUDGET_IDLE_S, Admission, LimitExceeded
+from llmlb.router.proxy.admission import (
+    BUDGET_IDLE_S,
+    PARALLEL_IDLE_S,
+    Admission,
+    LimitExceeded,
+)
 from llmlb.router.proxy.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
@@ -104,6 +109,9 @@ class Runtime:
         self.router_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._lease_locks: dict[str, asyncio.Lock] = {}
         self._lease_failed_at = -LEASE_BACKOFF_S  # loop time of the last failed lease
+        # Parallel slots: a lease and the batch's renewal never interleave (each sets what
+        # the database records this worker holds).
+        self._slots_lock = asyncio.Lock()
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -131,6 +139,10 @@ class Runtime:
             await self.flush_usage()
         except Exception as exc:  # noqa: BLE001 - closing anyway
             logger.warning("cannot write the last usage: %s", exc)
+        try:
+            await self.renew_slots(idle_s=0.0)  # every free parallel slot goes back
+        except Exception as exc:  # noqa: BLE001 - closing anyway; they expire
+            logger.warning("cannot give back parallel slots: %s", exc)
         await self.notifier.close()
         await self.db.close()
 
@@ -221,6 +233,10 @@ class Runtime:
                     if not await self._lease_budget(key_id, limit, need):
                         return LEASE_BACKOFF_S
                     continue
+                if kind == quota.PARALLEL:
+                    if not await self._lease_slots(key_id, limit):
+                        return LEASE_BACKOFF_S
+                    continue
                 second = int(admission.clock())
                 try:
                     granted, used, wait = await self.db.run(
@@ -234,6 +250,62 @@ class Runtime:
                     return wait
                 admission.granted(key_id, kind, second, granted, used)
         return None
+
+    async def _lease_slots(self, key_id: str, limit: int) -> bool:
+        """Lease parallel slots of ``key_id`` (``limit``: its max_parallel) so that this
+        worker holds one more than it has requests in flight; ``False`` when the database
+        failed.
+
+        Raises:
+            LimitExceeded: 429 ``rate_limit_exceeded`` (``Retry-After`` 1 s): the other
+                routers hold every slot (they give idle ones back within about a second).
+        """
+        admission = self.admission
+        async with self._slots_lock:
+            held = admission.slots_held(key_id)
+            inflight = admission.states[key_id].inflight
+            need = inflight + 1 - held
+            if need <= 0:
+                return True  # a renewal or another request settled meanwhile
+            now = admission.clock()
+            try:
+                granted = await self.db.run(
+                    quota.lease_parallel, key_id, limit, need, held, now, self.router_id
+                )
+            except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
+                self._lease_failed_at = asyncio.get_running_loop().time()
+                self._database_failed("cannot lease parallel slots", exc)
+                return False
+            if not granted:
+                raise LimitExceeded(
+                    429,
+                    "rate_limit_exceeded",
+                    f"this key has {limit} requests in flight across the fleet, its limit "
+                    f"(max_parallel {limit}); retry when one ends",
+                    retry_after=1.0,
+                )
+            admission.slots_granted(key_id, held + granted, now)
+        return True
+
+    async def renew_slots(self, idle_s: float = PARALLEL_IDLE_S) -> None:
+        """The batch of parallel slots: give back the idle ones, renew the rest (one
+        statement), then give back at once the free slots of keys another router wants.
+
+        Raises:
+            llmlb.router.db.DatabaseUnavailable: nothing renewed (the slots lapse here
+                TTL - margin after the last renewal).
+        """
+        admission = self.admission
+        async with self._slots_lock:
+            held = admission.slots_to_renew(idle_s)
+            if held is None:
+                return
+            now = admission.clock()
+            alive, wanted = await self.db.run(quota.renew_parallel, held, now, self.router_id)
+            admission.slots_renewed(alive, now)
+            given = admission.give_back_wanted(wanted)
+            if given:
+                await self.db.run(quota.give_back_parallel, given, self.router_id)
 
     async def _lease_budget(self, key_id: str, budget: int, total: int) -> bool:
         """Lease a slice of ``key_id``'s budget for its current period, so that this router
@@ -271,12 +343,19 @@ class Runtime:
         while True:
             await asyncio.sleep(USAGE_FLUSH_S)
             try:
+                await self.renew_slots(PARALLEL_IDLE_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the slots lapse; the next tick retries
+                self._database_failed("cannot renew parallel slots", exc)
+            try:
                 await self.flush_usage()
                 if loop.time() >= next_compact and await self.db.lead():
                     next_compact = loop.time() + USAGE_COMPACT_S
                     retention = self.settings.usage_retention_days
                     await self.db.run(usage.compact, db.unix_now(), retention)
                     await self.db.run(quota.drop_lapsed_budgets, db.unix_now())
+                    await self.db.run(quota.drop_expired_parallel, db.unix_now())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - kept in memory; the next tick retries

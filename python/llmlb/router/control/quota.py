@@ -227,3 +227,125 @@ def drop_lapsed_budgets(conn: db.Conn, now: float) -> int:
     with db.transaction(conn):
         removed = conn.execute("DELETE FROM budget_leases WHERE period < ?", (cutoff,)).rowcount
     return max(0, removed or 0)
+
+
+# -- parallel slots --------------------------------------------------------------------------
+
+PARALLEL = "parallel"
+# A router's slots are valid in the database this long after their last renewal (or grant).
+PARALLEL_TTL_S = 10.0
+# A router stops using its slots this long before they can have expired in the database
+# (its own clock: no successful renewal for TTL - margin and it holds none).
+PARALLEL_MARGIN_S = 3.0
+# A refusal marks the key wanted this long: routers holding idle slots of it give them back.
+PARALLEL_WANTED_S = 3.0
+# A parallel slice is this fraction of max_parallel (at least what the request needs).
+PARALLEL_SLICES = 8
+
+
+def parallel_slice(limit: int, need: int) -> int:
+    """How many parallel slots to lease at once: ``limit`` / :data:`PARALLEL_SLICES`, at
+    least ``need``."""
+    return max(need, math.ceil(limit / PARALLEL_SLICES))
+
+
+def lease_parallel(
+    conn: db.Conn, key_id: str, limit: int, need: int, held: int, now: float, router: str
+) -> int:
+    """Lease ``router`` ``need`` or more parallel slots of ``key_id`` (``limit``: its
+    ``max_parallel``), ``router`` holding ``held``.
+
+    Granted only while the unexpired slots of every other router plus ``held`` plus the grant
+    stay within ``limit``; the router's row then holds ``held`` + the grant until ``now`` +
+    :data:`PARALLEL_TTL_S`. Refused, the router's row records ``wanted_at`` (routers holding
+    idle slots of the key give them back at their next batch, :func:`renew_parallel`).
+    Expired rows of the key are deleted.
+
+    Returns:
+        the slots granted (0: refused).
+    """
+    expires = now + PARALLEL_TTL_S
+    with db.transaction(conn):
+        conn.execute(
+            "DELETE FROM parallel_leases WHERE key_id = ? AND expires_at <= ?", (key_id, now)
+        )
+        row = conn.execute(
+            "SELECT SUM(amount) FROM parallel_leases WHERE key_id = ? AND router <> ?",
+            (key_id, router),
+        ).fetchone()
+        left = limit - int(row[0] or 0) - held
+        granted = min(left, parallel_slice(limit, need)) if left >= need else 0
+        conn.execute(
+            "INSERT INTO parallel_leases (key_id, router, amount, expires_at, wanted_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_id, router) DO UPDATE SET "
+            "amount = excluded.amount, expires_at = excluded.expires_at, "
+            "wanted_at = excluded.wanted_at",
+            (key_id, router, held + granted, expires, None if granted else now),
+        )
+        return granted
+
+
+def renew_parallel(
+    conn: db.Conn, held: dict[str, int], now: float, router: str
+) -> tuple[dict[str, int], set[str]]:
+    """The once-a-second batch of ``router``'s parallel slots: renew every unexpired row of
+    it until ``now`` + :data:`PARALLEL_TTL_S` (one statement), bring rows holding more than
+    ``held`` (``{key_id: slots held}``; slots given back) down to it, and read which keys
+    other routers want.
+
+    Returns:
+        ``(alive, wanted)``: the slots of each key renewed (what the router holds now) and
+        the keys of ``held`` another router was refused in the last
+        :data:`PARALLEL_WANTED_S`.
+    """
+    with db.transaction(conn):
+        rows = conn.execute(
+            "UPDATE parallel_leases SET expires_at = ? "
+            "WHERE router = ? AND expires_at > ? AND amount > 0 RETURNING key_id, amount",
+            (now + PARALLEL_TTL_S, router, now),
+        ).fetchall()
+        alive: dict[str, int] = {}
+        fixes = []
+        for key_id, amount in rows:
+            mine = held.get(key_id, 0)
+            if int(amount) > mine:
+                fixes.append((mine, key_id, router))
+            if mine:
+                alive[key_id] = min(int(amount), mine)
+        if fixes:
+            conn.executemany(
+                "UPDATE parallel_leases SET amount = ? WHERE key_id = ? AND router = ?", fixes
+            )
+        wanted = set()
+        if alive:
+            wanted = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT DISTINCT key_id FROM parallel_leases "
+                    "WHERE router <> ? AND wanted_at > ?",
+                    (router, now - PARALLEL_WANTED_S),
+                )
+                if row[0] in alive
+            }
+    return alive, wanted
+
+
+def give_back_parallel(conn: db.Conn, held: dict[str, int], router: str) -> None:
+    """Set ``router``'s slots of each key of ``held`` to what it still holds (less than
+    before: the idle slots given back)."""
+    if held:
+        with db.transaction(conn):
+            conn.executemany(
+                "UPDATE parallel_leases SET amount = ? WHERE key_id = ? AND router = ?",
+                [(amount, key_id, router) for key_id, amount in held.items()],
+            )
+
+
+def drop_expired_parallel(conn: db.Conn, now: float) -> int:
+    """Delete every expired parallel lease (those of keys nobody leases again, and of
+    routers that died); returns the rows removed."""
+    with db.transaction(conn):
+        removed = conn.execute(
+            "DELETE FROM parallel_leases WHERE expires_at <= ?", (now,)
+        ).rowcount
+    return max(0, removed or 0)

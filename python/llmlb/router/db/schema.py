@@ -166,6 +166,20 @@ MIGRATIONS: list[list[str | dict[str, str]]] = [
             PRIMARY KEY (key_id, period, router)
         )""",
     ],
+    # 10: the parallel slots (``max_parallel``) each router holds of a key, until
+    # ``expires_at`` (unix time; renewed every second), and when it last wanted more than
+    # the fleet had free (llmlb.router.control.quota; routers sharing a database).
+    [
+        """CREATE TABLE parallel_leases (
+            key_id TEXT NOT NULL,
+            router TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            expires_at REAL NOT NULL,
+            wanted_at REAL,
+            PRIMARY KEY (key_id, router)
+        )""",
+        "CREATE INDEX parallel_leases_router ON parallel_leases (router)",
+    ],
 ]
 
 

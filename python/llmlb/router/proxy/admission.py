@@ -25,6 +25,11 @@ budget for its period (:attr:`KeyState.budget_held`, leased by
 :func:`llmlb.router.control.quota.lease_budget`); unused reservations go back into it, the
 lease itself when idle or at shutdown (:meth:`Admission.release_budgets`,
 :meth:`Admission.drain_budget_adjustments`).
+``max_parallel`` is admitted against parallel slots leased to this worker
+(:attr:`KeyState.slots`, :func:`llmlb.router.control.quota.lease_parallel`): a request
+starts while the worker holds more slots than it has requests in flight, and its end frees
+the slot here (no write); the batch renews the slots, gives back the idle ones (and those
+another router wants), and slots not renewed for TTL - margin count as none.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any
 
 from llmlb.errors import ApiError
 from llmlb.router.control.limits import KeyLimits
+from llmlb.router.control.quota import PARALLEL, PARALLEL_MARGIN_S, PARALLEL_TTL_S
 
 # The sliding minute in one-second buckets: 61 of them, so a request admitted anywhere in
 # second s still counts until s + 61, a full minute after it came whatever its fraction: no
@@ -49,6 +55,9 @@ TOKENS = "tokens"
 BUDGET = "budget"
 # Shared mode: a key's budget lease unused this long goes back to the fleet.
 BUDGET_IDLE_S = 5.0
+# Shared mode: a key's free parallel slots go back to the fleet when no request of it
+# started or ended here for this long (at once when another router wants them).
+PARALLEL_IDLE_S = 3.0
 # Reservation for a request that names no max_tokens (the node's own cap may be larger; its
 # usage settles the difference).
 DEFAULT_MAX_TOKENS = 256
@@ -168,6 +177,9 @@ class KeyState:
         "leases",
         "budget_held",
         "budget_used_at",
+        "slots",
+        "slots_until",
+        "slots_used_at",
         "header_cache",
     )
 
@@ -190,6 +202,12 @@ class KeyState:
         # when a request last reserved some (an idle lease goes back).
         self.budget_held = 0
         self.budget_used_at = 0.0
+        # Shared mode: parallel slots leased here (requests in flight count against them),
+        # usable until ``slots_until`` (this worker's clock: the last renewal + TTL - margin),
+        # and when a request of the key last started or ended here.
+        self.slots = 0
+        self.slots_until = 0.0
+        self.slots_used_at = 0.0
         self.header_cache: tuple[Any, tuple[bytes, ...]] | None = None
 
     @property
@@ -219,7 +237,8 @@ class Lease:
 class NeedLease(Exception):  # noqa: N818 - a request to the caller, not an error
     """Shared mode: this worker's lease of ``needs`` (``(kind, limit, amount)``) runs short;
     get more (:mod:`llmlb.router.control.quota`) and admit again. For :data:`BUDGET` the
-    amount is what the lease must hold in all (the request's reservation)."""
+    amount is what the lease must hold in all (the request's reservation); for
+    :data:`PARALLEL` the slots to hold in all (the requests in flight here and this one)."""
 
     def __init__(self, needs: list[tuple[str, int, int]]) -> None:
         super().__init__("lease needed")
@@ -266,6 +285,8 @@ class Admission:
         self.adjustments: dict[tuple[str, str, int], int] = {}
         # Shared mode: (key_id, period) -> budget leases to give back (<0) or charge (>0).
         self.budget_adjustments: dict[tuple[str, str], int] = {}
+        # Shared mode: parallel slots were given back or lapsed since the last renewal.
+        self.slots_dropped = False
 
     def _lease(self, state: KeyState, kind: str, second: int) -> Lease:
         """``state``'s lease of ``kind`` for ``second``; an older one's rest is given back."""
@@ -305,6 +326,8 @@ class Admission:
         if kind == BUDGET:
             state.roll(self.clock())
             return state.budget_held < need
+        if kind == PARALLEL:
+            return self.slots_held(key_id) <= state.inflight
         return self._lease(state, kind, int(self.clock())).left < need
 
     def budget_lease(self, key_id: str) -> tuple[str, float, float, int]:
@@ -343,6 +366,68 @@ class Admission:
                 if state.budget_held > 0:
                     self._adjust_budget(state.key_id, state.period, -state.budget_held)
                     state.budget_held = 0
+
+    def _slots(self, state: KeyState, now: float) -> int:
+        """The parallel slots ``state``'s key holds here now: none once they lapsed (no
+        renewal for :data:`PARALLEL_TTL_S` - :data:`PARALLEL_MARGIN_S`)."""
+        if state.slots and now >= state.slots_until:
+            state.slots = 0
+            self.slots_dropped = True
+        return state.slots
+
+    def slots_held(self, key_id: str) -> int:
+        """The parallel slots of ``key_id`` held here now (0 for an unknown key)."""
+        state = self.states.get(key_id)
+        return 0 if state is None else self._slots(state, self.clock())
+
+    def slots_granted(self, key_id: str, total: int, leased_at: float) -> None:
+        """The database now records ``total`` slots of ``key_id`` for this worker, renewed at
+        ``leased_at`` (this worker's clock, read before the lease was asked for)."""
+        state = self.states.get(key_id)
+        if state is not None:
+            state.slots = total
+            state.slots_until = leased_at + PARALLEL_TTL_S - PARALLEL_MARGIN_S
+            state.slots_used_at = self.clock()
+
+    def slots_to_renew(self, idle_s: float = PARALLEL_IDLE_S) -> dict[str, int] | None:
+        """Give back the free parallel slots of keys idle here for ``idle_s`` (0: every free
+        slot; shutdown) and return what each key still holds, for the batch
+        (:func:`llmlb.router.control.quota.renew_parallel`); ``None`` when there is nothing
+        to write (nothing held, nothing given back since the last batch)."""
+        now = self.clock()
+        held: dict[str, int] = {}
+        for key_id, state in self.states.items():
+            slots = self._slots(state, now)
+            if not slots:
+                continue
+            if slots > state.inflight and now - state.slots_used_at >= idle_s:
+                state.slots = slots = max(0, state.inflight)
+                self.slots_dropped = True
+            if slots:
+                held[key_id] = slots
+        return held if held or self.slots_dropped else None
+
+    def slots_renewed(self, alive: dict[str, int], renewed_at: float) -> None:
+        """The batch renewed ``alive`` (slots per key) at ``renewed_at``: what a key holds
+        here is at most that, usable until ``renewed_at`` + TTL - margin."""
+        self.slots_dropped = False
+        until = renewed_at + PARALLEL_TTL_S - PARALLEL_MARGIN_S
+        for key_id, state in self.states.items():
+            if state.slots:
+                state.slots = min(state.slots, alive.get(key_id, 0))
+                if state.slots:
+                    state.slots_until = until
+
+    def give_back_wanted(self, wanted: set[str]) -> dict[str, int]:
+        """Another router wants slots of the keys in ``wanted``: give back this worker's
+        free ones; returns what each key changed still holds (to be written)."""
+        out: dict[str, int] = {}
+        for key_id in wanted:
+            state = self.states.get(key_id)
+            if state is not None and state.slots > state.inflight:
+                state.slots = out[key_id] = max(0, state.inflight)
+                self.slots_dropped = True  # the next renewal writes it if this write fails
+        return out
 
     def drain_budget_adjustments(self) -> dict[tuple[str, str], int]:
         """Take the batch of budget lease returns and charges (to be written)."""
@@ -397,8 +482,12 @@ class Admission:
                 retry_after=1.0,
             )
         needs = None
+        if self.shared and limits.max_parallel is not None:
+            held = self._slots(state, now)
+            if state.inflight >= held:  # to hold in all: those in flight and this one
+                needs = [(PARALLEL, limits.max_parallel, state.inflight + 1)]
         if self.shared and (limits.rpm is not None or limits.tpm is not None):
-            needs = self._check_leases(state, limits, now, estimate)
+            needs = (needs or []) + self._check_leases(state, limits, now, estimate)
         elif limits.rpm is not None:
             used = state.requests.used(now)
             if used >= limits.rpm:
@@ -444,6 +533,7 @@ class Admission:
                 state.budget_used_at = now
                 period = state.period
         state.inflight += 1
+        state.slots_used_at = now
         second = state.requests.add(now, 1)
         if limits.tpm is not None:
             state.tokens.add(now, estimate)
@@ -477,6 +567,8 @@ class Admission:
         ticket.settled = True
         state = ticket.state
         state.inflight -= 1
+        if self.shared and state.slots:
+            state.slots_used_at = self.clock()  # the slot is free here, idle from now
         used = ticket.reserved if tokens is None else tokens
         if state.limits.tpm is not None:
             state.tokens.adjust(ticket.second, used - ticket.reserved)
