@@ -354,6 +354,75 @@ def test_rpm_holds_across_two_routers(spawn, tmp_path, postgres_url):
             beat.close()
 
 
+def test_max_parallel_holds_across_two_routers(spawn, tmp_path, postgres_url):
+    """Two routers, one database: with max_parallel requests of a key running through router
+    0, router 1 refuses the next with 429 ``rate_limit_exceeded`` (``Retry-After`` 1 s: the
+    slots are leased fleet-wide, llmlb.router.control.quota); once they ended, router 0 gives
+    its idle slots back to router 1, which wants them, within a couple of seconds. Routers
+    that shut down give back every slot."""
+    mock = start_mock(spawn, "mock-parallel")[1]
+    routers = _two_routers(spawn, tmp_path, postgres_url)
+    beats = Beats(routers[0])
+    try:
+        beats.register("parallel-drip", f"{mock}/_mock/p/drip600", ready("tenancy/drip"))
+        warm = new_key(routers[0])
+        for router in routers:
+            wait_until(
+                lambda r=router: chat(r, warm, model="tenancy/drip").status == 200,
+                timeout=15,
+                message="routed",
+            )
+        limited = new_key(routers[0], max_parallel=2, name="parallel2")
+        wait_until(
+            lambda: chat(routers[1], limited, model="tenancy/drip").status == 200,
+            timeout=10,
+            message="the key on router 1",
+        )
+        limited_id = key_id(routers[0], "parallel2")["id"]
+        running: list[Stream] = []
+
+        def start_one() -> bool:
+            stream = Stream(routers[0], limited, {"model": "tenancy/drip"})
+            if stream.resp.status != 200:
+                stream.close()
+                return False
+            assert stream.event() is not None  # in flight now
+            running.append(stream)
+            return len(running) == 2
+
+        # router 1's slot goes back once idle (or wanted): router 0 can take both
+        wait_until(start_one, timeout=10, interval=0.1, message="both slots on router 0")
+        try:
+            for router in routers:  # both slots are taken: refused on either router
+                refused = chat(router, limited, model="tenancy/drip")
+                assert refused.status == 429, refused.body
+                assert refused.json["error"]["code"] == "rate_limit_exceeded"
+                assert int(refused.headers["retry-after"]) == 1
+            for stream in running:
+                assert stream.rest()[-1] == b"[DONE]"  # the running ones finish
+        finally:
+            for stream in running:
+                stream.close()
+        wait_until(
+            lambda: chat(routers[1], limited, model="tenancy/drip").status == 200,
+            timeout=5,
+            interval=0.1,
+            message="router 1 admits once router 0's requests ended",
+        )
+    finally:
+        beats.close()
+    for router in routers:  # a router that shuts down gives back its slots
+        assert router.proc.stop() == 0
+    conn = db.open_database(postgres_url)
+    try:
+        row = conn.execute(
+            "SELECT SUM(amount) FROM parallel_leases WHERE key_id = ?", (limited_id,)
+        ).fetchone()
+    finally:
+        conn.close()
+    assert int(row[0] or 0) == 0
+
+
 def _reserves(body: dict) -> int:
     """What the router reserves for a chat body (llmlb.router.proxy.admission)."""
     return len(orjson.dumps(body)) // 4 + 1 + body["max_tokens"]
