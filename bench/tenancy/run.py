@@ -16,12 +16,18 @@ project's mock backend (``bench/router/mock_backend.py``).
 - ``budget``: the same, keys with a small daily ``budget_tokens`` (``--budget``, 3 keys per
   budget, one after another): the tokens given against the budget and the bound stated in
   ``llmlb.router.control.quota`` (the budget + one request's reservation).
+- ``parallel``: the same two routers in front of a backend answering after
+  ``--parallel-delay-ms`` that counts the requests it holds at once
+  (``bench/tenancy/slow_backend.py``), a key with ``max_parallel`` (``--max-parallel``), 8
+  client threads over both routers for ``--parallel-seconds``, retrying at once when
+  refused: the most requests of the key the backend held at once, and the accepted rate
+  against ``max_parallel`` / the backend's delay.
 - ``tokens``: streamed and whole answers; the tokens ``GET /v0/usage`` counts for the key
   against the sum of the usage the clients saw.
 
     python bench/tenancy/run.py [--duration 8] [--rounds 3] [--rpm-seconds 120]
         [--tpm 30000] [--tpm-seconds 120] [--budget 5000 50000] [--budget-seconds 15]
-        [--only ...]
+        [--max-parallel 4] [--parallel-seconds 60] [--parallel-delay-ms 200] [--only ...]
 
 Updates the phases it ran in ``bench/tenancy/results.json`` (each with the load average
 before and after); ``bench/tenancy/README.md`` has the figures.
@@ -212,9 +218,12 @@ def bench_fair(fleet: Fleet, seconds: float) -> dict:
 # -- limits across two routers on one PostgreSQL ---------------------------------------------
 
 
-def _two_routers(fleet: Fleet, database: str, name: str) -> list[str]:
-    """Two routers on ``database`` in front of one mock node with 4096 slots."""
-    backend = fleet.mock()
+def _two_routers(
+    fleet: Fleet, database: str, name: str, backend_url: str | None = None
+) -> list[str]:
+    """Two routers on ``database`` in front of one node with 4096 slots: the mock backend,
+    or the one at ``backend_url``."""
+    backend_url = backend_url or fleet.mock().url
     urls = []
     for index in range(2):
         port = free_port()
@@ -227,7 +236,7 @@ def _two_routers(fleet: Fleet, database: str, name: str) -> list[str]:
         proc = fleet.spawn([*argv, "--db", database], f"{name}-router{index}", env)
         urls.append(f"http://127.0.0.1:{port}")
         wait_http(urls[-1] + "/health", proc)
-    register(fleet, urls[0], f"{name}-node", backend.url, MODEL, 4096)
+    register(fleet, urls[0], f"{name}-node", backend_url, MODEL, 4096)
     warm = new_key(urls[0])
     for url in urls:
         wait_routed(url, warm, MODEL)
@@ -404,6 +413,45 @@ def bench_budget(fleet: Fleet, seconds: float, budgets: list[int], trials: int) 
         server.remove()
 
 
+def bench_parallel(fleet: Fleet, seconds: float, max_parallel: int, delay_ms: float) -> dict:
+    """A key with ``max_parallel``, 8 clients over two routers for ``seconds`` in front of a
+    backend answering after ``delay_ms`` and counting what it holds at once."""
+    from tests.postgres_fixtures import make_server
+
+    port = free_port()
+    argv = [sys.executable, str(HERE / "slow_backend.py"), "--port", str(port)]
+    proc = fleet.spawn([*argv, "--delay-ms", str(delay_ms)], "slow-backend")
+    backend = f"http://127.0.0.1:{port}"
+    wait_http(backend + "/health", proc)
+    server = make_server()
+    try:
+        urls = _two_routers(fleet, server.create_database(), "parallel", backend)
+        key = new_key(urls[0], max_parallel=max_parallel)
+        for url in urls:
+            wait_routed(url, key, MODEL)
+        http("POST", backend + "/_inflight/reset")
+        outcomes = _hammer(urls, key, {"model": MODEL}, seconds)
+        status, raw = http("GET", backend + "/_inflight")
+        at_backend = json.loads(raw)
+        counts = _counts(outcomes)
+        ideal = max_parallel / (delay_ms / 1000)
+        rate = counts["accepted"] / seconds
+        return {
+            **{k: v for k, v in counts.items() if not k.startswith("tokens")},
+            "max_parallel": max_parallel,
+            "seconds": seconds,
+            "delay_ms": delay_ms,
+            "most_in_flight_at_backend": at_backend["max"],
+            "backend_requests": at_backend["requests"],
+            "accepted_per_s": rate,
+            "ideal_per_s": ideal,
+            "share_of_ideal": rate / ideal,
+            "refused_per_s": counts["refused"] / seconds,
+        }
+    finally:
+        server.remove()
+
+
 # -- exact token accounting ------------------------------------------------------------------
 
 
@@ -429,7 +477,7 @@ def bench_tokens(fleet: Fleet, requests: int) -> dict:
     return {"requests": requests, "client_tokens": seen, "counted_tokens": counted}
 
 
-PHASES = ("tokens", "fair", "cpu", "rpm", "tpm", "budget")
+PHASES = ("tokens", "fair", "cpu", "rpm", "tpm", "budget", "parallel")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=int, nargs="+", default=[5000, 50000], help="daily budgets (5000 50000)"
     )
     parser.add_argument("--budget-trials", type=int, default=3, help="keys per budget (3)")
+    parser.add_argument("--max-parallel", type=int, default=4, help="the key's (4)")
+    parser.add_argument("--parallel-seconds", type=float, default=60.0, help="phase (60)")
+    parser.add_argument(
+        "--parallel-delay-ms", type=float, default=200.0, help="the backend's delay (200)"
+    )
     parser.add_argument("--only", nargs="*", choices=[*PHASES])
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
@@ -467,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = bench_rpm(fleet, args.rpm_seconds, args.rpm)
                 elif name == "tpm":
                     results[name] = bench_tpm(fleet, args.tpm_seconds, args.tpm)
+                elif name == "parallel":
+                    results[name] = bench_parallel(
+                        fleet, args.parallel_seconds, args.max_parallel, args.parallel_delay_ms
+                    )
                 elif name == "budget":
                     results[name] = bench_budget(
                         fleet, args.budget_seconds, args.budget, args.budget_trials

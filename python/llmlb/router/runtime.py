@@ -50,6 +50,10 @@ MODELS = Gauge("llmlb_router_models_registered", "Registered models.", multiproc
 USAGE_FLUSH_S = 1.0  # a SIGKILL loses at most this much usage
 USAGE_COMPACT_S = 3600.0
 LEASE_BACKOFF_S = 1.0  # after a failed lease, refuse beyond what is held this long at once
+# After the fleet refused a key parallel slots, refuse its requests here without asking the
+# database again this long (the refusal marked the key wanted for 3 s): at most a few
+# database writes a second per key and router however fast refused clients retry.
+SLOTS_REFUSED_S = 0.25
 
 
 def _snapshot(conn: db.Conn, known: dict[str, int]) -> tuple[dict[str, int], Any, Any]:
@@ -84,6 +88,17 @@ def _write_usage(
     return stored
 
 
+def _slots_refused(limit: int) -> LimitExceeded:
+    """429 ``rate_limit_exceeded``: the fleet holds every parallel slot of the key."""
+    return LimitExceeded(
+        429,
+        "rate_limit_exceeded",
+        f"this key has {limit} requests in flight across the fleet, its limit "
+        f"(max_parallel {limit}); retry when one ends",
+        retry_after=1.0,
+    )
+
+
 class Runtime:
     """State and background work of one router worker.
 
@@ -112,6 +127,7 @@ class Runtime:
         # Parallel slots: a lease and the batch's renewal never interleave (each sets what
         # the database records this worker holds).
         self._slots_lock = asyncio.Lock()
+        self._slots_refused: dict[str, float] = {}  # key id -> loop time of the last refusal
         self._versions: dict[str, int] = {}
         self._refresh_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
@@ -261,29 +277,28 @@ class Runtime:
                 routers hold every slot (they give idle ones back within about a second).
         """
         admission = self.admission
+        loop = asyncio.get_running_loop()
         async with self._slots_lock:
             held = admission.slots_held(key_id)
             inflight = admission.states[key_id].inflight
             need = inflight + 1 - held
             if need <= 0:
                 return True  # a renewal or another request settled meanwhile
+            if loop.time() - self._slots_refused.get(key_id, -SLOTS_REFUSED_S) < SLOTS_REFUSED_S:
+                raise _slots_refused(limit)
             now = admission.clock()
             try:
                 granted = await self.db.run(
                     quota.lease_parallel, key_id, limit, need, held, now, self.router_id
                 )
             except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
-                self._lease_failed_at = asyncio.get_running_loop().time()
+                self._lease_failed_at = loop.time()
                 self._database_failed("cannot lease parallel slots", exc)
                 return False
             if not granted:
-                raise LimitExceeded(
-                    429,
-                    "rate_limit_exceeded",
-                    f"this key has {limit} requests in flight across the fleet, its limit "
-                    f"(max_parallel {limit}); retry when one ends",
-                    retry_after=1.0,
-                )
+                self._slots_refused[key_id] = loop.time()
+                raise _slots_refused(limit)
+            self._slots_refused.pop(key_id, None)
             admission.slots_granted(key_id, held + granted, now)
         return True
 

@@ -43,6 +43,33 @@ reservation) until they use them or give them back. ``bench/tenancy`` (two route
 clients, requests reserving 43 tokens and using 21): 5 019 of a 5 000 budget and 50 001 of
 50 000 given in every run (1.0038x, 1.00002x; the bound 5 043 and 50 043), where reading
 back each other's usage once a second had given 2.0x and 1.19-1.33x.
+
+Parallel slots (``max_parallel``) are leased per key and router (``parallel_leases``: the
+slots a router holds and until when, ``expires_at``): a router admits a request while it
+holds more slots than it has requests of the key in flight, and a request's end frees its
+slot there, no write. Short, it asks :func:`lease_parallel` for a slice
+(:func:`parallel_slice`: max_parallel / 8, at least 1), granted while every router's
+unexpired slots stay within ``max_parallel``; refused, its row records ``wanted_at`` and
+the request is 429 ``rate_limit_exceeded``, ``Retry-After`` 1 s (for 0.25 s after a
+refusal the router refuses the key without asking again). Once a second each router renews
+all its rows to now + :data:`PARALLEL_TTL_S` (10 s) in one statement
+(:func:`renew_parallel`), gives back slots free for 3 s, and at once those of keys another
+router wanted in the last :data:`PARALLEL_WANTED_S`; so a slot idle on one router blocks
+another for about a second. At shutdown it gives back every free slot; a SIGKILLed
+router's slots come back when they expire (10 s at most); expired rows are deleted by the
+next lease of the key and hourly by the leader (:func:`drop_expired_parallel`). A router
+that cannot renew (lost the database) holds nothing once :data:`PARALLEL_TTL_S` -
+:data:`PARALLEL_MARGIN_S` (7 s, its own clock) passed since its last renewal, before the
+database can count its slots expired, and refuses whatever its slots do not cover.
+
+Bound for ``max_parallel``: the fleet never has more than ``max_parallel`` requests of a
+key in flight, as long as the routers' clocks agree within :data:`PARALLEL_MARGIN_S` (3 s;
+one whose clock runs further ahead may count another's slots expired while they are used).
+One exception: a router cut off from the database keeps its running requests (it starts no
+new one once its slots lapsed), so those still running :data:`PARALLEL_TTL_S` after its
+last renewal may overlap the slots other routers lease after the expiry. One router on
+SQLite with one worker does not lease: exact. ``bench/tenancy`` (two routers, 8 clients
+retrying at once, ``max_parallel`` 4, a backend answering after 200 ms): see its README.
 """
 
 from __future__ import annotations
