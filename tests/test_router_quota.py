@@ -332,3 +332,14 @@ def test_a_router_that_cannot_renew_holds_nothing_before_its_slots_expire(conn):
     assert a.slots_held("k") == 0
     with pytest.raises(LimitExceeded):
         _admit_with_leases(a, conn, "a", limits)
+
+
+def test_slots_of_a_key_whose_max_parallel_was_removed_go_back(conn):
+    clock = Clock(9500.0)
+    admission = Admission(clock, shared=True)
+    ticket = _admit_with_leases(admission, conn, "a", parse_limits({"max_parallel": 2}))
+    assert _slots_in_db(conn, clock.now) == {"a": 1}
+    admission.state("k", parse_limits({"rpm": 10**6}))  # PATCH: max_parallel null
+    _renew(admission, conn, "a")
+    assert _slots_in_db(conn, clock.now) == {} and admission.slots_held("k") == 0
+    admission.settle(ticket, 5)

@@ -636,6 +636,58 @@ def test_rpm_is_exact_across_the_workers_of_one_router_on_sqlite(spawn, tmp_path
         beats.close()
 
 
+def test_max_parallel_holds_across_the_workers_of_one_router_on_sqlite(spawn, tmp_path):
+    """Two workers of one router on SQLite lease parallel slots from the file: with one
+    request of a ``max_parallel`` 1 key running, the next is refused whichever worker takes
+    it; once it ended, the router admits again."""
+    mock = start_mock(spawn, "mock-workers-parallel")[1]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LLMLB_HEARTBEAT_INTERVAL_S": "1"}
+    router = start_router(spawn, home, ADMIN, "--workers", "2", env=env)
+    beats = Beats(router)
+    try:
+        beats.register("workers-drip", f"{mock}/_mock/wp/drip600", ready("tenancy/drip"))
+        warm = new_key(router)
+        wait_until(
+            lambda: chat(router, warm, model="tenancy/drip").status == 200,
+            timeout=15,
+            message="routed",
+        )
+        limited = new_key(router, max_parallel=1)
+        wait_until(  # both workers know the key (the model list is not rate limited)
+            lambda: all(call(router, "GET", "/v1/models", limited).status == 200 for _ in range(8)),
+            timeout=10,
+            message="the key in every worker",
+        )
+        running: list[Stream] = []
+
+        def start_one() -> bool:  # the other worker gives back its idle slot when wanted
+            stream = Stream(router, limited, {"model": "tenancy/drip"})
+            if stream.resp.status != 200:
+                stream.close()
+                return False
+            assert stream.event() is not None  # in flight now
+            running.append(stream)
+            return True
+
+        wait_until(start_one, timeout=10, interval=0.1, message="one request running")
+        try:
+            statuses = [chat(router, limited, model="tenancy/drip").status for _ in range(8)]
+            assert statuses == [429] * 8  # a new connection each: both workers refuse
+            assert running[0].rest()[-1] == b"[DONE]"
+        finally:
+            running[0].close()
+        wait_until(
+            lambda: chat(router, limited, model="tenancy/drip").status == 200,
+            timeout=5,
+            interval=0.1,
+            message="admitted again once the running request ended",
+        )
+    finally:
+        beats.close()
+
+
 def test_a_router_that_lost_the_database_grants_no_more_than_it_holds(
     spawn, tmp_path, own_postgres
 ):

@@ -400,7 +400,10 @@ class Admission:
             slots = self._slots(state, now)
             if not slots:
                 continue
-            if slots > state.inflight and now - state.slots_used_at >= idle_s:
+            if state.limits.max_parallel is None:  # the limit was removed: all go back
+                state.slots = slots = 0
+                self.slots_dropped = True
+            elif slots > state.inflight and now - state.slots_used_at >= idle_s:
                 state.slots = slots = max(0, state.inflight)
                 self.slots_dropped = True
             if slots:
