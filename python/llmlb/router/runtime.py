@@ -117,8 +117,8 @@ class Runtime:
         self.notifier = SyncNotifier(settings, self.db)
         self.duties = Duties(settings, self.db, self.notifier)
         # Limited keys' counters and every key's usage not yet written (the proxy's).
-        # Routers sharing PostgreSQL, and the workers of one router, admit rpm/tpm against
-        # leases of the key's quota in the database.
+        # Routers sharing PostgreSQL, and the workers of one router, admit rpm, tpm, budgets
+        # and max_parallel against leases of the key's quota in the database.
         self.admission = Admission(shared=self.db.shared or settings.workers > 1)
         self.usage = usage.UsageBook()
         self.router_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
