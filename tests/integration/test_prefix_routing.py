@@ -376,3 +376,40 @@ def test_p2c_routing_ignores_the_index(spawn, tmp_path, mock):
         assert routed(router, model, "fallback") == 40
     finally:
         beats.close()
+
+
+def test_the_workers_of_one_router_share_what_nodes_report(spawn, tmp_path, mock):
+    router = start_router(spawn, tmp_path / "home", ADMIN, "--workers", "2", env=ENV)
+    key = call(router, "POST", "/v0/keys", ADMIN, {"scope": "api"}).json["key"]
+    beats = Beats(router)
+    try:
+        model, a, _b = pair(router, key, beats, mock)
+        node_a = Reporter(a)
+        held: set[int] = set()
+
+        def report(n: int):
+            """Turn ``n``'s new keys as a delta, or everything as a snapshot when the router
+            asks for one (as a node does)."""
+            fresh = set(held_after(model, "zeta", n)) - held
+            held.update(fresh)
+            reply = node_a.delta(router, model, stored=sorted(fresh))
+            if reply.status == 409:
+                assert reply.json["error"]["code"] == "cache_resync", reply.body
+                reply = node_a.snapshot(router, model, sorted(held))
+            return reply
+
+        # A worker that started after the first reports asks for one snapshot; then every
+        # post (each on its own connection, landing on either worker) is taken as it comes:
+        # the worker knows the deltas the other applied and holds every key reported.
+        assert node_a.snapshot(router, model, sorted(held)).status == 202
+        for n in range(4):
+            assert report(n).status == 202
+        for n in range(4, 14):
+            reply = node_a.delta(router, model, stored=sorted(set(held_after(model, "zeta", n))))
+            held.update(held_after(model, "zeta", n))
+            assert reply.status == 202, (n, reply.body)
+            assert reply.json["keys"] == len(held)
+        for _ in range(8):  # and both route the conversation's next turn to its holder
+            assert chat(router, key, turn(model, "zeta", 14)) == a
+    finally:
+        beats.close()

@@ -94,10 +94,15 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     # Set before anything imports prometheus_client, which picks its multi-process mode at
     # import time.
-    metrics_dir = None
+    metrics_dir = bus_dir = None
     if args.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="llmlb-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        # The workers' prefix indexes follow each other through sockets here (0700).
+        from llmlb.router.proxy.index_bus import BUS_DIR_ENV
+
+        bus_dir = tempfile.mkdtemp(prefix="llmlb-index-")
+        os.environ[BUS_DIR_ENV] = bus_dir
 
     from granian import Granian
     from granian.constants import Interfaces
@@ -158,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
             workers_kill_timeout=WORKERS_KILL_TIMEOUT_S,
         ).serve()
     finally:
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for directory in (metrics_dir, bus_dir):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

@@ -33,6 +33,7 @@ from llmlb.router.control.leader import Duties
 from llmlb.router.control.limits import KeyLimits
 from llmlb.router.control.settings import RouterSettings
 from llmlb.router.control.sync import SyncNotifier, sync_body
+from llmlb.router.proxy import index_bus
 from llmlb.router.proxy.admission import (
     BUDGET_IDLE_S,
     PARALLEL_IDLE_S,
@@ -114,6 +115,8 @@ class Runtime:
         # What each node's prompt cache holds, from its reports (POST /v0/nodes/{id}/cache)
         # and this worker's routing; the inference proxy routes by it.
         self.index = PrefixIndex()
+        # With several workers, each passes the reports it applies on to the others.
+        self.index_bus = index_bus.from_environment(self.index)
         self.notifier = SyncNotifier(settings, self.db)
         self.duties = Duties(settings, self.db, self.notifier)
         # Limited keys' counters and every key's usage not yet written (the proxy's).
@@ -138,6 +141,8 @@ class Runtime:
         await self.db.open()
         await self.db.run(keys.bootstrap_admin_key, self.settings.home, self.settings.admin_key)
         await self.refresh(full=True)
+        if self.index_bus is not None:
+            self.index_bus.start()
         await self.notifier.start()
         await self.duties.check_leadership()
         await self.flush_usage()
@@ -150,6 +155,8 @@ class Runtime:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.index_bus is not None:
+            self.index_bus.close()
         self.admission.release_budgets()  # what this router holds goes back to the fleet
         try:
             await self.flush_usage()

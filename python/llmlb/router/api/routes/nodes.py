@@ -110,7 +110,8 @@ async def node_cache(request: Request) -> Response:
     bound to (409 ``node_id_conflict``) and be approved (403 ``node_pending``). A delta this
     router cannot apply (a new epoch, a gap in ``seq``, or nothing known of the node yet)
     gets 409 ``cache_resync``: the node's keys are forgotten until it sends a snapshot.
-    Nothing is written to the database.
+    Nothing is written to the database. With several workers, the report reaches the others
+    through :mod:`llmlb.router.proxy.index_bus`.
     """
     runtime = _guard(request, "node")
     node_id = validate_node_id(request.path_params["node_id"])
@@ -143,6 +144,11 @@ async def node_cache(request: Request) -> Response:
     except ApiError:
         CACHE_REPORTS.labels(result="refused").inc()
         raise
+    bus = runtime.index_bus
+    if bus is not None:
+        bus.drain()  # the reports other workers applied come first
+        if not report.snapshot and bus.take_resync(node_id):
+            runtime.index.forget(node_id)
     if runtime.index.apply(node_id, report) is ReportResult.RESYNC:
         CACHE_REPORTS.labels(result="resync").inc()
         raise ApiError(
@@ -151,6 +157,8 @@ async def node_cache(request: Request) -> Response:
             f"this router cannot apply seq {report.seq} of epoch {report.epoch} to node "
             f"{node_id}'s cache (a new epoch, a gap, or nothing known of it yet): send a snapshot",
         )
+    if bus is not None:
+        bus.applied(node_id, report)
     CACHE_REPORTS.labels(result="snapshot" if report.snapshot else "delta").inc()
     answer = {
         "node_id": node_id,
