@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
         bus_dir = tempfile.mkdtemp(prefix="llmlb-index-")
         os.environ[BUS_DIR_ENV] = bus_dir
+    else:
+        os.environ.pop("LLMLB_INDEX_BUS_DIR", None)  # one worker: no bus, whatever inherited
 
     from granian import Granian
     from granian.constants import Interfaces
