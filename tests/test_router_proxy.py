@@ -785,3 +785,66 @@ def test_a_quick_answer_leaves_the_client_unwatched_and_a_long_one_watched(mock)
         assert took >= 0.5 and calls == 2  # watched while the node worked
 
     asyncio.run(scenario())
+
+
+def test_a_body_whose_first_message_holds_its_length_is_read_in_one_receive(mock):
+    """Granian hands a body over with ``more_body`` set and then an empty last message: with
+    ``Content-Length`` met by the first message the proxy does not wait for the second; a body
+    split over several messages is still read whole. (A request still in the router after
+    ``_WATCH_AFTER_S`` gets one more receive(), its disconnect watch.)"""
+    from llmlb.router.proxy.proxy import _WATCH_AFTER_S
+
+    raw = orjson.dumps({**CHAT, "user": "u" * 300})
+
+    async def forward(messages: list[dict], length: int | None) -> tuple[dict, int, float]:
+        """The echo node's view of the request, the receive() calls and the seconds it took."""
+        calls = 0
+
+        async def receive() -> dict:
+            nonlocal calls
+            calls += 1
+            if calls <= len(messages):
+                return messages[calls - 1]
+            await asyncio.Event().wait()
+            return {}
+
+        answer: list[bytes] = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                answer.append(message.get("body", b""))
+
+        fleet = FleetView()
+        load(fleet, node("n1", f"{mock}/_mock/rb/echo"))
+        headers = [(b"content-type", b"application/json")]
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "headers": headers,
+        }
+        async with running(fleet) as proxy:
+            started = time.monotonic()
+            await proxy(scope, receive, send)
+            took = time.monotonic() - started
+        return orjson.loads(b"".join(answer)), calls, took
+
+    def message(body: bytes, more: bool) -> dict:
+        return {"type": "http.request", "body": body, "more_body": more}
+
+    async def scenario() -> None:
+        whole_then_end = [message(raw, True), message(b"", False)]
+        echo, calls, took = await forward(whole_then_end, len(raw))
+        assert echo["body"].encode() == raw
+        assert calls == 1 or (calls == 2 and took >= _WATCH_AFTER_S)
+        echo, calls, took = await forward(whole_then_end, None)  # no length: read to the end
+        assert echo["body"].encode() == raw
+        assert calls == 2 or (calls == 3 and took >= _WATCH_AFTER_S)
+        split = [message(raw[:100], True), message(raw[100:], False)]
+        echo, calls, took = await forward(split, len(raw))
+        assert echo["body"].encode() == raw
+        assert calls == 2 or (calls == 3 and took >= _WATCH_AFTER_S)
+
+    asyncio.run(scenario())
