@@ -42,21 +42,6 @@ from llmlb.router.proxy.wait_queue import WaitPlace
 
 logger = logging.getLogger("llmlb.router.proxy.proxy")  # one name for the proxy's log
 
-# Response headers not relayed: hop-by-hop ones, and those the ASGI server sets itself.
-_DROPPED_HEADERS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-connection",
-        b"server",
-        b"date",
-    }
-)
 _NODE_HEADER = b"x-llmlb-node"
 
 
@@ -237,7 +222,7 @@ class Forwarder(NodeCare):
             except UpstreamError as exc:
                 return self._failed(state, model, _DISCONNECT, exc, request)
             got = perf_counter()
-            headers = [item for item in resp.headers if item[0] not in _DROPPED_HEADERS]
+            headers = resp.relayed  # without hop-by-hop headers; this answer's own list
             if status == 429:  # a busy node is not a failing one
                 return _Failure(status, payload, headers, _BUSY)
             if status >= 500:
@@ -248,7 +233,7 @@ class Forwarder(NodeCare):
                 self.balancer.remember(ex.affinity_key, node_id)
             headers.append((_NODE_HEADER, node_id.encode()))
             # find(), not `in`: bytes' `in` first tries its argument as an int (an exception).
-            ex.sse = (resp.header(b"content-type") or b"").find(b"text/event-stream") >= 0
+            ex.sse = resp.content_type.find(b"text/event-stream") >= 0
             ex.started = True
             ex.status = status
             done = resp.at_eof()

@@ -33,6 +33,23 @@ _LOCAL_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
 
+# Answer headers not relayed to the client: hop-by-hop ones, and those the ASGI server sets
+# itself (Response.relayed leaves them out, sorted out while the head is parsed).
+RELAY_DROPPED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"server",
+        b"date",
+    }
+)
+
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
 
@@ -115,7 +132,9 @@ class _Connection(asyncio.Protocol):
         self.pieces: deque[bytes] = deque()
         self._pending = 0
         self._paused = False
-        self.head: tuple[int, list[tuple[bytes, bytes]]] | None = None
+        # status, headers, the headers to relay, the first Content-Type (b"" when none)
+        self.head: tuple[int, list[tuple[bytes, bytes]], list[tuple[bytes, bytes]], bytes] | None
+        self.head = None
         self.complete = False
         self.received = False
         self.error: UpstreamError | None = None
@@ -236,6 +255,8 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             return  # informational: the real answer follows
         headers = []
+        relayed = []
+        content_type = None
         length = None
         chunked = False
         keep_alive = parts[0] == b"HTTP/1.1"
@@ -245,8 +266,14 @@ class _Connection(asyncio.Protocol):
                 raise Disconnected("invalid header line")
             name = name.strip().lower()
             value = value.strip()
-            headers.append((name, value))
-            if name == b"content-length":
+            pair = (name, value)
+            headers.append(pair)
+            if name not in RELAY_DROPPED:
+                relayed.append(pair)
+            if name == b"content-type":
+                if content_type is None:
+                    content_type = value
+            elif name == b"content-length":
                 if not value.isdigit():
                     raise Disconnected("invalid content-length")
                 length = int(value)
@@ -258,7 +285,7 @@ class _Connection(asyncio.Protocol):
                     keep_alive = False
                 elif b"keep-alive" in token:
                     keep_alive = True
-        self.head = (status, headers)
+        self.head = (status, headers, relayed, b"" if content_type is None else content_type)
         self.reusable = keep_alive
         if not self._expect_body or status == 204 or status == 304:
             self._finish()
@@ -354,12 +381,14 @@ class Response:
     Attributes:
         status: the HTTP status.
         headers: ``(lowercased name, value)`` byte pairs, in the node's order.
+        relayed: those of them a proxy passes on (not :data:`RELAY_DROPPED`), a new list.
+        content_type: the first ``Content-Type`` (``b""`` when there is none).
     """
 
-    __slots__ = ("status", "headers", "read_timeout", "_conn", "_pool")
+    __slots__ = ("status", "headers", "relayed", "content_type", "read_timeout", "_conn", "_pool")
 
     def __init__(self, conn: _Connection, pool: NodePool, timeout: float):
-        self.status, self.headers = conn.head  # type: ignore[misc]
+        self.status, self.headers, self.relayed, self.content_type = conn.head  # type: ignore[misc]
         self._conn = conn
         self._pool = pool
         self.read_timeout = timeout  # longest silence of the node; may be changed while reading
