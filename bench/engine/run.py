@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/engine/run.py [--quick] [--rounds 2] [--slots 32] [--ctx-size 1024]
-        [--server PATH] [--out bench/engine/results.json] [--keep DIR]
+        [--server PATH] [--out bench/engine/results.json] [--keep DIR] [--cases CASE ...]
 
 Both servers get the same GGUF (the real Gemma 3 270M Q4_K_M), the same slots ``S`` and
 per-slot context ``C`` (the node: ``--concurrency S --ctx-size C``; llama-server:
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import re
@@ -656,6 +657,13 @@ async def bench(args: argparse.Namespace) -> dict:
     from tests.node_fixtures import place_model
 
     plan = QUICK if args.quick else full_plan(args.rounds)
+    if args.cases:
+        unknown = set(args.cases) - {case_key(*case) for case in plan.cases}
+        if unknown:
+            raise SystemExit(f"unknown case(s) {sorted(unknown)}; cases are "
+                             f"{[case_key(*case) for case in plan.cases]}")
+        plan = dataclasses.replace(
+            plan, cases=tuple(c for c in plan.cases if case_key(*c) in args.cases))
     binary = args.server or ensure_server()
     gguf = assemble_gemma()
     threads = len(os.sched_getaffinity(0))
@@ -699,6 +707,7 @@ async def bench(args: argparse.Namespace) -> dict:
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "quick": args.quick,
+            "cases": args.cases,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor()}",
             "threads": threads,
             "slots": args.slots,
@@ -736,6 +745,9 @@ def main() -> None:
     parser.add_argument("--render", type=Path, default=None,
                         help="run nothing: print (and with --update-readme, write) the tables "
                         "of an earlier results file")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                        help="run only these cases of the full plan, e.g. 'greedy 32x64' "
+                        "'penalties 8x64' (a partial run never updates the README)")
     parser.add_argument("--slots", type=int, default=32, help="slots S of both servers (32)")
     parser.add_argument("--ctx-size", type=int, default=1024, help="context per slot C (1024)")
     parser.add_argument("--server", type=Path, default=None,
@@ -753,11 +765,13 @@ def main() -> None:
         results = orjson.loads(args.render.read_bytes())
         print(render(results["summary"]))
         if args.update_readme:
+            if results["meta"].get("cases"):
+                raise SystemExit("a partial run (--cases) does not go into the README")
             update_readme(results)
         return
     results = asyncio.run(bench(args))
     args.out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    if args.update_readme and not args.quick:
+    if args.update_readme and not args.quick and not args.cases:
         update_readme(results)
     meta = results["meta"]
     print(f"\nload average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
