@@ -5,7 +5,9 @@ slot. Each step the thread builds a single ``llama_batch`` from every running se
 token for each sequence that is generating, a prompt chunk for sequences that are starting
 (at most ``n_ubatch`` tokens while others generate, so a long prompt delays them by one
 chunk at most) — and calls ``llama_decode`` once. Jobs join at the next step; a finished or
-cancelled sequence leaves at once.
+cancelled sequence leaves at once. The batch lists sequences in id order and a new job takes
+a free slot next to the running ones: with one KV stream per sequence, llama.cpp computes
+only runs of consecutive ids together, and a scrambled order split a step into many passes.
 
 Prompt reuse: each slot remembers the tokens its KV cells hold. A new job takes the free
 slot sharing the longest prefix with its prompt and evaluates only the rest. Before a slot
