@@ -162,22 +162,24 @@ py::list chat_prefix_keys(std::uint32_t seed, py::list messages, std::size_t max
     std::string_view role_text;
     llmlb::prefix::Edges text;
     std::size_t role_chars = 0, chars = 0;
-    const bool simple = role != nullptr && PyUnicode_CheckExact(role) &&
-                        utf8_of(role, role_text, role_chars) &&
-                        !(calls != nullptr && PyList_CheckExact(calls) && PyList_GET_SIZE(calls) > 0) &&
-                        simple_text(PyDict_GetItem(message, names.content), edge_chars, scratch, text, chars);
+    const bool has_calls =
+        calls != nullptr && PyList_CheckExact(calls) && PyList_GET_SIZE(calls) > 0;
+    const bool simple =
+        role != nullptr && PyUnicode_CheckExact(role) && utf8_of(role, role_text, role_chars) &&
+        !has_calls &&
+        simple_text(PyDict_GetItem(message, names.content), edge_chars, scratch, text, chars);
     if (simple) {
       if (role_text == "developer") role_text = "system";
       length += llmlb::prefix::message_item(item, role_text, text, chars, edge_chars);
       key = llmlb::prefix::crc32(item, key);
     } else {
-      py::tuple made = slow_item(py::handle(message));
-      py::bytes bytes = made[0];
+      py::tuple slow = slow_item(py::handle(message));
+      py::bytes bytes = slow[0];
       char* data = nullptr;
       Py_ssize_t size = 0;
-      PyBytes_AsStringAndSize(bytes.ptr(), &data, &size);
+      if (PyBytes_AsStringAndSize(bytes.ptr(), &data, &size) != 0) throw py::error_already_set();
       key = llmlb::prefix::crc32(std::string_view(data, static_cast<std::size_t>(size)), key);
-      length += made[1].cast<std::size_t>();
+      length += slow[1].cast<std::size_t>();
     }
     PyObject* pair = PyTuple_New(2);
     if (pair == nullptr) throw py::error_already_set();
