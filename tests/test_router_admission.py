@@ -12,7 +12,8 @@ from llmlb.errors import ApiError
 from llmlb.router.control.fleet import FleetView
 from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import NO_LIMITS, KeyLimits, parse_limits
-from llmlb.router.proxy.admission import Admission, LimitExceeded, Window, period_bounds
+from llmlb.router.proxy.admission import Admission, LimitExceeded
+from llmlb.router.proxy.key_state import Window, period_bounds
 from llmlb.router.proxy.proxy import KEY_SCOPE
 from llmlb.router.proxy.usage import UsageTap, ask_for_usage
 

@@ -132,6 +132,19 @@ class Job:
         """Leave the batch at the next step (or never start)."""
         self.cancelled = True
 
+    def fail(self, event: ErrorEvent) -> None:
+        """End with ``event``: the job leaves the batch at the next step (any thread)."""
+        if not self.cancelled:
+            self.cancel()
+            self.emit(event)
+
+    def release(self) -> None:
+        """The job holds no slot any more and never will: call ``on_release`` once."""
+        if not self.released:
+            self.released = True
+            if self.on_release is not None:
+                self.on_release()
+
 
 @dataclass
 class SchedulerStats:

@@ -30,7 +30,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,24 +49,17 @@ from llmlb.node.inference.jobs import (
 from llmlb.node.inference.llama_native import Batch, Context, Model
 from llmlb.node.inference.prompt_cache import CachedPrompt, PromptCache, common_prefix
 from llmlb.node.inference.sampling import Sampler, logprobs
+from llmlb.node.inference.slots import Slot, fresh_slot
 from llmlb.node.inference.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class _Slot:
-    seq: int
-    tokens: list[int] = field(default_factory=list)  # what this sequence's KV cells hold
-    last_used: float = 0.0
-    busy: bool = False
-
-
-@dataclass(eq=False)
 class _Running:
     job: Job
     index: int
-    slot: _Slot
+    slot: Slot
     sampler: Sampler
     text: TextStream
     prompt_left: list[int] = field(default_factory=list)
@@ -114,7 +107,7 @@ class Scheduler:
         self.model = model
         self.ctx = ctx
         self.n_ctx_seq = ctx.n_ctx_seq
-        self._slots = [_Slot(seq) for seq in range(ctx.shape.n_seq)]
+        self._slots = [Slot(seq) for seq in range(ctx.shape.n_seq)]
         self._batch = Batch(ctx.shape.n_batch)
         self._pending: deque[Job] = deque()
         self._ranks: weakref.WeakKeyDictionary[Job, int] = weakref.WeakKeyDictionary()
@@ -425,7 +418,7 @@ class Scheduler:
         self._running.remove(r)
         r.job.held -= 1
         if r.job.held == 0:
-            _job_released(r.job)
+            r.job.release()
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -433,7 +426,7 @@ class Scheduler:
             if dropped:
                 self._pending = deque(j for j in self._pending if not j.cancelled)
         for job in dropped:
-            _job_released(job)
+            job.release()
         for r in [r for r in self._running if r.job.cancelled]:
             self._release(r)  # its cells still hold a valid prefix, reusable later
 
@@ -454,9 +447,9 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - reported to the job's client
                 logger.exception("could not start a job")
                 job.emit(ErrorEvent(str(exc)))
-                _job_released(job)
+                job.release()
 
-    def _start(self, job: Job, free: list[_Slot]) -> None:
+    def _start(self, job: Job, free: list[Slot]) -> None:
         slot, keep = self._best_slot(job.prompt, free)
         source = "slot"
         if job.prompt_logprobs:
@@ -477,7 +470,7 @@ class Scheduler:
                     keep = 0
         slots = [slot]
         for _ in range(job.n - 1):
-            slots.append(self._fresh_slot([s for s in free if s not in slots], slots))
+            slots.append(fresh_slot(self._slots, [s for s in free if s not in slots], slots))
         if keep < len(slot.tokens):
             self._save(slot)  # what it holds beyond the kept prefix is about to go
         for other in slots[1:]:
@@ -516,11 +509,11 @@ class Scheduler:
                 )
             )
 
-    def _holder(self, slot: _Slot) -> tuple[str, str, int]:
+    def _holder(self, slot: Slot) -> tuple[str, str, int]:
         """``slot``'s name in the cache directory."""
         return ("slot", self.model_id, slot.seq)
 
-    def _save(self, slot: _Slot) -> None:
+    def _save(self, slot: Slot) -> None:
         """Copy ``slot``'s state into the RAM cache (if there is one and it is worth it)."""
         cache = self.prompt_cache
         if cache is None or not cache.worth_keeping(slot.tokens):
@@ -536,28 +529,7 @@ class Scheduler:
         if cache.evictions > evictions:
             self._on_cache("evict", cache.evictions - evictions)
 
-    def _fresh_slot(self, free: list[_Slot], taken: Sequence[_Slot]) -> _Slot:
-        """The free slot to overwrite: one next to the most sequences in use (``taken`` ones
-        too), so that the running sequences' ids stay in few runs of consecutive ids, which
-        llama.cpp computes in one pass each; then an empty one; then the least recently
-        used one (its cells are the least likely to be asked for again)."""
-
-        def in_use(seq: int) -> bool:
-            if not 0 <= seq < len(self._slots):
-                return False
-            neighbour = self._slots[seq]
-            return neighbour.busy or neighbour in taken
-
-        return min(
-            free,
-            key=lambda s: (
-                -(in_use(s.seq - 1) + in_use(s.seq + 1)),
-                len(s.tokens) > 0,
-                s.last_used,
-            ),
-        )
-
-    def _best_slot(self, prompt: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
+    def _best_slot(self, prompt: list[int], free: list[Slot]) -> tuple[Slot, int]:
         """The free slot whose cells share the longest prefix with ``prompt``, and how many
         of its cells can be kept (at least the prompt's last token is always evaluated, to
         get its logits).
@@ -573,7 +545,7 @@ class Scheduler:
             if n > best_len and 2 * n >= len(slot.tokens):
                 best, best_len = slot, n
         if best is None:
-            return self._fresh_slot(free, ()), 0
+            return fresh_slot(self._slots, free, ()), 0
         keep = min(best_len, len(prompt) - 1)
         n_swa = self.model.n_swa
         if keep > 0 and n_swa > 0 and self.ctx.seq_pos_min(best.seq) > max(0, keep - n_swa):
@@ -605,7 +577,7 @@ class Scheduler:
         for job in [*jobs.values(), *pending]:
             if not job.cancelled:
                 job.emit(ErrorEvent(message))
-            _job_released(job)
+            job.release()
 
 
 def _end_slow_sampler(r: _Running, spent: float, *, still_running: bool) -> None:
@@ -619,18 +591,4 @@ def _end_slow_sampler(r: _Running, spent: float, *, still_running: bool) -> None
     )
     advice = "; simplify the schema" if grammar else ""
     message = f"picking one token took {spent:.2f}s, over the limit{advice}"
-    _fail_job(r.job, ErrorEvent(message, 400, "grammar_too_complex" if grammar else "step_stalled"))
-
-
-def _fail_job(job: Job, event: ErrorEvent) -> None:
-    """End ``job`` with ``event``: it leaves the batch at the next step (any thread)."""
-    if not job.cancelled:
-        job.cancel()
-        job.emit(event)
-
-
-def _job_released(job: Job) -> None:
-    if not job.released:
-        job.released = True
-        if job.on_release is not None:
-            job.on_release()
+    r.job.fail(ErrorEvent(message, 400, "grammar_too_complex" if grammar else "step_stalled"))

@@ -13,7 +13,7 @@ from typing import Any
 from llmlb.asgi import Receive, Scope, Send
 from llmlb.prefix_keys import PrefixKeys
 from llmlb.router.control.limits import PRIORITY_WEIGHTS
-from llmlb.router.proxy.admission import KeyState
+from llmlb.router.proxy.key_state import KeyState
 from llmlb.router.proxy.usage import Usage
 
 # Ways an attempt fails (``_Failure.kind``, and the ``kind`` label of the error metric).

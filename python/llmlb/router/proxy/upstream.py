@@ -7,82 +7,41 @@ body, and answers with a length, chunked or ending at close. Doing only that on 
 and response objects, header multidicts, tracing, timers), which dominated the router's own
 time per proxied request.
 
-Failures raise a subclass of :class:`UpstreamError`: :class:`ConnectError` (no connection),
-:class:`UpstreamTimeout` (connect, first byte, or a silence longer than the read timeout) and
-:class:`Disconnected` (the node hung up or broke the protocol). Each says whether the request
-reached the node (:attr:`UpstreamError.sent`): a request that never left the router may go to
-another node freely, one that a node held when it failed may not.
+Failures raise :mod:`.upstream_errors`: ``ConnectError`` (no connection), ``UpstreamTimeout``
+(connect, first byte, or a silence longer than the read timeout), ``Disconnected`` (the node
+hung up or broke the protocol).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import ssl
 from collections import deque
 from time import monotonic
 from urllib.parse import urlsplit
 
+from llmlb.router.proxy.upstream_errors import (
+    LOCAL_ERRNOS,
+    ConnectError,
+    Disconnected,
+    UpstreamError,
+    UpstreamTimeout,
+    unsent,
+)
+
 _MAX_HEAD_BYTES = 64 * 1024
 _MAX_CHUNK_LINE = 4096
 _HIGH_WATER = 256 * 1024  # decoded bytes buffered before reading from the node pauses
 _MAX_IDLE = 1024  # idle keep-alive connections kept per node
-# Connect failures caused by the router's own limits (file descriptors, buffers, ports): not a
-# sign that the node is gone, so they must not take it offline.
-_LOCAL_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
-
 # Answer headers not relayed to the client: hop-by-hop ones, and those the ASGI server sets
 # itself (Response.relayed leaves them out, sorted out while the head is parsed).
-RELAY_DROPPED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-connection",
-        b"server",
-        b"date",
-    }
-)
+RELAY_DROPPED = frozenset({
+    b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+    b"proxy-authenticate", b"proxy-connection", b"server", b"date",
+})  # fmt: skip
 
 # Parser states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
-
-
-class UpstreamError(Exception):
-    """An exchange with a node failed.
-
-    Attributes:
-        sent: the request was written to a connection to the node (``False`` when no
-            connection could be opened: the node never saw it).
-    """
-
-    sent: bool = True
-
-
-def _unsent(exc: UpstreamError) -> UpstreamError:
-    """``exc``, marked as raised before the request left the router."""
-    exc.sent = False
-    return exc
-
-
-class ConnectError(UpstreamError):
-    """No connection to the node (refused, unreachable, unresolvable, TLS failure)."""
-
-    sent = False
-
-
-class UpstreamTimeout(UpstreamError, TimeoutError):
-    """The node did not connect, answer or send more in time."""
-
-
-class Disconnected(UpstreamError):
-    """The node closed the connection early or sent something that is not HTTP/1.1."""
 
 
 class _Connection(asyncio.Protocol):
@@ -608,7 +567,7 @@ class NodePool:
         if self._invalid:
             raise ConnectError(f"unsupported node URL {self.url!r}")
         if self._closed:
-            raise _unsent(Disconnected(f"the connection pool to {self.url} is closed"))
+            raise unsent(Disconnected(f"the connection pool to {self.url} is closed"))
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -617,11 +576,11 @@ class NodePool:
                 )
         except TimeoutError:
             message = f"connect timed out after {self.connect_timeout:g} s"
-            raise _unsent(UpstreamTimeout(message)) from None
+            raise unsent(UpstreamTimeout(message)) from None
         except OSError as exc:
-            if exc.errno in _LOCAL_ERRNOS:  # the router's own shortage says nothing of the node
+            if exc.errno in LOCAL_ERRNOS:  # the router's own shortage says nothing of the node
                 message = f"cannot open a connection to {self.url}: {exc}"
-                raise _unsent(Disconnected(message)) from exc
+                raise unsent(Disconnected(message)) from exc
             raise ConnectError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         return conn
 

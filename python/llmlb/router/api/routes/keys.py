@@ -27,7 +27,7 @@ from llmlb.router.api.routes.common import _bearer, _guard, _runtime
 from llmlb.router.control import audit, keys, usage
 from llmlb.router.control.keys import KeyEntry
 from llmlb.router.control.limits import parse_limits
-from llmlb.router.proxy.admission import period_start
+from llmlb.router.proxy.key_state import period_start
 from llmlb.router.runtime import Runtime
 
 logger = logging.getLogger("llmlb.router")
