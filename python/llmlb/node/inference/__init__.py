@@ -3,9 +3,10 @@
 The typed requests and events every API dialect speaks to the engine (:mod:`.contract`),
 which models are resident (:mod:`.engine`), prompts and their validation against the model
 (:mod:`.prompts`), chat templates and tool prompts
-(:mod:`.chat_format`, :mod:`.templates`, :mod:`.tool_calls`), the grammar guard (budgets,
-the isolated compiler), the scheduler that batches every active slot of one context
-(:mod:`.scheduler`), sampling, generation, the prompt cache in slots and RAM and the
+(:mod:`.chat_format`, :mod:`.templates`, :mod:`.tool_calls`), JSON schemas as grammars
+(:mod:`.schema_grammar`) and the grammar guard (budgets, the isolated compiler), the
+scheduler that batches every active slot of one context (:mod:`.scheduler`, its slots in
+:mod:`.slots`), sampling, generation, the prompt cache in slots and RAM and the
 directory of what they hold, embeddings, and the thin layer over llama.cpp's C API
 (:mod:`.llama_native`).
 
