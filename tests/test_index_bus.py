@@ -99,3 +99,14 @@ def test_a_gone_workers_socket_is_cleared_and_costs_nothing(tmp_path):
             a.close()
 
     asyncio.run(scenario())
+
+
+def test_a_system_that_cannot_carry_a_large_report_leaves_the_bus_off(tmp_path):
+    async def scenario() -> None:
+        bus = IndexBus(tmp_path, PrefixIndex(), name="w0")
+        assert not bus.start(probe_bytes=64 << 20)  # over any datagram limit
+        assert not list(tmp_path.glob("*.sock"))
+        bus.applied(NODE, _report(1, True, stored=[101]))  # a closed bus sends nothing
+        bus.close()
+
+    asyncio.run(scenario())

@@ -141,8 +141,8 @@ class Runtime:
         await self.db.open()
         await self.db.run(keys.bootstrap_admin_key, self.settings.home, self.settings.admin_key)
         await self.refresh(full=True)
-        if self.index_bus is not None:
-            self.index_bus.start()
+        if self.index_bus is not None and not self.index_bus.start():
+            self.index_bus = None
         await self.notifier.start()
         await self.duties.check_leadership()
         await self.flush_usage()

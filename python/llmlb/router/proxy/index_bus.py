@@ -39,6 +39,9 @@ BUS_DIR_ENV = "LLMLB_INDEX_BUS_DIR"
 # Room for the largest report (16,384 keys packed: 88 KB) several times over.
 SOCKET_BUFFER_BYTES = 1 << 20
 _RECV_BYTES = 1 << 18
+# A datagram this large must go through, or the bus stays off (some systems cap datagrams
+# at a few KB: a bus that drops every large report would only make workers ask for resyncs).
+PROBE_BYTES = 96 * 1024
 
 
 class IndexBus:
@@ -58,18 +61,30 @@ class IndexBus:
         self._resync: set[str] = set()  # nodes whose next delta gets 409 cache_resync
         self._sock: socket.socket | None = None
 
-    def start(self) -> None:
-        """Bind this worker's socket and apply what siblings send, on the running loop."""
+    def start(self, probe_bytes: int = PROBE_BYTES) -> bool:
+        """Bind this worker's socket and apply what siblings send, on the running loop;
+        ``False`` (and a warning: each worker keeps its own index) when this system cannot
+        carry a ``probe_bytes`` datagram or the socket cannot be made."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        sock.bind(str(self.path))
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            sock.bind(str(self.path))
+            sock.sendto(bytes(probe_bytes), str(self.path))
+            sock.recv(probe_bytes)
+        except OSError as exc:
+            logger.warning("index bus off (each worker keeps its own prefix index): %s", exc)
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return False
         self._sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self.drain)
+        return True
 
     def close(self) -> None:
         """Stop listening and remove this worker's socket."""
