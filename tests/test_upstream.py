@@ -83,14 +83,19 @@ def test_content_length_answer_and_keep_alive_reuse():
     asyncio.run(scenario())
 
 
-def test_chunked_answer_split_anywhere_is_decoded_piece_by_piece():
-    events = [b"data: %d\n\n" % i for i in range(5)]
+def _chunked_stream(events: list[bytes], extension: bytes = b"", trailer: bytes = b"") -> bytes:
+    """An event-stream answer with each event in its own chunk."""
     wire = (
         b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     for event in events:
-        wire += b"%x;ext=1\r\n" % len(event) + event + b"\r\n"
-    wire += b"0\r\nX-Trailer: t\r\n\r\n"
+        wire += b"%x%s\r\n" % (len(event), extension) + event + b"\r\n"
+    return wire + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_chunked_answer_split_anywhere_is_decoded_piece_by_piece():
+    events = [b"data: %d\n\n" % i for i in range(5)]
+    wire = _chunked_stream(events, extension=b";ext=1", trailer=b"X-Trailer: t\r\n")
 
     async def handler(reader, writer):
         await read_request(reader)
@@ -120,12 +125,7 @@ def test_a_chunked_answer_arriving_in_one_read_is_decoded_whole():
     """Head, every chunk and the trailer in one buffer (a quick node's whole stream): the
     parser walks it in one pass and leaves the connection reusable."""
     events = [b"data: %d %s\n\n" % (i, b"x" * i) for i in range(40)]
-    wire = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    for event in events:
-        wire += b"%x\r\n" % len(event) + event + b"\r\n"
-    wire += b"0\r\n\r\n"
+    wire = _chunked_stream(events)
 
     async def handler(reader, writer):
         for _ in range(2):

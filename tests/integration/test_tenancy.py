@@ -411,16 +411,25 @@ def test_max_parallel_holds_across_two_routers(spawn, tmp_path, postgres_url):
         )
     finally:
         beats.close()
-    for router in routers:  # a router that shuts down gives back its slots
+    # A router that shuts down gives back its slots.
+    assert _leased_after_shutdown(routers, postgres_url, "parallel_leases", limited_id) == 0
+
+
+def _leased_after_shutdown(
+    routers: list[RouterUrl], postgres_url: str, table: str, key_id: str
+) -> int:
+    """Stop every router (each must exit cleanly), then what ``table`` still records as
+    leased to ``key_id``."""
+    for router in routers:
         assert router.proc.stop() == 0
     conn = db.open_database(postgres_url)
     try:
         row = conn.execute(
-            "SELECT SUM(amount) FROM parallel_leases WHERE key_id = ?", (limited_id,)
+            f"SELECT SUM(amount) FROM {table} WHERE key_id = ?", (key_id,)
         ).fetchone()
     finally:
         conn.close()
-    assert int(row[0] or 0) == 0
+    return int(row[0] or 0)
 
 
 def _reserves(body: dict) -> int:
@@ -491,16 +500,8 @@ def test_a_budget_holds_across_two_routers_and_runs_out_mid_stream(spawn, tmp_pa
         limited_id = next(k["id"] for k in listed if k.get("budget_tokens") == budget)
     finally:
         beats.close()
-    for router in routers:  # a router that shuts down gives back what it holds
-        assert router.proc.stop() == 0
-    conn = db.open_database(postgres_url)
-    try:
-        row = conn.execute(
-            "SELECT SUM(amount) FROM budget_leases WHERE key_id = ?", (limited_id,)
-        ).fetchone()
-    finally:
-        conn.close()
-    assert int(row[0]) == given  # leased = spent once nothing is held
+    # A router that shuts down gives back what it holds: leased = spent.
+    assert _leased_after_shutdown(routers, postgres_url, "budget_leases", limited_id) == given
 
 
 # -- audit log ------------------------------------------------------------------------------
