@@ -6,6 +6,13 @@ top-p, min-p, temperature, then a seeded draw (or greedy at temperature 0). A gr
 chain proposes a token, the grammar checks that one token, and only when it is rejected is
 the grammar applied to the whole vocabulary before drawing again. That keeps constrained
 decoding close to unconstrained speed.
+
+Greedy decoding without penalties or a grammar skips the chain: the token is the first
+maximum of the logits with the logit bias added (:func:`greedy_token`), which is what the
+chain's logit-bias and greedy samplers pick, read from llama.cpp's output row in place. The
+chain copies the whole vocabulary (262,144 entries for Gemma 3) into a candidate array for
+every token: 0.7 ms a token on this project's 2-core machine against under 0.1 ms here,
+and one decoding step samples once per sequence.
 """
 
 from __future__ import annotations
@@ -66,6 +73,18 @@ class Sampler:
         self._model = model
         self.chain = c.llama_sampler_chain_init(c.llama_sampler_chain_default_params())
         self.grammar = None
+        # Greedy without penalties or grammar: picked from the logits, not by the chain.
+        self._greedy = (
+            params.temperature <= 0
+            and not (
+                params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0
+            )
+            and params.grammar is None
+        )
+        self._bias_ids = np.fromiter(params.logit_bias.keys(), np.int64, len(params.logit_bias))
+        self._bias_values = np.fromiter(
+            params.logit_bias.values(), np.float32, len(params.logit_bias)
+        )
         add = lambda s: c.llama_sampler_chain_add(self.chain, s)  # noqa: E731
         if params.logit_bias:
             biases = (c.llama_logit_bias * len(params.logit_bias))()
@@ -105,6 +124,8 @@ class Sampler:
 
     def sample(self, ctx: Context, index: int) -> int:
         """Pick the next token from output row ``index`` and record it as accepted."""
+        if self._greedy:
+            return greedy_token(ctx.logits(index), self._bias_ids, self._bias_values)
         c = self._c
         if self.grammar is None:
             return int(c.llama_sampler_sample(self.chain, ctx.ptr, index))
@@ -150,6 +171,27 @@ class Sampler:
             self.grammar = None
 
 
+def greedy_token(logits: np.ndarray, bias_ids: np.ndarray, bias_values: np.ndarray) -> int:
+    """The first maximum of ``logits`` with ``bias_values`` added at ``bias_ids`` (unique
+    ids), as llama.cpp's logit-bias then greedy samplers pick it, without copying the row
+    unless a biased token holds its maximum."""
+    best = int(logits.argmax())
+    if not bias_ids.size:
+        return best
+    if (bias_ids == best).any():  # a biased token holds the maximum: bias a copy
+        row = logits.copy()
+        row[bias_ids] += bias_values
+        return int(row.argmax())
+    biased = logits[bias_ids] + bias_values
+    top = biased.max()
+    peak = logits[best]
+    if top < peak:
+        return best
+    # Ties go to the lowest id, as a first-maximum scan finds them.
+    winner = int(bias_ids[biased == top].min())
+    return best if top == peak and best < winner else winner
+
+
 def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
     """The log-probability of ``token`` under ``logits`` and the ``top`` most likely tokens.
 
@@ -164,4 +206,3 @@ def logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tupl
     best = np.argpartition(values, -top)[-top:]
     best = best[np.argsort(values[best])[::-1]]
     return chosen, [(int(t), float(values[t]) - log_norm) for t in best]
-
