@@ -389,3 +389,37 @@ def test_following_hasher_reports_a_short_file(tmp_path):
     hasher.start()
     with pytest.raises(OSError, match="shorter than 2000 bytes"):
         hasher.finish()
+
+
+def test_a_load_ahead_whose_file_was_moved_first_leaves_the_load_to_the_verified_file(tmp_path):
+    """The hash can win the race: the landed file is verified and promoted (renamed) before
+    the load during the hash gets its turn. That load is skipped, not failed in llama.cpp;
+    the verified file loads the usual way."""
+    import asyncio
+
+    from llmlb.node.models.download.load_ahead import LoadAhead
+
+    calls: list[tuple[str, str]] = []
+
+    async def load(model_id: str, path: str) -> None:
+        calls.append((model_id, path))
+
+    async def unload(model_id: str) -> None:
+        calls.append(("unload", model_id))
+
+    async def scenario() -> tuple[bool, bool]:
+        ahead = LoadAhead(asyncio.get_running_loop(), "org/model", load, unload)
+        landed = tmp_path / "model.gguf.part-1-0"
+        landed.write_bytes(b"GGUF")
+        ahead.landed(landed)
+        await asyncio.sleep(0)  # landed() hands the load to the loop with call_soon
+        first = await ahead.settle()
+        landed.rename(tmp_path / "model.gguf")  # promoted before the next load's turn
+        ahead.landed(landed)
+        await asyncio.sleep(0)
+        second = await ahead.settle()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first is True and second is True  # the first load stands; the second is skipped
+    assert calls == [("org/model", str(tmp_path / "model.gguf.part-1-0"))]

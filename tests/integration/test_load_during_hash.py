@@ -109,10 +109,12 @@ def test_corrupt_file_loaded_during_the_hash_is_dropped_refetched_and_never_serv
     fired = [r for r in map(orjson.loads, corrupt_hub["log"].read_bytes().splitlines()) if
              r.get("faults")]
     assert fired, "the corrupt fault never fired"
-    # Two loads during the hash (the corrupt file, then the refetched one); the first one
-    # was unloaded before the second began; neither was served while unverified.
+    # The corrupt file was loaded during its hash, refused while unverified and unloaded
+    # before anything else loaded. The refetched file loads during its hash too, unless its
+    # hash won the race with the unload before it (then it was promoted first and loads
+    # the usual way); neither was served while unverified.
     loads = [e for e in events if e[0] == "loaded"]
-    assert len(loads) == 2, events
+    assert 1 <= len(loads) <= 2, events
     assert events.index(("unloaded", False)) == 1, events
     assert loads[0][2] == (503, "model_not_ready") and not loads[0][4], events
     for _, loaded_from, answer, resident, verified in loads:

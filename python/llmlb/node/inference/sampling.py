@@ -177,13 +177,13 @@ class Sampler:
 
     def _candidates(self, logits: np.ndarray) -> np.ndarray:
         """The token ids the chain must see to draw as from the whole vocabulary: every
-        biased or penalised token, and every other one whose logit reaches the min-p floor
-        under the highest of theirs.
+        biased or penalised token, and every untouched one whose logit is at most
+        -log(min_p) under the highest untouched logit.
 
-        The chain cuts at its highest logit after bias and penalties plus log(min_p); the
-        others' logits are unchanged, so their highest is a lower bound of that and a token
-        under the floor it gives can survive neither min-p nor, by the same bound, push a
-        surviving token out of the top-k.
+        The chain cuts at its highest logit after bias and penalties plus log(min_p). The
+        untouched tokens' logits do not change, so their highest is a lower bound of the
+        chain's: an untouched token under the floor it gives survives no min-p cut, and a
+        token it outranks in the top-k is under that floor too.
         """
         changed = self._bias_ids
         if self._recent:

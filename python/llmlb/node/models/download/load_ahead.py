@@ -83,6 +83,11 @@ class LoadAhead:
         self._tail = self.loop.create_task(run())
 
     async def _do_load(self, path: str) -> None:
+        if not Path(path).exists():
+            # Its turn came after the hash: the file was verified and promoted (or
+            # discarded) already, and the verified file loads the usual way.
+            logger.info("%s: no load during the hash: %s was moved first", self.model_id, path)
+            return
         self.loads += 1
         started = time.monotonic()
         try:
