@@ -480,12 +480,12 @@ async def _stream(
                 for chunk in close():
                     yield chunk
             elif isinstance(event, ev.Usage):
-                delta = {
+                stop: dict[str, str | None] = {
                     "stop_reason": _stop_reason(finish.reason),
                     "stop_sequence": finish.stop_sequence,
                 }
                 usage = {"input_tokens": input_tokens, "output_tokens": event.completion_tokens}
-                yield _sse("message_delta", {"delta": delta, "usage": usage})
+                yield _sse("message_delta", {"delta": stop, "usage": usage})
                 yield _sse("message_stop", {})
             elif isinstance(event, ev.Error):
                 yield anthropic_errors.sse_error(500, event.message or "generation failed")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -443,7 +443,8 @@ async def _stream(shape: _Shape, events: AsyncIterator[ev.ChatEvent]) -> AsyncIt
         calls.clear()
         return out
 
-    async with contextlib.aclosing(events):
+    # The engine's events are an async generator: closed with the stream (cancels generation).
+    async with contextlib.aclosing(cast(AsyncGenerator[ev.ChatEvent, None], events)):
         async for event in events:
             if getattr(event, "index", 0) != 0:
                 continue

@@ -83,7 +83,7 @@ def family(template: str | None) -> str:
 
 def template_knows_tools(template: str | None) -> bool:
     """Whether a template renders the ``tools`` it is given."""
-    return bool(template) and "tools" in template
+    return template is not None and "tools" in template
 
 
 def markers(kind: str) -> tuple[str, ...]:
@@ -337,7 +337,7 @@ class StreamParser:
 
     def _push(self, text: str) -> tuple[str, list[ToolCall]]:
         self._buffer += text
-        out_text, out_calls = "", []
+        out_text, out_calls = "", list[ToolCall]()
         while True:
             if not self._in_call:
                 marker = self._start_marker()

@@ -484,8 +484,8 @@ class PeerService:
         except ApiError as exc:
             return error_response(exc)
         except OSError:  # renamed between the check and the open (promoted): ask again
-            exc = ApiError(503, "file_moving", f"{filename} is being moved", retry_after=1)
-            return error_response(self._refuse("missing", exc))
+            moving = ApiError(503, "file_moving", f"{filename} is being moved", retry_after=1)
+            return error_response(self._refuse("missing", moving))
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Length": str(end - start),
@@ -502,8 +502,8 @@ class PeerService:
             return Response(status_code=status, headers=headers)
         if self.stats.active_uploads() >= MAX_UPLOADS:
             os.close(fd)
-            exc = ApiError(429, "peer_busy", "too many peer transfers", retry_after=1)
-            return error_response(self._refuse("busy", exc))
+            busy = ApiError(429, "peer_busy", "too many peer transfers", retry_after=1)
+            return error_response(self._refuse("busy", busy))
         return StreamingResponse(
             self._body(model_id, fd, start, end),
             status_code=status,

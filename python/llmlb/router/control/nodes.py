@@ -70,7 +70,7 @@ def id_conflict(node_id: str) -> ApiError:
     )
 
 
-def _state_key(models: list[dict]) -> list[tuple[str, str]]:
+def _state_key(models: list[dict]) -> list[tuple[str, str, bool, str]]:
     """What of a model list the fleet cache cares about."""
     return sorted(
         (m["id"], m["state"], m.get("servable", True), m.get("revision") or "") for m in models

@@ -256,7 +256,7 @@ class InferenceProxy(Forwarder):
             model, affinity_key, keys, doc = self._parse(body, scope, session)
             entry = scope.get(KEY_SCOPE)
             limits = None if entry is None else entry.limits
-            if limits is not None:
+            if entry is not None and limits is not None:
                 # Every answer to a limited key carries its x-ratelimit-* headers, refusals too.
                 rated = self.admission.state(entry.id, limits)
                 estimate = estimate_tokens(body, doc)
@@ -457,7 +457,7 @@ class InferenceProxy(Forwarder):
             if len(self._model_ids) >= _MAX_CACHED_IDS:
                 self._model_ids.clear()
             self._model_ids[raw] = model
-        if type(model) is not str:
+        if isinstance(model, ApiError):
             raise ApiError(model.status, model.code, model.message)
         keys = None
         if self.prefix and scope["path"] in _KEYED_PATHS:

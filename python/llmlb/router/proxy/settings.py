@@ -85,8 +85,9 @@ class ProxySettings:
         for field in fields(cls):
             if field.name in raw:
                 kind = int if type(field.default) is int else float
+                value: Any = raw[field.name]  # JSON or text: the type's own parse says
                 try:
-                    values[field.name] = kind(raw[field.name])
+                    values[field.name] = kind(value)
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"proxy setting {field.name}: {exc}") from None
         return cls(**values)
