@@ -20,8 +20,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
 
@@ -43,6 +43,7 @@ from llmlb.router.proxy.admission import (
 from llmlb.router.proxy.prefix_index import PrefixIndex
 
 logger = logging.getLogger("llmlb.router")
+T = TypeVar("T")
 
 NODES = Gauge(
     "llmlb_router_nodes", "Registered nodes by status.", ["status"], multiprocess_mode="livemax"
@@ -261,18 +262,26 @@ class Runtime:
                         return LEASE_BACKOFF_S
                     continue
                 second = int(admission.clock())
-                try:
-                    granted, used, wait = await self.db.run(
-                        quota.lease, key_id, kind, limit, need, second, self.router_id
-                    )
-                except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
-                    self._lease_failed_at = loop.time()
-                    self._database_failed("cannot lease quota", exc)
+                leased = await self._lease_call(
+                    "quota", quota.lease, key_id, kind, limit, need, second, self.router_id
+                )
+                if leased is None:
                     return LEASE_BACKOFF_S
+                granted, used, wait = leased
                 if not granted:
                     return wait
                 admission.granted(key_id, kind, second, granted, used)
         return None
+
+    async def _lease_call(self, what: str, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(conn, *args)`` on the database; ``None`` when it failed (logged, and leases
+        back off for ``LEASE_BACKOFF_S``: requests are refused beyond what is held)."""
+        try:
+            return await self.db.run(fn, *args)
+        except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
+            self._lease_failed_at = asyncio.get_running_loop().time()
+            self._database_failed(f"cannot lease {what}", exc)
+            return None
 
     async def _lease_slots(self, key_id: str, limit: int) -> bool:
         """Lease parallel slots of ``key_id`` (``limit``: its max_parallel) so that this
@@ -294,13 +303,11 @@ class Runtime:
             if loop.time() - self._slots_refused.get(key_id, -SLOTS_REFUSED_S) < SLOTS_REFUSED_S:
                 raise _slots_refused(limit)
             now = admission.clock()
-            try:
-                granted = await self.db.run(
-                    quota.lease_parallel, key_id, limit, need, held, now, self.router_id
-                )
-            except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
-                self._lease_failed_at = loop.time()
-                self._database_failed("cannot lease parallel slots", exc)
+            granted = await self._lease_call(
+                "parallel slots",
+                quota.lease_parallel, key_id, limit, need, held, now, self.router_id,
+            )  # fmt: skip
+            if granted is None:
                 return False
             if not granted:
                 self._slots_refused[key_id] = loop.time()
@@ -339,14 +346,12 @@ class Runtime:
         admission = self.admission
         period, since, end, held = admission.budget_lease(key_id)
         need = max(1, total - held)
-        try:
-            granted, _ = await self.db.run(
-                quota.lease_budget, key_id, period, since, budget, need, held, self.router_id
-            )
-        except Exception as exc:  # noqa: BLE001 - refuse beyond what is held
-            self._lease_failed_at = asyncio.get_running_loop().time()
-            self._database_failed("cannot lease budget", exc)
+        leased = await self._lease_call(
+            "budget", quota.lease_budget, key_id, period, since, budget, need, held, self.router_id
+        )
+        if leased is None:
             return False
+        granted, _ = leased
         if not granted:
             state = admission.states[key_id]
             raise LimitExceeded(
